@@ -1,0 +1,1 @@
+//! The compute kernels: the only SIMD and `unsafe` of the engine, each with a scalar twin.

@@ -1,0 +1,11 @@
+//! The inference engine: synchronous compute over GGUF files, with no async runtime, HTTP or SQL.
+
+pub mod chat;
+pub mod ggml_type;
+pub mod gguf;
+pub mod inspect;
+pub mod kernels;
+pub mod model;
+pub mod quant;
+pub mod sampling;
+pub mod tokenizer;

@@ -1,0 +1,1 @@
+//! Samplers in llama.cpp's order with a seeded RNG.

@@ -1,0 +1,1 @@
+//! Tokenizers built from GGUF metadata (SPM, BPE, WPM), identical to llama.cpp.

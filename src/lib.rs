@@ -1,0 +1,9 @@
+//! cyber-inference: a local LLM server for one machine — a supervisor of GGUF model workers and its own
+//! inference engine. See `DESIGN.md` (shared) for the layers; imports point down only:
+//! `main → supervisor | worker → engine`, all may use `openai`.
+
+pub mod config;
+pub mod engine;
+pub mod openai;
+pub mod supervisor;
+pub mod worker;

@@ -1,0 +1,1 @@
+//! The supervisor (`serve`): catalogue, worker processes, proxy, eviction, monitor, auth, admin API.

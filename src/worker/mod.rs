@@ -1,0 +1,1 @@
+//! The worker: an OpenAI-compatible HTTP server around one engine, with slots and continuous batching.
