@@ -11,6 +11,7 @@
 //! so a token's result is bit-identical alone or in a batch.
 
 mod dispatch;
+pub mod ops;
 mod pool;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
