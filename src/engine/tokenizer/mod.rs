@@ -1062,6 +1062,16 @@ impl Tokenizer {
             .get(id as usize)
             .is_some_and(|t| t.attr & attr::CONTROL != 0)
     }
+    /// Whether [`Tokenizer::decode`] applies llama.cpp's space clean-up (" ," → ",", " 's" → "'s", …).
+    pub fn cleans_spaces(&self) -> bool {
+        self.clean_spaces
+    }
+    /// llama.cpp's detokenizer space clean-up, as [`Tokenizer::decode`] applies it when
+    /// [`Tokenizer::cleans_spaces`]: " ?", " !", " .", " ," lose the space; a lone `'` between spaces loses
+    /// both; " 's", " 'm", " 're", " 've" lose the space.
+    pub fn clean_up(text: &str) -> String {
+        String::from_utf8_lossy(&clean_up_spaces(text.as_bytes())).into_owned()
+    }
     /// The vocabulary's algorithm.
     pub fn kind(&self) -> VocabKind {
         self.vocab.kind
@@ -1093,7 +1103,7 @@ fn decode_byte_level(text: &str) -> Vec<u8> {
     out
 }
 
-/// The three clean-up passes of `llama_vocab::impl::detokenize` when `clean_spaces` is set.
+/// The three clean-up passes of `llama_vocab::impl::detokenize` when `clean_spaces` is set, on bytes.
 fn clean_up_spaces(text: &[u8]) -> Vec<u8> {
     // pass 1: " ?", " !", " .", " ," lose the space
     let mut a: Vec<u8> = Vec::with_capacity(text.len());
