@@ -1212,6 +1212,258 @@ impl<'a> StreamDecoder<'a> {
 mod tests {
     use super::*;
 
+    /// A minimal GGUF writer for hand-made vocabularies (metadata only, no tensors).
+    #[derive(Default)]
+    struct Gguf {
+        kv: Vec<u8>,
+        n: u64,
+    }
+
+    enum V<'a> {
+        U32(u32),
+        Bool(bool),
+        Str(&'a str),
+        Strs(&'a [&'a str]),
+        I32s(&'a [i32]),
+        F32s(&'a [f32]),
+    }
+
+    impl Gguf {
+        fn s(buf: &mut Vec<u8>, s: &str) {
+            buf.extend((s.len() as u64).to_le_bytes());
+            buf.extend(s.as_bytes());
+        }
+        fn kv(mut self, k: &str, v: V) -> Self {
+            Self::s(&mut self.kv, k);
+            let b = &mut self.kv;
+            match v {
+                V::U32(x) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                V::Bool(x) => {
+                    b.extend(7u32.to_le_bytes());
+                    b.push(x as u8);
+                }
+                V::Str(x) => {
+                    b.extend(8u32.to_le_bytes());
+                    Self::s(b, x);
+                }
+                V::Strs(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(8u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    for x in xs {
+                        Self::s(b, x);
+                    }
+                }
+                V::I32s(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(5u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    xs.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+                V::F32s(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(6u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    xs.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+            }
+            self.n += 1;
+            self
+        }
+        fn open(self) -> GgufFile {
+            let mut b = b"GGUF".to_vec();
+            b.extend(3u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+            b.extend(self.n.to_le_bytes());
+            b.extend(self.kv);
+            while !b.len().is_multiple_of(32) {
+                b.push(0);
+            }
+            GgufFile::from_bytes(b).expect("valid GGUF image")
+        }
+    }
+
+    const BPE_TOKENS: &[&str] = &["a", "b", "ab", "\u{120}", "\u{120}ab", "<|end|>", "c"];
+
+    fn bpe(extra: impl FnOnce(Gguf) -> Gguf) -> Result<Tokenizer, TokenizerError> {
+        let g = Gguf::default()
+            .kv("tokenizer.ggml.model", V::Str("gpt2"))
+            .kv("tokenizer.ggml.pre", V::Str("gpt-2"))
+            .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+            .kv("tokenizer.ggml.token_type", V::I32s(&[1, 1, 1, 1, 1, 3, 1]))
+            .kv("tokenizer.ggml.merges", V::Strs(&["a b", "\u{120} ab"]))
+            .kv("tokenizer.ggml.eos_token_id", V::U32(5));
+        Tokenizer::from_gguf(&extra(g).open())
+    }
+
+    #[test]
+    fn tiny_bpe_merges_and_specials() {
+        let t = bpe(|g| g).unwrap();
+        assert_eq!(t.encode("ab ab", false, false), [2, 4]);
+        assert_eq!(t.encode("ab<|end|>", false, true), [2, 5]);
+        assert_eq!(t.decode(&[2, 4, 5], true), "ab ab<|end|>");
+        assert_eq!(t.decode(&[2, 4, 5], false), "ab ab");
+        assert!(t.is_eog(5), "eos and <|end|> end generation");
+        assert_eq!(t.eot(), Some(5));
+        // "c" has a token but "d" has none and no byte token: llama.cpp drops it
+        assert_eq!(t.encode("cd", false, false), [6]);
+    }
+
+    #[test]
+    fn hostile_metadata_is_a_typed_error() {
+        let e = bpe(|g| g.kv("tokenizer.ggml.bos_token_id", V::U32(7))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::BadTokenId {
+                    id: 7,
+                    n_vocab: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("tokenizer.ggml.bos_token_id"));
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("gpt2"))
+                .kv("tokenizer.ggml.pre", V::Str("klingon"))
+                .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+                .kv("tokenizer.ggml.merges", V::Strs(&[]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"klingon\""), "{e}");
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("t5"))
+                .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, TokenizerError::UnsupportedModel(ref m) if m == "t5"),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&["<unk>", "<s>", "</s>"]))
+                .kv("tokenizer.ggml.scores", V::F32s(&[0.0]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::LengthMismatch {
+                    found: 1,
+                    n_vocab: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&["<unk>", "<s>", "<s>"]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::DuplicateToken {
+                    first: 1,
+                    second: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("gpt2"))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tokenizer.ggml.tokens"), "{e}");
+
+        let e = bpe(|g| g.kv("tokenizer.ggml.add_bos_token", V::Bool(true))).unwrap_err();
+        assert!(matches!(e, TokenizerError::MissingSpecial { .. }), "{e}");
+    }
+
+    fn spm() -> Tokenizer {
+        let tokens = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<0xC3>",
+            "<0xA9>",
+            "<0xFF>",
+            "\u{2581}",
+            "a",
+            "\u{2581}a",
+            "b",
+            "ab",
+        ];
+        let scores = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -0.5, -2.0, -0.1];
+        let types = [2, 3, 3, 6, 6, 6, 1, 1, 1, 1, 1];
+        Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&tokens))
+                .kv("tokenizer.ggml.scores", V::F32s(&scores))
+                .kv("tokenizer.ggml.token_type", V::I32s(&types))
+                .open(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tiny_spm_scores_prefix_and_byte_fallback() {
+        let t = spm();
+        // "▁ab": of the pairs "▁a" (score -0.5) and "ab" (-0.1) the higher score merges first
+        assert_eq!(t.encode("ab", false, false), [6, 10]);
+        assert_eq!(t.encode("a", true, false), [1, 8]);
+        assert_eq!(t.encode("é", false, false), [6, 3, 4]);
+        // llama_detokenize strips the leading space of the first token only, here the (unrendered) BOS
+        assert_eq!(t.decode(&[1, 8], false), " a");
+        assert_eq!(
+            t.decode(&[8], false),
+            "a",
+            "the leading space of the first piece goes"
+        );
+        assert_eq!(t.decode(&[6, 3, 4], false), "é");
+    }
+
+    #[test]
+    fn stream_decoder_holds_split_characters() {
+        let t = spm();
+        let mut d = StreamDecoder::new(&t);
+        assert_eq!(d.push(8), " a");
+        assert_eq!(d.push(3), "", "0xC3 alone is an incomplete character");
+        assert_eq!(d.push(4), "é");
+        assert_eq!(d.push(5), "\u{FFFD}", "0xFF can never start a character");
+        assert_eq!(d.push(1), "", "control tokens are not rendered");
+        assert_eq!(d.push(3), "");
+        assert_eq!(d.push(99), "", "an unknown id renders nothing");
+        assert_eq!(
+            d.finish(),
+            "\u{FFFD}",
+            "a dangling lead byte is flushed as U+FFFD"
+        );
+    }
+
     #[test]
     fn clean_up_matches_llama() {
         assert_eq!(clean_up_spaces(b"Hello , world !"), b"Hello, world!");
