@@ -13,7 +13,9 @@ mod unicode;
 mod unicode_tables;
 mod wpm;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::engine::gguf::{GgufError, GgufFile, Value};
 
@@ -416,7 +418,8 @@ impl Tokenizer {
         }
 
         let mut tokens = Vec::with_capacity(n_vocab);
-        let mut token_to_id: HashMap<Vec<u8>, u32> = HashMap::with_capacity(n_vocab);
+        let mut token_to_id: HashMap<Vec<u8>, u32> =
+            HashMap::with_capacity_and_hasher(n_vocab, Default::default());
         let mut max_token_len = 0;
         for (i, &t) in texts.iter().enumerate() {
             let text = if t.is_empty() {
@@ -449,7 +452,7 @@ impl Tokenizer {
             });
         }
 
-        let mut merges = HashMap::new();
+        let mut merges = HashMap::default();
         if kind == VocabKind::Bpe {
             for (rank, m) in f.get_str_array("tokenizer.ggml.merges")?.iter().enumerate() {
                 // llama.cpp splits at the first space after the first byte

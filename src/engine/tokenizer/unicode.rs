@@ -333,7 +333,15 @@ fn split_regex(text: &str, re: &Regex, offsets: &[usize]) -> Vec<usize> {
         while pos <= seg.len() {
             let m = match re.find_from_pos(seg, pos) {
                 Ok(Some(m)) => m,
-                _ => break,
+                Ok(None) => break,
+                Err(e) => {
+                    // fancy-regex's backtracking limit: keep the rest of the piece whole rather than fail
+                    tracing::warn!(
+                        "pre-tokenizer regex gave up on a {}-byte piece: {e}",
+                        seg.len()
+                    );
+                    break;
+                }
             };
             let (ms, me) = (char_of(m.start()), char_of(m.end()));
             if ms > prev {
