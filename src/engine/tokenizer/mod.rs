@@ -88,27 +88,49 @@ pub enum VocabKind {
 /// The pre-tokenizer regex family (`llama_vocab_pre_type`, grouped by identical regex lists).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreType {
+    /// `default` (and a missing `tokenizer.ggml.pre`): punctuation runs, GPT-2 words, digit runs, 3-digit groups.
     Default,
+    /// `llama3`/`llama-bpe` (also dbrx, smaug, chatglm4): LLaMA-3's regex, digits in groups of up to 3.
     Llama3,
+    /// `deepseek-llm`: newline, Latin/Greek/Cyrillic letter runs, punctuation, CJK runs, digit runs.
     DeepseekLlm,
+    /// `deepseek-coder`: newline, letter runs, punctuation runs, CJK runs, single digits.
     DeepseekCoder,
+    /// `deepseek-v3` (and hunyuan-dense, hy_v4, joyai-llm).
     Deepseek3,
+    /// `falcon`: punctuation runs, GPT-2 words, 3-digit groups.
     Falcon,
+    /// `starcoder` (and codeshell, exaone, minerva-7b, mellum2): single digits, then GPT-2 words.
     Starcoder,
+    /// `refact`: as starcoder.
     Refact,
+    /// `command-r`: as starcoder, without the space clean-up on decode.
     CommandR,
+    /// `smollm`: as starcoder, without the space clean-up on decode.
     Smollm,
+    /// `gpt-2` (and phi-2, olmo, jais, roberta-bpe, …): GPT-2's regex.
     Gpt2,
+    /// `mpt`: GPT-2's regex.
     Mpt,
+    /// `qwen2` (and stablelm2, hunyuan, grok-2, …): LLaMA-3's regex with single digits.
     Qwen2,
+    /// `qwen35`: Qwen2's regex with combining marks (`\\p{M}`) kept in words.
     Qwen35,
+    /// `poro-chat`, `bloom`, `gpt3-finnish`: split at spaces and sentence punctuation.
     Poro,
+    /// `viking`: Poro's regex, then single digits.
     Viking,
+    /// `tekken` (Mistral Nemo): case-aware words, single digits.
     Tekken,
+    /// `gpt-4o` (and llama4, kanana2, minimax-m2): case-aware words with contractions, 3-digit groups.
     Gpt4o,
+    /// `seed-coder`.
     SeedCoder,
+    /// `bailingmoe` (and llada-moe).
     Bailingmoe,
+    /// `minicpm5`: 3-digit groups, then LLaMA-3-like words.
     Minicpm5,
+    /// `gemma4`: SentencePiece-style BPE on raw UTF-8 with `▁` for spaces, split only at newlines.
     Gemma4,
 }
 
@@ -159,8 +181,8 @@ impl Vocab {
     }
 }
 
-/// A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata. Immutable, `Send + Sync`.
-#[derive(Debug)]
+/// A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata. Immutable, `Send + Sync`: share one
+/// behind an `Arc` between threads.
 pub struct Tokenizer {
     vocab: Vocab,
     pre: Option<PreTokenizer>,
@@ -180,6 +202,22 @@ pub struct Tokenizer {
     special_cache: Vec<u32>,
     /// `token_to_piece(id, special = true)` of every token.
     pieces: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("kind", &self.vocab.kind)
+            .field("pre", &self.vocab.pre)
+            .field("n_vocab", &self.vocab.tokens.len())
+            .field("n_merges", &self.vocab.merges.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eot", &self.eot)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A piece of the input after the special-token partition.
@@ -1465,6 +1503,13 @@ mod tests {
             "\u{FFFD}",
             "a dangling lead byte is flushed as U+FFFD"
         );
+    }
+
+    #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+        check::<StreamDecoder<'static>>();
     }
 
     #[test]
