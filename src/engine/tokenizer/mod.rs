@@ -114,7 +114,7 @@ pub enum PreType {
     Mpt,
     /// `qwen2` (and stablelm2, hunyuan, grok-2, …): LLaMA-3's regex with single digits.
     Qwen2,
-    /// `qwen35`: Qwen2's regex with combining marks (`\\p{M}`) kept in words.
+    /// `qwen35`: Qwen2's regex with combining marks (`\p{M}`) kept in words.
     Qwen35,
     /// `poro-chat`, `bloom`, `gpt3-finnish`: split at spaces and sentence punctuation.
     Poro,
