@@ -424,7 +424,7 @@ impl Tokenizer {
 
         let scores: Option<Vec<f32>> = match f.get("tokenizer.ggml.scores") {
             None => None,
-            Some(Value::Array(a)) if a.items.iter().all(|v| v.as_int().is_some()) => Some(
+            Some(Value::Array(a)) if a.iter().all(|v| v.as_int().is_some()) => Some(
                 f.get_i32_array("tokenizer.ggml.scores")?
                     .into_iter()
                     .map(|i| i as f32)
