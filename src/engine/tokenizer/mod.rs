@@ -17,7 +17,7 @@ use std::collections::HashSet;
 
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::engine::gguf::{GgufError, GgufFile, Value};
+use crate::engine::gguf::{GgufError, GgufFile, Value, ValueType};
 
 use bpe::PreTokenizer;
 use unicode::{Splitter, char_to_byte};
@@ -422,15 +422,26 @@ impl Tokenizer {
             add_space_prefix = b;
         }
 
+        // llama.cpp accepts FLOAT32 or INT32 scores
         let scores: Option<Vec<f32>> = match f.get("tokenizer.ggml.scores") {
             None => None,
-            Some(Value::Array(a)) if a.iter().all(|v| v.as_int().is_some()) => Some(
+            Some(Value::Array(a)) if a.elem_type() == ValueType::I32 => Some(
                 f.get_i32_array("tokenizer.ggml.scores")?
                     .into_iter()
                     .map(|i| i as f32)
                     .collect(),
             ),
-            Some(_) => Some(f.get_f32_array("tokenizer.ggml.scores")?),
+            Some(Value::Array(a)) if a.elem_type() == ValueType::F32 => {
+                Some(f.get_f32_array("tokenizer.ggml.scores")?)
+            }
+            Some(v) => {
+                return Err(GgufError::WrongType {
+                    key: "tokenizer.ggml.scores".into(),
+                    expected: "ARRAY of FLOAT32 or INT32",
+                    found: v.describe(),
+                }
+                .into());
+            }
         };
         if let Some(s) = &scores
             && s.len() < n_vocab
