@@ -136,3 +136,56 @@ fn minilm_special_tokens() {
         " hello world"
     );
 }
+
+/// llama-server's generated text is the concatenation of the generated tokens' pieces: the streaming
+/// decoder and `decode` must reproduce it. Every piece in the top-10 lists must match `token_to_piece` as the
+/// server renders it there: without special tokens, an incomplete UTF-8 tail cut off (`validate_utf8`).
+fn server_prob_piece(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(e) if e.error_len().is_none() => {
+            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned()
+        }
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+fn check_generation_text(file: &str) {
+    let (tok, json) = load(file);
+    let cases = json["greedy"].as_array().expect("greedy cases");
+    assert!(!cases.is_empty());
+    let mut n_pieces = 0;
+    for c in cases {
+        let ids: Vec<u32> = c["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        let text = c["text"].as_str().expect("text");
+        let mut dec = StreamDecoder::new(&tok);
+        let mut streamed: String = ids.iter().map(|&id| dec.push(id)).collect();
+        streamed.push_str(&dec.finish());
+        assert_eq!(streamed, text, "streamed {ids:?}");
+        assert_eq!(tok.decode(&ids, false), text, "decoded {ids:?}");
+        for step in c["top_logprobs_first16"].as_array().expect("top lists") {
+            for e in step.as_array().expect("top list") {
+                let id = e["id"].as_u64().expect("id") as u32;
+                let got = server_prob_piece(&tok.token_to_piece(id, false));
+                assert_eq!(e["piece"].as_str(), Some(got.as_str()), "piece of {id}");
+                n_pieces += 1;
+            }
+        }
+    }
+    assert!(n_pieces > 1000, "{n_pieces} pieces checked");
+}
+
+#[test]
+fn smollm2_q4_k_m_generated_text_and_pieces() {
+    check_generation_text("SmolLM2-135M-Instruct.Q4_K_M.gguf");
+}
+
+#[test]
+fn smollm2_q4_1_generated_text_and_pieces() {
+    check_generation_text("SmolLM2-135M-Instruct.Q4_1.gguf");
+}
