@@ -108,3 +108,35 @@ suites! {
     refact => "refact",
     starcoder => "starcoder",
 }
+
+/// Every vocabulary file in the assets loads (those without conformance files too), except the UGM/T5 one,
+/// which is refused with an error naming the model type.
+#[test]
+fn every_vocab_file_loads_or_names_what_is_unsupported() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(vocab_dir()).expect("vocab dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+            continue;
+        }
+        let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let model = f
+            .get_str("tokenizer.ggml.model")
+            .expect("tokenizer.ggml.model")
+            .to_string();
+        match Tokenizer::from_gguf(&f) {
+            Ok(tok) => {
+                assert!(tok.n_vocab() > 1000, "{}", path.display());
+                let ids = tok.encode("Hello world", true, false);
+                assert!(!ids.is_empty(), "{}", path.display());
+                assert!(ids.iter().all(|&id| (id as usize) < tok.n_vocab()));
+            }
+            Err(e) => {
+                assert_eq!(model, "t5", "{}: {e}", path.display());
+                assert!(e.to_string().contains("\"t5\""), "{e}");
+            }
+        }
+        n += 1;
+    }
+    assert!(n >= 19, "only {n} vocab files found");
+}
