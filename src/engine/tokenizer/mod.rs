@@ -503,7 +503,9 @@ impl Tokenizer {
 
         let mut merges = HashMap::default();
         if kind == VocabKind::Bpe {
-            for (rank, m) in f.get_str_array("tokenizer.ggml.merges")?.iter().enumerate() {
+            let list = f.get_str_array("tokenizer.ggml.merges")?;
+            merges.reserve(list.len());
+            for (rank, m) in list.iter().enumerate() {
                 // llama.cpp splits at the first space after the first byte
                 if m.len() > 1 && m.as_bytes()[1..].contains(&b' ') {
                     merges.entry(m.as_bytes().to_vec()).or_insert(rank as u32);
