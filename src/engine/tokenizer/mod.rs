@@ -13,9 +13,11 @@ mod unicode;
 mod unicode_tables;
 mod wpm;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use crate::engine::gguf::{GgufError, GgufFile, Value};
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::engine::gguf::{GgufError, GgufFile, Value, ValueType};
 
 use bpe::PreTokenizer;
 use unicode::{Splitter, char_to_byte};
@@ -38,11 +40,22 @@ pub enum TokenizerError {
         n_vocab: usize,
     },
     #[error("duplicate token in vocabulary: {text:?} has ids {first} and {second}")]
-    DuplicateToken { text: String, first: u32, second: u32 },
+    DuplicateToken {
+        text: String,
+        first: u32,
+        second: u32,
+    },
     #[error("{key} = {id} is out of range: the vocabulary has {n_vocab} tokens")]
-    BadTokenId { key: String, id: i64, n_vocab: usize },
+    BadTokenId {
+        key: String,
+        id: i64,
+        n_vocab: usize,
+    },
     #[error("{flag} is true, but {key} is not set")]
-    MissingSpecial { flag: &'static str, key: &'static str },
+    MissingSpecial {
+        flag: &'static str,
+        key: &'static str,
+    },
     #[error("the vocabulary is empty (tokenizer.ggml.tokens)")]
     EmptyVocab,
     #[error(transparent)]
@@ -75,27 +88,49 @@ pub enum VocabKind {
 /// The pre-tokenizer regex family (`llama_vocab_pre_type`, grouped by identical regex lists).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreType {
+    /// `default` (and a missing `tokenizer.ggml.pre`): punctuation runs, GPT-2 words, digit runs, 3-digit groups.
     Default,
+    /// `llama3`/`llama-bpe` (also dbrx, smaug, chatglm4): LLaMA-3's regex, digits in groups of up to 3.
     Llama3,
+    /// `deepseek-llm`: newline, Latin/Greek/Cyrillic letter runs, punctuation, CJK runs, digit runs.
     DeepseekLlm,
+    /// `deepseek-coder`: newline, letter runs, punctuation runs, CJK runs, single digits.
     DeepseekCoder,
+    /// `deepseek-v3` (and hunyuan-dense, hy_v4, joyai-llm).
     Deepseek3,
+    /// `falcon`: punctuation runs, GPT-2 words, 3-digit groups.
     Falcon,
+    /// `starcoder` (and codeshell, exaone, minerva-7b, mellum2): single digits, then GPT-2 words.
     Starcoder,
+    /// `refact`: as starcoder.
     Refact,
+    /// `command-r`: as starcoder, without the space clean-up on decode.
     CommandR,
+    /// `smollm`: as starcoder, without the space clean-up on decode.
     Smollm,
+    /// `gpt-2` (and phi-2, olmo, jais, roberta-bpe, …): GPT-2's regex.
     Gpt2,
+    /// `mpt`: GPT-2's regex.
     Mpt,
+    /// `qwen2` (and stablelm2, hunyuan, grok-2, …): LLaMA-3's regex with single digits.
     Qwen2,
+    /// `qwen35`: Qwen2's regex with combining marks (`\p{M}`) kept in words.
     Qwen35,
+    /// `poro-chat`, `bloom`, `gpt3-finnish`: split at spaces and sentence punctuation.
     Poro,
+    /// `viking`: Poro's regex, then single digits.
     Viking,
+    /// `tekken` (Mistral Nemo): case-aware words, single digits.
     Tekken,
+    /// `gpt-4o` (and llama4, kanana2, minimax-m2): case-aware words with contractions, 3-digit groups.
     Gpt4o,
+    /// `seed-coder`.
     SeedCoder,
+    /// `bailingmoe` (and llada-moe).
     Bailingmoe,
+    /// `minicpm5`: 3-digit groups, then LLaMA-3-like words.
     Minicpm5,
+    /// `gemma4`: SentencePiece-style BPE on raw UTF-8 with `▁` for spaces, split only at newlines.
     Gemma4,
 }
 
@@ -146,8 +181,8 @@ impl Vocab {
     }
 }
 
-/// A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata. Immutable, `Send + Sync`.
-#[derive(Debug)]
+/// A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata. Immutable, `Send + Sync`: share one
+/// behind an `Arc` between threads.
 pub struct Tokenizer {
     vocab: Vocab,
     pre: Option<PreTokenizer>,
@@ -167,6 +202,22 @@ pub struct Tokenizer {
     special_cache: Vec<u32>,
     /// `token_to_piece(id, special = true)` of every token.
     pieces: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("kind", &self.vocab.kind)
+            .field("pre", &self.vocab.pre)
+            .field("n_vocab", &self.vocab.tokens.len())
+            .field("n_merges", &self.vocab.merges.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eot", &self.eot)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A piece of the input after the special-token partition.
@@ -202,8 +253,8 @@ fn pre_options(name: &str) -> Option<PreOptions> {
     };
     Some(match name {
         "default" => o(Default, true),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" => PreOptions {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" => PreOptions {
             ignore_merges: true,
             add_bos: Some(true),
             ..o(Llama3, true)
@@ -222,13 +273,12 @@ fn pre_options(name: &str) -> Option<PreOptions> {
         "refact" => o(Refact, true),
         "command-r" => o(CommandR, false),
         "smollm" => o(Smollm, false),
-        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
-        | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" | "olmo" | "jais"
-        | "exaone4" => o(Gpt2, true),
+        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
+        | "a.x-4.0" | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe"
+        | "olmo" | "jais" | "exaone4" => o(Gpt2, true),
         "trillion" | "granite-docling" => o(Gpt2, false),
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open" | "grok-2" => {
-            o(Qwen2, false)
-        }
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open"
+        | "grok-2" => o(Qwen2, false),
         "stablelm2" | "megrez" => o(Qwen2, true),
         "qwen35" => o(Qwen35, false),
         "poro-chat" => o(Poro, false),
@@ -310,12 +360,13 @@ impl Tokenizer {
         }
 
         // defaults of each model type
-        let (mut bos, mut eos, mut unk, mut sep, mut pad): (Option<u32>, Option<u32>, _, _, _) = match kind {
-            VocabKind::Spm => (Some(1), Some(2), Some(0), None, None),
-            VocabKind::Wpm => (Some(101), None, Some(100), Some(102), Some(0)),
-            VocabKind::Bpe if model == "gemma4" => (None, None, None, None, None),
-            VocabKind::Bpe => (Some(11), Some(11), None, None, None),
-        };
+        let (mut bos, mut eos, mut unk, mut sep, mut pad): (Option<u32>, Option<u32>, _, _, _) =
+            match kind {
+                VocabKind::Spm => (Some(1), Some(2), Some(0), None, None),
+                VocabKind::Wpm => (Some(101), None, Some(100), Some(102), Some(0)),
+                VocabKind::Bpe if model == "gemma4" => (None, None, None, None, None),
+                VocabKind::Bpe => (Some(11), Some(11), None, None, None),
+            };
         let in_range = |id: Option<u32>| id.filter(|&i| (i as usize) < n_vocab);
         bos = in_range(bos);
         eos = in_range(eos);
@@ -324,7 +375,7 @@ impl Tokenizer {
         pad = in_range(pad);
 
         let mut add_space_prefix;
-        let mut clean_spaces;
+        let clean_spaces;
         let mut escape_whitespaces = false;
         let mut ignore_merges = false;
         let mut add_bos = false;
@@ -336,9 +387,12 @@ impl Tokenizer {
                 add_space_prefix = false;
                 let name = pre_name.as_deref().unwrap_or("default");
                 if pre_name.is_none() {
-                    tracing::warn!("missing tokenizer.ggml.pre, using 'default': generation quality will be degraded");
+                    tracing::warn!(
+                        "missing tokenizer.ggml.pre, using 'default': generation quality will be degraded"
+                    );
                 }
-                let o = pre_options(name).ok_or_else(|| TokenizerError::UnknownPre(name.to_string()))?;
+                let o = pre_options(name)
+                    .ok_or_else(|| TokenizerError::UnknownPre(name.to_string()))?;
                 pre = o.pre;
                 clean_spaces = o.clean_spaces;
                 ignore_merges = o.ignore_merges;
@@ -368,15 +422,26 @@ impl Tokenizer {
             add_space_prefix = b;
         }
 
+        // llama.cpp accepts FLOAT32 or INT32 scores
         let scores: Option<Vec<f32>> = match f.get("tokenizer.ggml.scores") {
             None => None,
-            Some(Value::Array(a)) if a.iter().all(|v| v.as_int().is_some()) => Some(
+            Some(Value::Array(a)) if a.elem_type() == ValueType::I32 => Some(
                 f.get_i32_array("tokenizer.ggml.scores")?
                     .into_iter()
                     .map(|i| i as f32)
                     .collect(),
             ),
-            Some(_) => Some(f.get_f32_array("tokenizer.ggml.scores")?),
+            Some(Value::Array(a)) if a.elem_type() == ValueType::F32 => {
+                Some(f.get_f32_array("tokenizer.ggml.scores")?)
+            }
+            Some(v) => {
+                return Err(GgufError::WrongType {
+                    key: "tokenizer.ggml.scores".into(),
+                    expected: "ARRAY of FLOAT32 or INT32",
+                    found: v.describe(),
+                }
+                .into());
+            }
         };
         if let Some(s) = &scores
             && s.len() < n_vocab
@@ -402,7 +467,8 @@ impl Tokenizer {
         }
 
         let mut tokens = Vec::with_capacity(n_vocab);
-        let mut token_to_id: HashMap<Vec<u8>, u32> = HashMap::with_capacity(n_vocab);
+        let mut token_to_id: HashMap<Vec<u8>, u32> =
+            HashMap::with_capacity_and_hasher(n_vocab, Default::default());
         let mut max_token_len = 0;
         for (i, &t) in texts.iter().enumerate() {
             let text = if t.is_empty() {
@@ -435,9 +501,11 @@ impl Tokenizer {
             });
         }
 
-        let mut merges = HashMap::new();
+        let mut merges = HashMap::default();
         if kind == VocabKind::Bpe {
-            for (rank, m) in f.get_str_array("tokenizer.ggml.merges")?.iter().enumerate() {
+            let list = f.get_str_array("tokenizer.ggml.merges")?;
+            merges.reserve(list.len());
+            for (rank, m) in list.iter().enumerate() {
                 // llama.cpp splits at the first space after the first byte
                 if m.len() > 1 && m.as_bytes()[1..].contains(&b' ') {
                     merges.entry(m.as_bytes().to_vec()).or_insert(rank as u32);
@@ -535,11 +603,17 @@ impl Tokenizer {
             tokens[id as usize].attr |= attr::CONTROL;
         };
         let ids_of = |vocab: &Vocab, names: &[&str]| -> Vec<u32> {
-            let mut v: Vec<u32> = names.iter().filter_map(|n| vocab.lookup(n.as_bytes())).collect();
+            let mut v: Vec<u32> = names
+                .iter()
+                .filter_map(|n| vocab.lookup(n.as_bytes()))
+                .collect();
             v.sort_unstable();
             v
         };
-        let detect = |vocab: &mut Vocab, slot: &mut Option<u32>, names: &[&str], mark: &mut dyn FnMut(&mut [TokenData], u32)| {
+        let detect = |vocab: &mut Vocab,
+                      slot: &mut Option<u32>,
+                      names: &[&str],
+                      mark: &mut dyn FnMut(&mut [TokenData], u32)| {
             if slot.is_none()
                 && let Some(&id) = ids_of(vocab, names).first()
             {
@@ -551,25 +625,82 @@ impl Tokenizer {
             &mut vocab,
             &mut eot,
             &[
-                "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-                "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+                "<|eot_id|>",
+                "<|im_end|>",
+                "<|end|>",
+                "<end_of_turn>",
+                "<|endoftext|>",
+                "<|end_of_text|>",
+                "<EOT>",
+                "_<EOT>",
+                "[EOT]",
+                "<｜end▁of▁sentence｜>",
+                "<end_of_utterance>",
             ],
             &mut mark_control,
         );
         detect(&mut vocab, &mut eom, &["<|eom_id|>"], &mut mark_control);
         let mut fim_other = None;
         for names in [
-            &["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"][..],
-            &["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"][..],
-            &["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"][..],
+            &[
+                "<|fim_prefix|>",
+                "<fim-prefix>",
+                "<fim_prefix>",
+                "<｜fim▁begin｜>",
+                "<PRE>",
+                "▁<PRE>",
+                "<|code_prefix|>",
+                "<|prefix|>",
+            ][..],
+            &[
+                "<|fim_suffix|>",
+                "<fim-suffix>",
+                "<fim_suffix>",
+                "<｜fim▁hole｜>",
+                "<SUF>",
+                "▁<SUF>",
+                "<|code_suffix|>",
+                "<|suffix|>",
+            ][..],
+            &[
+                "<|fim_middle|>",
+                "<fim-middle>",
+                "<fim_middle>",
+                "<｜fim▁end｜>",
+                "<MID>",
+                "▁<MID>",
+                "<|code_middle|>",
+                "<|middle|>",
+            ][..],
         ] {
             fim_other = None;
             detect(&mut vocab, &mut fim_other, names, &mut mark_control);
         }
         let _ = fim_other;
-        detect(&mut vocab, &mut fim_pad, &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"], &mut mark_control);
-        detect(&mut vocab, &mut fim_rep, &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"], &mut mark_control);
-        detect(&mut vocab, &mut fim_sep, &["<|file_sep|>"], &mut mark_control);
+        detect(
+            &mut vocab,
+            &mut fim_pad,
+            &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"],
+            &mut mark_control,
+        );
+        detect(
+            &mut vocab,
+            &mut fim_rep,
+            &[
+                "<|fim_repo|>",
+                "<|repo_name|>",
+                "<fim-repo>",
+                "<REPO>",
+                "<reponame>",
+            ],
+            &mut mark_control,
+        );
+        detect(
+            &mut vocab,
+            &mut fim_sep,
+            &["<|file_sep|>"],
+            &mut mark_control,
+        );
 
         // control tokens named "unused"
         for t in vocab.tokens.iter_mut() {
@@ -583,10 +714,28 @@ impl Tokenizer {
         for id in ids_of(
             &vocab,
             &[
-                "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-                "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-                "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-                "<｜end▁of▁sentence｜>", "[e~[",
+                "<|eot_id|>",
+                "<|im_end|>",
+                "<|end|>",
+                "<|return|>",
+                "<|call|>",
+                "<|flush|>",
+                "<|calls|>",
+                "<end_of_turn>",
+                "<|endoftext|>",
+                "</s>",
+                "<|eom_id|>",
+                "<EOT>",
+                "_<EOT>",
+                "[EOT]",
+                "[EOS]",
+                "<|end_of_text|>",
+                "<end_of_utterance>",
+                "<eos>",
+                "<turn|>",
+                "<|tool_response>",
+                "<｜end▁of▁sentence｜>",
+                "[e~[",
             ],
         ) {
             eog.insert(id);
@@ -599,7 +748,9 @@ impl Tokenizer {
         }
         eog.extend([eos, eot, eom].into_iter().flatten());
         let find_eog = |eog: &HashSet<u32>, vocab: &Vocab, s: &str| {
-            eog.iter().copied().find(|&id| vocab.tokens[id as usize].text == s)
+            eog.iter()
+                .copied()
+                .find(|&id| vocab.tokens[id as usize].text == s)
         };
         let has = |eog: &HashSet<u32>, vocab: &Vocab, s: &str| find_eog(eog, vocab, s).is_some();
         let (ret, call, calls, flush, end) = (
@@ -611,7 +762,8 @@ impl Tokenizer {
         );
         let _ = calls;
         if let Some(end) = end
-            && ((ret && call) || (call && flush))
+            && call
+            && (ret || flush)
         {
             eog.remove(&end);
             vocab.tokens[end as usize].attr = attr::USER_DEFINED;
@@ -625,10 +777,18 @@ impl Tokenizer {
 
         // special tokens cache: control, user-defined and unknown tokens, longest text first
         let mut special_cache: Vec<u32> = (0..n_vocab as u32)
-            .filter(|&id| vocab.tokens[id as usize].attr & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
+            .filter(|&id| {
+                vocab.tokens[id as usize].attr
+                    & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN)
+                    != 0
+            })
             .collect();
         special_cache.sort_by(|&a, &b| {
-            vocab.tokens[b as usize].text.len().cmp(&vocab.tokens[a as usize].text.len()).then(a.cmp(&b))
+            vocab.tokens[b as usize]
+                .text
+                .len()
+                .cmp(&vocab.tokens[a as usize].text.len())
+                .then(a.cmp(&b))
         });
 
         // per-model token attributes (llama.cpp sets them from the model name)
@@ -645,8 +805,12 @@ impl Tokenizer {
                 *a = if on { *a | bit } else { *a & !bit };
             }
         };
-        if ["jina-v2-de", "jina-v2-es", "jina-v2-code"].iter().any(|p| pre_raw.contains(p))
-            || ["nomic-bert-moe", "jina-bert-v3"].iter().any(|p| arch.contains(p))
+        if ["jina-v2-de", "jina-v2-es", "jina-v2-code"]
+            .iter()
+            .any(|p| pre_raw.contains(p))
+            || ["nomic-bert-moe", "jina-bert-v3"]
+                .iter()
+                .any(|p| arch.contains(p))
         {
             set_attr(&mut vocab, "<mask>", attr::LSTRIP, true);
         } else if name.contains("phi-3") || name.contains("phi3") {
@@ -715,7 +879,9 @@ impl Tokenizer {
         if a & attr::BYTE != 0 {
             // `<0xNN>`: the two hex digits at [3, 5)
             let hex = t.text.get(3..5).unwrap_or("");
-            return u8::from_str_radix(hex, 16).map(|b| vec![b]).unwrap_or_default();
+            return u8::from_str_radix(hex, 16)
+                .map(|b| vec![b])
+                .unwrap_or_default();
         }
         Vec::new()
     }
@@ -810,7 +976,10 @@ impl Tokenizer {
                 continue;
             }
             let needle = data.text.as_str();
-            if !frags.iter().any(|f| matches!(f, Fragment::Text(s, e) if text[*s..*e].contains(needle))) {
+            if !frags
+                .iter()
+                .any(|f| matches!(f, Fragment::Text(s, e) if text[*s..*e].contains(needle)))
+            {
                 continue;
             }
             let mut next = Vec::with_capacity(frags.len() + 2);
@@ -947,6 +1116,16 @@ impl Tokenizer {
             .get(id as usize)
             .is_some_and(|t| t.attr & attr::CONTROL != 0)
     }
+    /// Whether [`Tokenizer::decode`] applies llama.cpp's space clean-up (" ," → ",", " 's" → "'s", …).
+    pub fn cleans_spaces(&self) -> bool {
+        self.clean_spaces
+    }
+    /// llama.cpp's detokenizer space clean-up, as [`Tokenizer::decode`] applies it when
+    /// [`Tokenizer::cleans_spaces`]: " ?", " !", " .", " ," lose the space; a lone `'` between spaces loses
+    /// both; " 's", " 'm", " 're", " 've" lose the space.
+    pub fn clean_up(text: &str) -> String {
+        String::from_utf8_lossy(&clean_up_spaces(text.as_bytes())).into_owned()
+    }
     /// The vocabulary's algorithm.
     pub fn kind(&self) -> VocabKind {
         self.vocab.kind
@@ -978,7 +1157,7 @@ fn decode_byte_level(text: &str) -> Vec<u8> {
     out
 }
 
-/// The three clean-up passes of `llama_vocab::impl::detokenize` when `clean_spaces` is set.
+/// The three clean-up passes of `llama_vocab::impl::detokenize` when `clean_spaces` is set, on bytes.
 fn clean_up_spaces(text: &[u8]) -> Vec<u8> {
     // pass 1: " ?", " !", " .", " ," lose the space
     let mut a: Vec<u8> = Vec::with_capacity(text.len());
@@ -1012,7 +1191,7 @@ fn clean_up_spaces(text: &[u8]) -> Vec<u8> {
                 c.pop();
             } else if x1 != b't' && x1 != b'd' && i + 2 < b.len() {
                 let x2 = b[i + 2];
-                if (x1 == b'r' && x2 == b'e') || (x1 == b'v' && x2 == b'e') {
+                if (x1 == b'r' || x1 == b'v') && x2 == b'e' {
                     c.pop();
                 }
             }
@@ -1087,11 +1266,273 @@ impl<'a> StreamDecoder<'a> {
 mod tests {
     use super::*;
 
+    /// A minimal GGUF writer for hand-made vocabularies (metadata only, no tensors).
+    #[derive(Default)]
+    struct Gguf {
+        kv: Vec<u8>,
+        n: u64,
+    }
+
+    enum V<'a> {
+        U32(u32),
+        Bool(bool),
+        Str(&'a str),
+        Strs(&'a [&'a str]),
+        I32s(&'a [i32]),
+        F32s(&'a [f32]),
+    }
+
+    impl Gguf {
+        fn s(buf: &mut Vec<u8>, s: &str) {
+            buf.extend((s.len() as u64).to_le_bytes());
+            buf.extend(s.as_bytes());
+        }
+        fn kv(mut self, k: &str, v: V) -> Self {
+            Self::s(&mut self.kv, k);
+            let b = &mut self.kv;
+            match v {
+                V::U32(x) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                V::Bool(x) => {
+                    b.extend(7u32.to_le_bytes());
+                    b.push(x as u8);
+                }
+                V::Str(x) => {
+                    b.extend(8u32.to_le_bytes());
+                    Self::s(b, x);
+                }
+                V::Strs(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(8u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    for x in xs {
+                        Self::s(b, x);
+                    }
+                }
+                V::I32s(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(5u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    xs.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+                V::F32s(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(6u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    xs.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+            }
+            self.n += 1;
+            self
+        }
+        fn open(self) -> GgufFile {
+            let mut b = b"GGUF".to_vec();
+            b.extend(3u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+            b.extend(self.n.to_le_bytes());
+            b.extend(self.kv);
+            while !b.len().is_multiple_of(32) {
+                b.push(0);
+            }
+            GgufFile::from_bytes(b).expect("valid GGUF image")
+        }
+    }
+
+    const BPE_TOKENS: &[&str] = &["a", "b", "ab", "\u{120}", "\u{120}ab", "<|end|>", "c"];
+
+    fn bpe(extra: impl FnOnce(Gguf) -> Gguf) -> Result<Tokenizer, TokenizerError> {
+        let g = Gguf::default()
+            .kv("tokenizer.ggml.model", V::Str("gpt2"))
+            .kv("tokenizer.ggml.pre", V::Str("gpt-2"))
+            .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+            .kv("tokenizer.ggml.token_type", V::I32s(&[1, 1, 1, 1, 1, 3, 1]))
+            .kv("tokenizer.ggml.merges", V::Strs(&["a b", "\u{120} ab"]))
+            .kv("tokenizer.ggml.eos_token_id", V::U32(5));
+        Tokenizer::from_gguf(&extra(g).open())
+    }
+
+    #[test]
+    fn tiny_bpe_merges_and_specials() {
+        let t = bpe(|g| g).unwrap();
+        assert_eq!(t.encode("ab ab", false, false), [2, 4]);
+        assert_eq!(t.encode("ab<|end|>", false, true), [2, 5]);
+        assert_eq!(t.decode(&[2, 4, 5], true), "ab ab<|end|>");
+        assert_eq!(t.decode(&[2, 4, 5], false), "ab ab");
+        assert!(t.is_eog(5), "eos and <|end|> end generation");
+        assert_eq!(t.eot(), Some(5));
+        // "c" has a token but "d" has none and no byte token: llama.cpp drops it
+        assert_eq!(t.encode("cd", false, false), [6]);
+    }
+
+    #[test]
+    fn hostile_metadata_is_a_typed_error() {
+        let e = bpe(|g| g.kv("tokenizer.ggml.bos_token_id", V::U32(7))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::BadTokenId {
+                    id: 7,
+                    n_vocab: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("tokenizer.ggml.bos_token_id"));
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("gpt2"))
+                .kv("tokenizer.ggml.pre", V::Str("klingon"))
+                .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+                .kv("tokenizer.ggml.merges", V::Strs(&[]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"klingon\""), "{e}");
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("t5"))
+                .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, TokenizerError::UnsupportedModel(ref m) if m == "t5"),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&["<unk>", "<s>", "</s>"]))
+                .kv("tokenizer.ggml.scores", V::F32s(&[0.0]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::LengthMismatch {
+                    found: 1,
+                    n_vocab: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&["<unk>", "<s>", "<s>"]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::DuplicateToken {
+                    first: 1,
+                    second: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("gpt2"))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tokenizer.ggml.tokens"), "{e}");
+
+        let e = bpe(|g| g.kv("tokenizer.ggml.add_bos_token", V::Bool(true))).unwrap_err();
+        assert!(matches!(e, TokenizerError::MissingSpecial { .. }), "{e}");
+    }
+
+    fn spm() -> Tokenizer {
+        let tokens = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<0xC3>",
+            "<0xA9>",
+            "<0xFF>",
+            "\u{2581}",
+            "a",
+            "\u{2581}a",
+            "b",
+            "ab",
+        ];
+        let scores = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -0.5, -2.0, -0.1];
+        let types = [2, 3, 3, 6, 6, 6, 1, 1, 1, 1, 1];
+        Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&tokens))
+                .kv("tokenizer.ggml.scores", V::F32s(&scores))
+                .kv("tokenizer.ggml.token_type", V::I32s(&types))
+                .open(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tiny_spm_scores_prefix_and_byte_fallback() {
+        let t = spm();
+        // "▁ab": of the pairs "▁a" (score -0.5) and "ab" (-0.1) the higher score merges first
+        assert_eq!(t.encode("ab", false, false), [6, 10]);
+        assert_eq!(t.encode("a", true, false), [1, 8]);
+        assert_eq!(t.encode("é", false, false), [6, 3, 4]);
+        // llama_detokenize strips the leading space of the first token only, here the (unrendered) BOS
+        assert_eq!(t.decode(&[1, 8], false), " a");
+        assert_eq!(
+            t.decode(&[8], false),
+            "a",
+            "the leading space of the first piece goes"
+        );
+        assert_eq!(t.decode(&[6, 3, 4], false), "é");
+    }
+
+    #[test]
+    fn stream_decoder_holds_split_characters() {
+        let t = spm();
+        let mut d = StreamDecoder::new(&t);
+        assert_eq!(d.push(8), " a");
+        assert_eq!(d.push(3), "", "0xC3 alone is an incomplete character");
+        assert_eq!(d.push(4), "é");
+        assert_eq!(d.push(5), "\u{FFFD}", "0xFF can never start a character");
+        assert_eq!(d.push(1), "", "control tokens are not rendered");
+        assert_eq!(d.push(3), "");
+        assert_eq!(d.push(99), "", "an unknown id renders nothing");
+        assert_eq!(
+            d.finish(),
+            "\u{FFFD}",
+            "a dangling lead byte is flushed as U+FFFD"
+        );
+    }
+
+    #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+        check::<StreamDecoder<'static>>();
+    }
+
     #[test]
     fn clean_up_matches_llama() {
         assert_eq!(clean_up_spaces(b"Hello , world !"), b"Hello, world!");
         assert_eq!(clean_up_spaces(b"he ' s"), b"he's");
-        assert_eq!(clean_up_spaces(b"it 's I 'm we 're don 't"), b"it's I'm we're don 't");
+        assert_eq!(
+            clean_up_spaces(b"it 's I 'm we 're don 't"),
+            b"it's I'm we're don 't"
+        );
     }
 
     #[test]
@@ -1103,8 +1544,21 @@ mod tests {
     #[test]
     fn pre_names_cover_the_required_set() {
         for n in [
-            "default", "llama3", "llama-bpe", "qwen2", "gpt-2", "smollm", "phi-2", "starcoder", "falcon",
-            "deepseek-llm", "deepseek-coder", "mpt", "refact", "command-r", "qwen35",
+            "default",
+            "llama3",
+            "llama-bpe",
+            "qwen2",
+            "gpt-2",
+            "smollm",
+            "phi-2",
+            "starcoder",
+            "falcon",
+            "deepseek-llm",
+            "deepseek-coder",
+            "mpt",
+            "refact",
+            "command-r",
+            "qwen35",
         ] {
             assert!(pre_options(n).is_some(), "{n}");
         }
@@ -1115,8 +1569,28 @@ mod tests {
     fn every_pre_tokenizer_regex_compiles() {
         use PreType::*;
         for p in [
-            Default, Llama3, DeepseekLlm, DeepseekCoder, Deepseek3, Falcon, Starcoder, Refact, CommandR, Smollm,
-            Gpt2, Mpt, Qwen2, Qwen35, Poro, Viking, Tekken, Gpt4o, SeedCoder, Bailingmoe, Minicpm5, Gemma4,
+            Default,
+            Llama3,
+            DeepseekLlm,
+            DeepseekCoder,
+            Deepseek3,
+            Falcon,
+            Starcoder,
+            Refact,
+            CommandR,
+            Smollm,
+            Gpt2,
+            Mpt,
+            Qwen2,
+            Qwen35,
+            Poro,
+            Viking,
+            Tekken,
+            Gpt4o,
+            SeedCoder,
+            Bailingmoe,
+            Minicpm5,
+            Gemma4,
         ] {
             for e in bpe::regexes(p).0 {
                 Splitter::new(e).unwrap_or_else(|err| panic!("{p:?}: {err}"));

@@ -36,10 +36,10 @@ pub(crate) fn tokenize(vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
             }
             i += 1;
         }
-        if out.len() == before {
-            if let Some(unk) = vocab.unk {
-                out.push(unk);
-            }
+        if out.len() == before
+            && let Some(unk) = vocab.unk
+        {
+            out.push(unk);
         }
     }
 }
@@ -103,7 +103,10 @@ mod tests {
 
     #[test]
     fn preprocess_splits_like_bert() {
-        assert_eq!(preprocess("Héllo, World!", true, true), ["hello", ",", "world", "!"]);
+        assert_eq!(
+            preprocess("Héllo, World!", true, true),
+            ["hello", ",", "world", "!"]
+        );
         assert_eq!(preprocess("  a\tb  ", true, true), ["a", "b"]);
         assert_eq!(preprocess("中文", false, false), ["中", "文"]);
     }
