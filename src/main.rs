@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensors and quantization mix.
     Inspect(cyber_inference::engine::inspect::InspectArgs),
+    /// Render a chat with a model's chat template and print the prompt.
+    ChatTemplate(cyber_inference::engine::chat::ChatTemplateArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -41,6 +43,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&loaded.settings.log_level);
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
+        Command::ChatTemplate(args) => cyber_inference::engine::chat::run(&args)?,
     }
     Ok(())
 }
