@@ -345,3 +345,123 @@ mod tests {
         assert!(caps.supports_parallel_tool_calls);
     }
 }
+
+/// Renders `messages` with `enable_thinking` as llama.cpp's template analyser does (no tools,
+/// empty special tokens); `None` when the template fails.
+fn render_plain(
+    env: &Environment<'static>,
+    messages: serde_json::Value,
+    add_generation_prompt: bool,
+    enable_thinking: bool,
+) -> Option<String> {
+    let mut ctx = serde_json::Map::new();
+    ctx.insert("messages".into(), messages);
+    ctx.insert("bos_token".into(), json!(""));
+    ctx.insert("eos_token".into(), json!(""));
+    ctx.insert("enable_thinking".into(), json!(enable_thinking));
+    if add_generation_prompt {
+        ctx.insert("add_generation_prompt".into(), json!(true));
+    }
+    env.get_template(TEMPLATE_NAME)
+        .and_then(|t| t.render(Value::from_serialize(&ctx)))
+        .ok()
+}
+
+/// Whether llama-server would pass `enable_thinking: true` to this template: it does so only when
+/// the template "supports thinking" — a specialised handler says so (`common/parsers/*.cpp`), or
+/// the differential analyser (`common/chat-diff-analyzer.cpp`, `analyze_reasoning`) finds reasoning
+/// markers. This follows the analyser's two main probes: reasoning content rendered in the history,
+/// and a generation prompt that only grows (or only shrinks) when thinking is switched on.
+pub(crate) fn supports_thinking(env: &Environment<'static>, src: &str) -> bool {
+    let has = |s: &str| src.contains(s);
+    // Specialised handlers (`common_chat_try_specialized_template`), in llama.cpp's order.
+    if has("[SYSTEM_PROMPT]") && has("[TOOL_CALLS]") && has("[ARGS]") && !has("[CALL_ID]") {
+        return true; // Ministral 3
+    }
+    if has("<|channel|>")
+        || (has("<atem:function_calls>") && has("<|eom|>"))
+        || (has("<|tool_calls_section_begin|>") && has("<|tool_call_begin|>"))
+        || (has("<|open|>") && has("<|close|>") && has("<|end_of_msg|>"))
+        || (has("<role>ASSISTANT</role>") && has("<arg_key>"))
+        || (has("<|START_TEXT|>") && has("<|START_ACTION|>"))
+        || (has("<|tool_list_start|>") && has("<|tool_list_end|>"))
+        || (has("List of tools: [") && !has("<|tool_list_start|>"))
+    {
+        return true;
+    }
+    if has(">>>all") && has(">>>${recipient}") {
+        return false; // Functionary v3.2 leaves it unset
+    }
+    if has("<|role_sep|>") && has("<|message_sep|>") && !has("<|function_call|>") {
+        return false; // GigaChat v3
+    }
+    if (has("]<]minimax[>[") && has("<tool_call>") && has("<invoke name="))
+        || (has("dsml_token") && has("DSML") && (has("function_calls") || has("tool_calls")))
+        || has("'<|tool_call>call:'")
+        || (has("Tool usage guidelines:") && has("<function name=\"") && has("<param name=\""))
+    {
+        return true;
+    }
+    // Analyser workarounds: old Qwen/DeepSeek thinking templates, Granite 3.3, Nemotron Nano v2.
+    if (has("content.split('</think>')") && !has("reasoning_content") && !has("<SPECIAL_12>"))
+        || has(
+            "Write your thoughts between <think></think> and write your response between <response></response>",
+        )
+        || (has("<SPECIAL_10>")
+            && has("<SPECIAL_11>")
+            && has("<SPECIAL_12>")
+            && has("<TOOL_RESPONSE>"))
+    {
+        return true;
+    }
+    const USER: &str = "U_USER_MSG Hello END_U";
+    const ASSISTANT: &str = "A_ASST_MSG I can help END_A";
+    const THINKING: &str = "REASON_PART I am thinking END_R";
+    // Probe 1: reasoning content shows up in the history, followed by a closing marker.
+    if let Some(out) = render_plain(
+        env,
+        json!([
+            {"role": "user", "content": USER},
+            {"role": "assistant", "content": ASSISTANT, "reasoning_content": THINKING},
+        ]),
+        false,
+        true,
+    ) && let Some(pos) = out.find(THINKING)
+    {
+        let after = out[pos + THINKING.len()..].trim_start();
+        if after.starts_with('<') || after.starts_with('[') {
+            return true;
+        }
+    }
+    // Probe 2: the generation prompt gains or loses a tail when thinking is switched on.
+    let msgs = json!([{"role": "user", "content": USER}]);
+    if let (Some(a), Some(b)) = (
+        render_plain(env, msgs.clone(), true, false),
+        render_plain(env, msgs, true, true),
+    ) && a != b
+    {
+        let prefix = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+        let (ra, rb) = (&a[floor_char(&a, prefix)..], &b[floor_char(&b, prefix)..]);
+        let suffix = ra
+            .bytes()
+            .rev()
+            .zip(rb.bytes().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        let left = &ra[..ra.len() - suffix];
+        let right = &rb[..rb.len() - suffix];
+        if (left.trim().is_empty() && !right.trim().is_empty() && b.ends_with(right.trim()))
+            || (right.trim().is_empty() && !left.trim().is_empty() && a.ends_with(left.trim()))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

@@ -81,8 +81,27 @@ pub(crate) fn build_env(source: &str) -> Result<Environment<'static>, Error> {
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
+    env.add_filter("length", length);
+    env.add_filter("count", length);
     env.add_template_owned(TEMPLATE_NAME, preprocess_source(source))?;
     Ok(env)
+}
+
+/// `length` that, like Jinja2 and llama.cpp, gives 0 for undefined and none.
+fn length(value: Value) -> Result<Value, Error> {
+    if value.is_undefined() || value.is_none() {
+        return Ok(Value::from(0));
+    }
+    match value.len() {
+        Some(n) => Ok(Value::from(n)),
+        None => match value.as_str() {
+            Some(s) => Ok(Value::from(s.chars().count())),
+            None => Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("cannot calculate length of value of type {}", value.kind()),
+            )),
+        },
+    }
 }
 
 fn raise_exception(msg: String) -> Result<Value, Error> {

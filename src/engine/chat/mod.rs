@@ -68,8 +68,14 @@ pub struct RenderOptions {
     pub add_generation_prompt: bool,
     /// OpenAI `tools`: an array of `{type: "function", function: {name, description, parameters}}`.
     pub tools: Option<Json>,
-    /// Passed to the template as `enable_thinking` (llama-server passes true by default).
+    /// Let the model think. llama-server passes `enable_thinking: true` by default, but only to
+    /// templates it finds to support thinking ([`ChatTemplate::supports_thinking`]); others get
+    /// false. An `enable_thinking` boolean in `extra_context` is passed as given.
     pub enable_thinking: bool,
+    /// llama-server's `preserve_reasoning` template kwarg (on by default): passed as
+    /// `preserve_reasoning`, and as `preserve_thinking` / `clear_thinking` /
+    /// `truncate_history_thinking` / `drop_thinking`. `None` passes none of them.
+    pub preserve_reasoning: Option<bool>,
     /// The "now" of `strftime_now`, `datetime` and `date_string`; `None` is the current UTC time.
     pub now: Option<OffsetDateTime>,
     /// Extra template variables (llama-server's `chat_template_kwargs`); they override the
@@ -83,6 +89,7 @@ impl Default for RenderOptions {
             add_generation_prompt: true,
             tools: None,
             enable_thinking: true,
+            preserve_reasoning: Some(true),
             now: None,
             extra_context: Map::new(),
         }
@@ -107,6 +114,7 @@ enum Kind {
         env: Box<Environment<'static>>,
         source: String,
         caps: Caps,
+        supports_thinking: bool,
     },
     Builtin(BuiltinTemplate),
 }
@@ -235,6 +243,18 @@ impl ChatTemplate {
         }
     }
 
+    /// Whether llama-server would let this template think (`enable_thinking` is passed as true
+    /// only then; see [`RenderOptions::enable_thinking`]). False for built-in formats.
+    pub fn supports_thinking(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Jinja {
+                supports_thinking: true,
+                ..
+            }
+        )
+    }
+
     /// The built-in format in use, if this is not a Jinja template.
     pub fn builtin_kind(&self) -> Option<BuiltinTemplate> {
         match &self.kind {
@@ -265,9 +285,14 @@ impl ChatTemplate {
         let msgs = parse_messages(messages)?;
         match &self.kind {
             Kind::Builtin(b) => b.apply(&msgs, opts.add_generation_prompt),
-            Kind::Jinja { env, source, caps } => {
-                let rendered = self.render_jinja(env, source, caps, msgs, opts)?;
-                Ok(rendered)
+            Kind::Jinja {
+                env,
+                source,
+                caps,
+                supports_thinking,
+            } => {
+                let enable_thinking = opts.enable_thinking && *supports_thinking;
+                self.render_jinja(env, source, caps, msgs, opts, enable_thinking)
             }
         }
     }
@@ -279,6 +304,7 @@ impl ChatTemplate {
         caps: &Caps,
         mut msgs: Vec<Message>,
         opts: &RenderOptions,
+        enable_thinking: bool,
     ) -> Result<String, ChatError> {
         let tools = parse_tools(opts.tools.as_ref())?;
         // StepFun: llama.cpp trims message contents before rendering (issue #24181).
@@ -319,7 +345,7 @@ impl ChatTemplate {
         );
         ctx.insert("bos_token".into(), json!(self.bos_token));
         ctx.insert("eos_token".into(), json!(self.eos_token));
-        ctx.insert("enable_thinking".into(), json!(opts.enable_thinking));
+        ctx.insert("enable_thinking".into(), json!(enable_thinking));
         if let Some(t) = tools {
             ctx.insert("tools".into(), t);
         }
@@ -328,6 +354,9 @@ impl ChatTemplate {
             "date_string".into(),
             json!(jinja::strftime(&now, "%d %b %Y")),
         );
+        if let Some(p) = opts.preserve_reasoning {
+            ctx.insert("preserve_reasoning".into(), json!(p));
+        }
         for (k, v) in &opts.extra_context {
             ctx.insert(k.clone(), v.clone());
         }
@@ -375,10 +404,12 @@ fn jinja_kind(source: &str) -> Result<Kind, ChatError> {
         message: describe_error(&e),
     })?;
     let caps = caps::detect(&env);
+    let supports_thinking = caps::supports_thinking(&env, source);
     Ok(Kind::Jinja {
         env: Box::new(env),
         source: source.to_string(),
         caps,
+        supports_thinking,
     })
 }
 
@@ -1185,7 +1216,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             out,
-            r#"[{"type": "function", "function": {"name": "f", "description": "", "parameters": {"type": "object"}}}]|True|23 Nov 2026|2026-11-23|x"#
+            r#"[{"type": "function", "function": {"name": "f", "description": "", "parameters": {"type": "object"}}}]|False|23 Nov 2026|2026-11-23|x"#
         );
     }
 
