@@ -26,6 +26,8 @@ enum Command {
     Inspect(cyber_inference::engine::inspect::InspectArgs),
     /// Tokenize text with a GGUF file's tokenizer (works on vocab-only files).
     Tokenize(cyber_inference::engine::tokenizer::cli::TokenizeArgs),
+    /// Render a chat with a model's chat template and print the prompt.
+    ChatTemplate(cyber_inference::engine::chat::ChatTemplateArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -44,6 +46,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
         Command::Tokenize(args) => cyber_inference::engine::tokenizer::cli::run(&args)?,
+        Command::ChatTemplate(args) => cyber_inference::engine::chat::run(&args)?,
     }
     Ok(())
 }
