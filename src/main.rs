@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensors and quantization mix.
     Inspect(cyber_inference::engine::inspect::InspectArgs),
+    /// Tokenize text with a GGUF file's tokenizer (works on vocab-only files).
+    Tokenize(cyber_inference::engine::tokenizer::cli::TokenizeArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -41,6 +43,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&loaded.settings.log_level);
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
+        Command::Tokenize(args) => cyber_inference::engine::tokenizer::cli::run(&args)?,
     }
     Ok(())
 }
