@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensors and quantization mix.
     Inspect(cyber_inference::engine::inspect::InspectArgs),
+    /// Ask a running supervisor's /health; exit 0 when it answers 200 OK, 1 otherwise (for container health checks).
+    Healthcheck(cyber_inference::supervisor::healthcheck::HealthcheckArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -41,6 +43,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&loaded.settings.log_level);
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
+        Command::Healthcheck(args) => {
+            cyber_inference::supervisor::healthcheck::run(&args, &loaded.settings)?
+        }
     }
     Ok(())
 }

@@ -1,1 +1,3 @@
 //! The supervisor (`serve`): catalogue, worker processes, proxy, eviction, monitor, auth, admin API.
+
+pub mod healthcheck;
