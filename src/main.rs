@@ -42,6 +42,8 @@ enum Command {
         #[arg(long)]
         keep_file: bool,
     },
+    /// Ask a running supervisor's /health; exit 0 when it answers 200 OK, 1 otherwise (for container health checks).
+    Healthcheck(cyber_inference::supervisor::healthcheck::HealthcheckArgs),
 }
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
@@ -81,6 +83,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &name,
             keep_file,
         ))??,
+        Command::Healthcheck(args) => {
+            cyber_inference::supervisor::healthcheck::run(&args, &loaded.settings)?
+        }
     }
     Ok(())
 }

@@ -384,3 +384,4 @@ pub async fn remove_model_command(
     db.close().await;
     Ok(())
 }
+pub mod healthcheck;
