@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensors and quantization mix.
     Inspect(cyber_inference::engine::inspect::InspectArgs),
+    /// Download a GGUF model from Hugging Face (HF_ENDPOINT, HF_TOKEN) into MODELS_DIR.
+    DownloadModel(cyber_inference::supervisor::hub::DownloadArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -41,6 +43,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&loaded.settings.log_level);
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
+        Command::DownloadModel(args) => cyber_inference::supervisor::hub::run_cli(&loaded, &args)?,
     }
     Ok(())
 }

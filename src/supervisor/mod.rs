@@ -1,1 +1,2 @@
 //! The supervisor (`serve`): catalogue, worker processes, proxy, eviction, monitor, auth, admin API.
+pub mod hub;
