@@ -1669,3 +1669,283 @@ pub async fn register_download(loaded: &Loaded, done: &Downloaded) -> anyhow::Re
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn file(name: &str, size: u64) -> RepoFile {
+        RepoFile {
+            filename: name.into(),
+            size,
+            sha256: Some(format!("{:064x}", size)),
+            quantization: quantization_of(name),
+            split: split_of(name),
+        }
+    }
+
+    #[test]
+    fn quantization_is_read_from_names() {
+        let q = |n| quantization_of(n);
+        assert_eq!(
+            q("SmolLM2-135M-Instruct.Q4_K_M.gguf").as_deref(),
+            Some("Q4_K_M")
+        );
+        assert_eq!(
+            q("qwen2.5-0.5b-instruct-q8_0.gguf").as_deref(),
+            Some("Q8_0")
+        );
+        assert_eq!(
+            q("Llama-3.2-1B-Instruct-IQ4_XS.gguf").as_deref(),
+            Some("IQ4_XS")
+        );
+        assert_eq!(q("all-MiniLM-L6-v2.F16.gguf").as_deref(), Some("F16"));
+        assert_eq!(q("model-BF16-00002-of-00003.gguf").as_deref(), Some("BF16"));
+        assert_eq!(
+            q("Q4_K_M/Big-UD-Q4_K_XL-00001-of-00002.gguf").as_deref(),
+            Some("Q4_K_XL")
+        );
+        assert_eq!(q("model.gguf"), None);
+        // A size like 135M or a version like v2 is no quantization.
+        assert_eq!(q("SmolLM2-135M-v2.gguf"), None);
+    }
+
+    #[test]
+    fn split_suffixes_are_recognised_exactly() {
+        assert_eq!(
+            split_of("a/m-00002-of-00003.gguf"),
+            Some(SplitPart { index: 2, count: 3 })
+        );
+        assert_eq!(split_of("m-00004-of-00003.gguf"), None);
+        assert_eq!(split_of("m-00000-of-00003.gguf"), None);
+        assert_eq!(split_of("m-0002-of-00003.gguf"), None);
+        assert_eq!(split_of("m-00002-of-00003.bin"), None);
+        assert_eq!(split_of("00002-of-00003.gguf"), None);
+        assert_eq!(split_of("é.gguf"), None);
+    }
+
+    #[test]
+    fn choice_prefers_q4_k_m_then_q8_0_then_smallest() {
+        let all = vec![
+            file("m.Q8_0.gguf", 800),
+            file("m.Q4_K_M.gguf", 500),
+            file("m.Q2_K.gguf", 300),
+            file("mmproj-m-f16.gguf", 10),
+            file("README.md", 1),
+        ];
+        let pick =
+            |files: &[RepoFile]| choose_model(&group_models(files)).map(|m| m.filename.clone());
+        assert_eq!(pick(&all).as_deref(), Some("m.Q4_K_M.gguf"));
+        assert_eq!(pick(&all[..1]).as_deref(), Some("m.Q8_0.gguf"));
+        let no_preferred = [all[2].clone(), all[3].clone(), file("m.F16.gguf", 2000)];
+        // The projector is smaller but is never chosen.
+        assert_eq!(pick(&no_preferred).as_deref(), Some("m.Q2_K.gguf"));
+    }
+
+    #[test]
+    fn splits_are_one_model_and_any_part_selects_all() {
+        let files = vec![
+            file("big/m-Q4_K_M-00002-of-00002.gguf", 600),
+            file("big/m-Q4_K_M-00001-of-00002.gguf", 700),
+            file("m.Q8_0.gguf", 900),
+        ];
+        let models = group_models(&files);
+        assert_eq!(models.len(), 2);
+        let split = models.iter().find(|m| m.files.len() == 2).unwrap();
+        assert_eq!(split.total_size, 1300);
+        assert_eq!(split.filename, "big/m-Q4_K_M-00001-of-00002.gguf");
+        assert_eq!(split.quantization.as_deref(), Some("Q4_K_M"));
+        let chosen = select_model("o/r", "main", &files, None).unwrap();
+        assert_eq!(chosen, *split);
+        let by_part = select_model(
+            "o/r",
+            "main",
+            &files,
+            Some("big/m-Q4_K_M-00002-of-00002.gguf"),
+        )
+        .unwrap();
+        assert_eq!(
+            by_part.files[0].split,
+            Some(SplitPart { index: 1, count: 2 })
+        );
+        assert_eq!(
+            by_part.files[1].split,
+            Some(SplitPart { index: 2, count: 2 })
+        );
+    }
+
+    #[test]
+    fn incomplete_splits_missing_files_and_empty_repos_are_errors() {
+        let files = vec![
+            file("m-Q4_K_M-00001-of-00003.gguf", 10),
+            file("m-Q4_K_M-00003-of-00003.gguf", 10),
+            file("m.Q8_0.gguf", 50),
+        ];
+        // Automatic choice skips the broken split.
+        assert_eq!(
+            select_model("o/r", "main", &files, None).unwrap().filename,
+            "m.Q8_0.gguf"
+        );
+        match select_model("o/r", "main", &files, Some("m-Q4_K_M-00003-of-00003.gguf")) {
+            Err(HubError::IncompleteSplit { missing, count, .. }) => {
+                assert_eq!((missing, count), (vec![2], 3))
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = select_model("o/r", "main", &files, Some("nope.gguf")).unwrap_err();
+        assert!(matches!(e, HubError::FileNotInRepo { .. }), "{e}");
+        assert!(e.to_string().contains("m.Q8_0.gguf"), "{e}");
+        let e = select_model("o/r", "main", &[file("config.json", 5)], None).unwrap_err();
+        assert!(matches!(e, HubError::NoGguf { .. }), "{e}");
+        assert!(e.to_string().contains("config.json"), "{e}");
+        assert_eq!(e.http_status(), 422);
+    }
+
+    #[test]
+    fn model_info_is_parsed_and_hostile_answers_rejected() {
+        let oid = "AB".repeat(32);
+        let body = format!(
+            r#"{{"id":"o/r","siblings":[{{"rfilename":"README.md","size":12}},
+            {{"rfilename":"m.Q4_K_M.gguf","size":100,"lfs":{{"sha256":"{oid}","size":100,"pointerSize":134}}}},
+            {{"rfilename":"notes.txt"}}]}}"#
+        );
+        let files = parse_model_info(body.as_bytes()).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[1].sha256.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(files[1].quantization.as_deref(), Some("Q4_K_M"));
+        for bad in [
+            r#"{"siblings":[{"rfilename":"m.gguf","size":1,"lfs":{"sha256":"xyz"}}]}"#,
+            r#"{"siblings":[{"rfilename":"m.gguf"}]}"#,
+            r#"{"siblings":[{"rfilename":"m.gguf","size":-1}]}"#,
+            r#"{"error":"nope"}"#,
+            r#"[1,2,3]"#,
+            "\u{0}\u{1}garbage",
+        ] {
+            assert!(parse_model_info(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn local_names_never_leave_models_dir() {
+        assert_eq!(
+            local_name("sub/dir/m.Q4_K_M.gguf").unwrap(),
+            "m.Q4_K_M.gguf"
+        );
+        for bad in [
+            "../",
+            "a/..",
+            "a/.hidden.gguf",
+            "a\\..\\b.gguf",
+            "m.bin",
+            "",
+            "a/",
+            "x\n.gguf",
+        ] {
+            assert!(local_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn repo_ids_and_revisions_are_checked() {
+        assert_eq!(
+            parse_repo_id("bartowski/SmolLM2-135M-Instruct-GGUF").unwrap(),
+            ("bartowski", "SmolLM2-135M-Instruct-GGUF")
+        );
+        for bad in [
+            "noslash", "a/b/c", "../x", "a/..", "/x", "a/", "a b/c", "a/b?c", "a/.x",
+        ] {
+            assert!(parse_repo_id(bad).is_err(), "{bad}");
+        }
+        assert!(check_revision("refs/pr/1").is_ok());
+        assert!(check_revision("").is_err());
+        assert!(check_revision("../../x").is_err());
+    }
+
+    #[test]
+    fn resolve_urls_encode_each_segment() {
+        let hub = Hub::new(HubConfig::new(
+            "http://h:1/mirror/",
+            None,
+            PathBuf::from("/m"),
+        ))
+        .unwrap();
+        let url = hub.url(&["o", "r", "resolve", "refs/pr/1", "dir", "a b#.gguf"]);
+        assert_eq!(
+            url.as_str(),
+            "http://h:1/mirror/o/r/resolve/refs%2Fpr%2F1/dir/a%20b%23.gguf"
+        );
+        assert!(Hub::new(HubConfig::new("ftp://x", None, PathBuf::new())).is_err());
+        assert!(
+            Hub::new(HubConfig::new(
+                "http://x",
+                Some("a\nb".into()),
+                PathBuf::new()
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn content_range_and_backoff() {
+        assert_eq!(content_range_start("bytes 400-999/1000"), Some(400));
+        assert_eq!(content_range_start("bytes */1000"), None);
+        assert_eq!(content_range_start("items 1-2/3"), None);
+        let r = RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+        };
+        let b: Vec<_> = (1..=4).map(|a| r.backoff(a).as_millis()).collect();
+        assert_eq!(b, [100, 200, 350, 350]);
+    }
+
+    #[test]
+    fn free_disk_check_reports_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_space(dir.path()).expect("the temp dir's file system is mounted");
+        assert!(free > 0);
+        check_free_space(dir.path(), 1).unwrap();
+        let e = check_free_space(dir.path(), free + (1 << 40)).unwrap_err();
+        match &e {
+            HubError::InsufficientDisk {
+                needed, available, ..
+            } => {
+                assert_eq!(*needed, free + (1 << 40));
+                assert!(*available < *needed);
+            }
+            other => panic!("{other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&(free + (1 << 40)).to_string()) && msg.contains("free"),
+            "{msg}"
+        );
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(12), "12 B");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn settings_and_standard_hf_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let loaded = Settings::load(None).unwrap();
+            let env = |k: &str| match k {
+                "HF_ENDPOINT" => Some("http://mirror:9".to_string()),
+                "HF_TOKEN" => Some("tok".to_string()),
+                _ => None,
+            };
+            let c = HubConfig::from_settings_with_env(&loaded, env);
+            assert_eq!(c.endpoint, "http://mirror:9");
+            assert_eq!(c.token.as_deref(), Some("tok"));
+            jail.set_env("CYBER_INFERENCE_HF_ENDPOINT", "http://ours:1");
+            jail.set_env("CYBER_INFERENCE_HF_TOKEN", "mine");
+            let loaded = Settings::load(None).unwrap();
+            let c = HubConfig::from_settings_with_env(&loaded, env);
+            assert_eq!(c.endpoint, "http://ours:1");
+            assert_eq!(c.token.as_deref(), Some("mine"));
+            Ok(())
+        });
+    }
+}
