@@ -44,6 +44,8 @@ enum Command {
     },
     /// Ask a running supervisor's /health; exit 0 when it answers 200 OK, 1 otherwise (for container health checks).
     Healthcheck(cyber_inference::supervisor::healthcheck::HealthcheckArgs),
+    /// Download a GGUF model from Hugging Face (HF_ENDPOINT, HF_TOKEN) into MODELS_DIR.
+    DownloadModel(cyber_inference::supervisor::hub::DownloadArgs),
 }
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
@@ -86,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Healthcheck(args) => {
             cyber_inference::supervisor::healthcheck::run(&args, &loaded.settings)?
         }
+        Command::DownloadModel(args) => cyber_inference::supervisor::hub::run_cli(&loaded, &args)?,
     }
     Ok(())
 }

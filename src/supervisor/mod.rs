@@ -385,3 +385,4 @@ pub async fn remove_model_command(
     Ok(())
 }
 pub mod healthcheck;
+pub mod hub;
