@@ -8,8 +8,9 @@ use cyber_inference::engine::gguf::GgufFile;
 use cyber_inference::engine::tokenizer::{Tokenizer, VocabKind};
 
 fn vocab_dir() -> PathBuf {
-    let assets = std::env::var("CYBER_INFERENCE_ASSETS")
-        .expect("CYBER_INFERENCE_ASSETS must point at the fetched test assets (see ../shared/assets/fetch)");
+    let assets = std::env::var("CYBER_INFERENCE_ASSETS").expect(
+        "CYBER_INFERENCE_ASSETS must point at the fetched test assets (see ../shared/assets/fetch)",
+    );
     PathBuf::from(assets).join("vocab")
 }
 
@@ -25,7 +26,11 @@ fn read_inputs(path: &std::path::Path) -> Vec<String> {
 fn read_outputs(path: &std::path::Path) -> Vec<Vec<u32>> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
-        .map(|l| l.split_whitespace().map(|t| t.parse().expect("id")).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .map(|t| t.parse().expect("id"))
+                .collect()
+        })
         .collect()
 }
 
@@ -36,7 +41,11 @@ fn run_suite(name: &str) {
     let tok = Tokenizer::from_gguf(&f).unwrap_or_else(|e| panic!("{name}: {e}"));
     let inputs = read_inputs(&dir.join(format!("ggml-vocab-{name}.gguf.inp")));
     let outputs = read_outputs(&dir.join(format!("ggml-vocab-{name}.gguf.out")));
-    assert_eq!(inputs.len(), outputs.len(), "{name}: .inp and .out disagree in length");
+    assert_eq!(
+        inputs.len(),
+        outputs.len(),
+        "{name}: .inp and .out disagree in length"
+    );
     let mut failures = Vec::new();
     let mut round_trip_failures = 0;
     for (text, want) in inputs.iter().zip(&outputs) {
@@ -48,7 +57,11 @@ fn run_suite(name: &str) {
         // WPM lower-cases and drops spaces, so only SPM/BPE can give the input back
         if tok.kind() != VocabKind::Wpm {
             let back = tok.decode(&got, true);
-            let expect = if tok.kind() == VocabKind::Spm { text.clone() } else { text.clone() };
+            let expect = if tok.kind() == VocabKind::Spm {
+                text.clone()
+            } else {
+                text.clone()
+            };
             if back != expect {
                 round_trip_failures += 1;
             }
@@ -59,7 +72,12 @@ fn run_suite(name: &str) {
         inputs.len() - failures.len(),
         inputs.len()
     );
-    assert!(failures.is_empty(), "{name}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{name}: {} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 macro_rules! suites {

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::gguf::{GgufError, GgufFile};
+use crate::engine::tokenizer::{Tokenizer, TokenizerError};
 
 pub use hparams::{Arch, HParams, Pooling};
 use kv_cache::KvCache;
@@ -28,6 +29,8 @@ use weights::Weights;
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
     #[error("unsupported architecture {0:?} (supported: llama, qwen2, qwen3, bert)")]
     UnsupportedArch(String),
     #[error("bad hyper-parameters: {0}")]
@@ -77,6 +80,7 @@ pub struct Model {
     file: Arc<GgufFile>,
     hp: HParams,
     weights: Weights,
+    tokenizer: Tokenizer,
     n_vocab: usize,
     arch_name: String,
     params: ModelParams,
@@ -116,11 +120,23 @@ impl Model {
         }
         let n_vocab = te.dims[1] as usize;
         let weights = Weights::load(&file, &hp, n_vocab)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        if tokenizer.n_vocab() > n_vocab {
+            return Err(ModelError::BadTensorShape {
+                name: te.name.clone(),
+                dims: te.dims.clone(),
+                expected: format!(
+                    "at least {} rows, one per token of the vocabulary",
+                    tokenizer.n_vocab()
+                ),
+            });
+        }
         Ok(Arc::new(Model {
             arch_name: hp.arch.name().to_string(),
             file,
             hp,
             weights,
+            tokenizer,
             n_vocab,
             params: params.clone(),
         }))
@@ -134,6 +150,11 @@ impl Model {
     /// The shared handle of the GGUF file.
     pub fn gguf_arc(&self) -> Arc<GgufFile> {
         self.file.clone()
+    }
+
+    /// The tokenizer built from the file's `tokenizer.ggml.*` metadata.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
     /// Hyper-parameters.

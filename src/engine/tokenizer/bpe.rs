@@ -11,7 +11,8 @@ use super::{PreType, Vocab};
 /// The regex list of a pre-tokenizer (`llm_tokenizer_bpe::llm_tokenizer_bpe`), and whether words are
 /// byte-encoded GPT-2 style (false: raw UTF-8 with `<0xNN>` byte tokens, as Gemma 4).
 pub(crate) fn regexes(pre: PreType) -> (&'static [&'static str], bool) {
-    const GPT2: &str = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)";
+    const GPT2: &str =
+        "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)";
     const LLAMA3: &str = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
     match pre {
         PreType::Llama3 => (&[LLAMA3], true),
@@ -27,7 +28,13 @@ pub(crate) fn regexes(pre: PreType) -> (&'static [&'static str], bool) {
             true,
         ),
         PreType::DeepseekCoder => (
-            &["[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}"],
+            &[
+                "[\r\n]",
+                "\\s?\\p{L}+",
+                "\\s?\\p{P}+",
+                "[一-龥ࠀ-一가-퟿]+",
+                "\\p{N}",
+            ],
             true,
         ),
         PreType::Falcon => (
@@ -39,11 +46,15 @@ pub(crate) fn regexes(pre: PreType) -> (&'static [&'static str], bool) {
         }
         PreType::Gpt2 | PreType::Mpt => (&[GPT2], true),
         PreType::Qwen2 => (
-            &["(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
+            &[
+                "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+            ],
             true,
         ),
         PreType::Qwen35 => (
-            &["(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}| ?[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
+            &[
+                "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}| ?[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+            ],
             true,
         ),
         PreType::Gemma4 => (&["[^\\n]+|[\\n]+"], false),
@@ -58,19 +69,27 @@ pub(crate) fn regexes(pre: PreType) -> (&'static [&'static str], bool) {
         PreType::Poro => (&[" ?[^(\\s|.,!?…。，、।۔،)]+"], true),
         PreType::Viking => (&[" ?[^(\\s|.,!?…。，、।۔،)]+", "\\p{N}"], true),
         PreType::Tekken => (
-            &["[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))*((?=[\\p{L}])([^A-Z]))+|[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))+((?=[\\p{L}])([^A-Z]))*|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
+            &[
+                "[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))*((?=[\\p{L}])([^A-Z]))+|[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))+((?=[\\p{L}])([^A-Z]))*|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+            ],
             true,
         ),
         PreType::Gpt4o => (
-            &["[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))*((?=[\\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))+((?=[\\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
+            &[
+                "[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))*((?=[\\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))+((?=[\\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+            ],
             true,
         ),
         PreType::SeedCoder => (
-            &["(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1}| ?[^\\s\\p{L}\\p{N}\\r\\n]+|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
+            &[
+                "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1}| ?[^\\s\\p{L}\\p{N}\\r\\n]+|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+            ],
             true,
         ),
         PreType::Bailingmoe => (
-            &["'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]|\\s+(?!\\S)|\\s+"],
+            &[
+                "'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]|\\s+(?!\\S)|\\s+",
+            ],
             true,
         ),
         PreType::Minicpm5 => (
@@ -133,7 +152,11 @@ fn tokenize_word(vocab: &Vocab, pre: &PreTokenizer, word: &str, out: &mut Vec<u3
             n: w.len(),
         });
         offset = w.len();
-    } else if vocab.pre == PreType::Gemma4 && !w.is_empty() && w.iter().all(|&b| b == b'\n') && vocab.lookup(w).is_some() {
+    } else if vocab.pre == PreType::Gemma4
+        && !w.is_empty()
+        && w.iter().all(|&b| b == b'\n')
+        && vocab.lookup(w).is_some()
+    {
         symbols.push(Symbol {
             prev: -1,
             next: -1,
@@ -155,7 +178,10 @@ fn tokenize_word(vocab: &Vocab, pre: &PreTokenizer, word: &str, out: &mut Vec<u3
     }
     // (rank, left, right, merged text): the lowest rank first, then the leftmost
     let mut queue: BinaryHeap<Reverse<(u32, usize, usize, Vec<u8>)>> = BinaryHeap::new();
-    let add = |l: i64, r: i64, symbols: &[Symbol], queue: &mut BinaryHeap<Reverse<(u32, usize, usize, Vec<u8>)>>| {
+    let add = |l: i64,
+               r: i64,
+               symbols: &[Symbol],
+               queue: &mut BinaryHeap<Reverse<(u32, usize, usize, Vec<u8>)>>| {
         if l < 0 || r < 0 {
             return;
         }

@@ -38,11 +38,22 @@ pub enum TokenizerError {
         n_vocab: usize,
     },
     #[error("duplicate token in vocabulary: {text:?} has ids {first} and {second}")]
-    DuplicateToken { text: String, first: u32, second: u32 },
+    DuplicateToken {
+        text: String,
+        first: u32,
+        second: u32,
+    },
     #[error("{key} = {id} is out of range: the vocabulary has {n_vocab} tokens")]
-    BadTokenId { key: String, id: i64, n_vocab: usize },
+    BadTokenId {
+        key: String,
+        id: i64,
+        n_vocab: usize,
+    },
     #[error("{flag} is true, but {key} is not set")]
-    MissingSpecial { flag: &'static str, key: &'static str },
+    MissingSpecial {
+        flag: &'static str,
+        key: &'static str,
+    },
     #[error("the vocabulary is empty (tokenizer.ggml.tokens)")]
     EmptyVocab,
     #[error(transparent)]
@@ -202,8 +213,8 @@ fn pre_options(name: &str) -> Option<PreOptions> {
     };
     Some(match name {
         "default" => o(Default, true),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" => PreOptions {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" => PreOptions {
             ignore_merges: true,
             add_bos: Some(true),
             ..o(Llama3, true)
@@ -222,13 +233,12 @@ fn pre_options(name: &str) -> Option<PreOptions> {
         "refact" => o(Refact, true),
         "command-r" => o(CommandR, false),
         "smollm" => o(Smollm, false),
-        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
-        | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" | "olmo" | "jais"
-        | "exaone4" => o(Gpt2, true),
+        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
+        | "a.x-4.0" | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe"
+        | "olmo" | "jais" | "exaone4" => o(Gpt2, true),
         "trillion" | "granite-docling" => o(Gpt2, false),
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open" | "grok-2" => {
-            o(Qwen2, false)
-        }
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open"
+        | "grok-2" => o(Qwen2, false),
         "stablelm2" | "megrez" => o(Qwen2, true),
         "qwen35" => o(Qwen35, false),
         "poro-chat" => o(Poro, false),
@@ -310,12 +320,13 @@ impl Tokenizer {
         }
 
         // defaults of each model type
-        let (mut bos, mut eos, mut unk, mut sep, mut pad): (Option<u32>, Option<u32>, _, _, _) = match kind {
-            VocabKind::Spm => (Some(1), Some(2), Some(0), None, None),
-            VocabKind::Wpm => (Some(101), None, Some(100), Some(102), Some(0)),
-            VocabKind::Bpe if model == "gemma4" => (None, None, None, None, None),
-            VocabKind::Bpe => (Some(11), Some(11), None, None, None),
-        };
+        let (mut bos, mut eos, mut unk, mut sep, mut pad): (Option<u32>, Option<u32>, _, _, _) =
+            match kind {
+                VocabKind::Spm => (Some(1), Some(2), Some(0), None, None),
+                VocabKind::Wpm => (Some(101), None, Some(100), Some(102), Some(0)),
+                VocabKind::Bpe if model == "gemma4" => (None, None, None, None, None),
+                VocabKind::Bpe => (Some(11), Some(11), None, None, None),
+            };
         let in_range = |id: Option<u32>| id.filter(|&i| (i as usize) < n_vocab);
         bos = in_range(bos);
         eos = in_range(eos);
@@ -336,9 +347,12 @@ impl Tokenizer {
                 add_space_prefix = false;
                 let name = pre_name.as_deref().unwrap_or("default");
                 if pre_name.is_none() {
-                    tracing::warn!("missing tokenizer.ggml.pre, using 'default': generation quality will be degraded");
+                    tracing::warn!(
+                        "missing tokenizer.ggml.pre, using 'default': generation quality will be degraded"
+                    );
                 }
-                let o = pre_options(name).ok_or_else(|| TokenizerError::UnknownPre(name.to_string()))?;
+                let o = pre_options(name)
+                    .ok_or_else(|| TokenizerError::UnknownPre(name.to_string()))?;
                 pre = o.pre;
                 clean_spaces = o.clean_spaces;
                 ignore_merges = o.ignore_merges;
@@ -370,7 +384,7 @@ impl Tokenizer {
 
         let scores: Option<Vec<f32>> = match f.get("tokenizer.ggml.scores") {
             None => None,
-            Some(Value::Array(a)) if a.items.iter().all(|v| v.as_int().is_some()) => Some(
+            Some(Value::Array(a)) if a.iter().all(|v| v.as_int().is_some()) => Some(
                 f.get_i32_array("tokenizer.ggml.scores")?
                     .into_iter()
                     .map(|i| i as f32)
@@ -535,11 +549,17 @@ impl Tokenizer {
             tokens[id as usize].attr |= attr::CONTROL;
         };
         let ids_of = |vocab: &Vocab, names: &[&str]| -> Vec<u32> {
-            let mut v: Vec<u32> = names.iter().filter_map(|n| vocab.lookup(n.as_bytes())).collect();
+            let mut v: Vec<u32> = names
+                .iter()
+                .filter_map(|n| vocab.lookup(n.as_bytes()))
+                .collect();
             v.sort_unstable();
             v
         };
-        let detect = |vocab: &mut Vocab, slot: &mut Option<u32>, names: &[&str], mark: &mut dyn FnMut(&mut [TokenData], u32)| {
+        let detect = |vocab: &mut Vocab,
+                      slot: &mut Option<u32>,
+                      names: &[&str],
+                      mark: &mut dyn FnMut(&mut [TokenData], u32)| {
             if slot.is_none()
                 && let Some(&id) = ids_of(vocab, names).first()
             {
@@ -551,25 +571,82 @@ impl Tokenizer {
             &mut vocab,
             &mut eot,
             &[
-                "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-                "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+                "<|eot_id|>",
+                "<|im_end|>",
+                "<|end|>",
+                "<end_of_turn>",
+                "<|endoftext|>",
+                "<|end_of_text|>",
+                "<EOT>",
+                "_<EOT>",
+                "[EOT]",
+                "<｜end▁of▁sentence｜>",
+                "<end_of_utterance>",
             ],
             &mut mark_control,
         );
         detect(&mut vocab, &mut eom, &["<|eom_id|>"], &mut mark_control);
         let mut fim_other = None;
         for names in [
-            &["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"][..],
-            &["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"][..],
-            &["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"][..],
+            &[
+                "<|fim_prefix|>",
+                "<fim-prefix>",
+                "<fim_prefix>",
+                "<｜fim▁begin｜>",
+                "<PRE>",
+                "▁<PRE>",
+                "<|code_prefix|>",
+                "<|prefix|>",
+            ][..],
+            &[
+                "<|fim_suffix|>",
+                "<fim-suffix>",
+                "<fim_suffix>",
+                "<｜fim▁hole｜>",
+                "<SUF>",
+                "▁<SUF>",
+                "<|code_suffix|>",
+                "<|suffix|>",
+            ][..],
+            &[
+                "<|fim_middle|>",
+                "<fim-middle>",
+                "<fim_middle>",
+                "<｜fim▁end｜>",
+                "<MID>",
+                "▁<MID>",
+                "<|code_middle|>",
+                "<|middle|>",
+            ][..],
         ] {
             fim_other = None;
             detect(&mut vocab, &mut fim_other, names, &mut mark_control);
         }
         let _ = fim_other;
-        detect(&mut vocab, &mut fim_pad, &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"], &mut mark_control);
-        detect(&mut vocab, &mut fim_rep, &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"], &mut mark_control);
-        detect(&mut vocab, &mut fim_sep, &["<|file_sep|>"], &mut mark_control);
+        detect(
+            &mut vocab,
+            &mut fim_pad,
+            &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"],
+            &mut mark_control,
+        );
+        detect(
+            &mut vocab,
+            &mut fim_rep,
+            &[
+                "<|fim_repo|>",
+                "<|repo_name|>",
+                "<fim-repo>",
+                "<REPO>",
+                "<reponame>",
+            ],
+            &mut mark_control,
+        );
+        detect(
+            &mut vocab,
+            &mut fim_sep,
+            &["<|file_sep|>"],
+            &mut mark_control,
+        );
 
         // control tokens named "unused"
         for t in vocab.tokens.iter_mut() {
@@ -583,10 +660,28 @@ impl Tokenizer {
         for id in ids_of(
             &vocab,
             &[
-                "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-                "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-                "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-                "<｜end▁of▁sentence｜>", "[e~[",
+                "<|eot_id|>",
+                "<|im_end|>",
+                "<|end|>",
+                "<|return|>",
+                "<|call|>",
+                "<|flush|>",
+                "<|calls|>",
+                "<end_of_turn>",
+                "<|endoftext|>",
+                "</s>",
+                "<|eom_id|>",
+                "<EOT>",
+                "_<EOT>",
+                "[EOT]",
+                "[EOS]",
+                "<|end_of_text|>",
+                "<end_of_utterance>",
+                "<eos>",
+                "<turn|>",
+                "<|tool_response>",
+                "<｜end▁of▁sentence｜>",
+                "[e~[",
             ],
         ) {
             eog.insert(id);
@@ -599,7 +694,9 @@ impl Tokenizer {
         }
         eog.extend([eos, eot, eom].into_iter().flatten());
         let find_eog = |eog: &HashSet<u32>, vocab: &Vocab, s: &str| {
-            eog.iter().copied().find(|&id| vocab.tokens[id as usize].text == s)
+            eog.iter()
+                .copied()
+                .find(|&id| vocab.tokens[id as usize].text == s)
         };
         let has = |eog: &HashSet<u32>, vocab: &Vocab, s: &str| find_eog(eog, vocab, s).is_some();
         let (ret, call, calls, flush, end) = (
@@ -625,10 +722,18 @@ impl Tokenizer {
 
         // special tokens cache: control, user-defined and unknown tokens, longest text first
         let mut special_cache: Vec<u32> = (0..n_vocab as u32)
-            .filter(|&id| vocab.tokens[id as usize].attr & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
+            .filter(|&id| {
+                vocab.tokens[id as usize].attr
+                    & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN)
+                    != 0
+            })
             .collect();
         special_cache.sort_by(|&a, &b| {
-            vocab.tokens[b as usize].text.len().cmp(&vocab.tokens[a as usize].text.len()).then(a.cmp(&b))
+            vocab.tokens[b as usize]
+                .text
+                .len()
+                .cmp(&vocab.tokens[a as usize].text.len())
+                .then(a.cmp(&b))
         });
 
         // per-model token attributes (llama.cpp sets them from the model name)
@@ -645,8 +750,12 @@ impl Tokenizer {
                 *a = if on { *a | bit } else { *a & !bit };
             }
         };
-        if ["jina-v2-de", "jina-v2-es", "jina-v2-code"].iter().any(|p| pre_raw.contains(p))
-            || ["nomic-bert-moe", "jina-bert-v3"].iter().any(|p| arch.contains(p))
+        if ["jina-v2-de", "jina-v2-es", "jina-v2-code"]
+            .iter()
+            .any(|p| pre_raw.contains(p))
+            || ["nomic-bert-moe", "jina-bert-v3"]
+                .iter()
+                .any(|p| arch.contains(p))
         {
             set_attr(&mut vocab, "<mask>", attr::LSTRIP, true);
         } else if name.contains("phi-3") || name.contains("phi3") {
@@ -715,7 +824,9 @@ impl Tokenizer {
         if a & attr::BYTE != 0 {
             // `<0xNN>`: the two hex digits at [3, 5)
             let hex = t.text.get(3..5).unwrap_or("");
-            return u8::from_str_radix(hex, 16).map(|b| vec![b]).unwrap_or_default();
+            return u8::from_str_radix(hex, 16)
+                .map(|b| vec![b])
+                .unwrap_or_default();
         }
         Vec::new()
     }
@@ -810,7 +921,10 @@ impl Tokenizer {
                 continue;
             }
             let needle = data.text.as_str();
-            if !frags.iter().any(|f| matches!(f, Fragment::Text(s, e) if text[*s..*e].contains(needle))) {
+            if !frags
+                .iter()
+                .any(|f| matches!(f, Fragment::Text(s, e) if text[*s..*e].contains(needle)))
+            {
                 continue;
             }
             let mut next = Vec::with_capacity(frags.len() + 2);
@@ -1091,7 +1205,10 @@ mod tests {
     fn clean_up_matches_llama() {
         assert_eq!(clean_up_spaces(b"Hello , world !"), b"Hello, world!");
         assert_eq!(clean_up_spaces(b"he ' s"), b"he's");
-        assert_eq!(clean_up_spaces(b"it 's I 'm we 're don 't"), b"it's I'm we're don 't");
+        assert_eq!(
+            clean_up_spaces(b"it 's I 'm we 're don 't"),
+            b"it's I'm we're don 't"
+        );
     }
 
     #[test]
@@ -1103,8 +1220,21 @@ mod tests {
     #[test]
     fn pre_names_cover_the_required_set() {
         for n in [
-            "default", "llama3", "llama-bpe", "qwen2", "gpt-2", "smollm", "phi-2", "starcoder", "falcon",
-            "deepseek-llm", "deepseek-coder", "mpt", "refact", "command-r", "qwen35",
+            "default",
+            "llama3",
+            "llama-bpe",
+            "qwen2",
+            "gpt-2",
+            "smollm",
+            "phi-2",
+            "starcoder",
+            "falcon",
+            "deepseek-llm",
+            "deepseek-coder",
+            "mpt",
+            "refact",
+            "command-r",
+            "qwen35",
         ] {
             assert!(pre_options(n).is_some(), "{n}");
         }
@@ -1115,8 +1245,28 @@ mod tests {
     fn every_pre_tokenizer_regex_compiles() {
         use PreType::*;
         for p in [
-            Default, Llama3, DeepseekLlm, DeepseekCoder, Deepseek3, Falcon, Starcoder, Refact, CommandR, Smollm,
-            Gpt2, Mpt, Qwen2, Qwen35, Poro, Viking, Tekken, Gpt4o, SeedCoder, Bailingmoe, Minicpm5, Gemma4,
+            Default,
+            Llama3,
+            DeepseekLlm,
+            DeepseekCoder,
+            Deepseek3,
+            Falcon,
+            Starcoder,
+            Refact,
+            CommandR,
+            Smollm,
+            Gpt2,
+            Mpt,
+            Qwen2,
+            Qwen35,
+            Poro,
+            Viking,
+            Tekken,
+            Gpt4o,
+            SeedCoder,
+            Bailingmoe,
+            Minicpm5,
+            Gemma4,
         ] {
             for e in bpe::regexes(p).0 {
                 Splitter::new(e).unwrap_or_else(|err| panic!("{p:?}: {err}"));

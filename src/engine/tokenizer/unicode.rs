@@ -97,7 +97,9 @@ fn byte_to_cpt_table() -> &'static [char; 256] {
         let mut t = ['\0'; 256];
         let mut n = 0u32;
         for b in 0..256u32 {
-            let direct = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+            let direct = (0x21..=0x7E).contains(&b)
+                || (0xA1..=0xAC).contains(&b)
+                || (0xAE..=0xFF).contains(&b);
             let c = if direct {
                 b
             } else {
@@ -156,7 +158,8 @@ pub struct RegexError {
     source: Box<fancy_regex::Error>,
 }
 
-const GPT2_RE: &str = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)";
+const GPT2_RE: &str =
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)";
 const LLAMA3_RE_A: &str = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 const LLAMA3_RE_B: &str = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
@@ -165,8 +168,18 @@ const COLLAPSED_OTHER: char = '\u{D0}';
 /// (category, `\p{..}` names, stand-in, the ASCII members as a regex class body) — `k_ucat_*` of unicode.cpp.
 const CATEGORIES: [(u16, &[&str], char, &str); 5] = [
     (NUMBER, &["N"], '\u{D1}', "0-9"),
-    (LETTER, &["L", "Lu", "Ll", "Lt", "Lm", "Lo"], '\u{D2}', "A-Za-z"),
-    (PUNCTUATION, &["P"], '\u{D3}', "!-#%-*,-/:-;?-@\\[-\\]_\\{\\}"),
+    (
+        LETTER,
+        &["L", "Lu", "Ll", "Lt", "Lm", "Lo"],
+        '\u{D2}',
+        "A-Za-z",
+    ),
+    (
+        PUNCTUATION,
+        &["P"],
+        '\u{D3}',
+        "!-#%-*,-/:-;?-@\\[-\\]_\\{\\}",
+    ),
     (ACCENT_MARK, &["M"], '\u{D4}', ""),
     (SYMBOL, &["S"], '\u{D5}', "\\$\\+<->\\^`\\|"),
 ];
@@ -217,8 +230,9 @@ fn collapse_regex(expr: &str) -> String {
         if c == '\\' && i + 3 < chars.len() && chars[i + 1] == 'p' && chars[i + 2] == '{' {
             if let Some(close) = chars[i + 3..].iter().position(|&x| x == '}') {
                 let name: String = chars[i + 3..i + 3 + close].iter().collect();
-                if let Some((_, _, stand_in, ascii)) =
-                    CATEGORIES.iter().find(|(_, names, _, _)| names.contains(&name.as_str()))
+                if let Some((_, _, stand_in, ascii)) = CATEGORIES
+                    .iter()
+                    .find(|(_, names, _, _)| names.contains(&name.as_str()))
                 {
                     if !inside {
                         out.push('[');
@@ -268,13 +282,20 @@ pub(crate) fn regex_split(text: &str, splitters: &[Splitter]) -> Vec<String> {
             Splitter::Gpt2 => split_gpt2(&cpts, &offsets),
             Splitter::Llama3 => split_llama3(&cpts, &offsets),
             Splitter::Collapsed(re) => {
-                let t = collapsed.get_or_insert_with(|| cpts.iter().map(|&c| collapse(c as u32)).collect());
+                let t = collapsed
+                    .get_or_insert_with(|| cpts.iter().map(|&c| collapse(c as u32)).collect());
                 split_regex(t, re, &offsets)
             }
             Splitter::Raw(re) => {
                 let t = raw.get_or_insert_with(|| {
                     cpts.iter()
-                        .map(|&c| if (c as u32) > 0x7F && Flags::of(c as u32).is_whitespace() { '\u{0B}' } else { c })
+                        .map(|&c| {
+                            if (c as u32) > 0x7F && Flags::of(c as u32).is_whitespace() {
+                                '\u{0B}'
+                            } else {
+                                c
+                            }
+                        })
                         .collect()
                 });
                 split_regex(t, re, &offsets)
@@ -422,7 +443,8 @@ fn split_gpt2(cpts: &[char], offsets: &[usize]) -> Vec<usize> {
                 add(pos, &mut out);
                 continue;
             }
-            let other = |f: Flags| !(f.is_whitespace() || f.is_letter() || f.is_number()) && f.any();
+            let other =
+                |f: Flags| !(f.is_whitespace() || f.is_letter() || f.is_number()) && f.any();
             if other(f2) {
                 pos += space as usize;
                 while other(f2) {
@@ -496,7 +518,9 @@ fn split_llama3(cpts: &[char], offsets: &[usize]) -> Vec<usize> {
                     }
                 }
             }
-            if !(is_rn(cpt) || flags.is_number()) && (flags.is_letter() || p.flags(pos + 1).is_letter()) {
+            if !(is_rn(cpt) || flags.is_number())
+                && (flags.is_letter() || p.flags(pos + 1).is_letter())
+            {
                 pos += 1;
                 while p.flags(pos).is_letter() {
                     pos += 1;
@@ -597,12 +621,18 @@ mod tests {
 
     #[test]
     fn gpt2_splitter() {
-        assert_eq!(split("Hello world's  end  ", &[GPT2_RE]), ["Hello", " world", "'s", " ", " end", "  "]);
+        assert_eq!(
+            split("Hello world's  end  ", &[GPT2_RE]),
+            ["Hello", " world", "'s", " ", " end", "  "]
+        );
     }
 
     #[test]
     fn llama3_splitter() {
-        assert_eq!(split("Hello 12345\n\n x", &[LLAMA3_RE_B]), ["Hello", " ", "123", "45", "\n\n", " x"]);
+        assert_eq!(
+            split("Hello 12345\n\n x", &[LLAMA3_RE_B]),
+            ["Hello", " ", "123", "45", "\n\n", " x"]
+        );
     }
 
     #[test]

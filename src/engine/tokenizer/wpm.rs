@@ -103,7 +103,10 @@ mod tests {
 
     #[test]
     fn preprocess_splits_like_bert() {
-        assert_eq!(preprocess("Héllo, World!", true, true), ["hello", ",", "world", "!"]);
+        assert_eq!(
+            preprocess("Héllo, World!", true, true),
+            ["hello", ",", "world", "!"]
+        );
         assert_eq!(preprocess("  a\tb  ", true, true), ["a", "b"]);
         assert_eq!(preprocess("中文", false, false), ["中", "文"]);
     }
