@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::engine::chat::RenderOptions;
 use crate::engine::sampling::{Sampler, SamplerParams, log_softmax};
 use crate::engine::tokenizer::StreamDecoder;
 

@@ -15,6 +15,7 @@ pub mod weights;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::engine::chat::ChatTemplate;
 use crate::engine::gguf::{GgufError, GgufFile};
 use crate::engine::tokenizer::{Tokenizer, TokenizerError};
 
@@ -81,6 +82,7 @@ pub struct Model {
     hp: HParams,
     weights: Weights,
     tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
     n_vocab: usize,
     arch_name: String,
     params: ModelParams,
@@ -131,7 +133,20 @@ impl Model {
                 ),
             });
         }
+        // A decoder's template (or llama-server's ChatML fallback); a broken one only disables chat.
+        let chat_template = if hp.arch == Arch::Bert {
+            None
+        } else {
+            match ChatTemplate::from_gguf(&file) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("chat template unusable, chat disabled: {e}");
+                    None
+                }
+            }
+        };
         Ok(Arc::new(Model {
+            chat_template,
             arch_name: hp.arch.name().to_string(),
             file,
             hp,
@@ -155,6 +170,12 @@ impl Model {
     /// The tokenizer built from the file's `tokenizer.ggml.*` metadata.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The chat template (`tokenizer.chat_template`, or ChatML when absent); `None` for encoders or when
+    /// the file's template cannot be compiled.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
     }
 
     /// Hyper-parameters.

@@ -19,10 +19,10 @@ pub(crate) fn regexes(pre: PreType) -> (&'static [&'static str], bool) {
         PreType::DeepseekLlm => (
             &[
                 "[\r\n]",
-                "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
-                "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+                "\\s?[A-Za-z\u{B5}\u{C0}-\u{D6}\u{D8}-\u{F6}\u{F8}-\u{1BA}\u{1BC}-\u{1BF}\u{1C4}-\u{293}\u{295}-\u{2AF}\u{370}-\u{373}\u{376}\u{377}\u{37B}-\u{37D}\u{37F}\u{386}\u{388}-\u{38A}\u{38C}\u{38E}-\u{3A1}\u{3A3}-\u{3F5}\u{3F7}-\u{481}\u{48A}-\u{52F}\u{531}-\u{556}\u{10A0}-\u{10C5}\u{13A0}-\u{13F5}\u{13F8}-\u{13FD}\u{1C90}-\u{1CBA}\u{1CBD}-\u{1CBF}\u{1D00}-\u{1D2B}\u{1D6B}-\u{1D77}\u{1D79}-\u{1D9A}\u{1E00}-\u{1F15}\u{1F18}-\u{1F1D}\u{1F20}-\u{1F45}\u{1F48}-\u{1F4D}\u{1F50}-\u{1F57}\u{1F59}\u{1F5B}\u{1F5D}\u{1F5F}-\u{1F7D}\u{1F80}-\u{1FB4}\u{1FB6}-\u{1FBC}\u{1FBE}\u{1FC2}-\u{1FC4}\u{1FC6}-\u{1FCC}\u{1FD0}-\u{1FD3}\u{1FD6}-\u{1FDB}\u{1FE0}-\u{1FEC}\u{1FF2}-\u{1FF4}\u{1FF6}-\u{1FFC}\u{2102}\u{2107}\u{210A}-\u{2113}\u{2115}\u{2119}-\u{211D}\u{2124}\u{2126}\u{2128}\u{212A}-\u{212D}\u{212F}-\u{2134}\u{2139}\u{213C}-\u{213F}\u{2145}-\u{2149}\u{214E}\u{2183}\u{2184}\u{2C00}-\u{2C7B}\u{2C7E}-\u{2CE4}\u{2CEB}-\u{2CEE}\u{2CF2}\u{2CF3}\u{A640}-\u{A66D}\u{A680}-\u{A69B}\u{A722}-\u{A76F}\u{A771}-\u{A787}\u{A78B}-\u{A78E}\u{AB70}-\u{ABBF}\u{FB00}-\u{FB06}\u{FB13}-\u{FB17}\u{FF21}-\u{FF3A}\u{FF41}-\u{FF5A}\u{10400}-\u{1044F}\u{104B0}-\u{104D3}\u{104D8}-\u{104FB}\u{10C80}-\u{10CB2}\u{10CC0}-\u{10CF2}\u{118A0}-\u{118DF}\u{1E900}-\u{1E943}]+",
+                "\\s?[!-/:-~\u{FF01}-\u{FF0F}\u{FF1A}-\u{FF5E}\u{2018}-\u{201F}\u{3000}-\u{3002}]+",
                 "\\s+$",
-                "[一-龥ࠀ-一가-퟿]+",
+                "[\u{4E00}-\u{9FA5}\u{800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
                 "\\p{N}+",
             ],
             true,
@@ -32,7 +32,7 @@ pub(crate) fn regexes(pre: PreType) -> (&'static [&'static str], bool) {
                 "[\r\n]",
                 "\\s?\\p{L}+",
                 "\\s?\\p{P}+",
-                "[一-龥ࠀ-一가-퟿]+",
+                "[\u{4E00}-\u{9FA5}\u{800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
                 "\\p{N}",
             ],
             true,
@@ -131,6 +131,9 @@ pub(crate) fn tokenize(vocab: &Vocab, pre: &PreTokenizer, text: &str, out: &mut 
     }
 }
 
+/// Candidate merges: (rank, left, right, merged text), the lowest rank first, then the leftmost.
+type MergeQueue = BinaryHeap<Reverse<(u32, usize, usize, Vec<u8>)>>;
+
 /// Symbols are byte ranges of the word, linked to their neighbours (`llm_symbol`).
 #[derive(Clone, Copy, Debug)]
 struct Symbol {
@@ -144,19 +147,11 @@ fn tokenize_word(vocab: &Vocab, pre: &PreTokenizer, word: &str, out: &mut Vec<u3
     let w = word.as_bytes();
     let mut symbols: Vec<Symbol> = Vec::new();
     let mut offset = 0;
-    if vocab.ignore_merges && vocab.lookup(w).is_some() {
-        symbols.push(Symbol {
-            prev: -1,
-            next: -1,
-            start: 0,
-            n: w.len(),
-        });
-        offset = w.len();
-    } else if vocab.pre == PreType::Gemma4
-        && !w.is_empty()
-        && w.iter().all(|&b| b == b'\n')
-        && vocab.lookup(w).is_some()
-    {
+    // the whole word is one token: with ignore_merges, or a run of newlines for Gemma 4
+    let whole = (vocab.ignore_merges
+        || (vocab.pre == PreType::Gemma4 && !w.is_empty() && w.iter().all(|&b| b == b'\n')))
+        && vocab.lookup(w).is_some();
+    if whole {
         symbols.push(Symbol {
             prev: -1,
             next: -1,
@@ -177,11 +172,8 @@ fn tokenize_word(vocab: &Vocab, pre: &PreTokenizer, word: &str, out: &mut Vec<u3
         offset += n;
     }
     // (rank, left, right, merged text): the lowest rank first, then the leftmost
-    let mut queue: BinaryHeap<Reverse<(u32, usize, usize, Vec<u8>)>> = BinaryHeap::new();
-    let add = |l: i64,
-               r: i64,
-               symbols: &[Symbol],
-               queue: &mut BinaryHeap<Reverse<(u32, usize, usize, Vec<u8>)>>| {
+    let mut queue: MergeQueue = BinaryHeap::new();
+    let add = |l: i64, r: i64, symbols: &[Symbol], queue: &mut MergeQueue| {
         if l < 0 || r < 0 {
             return;
         }

@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use crate::engine::gguf::GgufFile;
 
 use super::Tokenizer;
@@ -22,9 +24,21 @@ pub struct TokenizeArgs {
     /// Turn special-token text (e.g. `<|im_start|>`) into those tokens.
     #[arg(long)]
     pub parse_special: bool,
+    /// Read the text from this file instead of the command line.
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        conflicts_with = "text"
+    )]
+    pub file: Option<PathBuf>,
     /// The text to tokenize.
-    #[arg(value_name = "TEXT", allow_hyphen_values = true)]
-    pub text: String,
+    #[arg(
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        required_unless_present = "file"
+    )]
+    pub text: Option<String>,
 }
 
 /// The lines `tokenize` prints: `[1, 2, 3]` with `ids_only`, else one `id -> 'piece'` line per token.
@@ -41,11 +55,18 @@ pub fn render(tok: &Tokenizer, ids: &[u32], ids_only: bool) -> String {
     out
 }
 
-/// Run `tokenize`. Errors: the file cannot be read or holds no usable tokenizer.
+/// Run `tokenize`. Errors: a file cannot be read, the text file is not UTF-8, or the model holds no usable
+/// tokenizer.
 pub fn run(args: &TokenizeArgs) -> anyhow::Result<()> {
+    let text = match (&args.file, &args.text) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read text file {}", path.display()))?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => anyhow::bail!("no text given (TEXT or --file)"),
+    };
     let f = GgufFile::open(&args.model)?;
     let tok = Tokenizer::from_gguf(&f)?;
-    let ids = tok.encode(&args.text, !args.no_bos, args.parse_special);
+    let ids = tok.encode(&text, !args.no_bos, args.parse_special);
     std::io::stdout().write_all(render(&tok, &ids, args.ids).as_bytes())?;
     Ok(())
 }

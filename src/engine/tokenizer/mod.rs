@@ -13,9 +13,11 @@ mod unicode;
 mod unicode_tables;
 mod wpm;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use crate::engine::gguf::{GgufError, GgufFile, Value};
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::engine::gguf::{GgufError, GgufFile, Value, ValueType};
 
 use bpe::PreTokenizer;
 use unicode::{Splitter, char_to_byte};
@@ -86,27 +88,49 @@ pub enum VocabKind {
 /// The pre-tokenizer regex family (`llama_vocab_pre_type`, grouped by identical regex lists).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreType {
+    /// `default` (and a missing `tokenizer.ggml.pre`): punctuation runs, GPT-2 words, digit runs, 3-digit groups.
     Default,
+    /// `llama3`/`llama-bpe` (also dbrx, smaug, chatglm4): LLaMA-3's regex, digits in groups of up to 3.
     Llama3,
+    /// `deepseek-llm`: newline, Latin/Greek/Cyrillic letter runs, punctuation, CJK runs, digit runs.
     DeepseekLlm,
+    /// `deepseek-coder`: newline, letter runs, punctuation runs, CJK runs, single digits.
     DeepseekCoder,
+    /// `deepseek-v3` (and hunyuan-dense, hy_v4, joyai-llm).
     Deepseek3,
+    /// `falcon`: punctuation runs, GPT-2 words, 3-digit groups.
     Falcon,
+    /// `starcoder` (and codeshell, exaone, minerva-7b, mellum2): single digits, then GPT-2 words.
     Starcoder,
+    /// `refact`: as starcoder.
     Refact,
+    /// `command-r`: as starcoder, without the space clean-up on decode.
     CommandR,
+    /// `smollm`: as starcoder, without the space clean-up on decode.
     Smollm,
+    /// `gpt-2` (and phi-2, olmo, jais, roberta-bpe, …): GPT-2's regex.
     Gpt2,
+    /// `mpt`: GPT-2's regex.
     Mpt,
+    /// `qwen2` (and stablelm2, hunyuan, grok-2, …): LLaMA-3's regex with single digits.
     Qwen2,
+    /// `qwen35`: Qwen2's regex with combining marks (`\p{M}`) kept in words.
     Qwen35,
+    /// `poro-chat`, `bloom`, `gpt3-finnish`: split at spaces and sentence punctuation.
     Poro,
+    /// `viking`: Poro's regex, then single digits.
     Viking,
+    /// `tekken` (Mistral Nemo): case-aware words, single digits.
     Tekken,
+    /// `gpt-4o` (and llama4, kanana2, minimax-m2): case-aware words with contractions, 3-digit groups.
     Gpt4o,
+    /// `seed-coder`.
     SeedCoder,
+    /// `bailingmoe` (and llada-moe).
     Bailingmoe,
+    /// `minicpm5`: 3-digit groups, then LLaMA-3-like words.
     Minicpm5,
+    /// `gemma4`: SentencePiece-style BPE on raw UTF-8 with `▁` for spaces, split only at newlines.
     Gemma4,
 }
 
@@ -157,8 +181,8 @@ impl Vocab {
     }
 }
 
-/// A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata. Immutable, `Send + Sync`.
-#[derive(Debug)]
+/// A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata. Immutable, `Send + Sync`: share one
+/// behind an `Arc` between threads.
 pub struct Tokenizer {
     vocab: Vocab,
     pre: Option<PreTokenizer>,
@@ -178,6 +202,22 @@ pub struct Tokenizer {
     special_cache: Vec<u32>,
     /// `token_to_piece(id, special = true)` of every token.
     pieces: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("kind", &self.vocab.kind)
+            .field("pre", &self.vocab.pre)
+            .field("n_vocab", &self.vocab.tokens.len())
+            .field("n_merges", &self.vocab.merges.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eot", &self.eot)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A piece of the input after the special-token partition.
@@ -335,7 +375,7 @@ impl Tokenizer {
         pad = in_range(pad);
 
         let mut add_space_prefix;
-        let mut clean_spaces;
+        let clean_spaces;
         let mut escape_whitespaces = false;
         let mut ignore_merges = false;
         let mut add_bos = false;
@@ -382,15 +422,26 @@ impl Tokenizer {
             add_space_prefix = b;
         }
 
+        // llama.cpp accepts FLOAT32 or INT32 scores
         let scores: Option<Vec<f32>> = match f.get("tokenizer.ggml.scores") {
             None => None,
-            Some(Value::Array(a)) if a.iter().all(|v| v.as_int().is_some()) => Some(
+            Some(Value::Array(a)) if a.elem_type() == ValueType::I32 => Some(
                 f.get_i32_array("tokenizer.ggml.scores")?
                     .into_iter()
                     .map(|i| i as f32)
                     .collect(),
             ),
-            Some(_) => Some(f.get_f32_array("tokenizer.ggml.scores")?),
+            Some(Value::Array(a)) if a.elem_type() == ValueType::F32 => {
+                Some(f.get_f32_array("tokenizer.ggml.scores")?)
+            }
+            Some(v) => {
+                return Err(GgufError::WrongType {
+                    key: "tokenizer.ggml.scores".into(),
+                    expected: "ARRAY of FLOAT32 or INT32",
+                    found: v.describe(),
+                }
+                .into());
+            }
         };
         if let Some(s) = &scores
             && s.len() < n_vocab
@@ -416,7 +467,8 @@ impl Tokenizer {
         }
 
         let mut tokens = Vec::with_capacity(n_vocab);
-        let mut token_to_id: HashMap<Vec<u8>, u32> = HashMap::with_capacity(n_vocab);
+        let mut token_to_id: HashMap<Vec<u8>, u32> =
+            HashMap::with_capacity_and_hasher(n_vocab, Default::default());
         let mut max_token_len = 0;
         for (i, &t) in texts.iter().enumerate() {
             let text = if t.is_empty() {
@@ -449,9 +501,11 @@ impl Tokenizer {
             });
         }
 
-        let mut merges = HashMap::new();
+        let mut merges = HashMap::default();
         if kind == VocabKind::Bpe {
-            for (rank, m) in f.get_str_array("tokenizer.ggml.merges")?.iter().enumerate() {
+            let list = f.get_str_array("tokenizer.ggml.merges")?;
+            merges.reserve(list.len());
+            for (rank, m) in list.iter().enumerate() {
                 // llama.cpp splits at the first space after the first byte
                 if m.len() > 1 && m.as_bytes()[1..].contains(&b' ') {
                     merges.entry(m.as_bytes().to_vec()).or_insert(rank as u32);
@@ -708,7 +762,8 @@ impl Tokenizer {
         );
         let _ = calls;
         if let Some(end) = end
-            && ((ret && call) || (call && flush))
+            && call
+            && (ret || flush)
         {
             eog.remove(&end);
             vocab.tokens[end as usize].attr = attr::USER_DEFINED;
@@ -1061,6 +1116,16 @@ impl Tokenizer {
             .get(id as usize)
             .is_some_and(|t| t.attr & attr::CONTROL != 0)
     }
+    /// Whether [`Tokenizer::decode`] applies llama.cpp's space clean-up (" ," → ",", " 's" → "'s", …).
+    pub fn cleans_spaces(&self) -> bool {
+        self.clean_spaces
+    }
+    /// llama.cpp's detokenizer space clean-up, as [`Tokenizer::decode`] applies it when
+    /// [`Tokenizer::cleans_spaces`]: " ?", " !", " .", " ," lose the space; a lone `'` between spaces loses
+    /// both; " 's", " 'm", " 're", " 've" lose the space.
+    pub fn clean_up(text: &str) -> String {
+        String::from_utf8_lossy(&clean_up_spaces(text.as_bytes())).into_owned()
+    }
     /// The vocabulary's algorithm.
     pub fn kind(&self) -> VocabKind {
         self.vocab.kind
@@ -1092,7 +1157,7 @@ fn decode_byte_level(text: &str) -> Vec<u8> {
     out
 }
 
-/// The three clean-up passes of `llama_vocab::impl::detokenize` when `clean_spaces` is set.
+/// The three clean-up passes of `llama_vocab::impl::detokenize` when `clean_spaces` is set, on bytes.
 fn clean_up_spaces(text: &[u8]) -> Vec<u8> {
     // pass 1: " ?", " !", " .", " ," lose the space
     let mut a: Vec<u8> = Vec::with_capacity(text.len());
@@ -1126,7 +1191,7 @@ fn clean_up_spaces(text: &[u8]) -> Vec<u8> {
                 c.pop();
             } else if x1 != b't' && x1 != b'd' && i + 2 < b.len() {
                 let x2 = b[i + 2];
-                if (x1 == b'r' && x2 == b'e') || (x1 == b'v' && x2 == b'e') {
+                if (x1 == b'r' || x1 == b'v') && x2 == b'e' {
                     c.pop();
                 }
             }
@@ -1200,6 +1265,265 @@ impl<'a> StreamDecoder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A minimal GGUF writer for hand-made vocabularies (metadata only, no tensors).
+    #[derive(Default)]
+    struct Gguf {
+        kv: Vec<u8>,
+        n: u64,
+    }
+
+    enum V<'a> {
+        U32(u32),
+        Bool(bool),
+        Str(&'a str),
+        Strs(&'a [&'a str]),
+        I32s(&'a [i32]),
+        F32s(&'a [f32]),
+    }
+
+    impl Gguf {
+        fn s(buf: &mut Vec<u8>, s: &str) {
+            buf.extend((s.len() as u64).to_le_bytes());
+            buf.extend(s.as_bytes());
+        }
+        fn kv(mut self, k: &str, v: V) -> Self {
+            Self::s(&mut self.kv, k);
+            let b = &mut self.kv;
+            match v {
+                V::U32(x) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                V::Bool(x) => {
+                    b.extend(7u32.to_le_bytes());
+                    b.push(x as u8);
+                }
+                V::Str(x) => {
+                    b.extend(8u32.to_le_bytes());
+                    Self::s(b, x);
+                }
+                V::Strs(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(8u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    for x in xs {
+                        Self::s(b, x);
+                    }
+                }
+                V::I32s(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(5u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    xs.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+                V::F32s(xs) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(6u32.to_le_bytes());
+                    b.extend((xs.len() as u64).to_le_bytes());
+                    xs.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+            }
+            self.n += 1;
+            self
+        }
+        fn open(self) -> GgufFile {
+            let mut b = b"GGUF".to_vec();
+            b.extend(3u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+            b.extend(self.n.to_le_bytes());
+            b.extend(self.kv);
+            while !b.len().is_multiple_of(32) {
+                b.push(0);
+            }
+            GgufFile::from_bytes(b).expect("valid GGUF image")
+        }
+    }
+
+    const BPE_TOKENS: &[&str] = &["a", "b", "ab", "\u{120}", "\u{120}ab", "<|end|>", "c"];
+
+    fn bpe(extra: impl FnOnce(Gguf) -> Gguf) -> Result<Tokenizer, TokenizerError> {
+        let g = Gguf::default()
+            .kv("tokenizer.ggml.model", V::Str("gpt2"))
+            .kv("tokenizer.ggml.pre", V::Str("gpt-2"))
+            .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+            .kv("tokenizer.ggml.token_type", V::I32s(&[1, 1, 1, 1, 1, 3, 1]))
+            .kv("tokenizer.ggml.merges", V::Strs(&["a b", "\u{120} ab"]))
+            .kv("tokenizer.ggml.eos_token_id", V::U32(5));
+        Tokenizer::from_gguf(&extra(g).open())
+    }
+
+    #[test]
+    fn tiny_bpe_merges_and_specials() {
+        let t = bpe(|g| g).unwrap();
+        assert_eq!(t.encode("ab ab", false, false), [2, 4]);
+        assert_eq!(t.encode("ab<|end|>", false, true), [2, 5]);
+        assert_eq!(t.decode(&[2, 4, 5], true), "ab ab<|end|>");
+        assert_eq!(t.decode(&[2, 4, 5], false), "ab ab");
+        assert!(t.is_eog(5), "eos and <|end|> end generation");
+        assert_eq!(t.eot(), Some(5));
+        // "c" has a token but "d" has none and no byte token: llama.cpp drops it
+        assert_eq!(t.encode("cd", false, false), [6]);
+    }
+
+    #[test]
+    fn hostile_metadata_is_a_typed_error() {
+        let e = bpe(|g| g.kv("tokenizer.ggml.bos_token_id", V::U32(7))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::BadTokenId {
+                    id: 7,
+                    n_vocab: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("tokenizer.ggml.bos_token_id"));
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("gpt2"))
+                .kv("tokenizer.ggml.pre", V::Str("klingon"))
+                .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+                .kv("tokenizer.ggml.merges", V::Strs(&[]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"klingon\""), "{e}");
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("t5"))
+                .kv("tokenizer.ggml.tokens", V::Strs(BPE_TOKENS))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, TokenizerError::UnsupportedModel(ref m) if m == "t5"),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&["<unk>", "<s>", "</s>"]))
+                .kv("tokenizer.ggml.scores", V::F32s(&[0.0]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::LengthMismatch {
+                    found: 1,
+                    n_vocab: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&["<unk>", "<s>", "<s>"]))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenizerError::DuplicateToken {
+                    first: 1,
+                    second: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let e = Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("gpt2"))
+                .open(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tokenizer.ggml.tokens"), "{e}");
+
+        let e = bpe(|g| g.kv("tokenizer.ggml.add_bos_token", V::Bool(true))).unwrap_err();
+        assert!(matches!(e, TokenizerError::MissingSpecial { .. }), "{e}");
+    }
+
+    fn spm() -> Tokenizer {
+        let tokens = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<0xC3>",
+            "<0xA9>",
+            "<0xFF>",
+            "\u{2581}",
+            "a",
+            "\u{2581}a",
+            "b",
+            "ab",
+        ];
+        let scores = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -0.5, -2.0, -0.1];
+        let types = [2, 3, 3, 6, 6, 6, 1, 1, 1, 1, 1];
+        Tokenizer::from_gguf(
+            &Gguf::default()
+                .kv("tokenizer.ggml.model", V::Str("llama"))
+                .kv("tokenizer.ggml.tokens", V::Strs(&tokens))
+                .kv("tokenizer.ggml.scores", V::F32s(&scores))
+                .kv("tokenizer.ggml.token_type", V::I32s(&types))
+                .open(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tiny_spm_scores_prefix_and_byte_fallback() {
+        let t = spm();
+        // "▁ab": of the pairs "▁a" (score -0.5) and "ab" (-0.1) the higher score merges first
+        assert_eq!(t.encode("ab", false, false), [6, 10]);
+        assert_eq!(t.encode("a", true, false), [1, 8]);
+        assert_eq!(t.encode("é", false, false), [6, 3, 4]);
+        // llama_detokenize strips the leading space of the first token only, here the (unrendered) BOS
+        assert_eq!(t.decode(&[1, 8], false), " a");
+        assert_eq!(
+            t.decode(&[8], false),
+            "a",
+            "the leading space of the first piece goes"
+        );
+        assert_eq!(t.decode(&[6, 3, 4], false), "é");
+    }
+
+    #[test]
+    fn stream_decoder_holds_split_characters() {
+        let t = spm();
+        let mut d = StreamDecoder::new(&t);
+        assert_eq!(d.push(8), " a");
+        assert_eq!(d.push(3), "", "0xC3 alone is an incomplete character");
+        assert_eq!(d.push(4), "é");
+        assert_eq!(d.push(5), "\u{FFFD}", "0xFF can never start a character");
+        assert_eq!(d.push(1), "", "control tokens are not rendered");
+        assert_eq!(d.push(3), "");
+        assert_eq!(d.push(99), "", "an unknown id renders nothing");
+        assert_eq!(
+            d.finish(),
+            "\u{FFFD}",
+            "a dangling lead byte is flushed as U+FFFD"
+        );
+    }
+
+    #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+        check::<StreamDecoder<'static>>();
+    }
 
     #[test]
     fn clean_up_matches_llama() {

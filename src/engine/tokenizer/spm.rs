@@ -3,7 +3,9 @@
 //! (commit 0c1e570).
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::Vocab;
 use super::unicode::utf8_len;
@@ -61,7 +63,7 @@ pub(crate) fn tokenize(vocab: &Vocab, text: &[u8], out: &mut Vec<u32>) {
         offs += n;
     }
     let mut queue = BinaryHeap::new();
-    let mut rev_merge: HashMap<Vec<u8>, (usize, usize)> = HashMap::new();
+    let mut rev_merge: HashMap<Vec<u8>, (usize, usize)> = HashMap::default();
     let try_add = |left: i64,
                    right: i64,
                    symbols: &[Symbol],

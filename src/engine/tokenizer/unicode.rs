@@ -12,7 +12,6 @@ use super::unicode_tables::{FLAGS, LOWERCASE, NFD_FIRST, WHITESPACE};
 pub(crate) const UNDEFINED: u16 = 0x0001;
 pub(crate) const NUMBER: u16 = 0x0002;
 pub(crate) const LETTER: u16 = 0x0004;
-pub(crate) const SEPARATOR: u16 = 0x0008;
 pub(crate) const ACCENT_MARK: u16 = 0x0010;
 pub(crate) const PUNCTUATION: u16 = 0x0020;
 pub(crate) const SYMBOL: u16 = 0x0040;
@@ -227,25 +226,32 @@ fn collapse_regex(expr: &str) -> String {
             i += 1;
             continue;
         }
-        if c == '\\' && i + 3 < chars.len() && chars[i + 1] == 'p' && chars[i + 2] == '{' {
-            if let Some(close) = chars[i + 3..].iter().position(|&x| x == '}') {
-                let name: String = chars[i + 3..i + 3 + close].iter().collect();
-                if let Some((_, _, stand_in, ascii)) = CATEGORIES
+        let category =
+            if c == '\\' && i + 3 < chars.len() && chars[i + 1] == 'p' && chars[i + 2] == '{' {
+                chars[i + 3..]
                     .iter()
-                    .find(|(_, names, _, _)| names.contains(&name.as_str()))
-                {
-                    if !inside {
-                        out.push('[');
-                    }
-                    out.push_str(&format!("\\x{{{:X}}}", *stand_in as u32));
-                    out.push_str(ascii);
-                    if !inside {
-                        out.push(']');
-                    }
-                    i += 3 + close + 1;
-                    continue;
-                }
+                    .position(|&x| x == '}')
+                    .and_then(|close| {
+                        let name: String = chars[i + 3..i + 3 + close].iter().collect();
+                        CATEGORIES
+                            .iter()
+                            .find(|(_, names, _, _)| names.contains(&name.as_str()))
+                            .map(|&(_, _, stand_in, ascii)| (close, stand_in, ascii))
+                    })
+            } else {
+                None
+            };
+        if let Some((close, stand_in, ascii)) = category {
+            if !inside {
+                out.push('[');
             }
+            out.push_str(&format!("\\x{{{:X}}}", stand_in as u32));
+            out.push_str(ascii);
+            if !inside {
+                out.push(']');
+            }
+            i += 3 + close + 1;
+            continue;
         }
         out.push(c);
         i += 1;
@@ -327,7 +333,15 @@ fn split_regex(text: &str, re: &Regex, offsets: &[usize]) -> Vec<usize> {
         while pos <= seg.len() {
             let m = match re.find_from_pos(seg, pos) {
                 Ok(Some(m)) => m,
-                _ => break,
+                Ok(None) => break,
+                Err(e) => {
+                    // fancy-regex's backtracking limit: keep the rest of the piece whole rather than fail
+                    tracing::warn!(
+                        "pre-tokenizer regex gave up on a {}-byte piece: {e}",
+                        seg.len()
+                    );
+                    break;
+                }
             };
             let (ms, me) = (char_of(m.start()), char_of(m.end()));
             if ms > prev {
@@ -414,8 +428,7 @@ fn split_gpt2(cpts: &[char], offsets: &[usize]) -> Vec<usize> {
                 }
                 if pos + 2 < p.end {
                     let nn = p.cpt(pos + 2);
-                    if (next == 'r' as u32 && nn == 'e' as u32)
-                        || (next == 'v' as u32 && nn == 'e' as u32)
+                    if ((next == 'r' as u32 || next == 'v' as u32) && nn == 'e' as u32)
                         || (next == 'l' as u32 && nn == 'l' as u32)
                     {
                         pos += add(pos + 3, &mut out);
@@ -509,8 +522,7 @@ fn split_llama3(cpts: &[char], offsets: &[usize]) -> Vec<usize> {
                 }
                 if pos + 2 < p.end {
                     let nn = to_lower(p.cpt(pos + 2));
-                    if (next == 'r' as u32 && nn == 'e' as u32)
-                        || (next == 'v' as u32 && nn == 'e' as u32)
+                    if ((next == 'r' as u32 || next == 'v' as u32) && nn == 'e' as u32)
                         || (next == 'l' as u32 && nn == 'l' as u32)
                     {
                         pos += add(pos + 3, &mut out);

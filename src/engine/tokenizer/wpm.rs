@@ -36,10 +36,10 @@ pub(crate) fn tokenize(vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
             }
             i += 1;
         }
-        if out.len() == before {
-            if let Some(unk) = vocab.unk {
-                out.push(unk);
-            }
+        if out.len() == before
+            && let Some(unk) = vocab.unk
+        {
+            out.push(unk);
         }
     }
 }
