@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensors and quantization mix.
     Inspect(cyber_inference::engine::inspect::InspectArgs),
+    /// One model's OpenAI-compatible inference server (slots, continuous batching).
+    Worker(cyber_inference::worker::WorkerArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -41,12 +43,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&loaded.settings.log_level);
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
+        Command::Worker(args) => cyber_inference::worker::run(&args)?,
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(cyber_inference::worker::llama_style_args(
+        std::env::args_os(),
+    ));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
