@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::engine::ggml_type::GgmlType;
 
@@ -226,11 +227,93 @@ pub enum Value {
     F64(f64),
 }
 
-/// A metadata array: its element type and items (all of that type; nested arrays are `Value::Array`).
-#[derive(Clone, Debug, PartialEq)]
+/// A metadata array. Items stay in the file's bytes (zero-copy): numbers and bools are read on access,
+/// strings are borrowed, so an array never takes more memory than the bytes it occupies in the file.
+#[derive(Clone)]
 pub struct Array {
-    pub elem_type: ValueType,
-    pub items: Vec<Value>,
+    elem_type: ValueType,
+    len: usize,
+    repr: ArrayRepr,
+    backing: Arc<Backing>,
+}
+
+#[derive(Clone)]
+enum ArrayRepr {
+    /// Fixed-size items starting at this byte offset of the file.
+    Fixed { start: usize },
+    /// Byte offset of each string's 8-byte length prefix (content validated as UTF-8 at parse time).
+    Strings(Vec<u64>),
+    /// Nested arrays.
+    Arrays(Vec<Array>),
+}
+
+impl PartialEq for Array {
+    fn eq(&self, other: &Self) -> bool {
+        self.elem_type == other.elem_type && self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl fmt::Debug for Array {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Array<{}>[{}]", self.elem_type.name(), self.len)
+    }
+}
+
+impl Array {
+    /// The type of every item.
+    pub fn elem_type(&self) -> ValueType {
+        self.elem_type
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the array has no items.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The string at `i` of an array of STRING (None for another type or an index out of range).
+    pub fn str_at(&self, i: usize) -> Option<&str> {
+        match &self.repr {
+            ArrayRepr::Strings(offs) => {
+                let bytes = self.backing.bytes();
+                let at = *offs.get(i)? as usize;
+                let len = u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?) as usize;
+                std::str::from_utf8(bytes.get(at + 8..at + 8 + len)?).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// Item `i` as an owned [`Value`] (strings are copied).
+    pub fn get(&self, i: usize) -> Option<Value> {
+        if i >= self.len {
+            return None;
+        }
+        match &self.repr {
+            ArrayRepr::Strings(_) => self.str_at(i).map(|s| Value::String(s.to_string())),
+            ArrayRepr::Arrays(v) => v.get(i).cloned().map(Value::Array),
+            ArrayRepr::Fixed { start } => {
+                let size = self.elem_type.min_size() as usize;
+                let at = start + i * size;
+                let b = self.backing.bytes().get(at..at + size)?;
+                let mut c = Cursor {
+                    buf: b,
+                    pos: 0,
+                    owner: None,
+                };
+                c.value(self.elem_type, 0, "array item").ok()
+            }
+        }
+    }
+
+    /// All items as owned values.
+    pub fn iter(&self) -> impl Iterator<Item = Value> + '_ {
+        (0..self.len).filter_map(|i| self.get(i))
+    }
 }
 
 impl Value {
@@ -298,9 +381,7 @@ impl Value {
             Value::F32(v) => json!(v),
             Value::Bool(v) => json!(v),
             Value::String(v) => json!(v),
-            Value::Array(a) => {
-                serde_json::Value::Array(a.items.iter().map(Value::to_json).collect())
-            }
+            Value::Array(a) => serde_json::Value::Array(a.iter().map(|v| v.to_json()).collect()),
             Value::U64(v) => json!(v),
             Value::I64(v) => json!(v),
             Value::F64(v) => json!(v),
@@ -312,7 +393,7 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::String(s) => write!(f, "{s:?}"),
-            Value::Array(a) => write!(f, "[{} × {}]", a.items.len(), a.elem_type.name()),
+            Value::Array(a) => write!(f, "[{} × {}]", a.len(), a.elem_type.name()),
             v => write!(f, "{}", v.to_json()),
         }
     }
@@ -366,7 +447,7 @@ impl Backing {
 
 /// A parsed GGUF file. Tensor data stays in the memory map and is borrowed by [`GgufFile::tensor_data`].
 pub struct GgufFile {
-    backing: Backing,
+    backing: Arc<Backing>,
     /// GGUF version (2 or 3).
     pub version: u32,
     /// Alignment of tensor data (bytes).
@@ -393,6 +474,8 @@ impl fmt::Debug for GgufFile {
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// The file the bytes belong to (absent when re-reading one array item).
+    owner: Option<&'a Arc<Backing>>,
 }
 
 impl<'a> Cursor<'a> {
@@ -447,6 +530,27 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    /// Checks a string in place (length within the file, valid UTF-8) and returns the offset of its
+    /// length prefix.
+    fn skip_string(&mut self, what: &str) -> Result<u64, GgufError> {
+        let at = self.pos as u64;
+        let len = self.u64(what)?;
+        if len > self.remaining() {
+            return Err(GgufError::LengthPastEnd {
+                what: what.to_string(),
+                offset: at,
+                len,
+                file_size: self.buf.len() as u64,
+            });
+        }
+        let bytes = self.take(len, what)?;
+        std::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 {
+            what: what.to_string(),
+            offset: at,
+        })?;
+        Ok(at)
+    }
+
     fn value(&mut self, ty: ValueType, depth: usize, what: &str) -> Result<Value, GgufError> {
         Ok(match ty {
             ValueType::U8 => Value::U8(self.array::<1>(what)?[0]),
@@ -485,11 +589,49 @@ impl<'a> Cursor<'a> {
                         file_size: self.buf.len() as u64,
                     });
                 }
-                let mut items = Vec::with_capacity(len as usize);
-                for _ in 0..len {
-                    items.push(self.value(elem_type, depth + 1, what)?);
-                }
-                Value::Array(Array { elem_type, items })
+                let Some(owner) = self.owner else {
+                    return Err(GgufError::NestingTooDeep { offset: at });
+                };
+                let repr = match elem_type {
+                    ValueType::String => {
+                        // len × 8 ≤ bytes left was checked above: this allocation is bounded by the file.
+                        let mut offs = Vec::with_capacity(len as usize);
+                        for _ in 0..len {
+                            offs.push(self.skip_string(what)?);
+                        }
+                        ArrayRepr::Strings(offs)
+                    }
+                    ValueType::Array => {
+                        let item = std::mem::size_of::<Array>() as u64;
+                        if len.saturating_mul(item) > self.remaining() {
+                            return Err(GgufError::LengthPastEnd {
+                                what: format!("{what} (array of ARRAY)"),
+                                offset: len_at,
+                                len,
+                                file_size: self.buf.len() as u64,
+                            });
+                        }
+                        let mut items = Vec::with_capacity(len as usize);
+                        for _ in 0..len {
+                            match self.value(ValueType::Array, depth + 1, what)? {
+                                Value::Array(a) => items.push(a),
+                                _ => unreachable!("value(Array) returns an array"),
+                            }
+                        }
+                        ArrayRepr::Arrays(items)
+                    }
+                    fixed => {
+                        let start = self.pos;
+                        self.take(len * fixed.min_size(), what)?;
+                        ArrayRepr::Fixed { start }
+                    }
+                };
+                Value::Array(Array {
+                    elem_type,
+                    len: len as usize,
+                    repr,
+                    backing: owner.clone(),
+                })
             }
         })
     }
@@ -528,9 +670,14 @@ impl GgufFile {
     }
 
     fn parse(backing: Backing) -> Result<Self, GgufError> {
+        let backing = Arc::new(backing);
         let buf = backing.bytes();
         let file_size = buf.len() as u64;
-        let mut c = Cursor { buf, pos: 0 };
+        let mut c = Cursor {
+            buf,
+            pos: 0,
+            owner: Some(&backing),
+        };
         let magic = c.take(4, "magic").map_err(|_| GgufError::BadMagic {
             found: buf[..buf.len().min(4)].to_vec(),
         })?;
@@ -813,24 +960,23 @@ impl GgufFile {
     /// An ARRAY of STRING.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
         let a = self.get_array(key)?;
-        a.items
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s.as_str()),
-                _ => Err(GgufError::WrongType {
-                    key: key.into(),
-                    expected: "ARRAY of STRING",
-                    found: format!("ARRAY of {}", a.elem_type.name()),
-                }),
-            })
+        let wrong = || GgufError::WrongType {
+            key: key.into(),
+            expected: "ARRAY of STRING",
+            found: format!("ARRAY of {}", a.elem_type.name()),
+        };
+        if a.elem_type != ValueType::String {
+            return Err(wrong());
+        }
+        (0..a.len())
+            .map(|i| a.str_at(i).ok_or_else(wrong))
             .collect()
     }
 
     /// An ARRAY of FLOAT32/FLOAT64 as f32.
     pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>, GgufError> {
         let a = self.get_array(key)?;
-        a.items
-            .iter()
+        a.iter()
             .map(|v| v.as_float().map(|f| f as f32))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| GgufError::WrongType {
@@ -843,8 +989,7 @@ impl GgufFile {
     /// An ARRAY of any integer type whose items fit in i32.
     pub fn get_i32_array(&self, key: &str) -> Result<Vec<i32>, GgufError> {
         let a = self.get_array(key)?;
-        a.items
-            .iter()
+        a.iter()
             .map(|v| v.as_int().and_then(|i| i32::try_from(i).ok()))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| GgufError::WrongType {

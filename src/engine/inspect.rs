@@ -35,17 +35,14 @@ pub fn type_mix(f: &GgufFile) -> BTreeMap<&'static str, (usize, u64)> {
 pub fn summary_json(f: &GgufFile, with_tensors: bool) -> Json {
     let arch = f.architecture().ok();
     let ctx = arch.and_then(|a| f.get_u64(&keys::context_length(a)).ok());
-    let vocab = f
-        .get_array(keys::TOKENIZER_TOKENS)
-        .map(|a| a.items.len())
-        .ok();
+    let vocab = f.get_array(keys::TOKENIZER_TOKENS).map(|a| a.len()).ok();
     let metadata: Vec<Json> = f
         .metadata()
         .iter()
         .map(|(k, v)| match v {
             Value::Array(a) => json!({
-                "key": k, "type": "ARRAY", "array_type": a.elem_type.name(), "array_len": a.items.len(),
-                "array_head": a.items.iter().take(8).map(Value::to_json).collect::<Vec<_>>(),
+                "key": k, "type": "ARRAY", "array_type": a.elem_type().name(), "array_len": a.len(),
+                "array_head": a.iter().take(8).map(|v| v.to_json()).collect::<Vec<_>>(),
             }),
             v => json!({"key": k, "type": v.value_type().name(), "value": v.to_json()}),
         })

@@ -136,7 +136,8 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
             n_seq_max: p.n_slots + seq_offset as usize,
             n_batch: p.n_batch,
             n_threads: p.n_threads,
-            embeddings: p.embedding || is_encoder,
+            // `Context::embed` turns embeddings on for its own pass; generation needs none.
+            embeddings: is_encoder,
             kv_type: KvType::F16,
         },
     )

@@ -223,16 +223,11 @@ async fn wait_for_signal() {
 }
 
 /// The loader over our engine (`crate::engine`).
-// TEMPORARY until the engine (model, tokenizer, chat template) is merged into main: `engine_backend.rs`
-// holds the adapter written against the agreed API, and is switched on at that merge.
 fn engine_loader() -> Loader {
-    Box::new(|p: &LoadParams| {
-        Err(format!(
-            "{}: this build does not contain the inference engine yet",
-            p.path.display()
-        ))
-    })
+    Box::new(|p: &LoadParams| engine_backend::load(p))
 }
+
+mod engine_backend;
 
 /// Serves the worker API until `shutdown` fires, then drains. `bound` (tests) receives the bound address.
 ///
