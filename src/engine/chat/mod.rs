@@ -913,7 +913,7 @@ impl VocabInfo {
             if id < 0 {
                 return Ok(String::new());
             }
-            let item = usize::try_from(id).ok().and_then(|i| tokens.items.get(i));
+            let item = usize::try_from(id).ok().and_then(|i| tokens.get(i));
             let Some(item) = item else {
                 if !explicit {
                     return Ok(String::new());
@@ -922,19 +922,19 @@ impl VocabInfo {
                     key: key.to_string(),
                     reason: format!(
                         "token id {id} is out of range (the vocabulary has {} tokens)",
-                        tokens.items.len()
+                        tokens.len()
                     ),
                 });
             };
-            let gguf::Value::String(s) = item else {
+            let gguf::Value::String(s) = &item else {
                 return Err(ChatError::Metadata {
                     key: "tokenizer.ggml.tokens".into(),
                     reason: format!("token {id} is {}, not a STRING", item.describe()),
                 });
             };
             let ty = types
-                .and_then(|t| t.items.get(id as usize))
-                .and_then(gguf::Value::as_int)
+                .and_then(|t| t.get(id as usize))
+                .and_then(|v| v.as_int())
                 .unwrap_or(1);
             Ok(token_piece(model, s, ty))
         };
