@@ -52,6 +52,8 @@ enum Command {
     Healthcheck(cyber_inference::supervisor::healthcheck::HealthcheckArgs),
     /// Download a GGUF model from Hugging Face (HF_ENDPOINT, HF_TOKEN) into MODELS_DIR.
     DownloadModel(cyber_inference::supervisor::hub::DownloadArgs),
+    /// One model's OpenAI-compatible inference server (slots, continuous batching).
+    Worker(cyber_inference::worker::WorkerArgs),
 }
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
@@ -98,12 +100,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cyber_inference::supervisor::healthcheck::run(&args, &loaded.settings)?
         }
         Command::DownloadModel(args) => cyber_inference::supervisor::hub::run_cli(&loaded, &args)?,
+        Command::Worker(args) => cyber_inference::worker::run(&args)?,
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(cyber_inference::worker::llama_style_args(
+        std::env::args_os(),
+    ));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
