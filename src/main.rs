@@ -24,25 +24,70 @@ struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensors and quantization mix.
     Inspect(cyber_inference::engine::inspect::InspectArgs),
+    /// Tokenize text with a GGUF file's tokenizer (works on vocab-only files).
+    Tokenize(cyber_inference::engine::tokenizer::cli::TokenizeArgs),
+    /// Render a chat with a model's chat template and print the prompt.
+    ChatTemplate(cyber_inference::engine::chat::ChatTemplateArgs),
+    /// Run the supervisor: catalogue, workers on demand, OpenAI proxy, admin API (runs `init` first).
+    Serve,
+    /// Create DATA_DIR, MODELS_DIR, the database, the JWT secret and the `admin` user.
+    Init,
+    /// Scan MODELS_DIR and print the model catalogue.
+    ListModels,
+    /// Remove a model from the catalogue and delete its file.
+    RemoveModel {
+        /// The model id (see list-models).
+        name: String,
+        /// Keep the .gguf file (it is registered again by the next scan while it stays in MODELS_DIR).
+        #[arg(long)]
+        keep_file: bool,
+    },
+    /// Ask a running supervisor's /health; exit 0 when it answers 200 OK, 1 otherwise (for container health checks).
+    Healthcheck(cyber_inference::supervisor::healthcheck::HealthcheckArgs),
     /// Download a GGUF model from Hugging Face (HF_ENDPOINT, HF_TOKEN) into MODELS_DIR.
     DownloadModel(cyber_inference::supervisor::hub::DownloadArgs),
 }
 
-fn init_tracing(level: &str) {
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Runtime::new()?.block_on(f))
+}
+
+fn init_tracing(level: &str, serve: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if serve {
+        // The supervisor also keeps its log lines for the admin API.
+        fmt.with_writer(cyber_inference::supervisor::logs::SupervisorLogWriter)
+            .try_init()
+    } else {
+        fmt.with_writer(std::io::stderr).try_init()
+    };
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let loaded = Settings::load(cli.config.as_deref())?;
-    init_tracing(&loaded.settings.log_level);
+    init_tracing(
+        &loaded.settings.log_level,
+        matches!(cli.command, Command::Serve),
+    );
+    use cyber_inference::supervisor;
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
+        Command::Tokenize(args) => cyber_inference::engine::tokenizer::cli::run(&args)?,
+        Command::ChatTemplate(args) => cyber_inference::engine::chat::run(&args)?,
+        Command::Serve => block_on(supervisor::serve(loaded))??,
+        Command::Init => block_on(supervisor::init_command(&loaded.settings))??,
+        Command::ListModels => block_on(supervisor::list_models_command(&loaded.settings))??,
+        Command::RemoveModel { name, keep_file } => block_on(supervisor::remove_model_command(
+            &loaded.settings,
+            &name,
+            keep_file,
+        ))??,
+        Command::Healthcheck(args) => {
+            cyber_inference::supervisor::healthcheck::run(&args, &loaded.settings)?
+        }
         Command::DownloadModel(args) => cyber_inference::supervisor::hub::run_cli(&loaded, &args)?,
     }
     Ok(())

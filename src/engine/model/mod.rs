@@ -1,1 +1,528 @@
-//! Model hyper-parameters, weights and forward passes (llama, qwen2, qwen3, bert), and the KV cache.
+//! Model hyper-parameters, weights and forward passes (llama, qwen2, qwen3, bert), and the KV cache: the
+//! engine API that the worker and the CLI drive (`Model::load`, `Context::decode`, logits, embeddings).
+//!
+//! Ported from llama.cpp commit 0c1e570: `src/llama-model.cpp` (hyper-parameters, tensors),
+//! `src/models/llama.cpp`, `qwen2.cpp`, `qwen3.cpp`, `bert.cpp` (graphs), `src/llama-graph.cpp`
+//! (attention, FFN, pooling) and `src/llama-context.cpp` (batches, outputs).
+
+pub mod cli;
+mod forward;
+pub mod hparams;
+mod kv_cache;
+mod linalg;
+pub mod weights;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::engine::gguf::{GgufError, GgufFile};
+
+pub use hparams::{Arch, HParams, Pooling};
+use kv_cache::KvCache;
+pub use kv_cache::KvType;
+use linalg::Pool;
+use weights::Weights;
+
+/// Errors of model loading and of the forward pass. Each names what was wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("unsupported architecture {0:?} (supported: llama, qwen2, qwen3, bert)")]
+    UnsupportedArch(String),
+    #[error("bad hyper-parameters: {0}")]
+    BadHParams(String),
+    #[error("tensor {0:?} is missing")]
+    MissingTensor(String),
+    #[error("tensor {name:?} has dims {dims:?}, expected {expected}")]
+    BadTensorShape {
+        name: String,
+        dims: Vec<u64>,
+        expected: String,
+    },
+    #[error("tensor {name:?} has type {ty}, which this engine cannot use there")]
+    UnsupportedTensorType { name: String, ty: String },
+    #[error("bad context parameters: {0}")]
+    BadContextParams(String),
+    #[error("bad batch: {0}")]
+    BadBatch(String),
+    #[error("token id {token} is out of range (n_vocab {n_vocab})")]
+    BadToken { token: u64, n_vocab: usize },
+    #[error("sequence id {seq} is out of range (n_seq_max {n_seq_max})")]
+    BadSeq { seq: u32, n_seq_max: usize },
+    #[error("position {pos} of sequence {seq} is past the context size {n_ctx}")]
+    ContextFull { seq: u32, pos: u32, n_ctx: usize },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Options of [`Model::load`].
+#[derive(Clone, Debug)]
+pub struct ModelParams {
+    /// Threads for work done at load time (and the default for contexts).
+    pub n_threads: usize,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        ModelParams {
+            n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// A loaded model: the mapped GGUF file, its hyper-parameters and weight views. `Send + Sync`; share it
+/// between contexts with `Arc`.
+pub struct Model {
+    file: Arc<GgufFile>,
+    hp: HParams,
+    weights: Weights,
+    n_vocab: usize,
+    arch_name: String,
+    params: ModelParams,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("hparams", &self.hp)
+            .field("n_vocab", &self.n_vocab)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Opens `path` (mmap), reads hyper-parameters and finds every weight.
+    ///
+    /// Errors: GGUF errors, [`ModelError::UnsupportedArch`], a missing key or tensor (named), a tensor of the
+    /// wrong shape or an unsupported type.
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Arc<Model>, ModelError> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Self::from_gguf(file, params)
+    }
+
+    /// Builds a model over an already opened file.
+    pub fn from_gguf(file: Arc<GgufFile>, params: &ModelParams) -> Result<Arc<Model>, ModelError> {
+        let hp = HParams::from_gguf(&file)?;
+        let te = file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        if te.dims.len() != 2 || te.dims[1] == 0 {
+            return Err(ModelError::BadTensorShape {
+                name: te.name.clone(),
+                dims: te.dims.clone(),
+                expected: format!("[{}, n_vocab]", hp.n_embd),
+            });
+        }
+        let n_vocab = te.dims[1] as usize;
+        let weights = Weights::load(&file, &hp, n_vocab)?;
+        Ok(Arc::new(Model {
+            arch_name: hp.arch.name().to_string(),
+            file,
+            hp,
+            weights,
+            n_vocab,
+            params: params.clone(),
+        }))
+    }
+
+    /// The GGUF file (metadata for tokenizers and chat templates).
+    pub fn gguf(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// The shared handle of the GGUF file.
+    pub fn gguf_arc(&self) -> Arc<GgufFile> {
+        self.file.clone()
+    }
+
+    /// Hyper-parameters.
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    /// `general.architecture` (`"llama"`, `"qwen2"`, `"qwen3"`, `"bert"`).
+    pub fn arch(&self) -> &str {
+        &self.arch_name
+    }
+
+    /// Vocabulary size (rows of `token_embd.weight`); the length of a logits row.
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    /// Width of the residual stream; the length of an embedding.
+    pub fn n_embd(&self) -> usize {
+        self.hp.n_embd
+    }
+
+    /// Context length the model was trained with (tokens).
+    pub fn n_ctx_train(&self) -> usize {
+        self.hp.n_ctx_train
+    }
+
+    /// Pooling of embeddings (`{arch}.pooling_type`).
+    pub fn pooling(&self) -> Pooling {
+        self.hp.pooling
+    }
+
+    /// True for encoders (BERT): embeddings only, no logits, whole sequences per batch.
+    pub fn is_encoder(&self) -> bool {
+        self.hp.arch == Arch::Bert
+    }
+
+    /// The load parameters.
+    pub fn params(&self) -> &ModelParams {
+        &self.params
+    }
+}
+
+/// A batch of tokens (`llama_batch`): token `i` sits at position `pos[i]` of sequence `seq_id[i]`, and an
+/// output (logits, or embeddings) is produced for it when `logits[i]`. Within one sequence, positions must
+/// follow each other (`p, p+1, …`) and `p` must not exceed the sequence's cached length; starting below it
+/// drops the cached cells from `p` on (a rewind).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub pos: Vec<u32>,
+    pub seq_id: Vec<u32>,
+    pub logits: Vec<bool>,
+}
+
+impl Batch {
+    /// One sequence's tokens at positions `start..`, with an output only for the last token.
+    pub fn single(tokens: &[u32], start: u32, seq: u32) -> Batch {
+        let n = tokens.len();
+        Batch {
+            tokens: tokens.to_vec(),
+            pos: (0..n as u32).map(|i| start + i).collect(),
+            seq_id: vec![seq; n],
+            logits: (0..n).map(|i| i + 1 == n).collect(),
+        }
+    }
+
+    /// Adds one token.
+    pub fn push(&mut self, token: u32, pos: u32, seq: u32, logits: bool) {
+        self.tokens.push(token);
+        self.pos.push(pos);
+        self.seq_id.push(seq);
+        self.logits.push(logits);
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// True when there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// Options of a [`Context`].
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    /// Positions per sequence (tokens).
+    pub n_ctx: usize,
+    /// Number of sequences (slots) the KV cache holds.
+    pub n_seq_max: usize,
+    /// Most tokens one [`Context::decode`] call accepts.
+    pub n_batch: usize,
+    /// Threads of the context's pool.
+    pub n_threads: usize,
+    /// Also produce embeddings (per output token for decoders, pooled per sequence for encoders).
+    pub embeddings: bool,
+    /// Element type of the KV cache.
+    pub kv_type: KvType,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        ContextParams {
+            n_ctx: 2048,
+            n_seq_max: 1,
+            n_batch: 2048,
+            n_threads: ModelParams::default().n_threads,
+            embeddings: false,
+            kv_type: KvType::F16,
+        }
+    }
+}
+
+/// Inference state over one model: the KV cache of `n_seq_max` sequences, the thread pool and the outputs of
+/// the last [`Context::decode`]. Used by one thread at a time.
+pub struct Context {
+    model: Arc<Model>,
+    params: ContextParams,
+    pool: Pool,
+    kv: Option<KvCache>,
+    /// `[n_outputs, n_vocab]` of the last decode (decoders).
+    logits: Vec<f32>,
+    /// `[n_embeddings, n_embd]` of the last decode (when embeddings are on, or for encoders).
+    embeddings: Vec<f32>,
+    n_outputs: usize,
+    n_embeddings: usize,
+}
+
+impl Context {
+    /// Creates a context and allocates its KV cache
+    /// (`2 · n_layer · n_seq_max · n_ctx · n_embd_kv` elements; none for encoders).
+    ///
+    /// Errors: [`ModelError::BadContextParams`] for zero sizes, a context longer than an encoder's
+    /// position table, or a cache whose size overflows.
+    pub fn new(model: Arc<Model>, params: ContextParams) -> Result<Context, ModelError> {
+        let hp = model.hparams();
+        let bad = |s: String| Err(ModelError::BadContextParams(s));
+        if params.n_ctx == 0 || params.n_seq_max == 0 || params.n_batch == 0 {
+            return bad(format!(
+                "n_ctx {}, n_seq_max {} and n_batch {} must be at least 1",
+                params.n_ctx, params.n_seq_max, params.n_batch
+            ));
+        }
+        if params.n_seq_max > 4096 {
+            return bad(format!("n_seq_max {} is above 4096", params.n_seq_max));
+        }
+        let kv = if model.is_encoder() {
+            let n_pos = model
+                .weights
+                .pos_embd
+                .as_ref()
+                .map_or(0, |p| p.len() / hp.n_embd);
+            if params.n_ctx > n_pos {
+                return bad(format!(
+                    "n_ctx {} exceeds the encoder's {n_pos} positions",
+                    params.n_ctx
+                ));
+            }
+            None
+        } else {
+            let elems = hp
+                .n_layer
+                .checked_mul(params.n_seq_max)
+                .and_then(|v| v.checked_mul(params.n_ctx))
+                .and_then(|v| v.checked_mul(hp.n_embd_kv()))
+                .filter(|&v| v <= (1usize << 40));
+            if elems.is_none() {
+                return bad(format!(
+                    "a KV cache of {} sequences × {} positions is too large",
+                    params.n_seq_max, params.n_ctx
+                ));
+            }
+            Some(KvCache::new(
+                hp.n_layer,
+                params.n_seq_max,
+                params.n_ctx,
+                hp.n_embd_kv(),
+                params.kv_type,
+            ))
+        };
+        Ok(Context {
+            pool: Pool::new(params.n_threads),
+            model,
+            params,
+            kv,
+            logits: Vec::new(),
+            embeddings: Vec::new(),
+            n_outputs: 0,
+            n_embeddings: 0,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The parameters this context was made with.
+    pub fn params(&self) -> &ContextParams {
+        &self.params
+    }
+
+    /// Bytes of the KV cache.
+    pub fn kv_size_bytes(&self) -> usize {
+        self.kv.as_ref().map_or(0, |k| k.size_bytes())
+    }
+
+    /// Runs the forward pass over a batch that may mix sequences (continuous batching) and keeps the
+    /// outputs for [`Context::logits`] / [`Context::embeddings`].
+    ///
+    /// Errors: [`ModelError::BadBatch`] (empty, unequal lengths, more than `n_batch` tokens, positions not
+    /// consecutive within a sequence or past its cached length), [`ModelError::BadToken`] (id ≥ n_vocab),
+    /// [`ModelError::BadSeq`] (id ≥ n_seq_max), [`ModelError::ContextFull`] (position ≥ n_ctx).
+    /// On error the cache is unchanged.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), ModelError> {
+        let new_lens = self.validate(batch)?;
+        forward::run(self, batch)?;
+        if let (Some(kv), Some(lens)) = (self.kv.as_mut(), new_lens) {
+            for (s, l) in lens {
+                kv.set_len(s as usize, l);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a batch; for decoders returns the new length of each sequence it touches.
+    fn validate(&self, b: &Batch) -> Result<Option<Vec<(u32, usize)>>, ModelError> {
+        let n = b.tokens.len();
+        if n == 0 {
+            return Err(ModelError::BadBatch("the batch is empty".into()));
+        }
+        if b.pos.len() != n || b.seq_id.len() != n || b.logits.len() != n {
+            return Err(ModelError::BadBatch(format!(
+                "tokens {}, pos {}, seq_id {} and logits {} differ in length",
+                n,
+                b.pos.len(),
+                b.seq_id.len(),
+                b.logits.len()
+            )));
+        }
+        if n > self.params.n_batch {
+            return Err(ModelError::BadBatch(format!(
+                "{n} tokens exceed n_batch {}",
+                self.params.n_batch
+            )));
+        }
+        let mut lens: Vec<(u32, usize)> = Vec::new();
+        for i in 0..n {
+            let (tok, pos, seq) = (b.tokens[i], b.pos[i], b.seq_id[i]);
+            if tok as usize >= self.model.n_vocab {
+                return Err(ModelError::BadToken {
+                    token: tok as u64,
+                    n_vocab: self.model.n_vocab,
+                });
+            }
+            if seq as usize >= self.params.n_seq_max {
+                return Err(ModelError::BadSeq {
+                    seq,
+                    n_seq_max: self.params.n_seq_max,
+                });
+            }
+            if pos as usize >= self.params.n_ctx {
+                return Err(ModelError::ContextFull {
+                    seq,
+                    pos,
+                    n_ctx: self.params.n_ctx,
+                });
+            }
+            let entry = match lens.iter_mut().find(|(s, _)| *s == seq) {
+                Some(e) => e,
+                None => {
+                    let cached = self.seq_len(seq);
+                    let start = if self.model.is_encoder() { 0 } else { cached };
+                    if pos as usize > start {
+                        return Err(ModelError::BadBatch(format!(
+                            "token {i}: position {pos} of sequence {seq} leaves a gap after its {start} cached positions"
+                        )));
+                    }
+                    lens.push((seq, pos as usize));
+                    lens.last_mut().expect("just pushed")
+                }
+            };
+            if pos as usize != entry.1 {
+                return Err(ModelError::BadBatch(format!(
+                    "token {i}: position {pos} of sequence {seq}, expected {} (positions of a sequence must follow each other)",
+                    entry.1
+                )));
+            }
+            entry.1 += 1;
+        }
+        Ok(if self.model.is_encoder() {
+            None
+        } else {
+            Some(lens)
+        })
+    }
+
+    /// Number of outputs (logits rows) of the last decode.
+    pub fn n_outputs(&self) -> usize {
+        self.n_outputs
+    }
+
+    /// The logits `[n_vocab]` of the `i`-th output (the `i`-th token with `logits[i]` set) of the last decode.
+    /// Panics when `i ≥ n_outputs()` (a caller bug, like slice indexing). Empty for encoders.
+    pub fn logits(&self, i: usize) -> &[f32] {
+        assert!(
+            i < self.n_outputs,
+            "output {i} of {} requested",
+            self.n_outputs
+        );
+        let n = self.model.n_vocab;
+        &self.logits[i * n..(i + 1) * n]
+    }
+
+    /// Number of embeddings of the last decode.
+    pub fn n_embeddings(&self) -> usize {
+        self.n_embeddings
+    }
+
+    /// Embedding `[n_embd]` number `i` of the last decode: for a pooled encoder, the `i`-th sequence in order
+    /// of first appearance in the batch (not normalised); otherwise the `i`-th output token's final hidden
+    /// state (after the output norm). Panics when `i ≥ n_embeddings()`.
+    pub fn embeddings(&self, i: usize) -> &[f32] {
+        assert!(
+            i < self.n_embeddings,
+            "embedding {i} of {} requested",
+            self.n_embeddings
+        );
+        let n = self.model.n_embd();
+        &self.embeddings[i * n..(i + 1) * n]
+    }
+
+    /// One text's embedding: runs `tokens` as sequence 0 (then clears it), pools by the model's pooling
+    /// (mean when it has none) and L2-normalises. `[n_embd]`.
+    ///
+    /// Errors: as [`Context::decode`]; [`ModelError::BadBatch`] for no tokens.
+    pub fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::BadBatch("no tokens to embed".into()));
+        }
+        let mut batch = Batch::single(tokens, 0, 0);
+        batch.logits.iter_mut().for_each(|l| *l = true);
+        let was = self.params.embeddings;
+        self.params.embeddings = true;
+        self.seq_clear(0);
+        let r = self.decode(&batch);
+        self.params.embeddings = was;
+        self.seq_clear(0);
+        r?;
+        let n = self.model.n_embd();
+        let mut v = if self.model.is_encoder() && self.model.pooling() != Pooling::None {
+            self.embeddings(0).to_vec()
+        } else {
+            let rows: Vec<&[f32]> = (0..self.n_embeddings).map(|i| self.embeddings(i)).collect();
+            match self.model.pooling() {
+                Pooling::Cls => rows[0].to_vec(),
+                Pooling::Last => rows[rows.len() - 1].to_vec(),
+                Pooling::Mean | Pooling::None => forward::mean_rows(&rows, n),
+            }
+        };
+        l2_normalize(&mut v);
+        Ok(v)
+    }
+
+    /// Drops every cached position of `seq` (no effect for an unknown sequence).
+    pub fn seq_clear(&mut self, seq: u32) {
+        if let Some(kv) = self.kv.as_mut() {
+            kv.set_len(seq as usize, 0);
+        }
+    }
+
+    /// Cached positions of `seq` (0 for encoders and unknown sequences).
+    pub fn seq_len(&self, seq: u32) -> usize {
+        self.kv.as_ref().map_or(0, |kv| kv.seq_len(seq as usize))
+    }
+}
+
+/// Scales `v` to unit Euclidean length (sum of squares in f64); a zero vector stays zero.
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
+    if norm > 0.0 {
+        let inv = (1.0 / norm) as f32;
+        v.iter_mut().for_each(|x| *x *= inv);
+    }
+}

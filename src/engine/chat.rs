@@ -1,1 +1,0 @@
-//! Chat templates (Jinja via minijinja) from GGUF metadata, rendered as llama.cpp renders them.

@@ -1,0 +1,326 @@
+//! Scalar dot products of one weight row with one quantized activation row: the oracle every SIMD kernel is
+//! tested against. Ported from the `*_generic` functions of `ggml/src/ggml-cpu/quants.c` and
+//! `ggml_vec_dot_f16`/`_bf16`/`_f32` of `ggml/src/ggml-cpu/vec.cpp` (commit 0c1e570).
+//!
+//! Each function takes `n` elements, the weight row bytes `w` and the activation row bytes `a` (in the
+//! weight type's vec-dot type) and returns Σ w·a as f32. Integer sums inside a block are exact; the float
+//! combination per block is `d_w * d_a * isum` (minus the min term for types with mins), accumulated in
+//! block order.
+
+// Index loops mirror ggml's C loops one for one, which keeps the port reviewable.
+#![allow(clippy::needless_range_loop)]
+
+use crate::engine::quant::blocks::*;
+
+pub fn f32_f32(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let w: &[[u8; 4]] = bytemuck::cast_slice(&w[..4 * n]);
+    let a: &[[u8; 4]] = bytemuck::cast_slice(&a[..4 * n]);
+    let mut s = 0f64;
+    for (x, y) in w.iter().zip(a) {
+        s += (f32::from_le_bytes(*x) * f32::from_le_bytes(*y)) as f64;
+    }
+    s as f32
+}
+
+pub fn f16_f16(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let w: &[F16Le] = bytemuck::cast_slice(&w[..2 * n]);
+    let a: &[F16Le] = bytemuck::cast_slice(&a[..2 * n]);
+    let mut s = 0f64;
+    for (x, y) in w.iter().zip(a) {
+        s += (x.get() * y.get()) as f64;
+    }
+    s as f32
+}
+
+pub fn bf16_bf16(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let w: &[Bf16Le] = bytemuck::cast_slice(&w[..2 * n]);
+    let a: &[Bf16Le] = bytemuck::cast_slice(&a[..2 * n]);
+    let mut s = 0f64;
+    for (x, y) in w.iter().zip(a) {
+        s += (x.get() * y.get()) as f64;
+    }
+    s as f32
+}
+
+fn blocks<T: bytemuck::Pod>(b: &[u8], n: usize, per: usize) -> &[T] {
+    bytemuck::cast_slice(&b[..n / per * size_of::<T>()])
+}
+
+pub fn q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ4_0] = blocks(w, n, QK);
+    let y: &[BlockQ8_0] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = (x.qs[j] & 0x0F) as i32 - 8;
+            let v1 = (x.qs[j] >> 4) as i32 - 8;
+            sumi += v0 * y.qs[j] as i32 + v1 * y.qs[j + 16] as i32;
+        }
+        sumf += sumi as f32 * (x.d.get() * y.d.get());
+    }
+    sumf
+}
+
+pub fn q4_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ4_1] = blocks(w, n, QK);
+    let y: &[BlockQ8_1] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = (x.qs[j] & 0x0F) as i32;
+            let v1 = (x.qs[j] >> 4) as i32;
+            sumi += v0 * y.qs[j] as i32 + v1 * y.qs[j + 16] as i32;
+        }
+        sumf += sumi as f32 * (x.d.get() * y.d.get()) + x.m.get() * y.s.get();
+    }
+    sumf
+}
+
+#[inline(always)]
+fn q5_vals(qs: &[u8; 16], qh: [u8; 4], j: usize) -> (i32, i32) {
+    let qh = u32::from_le_bytes(qh);
+    let xh0 = ((qh >> j) << 4) & 0x10;
+    let xh1 = (qh >> (j + 12)) & 0x10;
+    (
+        ((qs[j] as u32 & 0x0F) | xh0) as i32,
+        ((qs[j] as u32 >> 4) | xh1) as i32,
+    )
+}
+
+pub fn q5_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ5_0] = blocks(w, n, QK);
+    let y: &[BlockQ8_0] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let (v0, v1) = q5_vals(&x.qs, x.qh, j);
+            sumi += (v0 - 16) * y.qs[j] as i32 + (v1 - 16) * y.qs[j + 16] as i32;
+        }
+        sumf += sumi as f32 * (x.d.get() * y.d.get());
+    }
+    sumf
+}
+
+pub fn q5_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ5_1] = blocks(w, n, QK);
+    let y: &[BlockQ8_1] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let (v0, v1) = q5_vals(&x.qs, x.qh, j);
+            sumi += v0 * y.qs[j] as i32 + v1 * y.qs[j + 16] as i32;
+        }
+        sumf += sumi as f32 * (x.d.get() * y.d.get()) + x.m.get() * y.s.get();
+    }
+    sumf
+}
+
+pub fn q8_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ8_0] = blocks(w, n, QK);
+    let y: &[BlockQ8_0] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let sumi: i32 =
+            x.qs.iter()
+                .zip(&y.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
+        sumf += sumi as f32 * (x.d.get() * y.d.get());
+    }
+    sumf
+}
+
+pub fn iq4_nl_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockIq4Nl] = blocks(w, n, QK);
+    let y: &[BlockQ8_0] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += KVALUES_IQ4NL[(x.qs[j] & 0xF) as usize] as i32 * y.qs[j] as i32
+                + KVALUES_IQ4NL[(x.qs[j] >> 4) as usize] as i32 * y.qs[j + 16] as i32;
+        }
+        sumf += sumi as f32 * (x.d.get() * y.d.get());
+    }
+    sumf
+}
+
+/// Σ over 16 consecutive elements of `q[k] * y[k]`.
+#[inline(always)]
+fn dot16(q: &[i32; 16], y: &[i8]) -> i32 {
+    q.iter().zip(y).map(|(&a, &b)| a * b as i32).sum()
+}
+
+pub fn q2_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ2K] = blocks(w, n, QK_K);
+    let y: &[BlockQ8K] = blocks(a, n, QK_K);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut summs = 0i32;
+        for g in 0..16 {
+            summs += y.bsum(g) as i32 * (x.scales[g] >> 4) as i32;
+        }
+        let mut isum = 0i32;
+        let mut g = 0;
+        for half in 0..2 {
+            let q2 = &x.qs[32 * half..32 * half + 32];
+            for shift in [0, 2, 4, 6] {
+                for sub in 0..2 {
+                    let mut q = [0i32; 16];
+                    for l in 0..16 {
+                        q[l] = ((q2[16 * sub + l] >> shift) & 3) as i32;
+                    }
+                    isum += (x.scales[g] & 0xF) as i32 * dot16(&q, &y.qs[16 * g..16 * g + 16]);
+                    g += 1;
+                }
+            }
+        }
+        let dall = y.d() * x.d.get();
+        let dmin = y.d() * x.dmin.get();
+        sumf += dall * isum as f32 - dmin * summs as f32;
+    }
+    sumf
+}
+
+pub fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ3K] = blocks(w, n, QK_K);
+    let y: &[BlockQ8K] = blocks(a, n, QK_K);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let scales = q3k_scales(&x.scales);
+        let mut isum = 0i32;
+        let mut g = 0;
+        let mut m = 1u8;
+        for half in 0..2 {
+            let q3 = &x.qs[32 * half..32 * half + 32];
+            for shift in [0, 2, 4, 6] {
+                for sub in 0..2 {
+                    let mut q = [0i32; 16];
+                    for l in 0..16 {
+                        let k = 16 * sub + l;
+                        let hi = if x.hmask[k] & m != 0 { 0 } else { 4 };
+                        q[l] = ((q3[k] >> shift) & 3) as i32 - hi;
+                    }
+                    isum += (scales[g] as i32 - 32) * dot16(&q, &y.qs[16 * g..16 * g + 16]);
+                    g += 1;
+                }
+                m <<= 1;
+            }
+        }
+        sumf += x.d.get() * y.d() * isum as f32;
+    }
+    sumf
+}
+
+/// Shared by Q4_K and Q5_K: `q` holds the 256 unsigned quants in element order.
+#[inline(always)]
+fn k4_block(q: &[i32; 256], scales: &[u8; 12], d: f32, dmin: f32, y: &BlockQ8K) -> f32 {
+    let (sc, mn) = k4_scales_mins(scales);
+    let mut summs = 0i32;
+    for g in 0..16 {
+        summs += y.bsum(g) as i32 * mn[g / 2] as i32;
+    }
+    let mut isum = 0i32;
+    for (j, &s) in sc.iter().enumerate() {
+        let mut acc = 0i32;
+        for k in 32 * j..32 * j + 32 {
+            acc += q[k] * y.qs[k] as i32;
+        }
+        isum += s as i32 * acc;
+    }
+    d * y.d() * isum as f32 - dmin * y.d() * summs as f32
+}
+
+pub fn q4_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ4K] = blocks(w, n, QK_K);
+    let y: &[BlockQ8K] = blocks(a, n, QK_K);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut q = [0i32; 256];
+        for j in 0..4 {
+            for l in 0..32 {
+                q[64 * j + l] = (x.qs[32 * j + l] & 0xF) as i32;
+                q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32;
+            }
+        }
+        sumf += k4_block(&q, &x.scales, x.d.get(), x.dmin.get(), y);
+    }
+    sumf
+}
+
+pub fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ5K] = blocks(w, n, QK_K);
+    let y: &[BlockQ8K] = blocks(a, n, QK_K);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut q = [0i32; 256];
+        for j in 0..4 {
+            for l in 0..32 {
+                let h1 = ((x.qh[l] >> (2 * j)) & 1) as i32 * 16;
+                let h2 = ((x.qh[l] >> (2 * j + 1)) & 1) as i32 * 16;
+                q[64 * j + l] = (x.qs[32 * j + l] & 0xF) as i32 + h1;
+                q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32 + h2;
+            }
+        }
+        sumf += k4_block(&q, &x.scales, x.d.get(), x.dmin.get(), y);
+    }
+    sumf
+}
+
+pub fn q6_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ6K] = blocks(w, n, QK_K);
+    let y: &[BlockQ8K] = blocks(a, n, QK_K);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut q = [0i32; 256];
+        for h in 0..2 {
+            let ql = &x.ql[64 * h..64 * h + 64];
+            let qh = &x.qh[32 * h..32 * h + 32];
+            let q = &mut q[128 * h..128 * h + 128];
+            for l in 0..32 {
+                q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            }
+        }
+        let mut isum = 0i32;
+        for g in 0..16 {
+            let mut acc = 0i32;
+            for k in 16 * g..16 * g + 16 {
+                acc += q[k] * y.qs[k] as i32;
+            }
+            isum += x.scales[g] as i32 * acc;
+        }
+        sumf += x.d.get() * y.d() * isum as f32;
+    }
+    sumf
+}
+
+pub fn iq4_xs_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockIq4Xs] = blocks(w, n, QK_K);
+    let y: &[BlockQ8K] = blocks(a, n, QK_K);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let sh = u16::from_le_bytes(x.scales_h);
+        let mut isum = 0i32;
+        for ib in 0..8 {
+            let ls = ((x.scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) as i32
+                | ((((sh >> (2 * ib)) & 3) as i32) << 4);
+            let qs = &x.qs[16 * ib..16 * ib + 16];
+            let yq = &y.qs[32 * ib..32 * ib + 32];
+            let mut acc = 0i32;
+            for j in 0..16 {
+                acc += KVALUES_IQ4NL[(qs[j] & 0xF) as usize] as i32 * yq[j] as i32
+                    + KVALUES_IQ4NL[(qs[j] >> 4) as usize] as i32 * yq[j + 16] as i32;
+            }
+            isum += (ls - 32) * acc;
+        }
+        sumf += x.d.get() * y.d() * isum as f32;
+    }
+    sumf
+}

@@ -1,0 +1,382 @@
+//! The forward passes: the llama family (llama, qwen2, qwen3) over the KV cache, and BERT encoders over
+//! whole sequences. Every step works per token row (matmul rows, norms, rope) or per token over its own
+//! sequence in position order (attention), so outputs do not depend on batch composition.
+//!
+//! Graphs ported from llama.cpp commit 0c1e570: `src/models/llama.cpp`, `src/models/qwen2.cpp`,
+//! `src/models/qwen3.cpp`, `src/models/bert.cpp`, and `src/llama-graph.cpp` (`build_attn_mha`,
+//! `build_ffn`, `build_pooling`).
+
+use crate::engine::kernels::ops::{self, RopeParams};
+
+use super::hparams::{Arch, Pooling};
+use super::linalg::{self, Pool};
+use super::weights::Linear;
+use super::{Batch, Context, ModelError};
+
+/// Runs the forward pass of `b` (already validated) and stores the outputs in `ctx`.
+pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
+    if ctx.model.is_encoder() {
+        run_encoder(ctx, b)
+    } else {
+        run_decoder(ctx, b)
+    }
+}
+
+fn mm(
+    pool: &Pool,
+    ctx_file: &crate::engine::gguf::GgufFile,
+    w: &Linear,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>, ModelError> {
+    let mut y = vec![0.0f32; n * w.n_rows];
+    linalg::matmul(pool, ctx_file, w, x, n, &mut y)?;
+    Ok(y)
+}
+
+/// Groups batch indices by sequence, in order of first appearance: `(seq, [token indices])`.
+fn group_by_seq(b: &Batch) -> Vec<(u32, Vec<usize>)> {
+    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
+    for (i, &s) in b.seq_id.iter().enumerate() {
+        match groups.iter_mut().find(|(g, _)| *g == s) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((s, vec![i])),
+        }
+    }
+    groups
+}
+
+fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
+    let model = ctx.model.clone();
+    let hp = &model.hp;
+    let w = &model.weights;
+    let file = &*model.file;
+    let n = b.tokens.len();
+    let e = hp.n_embd;
+    let hd = hp.head_dim;
+    let nq = hp.n_embd_q();
+    let nkv = hp.n_embd_kv();
+    let gqa = hp.n_head / hp.n_head_kv;
+    let kq_scale = 1.0 / (hd as f32).sqrt();
+    let rope = RopeParams {
+        n_dims: hp.rope_n_dims,
+        freq_base: hp.rope_freq_base,
+        freq_scale: hp.rope_freq_scale,
+        mode: hp.arch.rope_mode(),
+    };
+    // Rope tables per token (each depends only on its position).
+    let rope_tables: Vec<(Vec<f32>, Vec<f32>)> = b
+        .pos
+        .iter()
+        .map(|&p| ops::rope_cache(&rope, p, w.rope_freqs.as_deref()))
+        .collect();
+    let groups = group_by_seq(b);
+
+    // Token embeddings: inpL = get_rows(tok_embd, tokens).
+    let mut x = vec![0.0f32; n * e];
+    for (i, &t) in b.tokens.iter().enumerate() {
+        linalg::get_row(file, &w.tok_embd, t as usize, &mut x[i * e..(i + 1) * e])?;
+    }
+
+    let kv = ctx
+        .kv
+        .as_mut()
+        .ok_or_else(|| ModelError::Unsupported("decoder context without a KV cache".into()))?;
+    let mut kbuf = Vec::new();
+    let mut vbuf = Vec::new();
+    let mut h = vec![0.0f32; n * e];
+    for (il, layer) in w.layers.iter().enumerate() {
+        // Attention block: norm → q, k, v → (bias) → (q/k norm) → rope → cache → attention → wo.
+        h.copy_from_slice(&x);
+        for row in h.chunks_exact_mut(e) {
+            ops::rms_norm(row, &layer.attn_norm, hp.norm_eps);
+        }
+        let mut q = mm(&ctx.pool, file, &layer.wq, &h, n)?;
+        let mut k = mm(&ctx.pool, file, &layer.wk, &h, n)?;
+        let mut v = mm(&ctx.pool, file, &layer.wv, &h, n)?;
+        if let Some(bq) = &layer.bq {
+            ops::add_bias(&mut q, bq);
+        }
+        if let Some(bk) = &layer.bk {
+            ops::add_bias(&mut k, bk);
+        }
+        if let Some(bv) = &layer.bv {
+            ops::add_bias(&mut v, bv);
+        }
+        if let Some(qn) = &layer.q_norm {
+            for head in q.chunks_exact_mut(hd) {
+                ops::rms_norm(head, qn, hp.norm_eps);
+            }
+        }
+        if let Some(kn) = &layer.k_norm {
+            for head in k.chunks_exact_mut(hd) {
+                ops::rms_norm(head, kn, hp.norm_eps);
+            }
+        }
+        for i in 0..n {
+            let (c, s) = &rope_tables[i];
+            ops::rope(
+                &mut q[i * nq..(i + 1) * nq],
+                hd,
+                rope.n_dims,
+                rope.mode,
+                c,
+                s,
+            );
+            ops::rope(
+                &mut k[i * nkv..(i + 1) * nkv],
+                hd,
+                rope.n_dims,
+                rope.mode,
+                c,
+                s,
+            );
+            kv.write(
+                il,
+                b.seq_id[i] as usize,
+                b.pos[i] as usize,
+                &k[i * nkv..(i + 1) * nkv],
+                &v[i * nkv..(i + 1) * nkv],
+            );
+        }
+        let mut attn = vec![0.0f32; n * nq];
+        let mut scores = Vec::new();
+        for (seq, idx) in &groups {
+            let last = idx.iter().map(|&i| b.pos[i] as usize).max().unwrap_or(0);
+            kv.read(il, *seq as usize, last + 1, &mut kbuf, &mut vbuf);
+            scores.resize(last + 1, 0.0);
+            for &i in idx {
+                let n_kv = b.pos[i] as usize + 1;
+                for head in 0..hp.n_head {
+                    let g = head / gqa;
+                    let qh = &q[i * nq + head * hd..i * nq + (head + 1) * hd];
+                    let out = &mut attn[i * nq + head * hd..i * nq + (head + 1) * hd];
+                    ops::attend_one(
+                        qh,
+                        n_kv,
+                        kq_scale,
+                        |j| &kbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
+                        |j| &vbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
+                        &mut scores,
+                        out,
+                    );
+                }
+            }
+        }
+        let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
+        if let Some(bo) = &layer.bo {
+            ops::add_bias(&mut o, bo);
+        }
+        ops::add_in_place(&mut x, &o);
+
+        // FFN block: norm → silu(gate)·up → down, residual.
+        h.copy_from_slice(&x);
+        for row in h.chunks_exact_mut(e) {
+            ops::rms_norm(row, &layer.ffn_norm, hp.norm_eps);
+        }
+        let gate_w = layer
+            .ffn_gate
+            .as_ref()
+            .ok_or_else(|| ModelError::MissingTensor(format!("blk.{il}.ffn_gate.weight")))?;
+        let mut g = mm(&ctx.pool, file, gate_w, &h, n)?;
+        let u = mm(&ctx.pool, file, &layer.ffn_up, &h, n)?;
+        ops::swiglu(&mut g, &u);
+        let d = mm(&ctx.pool, file, &layer.ffn_down, &g, n)?;
+        ops::add_in_place(&mut x, &d);
+    }
+
+    // Outputs: final norm of the rows that want logits, then the output projection.
+    let out_idx: Vec<usize> = (0..n).filter(|&i| b.logits[i]).collect();
+    let n_out = out_idx.len();
+    let mut hout = vec![0.0f32; n_out * e];
+    let out_norm = w
+        .output_norm
+        .as_ref()
+        .ok_or_else(|| ModelError::MissingTensor("output_norm.weight".into()))?;
+    for (r, &i) in out_idx.iter().enumerate() {
+        let row = &mut hout[r * e..(r + 1) * e];
+        row.copy_from_slice(&x[i * e..(i + 1) * e]);
+        ops::rms_norm(row, out_norm, hp.norm_eps);
+    }
+    let output = w
+        .output
+        .as_ref()
+        .ok_or_else(|| ModelError::MissingTensor("output.weight".into()))?;
+    ctx.logits = if n_out > 0 {
+        mm(&ctx.pool, file, output, &hout, n_out)?
+    } else {
+        Vec::new()
+    };
+    ctx.n_outputs = n_out;
+    if ctx.params.embeddings {
+        ctx.embeddings = hout;
+        ctx.n_embeddings = n_out;
+    } else {
+        ctx.embeddings.clear();
+        ctx.n_embeddings = 0;
+    }
+    Ok(())
+}
+
+fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
+    let model = ctx.model.clone();
+    let hp = &model.hp;
+    debug_assert_eq!(hp.arch, Arch::Bert);
+    let w = &model.weights;
+    let file = &*model.file;
+    let n = b.tokens.len();
+    let e = hp.n_embd;
+    let hd = hp.head_dim;
+    let nq = hp.n_embd_q();
+    let nkv = hp.n_embd_kv();
+    let gqa = hp.n_head / hp.n_head_kv;
+    let kq_scale = 1.0 / (hd as f32).sqrt();
+    let missing = |s: &str| ModelError::MissingTensor(s.to_string());
+    let pos_embd = w
+        .pos_embd
+        .as_ref()
+        .ok_or_else(|| missing("position_embd.weight"))?;
+    let type0 = w
+        .type_embd0
+        .as_ref()
+        .ok_or_else(|| missing("token_types.weight"))?;
+    let (tn_w, tn_b) = w
+        .tok_norm
+        .as_ref()
+        .ok_or_else(|| missing("token_embd_norm.weight"))?;
+    let groups = group_by_seq(b);
+
+    // inpL = norm(tok_embd[token] + type_embd[0] + pos_embd[pos]).
+    let mut x = vec![0.0f32; n * e];
+    for (i, &t) in b.tokens.iter().enumerate() {
+        let row = &mut x[i * e..(i + 1) * e];
+        linalg::get_row(file, &w.tok_embd, t as usize, row)?;
+        let p = b.pos[i] as usize;
+        let pe = pos_embd
+            .get(p * e..(p + 1) * e)
+            .ok_or_else(|| ModelError::ContextFull {
+                seq: b.seq_id[i],
+                pos: b.pos[i],
+                n_ctx: pos_embd.len() / e,
+            })?;
+        ops::add_in_place(row, type0);
+        ops::add_in_place(row, pe);
+        ops::layer_norm(row, tn_w, tn_b, hp.norm_eps);
+    }
+
+    let mut scores = Vec::new();
+    for (il, layer) in w.layers.iter().enumerate() {
+        let mut q = mm(&ctx.pool, file, &layer.wq, &x, n)?;
+        let mut k = mm(&ctx.pool, file, &layer.wk, &x, n)?;
+        let mut v = mm(&ctx.pool, file, &layer.wv, &x, n)?;
+        for (m, bias) in [
+            (&mut q, &layer.bq),
+            (&mut k, &layer.bk),
+            (&mut v, &layer.bv),
+        ] {
+            if let Some(bias) = bias {
+                ops::add_bias(m, bias);
+            }
+        }
+        // Non-causal attention over each sequence's own tokens, in position order.
+        let mut attn = vec![0.0f32; n * nq];
+        for (_, idx) in &groups {
+            let m = idx.len();
+            let mut kbuf = vec![0.0f32; m * nkv];
+            let mut vbuf = vec![0.0f32; m * nkv];
+            for (j, &i) in idx.iter().enumerate() {
+                let p = b.pos[i] as usize;
+                debug_assert_eq!(p, j, "validated: positions 0.. in order");
+                kbuf[j * nkv..(j + 1) * nkv].copy_from_slice(&k[i * nkv..(i + 1) * nkv]);
+                vbuf[j * nkv..(j + 1) * nkv].copy_from_slice(&v[i * nkv..(i + 1) * nkv]);
+            }
+            scores.resize(m, 0.0);
+            for &i in idx {
+                let n_kv = if hp.causal { b.pos[i] as usize + 1 } else { m };
+                for head in 0..hp.n_head {
+                    let g = head / gqa;
+                    ops::attend_one(
+                        &q[i * nq + head * hd..i * nq + (head + 1) * hd],
+                        n_kv,
+                        kq_scale,
+                        |j| &kbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
+                        |j| &vbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
+                        &mut scores,
+                        &mut attn[i * nq + head * hd..i * nq + (head + 1) * hd],
+                    );
+                }
+            }
+        }
+        let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
+        if let Some(bo) = &layer.bo {
+            ops::add_bias(&mut o, bo);
+        }
+        ops::add_in_place(&mut x, &o);
+        let ab = layer
+            .attn_norm_b
+            .as_ref()
+            .ok_or_else(|| missing(&format!("blk.{il}.attn_output_norm.bias")))?;
+        for row in x.chunks_exact_mut(e) {
+            ops::layer_norm(row, &layer.attn_norm, ab, hp.norm_eps);
+        }
+        // FFN: up (+b) → GELU → down (+b), residual, layer norm.
+        let mut u = mm(&ctx.pool, file, &layer.ffn_up, &x, n)?;
+        if let Some(ub) = &layer.ffn_up_b {
+            ops::add_bias(&mut u, ub);
+        }
+        ops::gelu(&mut u);
+        let mut d = mm(&ctx.pool, file, &layer.ffn_down, &u, n)?;
+        if let Some(db) = &layer.ffn_down_b {
+            ops::add_bias(&mut d, db);
+        }
+        ops::add_in_place(&mut x, &d);
+        let fb = layer
+            .ffn_norm_b
+            .as_ref()
+            .ok_or_else(|| missing(&format!("blk.{il}.layer_output_norm.bias")))?;
+        for row in x.chunks_exact_mut(e) {
+            ops::layer_norm(row, &layer.ffn_norm, fb, hp.norm_eps);
+        }
+    }
+
+    ctx.logits.clear();
+    ctx.n_outputs = 0;
+    ctx.embeddings.clear();
+    match hp.pooling {
+        Pooling::None => {
+            let mut k = 0;
+            for i in (0..n).filter(|&i| b.logits[i]) {
+                ctx.embeddings.extend_from_slice(&x[i * e..(i + 1) * e]);
+                k += 1;
+            }
+            ctx.n_embeddings = k;
+        }
+        pooling => {
+            for (_, idx) in &groups {
+                let rows: Vec<&[f32]> = idx.iter().map(|&i| &x[i * e..(i + 1) * e]).collect();
+                let pooled = match pooling {
+                    Pooling::Cls => rows[0].to_vec(),
+                    Pooling::Last => rows[rows.len() - 1].to_vec(),
+                    _ => mean_rows(&rows, e),
+                };
+                ctx.embeddings.extend_from_slice(&pooled);
+            }
+            ctx.n_embeddings = groups.len();
+        }
+    }
+    Ok(())
+}
+
+/// Mean of `rows` (each `[n]`), summed in row order in f32 then divided by the count
+/// (`build_pooling` mean: a matmul with a `1/n` matrix).
+pub(super) fn mean_rows(rows: &[&[f32]], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n];
+    if rows.is_empty() {
+        return out;
+    }
+    let inv = 1.0 / rows.len() as f32;
+    for r in rows {
+        ops::axpy(&mut out, inv, r);
+    }
+    out
+}

@@ -1,0 +1,269 @@
+//! Hyper-parameters of a model read from its GGUF metadata, with an error naming any missing key.
+//!
+//! Keys and defaults follow llama.cpp's `src/llama-model.cpp` (`llama_model::load_hparams`) and
+//! `src/llama-arch.cpp` (key names) at commit 0c1e570.
+
+use crate::engine::gguf::{GgufError, GgufFile, Value};
+use crate::engine::kernels::ops::RopeMode;
+
+use super::ModelError;
+
+/// The architectures this engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// llama 2/3, mistral, TinyLlama, SmolLM: RMS norm, rope (normal), SwiGLU, GQA.
+    Llama,
+    /// qwen2: llama plus q/k/v biases, NeoX rope.
+    Qwen2,
+    /// qwen3: llama plus per-head RMS norm of q and k, NeoX rope.
+    Qwen3,
+    /// BERT encoders (all-MiniLM…): absolute positions, token types, layer norm, GELU, pooling.
+    Bert,
+}
+
+impl Arch {
+    /// Parses `general.architecture`; `None` for an architecture we do not run.
+    pub fn from_name(name: &str) -> Option<Arch> {
+        match name {
+            "llama" => Some(Arch::Llama),
+            "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            "bert" => Some(Arch::Bert),
+            _ => None,
+        }
+    }
+
+    /// The GGUF key prefix (`general.architecture`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Bert => "bert",
+        }
+    }
+
+    /// Rope pairing (`llama_model_rope_type`).
+    pub fn rope_mode(self) -> RopeMode {
+        match self {
+            Arch::Llama | Arch::Bert => RopeMode::Normal,
+            Arch::Qwen2 | Arch::Qwen3 => RopeMode::Neox,
+        }
+    }
+}
+
+/// Pooling of per-token embeddings into one vector per sequence (`{arch}.pooling_type`,
+/// `enum llama_pooling_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// 0: no pooling, one embedding per token.
+    None,
+    /// 1: mean over the sequence's tokens.
+    Mean,
+    /// 2: the first token's (`[CLS]`).
+    Cls,
+    /// 3: the last token's.
+    Last,
+}
+
+/// Hyper-parameters of a model. Lengths are element counts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HParams {
+    pub arch: Arch,
+    /// `{arch}.embedding_length`: width of the residual stream.
+    pub n_embd: usize,
+    /// `{arch}.block_count`: transformer layers.
+    pub n_layer: usize,
+    /// `{arch}.feed_forward_length`: FFN hidden width.
+    pub n_ff: usize,
+    /// `{arch}.attention.head_count`.
+    pub n_head: usize,
+    /// `{arch}.attention.head_count_kv` (defaults to `n_head`, i.e. no GQA).
+    pub n_head_kv: usize,
+    /// `{arch}.attention.key_length` (defaults to `n_embd / n_head`); also the value length.
+    pub head_dim: usize,
+    /// `{arch}.context_length`: the context the model was trained with (tokens).
+    pub n_ctx_train: usize,
+    /// RMS-norm epsilon (`{arch}.attention.layer_norm_rms_epsilon`) for llama-family models,
+    /// layer-norm epsilon (`{arch}.attention.layer_norm_epsilon`) for BERT.
+    pub norm_eps: f32,
+    /// `{arch}.rope.dimension_count` (defaults to `head_dim`).
+    pub rope_n_dims: usize,
+    /// `{arch}.rope.freq_base` (default 10000).
+    pub rope_freq_base: f32,
+    /// 1 / `{arch}.rope.scaling.factor` for linear scaling; 1.0 otherwise.
+    pub rope_freq_scale: f32,
+    /// `{arch}.pooling_type` (BERT default: mean when absent; decoders: none).
+    pub pooling: Pooling,
+    /// `{arch}.attention.causal` (BERT: false; decoders: true).
+    pub causal: bool,
+}
+
+impl HParams {
+    /// Reads the hyper-parameters of `f`.
+    ///
+    /// Errors: [`ModelError::UnsupportedArch`] for an architecture other than llama/qwen2/qwen3/bert,
+    /// [`ModelError::Gguf`] naming a missing or mistyped key, [`ModelError::BadHParams`] for values that
+    /// contradict each other (zero sizes, heads not dividing, unknown rope scaling or pooling).
+    pub fn from_gguf(f: &GgufFile) -> Result<HParams, ModelError> {
+        let arch_name = f.architecture()?;
+        let arch = Arch::from_name(arch_name)
+            .ok_or_else(|| ModelError::UnsupportedArch(arch_name.to_string()))?;
+        let a = arch.name();
+        let req = |k: &str| -> Result<usize, ModelError> { Ok(get_uint(f, &format!("{a}.{k}"))?) };
+        let opt = |k: &str| -> Result<Option<usize>, ModelError> {
+            let key = format!("{a}.{k}");
+            match f.get(&key) {
+                None => Ok(None),
+                Some(_) => Ok(Some(get_uint(f, &key)?)),
+            }
+        };
+        let n_embd = req("embedding_length")?;
+        let n_layer = req("block_count")?;
+        let n_ff = req("feed_forward_length")?;
+        let n_head = req("attention.head_count")?;
+        let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
+        let n_ctx_train = req("context_length")?;
+        let bad = |what: String| ModelError::BadHParams(what);
+        if n_embd == 0 || n_layer == 0 || n_ff == 0 || n_head == 0 || n_head_kv == 0 {
+            return Err(bad(format!(
+                "zero size: embedding_length {n_embd}, block_count {n_layer}, feed_forward_length {n_ff}, \
+                 head_count {n_head}, head_count_kv {n_head_kv}"
+            )));
+        }
+        if n_head % n_head_kv != 0 {
+            return Err(bad(format!(
+                "head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
+            )));
+        }
+        let head_dim = match opt("attention.key_length")? {
+            Some(d) => d,
+            None => {
+                if n_embd % n_head != 0 {
+                    return Err(bad(format!(
+                        "embedding_length {n_embd} is not a multiple of head_count {n_head}"
+                    )));
+                }
+                n_embd / n_head
+            }
+        };
+        if let Some(vl) = opt("attention.value_length")?
+            && vl != head_dim
+        {
+            return Err(bad(format!(
+                "attention.value_length {vl} differs from key_length {head_dim} (unsupported)"
+            )));
+        }
+        if head_dim == 0 || head_dim > 1024 {
+            return Err(bad(format!("head dimension {head_dim} out of range")));
+        }
+        let norm_eps = match arch {
+            Arch::Bert => f.get_f32(&format!("{a}.attention.layer_norm_epsilon"))?,
+            _ => f.get_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
+        };
+        let rope_n_dims = opt("rope.dimension_count")?.unwrap_or(head_dim);
+        if rope_n_dims > head_dim || rope_n_dims % 2 != 0 {
+            return Err(bad(format!(
+                "rope.dimension_count {rope_n_dims} must be even and at most the head dimension {head_dim}"
+            )));
+        }
+        let rope_freq_base = match f.get(&format!("{a}.rope.freq_base")) {
+            None => 10000.0,
+            Some(_) => f.get_f32(&format!("{a}.rope.freq_base"))?,
+        };
+        let scaling_type = match f.get(&format!("{a}.rope.scaling.type")) {
+            None => "none".to_string(),
+            Some(_) => f.get_str(&format!("{a}.rope.scaling.type"))?.to_string(),
+        };
+        let factor = match f.get(&format!("{a}.rope.scaling.factor")) {
+            None => 0.0,
+            Some(_) => f.get_f32(&format!("{a}.rope.scaling.factor"))?,
+        };
+        let rope_freq_scale = match scaling_type.as_str() {
+            "none" => 1.0,
+            "linear" if factor > 0.0 && factor.is_finite() => 1.0 / factor,
+            "linear" => 1.0,
+            other => {
+                return Err(bad(format!(
+                    "{a}.rope.scaling.type {other:?} is not supported (none and linear are)"
+                )));
+            }
+        };
+        let pooling = match opt("pooling_type")? {
+            None if arch == Arch::Bert => Pooling::Mean,
+            None | Some(0) => Pooling::None,
+            Some(1) => Pooling::Mean,
+            Some(2) => Pooling::Cls,
+            Some(3) => Pooling::Last,
+            Some(p) => {
+                return Err(bad(format!(
+                    "{a}.pooling_type {p} is not supported (0 none, 1 mean, 2 cls, 3 last)"
+                )));
+            }
+        };
+        let causal = match f.get(&format!("{a}.attention.causal")) {
+            None => arch != Arch::Bert,
+            Some(_) => f.get_bool(&format!("{a}.attention.causal"))?,
+        };
+        if !(norm_eps.is_finite() && norm_eps >= 0.0)
+            || !(rope_freq_base.is_finite() && rope_freq_base > 0.0)
+        {
+            return Err(bad(format!(
+                "norm epsilon {norm_eps} or rope.freq_base {rope_freq_base} out of range"
+            )));
+        }
+        Ok(HParams {
+            arch,
+            n_embd,
+            n_layer,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ctx_train,
+            norm_eps,
+            rope_n_dims,
+            rope_freq_base,
+            rope_freq_scale,
+            pooling,
+            causal,
+        })
+    }
+
+    /// Width of one token's K (or V) for all KV heads: `n_head_kv * head_dim`.
+    pub fn n_embd_kv(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    /// Width of one token's Q for all heads: `n_head * head_dim`.
+    pub fn n_embd_q(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+}
+
+/// Reads an unsigned integer of any width (GGUF writers differ: u32 mostly, sometimes u64 or i32).
+fn get_uint(f: &GgufFile, key: &str) -> Result<usize, GgufError> {
+    match f.get(key) {
+        None => Err(GgufError::MissingKey {
+            key: key.to_string(),
+        }),
+        Some(v) => match v {
+            Value::Array(_) | Value::String(_) | Value::Bool(_) | Value::F32(_) | Value::F64(_) => {
+                Err(GgufError::WrongType {
+                    key: key.to_string(),
+                    expected: "an unsigned integer",
+                    found: v.describe(),
+                })
+            }
+            _ => v
+                .as_int()
+                .filter(|i| *i >= 0 && *i <= u32::MAX as i128)
+                .map(|i| i as usize)
+                .ok_or_else(|| GgufError::WrongType {
+                    key: key.to_string(),
+                    expected: "an unsigned integer below 2^32",
+                    found: v.describe(),
+                }),
+        },
+    }
+}

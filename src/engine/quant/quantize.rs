@@ -1,0 +1,225 @@
+//! Reference quantizers (f32 → block format), byte-identical to ggml's `quantize_row_*_ref`
+//! (ggml/src/ggml-quants.c, commit 0c1e570): plain f32 maths in ggml's order, no fused multiply-adds.
+//! Q8_0 / Q8_1 / Q8_K are also how activations are quantized for the integer dot products.
+
+// Index loops mirror ggml's C loops one for one, which keeps the port reviewable.
+#![allow(clippy::needless_range_loop)]
+
+use super::blocks::*;
+
+/// `roundf`: round half away from zero (Rust's `f32::round`).
+#[inline(always)]
+fn roundf(v: f32) -> f32 {
+    v.round()
+}
+
+/// ggml's `nearest_int` (round half to even through the 1.5·2²³ trick); valid for |v| ≤ 4194303.
+#[inline(always)]
+fn nearest_int(v: f32) -> i32 {
+    let val = v + 12_582_912.0f32;
+    (val.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
+}
+
+/// `(int8_t)(v)` for the values the reference quantizers produce (truncation toward zero; Rust saturates
+/// where C is undefined, which only matters for NaN/inf input).
+#[inline(always)]
+fn trunc_i8(v: f32) -> i8 {
+    v as i8
+}
+
+/// `(uint8_t)(v)`, see [`trunc_i8`].
+#[inline(always)]
+fn trunc_u8(v: f32) -> u8 {
+    v as u8
+}
+
+fn absmax_signed(x: &[f32]) -> (f32, f32) {
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (amax, max)
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let mut min = f32::MAX;
+    let mut max = -f32::MAX;
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    (min, max)
+}
+
+pub(super) fn q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (_, max) = absmax_signed(xb);
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y.d = F16Le::from_f32(d);
+        for j in 0..16 {
+            let x0 = xb[j] * id;
+            let x1 = xb[16 + j] * id;
+            let xi0 = (trunc_i8(x0 + 8.5)).min(15) as u8;
+            let xi1 = (trunc_i8(x1 + 8.5)).min(15) as u8;
+            y.qs[j] = xi0 | (xi1 << 4);
+        }
+    }
+}
+
+pub(super) fn q4_1(x: &[f32], out: &mut [BlockQ4_1]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (min, max) = min_max(xb);
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y.d = F16Le::from_f32(d);
+        y.m = F16Le::from_f32(min);
+        for j in 0..16 {
+            let x0 = (xb[j] - min) * id;
+            let x1 = (xb[16 + j] - min) * id;
+            let xi0 = (trunc_i8(x0 + 0.5)).min(15) as u8;
+            let xi1 = (trunc_i8(x1 + 0.5)).min(15) as u8;
+            y.qs[j] = xi0 | (xi1 << 4);
+        }
+    }
+}
+
+pub(super) fn q5_0(x: &[f32], out: &mut [BlockQ5_0]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (_, max) = absmax_signed(xb);
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y.d = F16Le::from_f32(d);
+        let mut qh = 0u32;
+        for j in 0..16 {
+            let x0 = xb[j] * id;
+            let x1 = xb[16 + j] * id;
+            let xi0 = (trunc_i8(x0 + 16.5)).min(31) as u8;
+            let xi1 = (trunc_i8(x1 + 16.5)).min(31) as u8;
+            y.qs[j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4);
+            qh |= (((xi0 & 0x10) >> 4) as u32) << j;
+            qh |= (((xi1 & 0x10) >> 4) as u32) << (j + 16);
+        }
+        y.qh = qh.to_le_bytes();
+    }
+}
+
+pub(super) fn q5_1(x: &[f32], out: &mut [BlockQ5_1]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (min, max) = min_max(xb);
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y.d = F16Le::from_f32(d);
+        y.m = F16Le::from_f32(min);
+        let mut qh = 0u32;
+        for j in 0..16 {
+            let x0 = (xb[j] - min) * id;
+            let x1 = (xb[16 + j] - min) * id;
+            let xi0 = trunc_u8(x0 + 0.5);
+            let xi1 = trunc_u8(x1 + 0.5);
+            y.qs[j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4);
+            qh |= (((xi0 & 0x10) >> 4) as u32) << j;
+            qh |= (((xi1 & 0x10) >> 4) as u32) << (j + 16);
+        }
+        y.qh = qh.to_le_bytes();
+    }
+}
+
+pub(super) fn q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y.d = F16Le::from_f32(d);
+        for j in 0..QK {
+            y.qs[j] = roundf(xb[j] * id) as i8;
+        }
+    }
+}
+
+pub(super) fn q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y.d = F16Le::from_f32(d);
+        let mut sum = 0i32;
+        for j in 0..QK {
+            let q = roundf(xb[j] * id) as i8;
+            y.qs[j] = q;
+            sum += q as i32;
+        }
+        y.s = F16Le::from_f32(sum as f32 * d);
+    }
+}
+
+pub(super) fn q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    for (xb, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let mut max = 0.0f32;
+        let mut amax = 0.0f32;
+        for &v in xb {
+            let ax = v.abs();
+            if ax > amax {
+                amax = ax;
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            y.d = 0.0f32.to_le_bytes();
+            y.qs = [0; QK_K];
+            y.bsums = [[0; 2]; 16];
+            continue;
+        }
+        let iscale = -127.0f32 / max;
+        for j in 0..QK_K {
+            let v = nearest_int(iscale * xb[j]);
+            y.qs[j] = v.min(127) as i8;
+        }
+        for g in 0..16 {
+            let s: i32 = y.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+            y.bsums[g] = (s as i16).to_le_bytes();
+        }
+        y.d = (1.0 / iscale).to_le_bytes();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        assert_eq!(nearest_int(0.5), 0);
+        assert_eq!(nearest_int(1.5), 2);
+        assert_eq!(nearest_int(2.5), 2);
+        assert_eq!(nearest_int(-2.5), -2);
+        assert_eq!(nearest_int(-126.7), -127);
+    }
+
+    #[test]
+    fn q8_k_bsums_are_group_sums() {
+        let x: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        let mut b = [BlockQ8K::zeroed()];
+        q8_k(&x, &mut b);
+        for g in 0..16 {
+            let s: i32 = b[0].qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+            assert_eq!(b[0].bsum(g) as i32, s);
+        }
+        // The element of largest magnitude maps to ±127 exactly.
+        let imax = x
+            .iter()
+            .enumerate()
+            .fold(0, |m, (i, v)| if v.abs() > x[m].abs() { i } else { m });
+        assert_eq!(b[0].qs[imax].unsigned_abs(), 127);
+    }
+
+    use bytemuck::Zeroable;
+}

@@ -1,0 +1,627 @@
+//! The admin JSON API under `/admin/api/` (every route needs an admin JWT, see `auth`), for the web UI
+//! and scripts:
+//!
+//! | method & path | what |
+//! | --- | --- |
+//! | `GET /admin/api/models` | catalogue rows + worker state |
+//! | `POST /admin/api/models/scan` | rescan MODELS_DIR → `{models, removed, skipped}` |
+//! | `GET /admin/api/models/{name}` | one model, its worker and its last 20 sessions |
+//! | `PATCH /admin/api/models/{name}` | per-model settings (`ctx_size`, `threads`, `parallel`, `gpu_layers`, `idle_timeout`, `pinned`, `enabled`, sampling defaults; `null` resets) |
+//! | `POST /admin/api/models/{name}/load` / `unload` / `pin` / `unpin` | control |
+//! | `DELETE /admin/api/models/{name}` | unload, delete the file and the row |
+//! | `GET /admin/api/workers` | state, port, pid, RSS, CPU, uptime, in-flight of every worker |
+//! | `GET /admin/api/models/{name}/logs?tail=N` | last N lines (≤ 1000) of a worker's output |
+//! | `GET /admin/api/models/{name}/logs/follow` | the same, then new lines (SSE, event `log`) |
+//! | `GET /admin/api/logs?tail=N`, `GET /admin/api/logs/follow` | the supervisor's own log |
+//! | `GET /admin/api/resources` | latest resource sample |
+//! | `GET /admin/api/resources/history?since=MS` | samples of the last 15 min |
+//! | `GET /admin/api/settings` | every setting with value (secrets hidden), source and whether it is live |
+//! | `PUT /admin/api/settings` | `{name: value \| null}` DB overrides, validated, applied live |
+//! | `GET /admin/api/stats?since=MS` | per-model request statistics + the last 100 requests |
+//! | `GET /admin/api/keys`, `POST /admin/api/keys {name}`, `DELETE /admin/api/keys/{id}` | API keys (the key is shown once, at creation) |
+//! | `GET /admin/api/events` | WebSocket: JSON events `model_state`, `resources`, `log` |
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::AppState;
+use super::auth::{AdminUser, generate_api_key, hash_api_key};
+use super::db::ModelSettingsPatch;
+use super::error::ApiError;
+use super::logs::{LogLine, SUPERVISOR_LOG};
+use super::process::STOP_GRACE_SECS;
+use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings};
+
+/// Settings that can be changed at run time through `PUT /admin/api/settings` (plus `require_api_key`).
+pub const LIVE_SETTINGS: [&str; 8] = [
+    "model_idle_timeout",
+    "max_loaded_models",
+    "max_memory_percent",
+    "default_context_size",
+    "max_context_size",
+    "threads",
+    "gpu_layers",
+    "jwt_expiry_hours",
+];
+
+/// The extra (non-`Settings`) override: whether `/v1/*` needs an API key (`true`/`false`).
+pub const REQUIRE_API_KEY: &str = "require_api_key";
+
+/// Applies one override `key = value` (JSON text, or a bare string) to a copy of `s` and validates it.
+///
+/// Errors: a message naming the key and value: not live-changeable, wrong type or out of range.
+pub fn apply_override(s: &Settings, key: &str, value: &str) -> Result<Settings, String> {
+    if !LIVE_SETTINGS.contains(&key) {
+        return Err(format!(
+            "`{key}` cannot be changed at run time; set CYBER_INFERENCE_{} or the config file and restart",
+            key.to_ascii_uppercase()
+        ));
+    }
+    let mut j = serde_json::to_value(s).map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    j[key] = v;
+    let n: Settings = serde_json::from_value(j)
+        .map_err(|e| format!("invalid value {value:?} for `{key}`: {e}"))?;
+    let bad = |why: &str| Err(format!("invalid value {value:?} for `{key}`: {why}"));
+    if !(1..=100).contains(&n.max_memory_percent) {
+        return bad("must be between 1 and 100");
+    }
+    if n.max_loaded_models == 0 || n.jwt_expiry_hours == 0 {
+        return bad("must be at least 1");
+    }
+    if n.default_context_size == 0 || n.max_context_size == 0 {
+        return bad("must be at least 1");
+    }
+    if n.default_context_size > n.max_context_size {
+        return bad("DEFAULT_CONTEXT_SIZE must not exceed MAX_CONTEXT_SIZE");
+    }
+    if n.gpu_layers < -1 {
+        return bad("must be -1 (all), 0 or a layer count");
+    }
+    Ok(n)
+}
+
+async fn models(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
+    let views = st.manager.views();
+    let rows = st.db.list_models().await?;
+    let data: Vec<Value> = rows
+        .into_iter()
+        .map(|m| {
+            let w = views.iter().find(|v| v.model == m.name);
+            let est = st.manager.estimate(&m);
+            json!({"model": m, "worker": w, "state": st.manager.state_of(&m.name), "memory_estimate_bytes": est})
+        })
+        .collect();
+    Ok(Json(json!({"models": data})))
+}
+
+async fn scan(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
+    let r = super::catalog::scan(&st.db, &st.models_dir)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    for m in st.db.list_models().await? {
+        st.manager.refresh_model(&m);
+    }
+    Ok(Json(json!(r)))
+}
+
+async fn model(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let m = st
+        .db
+        .get_model(&name)
+        .await?
+        .ok_or_else(|| no_model(&name))?;
+    let sessions = st.db.model_sessions(m.id, 20).await?;
+    let w = st.manager.views().into_iter().find(|v| v.model == name);
+    Ok(Json(json!({
+        "model": m, "state": st.manager.state_of(&name), "worker": w, "sessions": sessions,
+        "memory_estimate_bytes": st.manager.estimate(&m),
+    })))
+}
+
+fn no_model(name: &str) -> ApiError {
+    ApiError::not_found(format!("model `{name}` not found"))
+}
+
+fn validate_patch(p: &ModelSettingsPatch, s: &Settings) -> Result<(), ApiError> {
+    let check = |name: &str, v: Option<Option<i64>>, lo: i64, hi: i64| match v {
+        Some(Some(x)) if x < lo || x > hi => Err(ApiError::bad_request(format!(
+            "`{name}` = {x} is out of range {lo}..={hi}"
+        ))),
+        _ => Ok(()),
+    };
+    check("ctx_size", p.ctx_size, 1, i64::from(s.max_context_size))?;
+    check("threads", p.threads, 1, 1024)?;
+    check("parallel", p.parallel, 1, 256)?;
+    check("gpu_layers", p.gpu_layers, -1, 100_000)?;
+    check("idle_timeout", p.idle_timeout, 0, 365 * 86400)?;
+    check("top_k", p.top_k, 0, 1_000_000)?;
+    check("max_tokens", p.max_tokens, 1, 10_000_000)?;
+    for (name, v, hi) in [("temperature", p.temperature, 5.0), ("top_p", p.top_p, 1.0)] {
+        if let Some(Some(x)) = v
+            && !(0.0..=hi).contains(&x)
+        {
+            return Err(ApiError::bad_request(format!(
+                "`{name}` = {x} is out of range 0..={hi}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn patch_model(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+    body: Result<Json<ModelSettingsPatch>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(p) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    validate_patch(&p, &st.settings())?;
+    let m = st
+        .db
+        .update_model_settings(&name, &p)
+        .await?
+        .ok_or_else(|| no_model(&name))?;
+    st.manager.refresh_model(&m);
+    Ok(Json(
+        json!({"model": m, "note": "ctx_size, threads, parallel and gpu_layers apply at the next load"}),
+    ))
+}
+
+async fn pin(st: AppState, name: String, pinned: bool) -> Result<Json<Value>, ApiError> {
+    let p = ModelSettingsPatch {
+        pinned: Some(pinned),
+        ..Default::default()
+    };
+    let m = st
+        .db
+        .update_model_settings(&name, &p)
+        .await?
+        .ok_or_else(|| no_model(&name))?;
+    st.manager.refresh_model(&m);
+    Ok(Json(json!({"model": m})))
+}
+
+async fn pin_model(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    pin(st, name, true).await
+}
+
+async fn unpin_model(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    pin(st, name, false).await
+}
+
+async fn load_model(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let lease = st
+        .manager
+        .acquire(&name)
+        .await
+        .map_err(super::proxy::load_error)?;
+    drop(lease);
+    Ok(Json(
+        json!({"model": name, "state": st.manager.state_of(&name)}),
+    ))
+}
+
+async fn unload_model(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    st.db
+        .get_model(&name)
+        .await?
+        .ok_or_else(|| no_model(&name))?;
+    let started = st.manager.unload(&name, "unloaded by admin");
+    // Draining waits for in-flight requests: answer once stopped or after the grace period.
+    st.manager
+        .wait_stopped(&name, Duration::from_secs(STOP_GRACE_SECS + 5))
+        .await;
+    Ok(Json(
+        json!({"model": name, "unloading": started, "state": st.manager.state_of(&name)}),
+    ))
+}
+
+async fn delete_model(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let m = st
+        .db
+        .get_model(&name)
+        .await?
+        .ok_or_else(|| no_model(&name))?;
+    st.manager.unload(&name, "deleted by admin");
+    if !st
+        .manager
+        .wait_stopped(&name, Duration::from_secs(STOP_GRACE_SECS + 5))
+        .await
+    {
+        return Err(ApiError::unavailable(
+            "model_busy",
+            format!("model `{name}` is still running requests; try again"),
+        ));
+    }
+    // Only files inside MODELS_DIR are deleted.
+    let path = std::path::PathBuf::from(&m.file_path);
+    let inside = std::fs::canonicalize(&path)
+        .ok()
+        .zip(std::fs::canonicalize(&st.models_dir).ok())
+        .is_some_and(|(p, d)| p.starts_with(d));
+    let mut file_deleted = false;
+    if inside {
+        match std::fs::remove_file(&path) {
+            Ok(()) => file_deleted = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "cannot delete {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    st.db.delete_model(&name).await?;
+    Ok(Json(
+        json!({"deleted": name, "file_deleted": file_deleted, "path": m.file_path}),
+    ))
+}
+
+async fn workers(State(st): State<AppState>, _u: AdminUser) -> Json<Value> {
+    Json(json!({"workers": st.manager.views()}))
+}
+
+#[derive(Deserialize)]
+struct TailQuery {
+    tail: Option<usize>,
+}
+
+async fn model_logs(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+    Query(q): Query<TailQuery>,
+) -> Result<Json<Value>, ApiError> {
+    st.db
+        .get_model(&name)
+        .await?
+        .ok_or_else(|| no_model(&name))?;
+    Ok(Json(
+        json!({"model": name, "lines": st.manager.logs(&name).tail(q.tail.unwrap_or(200))}),
+    ))
+}
+
+async fn supervisor_logs(_u: AdminUser, Query(q): Query<TailQuery>) -> Json<Value> {
+    Json(json!({"lines": SUPERVISOR_LOG.tail(q.tail.unwrap_or(200))}))
+}
+
+/// Replays `backlog` then follows `rx` as SSE events named `log` (data: a [`LogLine`] as JSON).
+fn follow(
+    backlog: Vec<LogLine>,
+    rx: broadcast::Receiver<LogLine>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let ev = |l: &LogLine| {
+        SseEvent::default()
+            .event("log")
+            .json_data(l)
+            .unwrap_or_default()
+    };
+    let first = futures_util::stream::iter(backlog.iter().map(ev).map(Ok).collect::<Vec<_>>());
+    let rest = futures_util::stream::unfold(rx, move |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(l) => return Some((Ok(ev(&l)), rx)),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    Sse::new(first.chain(rest)).keep_alive(KeepAlive::default())
+}
+
+async fn model_logs_follow(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(name): Path<String>,
+    Query(q): Query<TailQuery>,
+) -> Result<Response, ApiError> {
+    st.db
+        .get_model(&name)
+        .await?
+        .ok_or_else(|| no_model(&name))?;
+    let logs = st.manager.logs(&name);
+    let rx = logs.follow();
+    Ok(follow(logs.tail(q.tail.unwrap_or(100)), rx).into_response())
+}
+
+async fn supervisor_logs_follow(_u: AdminUser, Query(q): Query<TailQuery>) -> Response {
+    let rx = SUPERVISOR_LOG.follow();
+    follow(SUPERVISOR_LOG.tail(q.tail.unwrap_or(100)), rx).into_response()
+}
+
+async fn resources(State(st): State<AppState>, _u: AdminUser) -> Json<Value> {
+    Json(json!({"sample": st.monitor.latest()}))
+}
+
+#[derive(Deserialize)]
+struct SinceQuery {
+    since: Option<i64>,
+}
+
+async fn resources_history(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Query(q): Query<SinceQuery>,
+) -> Json<Value> {
+    Json(json!({"samples": st.monitor.history(q.since.unwrap_or(0))}))
+}
+
+async fn get_settings(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
+    let s = serde_json::to_value(st.settings()).map_err(|e| ApiError::internal(e.to_string()))?;
+    let overrides = st.db.configurations().await?;
+    let sources = st.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut out: Vec<Value> = SETTING_NAMES
+        .iter()
+        .map(|&name| {
+            let secret = SECRET_SETTINGS.contains(&name);
+            let value = if secret {
+                json!(if s[name].is_null() { "" } else { "(set)" })
+            } else {
+                s[name].clone()
+            };
+            let source = if overrides.iter().any(|(k, _)| k == name) {
+                json!("db")
+            } else {
+                json!(sources.iter().find(|(n, _)| *n == name).map(|(_, s)| *s))
+            };
+            json!({"name": name, "value": value, "source": source, "live": LIVE_SETTINGS.contains(&name), "secret": secret})
+        })
+        .collect();
+    out.push(json!({
+        "name": REQUIRE_API_KEY, "value": st.auth.require_api_key.load(Ordering::Relaxed),
+        "source": if overrides.iter().any(|(k, _)| k == REQUIRE_API_KEY) { "db" } else { "default" },
+        "live": true, "secret": false,
+    }));
+    Ok(Json(json!({"settings": out})))
+}
+
+async fn put_settings(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    body: Result<Json<serde_json::Map<String, Value>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    // Validate everything first, then apply: all or nothing.
+    let mut next = st.settings();
+    let mut writes: Vec<(String, Option<String>)> = Vec::new();
+    let mut require_key = None;
+    for (k, v) in &body {
+        let text = match v {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            v => Some(v.to_string()),
+        };
+        if k == REQUIRE_API_KEY {
+            let b = match text.as_deref() {
+                None => false,
+                Some("true") => true,
+                Some("false") => false,
+                Some(x) => {
+                    return Err(ApiError::bad_request(format!(
+                        "`{k}` must be true or false, not {x}"
+                    )));
+                }
+            };
+            require_key = Some(b);
+        } else if let Some(t) = &text {
+            next = apply_override(&next, k, t).map_err(ApiError::bad_request)?;
+        } else {
+            if !LIVE_SETTINGS.contains(&k.as_str()) {
+                return Err(ApiError::bad_request(format!(
+                    "`{k}` is not a run-time setting"
+                )));
+            }
+            // Reset: back to the value from file/env/default.
+            let base = st.base_settings.clone();
+            let j = serde_json::to_value(&base).map_err(|e| ApiError::internal(e.to_string()))?;
+            next = apply_override(&next, k, &j[k.as_str()].to_string())
+                .map_err(ApiError::bad_request)?;
+        }
+        writes.push((k.clone(), text));
+    }
+    for (k, v) in &writes {
+        match v {
+            Some(v) => st.db.set_configuration(k, v).await?,
+            None => st.db.delete_configuration(k).await?,
+        }
+    }
+    *st.settings.write().unwrap_or_else(|p| p.into_inner()) = next;
+    if let Some(b) = require_key {
+        st.auth.require_api_key.store(b, Ordering::Relaxed);
+    }
+    tracing::info!(keys = ?writes.iter().map(|w| &w.0).collect::<Vec<_>>(), "settings overridden");
+    get_settings(State(st), _u).await
+}
+
+async fn stats(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Query(q): Query<SinceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let since = q.since.unwrap_or(0);
+    Ok(Json(json!({
+        "since": since,
+        "models": st.db.request_stats(since).await?,
+        "recent": st.db.recent_requests(100).await?,
+    })))
+}
+
+async fn list_keys(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"keys": st.db.list_api_keys().await?, "required": st.auth.require_api_key.load(Ordering::Relaxed)}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct NewKey {
+    name: String,
+    #[serde(default)]
+    scopes: Option<String>,
+}
+
+async fn create_key(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    body: Result<Json<NewKey>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(b) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let name = b.name.trim();
+    if name.is_empty() || name.len() > 100 {
+        return Err(ApiError::bad_request("`name` must be 1 to 100 characters"));
+    }
+    let (key, prefix) = generate_api_key();
+    let row = st
+        .db
+        .insert_api_key(
+            name,
+            &hash_api_key(&key),
+            &prefix,
+            b.scopes.as_deref().unwrap_or("inference"),
+        )
+        .await?;
+    Ok(Json(
+        json!({"key": key, "api_key": row, "note": "the key is shown only once"}),
+    ))
+}
+
+async fn revoke_key(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    if st.db.revoke_api_key(id).await? {
+        Ok(Json(json!({"revoked": id})))
+    } else {
+        Err(ApiError::not_found(format!(
+            "no active API key with id {id}"
+        )))
+    }
+}
+
+async fn events(State(st): State<AppState>, _u: AdminUser, ws: WebSocketUpgrade) -> Response {
+    let rx = st.events.subscribe();
+    ws.on_upgrade(move |socket| pump(socket, rx))
+}
+
+async fn pump(mut socket: WebSocket, mut rx: broadcast::Receiver<super::events::Event>) {
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(ev) => {
+                    let Ok(text) = serde_json::to_string(&ev) else { continue };
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let _ = socket.send(Message::Text(json!({"type": "lagged", "skipped": n}).to_string().into())).await;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => {}
+            },
+        }
+    }
+}
+
+/// The admin API routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/api/models", get(models))
+        .route("/admin/api/models/scan", post(scan))
+        .route(
+            "/admin/api/models/{name}",
+            get(model).patch(patch_model).delete(delete_model),
+        )
+        .route("/admin/api/models/{name}/load", post(load_model))
+        .route("/admin/api/models/{name}/unload", post(unload_model))
+        .route("/admin/api/models/{name}/pin", post(pin_model))
+        .route("/admin/api/models/{name}/unpin", post(unpin_model))
+        .route("/admin/api/models/{name}/logs", get(model_logs))
+        .route(
+            "/admin/api/models/{name}/logs/follow",
+            get(model_logs_follow),
+        )
+        .route("/admin/api/workers", get(workers))
+        .route("/admin/api/logs", get(supervisor_logs))
+        .route("/admin/api/logs/follow", get(supervisor_logs_follow))
+        .route("/admin/api/resources", get(resources))
+        .route("/admin/api/resources/history", get(resources_history))
+        .route("/admin/api/settings", get(get_settings).put(put_settings))
+        .route("/admin/api/stats", get(stats))
+        .route("/admin/api/keys", get(list_keys).post(create_key))
+        .route("/admin/api/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/admin/api/events", get(events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_are_validated() {
+        let s = Settings::default();
+        let n = apply_override(&s, "model_idle_timeout", "2").unwrap();
+        assert_eq!(n.model_idle_timeout, 2);
+        let n = apply_override(&n, "threads", "null").unwrap();
+        assert_eq!(n.threads, None);
+        assert!(
+            apply_override(&s, "max_memory_percent", "150")
+                .unwrap_err()
+                .contains("150")
+        );
+        assert!(apply_override(&s, "max_loaded_models", "0").is_err());
+        assert!(
+            apply_override(&s, "model_idle_timeout", "soon")
+                .unwrap_err()
+                .contains("soon")
+        );
+        assert!(apply_override(&s, "default_context_size", "999999").is_err());
+        assert!(
+            apply_override(&s, "port", "1")
+                .unwrap_err()
+                .contains("restart")
+        );
+    }
+}

@@ -1,0 +1,436 @@
+//! Authentication: admin login (argon2id) issuing JWTs (HS256) as an HttpOnly SameSite=Strict cookie or
+//! a Bearer token, the Origin check on state-changing admin requests, a per-address login rate limit, and
+//! API keys (SHA-256 hashed, shown once) for `/v1/*` when required. Exposed as axum extractors.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router, routing::post};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Name of the session cookie.
+pub const COOKIE: &str = "ci_session";
+/// Failed logins allowed per client address within [`LOGIN_WINDOW`] before 429.
+pub const MAX_FAILED_LOGINS: u32 = 5;
+/// Window of the login rate limit.
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Name of the admin user created by `init`.
+pub const ADMIN_USER: &str = "admin";
+
+/// An auth helper that failed (hashing; never a wrong password, which is `Ok(false)`).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot hash password: {0}")]
+    Hash(String),
+    #[error("cannot sign token: {0}")]
+    Sign(String),
+}
+
+/// Hashes a password with argon2id (the crate's default parameters: 19 MiB, 2 passes, 1 lane), as a PHC
+/// string.
+///
+/// Errors: [`AuthError::Hash`].
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AuthError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+/// Whether `password` matches a PHC hash (a malformed hash never matches).
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// A random password of 24 URL-safe characters (~143 bits).
+pub fn generate_password() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 18];
+    rand::rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// The claims of an admin JWT.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user name.
+    pub sub: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Expiry (Unix seconds).
+    pub exp: u64,
+}
+
+/// Signing keys and the login limiter, shared by the handlers.
+pub struct AuthState {
+    enc: EncodingKey,
+    dec: DecodingKey,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Whether `/v1/*` needs an API key (the `require_api_key` override in `configurations`).
+    pub require_api_key: AtomicBool,
+}
+
+impl AuthState {
+    /// Keys from the JWT secret bytes.
+    pub fn new(secret: &[u8], require_api_key: bool) -> AuthState {
+        AuthState {
+            enc: EncodingKey::from_secret(secret),
+            dec: DecodingKey::from_secret(secret),
+            failures: Mutex::new(HashMap::new()),
+            require_api_key: AtomicBool::new(require_api_key),
+        }
+    }
+
+    /// A token for `user` valid for `hours`; returns it with its expiry (Unix seconds).
+    ///
+    /// Errors: [`AuthError::Sign`].
+    pub fn issue(&self, user: &str, hours: u32) -> Result<(String, u64), AuthError> {
+        let now = unix_now();
+        let claims = Claims {
+            sub: user.to_owned(),
+            iat: now,
+            exp: now + u64::from(hours) * 3600,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc)
+            .map(|t| (t, claims.exp))
+            .map_err(|e| AuthError::Sign(e.to_string()))
+    }
+
+    /// The claims of a valid, unexpired HS256 token signed with our secret.
+    pub fn verify(&self, token: &str) -> Option<Claims> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = 0;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &self.dec, &v)
+            .ok()
+            .map(|d| d.claims)
+    }
+
+    /// Seconds until `ip` may try again, when it is over the limit.
+    fn limited(&self, ip: IpAddr) -> Option<u64> {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match f.get(&ip) {
+            Some((n, since)) if since.elapsed() < LOGIN_WINDOW && *n >= MAX_FAILED_LOGINS => {
+                Some((LOGIN_WINDOW - since.elapsed()).as_secs().max(1))
+            }
+            Some((_, since)) if since.elapsed() >= LOGIN_WINDOW => {
+                f.remove(&ip);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn fail(&self, ip: IpAddr) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.len() > 10_000 {
+            f.retain(|_, (_, since)| since.elapsed() < LOGIN_WINDOW);
+        }
+        let e = f.entry(ip).or_insert((0, Instant::now()));
+        e.0 += 1;
+    }
+
+    fn succeed(&self, ip: IpAddr) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ip);
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// SHA-256 (hex) of an API key: keys are 256-bit random, so a fast hash is enough.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A new API key `ci-<43 base64url chars>` and its display prefix (the first 10 characters).
+pub fn generate_api_key() -> (String, String) {
+    use base64::Engine;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    let key = format!(
+        "ci-{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    );
+    let prefix = key[..10].to_owned();
+    (key, prefix)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+/// Whether a state-changing request's `Origin` names this server (`http(s)://` + the Host header).
+/// A request without Origin passes only when `allow_missing` (a Bearer client, not a browser).
+pub fn origin_ok(headers: &HeaderMap, allow_missing: bool) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return allow_missing;
+    };
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    origin == format!("http://{host}") || origin == format!("https://{host}")
+}
+
+fn state_changing(m: &Method) -> bool {
+    !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// An authenticated admin: a valid JWT in `Authorization: Bearer` or the session cookie. For
+/// state-changing methods a cookie session also needs a matching `Origin` (CSRF); a Bearer request with
+/// an Origin must match too. Rejects with 401 (no or bad token) or 403 (foreign Origin).
+pub struct AdminUser(pub String);
+
+impl FromRequestParts<AppState> for AdminUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let (token, via_cookie) = match bearer(&parts.headers) {
+            Some(t) => (t, false),
+            None => match cookie(&parts.headers, COOKIE) {
+                Some(t) => (t, true),
+                None => return Err(ApiError::unauthorized("login required")),
+            },
+        };
+        let claims = state
+            .auth
+            .verify(token)
+            .ok_or_else(|| ApiError::unauthorized("invalid or expired token"))?;
+        if state_changing(&parts.method) && !origin_ok(&parts.headers, !via_cookie) {
+            return Err(ApiError::forbidden(
+                "cross-origin request refused: Origin must match the Host of this server",
+            ));
+        }
+        Ok(AdminUser(claims.sub))
+    }
+}
+
+/// The API key of a `/v1/*` request: `Some(id)` for a valid key, `None` when keys are not required.
+/// Rejects with 401 in OpenAI's error shape when a key is required and missing, unknown or revoked.
+pub struct ApiKey(pub Option<i64>);
+
+impl FromRequestParts<AppState> for ApiKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if !state.auth.require_api_key.load(Ordering::Relaxed) {
+            return Ok(ApiKey(None));
+        }
+        let Some(key) = bearer(&parts.headers) else {
+            return Err(ApiError::invalid_api_key(
+                "an API key is required (Authorization: Bearer KEY)",
+            ));
+        };
+        match state.db.use_api_key(&hash_api_key(key)).await {
+            Ok(Some(k)) => Ok(ApiKey(Some(k.id))),
+            Ok(None) => Err(ApiError::invalid_api_key("invalid or revoked API key")),
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    username: String,
+    password: String,
+}
+
+/// `POST /admin/api/login` `{username, password}` → `{token, expires_at}` and the session cookie.
+/// 401 for a bad user or password, 429 (with Retry-After) after [`MAX_FAILED_LOGINS`] failures from one
+/// address within [`LOGIN_WINDOW`], 403 for a foreign Origin.
+async fn login(
+    State(st): State<AppState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Json<LoginBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let ip = addr.ip();
+    if let Some(wait) = st.auth.limited(ip) {
+        let mut r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            format!("too many failed logins from {ip}; try again in {wait} s"),
+        )
+        .into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, wait.into());
+        return Ok(r);
+    }
+    if !origin_ok(&headers, true) {
+        return Err(ApiError::forbidden("cross-origin login refused"));
+    }
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let user = st
+        .db
+        .get_user(&body.username)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    // Verify against a dummy hash for unknown users so timing does not reveal which names exist.
+    let hash = user
+        .as_ref()
+        .map_or_else(|| DUMMY_HASH.to_owned(), |u| u.password_hash.clone());
+    let pw = body.password;
+    let ok = tokio::task::spawn_blocking(move || verify_password(&pw, &hash))
+        .await
+        .unwrap_or(false)
+        && user.is_some();
+    if !ok {
+        st.auth.fail(ip);
+        tracing::warn!(%ip, user = %body.username, "failed admin login");
+        return Err(ApiError::unauthorized("invalid username or password"));
+    }
+    st.auth.succeed(ip);
+    let hours = st.settings().jwt_expiry_hours;
+    let (token, exp) = st
+        .auth
+        .issue(&body.username, hours)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let cookie = format!(
+        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        u64::from(hours) * 3600
+    );
+    let mut r =
+        Json(serde_json::json!({"token": token, "expires_at": exp, "username": body.username}))
+            .into_response();
+    if let Ok(v) = cookie.parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(r)
+}
+
+/// An argon2id hash of a random password, verified against for unknown users.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_password(&generate_password()).unwrap_or_default());
+
+/// `POST /admin/api/logout`: clears the cookie.
+async fn logout(_u: AdminUser) -> Response {
+    let mut r = Json(serde_json::json!({"ok": true})).into_response();
+    if let Ok(v) = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0").parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// `GET /admin/api/me`: the logged-in user.
+async fn me(AdminUser(u): AdminUser) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"username": u}))
+}
+
+/// Login, logout and me.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/api/login", post(login))
+        .route("/admin/api/logout", post(logout))
+        .route("/admin/api/me", axum::routing::get(me))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_hash_and_verify() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("s3cret", &h));
+        assert!(!verify_password("wrong", &h));
+        assert!(!verify_password("s3cret", "not a hash"));
+        assert!(!verify_password("x", &DUMMY_HASH));
+        assert_ne!(generate_password(), generate_password());
+    }
+
+    #[test]
+    fn tokens_are_checked_for_signature_and_expiry() {
+        let a = AuthState::new(b"secret-a", false);
+        let b = AuthState::new(b"secret-b", false);
+        let (t, exp) = a.issue("admin", 1).unwrap();
+        assert!(exp > unix_now());
+        assert_eq!(a.verify(&t).unwrap().sub, "admin");
+        assert!(b.verify(&t).is_none(), "signed with another secret");
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims {
+                sub: "admin".into(),
+                iat: 1,
+                exp: unix_now() - 10,
+            },
+            &EncodingKey::from_secret(b"secret-a"),
+        )
+        .unwrap();
+        assert!(a.verify(&expired).is_none());
+        let none_alg =
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhZG1pbiIsImV4cCI6OTk5OTk5OTk5OX0.";
+        assert!(a.verify(none_alg).is_none());
+    }
+
+    #[test]
+    fn limiter_and_origin() {
+        let a = AuthState::new(b"k", false);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..MAX_FAILED_LOGINS {
+            assert!(a.limited(ip).is_none());
+            a.fail(ip);
+        }
+        assert!(a.limited(ip).is_some());
+        a.succeed(ip);
+        assert!(a.limited(ip).is_none());
+
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:8337".parse().unwrap());
+        assert!(origin_ok(&h, true));
+        assert!(!origin_ok(&h, false));
+        h.insert(header::ORIGIN, "http://127.0.0.1:8337".parse().unwrap());
+        assert!(origin_ok(&h, false));
+        h.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
+        assert!(!origin_ok(&h, true));
+        h.insert(header::COOKIE, "a=b; ci_session=tok; c=d".parse().unwrap());
+        assert_eq!(cookie(&h, COOKIE), Some("tok"));
+        let (k, p) = generate_api_key();
+        assert!(k.starts_with(&p) && k.len() == 46);
+        assert_eq!(hash_api_key(&k).len(), 64);
+    }
+}

@@ -1,0 +1,256 @@
+//! The model catalogue: finds `*.gguf` files under MODELS_DIR, reads their metadata with `engine::gguf`
+//! (architecture, parameters, quantization, context length, layer sizes) and registers them in `models`.
+
+use std::path::{Path, PathBuf};
+
+use crate::engine::gguf::{GgufFile, keys};
+
+use super::db::{Db, DbError, ScannedModel};
+
+/// Folder depth searched below MODELS_DIR (downloads may live in `repo/` sub-folders).
+const MAX_DEPTH: usize = 3;
+
+/// A scan that could not be completed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read models folder {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// The outcome of a scan: registered model names and files skipped with the reason.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ScanReport {
+    pub models: Vec<String>,
+    pub removed: Vec<String>,
+    pub skipped: Vec<(String, String)>,
+}
+
+/// `general.file_type` (llama.cpp's `llama_ftype`, include/llama.h at 0c1e570) → name.
+pub fn ftype_name(ftype: u32) -> Option<&'static str> {
+    Some(match ftype {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        _ => return None,
+    })
+}
+
+/// Architectures whose GGUF is an embedding (encoder) model: the worker gets `--embedding`.
+const EMBEDDING_ARCHES: [&str; 5] = [
+    "bert",
+    "nomic-bert",
+    "jina-bert-v2",
+    "nomic-bert-moe",
+    "modern-bert",
+];
+
+/// Reads what the catalogue keeps about one GGUF file. `name` is the model id to register.
+///
+/// Errors: the GGUF reader's error as text (a hostile or truncated file).
+pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
+    let f = GgufFile::open(path).map_err(|e| e.to_string())?;
+    let arch = f.architecture().ok().map(str::to_owned);
+    let a = arch.clone().unwrap_or_default();
+    let geti = |k: &str| f.get_u64(k).ok().and_then(|v| i64::try_from(v).ok());
+    let quant = f
+        .get_u32(keys::FILE_TYPE)
+        .ok()
+        .and_then(ftype_name)
+        .map(str::to_owned)
+        .or_else(|| {
+            // The type holding the most bytes.
+            let mut by: Vec<(&str, u64)> = Vec::new();
+            for t in f.tensors() {
+                match by.iter_mut().find(|(n, _)| *n == t.ty.name()) {
+                    Some(e) => e.1 += t.n_bytes,
+                    None => by.push((t.ty.name(), t.n_bytes)),
+                }
+            }
+            by.into_iter().max_by_key(|e| e.1).map(|e| e.0.to_owned())
+        });
+    let n_embd = geti(&format!("{a}.embedding_length"));
+    let n_head = geti(&format!("{a}.attention.head_count"));
+    let n_head_kv = geti(&format!("{a}.attention.head_count_kv")).or(n_head);
+    let head_dim = geti(&format!("{a}.attention.key_length")).or_else(|| match (n_embd, n_head) {
+        (Some(e), Some(h)) if h > 0 => Some(e / h),
+        _ => None,
+    });
+    let embedding = EMBEDDING_ARCHES.contains(&a.as_str())
+        || f.get(&format!("{a}.pooling_type")).is_some() && !a.starts_with("qwen");
+    Ok(ScannedModel {
+        name,
+        file_path: path.display().to_string(),
+        size_bytes: i64::try_from(f.file_size()).unwrap_or(i64::MAX),
+        parameters: i64::try_from(f.parameter_count()).ok(),
+        quantization: quant,
+        context_length: geti(&keys::context_length(&a)),
+        n_layer: geti(&format!("{a}.block_count")),
+        n_embd_kv: match (n_head_kv, head_dim) {
+            (Some(h), Some(d)) => Some(h * d),
+            _ => None,
+        },
+        embedding,
+        architecture: arch,
+    })
+}
+
+/// Every `*.gguf` below `dir` (to [`MAX_DEPTH`] folders), sorted.
+pub fn find_gguf(dir: &Path) -> Result<Vec<PathBuf>, CatalogError> {
+    fn walk(d: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(d)? {
+            let e = e?;
+            let p = e.path();
+            let ft = e.file_type()?;
+            if ft.is_dir() && depth < MAX_DEPTH {
+                let _ = walk(&p, depth + 1, out);
+            } else if (ft.is_file() || ft.is_symlink())
+                && p.extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, 0, &mut out).map_err(|source| CatalogError::Dir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    out.sort();
+    Ok(out)
+}
+
+/// Scans `models_dir`, registers every readable GGUF (the id is the file stem; a clash gets the relative
+/// path with `/` → `--`), and removes rows whose file is gone. Blocking file reads run off the runtime.
+///
+/// Errors: [`CatalogError::Dir`] when the folder cannot be listed, [`CatalogError::Db`].
+pub async fn scan(db: &Db, models_dir: &Path) -> Result<ScanReport, CatalogError> {
+    let dir = models_dir.to_path_buf();
+    let found = tokio::task::spawn_blocking(move || -> Result<_, CatalogError> {
+        let files = find_gguf(&dir)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for p in files {
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let name = if seen.insert(stem.clone()) {
+                stem
+            } else {
+                let rel = p.strip_prefix(&dir).unwrap_or(&p).with_extension("");
+                rel.to_string_lossy().replace('/', "--")
+            };
+            out.push((p.display().to_string(), describe(&p, name)));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| CatalogError::Dir {
+        path: models_dir.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })??;
+    let mut report = ScanReport::default();
+    let mut present = Vec::new();
+    let existing = db.list_models().await?;
+    for (path, r) in found {
+        match r {
+            Ok(mut m) => {
+                // A file already registered keeps its (possibly renamed) id.
+                if let Some(old) = existing.iter().find(|e| e.file_path == path) {
+                    m.name = old.name.clone();
+                }
+                present.push(path);
+                report.models.push(db.upsert_scanned(&m).await?.name);
+            }
+            Err(e) => {
+                tracing::warn!(file = %path, error = %e, "skipping unreadable GGUF");
+                report.skipped.push((path, e));
+            }
+        }
+    }
+    report.removed = db.remove_missing(&present).await?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ftype_names() {
+        assert_eq!(ftype_name(3), Some("Q4_1"));
+        assert_eq!(ftype_name(15), Some("Q4_K_M"));
+        assert_eq!(ftype_name(999), None);
+    }
+
+    #[tokio::test]
+    async fn scan_registers_real_files_and_skips_garbage() {
+        let Ok(assets) = std::env::var("CYBER_INFERENCE_ASSETS") else {
+            panic!("CYBER_INFERENCE_ASSETS is not set (see ../shared/assets/fetch)");
+        };
+        let src = Path::new(&assets).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&src, dir.path().join("smol.gguf")).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/bad.gguf"), b"GGUF\x03\0\0\0garbage").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let r = scan(&db, dir.path()).await.unwrap();
+        assert_eq!(r.models, vec!["smol".to_string()]);
+        assert_eq!(r.skipped.len(), 1);
+        let m = db.get_model("smol").await.unwrap().unwrap();
+        assert_eq!(m.architecture.as_deref(), Some("llama"));
+        assert_eq!(m.quantization.as_deref(), Some("Q4_1"));
+        assert_eq!(m.context_length, Some(8192));
+        assert_eq!((m.n_layer, m.n_embd_kv), (Some(30), Some(192)));
+        assert!(!m.embedding);
+        assert!(m.parameters.unwrap() > 100_000_000);
+        let e = describe(
+            &Path::new(&assets).join("models/all-MiniLM-L6-v2.F16.gguf"),
+            "e".into(),
+        )
+        .unwrap();
+        assert!(e.embedding);
+        std::fs::remove_file(dir.path().join("smol.gguf")).unwrap();
+        let r = scan(&db, dir.path()).await.unwrap();
+        assert_eq!(r.removed, vec!["smol".to_string()]);
+        assert!(scan(&db, &dir.path().join("missing")).await.is_err());
+    }
+}

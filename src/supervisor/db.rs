@@ -1,0 +1,1092 @@
+//! The supervisor's SQLite storage: the only module that touches SQL. Queries are built with sea-query and
+//! run with sqlx; the schema lives in `migrations/` and is applied at start-up (WAL, foreign keys on).
+
+use std::path::Path;
+use std::time::Duration;
+
+use sea_query::{Expr, Iden, OnConflict, Order, Query, SqliteQueryBuilder};
+use sea_query_binder::SqlxBinder;
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// A database operation that failed; says which operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open database {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("cannot migrate database {path}: {source}")]
+    Migrate {
+        path: String,
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database error while {op}: {source}")]
+    Query {
+        op: &'static str,
+        source: sqlx::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, DbError>;
+
+fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
+    move |source| DbError::Query { op, source }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp column.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Iden)]
+enum Models {
+    Table,
+    Id,
+    Name,
+    FilePath,
+    SizeBytes,
+    Sha256,
+    Architecture,
+    Parameters,
+    Quantization,
+    ContextLength,
+    NLayer,
+    NEmbdKv,
+    Embedding,
+    HfRepoId,
+    HfFilename,
+    CtxSize,
+    Threads,
+    Parallel,
+    GpuLayers,
+    IdleTimeout,
+    Pinned,
+    Enabled,
+    Temperature,
+    TopP,
+    TopK,
+    MaxTokens,
+    PeakRssBytes,
+    CreatedAt,
+    UpdatedAt,
+    LastUsedAt,
+}
+
+#[derive(Iden)]
+enum ModelSessions {
+    Table,
+    Id,
+    ModelId,
+    Pid,
+    Port,
+    Instance,
+    Status,
+    StartedAt,
+    ReadyAt,
+    StoppedAt,
+    StopReason,
+    PeakRssBytes,
+}
+
+#[derive(Iden)]
+enum Configurations {
+    Table,
+    Key,
+    Value,
+    UpdatedAt,
+}
+
+#[derive(Iden)]
+enum Users {
+    Table,
+    Id,
+    Username,
+    PasswordHash,
+    CreatedAt,
+    UpdatedAt,
+}
+
+#[derive(Iden)]
+enum ApiKeys {
+    Table,
+    Id,
+    Name,
+    KeyHash,
+    Prefix,
+    Scopes,
+    CreatedAt,
+    LastUsedAt,
+    RevokedAt,
+}
+
+#[derive(Iden)]
+enum Requests {
+    Table,
+    Id,
+    Model,
+    Endpoint,
+    Status,
+    PromptTokens,
+    CompletionTokens,
+    DurationMs,
+    ApiKeyId,
+    CreatedAt,
+}
+
+/// A row of `models`: one catalogue entry with its per-model settings.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct ModelRow {
+    pub id: i64,
+    pub name: String,
+    pub file_path: String,
+    pub size_bytes: i64,
+    pub sha256: Option<String>,
+    pub architecture: Option<String>,
+    pub parameters: Option<i64>,
+    pub quantization: Option<String>,
+    pub context_length: Option<i64>,
+    pub n_layer: Option<i64>,
+    pub n_embd_kv: Option<i64>,
+    pub embedding: bool,
+    pub hf_repo_id: Option<String>,
+    pub hf_filename: Option<String>,
+    pub ctx_size: Option<i64>,
+    pub threads: Option<i64>,
+    pub parallel: Option<i64>,
+    pub gpu_layers: Option<i64>,
+    pub idle_timeout: Option<i64>,
+    pub pinned: bool,
+    pub enabled: bool,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub max_tokens: Option<i64>,
+    pub peak_rss_bytes: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// What a scan of MODELS_DIR learns about a file (see `catalog`).
+#[derive(Clone, Debug, Default)]
+pub struct ScannedModel {
+    pub name: String,
+    pub file_path: String,
+    pub size_bytes: i64,
+    pub architecture: Option<String>,
+    pub parameters: Option<i64>,
+    pub quantization: Option<String>,
+    pub context_length: Option<i64>,
+    pub n_layer: Option<i64>,
+    pub n_embd_kv: Option<i64>,
+    pub embedding: bool,
+}
+
+/// A change of a model's settings from the admin API; `None` leaves a field as it is, `Some(None)` resets
+/// it to the global default.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettingsPatch {
+    #[serde(default, with = "double_option")]
+    pub ctx_size: Option<Option<i64>>,
+    #[serde(default, with = "double_option")]
+    pub threads: Option<Option<i64>>,
+    #[serde(default, with = "double_option")]
+    pub parallel: Option<Option<i64>>,
+    #[serde(default, with = "double_option")]
+    pub gpu_layers: Option<Option<i64>>,
+    #[serde(default, with = "double_option")]
+    pub idle_timeout: Option<Option<i64>>,
+    #[serde(default, with = "double_option")]
+    pub temperature: Option<Option<f64>>,
+    #[serde(default, with = "double_option")]
+    pub top_p: Option<Option<f64>>,
+    #[serde(default, with = "double_option")]
+    pub top_k: Option<Option<i64>>,
+    #[serde(default, with = "double_option")]
+    pub max_tokens: Option<Option<i64>>,
+    pub pinned: Option<bool>,
+    pub enabled: Option<bool>,
+}
+
+/// `null` in JSON means "reset", an absent field means "unchanged".
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+/// A row of `model_sessions`: one worker process.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct SessionRow {
+    pub id: i64,
+    pub model_id: i64,
+    pub pid: Option<i64>,
+    pub port: i64,
+    pub instance: String,
+    pub status: String,
+    pub started_at: i64,
+    pub ready_at: Option<i64>,
+    pub stopped_at: Option<i64>,
+    pub stop_reason: Option<String>,
+    pub peak_rss_bytes: Option<i64>,
+}
+
+/// A row of `users`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: i64,
+    pub username: String,
+    pub password_hash: String,
+}
+
+/// A row of `api_keys` (the hash never leaves this module's callers in `auth`).
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    pub id: i64,
+    pub name: String,
+    #[serde(skip)]
+    pub key_hash: String,
+    pub prefix: String,
+    pub scopes: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// One finished proxied request, for `requests`.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct RequestRow {
+    pub model: String,
+    pub endpoint: String,
+    pub status: i64,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub duration_ms: i64,
+    pub api_key_id: Option<i64>,
+    pub created_at: i64,
+}
+
+/// Aggregates of `requests` per model since a time.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct RequestStats {
+    pub model: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub avg_duration_ms: f64,
+}
+
+/// The connection pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: SqlitePool,
+}
+
+impl Db {
+    /// Opens (creating if missing) the database at `path` in WAL mode with foreign keys on, and applies
+    /// the migrations of `migrations/`.
+    ///
+    /// Errors: [`DbError::Open`], [`DbError::Migrate`].
+    pub async fn open(path: &Path) -> Result<Db> {
+        let shown = path.display().to_string();
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|source| DbError::Open {
+                path: shown.clone(),
+                source,
+            })?;
+        sqlx::migrate!()
+            .run(&pool)
+            .await
+            .map_err(|source| DbError::Migrate {
+                path: shown,
+                source,
+            })?;
+        Ok(Db { pool })
+    }
+
+    /// Closes the pool (flushes the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- models -------------------------------------------------------------------------------------
+
+    /// Inserts a scanned file, or refreshes the metadata of the row with the same file path (per-model
+    /// settings are kept). Returns the row.
+    pub async fn upsert_scanned(&self, m: &ScannedModel) -> Result<ModelRow> {
+        let now = now_ms();
+        let (sql, values) = Query::insert()
+            .into_table(Models::Table)
+            .columns([
+                Models::Name,
+                Models::FilePath,
+                Models::SizeBytes,
+                Models::Architecture,
+                Models::Parameters,
+                Models::Quantization,
+                Models::ContextLength,
+                Models::NLayer,
+                Models::NEmbdKv,
+                Models::Embedding,
+                Models::CreatedAt,
+                Models::UpdatedAt,
+            ])
+            .values_panic([
+                m.name.clone().into(),
+                m.file_path.clone().into(),
+                m.size_bytes.into(),
+                m.architecture.clone().into(),
+                m.parameters.into(),
+                m.quantization.clone().into(),
+                m.context_length.into(),
+                m.n_layer.into(),
+                m.n_embd_kv.into(),
+                m.embedding.into(),
+                now.into(),
+                now.into(),
+            ])
+            .on_conflict(
+                OnConflict::column(Models::FilePath)
+                    .update_columns([
+                        Models::SizeBytes,
+                        Models::Architecture,
+                        Models::Parameters,
+                        Models::Quantization,
+                        Models::ContextLength,
+                        Models::NLayer,
+                        Models::NEmbdKv,
+                        Models::Embedding,
+                        Models::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("registering a model"))?;
+        self.model_by_path(&m.file_path)
+            .await?
+            .ok_or(DbError::Query {
+                op: "reading back a registered model",
+                source: sqlx::Error::RowNotFound,
+            })
+    }
+
+    async fn model_by_path(&self, path: &str) -> Result<Option<ModelRow>> {
+        let (sql, values) = Query::select()
+            .column(sea_query::Asterisk)
+            .from(Models::Table)
+            .and_where(Expr::col(Models::FilePath).eq(path))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, ModelRow, _>(&sql, values)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a model"))
+    }
+
+    /// Every model, by name.
+    pub async fn list_models(&self) -> Result<Vec<ModelRow>> {
+        let (sql, values) = Query::select()
+            .column(sea_query::Asterisk)
+            .from(Models::Table)
+            .order_by(Models::Name, Order::Asc)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, ModelRow, _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing models"))
+    }
+
+    /// The model named `name`, if any.
+    pub async fn get_model(&self, name: &str) -> Result<Option<ModelRow>> {
+        let (sql, values) = Query::select()
+            .column(sea_query::Asterisk)
+            .from(Models::Table)
+            .and_where(Expr::col(Models::Name).eq(name))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, ModelRow, _>(&sql, values)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a model"))
+    }
+
+    /// Applies a settings patch; returns the updated row, or `None` when there is no such model.
+    pub async fn update_model_settings(
+        &self,
+        name: &str,
+        p: &ModelSettingsPatch,
+    ) -> Result<Option<ModelRow>> {
+        let mut upd = Query::update();
+        upd.table(Models::Table)
+            .value(Models::UpdatedAt, now_ms())
+            .and_where(Expr::col(Models::Name).eq(name));
+        let ints = [
+            (Models::CtxSize, p.ctx_size),
+            (Models::Threads, p.threads),
+            (Models::Parallel, p.parallel),
+            (Models::GpuLayers, p.gpu_layers),
+            (Models::IdleTimeout, p.idle_timeout),
+            (Models::TopK, p.top_k),
+            (Models::MaxTokens, p.max_tokens),
+        ];
+        for (col, v) in ints {
+            if let Some(v) = v {
+                upd.value(col, v);
+            }
+        }
+        for (col, v) in [
+            (Models::Temperature, p.temperature),
+            (Models::TopP, p.top_p),
+        ] {
+            if let Some(v) = v {
+                upd.value(col, v);
+            }
+        }
+        if let Some(v) = p.pinned {
+            upd.value(Models::Pinned, v);
+        }
+        if let Some(v) = p.enabled {
+            upd.value(Models::Enabled, v);
+        }
+        let (sql, values) = upd.build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("updating a model's settings"))?;
+        self.get_model(name).await
+    }
+
+    /// Deletes a model's row (its sessions go with it). Returns whether a row was deleted.
+    pub async fn delete_model(&self, name: &str) -> Result<bool> {
+        let (sql, values) = Query::delete()
+            .from_table(Models::Table)
+            .and_where(Expr::col(Models::Name).eq(name))
+            .build_sqlx(SqliteQueryBuilder);
+        let r = sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("deleting a model"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Records where a model came from (the downloader, issue 8): its SHA-256 and Hugging Face origin.
+    pub async fn set_model_source(
+        &self,
+        name: &str,
+        sha256: Option<&str>,
+        hf_repo_id: Option<&str>,
+        hf_filename: Option<&str>,
+    ) -> Result<()> {
+        let (sql, values) = Query::update()
+            .table(Models::Table)
+            .value(Models::Sha256, sha256.map(str::to_owned))
+            .value(Models::HfRepoId, hf_repo_id.map(str::to_owned))
+            .value(Models::HfFilename, hf_filename.map(str::to_owned))
+            .value(Models::UpdatedAt, now_ms())
+            .and_where(Expr::col(Models::Name).eq(name))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording a model's source"))?;
+        Ok(())
+    }
+
+    /// Records that a model served a request now.
+    pub async fn touch_model(&self, name: &str) -> Result<()> {
+        let (sql, values) = Query::update()
+            .table(Models::Table)
+            .value(Models::LastUsedAt, now_ms())
+            .and_where(Expr::col(Models::Name).eq(name))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("touching a model"))?;
+        Ok(())
+    }
+
+    /// Raises the model's and the session's measured peak RSS to `bytes` when larger.
+    pub async fn record_peak_rss(&self, model_id: i64, session_id: i64, bytes: i64) -> Result<()> {
+        let (sql, values) = Query::update()
+            .table(Models::Table)
+            .value(Models::PeakRssBytes, bytes)
+            .and_where(Expr::col(Models::Id).eq(model_id))
+            .and_where(
+                Expr::col(Models::PeakRssBytes)
+                    .is_null()
+                    .or(Expr::col(Models::PeakRssBytes).lt(bytes)),
+            )
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording a model's peak RSS"))?;
+        let (sql, values) = Query::update()
+            .table(ModelSessions::Table)
+            .value(ModelSessions::PeakRssBytes, bytes)
+            .and_where(Expr::col(ModelSessions::Id).eq(session_id))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording a session's peak RSS"))?;
+        Ok(())
+    }
+
+    /// Deletes the rows of models whose file is not in `present` (paths as stored). Returns their names.
+    pub async fn remove_missing(&self, present: &[String]) -> Result<Vec<String>> {
+        let gone: Vec<ModelRow> = self
+            .list_models()
+            .await?
+            .into_iter()
+            .filter(|m| !present.contains(&m.file_path))
+            .collect();
+        for m in &gone {
+            self.delete_model(&m.name).await?;
+        }
+        Ok(gone.into_iter().map(|m| m.name).collect())
+    }
+
+    // ---- sessions -----------------------------------------------------------------------------------
+
+    /// Records a new worker session in state `status`; returns its id.
+    pub async fn insert_session(
+        &self,
+        model_id: i64,
+        port: u16,
+        instance: &str,
+        status: &str,
+    ) -> Result<i64> {
+        let (sql, values) = Query::insert()
+            .into_table(ModelSessions::Table)
+            .columns([
+                ModelSessions::ModelId,
+                ModelSessions::Port,
+                ModelSessions::Instance,
+                ModelSessions::Status,
+                ModelSessions::StartedAt,
+            ])
+            .values_panic([
+                model_id.into(),
+                i64::from(port).into(),
+                instance.into(),
+                status.into(),
+                now_ms().into(),
+            ])
+            .build_sqlx(SqliteQueryBuilder);
+        let r = sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording a worker session"))?;
+        Ok(r.last_insert_rowid())
+    }
+
+    /// Records the pid of a session's process.
+    pub async fn set_session_pid(&self, id: i64, pid: u32) -> Result<()> {
+        let (sql, values) = Query::update()
+            .table(ModelSessions::Table)
+            .value(ModelSessions::Pid, i64::from(pid))
+            .and_where(Expr::col(ModelSessions::Id).eq(id))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording a worker's pid"))?;
+        Ok(())
+    }
+
+    /// Mirrors a state change of a session: `ready` sets ready_at, `stopped`/`failed` set stopped_at and
+    /// the reason.
+    pub async fn set_session_status(
+        &self,
+        id: i64,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let mut upd = Query::update();
+        upd.table(ModelSessions::Table)
+            .value(ModelSessions::Status, status)
+            .and_where(Expr::col(ModelSessions::Id).eq(id));
+        match status {
+            "ready" => {
+                upd.value(ModelSessions::ReadyAt, now_ms());
+            }
+            "stopped" | "failed" => {
+                upd.value(ModelSessions::StoppedAt, now_ms());
+                upd.value(ModelSessions::StopReason, reason.map(str::to_owned));
+            }
+            _ => {}
+        }
+        let (sql, values) = upd.build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("mirroring a worker's state"))?;
+        Ok(())
+    }
+
+    /// Sessions whose process may still be alive (loading, ready or draining).
+    pub async fn live_sessions(&self) -> Result<Vec<SessionRow>> {
+        let (sql, values) = Query::select()
+            .column(sea_query::Asterisk)
+            .from(ModelSessions::Table)
+            .and_where(Expr::col(ModelSessions::Status).is_in(["loading", "ready", "draining"]))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, SessionRow, _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing live sessions"))
+    }
+
+    /// The latest `limit` sessions of a model, newest first.
+    pub async fn model_sessions(&self, model_id: i64, limit: u64) -> Result<Vec<SessionRow>> {
+        let (sql, values) = Query::select()
+            .column(sea_query::Asterisk)
+            .from(ModelSessions::Table)
+            .and_where(Expr::col(ModelSessions::ModelId).eq(model_id))
+            .order_by(ModelSessions::Id, Order::Desc)
+            .limit(limit)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, SessionRow, _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing a model's sessions"))
+    }
+
+    // ---- configurations -----------------------------------------------------------------------------
+
+    /// Every settings override as (key, value).
+    pub async fn configurations(&self) -> Result<Vec<(String, String)>> {
+        let (sql, values) = Query::select()
+            .columns([Configurations::Key, Configurations::Value])
+            .from(Configurations::Table)
+            .order_by(Configurations::Key, Order::Asc)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, (String, String), _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("reading settings overrides"))
+    }
+
+    /// Sets an override.
+    pub async fn set_configuration(&self, key: &str, value: &str) -> Result<()> {
+        let (sql, values) = Query::insert()
+            .into_table(Configurations::Table)
+            .columns([
+                Configurations::Key,
+                Configurations::Value,
+                Configurations::UpdatedAt,
+            ])
+            .values_panic([key.into(), value.into(), now_ms().into()])
+            .on_conflict(
+                OnConflict::column(Configurations::Key)
+                    .update_columns([Configurations::Value, Configurations::UpdatedAt])
+                    .to_owned(),
+            )
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("writing a settings override"))?;
+        Ok(())
+    }
+
+    /// Removes an override (the setting falls back to file/env/default).
+    pub async fn delete_configuration(&self, key: &str) -> Result<()> {
+        let (sql, values) = Query::delete()
+            .from_table(Configurations::Table)
+            .and_where(Expr::col(Configurations::Key).eq(key))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("removing a settings override"))?;
+        Ok(())
+    }
+
+    // ---- users --------------------------------------------------------------------------------------
+
+    /// The user named `username`, if any.
+    pub async fn get_user(&self, username: &str) -> Result<Option<UserRow>> {
+        let (sql, values) = Query::select()
+            .columns([Users::Id, Users::Username, Users::PasswordHash])
+            .from(Users::Table)
+            .and_where(Expr::col(Users::Username).eq(username))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, UserRow, _>(&sql, values)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a user"))
+    }
+
+    /// Creates a user, or replaces the password hash of an existing one.
+    pub async fn upsert_user(&self, username: &str, password_hash: &str) -> Result<()> {
+        let now = now_ms();
+        let (sql, values) = Query::insert()
+            .into_table(Users::Table)
+            .columns([
+                Users::Username,
+                Users::PasswordHash,
+                Users::CreatedAt,
+                Users::UpdatedAt,
+            ])
+            .values_panic([
+                username.into(),
+                password_hash.into(),
+                now.into(),
+                now.into(),
+            ])
+            .on_conflict(
+                OnConflict::column(Users::Username)
+                    .update_columns([Users::PasswordHash, Users::UpdatedAt])
+                    .to_owned(),
+            )
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("writing a user"))?;
+        Ok(())
+    }
+
+    // ---- api keys -----------------------------------------------------------------------------------
+
+    /// Stores a new key's hash; returns its row.
+    pub async fn insert_api_key(
+        &self,
+        name: &str,
+        key_hash: &str,
+        prefix: &str,
+        scopes: &str,
+    ) -> Result<ApiKeyRow> {
+        let (sql, values) = Query::insert()
+            .into_table(ApiKeys::Table)
+            .columns([
+                ApiKeys::Name,
+                ApiKeys::KeyHash,
+                ApiKeys::Prefix,
+                ApiKeys::Scopes,
+                ApiKeys::CreatedAt,
+            ])
+            .values_panic([
+                name.into(),
+                key_hash.into(),
+                prefix.into(),
+                scopes.into(),
+                now_ms().into(),
+            ])
+            .build_sqlx(SqliteQueryBuilder);
+        let r = sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("storing an API key"))?;
+        let id = r.last_insert_rowid();
+        self.list_api_keys()
+            .await?
+            .into_iter()
+            .find(|k| k.id == id)
+            .ok_or(DbError::Query {
+                op: "reading back an API key",
+                source: sqlx::Error::RowNotFound,
+            })
+    }
+
+    /// Every key (revoked ones included), newest first.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRow>> {
+        let (sql, values) = Query::select()
+            .column(sea_query::Asterisk)
+            .from(ApiKeys::Table)
+            .order_by(ApiKeys::Id, Order::Desc)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, ApiKeyRow, _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing API keys"))
+    }
+
+    /// Whether any key is not revoked.
+    pub async fn has_active_api_keys(&self) -> Result<bool> {
+        Ok(self
+            .list_api_keys()
+            .await?
+            .iter()
+            .any(|k| k.revoked_at.is_none()))
+    }
+
+    /// The active key with this hash, marking it used.
+    pub async fn use_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRow>> {
+        let (sql, values) = Query::select()
+            .column(sea_query::Asterisk)
+            .from(ApiKeys::Table)
+            .and_where(Expr::col(ApiKeys::KeyHash).eq(key_hash))
+            .and_where(Expr::col(ApiKeys::RevokedAt).is_null())
+            .build_sqlx(SqliteQueryBuilder);
+        let row = sqlx::query_as_with::<_, ApiKeyRow, _>(&sql, values)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("checking an API key"))?;
+        if let Some(k) = &row {
+            let (sql, values) = Query::update()
+                .table(ApiKeys::Table)
+                .value(ApiKeys::LastUsedAt, now_ms())
+                .and_where(Expr::col(ApiKeys::Id).eq(k.id))
+                .build_sqlx(SqliteQueryBuilder);
+            sqlx::query_with(&sql, values)
+                .execute(&self.pool)
+                .await
+                .map_err(q("marking an API key used"))?;
+        }
+        Ok(row)
+    }
+
+    /// Revokes a key; returns whether an active key was revoked.
+    pub async fn revoke_api_key(&self, id: i64) -> Result<bool> {
+        let (sql, values) = Query::update()
+            .table(ApiKeys::Table)
+            .value(ApiKeys::RevokedAt, now_ms())
+            .and_where(Expr::col(ApiKeys::Id).eq(id))
+            .and_where(Expr::col(ApiKeys::RevokedAt).is_null())
+            .build_sqlx(SqliteQueryBuilder);
+        let r = sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("revoking an API key"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- requests -----------------------------------------------------------------------------------
+
+    /// Logs one finished proxied request.
+    pub async fn insert_request(&self, r: &RequestRow) -> Result<()> {
+        let (sql, values) = Query::insert()
+            .into_table(Requests::Table)
+            .columns([
+                Requests::Model,
+                Requests::Endpoint,
+                Requests::Status,
+                Requests::PromptTokens,
+                Requests::CompletionTokens,
+                Requests::DurationMs,
+                Requests::ApiKeyId,
+                Requests::CreatedAt,
+            ])
+            .values_panic([
+                r.model.clone().into(),
+                r.endpoint.clone().into(),
+                r.status.into(),
+                r.prompt_tokens.into(),
+                r.completion_tokens.into(),
+                r.duration_ms.into(),
+                r.api_key_id.into(),
+                r.created_at.into(),
+            ])
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("logging a request"))?;
+        Ok(())
+    }
+
+    /// The latest `limit` requests, newest first.
+    pub async fn recent_requests(&self, limit: u64) -> Result<Vec<RequestRow>> {
+        let (sql, values) = Query::select()
+            .columns([
+                Requests::Model,
+                Requests::Endpoint,
+                Requests::Status,
+                Requests::PromptTokens,
+                Requests::CompletionTokens,
+                Requests::DurationMs,
+                Requests::ApiKeyId,
+                Requests::CreatedAt,
+            ])
+            .from(Requests::Table)
+            .order_by(Requests::Id, Order::Desc)
+            .limit(limit)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, RequestRow, _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing requests"))
+    }
+
+    /// Per-model counts, errors (status ≥ 400), token sums and mean duration since `since_ms`.
+    pub async fn request_stats(&self, since_ms: i64) -> Result<Vec<RequestStats>> {
+        let (sql, values) = Query::select()
+            .column(Requests::Model)
+            .expr_as(
+                Expr::col(Requests::Id).count(),
+                sea_query::Alias::new("requests"),
+            )
+            .expr_as(
+                Expr::cust("COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0)"),
+                sea_query::Alias::new("errors"),
+            )
+            .expr_as(
+                Expr::cust("COALESCE(SUM(prompt_tokens), 0)"),
+                sea_query::Alias::new("prompt_tokens"),
+            )
+            .expr_as(
+                Expr::cust("COALESCE(SUM(completion_tokens), 0)"),
+                sea_query::Alias::new("completion_tokens"),
+            )
+            .expr_as(
+                Expr::cust("COALESCE(AVG(duration_ms), 0.0)"),
+                sea_query::Alias::new("avg_duration_ms"),
+            )
+            .from(Requests::Table)
+            .and_where(Expr::col(Requests::CreatedAt).gte(since_ms))
+            .group_by_col(Requests::Model)
+            .order_by(Requests::Model, Order::Asc)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, RequestStats, _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("computing request statistics"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn models_upsert_keeps_settings_and_patch_resets_with_null() {
+        let (_d, db) = db().await;
+        let m = ScannedModel {
+            name: "a".into(),
+            file_path: "/m/a.gguf".into(),
+            size_bytes: 10,
+            ..Default::default()
+        };
+        let row = db.upsert_scanned(&m).await.unwrap();
+        assert_eq!(row.name, "a");
+        assert!(row.enabled && !row.pinned);
+        let patch: ModelSettingsPatch =
+            serde_json::from_str(r#"{"ctx_size": 512, "pinned": true}"#).unwrap();
+        let row = db
+            .update_model_settings("a", &patch)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.ctx_size, Some(512));
+        assert!(row.pinned);
+        // A rescan with a new size keeps the settings.
+        let row = db
+            .upsert_scanned(&ScannedModel {
+                size_bytes: 20,
+                ..m.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!((row.size_bytes, row.ctx_size), (20, Some(512)));
+        let patch: ModelSettingsPatch = serde_json::from_str(r#"{"ctx_size": null}"#).unwrap();
+        let row = db
+            .update_model_settings("a", &patch)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.ctx_size, None);
+        assert!(row.pinned, "an absent field is unchanged");
+        assert!(serde_json::from_str::<ModelSettingsPatch>(r#"{"bogus": 1}"#).is_err());
+        assert_eq!(db.remove_missing(&[]).await.unwrap(), vec!["a".to_string()]);
+        assert!(db.get_model("a").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn sessions_peak_rss_keys_and_request_stats() {
+        let (_d, db) = db().await;
+        let row = db
+            .upsert_scanned(&ScannedModel {
+                name: "m".into(),
+                file_path: "/m.gguf".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let s = db
+            .insert_session(row.id, 9000, "nonce", "loading")
+            .await
+            .unwrap();
+        db.set_session_pid(s, 1234).await.unwrap();
+        assert_eq!(db.live_sessions().await.unwrap().len(), 1);
+        db.record_peak_rss(row.id, s, 500).await.unwrap();
+        db.record_peak_rss(row.id, s, 300).await.unwrap();
+        let m = db.get_model("m").await.unwrap().unwrap();
+        assert_eq!(m.peak_rss_bytes, Some(500), "the peak only grows");
+        db.set_session_status(s, "failed", Some("killed by signal 9"))
+            .await
+            .unwrap();
+        assert!(db.live_sessions().await.unwrap().is_empty());
+        let sess = db.model_sessions(row.id, 5).await.unwrap();
+        assert_eq!(sess[0].stop_reason.as_deref(), Some("killed by signal 9"));
+
+        let k = db
+            .insert_api_key("ci", "h1", "ci-abcd", "inference")
+            .await
+            .unwrap();
+        assert!(db.has_active_api_keys().await.unwrap());
+        assert!(db.use_api_key("h1").await.unwrap().is_some());
+        assert!(db.use_api_key("nope").await.unwrap().is_none());
+        assert!(db.revoke_api_key(k.id).await.unwrap());
+        assert!(!db.revoke_api_key(k.id).await.unwrap());
+        assert!(db.use_api_key("h1").await.unwrap().is_none());
+
+        for (status, pt) in [(200, Some(5)), (502, None)] {
+            db.insert_request(&RequestRow {
+                model: "m".into(),
+                endpoint: "/v1/chat/completions".into(),
+                status,
+                prompt_tokens: pt,
+                completion_tokens: pt,
+                duration_ms: 10,
+                api_key_id: None,
+                created_at: now_ms(),
+            })
+            .await
+            .unwrap();
+        }
+        let st = db.request_stats(0).await.unwrap();
+        assert_eq!(
+            (st[0].requests, st[0].errors, st[0].prompt_tokens),
+            (2, 1, 5)
+        );
+        db.set_configuration("model_idle_timeout", "5")
+            .await
+            .unwrap();
+        db.set_configuration("model_idle_timeout", "6")
+            .await
+            .unwrap();
+        assert_eq!(
+            db.configurations().await.unwrap(),
+            vec![("model_idle_timeout".into(), "6".into())]
+        );
+        db.delete_configuration("model_idle_timeout").await.unwrap();
+        assert!(db.configurations().await.unwrap().is_empty());
+    }
+}
