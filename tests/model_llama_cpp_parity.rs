@@ -31,16 +31,30 @@ fn check_perplexity(name: &str) {
     let n_ctx = p["n_ctx"].as_u64().unwrap() as usize;
     let n_batch = p["n_batch"].as_u64().unwrap() as usize;
     let want = p["ppl"].as_f64().unwrap();
-    let text = std::fs::read_to_string(vectors_dir().join(p["text_file"].as_str().unwrap())).unwrap();
+    let text =
+        std::fs::read_to_string(vectors_dir().join(p["text_file"].as_str().unwrap())).unwrap();
     let tok = model.tokenizer();
     let tokens = tok.encode(&text, true, false);
     let add_bos = if tok.add_bos() { tok.bos() } else { None };
     let mut ctx = context(&model, n_ctx);
     let r = perplexity(&mut ctx, &tokens, n_ctx, n_batch, add_bos, |_, _| {}).unwrap();
-    assert_eq!(r.n_chunks as u64, p["n_chunks"].as_u64().unwrap(), "chunk count");
+    assert_eq!(
+        r.n_chunks as u64,
+        p["n_chunks"].as_u64().unwrap(),
+        "chunk count"
+    );
     let rel = (r.ppl - want).abs() / want;
-    eprintln!("{name}: PPL {:.4} (llama.cpp {want}), relative difference {:.4}%", r.ppl, rel * 100.0);
-    assert!(rel <= 0.005, "{name}: PPL {} vs llama.cpp {want}: {:.3}% apart", r.ppl, rel * 100.0);
+    eprintln!(
+        "{name}: PPL {:.4} (llama.cpp {want}), relative difference {:.4}%",
+        r.ppl,
+        rel * 100.0
+    );
+    assert!(
+        rel <= 0.005,
+        "{name}: PPL {} vs llama.cpp {want}: {:.3}% apart",
+        r.ppl,
+        rel * 100.0
+    );
 }
 
 fn check_greedy(name: &str) {
@@ -55,7 +69,12 @@ fn check_greedy(name: &str) {
         let prompt = case["prompt"].as_str().unwrap();
         let add_special = case["add_special"].as_bool().unwrap();
         let n_predict = case["n_predict"].as_u64().unwrap() as usize;
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         let ref_top = case["top_logprobs_first16"].as_array().unwrap();
         let ids = tok.encode(prompt, add_special, true);
         let mut ours_top: Vec<Vec<(u32, f32)>> = Vec::new();
@@ -64,8 +83,8 @@ fn check_greedy(name: &str) {
             ours_top.push(top_logprobs(logits, 2));
         })
         .unwrap();
-        // llama-server leaves a final end-of-generation token out of `ids`.
-        let got_cmp: Vec<u32> = got.iter().copied().filter(|&t| !tok.is_eog(t)).collect();
+        // llama-server's `ids` include the end-of-generation token that stopped it, as ours do.
+        let got_cmp = got;
         match (0..want.len().min(got_cmp.len())).find(|&s| want[s] != got_cmp[s]) {
             None if want.len() == got_cmp.len() => identical += 1,
             first => {
@@ -79,7 +98,10 @@ fn check_greedy(name: &str) {
                     let b = ours_top[s][1].1 as f64;
                     (a - b, "ours", a, b)
                 };
-                let ours = ours_top.get(s).map(|t| format!("{:.4}/{:.4}", t[0].1, t[1].1)).unwrap_or_default();
+                let ours = ours_top
+                    .get(s)
+                    .map(|t| format!("{:.4}/{:.4}", t[0].1, t[1].1))
+                    .unwrap_or_default();
                 let line = format!(
                     "{name} {prompt:?}: first divergence at step {s} (llama.cpp {:?}, ours {:?}); {whose} top-2 logprobs {a:.4} / {b:.4}, gap {gap:.4}; our top-2 {ours}",
                     want.get(s),
@@ -90,8 +112,15 @@ fn check_greedy(name: &str) {
             }
         }
     }
-    eprintln!("{name}: {identical}/{} greedy continuations identical to llama.cpp", cases.len());
-    assert!(identical * 4 >= cases.len() * 3, "{name}: only {identical}/{} identical", cases.len());
+    eprintln!(
+        "{name}: {identical}/{} greedy continuations identical to llama.cpp",
+        cases.len()
+    );
+    assert!(
+        identical * 4 >= cases.len() * 3,
+        "{name}: only {identical}/{} identical",
+        cases.len()
+    );
     for (line, gap) in report {
         assert!(gap < 0.1, "divergence not at a near-tie: {line}");
     }

@@ -354,7 +354,7 @@ mod tests {
             .collect();
         apply_penalties(&mut c, &[0, 0, 1, 2, 2, 2], &p);
         assert_eq!(c[0].logit, 4.0 / 2.0 - (2.0 * 0.5 + 0.25));
-        assert_eq!(c[1].logit, -1.0 * 2.0 - (0.5 + 0.25));
+        assert_eq!(c[1].logit, -2.0 - (0.5 + 0.25));
         assert_eq!(c[2].logit, 1.0 / 2.0 - (3.0 * 0.5 + 0.25));
         // The window: only the last 1 token (2) counts.
         let p1 = SamplerParams {

@@ -205,14 +205,14 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut lanes = [0.0f32; 8];
     let n8 = n / 8 * 8;
-    for i in (0..n8).step_by(8) {
-        for l in 0..8 {
-            lanes[l] = a[i + l].mul_add(b[i + l], lanes[l]);
+    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane = ca[l].mul_add(cb[l], *lane);
         }
     }
     let mut s = combine_lanes(&lanes);
-    for i in n8..n {
-        s = a[i].mul_add(b[i], s);
+    for (x, y) in a[n8..n].iter().zip(&b[n8..n]) {
+        s = x.mul_add(*y, s);
     }
     s
 }
@@ -266,8 +266,8 @@ mod x86 {
         // SAFETY: `lanes` holds exactly 8 f32, the width of one __m256 store.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
         let mut s = super::combine_lanes(&lanes);
-        for j in n8..n {
-            s = a[j].mul_add(b[j], s);
+        for (x, y) in a[n8..n].iter().zip(&b[n8..n]) {
+            s = x.mul_add(*y, s);
         }
         s
     }

@@ -62,6 +62,12 @@ pub struct RunArgs {
     /// Keep the KV cache in f32 instead of f16.
     #[arg(long)]
     pub kv_f32: bool,
+    /// Keep generating past end-of-generation tokens (for benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Cut the tokenized prompt to at most this many tokens (for benchmarks).
+    #[arg(long, value_name = "N")]
+    pub max_prompt_tokens: Option<usize>,
 }
 
 /// Arguments of `perplexity`.
@@ -153,6 +159,18 @@ pub fn generate(
     prompt: &[u32],
     n_predict: usize,
     sampler: &mut Sampler,
+    on_token: impl FnMut(u32, &[f32]),
+) -> Result<Vec<u32>, ModelError> {
+    generate_opts(ctx, prompt, n_predict, sampler, false, on_token)
+}
+
+/// [`generate`], optionally going on past end-of-generation tokens (`ignore_eos`, for benchmarks).
+pub fn generate_opts(
+    ctx: &mut Context,
+    prompt: &[u32],
+    n_predict: usize,
+    sampler: &mut Sampler,
+    ignore_eos: bool,
     mut on_token: impl FnMut(u32, &[f32]),
 ) -> Result<Vec<u32>, ModelError> {
     if prompt.is_empty() {
@@ -170,7 +188,10 @@ pub fn generate(
         on_token(id, ctx.logits(0));
         out.push(id);
         history.push(id);
-        if model.tokenizer().is_eog(id) || pos as usize >= n_ctx || out.len() >= n_predict {
+        if (!ignore_eos && model.tokenizer().is_eog(id))
+            || pos as usize >= n_ctx
+            || out.len() >= n_predict
+        {
             break;
         }
         ctx.decode(&Batch::single(&[id], pos, 0))?;
@@ -294,7 +315,10 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     } else {
         args.prompt.clone()
     };
-    let prompt = tok.encode(&prompt_text, !args.chat, true);
+    let mut prompt = tok.encode(&prompt_text, !args.chat, true);
+    if let Some(n) = args.max_prompt_tokens {
+        prompt.truncate(n);
+    }
     if prompt.is_empty() {
         return Err(CliError::Usage("the prompt has no tokens".into()));
     }
@@ -332,18 +356,25 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let t0 = Instant::now();
     let mut t_first: Option<Instant> = None;
     let mut write_err = None;
-    let generated = generate(&mut ctx, &prompt, args.n_predict, &mut sampler, |id, _| {
-        if t_first.is_none() {
-            t_first = Some(Instant::now());
-        }
-        if tok.is_eog(id) {
-            return;
-        }
-        let piece = dec.push(id);
-        if let Err(e) = write!(out, "{piece}").and_then(|_| out.flush()) {
-            write_err.get_or_insert(e);
-        }
-    })?;
+    let generated = generate_opts(
+        &mut ctx,
+        &prompt,
+        args.n_predict,
+        &mut sampler,
+        args.ignore_eos,
+        |id, _| {
+            if t_first.is_none() {
+                t_first = Some(Instant::now());
+            }
+            if tok.is_eog(id) {
+                return;
+            }
+            let piece = dec.push(id);
+            if let Err(e) = write!(out, "{piece}").and_then(|_| out.flush()) {
+                write_err.get_or_insert(e);
+            }
+        },
+    )?;
     let t_end = Instant::now();
     writeln!(out, "{}", dec.finish())?;
     if let Some(e) = write_err {
@@ -371,11 +402,12 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
 
 /// Renders `prompt` as one user message with the model's chat template and the generation prompt.
 fn render_chat(model: &Model, prompt: &str) -> Result<String, CliError> {
-    let _ = (model, prompt);
-    Err(CliError::Usage(
-        "--chat needs the chat-template engine (engine::chat), which this build does not have yet"
-            .into(),
-    ))
+    let tmpl = model
+        .chat_template()
+        .ok_or_else(|| CliError::Usage("this model has no usable chat template".into()))?;
+    let messages = [serde_json::json!({"role": "user", "content": prompt})];
+    tmpl.render(&messages, &RenderOptions::default())
+        .map_err(|e| CliError::Usage(format!("rendering the chat template: {e}")))
 }
 
 /// `cyber-inference perplexity`: prints the running estimate per chunk, then `PPL = <value>` last.

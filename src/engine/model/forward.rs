@@ -410,16 +410,23 @@ fn attention(
     }
     let n_tasks = (pool.n_threads() * 4).min(pairs);
     let per = pairs.div_ceil(n_tasks);
-    let results: Vec<std::sync::Mutex<Vec<f32>>> =
-        (0..n_tasks).map(|_| std::sync::Mutex::new(Vec::new())).collect();
+    let results: Vec<std::sync::Mutex<Vec<f32>>> = (0..n_tasks)
+        .map(|_| std::sync::Mutex::new(Vec::new()))
+        .collect();
     pool.parallel_for(n_tasks, |t| {
         let (p0, p1) = (t * per, ((t + 1) * per).min(pairs));
-        let mut local = vec![0.0f32; (p1.saturating_sub(p0)) * hd];
+        let mut local = vec![0.0f32; p1.saturating_sub(p0) * hd];
         let mut scores = Vec::new();
         for p in p0..p1 {
             let (i, n_kv) = items[p / s.n_head];
             let head = p % s.n_head;
-            one(i, n_kv, head, &mut scores, &mut local[(p - p0) * hd..(p - p0 + 1) * hd]);
+            one(
+                i,
+                n_kv,
+                head,
+                &mut scores,
+                &mut local[(p - p0) * hd..(p - p0 + 1) * hd],
+            );
         }
         *results[t].lock().unwrap_or_else(|e| e.into_inner()) = local;
     });

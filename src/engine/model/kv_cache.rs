@@ -71,11 +71,6 @@ impl KvCache {
         2 * self.n_layer * self.n_seq * self.n_ctx * self.n_embd_kv * per
     }
 
-    /// Positions per sequence.
-    pub fn n_ctx(&self) -> usize {
-        self.n_ctx
-    }
-
     /// Filled positions of `seq` (0 for an unknown sequence).
     pub fn seq_len(&self, seq: usize) -> usize {
         self.len.get(seq).copied().unwrap_or(0)
