@@ -216,6 +216,65 @@ fn worker_exits_nonzero_when_model_cannot_load() {
     assert!(out.stdout.is_empty(), "a worker prints nothing on stdout");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bert_embeddings_match_llama_cpp_and_sigterm_exits_zero() {
+    let mut w = Worker::start(&model("all-MiniLM-L6-v2.F16.gguf"), &[]);
+    let vectors: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/vectors/all-MiniLM-L6-v2.F16.gguf.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let cases = vectors["embeddings"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let (st, v) = w.post("/v1/embeddings", &json!({"input": texts})).await;
+    assert_eq!(st, 200, "{v}");
+    for (i, case) in cases.iter().enumerate() {
+        let want: Vec<f64> = serde_json::from_value(case["embedding"].clone()).unwrap();
+        let got: Vec<f64> = serde_json::from_value(v["data"][i]["embedding"].clone()).unwrap();
+        assert_eq!(v["data"][i]["index"], i);
+        let dot: f64 = want.iter().zip(&got).map(|(a, b)| a * b).sum();
+        let na: f64 = want.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let nb: f64 = got.iter().map(|b| b * b).sum::<f64>().sqrt();
+        assert!((nb - 1.0).abs() < 1e-5, "not L2-normalised: {nb}");
+        assert!(
+            dot / (na * nb) >= 0.9999,
+            "cosine {} for {:?}",
+            dot / (na * nb),
+            texts[i]
+        );
+    }
+    let tokens = w
+        .post(
+            "/tokenize",
+            &json!({"content": texts[0], "add_special": true}),
+        )
+        .await
+        .1["tokens"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        w.post("/v1/embeddings", &json!({"input": texts[0]}))
+            .await
+            .1["usage"]["prompt_tokens"],
+        tokens
+    );
+    // An encoder cannot generate: a 400 envelope, not a crash.
+    let (st, v) = w
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "hello", "max_tokens": 4}),
+        )
+        .await;
+    assert_envelope(st, &v, 400, "invalid_request_error");
+    sigterm(&w.child);
+    let status = w.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}\n{}", w.stderr());
+}
+
 #[test]
 fn greedy_output_equals_cyber_inference_run() {
     let m = model(SMOL);

@@ -10,15 +10,21 @@ use super::backend::{
     BackendError, BatchPlan, Codec, Compute, ModelInfo, SamplingParams, TokenSampler,
 };
 use super::{LoadParams, Loaded, plan_context};
-use crate::engine::chat::{ChatTemplate, RenderOptions};
+use crate::engine::chat::RenderOptions;
 use crate::engine::model::{Batch, Context, ContextParams, KvType, Model, ModelParams};
 use crate::engine::sampling::{Sampler, SamplerParams};
 use crate::engine::tokenizer::Tokenizer;
 
 struct EngineCodec {
-    tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
+    /// Owns the tokenizer and the chat template.
+    model: Arc<Model>,
     info: ModelInfo,
+}
+
+impl EngineCodec {
+    fn tokenizer(&self) -> &Tokenizer {
+        self.model.tokenizer()
+    }
 }
 
 impl Codec for EngineCodec {
@@ -26,19 +32,19 @@ impl Codec for EngineCodec {
         &self.info
     }
     fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
-        self.tokenizer.encode(text, add_special, parse_special)
+        self.tokenizer().encode(text, add_special, parse_special)
     }
     fn piece(&self, id: u32, special: bool) -> Vec<u8> {
-        self.tokenizer.token_to_piece(id, special)
+        self.tokenizer().token_to_piece(id, special)
     }
     fn decode(&self, ids: &[u32], special: bool) -> String {
-        self.tokenizer.decode(ids, special)
+        self.tokenizer().decode(ids, special)
     }
     fn is_eog(&self, id: u32) -> bool {
-        self.tokenizer.is_eog(id)
+        self.tokenizer().is_eog(id)
     }
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError> {
-        let t = self.template.as_ref().ok_or(BackendError::NoTemplate)?;
+        let t = self.model.chat_template().ok_or(BackendError::NoTemplate)?;
         let opts = RenderOptions {
             add_generation_prompt: true,
             ..RenderOptions::default()
@@ -118,14 +124,11 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    let tokenizer = Tokenizer::from_gguf(model.gguf()).map_err(|e| format!("tokenizer: {e}"))?;
-    let template = match ChatTemplate::from_gguf(model.gguf()) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::warn!("no usable chat template ({e}); /v1/chat/completions will answer 400");
-            None
-        }
-    };
+    if model.chat_template().is_none() && !model.is_encoder() {
+        tracing::warn!(
+            "the model has no usable chat template; /v1/chat/completions will answer 400"
+        );
+    }
     let is_encoder = model.is_encoder();
     let (n_ctx, n_ctx_seq) = plan_context(p.ctx_size, model.n_ctx_train(), p.n_slots)?;
     let seq_offset = u32::from(p.embedding && !is_encoder);
@@ -143,7 +146,7 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
     )
     .map_err(|e| e.to_string())?;
     let eog_tokens = (0..model.n_vocab() as u32)
-        .filter(|&id| tokenizer.is_eog(id))
+        .filter(|&id| model.tokenizer().is_eog(id))
         .collect();
     let info = ModelInfo {
         arch: model.arch().to_string(),
@@ -160,8 +163,7 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
     };
     Ok(Loaded {
         codec: Arc::new(EngineCodec {
-            tokenizer,
-            template,
+            model: model.clone(),
             info,
         }),
         compute: Box::new(EngineCompute {

@@ -225,8 +225,14 @@ impl Scheduler {
             self.free_cancelled();
             self.admit();
             self.update_gauges();
-            if self.slots.iter().any(|s| s.job.is_some()) {
+            let busy = self.slots.iter().filter(|s| s.job.is_some()).count();
+            if !self.queue.is_empty() && busy < self.slots.len() {
+                self.metrics.queue_stall_steps.fetch_add(1, Relaxed);
+            }
+            if busy > 0 {
                 self.step();
+                // Slots freed by this step show at once, also when the loop now goes idle.
+                self.update_gauges();
             }
         }
     }
@@ -372,9 +378,6 @@ impl Scheduler {
         self.metrics
             .queue_length
             .store(self.queue.len() as u64, Relaxed);
-        if !self.queue.is_empty() && busy < self.slots.len() {
-            self.metrics.queue_stall_steps.fetch_add(1, Relaxed);
-        }
     }
 
     /// One batched forward pass over every active slot, then sampling and streaming.
