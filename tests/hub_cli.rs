@@ -11,8 +11,23 @@ const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
 const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 async fn cli(server: &HfServer, dir: &std::path::Path, args: &[&str]) -> Output {
+    run(server, dir, "download-model", args).await
+}
+
+/// The catalogue as `list-models` prints it.
+async fn list_models(server: &HfServer, dir: &std::path::Path) -> String {
+    let out = run(server, dir, "list-models", &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn run(server: &HfServer, dir: &std::path::Path, command: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"));
-    cmd.arg("download-model")
+    cmd.arg(command)
         .args(args)
         .env("HF_ENDPOINT", &server.url)
         .env_remove("HF_TOKEN")
@@ -75,6 +90,44 @@ async fn download_model_lists_downloads_and_explains_failures() {
             .any(|s| s.range.is_some())
     );
     assert_eq!(files_in(&dir.path().join("models")), [Q4KM]);
+    let stem = Q4KM.trim_end_matches(".gguf");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("registered as model `{stem}`"))
+    );
+    let catalogue = list_models(&server, dir.path()).await;
+    assert!(
+        catalogue
+            .lines()
+            .any(|l| l.starts_with(stem) && l.contains("Q4_K_M")),
+        "{catalogue}"
+    );
+
+    // A corrupted transfer: checksum error, no file, no catalogue row.
+    server
+        .state
+        .faults
+        .corrupt
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = cli(
+        &server,
+        dir.path(),
+        &["test/SmolLM2-135M-Instruct-GGUF", "--filename", Q41],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("checksum mismatch") && err.contains(Q41),
+        "{err}"
+    );
+    assert_eq!(files_in(&dir.path().join("models")), [Q4KM]);
+    let catalogue = list_models(&server, dir.path()).await;
+    assert!(!catalogue.contains("Q4_1"), "{catalogue}");
+    server
+        .state
+        .faults
+        .corrupt
+        .store(false, std::sync::atomic::Ordering::SeqCst);
 
     let out = cli(&server, dir.path(), &["test/missing-GGUF"]).await;
     assert!(!out.status.success());

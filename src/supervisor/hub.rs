@@ -159,6 +159,8 @@ pub enum HubError {
     AlreadyDownloading { file: String, partial: PathBuf },
     #[error("download cancelled")]
     Cancelled,
+    #[error("downloaded {path} but the catalogue cannot register it: {reason}")]
+    Catalogue { path: PathBuf, reason: String },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -187,7 +189,7 @@ impl HubError {
             | HubError::BadResponse { .. }
             | HubError::ChecksumMismatch { .. } => 502,
             HubError::InsufficientDisk { .. } => 507,
-            HubError::Io { .. } => 500,
+            HubError::Io { .. } | HubError::Catalogue { .. } => 500,
         }
     }
 }
@@ -773,7 +775,7 @@ impl Hub {
             true,
         );
         // Catalogue hook: registration happens in the caller, from the returned `Downloaded`, so a
-        // failed or cancelled download can never leave a catalogue row. See `register_download`.
+        // failed or cancelled download can never leave a catalogue row. See `register`.
         Ok(Downloaded {
             repo_id: req.repo_id.clone(),
             revision,
@@ -1577,14 +1579,17 @@ pub struct DownloadArgs {
 }
 
 /// Runs `download-model` on its own tokio runtime: lists or downloads with an indicatif bar on stderr,
-/// prints the downloaded path(s) on stdout, then registers the model ([`register_download`]).
+/// prints the downloaded path(s) on stdout, then registers the model in the catalogue ([`register`]).
 /// Interrupting it (Ctrl-C) keeps the partial file, so running it again resumes.
 pub fn run_cli(loaded: &Loaded, args: &DownloadArgs) -> anyhow::Result<()> {
     let config = HubConfig::from_settings(loaded);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let hub = Hub::new(config)?;
-        if args.list {
+        if !args.list {
+            return download_cli(loaded, &hub, args).await;
+        }
+        {
             let models = hub.list_models(&args.repo_id, Some(&args.revision)).await?;
             let chosen = choose_model(&models).map(|m| m.filename.clone());
             for m in &models {
@@ -1613,7 +1618,18 @@ pub fn run_cli(loaded: &Loaded, args: &DownloadArgs) -> anyhow::Result<()> {
                     m.filename
                 );
             }
-            return Ok(());
+            Ok(())
+        }
+    })
+}
+
+/// `download-model` without `--list`: init (so a bad DATA_DIR fails before any byte), download with a
+/// bar, print the paths, register.
+async fn download_cli(loaded: &Loaded, hub: &Hub, args: &DownloadArgs) -> anyhow::Result<()> {
+    {
+        let ini = super::init::run(&loaded.settings).await?;
+        if let Some(pw) = &ini.generated_password {
+            eprintln!("cyber-inference: created user `admin` with password: {pw} (shown once)");
         }
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -1648,26 +1664,58 @@ pub fn run_cli(loaded: &Loaded, args: &DownloadArgs) -> anyhow::Result<()> {
         for p in &done.paths {
             println!("{}", p.display());
         }
-        register_download(loaded, &done).await?;
+        let name = register(&ini.db, &loaded.settings.models_dir, &done).await;
+        ini.db.close().await;
+        eprintln!("registered as model `{}`", name?);
         Ok(())
-    })
+    }
 }
 
 /// The catalogue hook: every finished download (CLI or admin API) is registered here and nowhere else,
-/// and only after verification, so a failed or cancelled download never leaves a row.
+/// and only after verification, so a failed or cancelled download never leaves a row. Rescans
+/// MODELS_DIR (`catalog::scan`), then records the model's origin (repo, file, SHA-256) on the row of
+/// its first file. Returns the model's catalogue name.
 ///
-/// Until `supervisor::db` exposes its catalogue, the model is found by the supervisor's scan of
-/// MODELS_DIR at start-up; this logs what will be picked up.
-pub async fn register_download(loaded: &Loaded, done: &Downloaded) -> anyhow::Result<()> {
-    tracing::info!(
-        repo = %done.repo_id,
-        revision = %done.revision,
-        file = %done.paths[0].display(),
-        parts = done.paths.len(),
-        models_dir = %loaded.settings.models_dir.display(),
-        "downloaded and verified; the supervisor's scan of MODELS_DIR registers it"
-    );
-    Ok(())
+/// Errors: [`HubError::Catalogue`] when the scan fails or the downloaded file is not a GGUF the
+/// catalogue can read (it stays in MODELS_DIR; the message says why).
+pub async fn register(
+    db: &super::db::Db,
+    models_dir: &Path,
+    done: &Downloaded,
+) -> Result<String, HubError> {
+    let primary = &done.paths[0];
+    let fail = |reason: String| HubError::Catalogue {
+        path: primary.clone(),
+        reason,
+    };
+    let report = super::catalog::scan(db, models_dir)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let want = primary.canonicalize().map_err(|e| fail(e.to_string()))?;
+    let rows = db.list_models().await.map_err(|e| fail(e.to_string()))?;
+    let Some(row) = rows
+        .iter()
+        .find(|m| Path::new(&m.file_path).canonicalize().ok().as_ref() == Some(&want))
+    else {
+        let why = report
+            .skipped
+            .iter()
+            .find(|(p, _)| Path::new(p).canonicalize().ok().as_ref() == Some(&want))
+            .map_or("the scan did not find it".to_string(), |(_, why)| {
+                why.clone()
+            });
+        return Err(fail(why));
+    };
+    let first = &done.model.files[0];
+    db.set_model_source(
+        &row.name,
+        first.sha256.as_deref(),
+        Some(&done.repo_id),
+        Some(&first.filename),
+    )
+    .await
+    .map_err(|e| fail(e.to_string()))?;
+    Ok(row.name.clone())
 }
 
 #[cfg(test)]
