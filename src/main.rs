@@ -26,6 +26,12 @@ enum Command {
     Inspect(cyber_inference::engine::inspect::InspectArgs),
     /// Tokenize text with a GGUF file's tokenizer (works on vocab-only files).
     Tokenize(cyber_inference::engine::tokenizer::cli::TokenizeArgs),
+    /// Generate a continuation of a prompt (greedy with --temp 0).
+    Run(cyber_inference::engine::model::cli::RunArgs),
+    /// Perplexity of a model on a text file, computed as llama-perplexity does.
+    Perplexity(cyber_inference::engine::model::cli::PerplexityArgs),
+    /// Print pooled, L2-normalised embeddings of texts, one line each.
+    Embed(cyber_inference::engine::model::cli::EmbedArgs),
     /// Render a chat with a model's chat template and print the prompt.
     ChatTemplate(cyber_inference::engine::chat::ChatTemplateArgs),
     /// Run the supervisor: catalogue, workers on demand, OpenAI proxy, admin API (runs `init` first).
@@ -46,6 +52,8 @@ enum Command {
     Healthcheck(cyber_inference::supervisor::healthcheck::HealthcheckArgs),
     /// Download a GGUF model from Hugging Face (HF_ENDPOINT, HF_TOKEN) into MODELS_DIR.
     DownloadModel(cyber_inference::supervisor::hub::DownloadArgs),
+    /// One model's OpenAI-compatible inference server (slots, continuous batching).
+    Worker(cyber_inference::worker::WorkerArgs),
 }
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
@@ -76,6 +84,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
         Command::Tokenize(args) => cyber_inference::engine::tokenizer::cli::run(&args)?,
+        Command::Run(args) => cyber_inference::engine::model::cli::run(&args)?,
+        Command::Perplexity(args) => cyber_inference::engine::model::cli::perplexity_cmd(&args)?,
+        Command::Embed(args) => cyber_inference::engine::model::cli::embed_cmd(&args)?,
         Command::ChatTemplate(args) => cyber_inference::engine::chat::run(&args)?,
         Command::Serve => block_on(supervisor::serve(loaded))??,
         Command::Init => block_on(supervisor::init_command(&loaded.settings))??,
@@ -89,12 +100,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cyber_inference::supervisor::healthcheck::run(&args, &loaded.settings)?
         }
         Command::DownloadModel(args) => cyber_inference::supervisor::hub::run_cli(&loaded, &args)?,
+        Command::Worker(args) => cyber_inference::worker::run(&args)?,
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(cyber_inference::worker::llama_style_args(
+        std::env::args_os(),
+    ));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -34,7 +34,12 @@ fn ctx(model: &Arc<Model>, threads: usize, n_seq: usize) -> Context {
 }
 
 /// Logits of every position, processing `tokens` (sequence 0) in chunks of `chunk`.
-fn logits_chunked(model: &Arc<Model>, threads: usize, tokens: &[u32], chunk: usize) -> Vec<Vec<f32>> {
+fn logits_chunked(
+    model: &Arc<Model>,
+    threads: usize,
+    tokens: &[u32],
+    chunk: usize,
+) -> Vec<Vec<f32>> {
     let mut c = ctx(model, threads, 1);
     let mut out = Vec::new();
     for (k, part) in tokens.chunks(chunk).enumerate() {
@@ -49,7 +54,12 @@ fn logits_chunked(model: &Arc<Model>, threads: usize, tokens: &[u32], chunk: usi
 }
 
 /// Logits of every position of sequence 1 when its tokens are interleaved with another sequence's.
-fn logits_interleaved(model: &Arc<Model>, threads: usize, tokens: &[u32], other: &[u32]) -> Vec<Vec<f32>> {
+fn logits_interleaved(
+    model: &Arc<Model>,
+    threads: usize,
+    tokens: &[u32],
+    other: &[u32],
+) -> Vec<Vec<f32>> {
     let mut c = ctx(model, threads, 3);
     let mut b = Batch::default();
     for i in 0..N {
@@ -87,10 +97,22 @@ fn check_decoder(name: &str) {
     assert!(reference.iter().flatten().all(|v| v.is_finite()));
     for threads in [1, 2] {
         if threads != 1 {
-            assert_bits_equal(&format!("{name} one batch, {threads} threads"), &reference, &logits_chunked(&model, threads, &tokens, N));
+            assert_bits_equal(
+                &format!("{name} one batch, {threads} threads"),
+                &reference,
+                &logits_chunked(&model, threads, &tokens, N),
+            );
         }
-        assert_bits_equal(&format!("{name} batches of 7, {threads} threads"), &reference, &logits_chunked(&model, threads, &tokens, 7));
-        assert_bits_equal(&format!("{name} token by token, {threads} threads"), &reference, &logits_chunked(&model, threads, &tokens, 1));
+        assert_bits_equal(
+            &format!("{name} batches of 7, {threads} threads"),
+            &reference,
+            &logits_chunked(&model, threads, &tokens, 7),
+        );
+        assert_bits_equal(
+            &format!("{name} token by token, {threads} threads"),
+            &reference,
+            &logits_chunked(&model, threads, &tokens, 1),
+        );
         assert_bits_equal(
             &format!("{name} beside another sequence, {threads} threads"),
             &reference,
@@ -122,7 +144,17 @@ fn minilm_embeddings_are_batch_invariant() {
     let a = seq(N - 2, 0);
     let b = seq(20, 1);
     let embed_alone = |threads: usize| {
-        let mut c = Context::new(model.clone(), ContextParams { n_ctx: 512, n_batch: 512, n_threads: threads, embeddings: true, ..Default::default() }).unwrap();
+        let mut c = Context::new(
+            model.clone(),
+            ContextParams {
+                n_ctx: 512,
+                n_batch: 512,
+                n_threads: threads,
+                embeddings: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut batch = Batch::single(&a, 0, 0);
         batch.logits.iter_mut().for_each(|l| *l = true);
         c.decode(&batch).unwrap();
@@ -130,8 +162,23 @@ fn minilm_embeddings_are_batch_invariant() {
     };
     let reference = embed_alone(1);
     for threads in [1, 2] {
-        assert_bits_equal(&format!("minilm alone, {threads} threads"), &[reference.clone()], &[embed_alone(threads)]);
-        let mut c = Context::new(model.clone(), ContextParams { n_ctx: 512, n_batch: 512, n_seq_max: 2, n_threads: threads, embeddings: true, ..Default::default() }).unwrap();
+        assert_bits_equal(
+            &format!("minilm alone, {threads} threads"),
+            &[reference.clone()],
+            &[embed_alone(threads)],
+        );
+        let mut c = Context::new(
+            model.clone(),
+            ContextParams {
+                n_ctx: 512,
+                n_batch: 512,
+                n_seq_max: 2,
+                n_threads: threads,
+                embeddings: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut batch = Batch::default();
         for (i, &t) in b.iter().enumerate() {
             batch.push(t, i as u32, 1, true);
@@ -141,6 +188,10 @@ fn minilm_embeddings_are_batch_invariant() {
         }
         c.decode(&batch).unwrap();
         assert_eq!(c.n_embeddings(), 2);
-        assert_bits_equal(&format!("minilm beside another sequence, {threads} threads"), &[reference.clone()], &[c.embeddings(1).to_vec()]);
+        assert_bits_equal(
+            &format!("minilm beside another sequence, {threads} threads"),
+            &[reference.clone()],
+            &[c.embeddings(1).to_vec()],
+        );
     }
 }

@@ -272,10 +272,7 @@ async fn delete_model(
     }
     // Only files inside MODELS_DIR are deleted.
     let path = std::path::PathBuf::from(&m.file_path);
-    let inside = std::fs::canonicalize(&path)
-        .ok()
-        .zip(std::fs::canonicalize(&st.models_dir).ok())
-        .is_some_and(|(p, d)| p.starts_with(d));
+    let inside = super::catalog::inside_models_dir(&path, &st.models_dir);
     let mut file_deleted = false;
     if inside {
         match std::fs::remove_file(&path) {

@@ -129,6 +129,21 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
     })
 }
 
+/// Whether `path` lies inside `models_dir` (its folder resolved, the file itself not followed: deleting
+/// a symlink there removes the link, never the file it points to elsewhere).
+pub fn inside_models_dir(path: &Path, models_dir: &Path) -> bool {
+    let (Some(parent), Some(_)) = (path.parent(), path.file_name()) else {
+        return false;
+    };
+    match (
+        std::fs::canonicalize(parent),
+        std::fs::canonicalize(models_dir),
+    ) {
+        (Ok(p), Ok(d)) => p.starts_with(d),
+        _ => false,
+    }
+}
+
 /// Every `*.gguf` below `dir` (to [`MAX_DEPTH`] folders), sorted.
 pub fn find_gguf(dir: &Path) -> Result<Vec<PathBuf>, CatalogError> {
     fn walk(d: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

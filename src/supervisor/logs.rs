@@ -190,6 +190,8 @@ mod tests {
     fn ring_keeps_the_last_lines_and_stderr_tail() {
         let b = LogBuffer::default();
         let mut rx = b.follow();
+        b.push("stdout", "first".into());
+        assert_eq!(rx.try_recv().unwrap().line, "first");
         for i in 0..RING_LINES + 5 {
             b.push(
                 if i % 2 == 0 { "stderr" } else { "stdout" },
@@ -204,7 +206,6 @@ mod tests {
             b.last_stderr(2),
             format!("l{}\nl{}", RING_LINES + 2, RING_LINES + 4)
         );
-        assert_eq!(rx.try_recv().unwrap().line, "l0");
     }
 
     #[test]

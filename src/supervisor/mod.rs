@@ -369,10 +369,7 @@ pub async fn remove_model_command(
         )));
     }
     let path = PathBuf::from(&m.file_path);
-    let inside = std::fs::canonicalize(&path)
-        .ok()
-        .zip(std::fs::canonicalize(&s.models_dir).ok())
-        .is_some_and(|(p, d)| p.starts_with(d));
+    let inside = catalog::inside_models_dir(&path, &s.models_dir);
     if !keep_file && inside {
         std::fs::remove_file(&path).map_err(|source| ServeError::Io {
             what: "(delete) model file",

@@ -10,6 +10,9 @@ use time::OffsetDateTime;
 /// Name of the hidden global that carries the render's "now" (Unix seconds) to `strftime_now`.
 pub(crate) const NOW_VAR: &str = "__cyber_inference_now";
 
+/// Instructions one rendering may execute before it fails with "engine ran out of fuel".
+pub(crate) const FUEL: u64 = 50_000_000;
+
 /// Name under which the template is stored in its environment.
 pub(crate) const TEMPLATE_NAME: &str = "chat_template";
 
@@ -74,6 +77,9 @@ pub(crate) fn build_env(source: &str) -> Result<Environment<'static>, Error> {
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    // Templates come from model files: bound the work one rendering may do (real templates use
+    // well under 1% of this) so that a hostile template cannot spin forever.
+    env.set_fuel(Some(FUEL));
     env.set_formatter(|out, _state, value| {
         out.write_str(&py_str(value))
             .map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string()))
@@ -579,6 +585,20 @@ mod tests {
             strftime(&t, "%A %B %-d, %H:%M:%S %%"),
             "Monday November 23, 12:34:56 %"
         );
+    }
+
+    #[test]
+    fn endless_templates_run_out_of_fuel() {
+        let env = build_env(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let err = env
+            .get_template(TEMPLATE_NAME)
+            .unwrap()
+            .render(())
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::OutOfFuel, "{err}");
     }
 
     #[test]

@@ -838,7 +838,7 @@ fn adapt_for_specialized_template(src: &str, messages: &mut [Map<String, Json>])
                 _ => {}
             }
             m.insert("content".into(), Json::Array(blocks));
-            m.remove("reasoning_content");
+            m.shift_remove("reasoning_content");
         }
     } else if gpt_oss || lfm2 {
         for m in messages.iter_mut() {
@@ -847,7 +847,7 @@ fn adapt_for_specialized_template(src: &str, messages: &mut [Map<String, Json>])
                 let has_calls =
                     matches!(m.get("tool_calls"), Some(Json::Array(a)) if !a.is_empty());
                 if gpt_oss && has_calls {
-                    m.remove("content");
+                    m.shift_remove("content");
                 }
             }
         }
@@ -936,7 +936,7 @@ impl VocabInfo {
                 .and_then(|t| t.get(id as usize))
                 .and_then(|v| v.as_int())
                 .unwrap_or(1);
-            Ok(token_piece(model, s, ty))
+            Ok(token_piece(model, &s, ty))
         };
         Ok(VocabInfo {
             bos: text(

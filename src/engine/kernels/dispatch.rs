@@ -38,7 +38,7 @@ fn detect() -> Isa {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if super::x86::available() {
+        if super::x86::Avx2::detect().is_some() {
             return Isa::Avx2;
         }
     }
@@ -80,7 +80,9 @@ pub fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
     match isa() {
         Isa::Scalar => scalar_vec_dot_fn(ty),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => super::x86::vec_dot_fn(ty).or_else(|| scalar_vec_dot_fn(ty)),
+        Isa::Avx2 => super::x86::Avx2::detect()
+            .and_then(|proof| super::x86::vec_dot_fn(proof, ty))
+            .or_else(|| scalar_vec_dot_fn(ty)),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => scalar_vec_dot_fn(ty),
     }

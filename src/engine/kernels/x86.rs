@@ -1,17 +1,361 @@
 //! x86-64 SIMD kernels (AVX2 + FMA + F16C), each the twin of a function in [`super::scalar`].
+//!
+//! Ported from `ggml/src/ggml-cpu/arch/x86/quants.c` (`ggml_vec_dot_*_q8_*`, AVX2 paths) and
+//! `ggml/src/ggml-cpu/simd-mappings.h` (f16/f32 dot products) of llama.cpp commit 0c1e570.
+//!
+//! - The 32-element-block types (Q4_0, Q4_1, Q5_0, Q8_0) keep ggml's scheme: an exact integer sum per
+//!   block, scaled and accumulated into 8 float lanes with FMA, summed horizontally at the end. Their
+//!   results differ from the scalar oracle by float rounding only.
+//! - The k-quants (Q4_K, Q6_K) compute each super-block's integer sum exactly in SIMD and then do the same
+//!   scalar float operations as the oracle, so they are **bit-identical** to it.
+//!
+//! Each `unsafe fn` here is only reachable through a safe wrapper that checks the slice lengths, and the
+//! wrappers are only handed out with an [`Avx2`] token, which proves the CPU has the features.
+
+use std::arch::x86_64::*;
 
 use crate::engine::ggml_type::GgmlType;
+use crate::engine::quant::blocks::*;
 
 use super::dispatch::VecDotFn;
 
-/// Whether this CPU has everything these kernels use.
-pub fn available() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+/// Proof that this CPU supports AVX2, FMA and F16C (only [`Avx2::detect`] makes one).
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2(());
+
+impl Avx2 {
+    /// The token, when the CPU has every feature these kernels use.
+    pub fn detect() -> Option<Self> {
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(Avx2(()))
+    }
 }
 
 /// The AVX2 kernel for `ty`, where one exists.
-pub fn vec_dot_fn(_ty: GgmlType) -> Option<VecDotFn> {
-    None
+pub fn vec_dot_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDotFn> {
+    use GgmlType::*;
+    Some(match ty {
+        F32 => f32_f32,
+        F16 => f16_f16,
+        Q4_0 => q4_0_q8_0,
+        Q4_1 => q4_1_q8_1,
+        Q5_0 => q5_0_q8_0,
+        Q8_0 => q8_0_q8_0,
+        Q4_K => q4_k_q8_k,
+        Q6_K => q6_k_q8_k,
+        _ => return None,
+    })
+}
+
+/// Defines the safe wrapper `$name` around `$inner`, checking that `w` holds `n` elements of `$wty` and `a`
+/// `n` elements of `$aty`, and that `n` is a multiple of `$bs`.
+macro_rules! safe_wrapper {
+    ($name:ident, $inner:ident, $bs:expr, $wsize:expr, $asize:expr) => {
+        fn $name(n: usize, w: &[u8], a: &[u8]) -> f32 {
+            let nb = n / $bs;
+            assert!(
+                n.is_multiple_of($bs) && w.len() >= nb * $wsize && a.len() >= nb * $asize,
+                concat!(stringify!($name), ": bad row lengths")
+            );
+            // SAFETY: the function pointer to this wrapper is only handed out by `vec_dot_fn`, which needs
+            // an `Avx2` token (the CPU has AVX2, FMA and F16C); the lengths were checked just above, and
+            // `$inner` reads only the first `nb` blocks of each slice.
+            unsafe { $inner(nb, &w[..nb * $wsize], &a[..nb * $asize]) }
+        }
+    };
+}
+
+safe_wrapper!(f32_f32, f32_f32_avx2, 1, 4, 4);
+safe_wrapper!(f16_f16, f16_f16_avx2, 1, 2, 2);
+safe_wrapper!(q4_0_q8_0, q4_0_q8_0_avx2, QK, 18, 34);
+safe_wrapper!(q4_1_q8_1, q4_1_q8_1_avx2, QK, 20, 36);
+safe_wrapper!(q5_0_q8_0, q5_0_q8_0_avx2, QK, 22, 34);
+safe_wrapper!(q8_0_q8_0, q8_0_q8_0_avx2, QK, 34, 34);
+safe_wrapper!(q4_k_q8_k, q4_k_q8_k_avx2, QK_K, 144, 292);
+safe_wrapper!(q6_k_q8_k, q6_k_q8_k_avx2, QK_K, 210, 292);
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_f32x8(x: __m256) -> f32 {
+    let mut r = _mm256_extractf128_ps(x, 1);
+    r = _mm_add_ps(r, _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_i32x8(x: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// 16 packed bytes → 32 nibbles: low nibbles in bytes 0..16, high nibbles in 16..32 (`bytes_from_nibbles_32`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles32(p: &[u8; 16]) -> __m256i {
+    // SAFETY: `p` is 16 readable bytes; the load is unaligned.
+    let tmp = unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
+    let bytes = _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
+    _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
+}
+
+/// 32 bits → 32 bytes, 0xFF where the bit is set (`bytes_from_bits_32`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bits32(x: [u8; 4]) -> __m256i {
+    let x32 = i32::from_le_bytes(x);
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// Σ of unsigned × signed byte pairs, 4 elements per i32 lane (`maddubs` then `madd` by 1).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_sum_us8(ax: __m256i, sy: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
+}
+
+/// Σ of signed × signed byte pairs as 8 float lanes (`mul_sum_i8_pairs_float`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_sum_i8_f32(x: __m256i, y: __m256i) -> __m256 {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    _mm256_cvtepi32_ps(mul_sum_us8(ax, sy))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32(p: &[i8; 32]) -> __m256i {
+    // SAFETY: `p` is 32 readable bytes; the load is unaligned.
+    unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_f32_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let n32 = n / 32 * 32;
+    let (pw, pa) = (w.as_ptr() as *const f32, a.as_ptr() as *const f32);
+    let mut i = 0;
+    while i < n32 {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 ≤ n32 ≤ n, and both slices hold n f32s (checked by the wrapper).
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_ps(pw.add(i + 8 * k)),
+                    _mm256_loadu_ps(pa.add(i + 8 * k)),
+                )
+            };
+            *acc = _mm256_fmadd_ps(x, y, *acc);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum_f32x8(s);
+    for j in n32..n {
+        let x = f32::from_le_bytes([w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]]);
+        let y = f32::from_le_bytes([a[4 * j], a[4 * j + 1], a[4 * j + 2], a[4 * j + 3]]);
+        sum += x * y;
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_f16_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let n32 = n / 32 * 32;
+    let (pw, pa) = (w.as_ptr(), a.as_ptr());
+    let mut i = 0;
+    while i < n32 {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let off = 2 * (i + 8 * k);
+            // SAFETY: elements i + 8k .. i + 8k + 8 are inside the n halves (2n bytes) of each slice.
+            let (x, y) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(pw.add(off) as *const __m128i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(pa.add(off) as *const __m128i)),
+                )
+            };
+            *acc = _mm256_fmadd_ps(x, y, *acc);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum_f32x8(s);
+    let (w16, a16): (&[F16Le], &[F16Le]) = (bytemuck::cast_slice(w), bytemuck::cast_slice(a));
+    for j in n32..n {
+        sum += w16[j].get() * a16[j].get();
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        // SAFETY: the block fields are 16 and 32 bytes long.
+        let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
+        let qx = _mm256_sub_epi8(qx, _mm256_set1_epi8(8));
+        acc = _mm256_fmadd_ps(d, mul_sum_i8_f32(qx, qy), acc);
+    }
+    hsum_f32x8(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_q8_1_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ4_1] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8_1] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        summs += x.m.get() * y.s.get();
+        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        // SAFETY: the block fields are 16 and 32 bytes long.
+        let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_sum_us8(qx, qy)), acc);
+    }
+    hsum_f32x8(acc) + summs
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ5_0] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        // SAFETY: the block fields are 16 and 32 bytes long.
+        let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
+        // Where the fifth bit is clear, OR 0xF0 into the byte: the nibble minus 16 as an i8.
+        let hi = _mm256_andnot_si256(bits32(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(qx, hi);
+        acc = _mm256_fmadd_ps(d, mul_sum_i8_f32(qx, qy), acc);
+    }
+    hsum_f32x8(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ8_0] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        // SAFETY: both fields are 32 bytes long.
+        let (qx, qy) = unsafe { (load32(&x.qs), load32(&y.qs)) };
+        acc = _mm256_fmadd_ps(d, mul_sum_i8_f32(qx, qy), acc);
+    }
+    hsum_f32x8(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ4K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let (sc, mn) = k4_scales_mins(&x.scales);
+        let mut summs = 0i32;
+        for g in 0..16 {
+            summs += y.bsum(g) as i32 * mn[g / 2] as i32;
+        }
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            // SAFETY: bytes 32j..32j+32 of the 128-byte `qs`, and 64j..64j+64 of the 256-byte `qs` of y.
+            let (q4bits, q8l, q8h) = unsafe {
+                (
+                    _mm256_loadu_si256(x.qs.as_ptr().add(32 * j) as *const __m256i),
+                    _mm256_loadu_si256(y.qs.as_ptr().add(64 * j) as *const __m256i),
+                    _mm256_loadu_si256(y.qs.as_ptr().add(64 * j + 32) as *const __m256i),
+                )
+            };
+            let q4l = _mm256_and_si256(q4bits, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+            let pl = _mm256_madd_epi16(
+                _mm256_set1_epi16(sc[2 * j] as i16),
+                _mm256_maddubs_epi16(q4l, q8l),
+            );
+            let ph = _mm256_madd_epi16(
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                _mm256_maddubs_epi16(q4h, q8h),
+            );
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        let isum = hsum_i32x8(sumi);
+        // The oracle's float operations, in its order (see scalar::k4_block).
+        sumf += x.d.get() * y.d() * isum as f32 - x.dmin.get() * y.d() * summs as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ6K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(3);
+    let m32s = _mm256_set1_epi8(32);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            // SAFETY: `ql` has 128 bytes (we read 64h..64h+64), `qh` 64 (32h..32h+32), y's `qs` 256
+            // (128h..128h+128).
+            let (b1, b2, bh, q8) = unsafe {
+                let q8p = y.qs.as_ptr().add(128 * h);
+                (
+                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * h) as *const __m256i),
+                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * h + 32) as *const __m256i),
+                    _mm256_loadu_si256(x.qh.as_ptr().add(32 * h) as *const __m256i),
+                    [
+                        _mm256_loadu_si256(q8p as *const __m256i),
+                        _mm256_loadu_si256(q8p.add(32) as *const __m256i),
+                        _mm256_loadu_si256(q8p.add(64) as *const __m256i),
+                        _mm256_loadu_si256(q8p.add(96) as *const __m256i),
+                    ],
+                )
+            };
+            let qh0 = _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4);
+            let qh1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4);
+            let qh2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4);
+            let qh3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4);
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(b1, m4), qh0),
+                _mm256_or_si256(_mm256_and_si256(b2, m4), qh1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), qh2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), qh3),
+            ];
+            for k in 0..4 {
+                // Elements 32k..32k+32 of this half use scales 2k and 2k+1 (16 elements each).
+                let s0 = x.scales[8 * h + 2 * k] as i16;
+                let s1 = x.scales[8 * h + 2 * k + 1] as i16;
+                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                let p = _mm256_sub_epi16(
+                    _mm256_maddubs_epi16(q[k], q8[k]),
+                    _mm256_maddubs_epi16(m32s, q8[k]),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p));
+            }
+        }
+        let isum = hsum_i32x8(sumi);
+        sumf += x.d.get() * y.d() * isum as f32;
+    }
+    sumf
 }

@@ -71,6 +71,14 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         .map(|&p| ops::rope_cache(&rope, p, w.rope_freqs.as_deref()))
         .collect();
     let groups = group_by_seq(b);
+    let shape = AttnShape {
+        n_head: hp.n_head,
+        head_dim: hd,
+        gqa,
+        nq,
+        nkv,
+        kq_scale,
+    };
 
     // Token embeddings: inpL = get_rows(tok_embd, tokens).
     let mut x = vec![0.0f32; n * e];
@@ -140,28 +148,12 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
             );
         }
         let mut attn = vec![0.0f32; n * nq];
-        let mut scores = Vec::new();
         for (seq, idx) in &groups {
             let last = idx.iter().map(|&i| b.pos[i] as usize).max().unwrap_or(0);
             kv.read(il, *seq as usize, last + 1, &mut kbuf, &mut vbuf);
-            scores.resize(last + 1, 0.0);
-            for &i in idx {
-                let n_kv = b.pos[i] as usize + 1;
-                for head in 0..hp.n_head {
-                    let g = head / gqa;
-                    let qh = &q[i * nq + head * hd..i * nq + (head + 1) * hd];
-                    let out = &mut attn[i * nq + head * hd..i * nq + (head + 1) * hd];
-                    ops::attend_one(
-                        qh,
-                        n_kv,
-                        kq_scale,
-                        |j| &kbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
-                        |j| &vbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
-                        &mut scores,
-                        out,
-                    );
-                }
-            }
+            let items: Vec<(usize, usize)> =
+                idx.iter().map(|&i| (i, b.pos[i] as usize + 1)).collect();
+            attention(&ctx.pool, &shape, &q, &kbuf, &vbuf, &items, &mut attn);
         }
         let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
         if let Some(bo) = &layer.bo {
@@ -245,6 +237,14 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         .as_ref()
         .ok_or_else(|| missing("token_embd_norm.weight"))?;
     let groups = group_by_seq(b);
+    let shape = AttnShape {
+        n_head: hp.n_head,
+        head_dim: hd,
+        gqa,
+        nq,
+        nkv,
+        kq_scale,
+    };
 
     // inpL = norm(tok_embd[token] + type_embd[0] + pos_embd[pos]).
     let mut x = vec![0.0f32; n * e];
@@ -264,7 +264,6 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         ops::layer_norm(row, tn_w, tn_b, hp.norm_eps);
     }
 
-    let mut scores = Vec::new();
     for (il, layer) in w.layers.iter().enumerate() {
         let mut q = mm(&ctx.pool, file, &layer.wq, &x, n)?;
         let mut k = mm(&ctx.pool, file, &layer.wk, &x, n)?;
@@ -290,22 +289,11 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 kbuf[j * nkv..(j + 1) * nkv].copy_from_slice(&k[i * nkv..(i + 1) * nkv]);
                 vbuf[j * nkv..(j + 1) * nkv].copy_from_slice(&v[i * nkv..(i + 1) * nkv]);
             }
-            scores.resize(m, 0.0);
-            for &i in idx {
-                let n_kv = if hp.causal { b.pos[i] as usize + 1 } else { m };
-                for head in 0..hp.n_head {
-                    let g = head / gqa;
-                    ops::attend_one(
-                        &q[i * nq + head * hd..i * nq + (head + 1) * hd],
-                        n_kv,
-                        kq_scale,
-                        |j| &kbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
-                        |j| &vbuf[j * nkv + g * hd..j * nkv + (g + 1) * hd],
-                        &mut scores,
-                        &mut attn[i * nq + head * hd..i * nq + (head + 1) * hd],
-                    );
-                }
-            }
+            let items: Vec<(usize, usize)> = idx
+                .iter()
+                .map(|&i| (i, if hp.causal { b.pos[i] as usize + 1 } else { m }))
+                .collect();
+            attention(&ctx.pool, &shape, &q, &kbuf, &vbuf, &items, &mut attn);
         }
         let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
         if let Some(bo) = &layer.bo {
@@ -365,6 +353,86 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         }
     }
     Ok(())
+}
+
+/// Dimensions of multi-head attention with grouped KV heads.
+struct AttnShape {
+    n_head: usize,
+    head_dim: usize,
+    /// Query heads per KV head.
+    gqa: usize,
+    /// Width of a token's Q (`n_head · head_dim`).
+    nq: usize,
+    /// Width of a token's K or V (`n_head_kv · head_dim`).
+    nkv: usize,
+    kq_scale: f32,
+}
+
+/// Attention for the tokens `items` (`(batch index, number of visible positions)`) of one sequence whose
+/// keys and values are `k`/`v` (`[n_pos, nkv]`): for each token and head, `softmax(q·kᵀ·scale)·v` over the
+/// first `n_kv` positions, in position order (`build_attn_mha`, non-flash). Writes `attn[i]` rows
+/// (`[n_tokens, nq]`). Work is split over (token, head) pairs when large enough; each pair is computed by
+/// the same code whatever the split, so results do not depend on the thread count.
+fn attention(
+    pool: &Pool,
+    s: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    items: &[(usize, usize)],
+    attn: &mut [f32],
+) {
+    let hd = s.head_dim;
+    let one = |i: usize, n_kv: usize, head: usize, scores: &mut Vec<f32>, out: &mut [f32]| {
+        let g = head / s.gqa;
+        scores.resize(n_kv.max(scores.len()), 0.0);
+        ops::attend_one(
+            &q[i * s.nq + head * hd..i * s.nq + (head + 1) * hd],
+            n_kv,
+            s.kq_scale,
+            |j| &k[j * s.nkv + g * hd..j * s.nkv + (g + 1) * hd],
+            |j| &v[j * s.nkv + g * hd..j * s.nkv + (g + 1) * hd],
+            scores,
+            out,
+        );
+    };
+    let pairs = items.len() * s.n_head;
+    let work: usize = items.iter().map(|&(_, n_kv)| n_kv).sum::<usize>() * s.n_head * hd;
+    if pool.n_threads() == 1 || pairs < 2 || work < 1 << 16 {
+        let mut scores = Vec::new();
+        for &(i, n_kv) in items {
+            for head in 0..s.n_head {
+                let out = &mut attn[i * s.nq + head * hd..i * s.nq + (head + 1) * hd];
+                one(i, n_kv, head, &mut scores, out);
+            }
+        }
+        return;
+    }
+    let n_tasks = (pool.n_threads() * 4).min(pairs);
+    let per = pairs.div_ceil(n_tasks);
+    let results: Vec<std::sync::Mutex<Vec<f32>>> =
+        (0..n_tasks).map(|_| std::sync::Mutex::new(Vec::new())).collect();
+    pool.parallel_for(n_tasks, |t| {
+        let (p0, p1) = (t * per, ((t + 1) * per).min(pairs));
+        let mut local = vec![0.0f32; (p1.saturating_sub(p0)) * hd];
+        let mut scores = Vec::new();
+        for p in p0..p1 {
+            let (i, n_kv) = items[p / s.n_head];
+            let head = p % s.n_head;
+            one(i, n_kv, head, &mut scores, &mut local[(p - p0) * hd..(p - p0 + 1) * hd]);
+        }
+        *results[t].lock().unwrap_or_else(|e| e.into_inner()) = local;
+    });
+    for (t, r) in results.into_iter().enumerate() {
+        let local = r.into_inner().unwrap_or_else(|e| e.into_inner());
+        let p0 = t * per;
+        for (off, chunk) in local.chunks_exact(hd).enumerate() {
+            let p = p0 + off;
+            let (i, _) = items[p / s.n_head];
+            let head = p % s.n_head;
+            attn[i * s.nq + head * hd..i * s.nq + (head + 1) * hd].copy_from_slice(chunk);
+        }
+    }
 }
 
 /// Mean of `rows` (each `[n]`), summed in row order in f32 then divided by the count

@@ -1,36 +1,51 @@
-//! The one place where the forward passes reach the quantized kernels (matmul, row dequantization and the
-//! thread pool of `engine::kernels` / `engine::quant`), so that the model code never depends on a
+//! The one place where the forward passes reach the quantized kernels (`engine::kernels::matmul`,
+//! `engine::quant::dequantize_row` and the kernels' thread pool), so that the model code never depends on a
 //! particular kernel's signature.
 
-use half::f16;
-
-use crate::engine::ggml_type::GgmlType;
 use crate::engine::gguf::GgufFile;
+use crate::engine::kernels::{self, KernelError, QMatrix, ThreadPool};
+use crate::engine::quant;
 
 use super::ModelError;
 use super::weights::Linear;
 
-/// The worker threads of a context (wraps the kernels' thread pool).
+/// The worker threads of a context (the kernels' persistent pool).
 pub struct Pool {
-    n_threads: usize,
+    pool: ThreadPool,
 }
 
 impl Pool {
-    /// A pool of `n_threads` (≥ 1) threads.
+    /// A pool of `n_threads` (0 is taken as 1) threads, the caller included.
     pub fn new(n_threads: usize) -> Pool {
         Pool {
-            n_threads: n_threads.max(1),
+            pool: ThreadPool::new(n_threads.max(1)),
         }
     }
 
-    /// Number of threads.
+    /// Threads that run tasks.
     pub fn n_threads(&self) -> usize {
-        self.n_threads
+        self.pool.n_threads()
+    }
+
+    /// Runs `f(i)` for `i in 0..n_tasks` over the pool's threads.
+    pub fn parallel_for<F: Fn(usize) + Sync>(&self, n_tasks: usize, f: F) {
+        self.pool.parallel_for(n_tasks, f);
+    }
+}
+
+fn kernel_err(w: &Linear, e: KernelError) -> ModelError {
+    match e {
+        KernelError::UnsupportedType(ty) => ModelError::UnsupportedTensorType {
+            name: w.name.clone(),
+            ty: ty.name().to_string(),
+        },
+        e => ModelError::Unsupported(format!("matmul with {}: {e}", w.name)),
     }
 }
 
 /// `y = x · wᵀ`: `x` is `[n_tokens, w.n_cols]`, `y` is `[n_tokens, w.n_rows]` (row-major, one token per
-/// row). Each output element is reduced in a fixed order, independent of `n_tokens` (batch invariance).
+/// row). Each output element is reduced in a fixed order, independent of `n_tokens` and of the thread
+/// count (the kernels' batch invariance).
 ///
 /// Errors: [`ModelError::UnsupportedTensorType`] for a type the kernels cannot multiply.
 pub fn matmul(
@@ -41,20 +56,9 @@ pub fn matmul(
     n_tokens: usize,
     y: &mut [f32],
 ) -> Result<(), ModelError> {
-    debug_assert_eq!(x.len(), n_tokens * w.n_cols);
-    debug_assert_eq!(y.len(), n_tokens * w.n_rows);
-    let _ = pool;
-    let data = file.tensor_data(&w.info);
-    let row_bytes = data.len() / w.n_rows;
-    let mut row = vec![0.0f32; w.n_cols];
-    for r in 0..w.n_rows {
-        decode_row(w, &data[r * row_bytes..(r + 1) * row_bytes], &mut row)?;
-        for t in 0..n_tokens {
-            y[t * w.n_rows + r] =
-                crate::engine::kernels::ops::dot_f32(&row, &x[t * w.n_cols..(t + 1) * w.n_cols]);
-        }
-    }
-    Ok(())
+    let m = QMatrix::new(w.ty, file.tensor_data(&w.info), w.n_rows, w.n_cols)
+        .map_err(|e| kernel_err(w, e))?;
+    kernels::matmul(&pool.pool, &m, x, n_tokens, y).map_err(|e| kernel_err(w, e))
 }
 
 /// Copies row `row` of `w` (an embedding table) into `dst` (`[w.n_cols]`) as f32.
@@ -67,28 +71,14 @@ pub fn get_row(file: &GgufFile, w: &Linear, row: usize, dst: &mut [f32]) -> Resu
             n_vocab: w.n_rows,
         });
     }
-    let data = file.tensor_data(&w.info);
-    let row_bytes = data.len() / w.n_rows;
-    decode_row(w, &data[row * row_bytes..(row + 1) * row_bytes], dst)
-}
-
-fn decode_row(w: &Linear, bytes: &[u8], dst: &mut [f32]) -> Result<(), ModelError> {
-    match w.ty {
-        GgmlType::F32 => {
-            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            Ok(())
-        }
-        GgmlType::F16 => {
-            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-            Ok(())
-        }
-        ty => Err(ModelError::UnsupportedTensorType {
-            name: w.name.clone(),
-            ty: ty.name().to_string(),
-        }),
-    }
+    let m = QMatrix::new(w.ty, file.tensor_data(&w.info), w.n_rows, w.n_cols)
+        .map_err(|e| kernel_err(w, e))?;
+    let bytes = m.row(row).ok_or_else(|| ModelError::BadToken {
+        token: row as u64,
+        n_vocab: w.n_rows,
+    })?;
+    quant::dequantize_row(w.ty, bytes, dst).map_err(|e| ModelError::UnsupportedTensorType {
+        name: w.name.clone(),
+        ty: format!("{} ({e})", w.ty.name()),
+    })
 }

@@ -15,7 +15,9 @@ pub mod weights;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::engine::chat::ChatTemplate;
 use crate::engine::gguf::{GgufError, GgufFile};
+use crate::engine::tokenizer::{Tokenizer, TokenizerError};
 
 pub use hparams::{Arch, HParams, Pooling};
 use kv_cache::KvCache;
@@ -28,6 +30,8 @@ use weights::Weights;
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
     #[error("unsupported architecture {0:?} (supported: llama, qwen2, qwen3, bert)")]
     UnsupportedArch(String),
     #[error("bad hyper-parameters: {0}")]
@@ -77,6 +81,8 @@ pub struct Model {
     file: Arc<GgufFile>,
     hp: HParams,
     weights: Weights,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
     n_vocab: usize,
     arch_name: String,
     params: ModelParams,
@@ -116,11 +122,36 @@ impl Model {
         }
         let n_vocab = te.dims[1] as usize;
         let weights = Weights::load(&file, &hp, n_vocab)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        if tokenizer.n_vocab() > n_vocab {
+            return Err(ModelError::BadTensorShape {
+                name: te.name.clone(),
+                dims: te.dims.clone(),
+                expected: format!(
+                    "at least {} rows, one per token of the vocabulary",
+                    tokenizer.n_vocab()
+                ),
+            });
+        }
+        // A decoder's template (or llama-server's ChatML fallback); a broken one only disables chat.
+        let chat_template = if hp.arch == Arch::Bert {
+            None
+        } else {
+            match ChatTemplate::from_gguf(&file) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("chat template unusable, chat disabled: {e}");
+                    None
+                }
+            }
+        };
         Ok(Arc::new(Model {
+            chat_template,
             arch_name: hp.arch.name().to_string(),
             file,
             hp,
             weights,
+            tokenizer,
             n_vocab,
             params: params.clone(),
         }))
@@ -134,6 +165,17 @@ impl Model {
     /// The shared handle of the GGUF file.
     pub fn gguf_arc(&self) -> Arc<GgufFile> {
         self.file.clone()
+    }
+
+    /// The tokenizer built from the file's `tokenizer.ggml.*` metadata.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template (`tokenizer.chat_template`, or ChatML when absent); `None` for encoders or when
+    /// the file's template cannot be compiled.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
     }
 
     /// Hyper-parameters.

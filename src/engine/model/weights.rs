@@ -6,6 +6,7 @@ use half::f16;
 
 use crate::engine::ggml_type::GgmlType;
 use crate::engine::gguf::{GgufFile, TensorInfo};
+use crate::engine::{kernels, quant};
 
 use super::ModelError;
 use super::hparams::{Arch, HParams};
@@ -82,7 +83,13 @@ impl Weights {
     /// [`ModelError::UnsupportedTensorType`] (vectors must be F32 or F16), each naming the tensor.
     pub fn load(f: &GgufFile, hp: &HParams, n_vocab: usize) -> Result<Weights, ModelError> {
         let e = hp.n_embd;
-        let tok_embd = linear(f, "token_embd.weight", n_vocab, e)?;
+        let tok_embd = matrix(f, "token_embd.weight", n_vocab, e)?;
+        if !quant::can_dequantize(tok_embd.ty) {
+            return Err(ModelError::UnsupportedTensorType {
+                name: tok_embd.name.clone(),
+                ty: tok_embd.ty.name().to_string(),
+            });
+        }
         let bert = hp.arch == Arch::Bert;
         let (pos_embd, type_embd0, tok_norm) = if bert {
             let pe = f
@@ -203,7 +210,7 @@ impl Weights {
             let out = if f.tensor("output.weight").is_some() {
                 linear(f, "output.weight", n_vocab, e)?
             } else {
-                tok_embd.clone()
+                linear(f, "token_embd.weight", n_vocab, e)?
             };
             (Some(vector(f, "output_norm.weight", e)?), Some(out))
         };
@@ -237,8 +244,20 @@ fn shape(t: &TensorInfo, expected: &str) -> ModelError {
     }
 }
 
-/// A matrix of `n_rows` rows of `n_cols` (ggml dims `[n_cols, n_rows]`).
+/// A matrix of `n_rows` rows of `n_cols` (ggml dims `[n_cols, n_rows]`) that the kernels can multiply.
 fn linear(f: &GgufFile, name: &str, n_rows: usize, n_cols: usize) -> Result<Linear, ModelError> {
+    let m = matrix(f, name, n_rows, n_cols)?;
+    if kernels::vec_dot_fn(m.ty).is_none() {
+        return Err(ModelError::UnsupportedTensorType {
+            name: m.name,
+            ty: m.ty.name().to_string(),
+        });
+    }
+    Ok(m)
+}
+
+/// A matrix of `n_rows` rows of `n_cols` (ggml dims `[n_cols, n_rows]`).
+fn matrix(f: &GgufFile, name: &str, n_rows: usize, n_cols: usize) -> Result<Linear, ModelError> {
     let t = f.tensor(name).ok_or_else(|| missing(name))?;
     let ok = t.dims.len() == 2 && t.dims[0] as usize == n_cols && t.dims[1] as usize == n_rows;
     if !ok {

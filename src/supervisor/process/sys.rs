@@ -99,7 +99,7 @@ pub fn children_of(parent: u32) -> Vec<u32> {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
                 s.rsplit_once(')')
                     .map(|(_, rest)| rest.split_whitespace().collect::<Vec<_>>())
-                    .is_some_and(|f| f.len() > 2 && f[0] != "Z" && f[2] == parent.to_string())
+                    .is_some_and(|f| f.len() > 1 && f[0] != "Z" && f[1] == parent.to_string())
             })
         })
         .collect()

@@ -1,0 +1,224 @@
+//! The one seam between the worker and the engine: two small traits the scheduler and the HTTP layer use,
+//! so that everything else in the worker is written (and unit-tested) without knowing the engine's types.
+//!
+//! [`Codec`] is the thread-safe, read-only part (tokenizer, chat template, model facts) that HTTP handlers
+//! call directly; [`Compute`] is the single-threaded part (the context with its KV cache) owned by the
+//! scheduler thread. `engine_backend` implements both over `crate::engine`.
+
+use std::fmt;
+
+/// Facts about the loaded model the worker reports and plans with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    /// GGUF `general.architecture` (`llama`, `qwen2`, `bert`, ...).
+    pub arch: String,
+    /// Vocabulary size (tokens).
+    pub n_vocab: usize,
+    /// Embedding width (floats per embedding vector).
+    pub n_embd: usize,
+    /// Context length the model was trained with (tokens).
+    pub n_ctx_train: usize,
+    /// Encoder-only model (BERT): embeddings only, no generation.
+    pub is_encoder: bool,
+    /// The chat template source from the GGUF, when it has one.
+    pub chat_template: Option<String>,
+    /// Every end-of-generation token id (EOS, EOT, ...), ascending.
+    pub eog_tokens: Vec<u32>,
+}
+
+/// An engine failure, with a message for the log (never sent to clients as is, except template errors).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The chat template could not render these messages (a client-side problem: 400).
+    #[error("chat template: {0}")]
+    Template(String),
+    /// The model has no chat template.
+    #[error("the model has no chat template")]
+    NoTemplate,
+    /// The forward pass or the embedding failed.
+    #[error("engine: {0}")]
+    Engine(String),
+}
+
+/// Everything about sampling one choice, in llama.cpp's terms (defaults: llama-server's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Temperature; ≤ 0 = greedy (argmax).
+    pub temperature: f32,
+    /// Top-k (≤ 0 = off).
+    pub top_k: i32,
+    /// Top-p (1 = off).
+    pub top_p: f32,
+    /// Min-p (0 = off).
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    pub repeat_penalty: f32,
+    /// Tokens looked back for the penalties (-1 = the whole context).
+    pub repeat_last_n: i32,
+    /// Presence penalty.
+    pub presence_penalty: f32,
+    /// Frequency penalty.
+    pub frequency_penalty: f32,
+    /// Seed of the draw; `None` = random.
+    pub seed: Option<u64>,
+    /// (token, bias) pairs added to the logits.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+/// A token sampler of one choice (owns its RNG state).
+pub trait TokenSampler: Send {
+    /// Picks the next token from raw logits `[n_vocab]`; `history` is the sequence so far (prompt and
+    /// generated tokens, oldest first) for the penalties.
+    fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32;
+}
+
+/// One forward pass's input, llama_batch style: token `i` at position `pos[i]` of sequence `seq_id[i]`;
+/// logits are produced where `logits[i]`, numbered in order of appearance (output 0, 1, ...).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// Positions within their sequence (0-based).
+    pub pos: Vec<u32>,
+    /// Sequence (= slot) ids.
+    pub seq_id: Vec<u32>,
+    /// Whether to produce logits for the token.
+    pub logits: Vec<bool>,
+}
+
+impl BatchPlan {
+    /// Appends one token.
+    pub fn push(&mut self, token: u32, pos: u32, seq: u32, logits: bool) {
+        self.tokens.push(token);
+        self.pos.push(pos);
+        self.seq_id.push(seq);
+        self.logits.push(logits);
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// True when it holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// The thread-safe, read-only side of the model: tokenizer, chat template, facts.
+pub trait Codec: Send + Sync + 'static {
+    /// Model facts.
+    fn info(&self) -> &ModelInfo;
+    /// llama_tokenize(text, add_special, parse_special).
+    fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32>;
+    /// The bytes of one token (llama_token_to_piece); `special` renders control tokens as text.
+    fn piece(&self, id: u32, special: bool) -> Vec<u8>;
+    /// ids → text (llama_detokenize).
+    fn decode(&self, ids: &[u32], special: bool) -> String;
+    /// End-of-generation token (EOS, EOT, ...).
+    fn is_eog(&self, id: u32) -> bool;
+    /// Renders chat messages (`[{"role","content",...}]`) with the model's template and the generation
+    /// prompt appended.
+    ///
+    /// Errors: [`BackendError::NoTemplate`], [`BackendError::Template`].
+    fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError>;
+}
+
+/// The single-threaded side: a context holding one KV sequence per slot. Owned by the scheduler thread.
+pub trait Compute: Send + 'static {
+    /// Runs one forward pass over a batch that may mix sequences.
+    ///
+    /// Errors: [`BackendError::Engine`] (position past the context, bad token, ...).
+    fn decode(&mut self, batch: &BatchPlan) -> Result<(), BackendError>;
+    /// Logits `[n_vocab]` of the `i`-th output of the last [`Compute::decode`].
+    fn logits(&self, i: usize) -> &[f32];
+    /// A pooled, L2-normalised embedding `[n_embd]` of `tokens` (does not touch the slots' sequences).
+    ///
+    /// Errors: [`BackendError::Engine`].
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BackendError>;
+    /// Drops every KV cell of sequence `seq`.
+    fn seq_clear(&mut self, seq: u32);
+    /// Keeps only the first `n` positions of sequence `seq`; returns false when the engine cannot (the
+    /// caller then clears the sequence and recomputes).
+    fn seq_keep(&mut self, seq: u32, n: usize) -> bool {
+        let _ = (seq, n);
+        false
+    }
+    /// A fresh sampler for one choice.
+    fn sampler(&self, params: &SamplingParams) -> Box<dyn TokenSampler>;
+}
+
+impl fmt::Debug for dyn Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Codec")
+            .field("arch", &self.info().arch)
+            .finish()
+    }
+}
+
+/// Natural log-probability of `chosen` and the `n` most likely tokens (best first, ties by lower id) under
+/// the log-softmax of raw `logits` `[n_vocab]` over the whole vocabulary — the quantity llama-server reports
+/// as `n_probs` (tools/server/server-context.cpp, commit 0c1e570). Computed in f64.
+pub fn logprobs(logits: &[f32], chosen: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| ((l as f64) - max).exp()).sum();
+    let log_z = max + sum.ln();
+    let lp = |id: u32| {
+        logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |&l| ((l as f64) - log_z) as f32)
+    };
+    let mut top = Vec::new();
+    if n > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = n.min(idx.len());
+        let cmp = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k, cmp);
+            idx.truncate(k);
+        }
+        idx.sort_by(cmp);
+        top = idx.into_iter().map(|i| (i, lp(i))).collect();
+    }
+    (lp(chosen), top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let (lp, top) = logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((lp as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let total: f64 = logits.iter().map(|&l| ((l as f64) - z.ln()).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        let (_, all) = logprobs(&logits, 0, 10);
+        assert_eq!(all.len(), 4);
+    }
+}

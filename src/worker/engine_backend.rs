@@ -1,0 +1,180 @@
+//! The worker's only module that imports the engine: [`Codec`] and [`Compute`] over `crate::engine`'s
+//! `Model`, `Context`, `Tokenizer`, `ChatTemplate` and `Sampler`.
+//!
+//! Sequence ids: `Context::embed` runs on sequence 0 and clears it, so when a generation model also serves
+//! embeddings (`--embedding`) the slots use sequences `1..=n_slots` and sequence 0 is left to embeddings.
+
+use std::sync::Arc;
+
+use super::backend::{
+    BackendError, BatchPlan, Codec, Compute, ModelInfo, SamplingParams, TokenSampler,
+};
+use super::{LoadParams, Loaded, plan_context};
+use crate::engine::chat::{ChatTemplate, RenderOptions};
+use crate::engine::model::{Batch, Context, ContextParams, KvType, Model, ModelParams};
+use crate::engine::sampling::{Sampler, SamplerParams};
+use crate::engine::tokenizer::Tokenizer;
+
+struct EngineCodec {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    info: ModelInfo,
+}
+
+impl Codec for EngineCodec {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        self.tokenizer.encode(text, add_special, parse_special)
+    }
+    fn piece(&self, id: u32, special: bool) -> Vec<u8> {
+        self.tokenizer.token_to_piece(id, special)
+    }
+    fn decode(&self, ids: &[u32], special: bool) -> String {
+        self.tokenizer.decode(ids, special)
+    }
+    fn is_eog(&self, id: u32) -> bool {
+        self.tokenizer.is_eog(id)
+    }
+    fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError> {
+        let t = self.template.as_ref().ok_or(BackendError::NoTemplate)?;
+        let opts = RenderOptions {
+            add_generation_prompt: true,
+            ..RenderOptions::default()
+        };
+        t.render(messages, &opts)
+            .map_err(|e| BackendError::Template(e.to_string()))
+    }
+}
+
+struct EngineCompute {
+    ctx: Context,
+    /// Added to slot ids to get sequence ids (1 when sequence 0 is kept for embeddings).
+    seq_offset: u32,
+    batch: Batch,
+}
+
+struct EngineSampler(Sampler);
+
+impl TokenSampler for EngineSampler {
+    fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.0.sample(logits, history)
+    }
+}
+
+impl Compute for EngineCompute {
+    fn decode(&mut self, plan: &BatchPlan) -> Result<(), BackendError> {
+        self.batch.tokens.clear();
+        self.batch.tokens.extend_from_slice(&plan.tokens);
+        self.batch.pos.clear();
+        self.batch.pos.extend_from_slice(&plan.pos);
+        self.batch.seq_id.clear();
+        self.batch
+            .seq_id
+            .extend(plan.seq_id.iter().map(|s| s + self.seq_offset));
+        self.batch.logits.clear();
+        self.batch.logits.extend_from_slice(&plan.logits);
+        self.ctx
+            .decode(&self.batch)
+            .map_err(|e| BackendError::Engine(e.to_string()))
+    }
+    fn logits(&self, i: usize) -> &[f32] {
+        self.ctx.logits(i)
+    }
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
+        self.ctx
+            .embed(tokens)
+            .map_err(|e| BackendError::Engine(e.to_string()))
+    }
+    fn seq_clear(&mut self, seq: u32) {
+        self.ctx.seq_clear(seq + self.seq_offset);
+    }
+    fn sampler(&self, p: &SamplingParams) -> Box<dyn TokenSampler> {
+        Box::new(EngineSampler(Sampler::new(SamplerParams {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            repeat_last_n: p.repeat_last_n,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+            logit_bias: p.logit_bias.clone(),
+            ..SamplerParams::default()
+        })))
+    }
+}
+
+/// Loads the model, its tokenizer and chat template, and a context of `n_slots` sequences.
+///
+/// Errors: the engine's message (GGUF, architecture, tokenizer, context sizes), for stderr.
+pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
+    let model: Arc<Model> = Model::load(
+        &p.path,
+        &ModelParams {
+            n_threads: p.n_threads,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let tokenizer = Tokenizer::from_gguf(model.gguf()).map_err(|e| format!("tokenizer: {e}"))?;
+    let template = match ChatTemplate::from_gguf(model.gguf()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!("no usable chat template ({e}); /v1/chat/completions will answer 400");
+            None
+        }
+    };
+    let is_encoder = model.is_encoder();
+    let (n_ctx, n_ctx_seq) = plan_context(p.ctx_size, model.n_ctx_train(), p.n_slots)?;
+    let seq_offset = u32::from(p.embedding && !is_encoder);
+    let ctx = Context::new(
+        model.clone(),
+        ContextParams {
+            n_ctx: n_ctx_seq,
+            n_seq_max: p.n_slots + seq_offset as usize,
+            n_batch: p.n_batch,
+            n_threads: p.n_threads,
+            // `Context::embed` turns embeddings on for its own pass; generation needs none.
+            embeddings: is_encoder,
+            kv_type: KvType::F16,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let eog_tokens = (0..model.n_vocab() as u32)
+        .filter(|&id| tokenizer.is_eog(id))
+        .collect();
+    let info = ModelInfo {
+        arch: model.arch().to_string(),
+        n_vocab: model.n_vocab(),
+        n_embd: model.n_embd(),
+        n_ctx_train: model.n_ctx_train(),
+        is_encoder,
+        chat_template: model
+            .gguf()
+            .get_str("tokenizer.chat_template")
+            .ok()
+            .map(str::to_string),
+        eog_tokens,
+    };
+    Ok(Loaded {
+        codec: Arc::new(EngineCodec {
+            tokenizer,
+            template,
+            info,
+        }),
+        compute: Box::new(EngineCompute {
+            ctx,
+            seq_offset,
+            batch: Batch {
+                tokens: Vec::new(),
+                pos: Vec::new(),
+                seq_id: Vec::new(),
+                logits: Vec::new(),
+            },
+        }),
+        n_ctx,
+        n_ctx_seq,
+    })
+}

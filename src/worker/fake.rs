@@ -1,0 +1,242 @@
+//! A deterministic test double of the engine (tests only): a byte-level "model" whose next token depends
+//! on the whole sequence, and a context that checks every batch as strictly as the real one must (positions
+//! contiguous per sequence, inside the context). It lets the scheduler and the HTTP layer be tested for
+//! batching, cancellation, stop strings and error handling without loading a GGUF model.
+
+use std::sync::{Arc, Mutex};
+
+use super::backend::{
+    BackendError, BatchPlan, Codec, Compute, ModelInfo, SamplingParams, TokenSampler,
+};
+
+/// End-of-generation token id.
+pub const EOG: u32 = 256;
+/// Beginning-of-sequence token id.
+pub const BOS: u32 = 257;
+const N_VOCAB: usize = 258;
+
+/// The fake model's greedy next token after `seq` (all tokens so far, BOS first).
+pub fn next_token(seq: &[u32]) -> u32 {
+    if let Some(p) = seq.iter().rposition(|&t| t == u32::from(b'!'))
+        && seq.len() - p - 1 == 4
+    {
+        return EOG;
+    }
+    let h: u64 = seq
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| u64::from(t) * (i as u64 + 1))
+        .sum();
+    u32::from(b'a') + (h % 26) as u32
+}
+
+/// Byte-level codec: token = byte, plus EOG and BOS.
+#[derive(Debug)]
+pub struct FakeCodec {
+    info: ModelInfo,
+}
+
+impl Default for FakeCodec {
+    fn default() -> Self {
+        FakeCodec {
+            info: ModelInfo {
+                arch: "fake".into(),
+                n_vocab: N_VOCAB,
+                n_embd: 4,
+                n_ctx_train: 4096,
+                is_encoder: false,
+                chat_template: Some("{{ fake }}".into()),
+                eog_tokens: vec![EOG],
+            },
+        }
+    }
+}
+
+impl FakeCodec {
+    /// The greedy continuation of `prompt` (tokenized with BOS), at most `n` tokens, as text.
+    pub fn expected(&self, prompt: &str, n: usize) -> String {
+        let mut seq = self.encode(prompt, true, false);
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t = next_token(&seq);
+            if t == EOG {
+                break;
+            }
+            seq.push(t);
+            out.push(t as u8);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Codec for FakeCodec {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn encode(&self, text: &str, add_special: bool, _parse_special: bool) -> Vec<u32> {
+        let mut v: Vec<u32> = Vec::new();
+        if add_special {
+            v.push(BOS);
+        }
+        v.extend(text.bytes().map(u32::from));
+        v
+    }
+    fn piece(&self, id: u32, special: bool) -> Vec<u8> {
+        match id {
+            0..=255 => vec![id as u8],
+            EOG if special => b"</s>".to_vec(),
+            BOS if special => b"<s>".to_vec(),
+            _ => Vec::new(),
+        }
+    }
+    fn decode(&self, ids: &[u32], special: bool) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.piece(i, special)).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+    fn is_eog(&self, id: u32) -> bool {
+        id == EOG
+    }
+    fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError> {
+        let mut s = String::new();
+        for m in messages {
+            let role = m["role"].as_str().unwrap_or("?");
+            if role == "tool" && m.get("tool_call_id").is_none() {
+                return Err(BackendError::Template("tool message without id".into()));
+            }
+            s.push_str(&format!(
+                "{role}: {}\n",
+                m["content"].as_str().unwrap_or("")
+            ));
+        }
+        s.push_str("assistant: ");
+        Ok(s)
+    }
+}
+
+/// What the fake context saw, shared with the test.
+#[derive(Clone, Debug, Default)]
+pub struct FakeLog(Arc<Mutex<Vec<(usize, usize)>>>);
+
+impl FakeLog {
+    /// The most distinct sequences one forward pass held.
+    pub fn max_seqs_per_decode(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|x| x.0)
+            .max()
+            .unwrap_or(0)
+    }
+    /// The most tokens one forward pass held.
+    pub fn max_tokens_per_decode(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|x| x.1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A context of `n_seq` sequences of `n_ctx` cells each.
+#[derive(Debug)]
+pub struct FakeCompute {
+    seqs: Vec<Vec<u32>>,
+    n_ctx: usize,
+    outputs: Vec<Vec<f32>>,
+    log: FakeLog,
+    delay: std::time::Duration,
+}
+
+impl FakeCompute {
+    /// A fresh context.
+    pub fn new(n_seq: usize, n_ctx: usize, log: FakeLog) -> Self {
+        FakeCompute {
+            seqs: vec![Vec::new(); n_seq],
+            n_ctx,
+            outputs: Vec::new(),
+            log,
+            delay: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Makes every forward pass take at least `d` (to let tests act mid-generation).
+    pub fn with_step_delay(mut self, d: std::time::Duration) -> Self {
+        self.delay = d;
+        self
+    }
+}
+
+struct Argmax;
+
+impl TokenSampler for Argmax {
+    fn sample(&mut self, logits: &[f32], _history: &[u32]) -> u32 {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+}
+
+impl Compute for FakeCompute {
+    fn decode(&mut self, batch: &BatchPlan) -> Result<(), BackendError> {
+        self.outputs.clear();
+        std::thread::sleep(self.delay);
+        let mut seen = Vec::new();
+        for i in 0..batch.len() {
+            let (t, pos, seq) = (batch.tokens[i], batch.pos[i] as usize, batch.seq_id[i]);
+            let s = self
+                .seqs
+                .get_mut(seq as usize)
+                .ok_or_else(|| BackendError::Engine(format!("unknown sequence {seq}")))?;
+            if pos != s.len() || pos >= self.n_ctx || t as usize >= N_VOCAB {
+                return Err(BackendError::Engine(format!(
+                    "token {t} at position {pos} of sequence {seq} (holds {}, n_ctx {})",
+                    s.len(),
+                    self.n_ctx
+                )));
+            }
+            s.push(t);
+            if !seen.contains(&seq) {
+                seen.push(seq);
+            }
+            if batch.logits[i] {
+                let next = next_token(s);
+                let mut l = vec![0.0; N_VOCAB];
+                l[next as usize] = 10.0;
+                l[(next as usize + 1) % N_VOCAB] = 5.0;
+                self.outputs.push(l);
+            }
+        }
+        self.log.0.lock().unwrap().push((seen.len(), batch.len()));
+        Ok(())
+    }
+    fn logits(&self, i: usize) -> &[f32] {
+        &self.outputs[i]
+    }
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
+        let s: f32 = tokens.iter().map(|&t| t as f32).sum();
+        let v = [tokens.len() as f32, s, 1.0, 0.0];
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        Ok(v.iter().map(|x| x / n).collect())
+    }
+    fn seq_clear(&mut self, seq: u32) {
+        if let Some(s) = self.seqs.get_mut(seq as usize) {
+            s.clear();
+        }
+    }
+    fn seq_keep(&mut self, seq: u32, n: usize) -> bool {
+        if let Some(s) = self.seqs.get_mut(seq as usize) {
+            s.truncate(n);
+        }
+        true
+    }
+    fn sampler(&self, _params: &SamplingParams) -> Box<dyn TokenSampler> {
+        Box::new(Argmax)
+    }
+}

@@ -1,0 +1,1052 @@
+//! The worker's HTTP API (axum): OpenAI endpoints, llama-server's `/tokenize`, `/detokenize`,
+//! `/apply-template`, `/props`, `/health`, `/metrics`. Handlers validate and tokenize, then talk to the
+//! scheduler thread only through its channel; each generation carries its own event channel and a
+//! cancellation token that fires when the response (or its SSE stream) is dropped — i.e. when the client
+//! goes away.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock, mpsc};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc::UnboundedReceiver, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::backend::{Codec, SamplingParams};
+use super::error::{ApiError, parse_json};
+use super::metrics::{Endpoint, Metrics};
+use super::scheduler::{Command, EmbedRequest, GenEvent, GenerateRequest, TokenOut};
+use crate::openai::*;
+
+/// Fixed facts of this worker, known before the model is loaded.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    /// The model id clients see.
+    pub alias: String,
+    /// Path of the GGUF file.
+    pub model_path: String,
+    /// Nonce from `--instance`, echoed by `/props`.
+    pub instance: Option<String>,
+    /// Required Bearer key, when set.
+    pub api_key: Option<String>,
+    /// Slots.
+    pub n_slots: usize,
+    /// Tokens per forward pass.
+    pub n_batch: usize,
+    /// `--embedding` was given.
+    pub embedding: bool,
+    /// Unix time (s) of the start.
+    pub created: u64,
+}
+
+/// What exists once the model is loaded.
+pub struct Ready {
+    /// Tokenizer, template, facts.
+    pub codec: Arc<dyn Codec>,
+    /// Commands to the scheduler thread.
+    pub tx: mpsc::Sender<Command>,
+    /// Total context (tokens), `n_slots × n_ctx_seq`.
+    pub n_ctx: usize,
+    /// Context of one slot (tokens).
+    pub n_ctx_seq: usize,
+}
+
+/// Shared state of every handler.
+pub struct AppState {
+    /// Fixed facts.
+    pub info: ServerInfo,
+    /// Metrics shared with the scheduler.
+    pub metrics: Arc<Metrics>,
+    /// Set once the model is loaded.
+    pub ready: OnceLock<Ready>,
+}
+
+impl AppState {
+    fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or(ApiError::Loading)
+    }
+}
+
+/// Build identifier reported as `system_fingerprint`.
+pub fn fingerprint() -> String {
+    format!("cyber-inference-{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The worker's router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/embeddings", post(embeddings))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/apply-template", post(apply_template))
+        .route("/props", get(props))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
+        .with_state(state)
+}
+
+/// Bearer check and failure counting (both skip `/health`, whose 503 while loading is not a failure).
+async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.info.api_key
+        && req.uri().path() != "/health"
+    {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()));
+        if !ok {
+            st.metrics.requests_failed.fetch_add(1, Relaxed);
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    let is_health = req.uri().path() == "/health";
+    let resp = next.run(req).await;
+    if !is_health && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        st.metrics.requests_failed.fetch_add(1, Relaxed);
+    }
+    resp
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_string())
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if st.ready.get().is_some() {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response()
+    }
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelObject {
+            id: st.info.alias.clone(),
+            object: "model".into(),
+            created: st.info.created,
+            owned_by: "cyber-inference".into(),
+        }],
+    })
+}
+
+async fn props(State(st): State<Arc<AppState>>) -> Response {
+    let ready = st.ready.get();
+    Json(json!({
+        "model_path": st.info.model_path,
+        "alias": st.info.alias,
+        "instance": st.info.instance,
+        "n_slots": st.info.n_slots,
+        "total_slots": st.info.n_slots,
+        "n_batch": st.info.n_batch,
+        "n_ctx": ready.map(|r| r.n_ctx),
+        "n_ctx_slot": ready.map(|r| r.n_ctx_seq),
+        "architecture": ready.map(|r| r.codec.info().arch.clone()),
+        "n_vocab": ready.map(|r| r.codec.info().n_vocab),
+        "n_embd": ready.map(|r| r.codec.info().n_embd),
+        "n_ctx_train": ready.map(|r| r.codec.info().n_ctx_train),
+        "eog_token_ids": ready.map(|r| r.codec.info().eog_tokens.clone()),
+        "chat_template": ready.and_then(|r| r.codec.info().chat_template.clone()),
+        "embedding": st.info.embedding || ready.is_some_and(|r| r.codec.info().is_encoder),
+        "is_loading": ready.is_none(),
+        "build_info": fingerprint(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The piece as llama-server's `with_pieces` writes it: a string, or byte values when not valid UTF-8.
+fn piece_json(bytes: Vec<u8>) -> Value {
+    match String::from_utf8(bytes) {
+        Ok(s) => Value::String(s),
+        Err(e) => json!(e.into_bytes()),
+    }
+}
+
+async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    st.metrics.count_request(Endpoint::Tokenize);
+    let ready = st.ready()?;
+    let req: TokenizeRequest = parse_json(&body)?;
+    let ids = ready
+        .codec
+        .encode(&req.content, req.add_special, req.parse_special);
+    let tokens: Vec<Value> = if req.with_pieces {
+        ids.iter()
+            .map(|&id| json!({"id": id, "piece": piece_json(ready.codec.piece(id, true))}))
+            .collect()
+    } else {
+        ids.iter().map(|&id| json!(id)).collect()
+    };
+    Ok(Json(json!({ "tokens": tokens })).into_response())
+}
+
+fn check_ids(ids: &[u32], n_vocab: usize, param: &'static str) -> Result<(), ApiError> {
+    if let Some((i, bad)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, t)| **t as usize >= n_vocab)
+    {
+        return Err(ApiError::bad(
+            format!("{param}: token id {bad} at index {i} is out of range (n_vocab = {n_vocab})"),
+            Some(param),
+        ));
+    }
+    Ok(())
+}
+
+async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    st.metrics.count_request(Endpoint::Detokenize);
+    let ready = st.ready()?;
+    let req: DetokenizeRequest = parse_json(&body)?;
+    check_ids(&req.tokens, ready.codec.info().n_vocab, "tokens")?;
+    let content = ready.codec.decode(&req.tokens, true);
+    Ok(Json(json!({ "content": content })).into_response())
+}
+
+/// Messages as the chat template sees them: role, content as one string, name/tool fields passed through.
+fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad(
+            "'messages' must contain at least one message",
+            Some("messages"),
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let text = m
+                .text(i)
+                .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+            let mut v = json!({"role": m.role.template_name(), "content": text});
+            if let Some(n) = &m.name {
+                v["name"] = json!(n);
+            }
+            if let Some(id) = &m.tool_call_id {
+                v["tool_call_id"] = json!(id);
+            }
+            if let Some(tc) = &m.tool_calls {
+                v["tool_calls"] = tc.clone();
+            }
+            Ok(v)
+        })
+        .collect()
+}
+
+fn render_prompt(ready: &Ready, messages: &[ChatMessage]) -> Result<String, ApiError> {
+    let msgs = template_messages(messages)?;
+    ready.codec.render_chat(&msgs).map_err(|e| match e {
+        super::backend::BackendError::Template(m) => {
+            ApiError::bad(format!("chat template: {m}"), Some("messages"))
+        }
+        super::backend::BackendError::NoTemplate => {
+            ApiError::bad("this model has no chat template; use /v1/completions", None)
+        }
+        other => ApiError::Internal(other.to_string()),
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct ApplyTemplateRequest {
+    messages: Vec<ChatMessage>,
+}
+
+async fn apply_template(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let ready = st.ready()?;
+    let req: ApplyTemplateRequest = parse_json(&body)?;
+    let prompt = render_prompt(ready, &req.messages)?;
+    Ok(Json(json!({ "prompt": prompt })).into_response())
+}
+
+/// Generation settings common to chat and text completions, validated.
+#[derive(Clone, Debug)]
+struct GenSpec {
+    sampling: SamplingParams,
+    stops: Vec<String>,
+    max_tokens: Option<usize>,
+    n: usize,
+    n_probs: Option<usize>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn in_range(v: Option<f32>, lo: f32, hi: f32, name: &'static str) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(x.is_finite() && (lo..=hi).contains(&x)) => Err(ApiError::bad(
+            format!("'{name}' must be between {lo} and {hi}, got {x}"),
+            Some(name),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn gen_spec(
+    f: &SamplingFields,
+    max_tokens: Option<u32>,
+    n_probs: Option<usize>,
+    n_vocab: usize,
+) -> Result<GenSpec, ApiError> {
+    in_range(f.temperature, 0.0, 100.0, "temperature")?;
+    in_range(f.top_p, 0.0, 1.0, "top_p")?;
+    in_range(f.min_p, 0.0, 1.0, "min_p")?;
+    in_range(f.presence_penalty, -2.0, 2.0, "presence_penalty")?;
+    in_range(f.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
+    in_range(f.repeat_penalty, 0.0, 100.0, "repeat_penalty")?;
+    let d = SamplingParams::default();
+    let mut logit_bias = Vec::new();
+    for (k, &b) in f.logit_bias.iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::bad(
+                format!("logit_bias: key '{k}' is not a token id"),
+                Some("logit_bias"),
+            )
+        })?;
+        check_ids(&[id], n_vocab, "logit_bias")?;
+        if !b.is_finite() && b != f32::NEG_INFINITY {
+            return Err(ApiError::bad(
+                format!("logit_bias: bias of token {id} is not a number"),
+                Some("logit_bias"),
+            ));
+        }
+        logit_bias.push((id, b));
+    }
+    let n = f.n.unwrap_or(1);
+    if !(1..=64).contains(&n) {
+        return Err(ApiError::bad(
+            format!("'n' must be between 1 and 64, got {n}"),
+            Some("n"),
+        ));
+    }
+    if max_tokens == Some(0) {
+        return Err(ApiError::bad(
+            "'max_tokens' must be at least 1",
+            Some("max_tokens"),
+        ));
+    }
+    if let Some(k) = n_probs
+        && k > 20
+    {
+        return Err(ApiError::bad(
+            format!("at most 20 log-probabilities per token, got {k}"),
+            Some("top_logprobs"),
+        ));
+    }
+    Ok(GenSpec {
+        sampling: SamplingParams {
+            temperature: f.temperature.unwrap_or(d.temperature),
+            top_k: f.top_k.unwrap_or(d.top_k),
+            top_p: f.top_p.unwrap_or(d.top_p),
+            min_p: f.min_p.unwrap_or(d.min_p),
+            repeat_penalty: f.repeat_penalty.unwrap_or(d.repeat_penalty),
+            repeat_last_n: f.repeat_last_n.unwrap_or(d.repeat_last_n),
+            presence_penalty: f.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
+            // A negative seed (llama.cpp's -1) means random.
+            seed: f.seed.and_then(|s| u64::try_from(s).ok()),
+            logit_bias,
+        },
+        stops: f.stop.clone().map(StopSpec::into_vec).unwrap_or_default(),
+        max_tokens: max_tokens.map(|m| m as usize),
+        n: n as usize,
+        n_probs,
+        stream: f.stream.unwrap_or(false),
+        include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+fn check_prompt_fits(
+    n_prompt: usize,
+    ready: &Ready,
+    n_slots: usize,
+    param: &'static str,
+) -> Result<(), ApiError> {
+    if n_prompt == 0 {
+        return Err(ApiError::bad("the prompt is empty (0 tokens)", Some(param)));
+    }
+    if n_prompt >= ready.n_ctx_seq {
+        return Err(ApiError::BadRequest {
+            message: format!(
+                "the prompt has {n_prompt} tokens but a slot's context is n_ctx = {} tokens \
+                 (-c {} over {n_slots} slots), and at least one token must be generated; \
+                 shorten the prompt or restart the worker with a larger -c",
+                ready.n_ctx_seq, ready.n_ctx
+            ),
+            param: Some(param),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    Ok(())
+}
+
+/// One submitted choice: its events and the guard that cancels it when dropped.
+struct Submitted {
+    rx: UnboundedReceiver<GenEvent>,
+    guard: DropGuard,
+}
+
+fn submit(
+    ready: &Ready,
+    prompt: Vec<u32>,
+    spec: &GenSpec,
+    choice: usize,
+) -> Result<Submitted, ApiError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let mut sampling = spec.sampling.clone();
+    // Different choices of one request must differ: offset the seed per choice.
+    sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice as u64));
+    let max_tokens = spec.max_tokens.unwrap_or(ready.n_ctx_seq);
+    ready
+        .tx
+        .send(Command::Generate(GenerateRequest {
+            prompt,
+            max_tokens,
+            sampling,
+            stops: spec.stops.clone(),
+            n_probs: spec.n_probs,
+            events: tx,
+            cancel: cancel.clone(),
+        }))
+        .map_err(|_| ApiError::ShuttingDown)?;
+    Ok(Submitted {
+        rx,
+        guard: cancel.drop_guard(),
+    })
+}
+
+/// A finished choice.
+struct Collected {
+    text: String,
+    tokens: Vec<TokenOut>,
+    finish: FinishReason,
+    n_prompt: usize,
+    n_generated: usize,
+}
+
+async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    while let Some(ev) = s.rx.recv().await {
+        match ev {
+            GenEvent::Delta {
+                text: t,
+                tokens: ts,
+            } => {
+                text.push_str(&t);
+                tokens.extend(ts);
+            }
+            GenEvent::Done {
+                finish,
+                n_prompt,
+                n_generated,
+                ..
+            } => {
+                s.guard.disarm();
+                return Ok(Collected {
+                    text,
+                    tokens,
+                    finish,
+                    n_prompt,
+                    n_generated,
+                });
+            }
+            GenEvent::Failed(m) => return Err(ApiError::Internal(m)),
+        }
+    }
+    Err(ApiError::ShuttingDown)
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .map(|t| TokenLogprob {
+                token: lossy(&t.bytes),
+                logprob: t.logprob.unwrap_or(0.0),
+                bytes: t.bytes.clone(),
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|(_, lp, b)| TopLogprob {
+                        token: lossy(b),
+                        logprob: *lp,
+                        bytes: b.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn sse_json<T: serde::Serialize>(v: &T) -> Event {
+    Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
+}
+
+fn sse_error(e: ApiError) -> Event {
+    let (_, env) = e.envelope();
+    sse_json(&env)
+}
+
+type Tagged = BoxStream<'static, (usize, GenEvent)>;
+
+fn merged(subs: Vec<Submitted>) -> (SelectAll<Tagged>, Vec<DropGuard>) {
+    let mut all = SelectAll::new();
+    let mut guards = Vec::new();
+    for (i, s) in subs.into_iter().enumerate() {
+        guards.push(s.guard);
+        let st = stream::unfold(
+            s.rx,
+            |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+        )
+        .map(move |e| (i, e));
+        all.push(st.boxed());
+    }
+    (all, guards)
+}
+
+/// Shared driver of a streamed response: turns tagged scheduler events into SSE events through
+/// `on_event`, appends the usage chunk and `[DONE]`. Dropping the stream drops the guards (cancellation).
+struct StreamState<F> {
+    events: SelectAll<Tagged>,
+    _guards: Vec<DropGuard>,
+    out: VecDeque<Event>,
+    remaining: usize,
+    finished: bool,
+    on_event: F,
+}
+
+fn sse_stream<F>(subs: Vec<Submitted>, first: Vec<Event>, on_event: F) -> Response
+where
+    F: FnMut(usize, GenEvent, &mut VecDeque<Event>) -> Step + Send + 'static,
+{
+    let remaining = subs.len();
+    let (events, guards) = merged(subs);
+    let state = StreamState {
+        events,
+        _guards: guards,
+        out: first.into(),
+        remaining,
+        finished: false,
+        on_event,
+    };
+    let s = stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.out.pop_front() {
+                return Some((Ok::<Event, Infallible>(ev), st));
+            }
+            if st.finished {
+                return None;
+            }
+            match st.events.next().await {
+                Some((i, ev)) => match (st.on_event)(i, ev, &mut st.out) {
+                    Step::Continue => {}
+                    Step::ChoiceDone => {
+                        st.remaining -= 1;
+                        if st.remaining == 0 {
+                            (st.on_event)(usize::MAX, GenEvent::Failed(String::new()), &mut st.out);
+                            st.out.push_back(Event::default().data("[DONE]"));
+                            st.finished = true;
+                        }
+                    }
+                    Step::Abort => st.finished = true,
+                },
+                None => {
+                    st.out.push_back(sse_error(ApiError::ShuttingDown));
+                    st.finished = true;
+                }
+            }
+        }
+    });
+    Sse::new(s).into_response()
+}
+
+/// What a streamed event did.
+enum Step {
+    Continue,
+    ChoiceDone,
+    Abort,
+}
+
+async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    st.metrics.count_request(Endpoint::Chat);
+    let ready = st.ready()?;
+    let req: ChatCompletionRequest = parse_json(&body)?;
+    if ready.codec.info().is_encoder {
+        return Err(ApiError::bad(
+            "this model is an embedding model; use /v1/embeddings",
+            Some("model"),
+        ));
+    }
+    let n_probs = if req.logprobs.unwrap_or(false) {
+        Some(req.top_logprobs.unwrap_or(0) as usize)
+    } else {
+        None
+    };
+    let spec = gen_spec(
+        &req.sampling,
+        req.max_completion_tokens.or(req.max_tokens),
+        n_probs,
+        ready.codec.info().n_vocab,
+    )?;
+    let prompt_text = render_prompt(ready, &req.messages)?;
+    let prompt = ready.codec.encode(&prompt_text, true, true);
+    check_prompt_fits(prompt.len(), ready, st.info.n_slots, "messages")?;
+    let n_prompt = prompt.len() as u32;
+    let subs = (0..spec.n)
+        .map(|i| submit(ready, prompt.clone(), &spec, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let id = new_id("chatcmpl");
+    let created = now_secs();
+    let model = st.info.alias.clone();
+    if !spec.stream {
+        let results = futures_util::future::join_all(subs.into_iter().map(collect)).await;
+        let mut choices = Vec::new();
+        let mut completion = 0u32;
+        for (i, r) in results.into_iter().enumerate() {
+            let c = r?;
+            completion += c.n_generated as u32;
+            debug_assert_eq!(c.n_prompt as u32, n_prompt);
+            choices.push(ChatChoice {
+                index: i as u32,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: c.text,
+                },
+                logprobs: spec.n_probs.map(|_| chat_logprobs(&c.tokens)),
+                finish_reason: c.finish,
+            });
+        }
+        return Ok(Json(ChatCompletion {
+            id,
+            object: "chat.completion".into(),
+            created,
+            model,
+            system_fingerprint: fingerprint(),
+            choices,
+            usage: Usage {
+                prompt_tokens: n_prompt,
+                completion_tokens: completion,
+                total_tokens: n_prompt + completion,
+            },
+        })
+        .into_response());
+    }
+    let chunk = {
+        let (id, model) = (id.clone(), model.clone());
+        move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            system_fingerprint: fingerprint(),
+            choices,
+            usage,
+        }
+    };
+    let first: Vec<Event> = (0..spec.n)
+        .map(|i| {
+            sse_json(&chunk(
+                vec![ChatChunkChoice {
+                    index: i as u32,
+                    delta: ChatDelta {
+                        role: Some("assistant".into()),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            ))
+        })
+        .collect();
+    let want_logprobs = spec.n_probs.is_some();
+    let include_usage = spec.include_usage;
+    let mut completion = 0u32;
+    Ok(sse_stream(subs, first, move |i, ev, out| {
+        if i == usize::MAX {
+            if include_usage {
+                out.push_back(sse_json(&chunk(
+                    Vec::new(),
+                    Some(Usage {
+                        prompt_tokens: n_prompt,
+                        completion_tokens: completion,
+                        total_tokens: n_prompt + completion,
+                    }),
+                )));
+            }
+            return Step::Continue;
+        }
+        match ev {
+            GenEvent::Delta { text, tokens } => {
+                out.push_back(sse_json(&chunk(
+                    vec![ChatChunkChoice {
+                        index: i as u32,
+                        delta: ChatDelta {
+                            role: None,
+                            content: Some(text),
+                        },
+                        logprobs: want_logprobs.then(|| chat_logprobs(&tokens)),
+                        finish_reason: None,
+                    }],
+                    None,
+                )));
+                Step::Continue
+            }
+            GenEvent::Done {
+                finish,
+                n_generated,
+                ..
+            } => {
+                completion += n_generated as u32;
+                out.push_back(sse_json(&chunk(
+                    vec![ChatChunkChoice {
+                        index: i as u32,
+                        delta: ChatDelta::default(),
+                        logprobs: None,
+                        finish_reason: Some(finish),
+                    }],
+                    None,
+                )));
+                Step::ChoiceDone
+            }
+            GenEvent::Failed(m) => {
+                out.push_back(sse_error(ApiError::Internal(m)));
+                Step::Abort
+            }
+        }
+    }))
+}
+
+/// Legacy completion logprobs for `tokens`, whose text starts at byte `offset` of the choice's text.
+fn completion_logprobs(tokens: &[TokenOut], offset: &mut u32, lp: &mut CompletionLogprobs) {
+    for t in tokens {
+        lp.tokens.push(lossy(&t.bytes));
+        lp.token_logprobs.push(t.logprob);
+        let mut top = BTreeMap::new();
+        for (_, l, b) in &t.top {
+            top.entry(lossy(b)).or_insert(*l);
+        }
+        lp.top_logprobs.push(Some(top));
+        lp.text_offset.push(*offset);
+        *offset += t.bytes.len() as u32;
+    }
+}
+
+async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    st.metrics.count_request(Endpoint::Completions);
+    let ready = st.ready()?;
+    let req: CompletionRequest = parse_json(&body)?;
+    if ready.codec.info().is_encoder {
+        return Err(ApiError::bad(
+            "this model is an embedding model; use /v1/embeddings",
+            Some("model"),
+        ));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        tracing::warn!("'suffix' is not supported and was ignored");
+    }
+    let n_probs = req.logprobs.map(|k| k as usize);
+    let spec = gen_spec(
+        &req.sampling,
+        req.max_tokens.or(Some(16)),
+        n_probs,
+        ready.codec.info().n_vocab,
+    )?;
+    let echo = req.echo.unwrap_or(false);
+    let mut prompts = Vec::new();
+    for p in req.prompt.into_prompts() {
+        let (ids, text) = match p {
+            OnePrompt::Text(t) => (ready.codec.encode(&t, true, true), t),
+            OnePrompt::Tokens(ids) => {
+                check_ids(&ids, ready.codec.info().n_vocab, "prompt")?;
+                let t = ready.codec.decode(&ids, false);
+                (ids, t)
+            }
+        };
+        check_prompt_fits(ids.len(), ready, st.info.n_slots, "prompt")?;
+        prompts.push((ids, text));
+    }
+    if prompts.is_empty() {
+        return Err(ApiError::bad("'prompt' is empty", Some("prompt")));
+    }
+    let n_prompt: u32 = prompts.iter().map(|p| p.0.len() as u32).sum();
+    let mut subs = Vec::new();
+    let mut echoes = Vec::new();
+    for (ids, text) in prompts {
+        for c in 0..spec.n {
+            subs.push(submit(ready, ids.clone(), &spec, c)?);
+            echoes.push(if echo { text.clone() } else { String::new() });
+        }
+    }
+    let id = new_id("cmpl");
+    let created = now_secs();
+    let model = st.info.alias.clone();
+    let make = {
+        let (id, model) = (id.clone(), model.clone());
+        move |choices: Vec<CompletionChoice>, usage: Option<Usage>| Completion {
+            id: id.clone(),
+            object: "text_completion".into(),
+            created,
+            model: model.clone(),
+            system_fingerprint: fingerprint(),
+            choices,
+            usage,
+        }
+    };
+    if !spec.stream {
+        let results = futures_util::future::join_all(subs.into_iter().map(collect)).await;
+        let mut choices = Vec::new();
+        let mut completion = 0u32;
+        for (i, r) in results.into_iter().enumerate() {
+            let c = r?;
+            completion += c.n_generated as u32;
+            let prefix = &echoes[i];
+            let logprobs = n_probs.map(|_| {
+                let mut lp = CompletionLogprobs::default();
+                let mut off = prefix.len() as u32;
+                completion_logprobs(&c.tokens, &mut off, &mut lp);
+                lp
+            });
+            choices.push(CompletionChoice {
+                text: format!("{prefix}{}", c.text),
+                index: i as u32,
+                logprobs,
+                finish_reason: Some(c.finish),
+            });
+        }
+        return Ok(Json(make(
+            choices,
+            Some(Usage {
+                prompt_tokens: n_prompt,
+                completion_tokens: completion,
+                total_tokens: n_prompt + completion,
+            }),
+        ))
+        .into_response());
+    }
+    let first: Vec<Event> = echoes
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.is_empty())
+        .map(|(i, e)| {
+            sse_json(&make(
+                vec![CompletionChoice {
+                    text: e.clone(),
+                    index: i as u32,
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            ))
+        })
+        .collect();
+    let mut offsets: Vec<u32> = echoes.iter().map(|e| e.len() as u32).collect();
+    let include_usage = spec.include_usage;
+    let mut completion = 0u32;
+    Ok(sse_stream(subs, first, move |i, ev, out| {
+        if i == usize::MAX {
+            if include_usage {
+                out.push_back(sse_json(&make(
+                    Vec::new(),
+                    Some(Usage {
+                        prompt_tokens: n_prompt,
+                        completion_tokens: completion,
+                        total_tokens: n_prompt + completion,
+                    }),
+                )));
+            }
+            return Step::Continue;
+        }
+        match ev {
+            GenEvent::Delta { text, tokens } => {
+                let logprobs = n_probs.map(|_| {
+                    let mut lp = CompletionLogprobs::default();
+                    completion_logprobs(&tokens, &mut offsets[i], &mut lp);
+                    lp
+                });
+                out.push_back(sse_json(&make(
+                    vec![CompletionChoice {
+                        text,
+                        index: i as u32,
+                        logprobs,
+                        finish_reason: None,
+                    }],
+                    None,
+                )));
+                Step::Continue
+            }
+            GenEvent::Done {
+                finish,
+                n_generated,
+                ..
+            } => {
+                completion += n_generated as u32;
+                out.push_back(sse_json(&make(
+                    vec![CompletionChoice {
+                        text: String::new(),
+                        index: i as u32,
+                        logprobs: None,
+                        finish_reason: Some(finish),
+                    }],
+                    None,
+                )));
+                Step::ChoiceDone
+            }
+            GenEvent::Failed(m) => {
+                out.push_back(sse_error(ApiError::Internal(m)));
+                Step::Abort
+            }
+        }
+    }))
+}
+
+async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    st.metrics.count_request(Endpoint::Embeddings);
+    let ready = st.ready()?;
+    let req: EmbeddingRequest = parse_json(&body)?;
+    let info = ready.codec.info();
+    if !info.is_encoder && !st.info.embedding {
+        return Err(ApiError::bad(
+            "embeddings are off for this generation model: start the worker with --embedding",
+            None,
+        ));
+    }
+    let mut inputs = Vec::new();
+    for p in req.input.into_prompts() {
+        let ids = match p {
+            OnePrompt::Text(t) => ready.codec.encode(&t, true, true),
+            OnePrompt::Tokens(ids) => {
+                check_ids(&ids, info.n_vocab, "input")?;
+                ids
+            }
+        };
+        if ids.is_empty() {
+            return Err(ApiError::bad("an input is empty (0 tokens)", Some("input")));
+        }
+        if ids.len() > ready.n_ctx_seq {
+            return Err(ApiError::BadRequest {
+                message: format!(
+                    "an input has {} tokens but the context is n_ctx = {} tokens",
+                    ids.len(),
+                    ready.n_ctx_seq
+                ),
+                param: Some("input"),
+                code: Some("context_length_exceeded"),
+            });
+        }
+        inputs.push(ids);
+    }
+    if inputs.is_empty() {
+        return Err(ApiError::bad("'input' is empty", Some("input")));
+    }
+    let format = req.encoding_format.unwrap_or_default();
+    let mut data = Vec::new();
+    let mut n_tokens = 0u32;
+    for (i, ids) in inputs.into_iter().enumerate() {
+        n_tokens += ids.len() as u32;
+        let (tx, rx) = oneshot::channel();
+        ready
+            .tx
+            .send(Command::Embed(EmbedRequest {
+                tokens: ids,
+                reply: tx,
+            }))
+            .map_err(|_| ApiError::ShuttingDown)?;
+        let mut v = rx
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?
+            .map_err(ApiError::Internal)?;
+        l2_normalize(&mut v);
+        let embedding = match format {
+            EncodingFormat::Float => EmbeddingVector::Float(v),
+            EncodingFormat::Base64 => {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+        };
+        data.push(Embedding {
+            object: "embedding".into(),
+            embedding,
+            index: i as u32,
+        });
+    }
+    Ok(Json(EmbeddingResponse {
+        object: "list".into(),
+        data,
+        model: st.info.alias.clone(),
+        usage: EmbeddingUsage {
+            prompt_tokens: n_tokens,
+            total_tokens: n_tokens,
+        },
+    })
+    .into_response())
+}
+
+/// Scales `v` to unit Euclidean length (sum of squares in f64); a zero vector stays zero.
+fn l2_normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x = ((*x as f64) / norm) as f32);
+    }
+}

@@ -1,0 +1,796 @@
+//! The scheduler: a `std::thread` that owns the engine's context and runs continuous batching over the
+//! slots. HTTP handlers send [`Command`]s over a channel; each generation request carries its own event
+//! sender and cancellation token (the structure of llama-server's `server-queue.h` / `server-context.cpp`,
+//! commit 0c1e570).
+//!
+//! One loop iteration ("step"): take new commands; free the slots of cancelled requests; admit queued
+//! requests into free slots (FIFO, preferring the idle slot whose cached tokens share the longest prefix
+//! with the prompt); then run ONE forward pass holding the next token of every generating slot plus prompt
+//! chunks of prefilling slots, up to `n_batch` tokens; sample, stream, and finish slots. A freed slot is
+//! reused by a queued request in the very next step.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::backend::{
+    BackendError, BatchPlan, Codec, Compute, SamplingParams, TokenSampler, logprobs,
+};
+use super::metrics::Metrics;
+use super::slot::{SlotEvent, SlotState, transition};
+use super::text::TextAssembler;
+use crate::openai::FinishReason;
+
+/// One generated token as reported to the client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenOut {
+    /// Token id.
+    pub id: u32,
+    /// Its piece (bytes).
+    pub bytes: Vec<u8>,
+    /// Natural log-probability under the raw logits, when asked for.
+    pub logprob: Option<f32>,
+    /// The most likely alternatives: (id, logprob, bytes), best first.
+    pub top: Vec<(u32, f32, Vec<u8>)>,
+}
+
+/// What a generation request hears back, in order: any number of `Delta`s, then `Done` or `Failed`.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// New text (stop strings removed) and the tokens it came from.
+    Delta {
+        /// Text to append.
+        text: String,
+        /// Tokens whose text is (partly) in `text`.
+        tokens: Vec<TokenOut>,
+    },
+    /// The request ended.
+    Done {
+        /// Why.
+        finish: FinishReason,
+        /// Prompt tokens (cached ones included).
+        n_prompt: usize,
+        /// Prompt tokens reused from the slot's cache.
+        n_cached: usize,
+        /// Tokens generated (the end-of-generation token not counted).
+        n_generated: usize,
+    },
+    /// The engine failed; the message is for the log.
+    Failed(String),
+}
+
+/// A generation request.
+#[derive(Debug)]
+pub struct GenerateRequest {
+    /// Prompt tokens (non-empty, shorter than the slot context).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate (≥ 1).
+    pub max_tokens: usize,
+    /// Sampler settings.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stops: Vec<String>,
+    /// `Some(k)`: report each token's log-probability and its `k` best alternatives.
+    pub n_probs: Option<usize>,
+    /// Where events go.
+    pub events: UnboundedSender<GenEvent>,
+    /// Cancelled when the client goes away.
+    pub cancel: CancellationToken,
+}
+
+/// An embedding request: tokens in, pooled L2-normalised vector `[n_embd]` out.
+#[derive(Debug)]
+pub struct EmbedRequest {
+    /// Tokens (non-empty).
+    pub tokens: Vec<u32>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<Vec<f32>, String>>,
+}
+
+/// Messages to the scheduler thread.
+#[derive(Debug)]
+pub enum Command {
+    /// Queue a generation.
+    Generate(GenerateRequest),
+    /// Compute an embedding (between steps).
+    Embed(EmbedRequest),
+    /// Cancel everything and stop the thread.
+    Shutdown,
+}
+
+/// Sizes of the scheduler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Slots (sequences of the context).
+    pub n_slots: usize,
+    /// Context per slot (tokens).
+    pub n_ctx_seq: usize,
+    /// Most tokens in one forward pass (≥ n_slots).
+    pub n_batch: usize,
+}
+
+struct Job {
+    req: GenerateRequest,
+    /// Prompt tokens already in the KV cache.
+    n_done: usize,
+    n_cached: usize,
+    /// Prompt + generated tokens, for the penalties.
+    history: Vec<u32>,
+    n_generated: usize,
+    /// Sampled but not yet evaluated.
+    pending: Option<u32>,
+    sampler: Box<dyn TokenSampler>,
+    text: TextAssembler<TokenOut>,
+    admitted: u64,
+}
+
+struct Slot {
+    id: u32,
+    state: SlotState,
+    /// Tokens whose KV cells sequence `id` holds, position order.
+    cache: Vec<u32>,
+    job: Option<Job>,
+}
+
+/// The scheduler's state; runs on its own thread (see [`spawn`]).
+pub struct Scheduler {
+    codec: Arc<dyn Codec>,
+    compute: Box<dyn Compute>,
+    cfg: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    rx: mpsc::Receiver<Command>,
+    queue: VecDeque<GenerateRequest>,
+    slots: Vec<Slot>,
+    admissions: u64,
+    closing: bool,
+}
+
+/// Starts the scheduler thread. Returns the command sender and the thread's handle; the thread ends on
+/// [`Command::Shutdown`] or when every sender is dropped and no request is left.
+///
+/// Errors: the OS refused to start a thread.
+pub fn spawn(
+    codec: Arc<dyn Codec>,
+    compute: Box<dyn Compute>,
+    cfg: SchedulerConfig,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(mpsc::Sender<Command>, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    metrics.slots_total.store(cfg.n_slots as u64, Relaxed);
+    let sched = Scheduler {
+        codec,
+        compute,
+        cfg,
+        metrics,
+        rx,
+        queue: VecDeque::new(),
+        slots: (0..cfg.n_slots as u32)
+            .map(|id| Slot {
+                id,
+                state: SlotState::Idle,
+                cache: Vec::new(),
+                job: None,
+            })
+            .collect(),
+        admissions: 0,
+        closing: false,
+    };
+    let handle = std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || sched.run())?;
+    Ok((tx, handle))
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Scheduler {
+    fn busy(&self) -> bool {
+        !self.queue.is_empty() || self.slots.iter().any(|s| s.job.is_some())
+    }
+
+    fn run(mut self) {
+        loop {
+            if !self.busy() {
+                if self.closing {
+                    return;
+                }
+                match self.rx.recv() {
+                    Ok(Command::Shutdown) => return,
+                    Ok(c) => self.accept(c),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Command::Shutdown) => {
+                        self.cancel_all();
+                        return;
+                    }
+                    Ok(c) => self.accept(c),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.closing = true;
+                        break;
+                    }
+                }
+            }
+            self.free_cancelled();
+            self.admit();
+            self.update_gauges();
+            if self.slots.iter().any(|s| s.job.is_some()) {
+                self.step();
+            }
+        }
+    }
+
+    fn accept(&mut self, c: Command) {
+        match c {
+            Command::Generate(r) => self.queue.push_back(r),
+            Command::Embed(e) => {
+                let t = Instant::now();
+                let r = self.compute.embed(&e.tokens).map_err(|e| e.to_string());
+                self.metrics.add_step_time(t.elapsed(), false);
+                if r.is_ok() {
+                    self.metrics
+                        .prompt_tokens
+                        .fetch_add(e.tokens.len() as u64, Relaxed);
+                }
+                let _ = e.reply.send(r);
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn cancel_all(&mut self) {
+        for r in self.queue.drain(..) {
+            let _ = r
+                .events
+                .send(GenEvent::Failed("the worker is shutting down".into()));
+        }
+        for i in 0..self.slots.len() {
+            if let Some(job) = &self.slots[i].job {
+                let _ = job
+                    .req
+                    .events
+                    .send(GenEvent::Failed("the worker is shutting down".into()));
+                self.release(i, SlotEvent::Cancel);
+            }
+        }
+    }
+
+    fn free_cancelled(&mut self) {
+        for i in 0..self.slots.len() {
+            let gone = self.slots[i]
+                .job
+                .as_ref()
+                .is_some_and(|j| j.req.cancel.is_cancelled() || j.req.events.is_closed());
+            if gone {
+                self.metrics.requests_cancelled.fetch_add(1, Relaxed);
+                tracing::debug!(slot = i, "client went away; slot freed");
+                self.release(i, SlotEvent::Cancel);
+            }
+        }
+    }
+
+    /// Moves slot `i` back to idle through the checked transition, dropping its job.
+    fn release(&mut self, i: usize, event: SlotEvent) {
+        let slot = &mut self.slots[i];
+        match transition(slot.state, event) {
+            Ok(s) => slot.state = s,
+            Err(e) => {
+                tracing::error!("{e}");
+                slot.state = SlotState::Idle;
+            }
+        }
+        slot.job = None;
+    }
+
+    fn set_state(&mut self, i: usize, event: SlotEvent) {
+        let slot = &mut self.slots[i];
+        match transition(slot.state, event) {
+            Ok(s) => slot.state = s,
+            Err(e) => tracing::error!("slot {}: {e}", slot.id),
+        }
+    }
+
+    fn admit(&mut self) {
+        while let Some(front) = self.queue.front() {
+            if front.cancel.is_cancelled() || front.events.is_closed() {
+                self.queue.pop_front();
+                self.metrics.requests_cancelled.fetch_add(1, Relaxed);
+                continue;
+            }
+            // The idle slot sharing the longest prefix with the prompt; ties → lowest id.
+            let Some(i) = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.job.is_none())
+                .max_by_key(|(i, s)| (common_prefix(&s.cache, &front.prompt), usize::MAX - i))
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let Some(req) = self.queue.pop_front() else {
+                break;
+            };
+            if req.prompt.is_empty() || req.prompt.len() >= self.cfg.n_ctx_seq {
+                let _ = req.events.send(GenEvent::Failed(format!(
+                    "prompt of {} tokens does not fit the slot context of {}",
+                    req.prompt.len(),
+                    self.cfg.n_ctx_seq
+                )));
+                continue;
+            }
+            let slot = &mut self.slots[i];
+            let lcp = common_prefix(&slot.cache, &req.prompt);
+            // At least one prompt token must be evaluated to get logits for the first sampled token.
+            let keep = lcp.min(req.prompt.len() - 1);
+            if keep < slot.cache.len() {
+                if keep > 0 && self.compute.seq_keep(slot.id, keep) {
+                    slot.cache.truncate(keep);
+                } else {
+                    self.compute.seq_clear(slot.id);
+                    slot.cache.clear();
+                }
+            }
+            let n_cached = slot.cache.len();
+            self.metrics
+                .prompt_tokens_cached
+                .fetch_add(n_cached as u64, Relaxed);
+            let sampler = self.compute.sampler(&req.sampling);
+            self.admissions += 1;
+            let job = Job {
+                history: req.prompt.clone(),
+                text: TextAssembler::new(req.stops.clone()),
+                n_done: n_cached,
+                n_cached,
+                n_generated: 0,
+                pending: None,
+                sampler,
+                admitted: self.admissions,
+                req,
+            };
+            let slot = &mut self.slots[i];
+            slot.job = Some(job);
+            self.set_state(i, SlotEvent::Admit);
+            tracing::debug!(slot = i, n_cached, "request admitted");
+        }
+    }
+
+    fn update_gauges(&self) {
+        let busy = self.slots.iter().filter(|s| s.job.is_some()).count();
+        self.metrics.slots_busy.store(busy as u64, Relaxed);
+        self.metrics
+            .queue_length
+            .store(self.queue.len() as u64, Relaxed);
+        if !self.queue.is_empty() && busy < self.slots.len() {
+            self.metrics.queue_stall_steps.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// One batched forward pass over every active slot, then sampling and streaming.
+    fn step(&mut self) {
+        let mut batch = BatchPlan::default();
+        // (slot index, tokens added to the batch, produces an output)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        let mut budget = self.cfg.n_batch;
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let (SlotState::Generating, Some(job)) = (slot.state, &slot.job)
+                && let Some(t) = job.pending
+            {
+                batch.push(t, slot.cache.len() as u32, slot.id, true);
+                plan.push((i, 1, true));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        // Prompt chunks, oldest admission first.
+        let mut prefilling: Vec<(u64, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == SlotState::Prefill)
+            .filter_map(|(i, s)| s.job.as_ref().map(|j| (j.admitted, i)))
+            .collect();
+        prefilling.sort_unstable();
+        for (_, i) in prefilling {
+            if budget == 0 {
+                break;
+            }
+            let slot = &self.slots[i];
+            let Some(job) = &slot.job else { continue };
+            let rest = &job.req.prompt[job.n_done..];
+            let take = rest.len().min(budget);
+            let last = take == rest.len();
+            for (j, &t) in rest[..take].iter().enumerate() {
+                let out = last && j + 1 == take;
+                batch.push(t, (slot.cache.len() + j) as u32, slot.id, out);
+            }
+            plan.push((i, take, last));
+            budget -= take;
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let generating = plan
+            .iter()
+            .any(|&(i, _, _)| self.slots[i].state == SlotState::Generating);
+        let t0 = Instant::now();
+        let result = self.compute.decode(&batch);
+        self.metrics.add_step_time(t0.elapsed(), generating);
+        if let Err(e) = result {
+            self.fail_batch(&plan, &e);
+            return;
+        }
+        // Record what is now in each slot's KV cache.
+        let mut offset = 0;
+        for &(i, n, _) in &plan {
+            let slot = &mut self.slots[i];
+            slot.cache
+                .extend_from_slice(&batch.tokens[offset..offset + n]);
+            offset += n;
+            if slot.state == SlotState::Prefill
+                && let Some(job) = slot.job.as_mut()
+            {
+                job.n_done += n;
+                self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
+            }
+        }
+        let mut out_index = 0;
+        for &(i, _, has_output) in &plan {
+            if has_output {
+                self.on_output(i, out_index);
+                out_index += 1;
+            } else {
+                self.set_state(i, SlotEvent::Chunk);
+            }
+        }
+    }
+
+    fn fail_batch(&mut self, plan: &[(usize, usize, bool)], e: &BackendError) {
+        tracing::error!("forward pass failed: {e}");
+        for &(i, _, _) in plan {
+            let id = self.slots[i].id;
+            self.compute.seq_clear(id);
+            self.slots[i].cache.clear();
+            if let Some(job) = &self.slots[i].job {
+                let _ = job.req.events.send(GenEvent::Failed(e.to_string()));
+            }
+            self.release(i, SlotEvent::Fail);
+        }
+    }
+
+    /// Samples slot `i`'s next token from output `oi` of the last forward pass, streams it and decides
+    /// whether the slot goes on.
+    fn on_output(&mut self, i: usize, oi: usize) {
+        let n_ctx_seq = self.cfg.n_ctx_seq;
+        let codec = Arc::clone(&self.codec);
+        let metrics = Arc::clone(&self.metrics);
+        let logits = self.compute.logits(oi);
+        let slot = &mut self.slots[i];
+        let Some(job) = slot.job.as_mut() else { return };
+        let id = job.sampler.sample(logits, &job.history);
+        let (logprob, top) = match job.req.n_probs {
+            Some(k) => {
+                let (lp, top) = logprobs(logits, id, k);
+                let top = top
+                    .into_iter()
+                    .map(|(t, l)| (t, l, codec.piece(t, false)))
+                    .collect();
+                (Some(lp), top)
+            }
+            None => (None, Vec::new()),
+        };
+        let event = if slot.state == SlotState::Prefill {
+            SlotEvent::PromptDone
+        } else {
+            SlotEvent::Token
+        };
+        self.set_state(i, event);
+        let slot = &mut self.slots[i];
+        let Some(job) = slot.job.as_mut() else { return };
+        let mut finish = None;
+        if codec.is_eog(id) {
+            finish = Some(FinishReason::Stop);
+        } else {
+            metrics.generated_tokens.fetch_add(1, Relaxed);
+            job.n_generated += 1;
+            job.history.push(id);
+            let bytes = codec.piece(id, false);
+            let out = TokenOut {
+                id,
+                bytes: bytes.clone(),
+                logprob,
+                top,
+            };
+            let r = job.text.push(&bytes, out);
+            if !r.text.is_empty() || !r.tokens.is_empty() {
+                let _ = job.req.events.send(GenEvent::Delta {
+                    text: r.text,
+                    tokens: r.tokens,
+                });
+            }
+            if r.stopped {
+                finish = Some(FinishReason::Stop);
+            } else if job.n_generated >= job.req.max_tokens || slot.cache.len() >= n_ctx_seq {
+                finish = Some(FinishReason::Length);
+            } else {
+                job.pending = Some(id);
+            }
+        }
+        if let Some(finish) = finish {
+            let r = job.text.finish();
+            if !r.text.is_empty() || !r.tokens.is_empty() {
+                let _ = job.req.events.send(GenEvent::Delta {
+                    text: r.text,
+                    tokens: r.tokens,
+                });
+            }
+            let _ = job.req.events.send(GenEvent::Done {
+                finish,
+                n_prompt: job.req.prompt.len(),
+                n_cached: job.n_cached,
+                n_generated: job.n_generated,
+            });
+            self.release(i, SlotEvent::Finish);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::worker::fake::{FakeCodec, FakeCompute, FakeLog};
+
+    pub(crate) fn start(
+        n_slots: usize,
+        n_ctx_seq: usize,
+        n_batch: usize,
+    ) -> (
+        mpsc::Sender<Command>,
+        JoinHandle<()>,
+        Arc<Metrics>,
+        FakeLog,
+        Arc<FakeCodec>,
+    ) {
+        let codec = Arc::new(FakeCodec::default());
+        let log = FakeLog::default();
+        let compute = FakeCompute::new(n_slots, n_ctx_seq, log.clone());
+        let metrics = Arc::new(Metrics::default());
+        let (tx, h) = spawn(
+            codec.clone(),
+            Box::new(compute),
+            SchedulerConfig {
+                n_slots,
+                n_ctx_seq,
+                n_batch,
+            },
+            metrics.clone(),
+        )
+        .unwrap();
+        (tx, h, metrics, log, codec)
+    }
+
+    pub(crate) fn greedy() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        }
+    }
+
+    fn submit(
+        tx: &mpsc::Sender<Command>,
+        codec: &FakeCodec,
+        prompt: &str,
+        max_tokens: usize,
+        stops: &[&str],
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<GenEvent>,
+        CancellationToken,
+    ) {
+        let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        tx.send(Command::Generate(GenerateRequest {
+            prompt: codec.encode(prompt, true, false),
+            max_tokens,
+            sampling: greedy(),
+            stops: stops.iter().map(|s| s.to_string()).collect(),
+            n_probs: Some(2),
+            events: etx,
+            cancel: cancel.clone(),
+        }))
+        .unwrap();
+        (erx, cancel)
+    }
+
+    fn collect(
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<GenEvent>,
+    ) -> (String, Option<FinishReason>, usize, usize) {
+        let mut text = String::new();
+        let mut n_tok = 0;
+        while let Some(e) = rx.blocking_recv() {
+            match e {
+                GenEvent::Delta { text: t, tokens } => {
+                    text.push_str(&t);
+                    n_tok += tokens.len();
+                    for t in tokens {
+                        assert!(t.logprob.unwrap() <= 0.0);
+                        assert_eq!(t.top.len(), 2);
+                    }
+                }
+                GenEvent::Done {
+                    finish,
+                    n_generated,
+                    ..
+                } => return (text, Some(finish), n_generated, n_tok),
+                GenEvent::Failed(m) => panic!("failed: {m}"),
+            }
+        }
+        (text, None, 0, n_tok)
+    }
+
+    #[test]
+    fn generates_until_max_tokens_then_length() {
+        let (tx, h, _m, _log, codec) = start(1, 64, 8);
+        let (rx, _c) = submit(&tx, &codec, "abc", 5, &[]);
+        let (text, finish, n, n_tok) = collect(rx);
+        assert_eq!(finish, Some(FinishReason::Length));
+        assert_eq!(n, 5);
+        assert_eq!(n_tok, 5);
+        assert_eq!(text, codec.expected("abc", 5));
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn concurrent_requests_are_batch_invariant_and_share_forward_passes() {
+        let prompts = [
+            "hello",
+            "a longer prompt here",
+            "x",
+            "the quick brown fox",
+            "zz",
+            "q",
+        ];
+        let (tx, h, m, log, codec) = start(4, 64, 6);
+        let rxs: Vec<_> = prompts
+            .iter()
+            .map(|p| submit(&tx, &codec, p, 12, &[]))
+            .collect();
+        for (p, (rx, _c)) in prompts.iter().zip(rxs) {
+            let (text, finish, _, _) = collect(rx);
+            assert_eq!(finish, Some(FinishReason::Length));
+            assert_eq!(text, codec.expected(p, 12), "prompt {p}");
+        }
+        // Some forward pass evaluated four sequences at once.
+        assert_eq!(log.max_seqs_per_decode(), 4);
+        assert_eq!(m.queue_stall_steps.load(Relaxed), 0);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn stop_string_ends_generation_and_is_not_emitted() {
+        let (tx, h, _m, _log, codec) = start(1, 64, 8);
+        let full = codec.expected("abc", 20);
+        let stop = &full[6..9];
+        let (rx, _c) = submit(&tx, &codec, "abc", 20, &[stop]);
+        let (text, finish, _, _) = collect(rx);
+        assert_eq!(finish, Some(FinishReason::Stop));
+        let cut = full.find(stop).unwrap();
+        assert_eq!(text, full[..cut]);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn eog_token_stops_with_stop_reason() {
+        let (tx, h, _m, _log, codec) = start(1, 64, 8);
+        // The fake emits its end-of-generation token 4 tokens after a '!'.
+        let (rx, _c) = submit(&tx, &codec, "hi!", 50, &[]);
+        let (text, finish, n, _) = collect(rx);
+        assert_eq!(finish, Some(FinishReason::Stop));
+        assert_eq!(n, 4);
+        assert_eq!(text.len(), 4);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn context_end_finishes_with_length() {
+        let (tx, h, _m, _log, codec) = start(1, 16, 8);
+        let (rx, _c) = submit(&tx, &codec, "0123456789", 100, &[]);
+        let (_, finish, n, _) = collect(rx);
+        assert_eq!(finish, Some(FinishReason::Length));
+        // BOS + 10 prompt tokens; generation stops when the 16-cell context is full.
+        assert_eq!(n, 16 - 11 + 1);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn cancelled_request_frees_slot_for_queued_one() {
+        let (tx, h, m, _log, codec) = start(1, 4096, 8);
+        let (mut rx_a, cancel_a) = submit(&tx, &codec, "long one", 4000, &[]);
+        // Wait until A is generating.
+        match rx_a.blocking_recv() {
+            Some(GenEvent::Delta { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let (rx_b, _cb) = submit(&tx, &codec, "second", 3, &[]);
+        cancel_a.cancel();
+        let (text, finish, _, _) = collect(rx_b);
+        assert_eq!(finish, Some(FinishReason::Length));
+        assert_eq!(text, codec.expected("second", 3));
+        assert_eq!(m.requests_cancelled.load(Relaxed), 1);
+        assert_eq!(m.queue_stall_steps.load(Relaxed), 0);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn dropped_receiver_counts_as_cancellation() {
+        let (tx, h, m, _log, codec) = start(1, 4096, 8);
+        let (rx_a, _ca) = submit(&tx, &codec, "long one", 4000, &[]);
+        drop(rx_a);
+        let (rx_b, _cb) = submit(&tx, &codec, "second", 2, &[]);
+        let (_, finish, _, _) = collect(rx_b);
+        assert_eq!(finish, Some(FinishReason::Length));
+        assert_eq!(m.requests_cancelled.load(Relaxed), 1);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn prefix_is_reused_and_output_unchanged() {
+        let (tx, h, m, _log, codec) = start(1, 256, 4);
+        let (rx, _c) = submit(&tx, &codec, "shared prefix one", 3, &[]);
+        let first = collect(rx).0;
+        let (rx, _c) = submit(&tx, &codec, "shared prefix one", 3, &[]);
+        let again = collect(rx).0;
+        assert_eq!(first, again);
+        let (rx, _c) = submit(&tx, &codec, "shared prefix two", 3, &[]);
+        let other = collect(rx).0;
+        assert_eq!(other, codec.expected("shared prefix two", 3));
+        // The fake supports truncation: the second request reused all but the last prompt token, the
+        // third the common "<bos>shared prefix " part.
+        let cached = m.prompt_tokens_cached.load(Relaxed);
+        assert_eq!(cached, 17 + 15);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn long_prompt_is_prefilled_in_chunks() {
+        let (tx, h, _m, log, codec) = start(1, 256, 4);
+        let (rx, _c) = submit(&tx, &codec, "0123456789", 2, &[]);
+        let (text, ..) = collect(rx);
+        assert_eq!(text, codec.expected("0123456789", 2));
+        assert!(log.max_tokens_per_decode() <= 4);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn shutdown_fails_queued_and_active() {
+        let (tx, h, _m, _log, codec) = start(1, 4096, 8);
+        let (mut rx_a, _ca) = submit(&tx, &codec, "a", 4000, &[]);
+        let (mut rx_b, _cb) = submit(&tx, &codec, "b", 4000, &[]);
+        tx.send(Command::Shutdown).unwrap();
+        h.join().unwrap();
+        let mut last = None;
+        while let Ok(e) = rx_a.try_recv() {
+            last = Some(e);
+        }
+        assert!(matches!(last, Some(GenEvent::Failed(_))), "{last:?}");
+        assert!(matches!(rx_b.try_recv(), Ok(GenEvent::Failed(_))));
+    }
+}

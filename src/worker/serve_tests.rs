@@ -1,0 +1,562 @@
+//! In-process tests of the whole worker (router, scheduler, shutdown) over the fake engine: every endpoint's
+//! shape, the SSE order, stop strings, errors and cancellation, without a GGUF model.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::fake::{FakeCodec, FakeCompute, FakeLog};
+use super::{Loaded, Loader, WorkerArgs, plan_context, serve};
+
+struct Server {
+    base: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), super::WorkerError>>,
+    codec: Arc<FakeCodec>,
+}
+
+fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
+    WorkerArgs {
+        model: "/models/fake-model.gguf".into(),
+        host: "127.0.0.1".into(),
+        port: 0,
+        alias: None,
+        ctx_size: Some(ctx),
+        threads: Some(1),
+        parallel: np,
+        batch_size: 8,
+        gpu_layers: None,
+        embedding: true,
+        api_key: api_key.map(str::to_string),
+        instance: Some("nonce-1".into()),
+        grace_period: 5,
+    }
+}
+
+fn fake_loader(codec: Arc<FakeCodec>, delay: Duration) -> Loader {
+    Box::new(move |p| {
+        std::thread::sleep(delay);
+        let (n_ctx, n_ctx_seq) = plan_context(p.ctx_size, 4096, p.n_slots)?;
+        Ok(Loaded {
+            codec,
+            compute: Box::new(
+                FakeCompute::new(p.n_slots, n_ctx_seq, FakeLog::default())
+                    .with_step_delay(Duration::from_millis(1)),
+            ),
+            n_ctx,
+            n_ctx_seq,
+        })
+    })
+}
+
+async fn start_with(a: WorkerArgs, delay: Duration) -> Server {
+    let codec = Arc::new(FakeCodec::default());
+    let shutdown = CancellationToken::new();
+    let (btx, brx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let loader = fake_loader(codec.clone(), delay);
+    let sd = shutdown.clone();
+    let task = tokio::spawn(async move { serve(&a, loader, sd, Some(btx)).await });
+    let addr = brx.await.unwrap();
+    Server {
+        base: format!("http://{addr}"),
+        shutdown,
+        task,
+        codec,
+    }
+}
+
+async fn start(np: usize, ctx: usize) -> Server {
+    let s = start_with(args(np, ctx, None), Duration::ZERO).await;
+    wait_ready(&s).await;
+    s
+}
+
+async fn wait_ready(s: &Server) {
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(format!("{}/health", s.base)).await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never ready");
+}
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", s.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn sse(s: &Server, path: &str, body: Value) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", s.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = r.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+async fn stop(s: Server) {
+    s.shutdown.cancel();
+    s.task.await.unwrap().unwrap();
+}
+
+fn assert_error(status: u16, body: &Value, want: u16, kind: &str) {
+    assert_eq!(status, want, "{body}");
+    let e = &body["error"];
+    assert_eq!(e["type"], kind, "{body}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn health_is_503_while_loading_then_200() {
+    let s = start_with(args(1, 256, None), Duration::from_millis(400)).await;
+    let r = reqwest::get(format!("{}/health", s.base)).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"status":"loading"})
+    );
+    let (st, body) = post(&s, "/v1/completions", json!({"prompt":"a"})).await;
+    assert_error(st, &body, 503, "unavailable_error");
+    wait_ready(&s).await;
+    let r = reqwest::get(format!("{}/health", s.base)).await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"status":"ok"}));
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn failing_loader_is_an_error() {
+    let shutdown = CancellationToken::new();
+    let loader: Loader = Box::new(|_| Err("bad magic".into()));
+    let e = serve(&args(1, 256, None), loader, shutdown, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("bad magic"), "{e}");
+}
+
+#[tokio::test]
+async fn models_props_metrics() {
+    let s = start(2, 512).await;
+    let v: Value = reqwest::get(format!("{}/v1/models", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"][0]["id"], "fake-model");
+    let p: Value = reqwest::get(format!("{}/props", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["instance"], "nonce-1");
+    assert_eq!(p["n_ctx"], 512);
+    assert_eq!(p["n_ctx_slot"], 256);
+    assert_eq!(p["n_slots"], 2);
+    assert_eq!(p["architecture"], "fake");
+    assert_eq!(p["model_path"], "/models/fake-model.gguf");
+    let m = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(super::metrics::sample(&m, "slots_total"), Some(2.0));
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn chat_stream_equals_non_stream_and_has_openai_order() {
+    let s = start(1, 256).await;
+    let body = json!({"model":"anything","messages":[{"role":"user","content":"hello"}],
+                      "max_tokens":7,"temperature":0});
+    let (st, full) = post(&s, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{full}");
+    assert_eq!(full["object"], "chat.completion");
+    assert_eq!(full["model"], "fake-model");
+    assert!(full["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(full["system_fingerprint"].is_string());
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap();
+    let prompt = "user: hello\nassistant: ";
+    assert_eq!(text, s.codec.expected(prompt, 7));
+    assert_eq!(full["choices"][0]["finish_reason"], "length");
+    assert_eq!(full["usage"]["prompt_tokens"], prompt.len() + 1);
+    assert_eq!(full["usage"]["completion_tokens"], 7);
+    assert_eq!(full["usage"]["total_tokens"], prompt.len() + 8);
+
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let events = sse(&s, "/v1/chat/completions", b).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let n = chunks.len();
+    assert_eq!(chunks[n - 2]["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks[n - 1]["choices"], json!([]));
+    assert_eq!(chunks[n - 1]["usage"]["completion_tokens"], 7);
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+    }
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn stop_strings_are_never_emitted_streamed_or_not() {
+    let s = start(1, 256).await;
+    let prompt = "user: hello\nassistant: ";
+    let full = s.codec.expected(prompt, 20);
+    let stop_str = full[5..8].to_string();
+    let cut = full.find(&stop_str).unwrap();
+    let body = json!({"messages":[{"role":"user","content":"hello"}],"max_tokens":20,
+                      "temperature":0,"stop":[stop_str, "never-seen"]});
+    let (_, v) = post(&s, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(v["choices"][0]["message"]["content"], full[..cut]);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let mut b = body;
+    b["stream"] = json!(true);
+    let events = sse(&s, "/v1/chat/completions", b).await;
+    let streamed: String = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(streamed, full[..cut]);
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn n_choices_and_logprobs() {
+    let s = start(2, 512).await;
+    let body = json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":3,"temperature":0,
+                      "n":3,"logprobs":true,"top_logprobs":2});
+    let (st, v) = post(&s, "/v1/chat/completions", body).await;
+    assert_eq!(st, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let lp = c["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(lp.len(), 3);
+        assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
+        let best = lp[0]["top_logprobs"][0]["logprob"].as_f64().unwrap();
+        assert!((lp[0]["logprob"].as_f64().unwrap() - best).abs() < 1e-6);
+        assert!(best < 0.0);
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 9);
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn completions_echo_logprobs_token_prompts() {
+    let s = start(1, 256).await;
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt":["ab","cd"],"max_tokens":4,"temperature":0,"echo":true,"logprobs":1,
+               "suffix":"ignored"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let c = v["choices"].as_array().unwrap();
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[0]["text"], format!("ab{}", s.codec.expected("ab", 4)));
+    assert_eq!(c[1]["text"], format!("cd{}", s.codec.expected("cd", 4)));
+    assert_eq!(c[0]["logprobs"]["tokens"].as_array().unwrap().len(), 4);
+    assert_eq!(c[0]["logprobs"]["text_offset"][0], 2);
+    assert_eq!(v["usage"]["prompt_tokens"], 6);
+    // Token prompt: same answer as the text prompt.
+    let ids = super::backend::Codec::encode(&*s.codec, "ab", true, false);
+    let (_, w) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt":ids,"max_tokens":4,"temperature":0}),
+    )
+    .await;
+    assert_eq!(w["choices"][0]["text"], s.codec.expected("ab", 4));
+    // Streamed completion.
+    let events = sse(
+        &s,
+        "/v1/completions",
+        json!({"prompt":"ab","max_tokens":4,"temperature":0,"stream":true}),
+    )
+    .await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let text: String = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, s.codec.expected("ab", 4));
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn embeddings_float_and_base64() {
+    let s = start(1, 256).await;
+    let (st, v) = post(&s, "/v1/embeddings", json!({"input":["a","bc"]})).await;
+    assert_eq!(st, 200, "{v}");
+    let d = v["data"].as_array().unwrap();
+    assert_eq!(d.len(), 2);
+    let e: Vec<f64> = d[1]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let norm: f64 = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-6);
+    assert_eq!(v["usage"]["prompt_tokens"], 2 + 3);
+    let (_, b) = post(
+        &s,
+        "/v1/embeddings",
+        json!({"input":"bc","encoding_format":"base64"}),
+    )
+    .await;
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let f: Vec<f64> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
+    assert_eq!(f.len(), e.len());
+    for (x, y) in f.iter().zip(&e) {
+        assert!((x - y).abs() < 1e-6);
+    }
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn tokenize_detokenize_apply_template() {
+    let s = start(1, 256).await;
+    let (_, v) = post(&s, "/tokenize", json!({"content":"hi","add_special":true})).await;
+    assert_eq!(v["tokens"], json!([super::fake::BOS, 104, 105]));
+    let (_, v) = post(&s, "/tokenize", json!({"content":"hi","with_pieces":true})).await;
+    assert_eq!(
+        v["tokens"],
+        json!([{"id":104,"piece":"h"},{"id":105,"piece":"i"}])
+    );
+    let (_, v) = post(&s, "/detokenize", json!({"tokens":[104,105]})).await;
+    assert_eq!(v["content"], "hi");
+    let (st, v) = post(&s, "/detokenize", json!({"tokens":[1_000_000]})).await;
+    assert_error(st, &v, 400, "invalid_request_error");
+    let (_, v) = post(
+        &s,
+        "/apply-template",
+        json!({"messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"u"}]}]}),
+    )
+    .await;
+    assert_eq!(v["prompt"], "system: s\nuser: u\nassistant: ");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn error_cases_have_status_and_envelope() {
+    let s = start(1, 64).await;
+    let client = reqwest::Client::new();
+    // Malformed JSON.
+    let r = client
+        .post(format!("{}/v1/chat/completions", s.base))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_error(st, &v, 400, "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON")
+    );
+    // Wrong field type.
+    let (st, v) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"messages":[{"role":"user","content":"a"}],"max_tokens":"ten"}),
+    )
+    .await;
+    assert_error(st, &v, 400, "invalid_request_error");
+    // Empty messages.
+    let (st, v) = post(&s, "/v1/chat/completions", json!({"messages":[]})).await;
+    assert_error(st, &v, 400, "invalid_request_error");
+    assert_eq!(v["error"]["param"], "messages");
+    // Prompt longer than the slot context (64): states n_ctx and the prompt's token count.
+    let long = "x".repeat(100);
+    let (st, v) = post(&s, "/v1/completions", json!({"prompt": long})).await;
+    assert_error(st, &v, 400, "invalid_request_error");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("101 tokens") && m.contains("n_ctx = 64"), "{m}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // Bad sampling values.
+    let (st, v) = post(&s, "/v1/completions", json!({"prompt":"a","n":0})).await;
+    assert_error(st, &v, 400, "invalid_request_error");
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt":"a","logit_bias":{"x":1}}),
+    )
+    .await;
+    assert_error(st, &v, 400, "invalid_request_error");
+    // Unknown route.
+    let (st, v) = post(&s, "/v2/nothing", json!({})).await;
+    assert_error(st, &v, 404, "not_found_error");
+    let m = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        super::metrics::sample(&m, "requests_failed_total"),
+        Some(7.0)
+    );
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn api_key_is_checked_except_on_health() {
+    let s = start_with(args(1, 256, Some("sekret")), Duration::ZERO).await;
+    wait_ready(&s).await;
+    let c = reqwest::Client::new();
+    let r = c.get(format!("{}/v1/models", s.base)).send().await.unwrap();
+    let st = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_error(st, &v, 401, "authentication_error");
+    let r = c
+        .get(format!("{}/v1/models", s.base))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(format!("{}/v1/models", s.base))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn disconnect_frees_slot_for_queued_request() {
+    let s = start(1, 4096).await;
+    let c = reqwest::Client::new();
+    let long = c
+        .post(format!("{}/v1/completions", s.base))
+        .json(&json!({"prompt":"a","max_tokens":3000,"temperature":0,"stream":true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = long.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    // A second request queues behind the first.
+    let base = s.base.clone();
+    let queued = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt":"b","max_tokens":2,"temperature":0}))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(body);
+    let v = tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("queued request never ran")
+        .unwrap();
+    assert_eq!(v["choices"][0]["text"], s.codec.expected("b", 2));
+    let m = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        super::metrics::sample(&m, "requests_cancelled_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        super::metrics::sample(&m, "queue_stall_steps_total"),
+        Some(0.0)
+    );
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_request_finish() {
+    let s = start(1, 4096).await;
+    let base = s.base.clone();
+    let req = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt":"z","max_tokens":200,"temperature":0}))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.shutdown.cancel();
+    let v = req.await.unwrap();
+    assert_eq!(v["choices"][0]["text"], s.codec.expected("z", 200));
+    s.task.await.unwrap().unwrap();
+}

@@ -1,0 +1,101 @@
+//! `cyber-inference download-model` as a user runs it, against a local Hugging Face–compatible server
+//! named by the standard HF_ENDPOINT variable.
+
+mod hub_common;
+
+use std::process::Output;
+
+use hub_common::{HfServer, Served, asset, files_in, sha256_file};
+
+const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
+const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+async fn cli(server: &HfServer, dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"));
+    cmd.arg("download-model")
+        .args(args)
+        .env("HF_ENDPOINT", &server.url)
+        .env_remove("HF_TOKEN")
+        .env_remove("CYBER_INFERENCE_HF_ENDPOINT")
+        .env_remove("CYBER_INFERENCE_HF_TOKEN")
+        .env("CYBER_INFERENCE_DATA_DIR", dir.join("data"))
+        .env("CYBER_INFERENCE_MODELS_DIR", dir.join("models"));
+    cmd.output().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_model_lists_downloads_and_explains_failures() {
+    let server = HfServer::start().await;
+    server.state.add_repo(
+        "test/SmolLM2-135M-Instruct-GGUF",
+        vec![Served::asset(Q41, Q41), Served::asset(Q4KM, Q4KM)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = cli(
+        &server,
+        dir.path(),
+        &["test/SmolLM2-135M-Instruct-GGUF", "--list"],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chosen: Vec<_> = stdout.lines().filter(|l| l.starts_with('*')).collect();
+    assert_eq!(chosen.len(), 1, "{stdout}");
+    assert!(
+        chosen[0].contains(Q4KM) && chosen[0].contains("Q4_K_M"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(Q41) && stdout.contains("MiB"), "{stdout}");
+
+    // Interrupted once at 40%: the command still finishes, by resuming.
+    let (data, expected) = asset(Q4KM);
+    *server.state.faults.drop_at.lock().unwrap() = Some(data.len() as u64 * 4 / 10);
+    let out = cli(&server, dir.path(), &["test/SmolLM2-135M-Instruct-GGUF"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.path().join("models").join(Q4KM);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        path.display().to_string()
+    );
+    assert_eq!(sha256_file(&path), expected);
+    assert!(
+        server
+            .state
+            .file_requests()
+            .iter()
+            .any(|s| s.range.is_some())
+    );
+    assert_eq!(files_in(&dir.path().join("models")), [Q4KM]);
+
+    let out = cli(&server, dir.path(), &["test/missing-GGUF"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("test/missing-GGUF") && err.contains("not found"),
+        "{err}"
+    );
+
+    let out = cli(
+        &server,
+        dir.path(),
+        &["test/SmolLM2-135M-Instruct-GGUF", "--filename", "nope.gguf"],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope.gguf") && err.contains(Q41), "{err}");
+
+    *server.state.faults.require_token.lock().unwrap() = Some("hf_x".into());
+    let out = cli(&server, dir.path(), &["test/SmolLM2-135M-Instruct-GGUF"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HF_TOKEN"));
+}

@@ -1,0 +1,211 @@
+//! Property tests of the kernels: every dispatched (SIMD) dot product against its scalar twin on random
+//! blocks, and batch invariance of `matmul` (a token's outputs are bit-identical for any batch size and
+//! thread count).
+
+use cyber_inference::engine::ggml_type::GgmlType;
+use cyber_inference::engine::kernels::{
+    self, Isa, QMatrix, ThreadPool, isa, matmul, vec_dot, vec_dot_scalar,
+};
+use cyber_inference::engine::quant::{self, blocks::F16Le};
+use proptest::prelude::*;
+
+/// Every weight type with a dot product.
+const DOT_TYPES: [GgmlType; 15] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
+];
+
+/// Byte offsets of the f16 scale fields inside one block of `ty`.
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    use GgmlType::*;
+    match ty {
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS => &[0],
+        Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
+        Q2_K => &[80, 82],
+        Q3_K => &[108],
+        Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+/// A small deterministic generator (tests must not depend on the run).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 16
+    }
+    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() & 0xFF_FFFF) as f32 / 16_777_216.0)
+    }
+}
+
+/// `n_rows` random rows of `n` elements of `ty`: random quant bits with finite scales for block types,
+/// random values for float types.
+fn random_rows(ty: GgmlType, n_rows: usize, n: usize, seed: u64) -> Vec<u8> {
+    let mut g = Lcg(seed);
+    let rb = quant::row_bytes(ty, n).unwrap();
+    let mut out = vec![0u8; rb * n_rows];
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            for r in 0..n_rows {
+                let x: Vec<f32> = (0..n).map(|_| g.f32(-1.0, 1.0)).collect();
+                quant::quantize_row(ty, &x, &mut out[r * rb..(r + 1) * rb]).unwrap();
+            }
+        }
+        _ => {
+            for b in out.iter_mut() {
+                *b = g.next() as u8;
+            }
+            let ts = ty.type_size();
+            for blk in out.chunks_exact_mut(ts) {
+                for &off in f16_fields(ty) {
+                    let v = F16Le::from_f32(g.f32(-0.05, 0.05));
+                    blk[off..off + 2].copy_from_slice(&v.0);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn activations(ty: GgmlType, n: usize, seed: u64) -> (Vec<f32>, Vec<u8>) {
+    let mut g = Lcg(seed ^ 0x9e37_79b9);
+    let x: Vec<f32> = (0..n).map(|_| g.f32(-2.0, 2.0)).collect();
+    let vd = quant::vec_dot_type(ty).unwrap();
+    let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
+    quant::quantize_row(vd, &x, &mut a).unwrap();
+    (x, a)
+}
+
+/// Σ |w_i · a_i| over the dequantized rows: the scale of the rounding error of a float reduction.
+fn abs_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f64 {
+    let vd = quant::vec_dot_type(ty).unwrap();
+    let mut wf = vec![0f32; n];
+    let mut af = vec![0f32; n];
+    quant::dequantize_row(ty, w, &mut wf).unwrap();
+    quant::dequantize_row(vd, a, &mut af).unwrap();
+    wf.iter()
+        .zip(&af)
+        .map(|(x, y)| (*x as f64 * *y as f64).abs())
+        .sum()
+}
+
+/// Types whose SIMD kernel does the oracle's float operations in the oracle's order.
+fn bit_exact_twin(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn simd_vec_dot_matches_scalar_twin(seed in any::<u64>(), n_blocks in 1usize..6, ti in 0usize..15) {
+        let ty = DOT_TYPES[ti];
+        let n = n_blocks * 256;
+        let w = random_rows(ty, 1, n, seed);
+        let (_, a) = activations(ty, n, seed);
+        let s = vec_dot_scalar(ty, n, &w, &a).unwrap();
+        let v = vec_dot(ty, n, &w, &a).unwrap();
+        // A float reduction in another order: error ≲ n_blocks · ε · Σ|w·a|.
+        let scale = abs_dot(ty, n, &w, &a);
+        if bit_exact_twin(ty) {
+            prop_assert_eq!(s.to_bits(), v.to_bits(), "{} scalar {} simd {}", ty, s, v);
+        } else {
+            prop_assert!(((s - v) as f64).abs() <= 1e-5 * scale + 1e-5,
+                "{} scalar {} simd {} (scale {})", ty, s, v, scale);
+        }
+    }
+}
+
+#[test]
+fn the_default_build_uses_avx2_where_the_cpu_has_it() {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+        && std::env::var("CYBER_INFERENCE_ISA").is_err()
+    {
+        assert_eq!(isa(), Isa::Avx2);
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            let simd = kernels::vec_dot_fn(ty).unwrap() as usize;
+            let scalar = kernels::scalar_vec_dot_fn(ty).unwrap() as usize;
+            assert_ne!(simd, scalar, "{ty} has no SIMD kernel");
+        }
+    }
+    eprintln!("kernel ISA: {}", isa().name());
+}
+
+/// `y` for the given token range, computed with `pool` in chunks of `batch` tokens.
+fn run_batched(
+    pool: &ThreadPool,
+    m: &QMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    batch: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; n_tokens * m.n_rows];
+    let mut t0 = 0;
+    while t0 < n_tokens {
+        let t1 = (t0 + batch).min(n_tokens);
+        matmul(
+            pool,
+            m,
+            &x[t0 * m.n_cols..t1 * m.n_cols],
+            t1 - t0,
+            &mut y[t0 * m.n_rows..t1 * m.n_rows],
+        )
+        .unwrap();
+        t0 = t1;
+    }
+    y
+}
+
+#[test]
+fn matmul_is_batch_and_thread_invariant() {
+    let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    let (n_rows, n_cols, n_tokens) = (75, 512, 64);
+    let mut g = Lcg(7);
+    let x: Vec<f32> = (0..n_tokens * n_cols).map(|_| g.f32(-3.0, 3.0)).collect();
+    for ty in DOT_TYPES {
+        let data = random_rows(ty, n_rows, n_cols, 11);
+        let m = QMatrix::new(ty, &data, n_rows, n_cols).unwrap();
+        let reference = run_batched(&pools[0], &m, &x, n_tokens, 1);
+        for pool in &pools {
+            for batch in [1, 7, 64] {
+                let y = run_batched(pool, &m, &x, n_tokens, batch);
+                let same = y
+                    .iter()
+                    .zip(&reference)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{ty}: batch {batch}, {} threads differs",
+                    pool.n_threads()
+                );
+            }
+        }
+    }
+}

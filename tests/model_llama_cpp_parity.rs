@@ -1,0 +1,118 @@
+//! SmolLM2 (Q4_1 and Q4_K_M) against llama.cpp's answers in `../shared/vectors`: perplexity on ppl.txt
+//! within 0.5%, and greedy continuations identical for at least 3 in 4 prompts with every divergence at a
+//! near-tie (llama.cpp's two best log-probabilities within 0.1 in the first 16 steps, ours after).
+
+mod model_common;
+
+use cyber_inference::engine::model::cli::{generate, perplexity};
+use cyber_inference::engine::model::{Context, ContextParams, KvType};
+use cyber_inference::engine::sampling::{Sampler, SamplerParams, top_logprobs};
+use model_common::*;
+
+fn context(model: &std::sync::Arc<cyber_inference::engine::model::Model>, n_ctx: usize) -> Context {
+    Context::new(
+        model.clone(),
+        ContextParams {
+            n_ctx,
+            n_seq_max: 1,
+            n_batch: n_ctx,
+            n_threads: 2,
+            embeddings: false,
+            kv_type: KvType::F16,
+        },
+    )
+    .expect("context")
+}
+
+fn check_perplexity(name: &str) {
+    let model = load(name);
+    let v = vectors(name);
+    let p = &v["perplexity"];
+    let n_ctx = p["n_ctx"].as_u64().unwrap() as usize;
+    let n_batch = p["n_batch"].as_u64().unwrap() as usize;
+    let want = p["ppl"].as_f64().unwrap();
+    let text = std::fs::read_to_string(vectors_dir().join(p["text_file"].as_str().unwrap())).unwrap();
+    let tok = model.tokenizer();
+    let tokens = tok.encode(&text, true, false);
+    let add_bos = if tok.add_bos() { tok.bos() } else { None };
+    let mut ctx = context(&model, n_ctx);
+    let r = perplexity(&mut ctx, &tokens, n_ctx, n_batch, add_bos, |_, _| {}).unwrap();
+    assert_eq!(r.n_chunks as u64, p["n_chunks"].as_u64().unwrap(), "chunk count");
+    let rel = (r.ppl - want).abs() / want;
+    eprintln!("{name}: PPL {:.4} (llama.cpp {want}), relative difference {:.4}%", r.ppl, rel * 100.0);
+    assert!(rel <= 0.005, "{name}: PPL {} vs llama.cpp {want}: {:.3}% apart", r.ppl, rel * 100.0);
+}
+
+fn check_greedy(name: &str) {
+    let model = load(name);
+    let v = vectors(name);
+    let cases = v["greedy"].as_array().unwrap();
+    let tok = model.tokenizer();
+    let mut ctx = context(&model, 256);
+    let mut identical = 0;
+    let mut report = Vec::new();
+    for case in cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        let add_special = case["add_special"].as_bool().unwrap();
+        let n_predict = case["n_predict"].as_u64().unwrap() as usize;
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let ref_top = case["top_logprobs_first16"].as_array().unwrap();
+        let ids = tok.encode(prompt, add_special, true);
+        let mut ours_top: Vec<Vec<(u32, f32)>> = Vec::new();
+        let mut sampler = Sampler::new(SamplerParams::greedy());
+        let got = generate(&mut ctx, &ids, n_predict, &mut sampler, |_, logits| {
+            ours_top.push(top_logprobs(logits, 2));
+        })
+        .unwrap();
+        // llama-server leaves a final end-of-generation token out of `ids`.
+        let got_cmp: Vec<u32> = got.iter().copied().filter(|&t| !tok.is_eog(t)).collect();
+        match (0..want.len().min(got_cmp.len())).find(|&s| want[s] != got_cmp[s]) {
+            None if want.len() == got_cmp.len() => identical += 1,
+            first => {
+                let s = first.unwrap_or(want.len().min(got_cmp.len()));
+                let (gap, whose, a, b) = if s < ref_top.len() {
+                    let a = ref_top[s][0]["logprob"].as_f64().unwrap();
+                    let b = ref_top[s][1]["logprob"].as_f64().unwrap();
+                    (a - b, "llama.cpp", a, b)
+                } else {
+                    let a = ours_top[s][0].1 as f64;
+                    let b = ours_top[s][1].1 as f64;
+                    (a - b, "ours", a, b)
+                };
+                let ours = ours_top.get(s).map(|t| format!("{:.4}/{:.4}", t[0].1, t[1].1)).unwrap_or_default();
+                let line = format!(
+                    "{name} {prompt:?}: first divergence at step {s} (llama.cpp {:?}, ours {:?}); {whose} top-2 logprobs {a:.4} / {b:.4}, gap {gap:.4}; our top-2 {ours}",
+                    want.get(s),
+                    got_cmp.get(s)
+                );
+                eprintln!("{line}");
+                report.push((line, gap));
+            }
+        }
+    }
+    eprintln!("{name}: {identical}/{} greedy continuations identical to llama.cpp", cases.len());
+    assert!(identical * 4 >= cases.len() * 3, "{name}: only {identical}/{} identical", cases.len());
+    for (line, gap) in report {
+        assert!(gap < 0.1, "divergence not at a near-tie: {line}");
+    }
+}
+
+#[test]
+fn smollm2_q4_1_perplexity_matches_llama_cpp() {
+    check_perplexity(SMOL_Q4_1);
+}
+
+#[test]
+fn smollm2_q4_k_m_perplexity_matches_llama_cpp() {
+    check_perplexity(SMOL_Q4_K_M);
+}
+
+#[test]
+fn smollm2_q4_1_greedy_matches_llama_cpp() {
+    check_greedy(SMOL_Q4_1);
+}
+
+#[test]
+fn smollm2_q4_k_m_greedy_matches_llama_cpp() {
+    check_greedy(SMOL_Q4_K_M);
+}

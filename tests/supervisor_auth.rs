@@ -1,0 +1,479 @@
+//! End-to-end tests of `serve` that need no worker process: auth (login, JWT, cookie, Origin, rate limit,
+//! API keys), refusing a network HOST without a password (the Docker environment), unknown models,
+//! memory admission refusing a load, the catalogue, and the `list-models` / `init` commands.
+
+mod supervisor_common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use supervisor_common::*;
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_auth_jwt_cookie_origin_and_rate_limit() {
+    let s = Server::start(
+        &[SMOL],
+        &[("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+    )
+    .await;
+    let h = &s.http;
+    // /health is open.
+    let r = h.get(format!("{}/health", s.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Admin routes need a token.
+    for path in [
+        "/admin/api/models",
+        "/admin/api/workers",
+        "/admin/api/settings",
+        "/admin/api/me",
+    ] {
+        let r = h.get(format!("{}{path}", s.base)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let b: Value = r.json().await.unwrap();
+        assert!(b["error"]["message"].is_string(), "{b}");
+    }
+    // Bad password → 401.
+    let bad = |pw: &'static str| {
+        h.post(format!("{}/admin/api/login", s.base))
+            .json(&json!({"username": "admin", "password": pw}))
+            .send()
+    };
+    assert_eq!(bad("nope").await.unwrap().status(), 401);
+    // Good login → token + HttpOnly SameSite=Strict cookie.
+    let r = h
+        .post(format!("{}/admin/api/login", s.base))
+        .json(&json!({"username": "admin", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, me) = s.admin_get(&token, "/admin/api/me").await;
+    assert_eq!((st, me["username"].as_str()), (200, Some("admin")));
+    let (st, models) = s.admin_get(&token, "/admin/api/models").await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        models["models"][0]["model"]["name"],
+        "SmolLM2-135M-Instruct.Q4_1"
+    );
+    // The cookie works for GET; a state-changing request with the cookie needs a matching Origin.
+    let session = cookie.split(';').next().unwrap().to_string();
+    let r = h
+        .get(format!("{}/admin/api/workers", s.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pin = format!("{}/admin/api/models/SmolLM2-135M-Instruct.Q4_1/pin", s.base);
+    let r = h
+        .post(&pin)
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "cookie without Origin");
+    let r = h
+        .post(&pin)
+        .header("cookie", &session)
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "foreign Origin");
+    let r = h
+        .post(&pin)
+        .header("cookie", &session)
+        .header("origin", &s.base)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "same Origin");
+    let r = h
+        .post(format!(
+            "{}/admin/api/models/SmolLM2-135M-Instruct.Q4_1/unpin",
+            s.base
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "Bearer without Origin is not a browser");
+    // A forged token (other secret), an expired one (our secret) and garbage are refused.
+    let claims = |exp: u64| json!({"sub": "admin", "iat": 1, "exp": exp});
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |secret: &[u8], c: Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &c,
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    };
+    let forged = sign(b"not-the-secret", claims(now + 3600));
+    let expired = sign(b"0123456789abcdef0123456789abcdef", claims(now - 60));
+    let valid = sign(b"0123456789abcdef0123456789abcdef", claims(now + 3600));
+    assert_eq!(s.admin_get(&forged, "/admin/api/me").await.0, 401);
+    assert_eq!(s.admin_get(&expired, "/admin/api/me").await.0, 401);
+    assert_eq!(
+        s.admin_get("garbage.token.here", "/admin/api/me").await.0,
+        401
+    );
+    assert_eq!(
+        s.admin_get(&valid, "/admin/api/me").await.0,
+        200,
+        "control: our secret works"
+    );
+    // Rate limit: 5 failures in the window (the success above reset the count), then 429 even for the
+    // right password.
+    for _ in 0..5 {
+        assert_eq!(bad("nope").await.unwrap().status(), 401);
+    }
+    let r = h
+        .post(format!("{}/admin/api/login", s.base))
+        .json(&json!({"username": "admin", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_gate_v1_when_required_and_unknown_models_get_404() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let token = s.login().await;
+    let h = &s.http;
+    // Unknown model: 404 in OpenAI's shape naming the available models.
+    let r = h
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "model_not_found");
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("nope") && msg.contains("SmolLM2-135M-Instruct.Q4_1"),
+        "{msg}"
+    );
+    // A body without `model` is a 400.
+    let r = h
+        .post(format!("{}/v1/completions", s.base))
+        .body("{\"prompt\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // /v1/models: the catalogue with a status.
+    let b: Value = h
+        .get(format!("{}/v1/models", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(b["object"], "list");
+    assert_eq!(b["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(b["data"][0]["status"], "stopped");
+    // Create a key (shown once), require keys, then /v1 needs it.
+    let r = h
+        .post(format!("{}/admin/api/keys", s.base))
+        .bearer_auth(&token)
+        .json(&json!({"name": "ci"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let k: Value = r.json().await.unwrap();
+    let key = k["key"].as_str().unwrap().to_string();
+    let id = k["api_key"]["id"].as_i64().unwrap();
+    let (_, list) = s.admin_get(&token, "/admin/api/keys").await;
+    assert!(
+        !list.to_string().contains(&key),
+        "the key is never shown again"
+    );
+    assert!(list.to_string().contains(&key[..10]), "its prefix is");
+    let r = h
+        .put(format!("{}/admin/api/settings", s.base))
+        .bearer_auth(&token)
+        .json(&json!({"require_api_key": true, "model_idle_timeout": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let b: Value = r.json().await.unwrap();
+    let idle = b["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "model_idle_timeout")
+        .unwrap();
+    assert_eq!(
+        (idle["value"].as_u64(), idle["source"].as_str()),
+        (Some(7), Some("db"))
+    );
+    let models = format!("{}/v1/models", s.base);
+    assert_eq!(h.get(&models).send().await.unwrap().status(), 401);
+    assert_eq!(
+        h.get(&models)
+            .bearer_auth("ci-wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        h.get(&models)
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Invalid settings are refused with the reason, nothing applied.
+    let r = h
+        .put(format!("{}/admin/api/settings", s.base))
+        .bearer_auth(&token)
+        .json(&json!({"max_memory_percent": 150}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Revoked → 401.
+    let r = h
+        .delete(format!("{}/admin/api/keys/{id}", s.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        h.get(&models)
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // /health stays open, /metrics answers Prometheus text.
+    assert_eq!(
+        h.get(format!("{}/health", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let m = h
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("cyber_inference_requests_total{model=\"nope\",status=\"404\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_that_cannot_fit_is_refused_with_the_numbers_and_starts_nothing() {
+    let s = Server::start(&[SMOL], &[("MAX_MEMORY_PERCENT", "1")]).await;
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "insufficient_memory");
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("MiB") && msg.contains("MAX_MEMORY_PERCENT=1%"),
+        "{msg}"
+    );
+    assert!(s.workers().is_empty(), "no worker may be started");
+    let token = s.login().await;
+    let (_, m) = s
+        .admin_get(&token, "/admin/api/models/SmolLM2-135M-Instruct.Q4_1")
+        .await;
+    assert_eq!(m["state"], "stopped");
+    assert_eq!(
+        m["sessions"].as_array().unwrap().len(),
+        0,
+        "no session recorded"
+    );
+}
+
+/// The Docker image's environment, outside Docker: HOST=0.0.0.0 without a password refuses to start and
+/// says why; with one it serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_environment_needs_an_admin_password_on_a_network_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = |pw: Option<&str>| {
+        let mut e = vec![
+            ("CYBER_INFERENCE_HOST".to_string(), "0.0.0.0".to_string()),
+            ("CYBER_INFERENCE_PORT".to_string(), port.to_string()),
+            (
+                "CYBER_INFERENCE_DATA_DIR".to_string(),
+                dir.path().join("data").display().to_string(),
+            ),
+            (
+                "CYBER_INFERENCE_MODELS_DIR".to_string(),
+                dir.path().join("models").display().to_string(),
+            ),
+        ];
+        if let Some(p) = pw {
+            e.push(("CYBER_INFERENCE_ADMIN_PASSWORD".to_string(), p.to_string()));
+        }
+        e
+    };
+    let mut c = spawn_serve(dir.path(), &env(None));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve kept running without a password"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!st.success());
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(
+        log.contains("0.0.0.0") && log.contains("CYBER_INFERENCE_ADMIN_PASSWORD"),
+        "{log}"
+    );
+    let mut c = spawn_serve(dir.path(), &env(Some("docker-pass")));
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "serve exited: {}",
+            std::fs::read_to_string(dir.path().join("serve.log")).unwrap()
+        );
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = http
+        .post(format!("http://127.0.0.1:{port}/admin/api/login"))
+        .json(&json!({"username": "admin", "password": "docker-pass"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(c.id().to_string())
+        .status();
+    let st = c.wait().unwrap();
+    assert!(st.success(), "SIGTERM → exit 0, got {st}");
+}
+
+#[test]
+fn init_and_list_models_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(model_file(SMOL), models.join(SMOL)).unwrap();
+    std::fs::write(
+        models.join("broken.gguf"),
+        b"GGUF\x03\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env_clear()
+            .env("CYBER_INFERENCE_DATA_DIR", dir.path().join("data"))
+            .env("CYBER_INFERENCE_MODELS_DIR", &models)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["init"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("password:"),
+        "a generated password is printed once: {text}"
+    );
+    let secret = dir.path().join("data/jwt_secret");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = run(&["init"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("password:"),
+        "only once"
+    );
+    let out = run(&["list-models"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("SmolLM2-135M-Instruct.Q4_1"))
+        .expect(&text);
+    assert!(
+        line.contains("llama") && line.contains("Q4_1") && line.contains("8192"),
+        "{line}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("broken.gguf"),
+        "skipped files are named"
+    );
+    let out = run(&["remove-model", "SmolLM2-135M-Instruct.Q4_1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !models.join(SMOL).exists(),
+        "the link in MODELS_DIR is deleted"
+    );
+    assert!(model_file(SMOL).exists(), "the shared asset is not");
+    let out = run(&["remove-model", "SmolLM2-135M-Instruct.Q4_1"]);
+    assert!(!out.status.success());
+}

@@ -1,0 +1,264 @@
+//! Shared harness of the supervisor's end-to-end tests: starts the real `cyber-inference serve` binary
+//! on a temporary DATA_DIR/MODELS_DIR (models symlinked from CYBER_INFERENCE_ASSETS), with free ports,
+//! and stops it (SIGTERM, then SIGKILL) when dropped.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
+pub const PASSWORD: &str = "test-password-123";
+
+/// The assets folder (models, vocabularies); panics with a clear message when unset.
+pub fn assets() -> PathBuf {
+    PathBuf::from(std::env::var("CYBER_INFERENCE_ASSETS").unwrap_or_else(|_| {
+        panic!(
+            "CYBER_INFERENCE_ASSETS is not set: run ../shared/assets/fetch and export its output"
+        )
+    }))
+}
+
+pub fn model_file(name: &str) -> PathBuf {
+    let p = assets().join("models").join(name);
+    assert!(p.is_file(), "missing test model {}", p.display());
+    p
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A base for worker ports unlikely to collide with parallel tests: a free port with 20 free after it.
+pub fn free_base_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 65000 && (p..p + 20).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
+            return p;
+        }
+    }
+}
+
+/// A running supervisor.
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn models_dir(&self) -> PathBuf {
+        self.dir.path().join("models")
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// Starts `serve` with `models` (file names in the assets) linked into MODELS_DIR and extra `env`
+    /// (`CYBER_INFERENCE_` is prefixed to names without it). Waits for `/health` 200.
+    pub async fn start(models: &[&str], env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mdir = dir.path().join("models");
+        std::fs::create_dir_all(&mdir).unwrap();
+        for m in models {
+            std::os::unix::fs::symlink(model_file(m), mdir.join(m)).unwrap();
+        }
+        let port = free_port();
+        let worker_base = free_base_port();
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| {
+                let k = if k.starts_with("CYBER_INFERENCE_") {
+                    k.to_string()
+                } else {
+                    format!("CYBER_INFERENCE_{k}")
+                };
+                (k, v.to_string())
+            })
+            .collect();
+        let defaults = [
+            ("CYBER_INFERENCE_HOST", "127.0.0.1".to_string()),
+            ("CYBER_INFERENCE_PORT", port.to_string()),
+            (
+                "CYBER_INFERENCE_DATA_DIR",
+                dir.path().join("data").display().to_string(),
+            ),
+            ("CYBER_INFERENCE_MODELS_DIR", mdir.display().to_string()),
+            ("CYBER_INFERENCE_WORKER_BASE_PORT", worker_base.to_string()),
+            ("CYBER_INFERENCE_ADMIN_PASSWORD", PASSWORD.to_string()),
+            ("CYBER_INFERENCE_THREADS", "1".to_string()),
+            ("CYBER_INFERENCE_DEFAULT_CONTEXT_SIZE", "2048".to_string()),
+        ];
+        for (k, v) in defaults {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.to_string(), v));
+            }
+        }
+        let port = env
+            .iter()
+            .find(|(k, _)| k == "CYBER_INFERENCE_PORT")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap();
+        let child = spawn_serve(dir.path(), &env);
+        let mut s = Server {
+            child: Some(child),
+            dir,
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        s.wait_healthy().await;
+        s
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("serve exited early ({st}):\n{}", self.log());
+            }
+            if let Ok(r) = self.http.get(format!("{}/health", self.base)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve not healthy in 60 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Logs in as admin; returns the JWT.
+    pub async fn login(&self) -> String {
+        let r = self
+            .http
+            .post(format!("{}/admin/api/login", self.base))
+            .json(&serde_json::json!({"username": "admin", "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<serde_json::Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// GET an admin route with a token; returns (status, JSON).
+    pub async fn admin_get(&self, token: &str, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Worker processes (children of the supervisor).
+    pub fn workers(&self) -> Vec<u32> {
+        children_of(self.pid())
+    }
+
+    /// SIGTERM and wait (SIGKILL after 20 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Spawns `serve` in `dir` with exactly `env` (plus PATH/HOME), output to `dir/serve.log`.
+pub fn spawn_serve(dir: &Path, env: &[(String, String)]) -> Child {
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::var("HOME").unwrap_or_default())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Live (non-zombie) children of `parent`, from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    cyber_inference::supervisor::process::sys::children_of(parent)
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    cyber_inference::supervisor::process::sys::pid_alive(pid)
+}
+
+/// The Python with the `openai` package.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("CYBER_INFERENCE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap();
+    let p = PathBuf::from(home).join(".cache/cyber-inference-venv/bin/python");
+    assert!(
+        p.is_file(),
+        "no Python with `openai`: set CYBER_INFERENCE_PYTHON or create ~/.cache/cyber-inference-venv (pip install openai)"
+    );
+    p
+}
+
+/// Runs a Python snippet with `BASE_URL` (…/v1) in its environment; returns stdout, panics on failure.
+pub fn run_python(base_url: &str, code: &str) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .env("BASE_URL", base_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,367 @@
+//! End-to-end tests of `serve` with real worker processes on the real SmolLM2-135M models: the official
+//! `openai` Python client through the proxy, single-flight loads, idle unload without cutting a stream,
+//! MAX_LOADED_MODELS waiting for a stream, a worker killed mid-request, and the supervisor killed.
+
+mod supervisor_common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use supervisor_common::*;
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
+const SMOL_K: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
+const SMOL_K_ID: &str = "SmolLM2-135M-Instruct.Q4_K_M";
+
+/// (model, endpoint, status, prompt_tokens, completion_tokens) of a `requests` row.
+type LoggedRequest = (String, String, i64, Option<i64>, Option<i64>);
+
+async fn worker_of(s: &Server, token: &str, model: &str) -> Option<Value> {
+    let (_, w) = s.admin_get(token, "/admin/api/workers").await;
+    w["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["model"] == model && w["pid"].is_u64())
+        .cloned()
+}
+
+async fn state(s: &Server, token: &str, model: &str) -> (String, usize) {
+    let (_, m) = s
+        .admin_get(token, &format!("/admin/api/models/{model}"))
+        .await;
+    (
+        m["state"].as_str().unwrap_or("?").to_string(),
+        m["sessions"].as_array().map_or(0, |a| a.len()),
+    )
+}
+
+fn chat(model: &str, stream: bool, max_tokens: u32) -> Value {
+    json!({"model": model, "stream": stream, "max_tokens": max_tokens, "temperature": 0,
+           "messages": [{"role": "user", "content": "Write a short poem about the sea."}]})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_client_streaming_and_non_streaming_through_the_proxy() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let out = run_python(
+        &format!("{}/v1", s.base),
+        r#"
+import os, openai
+c = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key="unused")
+m = "SmolLM2-135M-Instruct.Q4_1"
+msgs = [{"role": "user", "content": "What is the capital of France?"}]
+r = c.chat.completions.create(model=m, messages=msgs, max_tokens=24, temperature=0)
+print("NS:" + repr(r.choices[0].message.content))
+text = ""
+for ch in c.chat.completions.create(model=m, messages=msgs, max_tokens=24, temperature=0, stream=True):
+    if ch.choices and ch.choices[0].delta.content:
+        text += ch.choices[0].delta.content
+print("S:" + repr(text))
+"#,
+    );
+    let ns = out.lines().find_map(|l| l.strip_prefix("NS:")).expect(&out);
+    let st = out.lines().find_map(|l| l.strip_prefix("S:")).expect(&out);
+    assert!(
+        ns.chars().any(|c| c.is_alphabetic()),
+        "non-streaming text: {out}"
+    );
+    assert!(
+        st.chars().any(|c| c.is_alphabetic()),
+        "streamed text: {out}"
+    );
+    assert_eq!(ns, st, "greedy: streamed and non-streamed answers agree");
+    // A worker process is listening on its port, and it is ours.
+    let token = s.login().await;
+    let w = worker_of(&s, &token, SMOL_ID).await.expect("a worker");
+    let pid = w["pid"].as_u64().unwrap() as u32;
+    assert!(
+        s.workers().contains(&pid),
+        "the worker is the supervisor's child"
+    );
+    let port = w["port"].as_u64().unwrap();
+    let h: Value = s
+        .http
+        .get(format!("http://127.0.0.1:{port}/props"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["instance"], w["instance"]);
+    // `requests` (the real SQLite file) has both rows with usage for the non-streamed one.
+    let db_path = s.data_dir().join("cyber-inference.db");
+    let url = format!("sqlite://{}?mode=ro", db_path.display());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let rows = loop {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let rows: Vec<LoggedRequest> = sqlx::query_as(
+            "SELECT model, endpoint, status, prompt_tokens, completion_tokens FROM requests ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        if rows.len() >= 2 || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(
+            (r.0.as_str(), r.1.as_str(), r.2),
+            (SMOL_ID, "/v1/chat/completions", 200)
+        );
+    }
+    assert!(
+        rows[0].3.unwrap_or(0) > 0 && rows[0].4.unwrap_or(0) > 0,
+        "usage logged: {rows:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_concurrent_first_requests_start_exactly_one_worker() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let http = s.http.clone();
+        let url = format!("{}/v1/completions", s.base);
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"model": SMOL_ID, "prompt": format!("{i} + {i} ="), "max_tokens": 4, "temperature": 0}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (st, body) = t.await.unwrap();
+        assert_eq!(st, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(v["choices"][0]["text"].is_string(), "{body}");
+    }
+    let token = s.login().await;
+    let (st, sessions) = state(&s, &token, SMOL_ID).await;
+    assert_eq!((st.as_str(), sessions), ("ready", 1), "one worker session");
+    assert_eq!(s.workers().len(), 1, "one worker process");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_models_are_unloaded_but_a_long_stream_is_not_cut() {
+    let s = Server::start(&[SMOL], &[("MODEL_IDLE_TIMEOUT", "2")]).await;
+    let token = s.login().await;
+    let t0 = Instant::now();
+    let mut r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&chat(SMOL_ID, true, 32))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = String::from_utf8(r.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let pid = worker_of(&s, &token, SMOL_ID).await.expect("worker")["pid"]
+        .as_u64()
+        .unwrap();
+    // Hold the stream open well past the idle timeout.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        state(&s, &token, SMOL_ID).await.0,
+        "ready",
+        "a model with a request in flight is not idle"
+    );
+    while let Some(c) = r.chunk().await.unwrap() {
+        body.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(
+        t0.elapsed() > Duration::from_secs(3),
+        "the stream outlived the timeout"
+    );
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "complete stream: {body}"
+    );
+    assert!(!body.contains("\"error\""), "{body}");
+    assert_eq!(state(&s, &token, SMOL_ID).await.1, 1, "never restarted");
+    // Then, idle: the worker goes away within a few seconds and the model shows stopped.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (st, _) = state(&s, &token, SMOL_ID).await;
+        if st == "stopped" && !pid_alive(pid as u32) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {st} after the idle timeout:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(s.workers().is_empty());
+    let (_, m) = s
+        .admin_get(&token, &format!("/admin/api/models/{SMOL_ID}"))
+        .await;
+    let reason = m["sessions"][0]["stop_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("idle"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_one_model_slot_b_waits_for_the_stream_of_a() {
+    let s = Server::start(&[SMOL, SMOL_K], &[("MAX_LOADED_MODELS", "1")]).await;
+    let token = s.login().await;
+    let mut a = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&chat(SMOL_ID, true, 32))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 200);
+    let mut a_body = String::from_utf8(a.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let b = {
+        let http = s.http.clone();
+        let url = format!("{}/v1/chat/completions", s.base);
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&chat(SMOL_K_ID, false, 8))
+                .send()
+                .await
+                .unwrap();
+            let done = Instant::now();
+            (r.status().as_u16(), r.text().await.unwrap(), done)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!b.is_finished(), "B must wait while A streams");
+    assert_eq!(state(&s, &token, SMOL_K_ID).await.1, 0, "B not started yet");
+    while let Some(c) = a.chunk().await.unwrap() {
+        a_body.push_str(&String::from_utf8_lossy(&c));
+    }
+    let a_done = Instant::now();
+    assert!(
+        a_body.trim_end().ends_with("data: [DONE]"),
+        "A is never cut: {a_body}"
+    );
+    let (st, body, b_done) = b.await.unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert!(b_done > a_done);
+    assert_eq!(state(&s, &token, SMOL_ID).await.0, "stopped");
+    assert_eq!(state(&s, &token, SMOL_K_ID).await.0, "ready");
+    assert_eq!(s.workers().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_request_gives_502_and_the_next_request_reloads() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let token = s.login().await;
+    let r = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .json(&json!({"model": SMOL_ID, "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pid = worker_of(&s, &token, SMOL_ID).await.unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let long = {
+        let http = s.http.clone();
+        let url = format!("{}/v1/completions", s.base);
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"model": SMOL_ID, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 400, "temperature": 0}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    // Wait until the request is in flight, then kill the worker.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker_of(&s, &token, SMOL_ID)
+        .await
+        .is_none_or(|w| w["inflight"] == 0)
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let (st, body) = long.await.unwrap();
+    assert_eq!(
+        st, 502,
+        "the request in flight fails with 502 (not 200: it must not have finished first): {body}"
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+    assert!(v["error"]["message"].is_string());
+    let (st, _) = state(&s, &token, SMOL_ID).await;
+    assert_eq!(st, "failed");
+    // The next request loads it again.
+    let r = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .json(&json!({"model": SMOL_ID, "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let new = worker_of(&s, &token, SMOL_ID).await.unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(new, pid);
+    let (_, m) = s
+        .admin_get(&token, &format!("/admin/api/models/{SMOL_ID}"))
+        .await;
+    let reason = m["sessions"][1]["stop_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("signal 9"), "{reason}");
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cyber_inference_worker_crashes_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_of_the_supervisor_leaves_no_worker() {
+    let mut s = Server::start(&[SMOL], &[]).await;
+    let r = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .json(&json!({"model": SMOL_ID, "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let workers = s.workers();
+    assert_eq!(workers.len(), 1);
+    let mut child = s.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers.iter().any(|&p| pid_alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "worker {workers:?} outlived the supervisor"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

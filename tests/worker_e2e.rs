@@ -1,0 +1,445 @@
+//! End-to-end tests of `cyber-inference worker` (issue 5 acceptance): the real binary on the real models of
+//! `$CYBER_INFERENCE_ASSETS/models`, driven over HTTP (and by the official `openai` Python package in
+//! `worker_python.rs`).
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
+
+fn assets() -> PathBuf {
+    PathBuf::from(std::env::var("CYBER_INFERENCE_ASSETS").expect(
+        "CYBER_INFERENCE_ASSETS is not set: run ../shared/assets/fetch and export the folder it prints",
+    ))
+}
+
+fn model(name: &str) -> PathBuf {
+    let p = assets().join("models").join(name);
+    assert!(p.exists(), "missing test model {}", p.display());
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running worker process; killed on drop.
+struct Worker {
+    child: Child,
+    base: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl Worker {
+    fn start(model: &Path, extra: &[&str]) -> Worker {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(BIN)
+            .arg("worker")
+            .arg("-m")
+            .arg(model)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "-t",
+                "2",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let mut w = Worker {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        w.wait_ready();
+        w
+    }
+
+    fn stderr(&self) -> String {
+        let mut s = String::new();
+        let _ = self.log.reopen().unwrap().read_to_string(&mut s);
+        s
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("worker exited with {st} before ready:\n{}", self.stderr());
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(self.base.trim_start_matches("http://"))
+            {
+                use std::io::Write;
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut r = String::new();
+                let _ = s.read_to_string(&mut r);
+                if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("worker not ready in 120 s:\n{}", self.stderr());
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let key = format!("cyber_inference_{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// `logit_bias` banning every end-of-generation token (so a generation runs to max_tokens).
+    async fn ban_eog(&self) -> Value {
+        let p: Value = reqwest::get(format!("{}/props", self.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut bias = serde_json::Map::new();
+        for id in p["eog_token_ids"]
+            .as_array()
+            .expect("eog_token_ids in /props")
+        {
+            bias.insert(id.to_string(), json!(-100));
+        }
+        Value::Object(bias)
+    }
+
+    async fn complete(&self, prompt: &str, max_tokens: u32) -> Value {
+        let (st, v) = self
+            .post(
+                "/v1/completions",
+                &json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        v
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGTERM with the `kill` utility (tests hold no `unsafe`).
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -TERM failed");
+}
+
+fn assert_envelope(status: u16, body: &Value, want: u16, kind: &str) {
+    assert_eq!(status, want, "{body}");
+    let e = &body["error"];
+    assert_eq!(e["type"], kind, "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
+}
+
+#[test]
+fn worker_exits_nonzero_when_model_cannot_load() {
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bad.path(), b"this is not a GGUF file").unwrap();
+    let out = Command::new(BIN)
+        .args(["worker", "-m"])
+        .arg(bad.path())
+        .args(["--port", &free_port().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot load model"), "{err}");
+    assert!(out.stdout.is_empty(), "a worker prints nothing on stdout");
+}
+
+#[test]
+fn greedy_output_equals_cyber_inference_run() {
+    let m = model(SMOL);
+    let prompt = "The capital of France is";
+    let out = Command::new(BIN)
+        .args(["run", "-m"])
+        .arg(&m)
+        .args(["-p", prompt, "-n", "24", "--temp", "0", "-t", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_text = String::from_utf8(out.stdout).unwrap();
+    let w = Worker::start(&m, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let v = rt.block_on(w.complete(prompt, 24));
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.is_empty());
+    assert_eq!(format!("{prompt}{text}\n"), run_text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_requests_at_np4_match_solo_answers() {
+    let w = Worker::start(&model(SMOL), &["-np", "4", "-c", "2048"]);
+    let prompts: Vec<String> = [
+        "The capital of France is",
+        "Once upon a time",
+        "def fibonacci(n):",
+        "The three primary colors are",
+        "In 1969, astronauts",
+        "A recipe for pancakes:",
+        "The largest planet in the solar system",
+        "Water boils at",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(w.complete(p, 16).await["choices"][0]["text"].clone());
+    }
+    let steps_before = w.metric("decode_steps_total").await;
+    let futs = prompts.iter().map(|p| w.complete(p, 16));
+    let together = futures_util::future::join_all(futs).await;
+    for (i, v) in together.iter().enumerate() {
+        assert_eq!(v["choices"][0]["text"], solo[i], "prompt {:?}", prompts[i]);
+    }
+    // Batched: 8 requests × ≤16 tokens took far fewer forward passes than 8 × 16 separate ones.
+    let steps = w.metric("decode_steps_total").await - steps_before;
+    assert!(
+        steps < 8.0 * 16.0 * 0.75,
+        "{steps} forward passes for 8 requests"
+    );
+    assert_eq!(w.metric("queue_stall_steps_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_frees_slot_for_queued_request() {
+    let w = Worker::start(&model(SMOL), &["-np", "1"]);
+    let client = reqwest::Client::new();
+    let bias = w.ban_eog().await;
+    let r = client
+        .post(format!("{}/v1/chat/completions", w.base))
+        .json(
+            &json!({"messages":[{"role":"user","content":"Tell me a very long story."}],
+                      "max_tokens": 2000, "temperature": 0, "stream": true,
+                      "logit_bias": bias}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    let base = w.base.clone();
+    let queued = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt":"Hello","max_tokens":4,"temperature":0}))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    // The second request waits for the only slot.
+    let t = Instant::now();
+    while w.metric("queue_length").await < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "second request never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(body);
+    let v = tokio::time::timeout(Duration::from_secs(30), queued)
+        .await
+        .expect("queued request did not start after the disconnect")
+        .unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(w.metric("requests_cancelled_total").await, 1.0);
+    // Never a step with a request queued while a slot was free: it started within one step.
+    assert_eq!(w.metric("queue_stall_steps_total").await, 0.0);
+    assert_eq!(w.metric("slots_busy").await, 0.0);
+}
+
+#[test]
+fn sigterm_during_request_finishes_it_and_exits_zero() {
+    let mut w = Worker::start(&model(SMOL), &["-np", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let base = w.base.clone();
+    let bias = rt.block_on(w.ban_eog());
+    let req = rt.spawn(async move {
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .json(
+                &json!({"prompt":"Once upon a time","max_tokens":48,"temperature":0,
+                          "logit_bias": bias}),
+            )
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    let t = Instant::now();
+    while rt.block_on(w.metric("slots_busy")) < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sigterm(&w.child);
+    let (st, v) = rt.block_on(req).unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 48, "{v}");
+    let status = w.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}\n{}", w.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_cases_return_status_and_openai_envelope() {
+    let w = Worker::start(&model(SMOL), &["-c", "128", "--api-key", "k1"]);
+    let c = reqwest::Client::new();
+    let send = |body: &'static str| {
+        c.post(format!("{}/v1/chat/completions", w.base))
+            .bearer_auth("k1")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    async fn parts(r: reqwest::Response) -> (u16, Value) {
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+    let (s, v) = parts(send("{\"messages\": [").await.unwrap()).await;
+    assert_envelope(s, &v, 400, "invalid_request_error");
+    let (s, v) = parts(
+        send(r#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_envelope(s, &v, 400, "invalid_request_error");
+    let (s, v) = parts(send(r#"{"messages":[]}"#).await.unwrap()).await;
+    assert_envelope(s, &v, 400, "invalid_request_error");
+    assert_eq!(v["error"]["param"], "messages");
+    let long = "word ".repeat(300);
+    let r = c
+        .post(format!("{}/v1/chat/completions", w.base))
+        .bearer_auth("k1")
+        .json(&json!({"messages":[{"role":"user","content": long}]}))
+        .send()
+        .await
+        .unwrap();
+    let (s, v) = parts(r).await;
+    assert_envelope(s, &v, 400, "invalid_request_error");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("n_ctx = 128") && msg.contains(" tokens"),
+        "{msg}"
+    );
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let r = c
+        .post(format!("{}/v1/chat/completions", w.base))
+        .bearer_auth("wrong")
+        .json(&json!({"messages":[{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let (s, v) = parts(r).await;
+    assert_envelope(s, &v, 401, "authentication_error");
+    // /health stays open.
+    let r = reqwest::get(format!("{}/health", w.base)).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn python_openai_client_drives_the_worker() {
+    let python = std::env::var("CYBER_INFERENCE_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/cyber-inference-venv/bin/python")
+    });
+    assert!(
+        Path::new(&python).exists(),
+        "no Python with the openai package at {python}: set CYBER_INFERENCE_PYTHON (.ci/run does)"
+    );
+    let w = Worker::start(&model(SMOL), &["-np", "2", "--embedding", "-a", "smol"]);
+    let e = Worker::start(&model("all-MiniLM-L6-v2.F16.gguf"), &[]);
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/test_worker_openai.py"
+    );
+    let out = Command::new(&python)
+        .arg(script)
+        .args([&w.base, &e.base, vectors])
+        .output()
+        .unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python failed\nstdout:\n{so}\nstderr:\n{se}"
+    );
+    assert!(so.contains("ALL OK"), "{so}");
+}
