@@ -14,7 +14,6 @@ use std::process::Command;
 use ui_support::{MODEL_FILE, PASSWORD, Serve, client, login};
 
 #[tokio::test]
-#[ignore = "needs the worker subcommand on main (loading and chatting); run with --ignored once it has landed"]
 async fn admin_ui_in_headless_chromium() {
     let browser_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser"));
     assert!(
