@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod process;
 pub mod proxy;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -83,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .merge(proxy::router())
         .merge(auth::router())
         .merge(admin::router())
+        .merge(ui::router())
         .with_state(state)
 }
 

@@ -1,0 +1,551 @@
+// cyber-inference admin UI: small vanilla JS for the live parts of the server-rendered pages.
+// The session JWT lives only in an HttpOnly cookie: this script never sees or stores it. Every
+// state-changing request is a same-origin fetch, so the browser sends this site's Origin.
+'use strict';
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
+
+/** Calls the admin API; resolves to the JSON body, rejects with an Error carrying status and body. */
+async function api(method, path, body) {
+  const opts = { method, credentials: 'same-origin', headers: {} };
+  if (body !== undefined) {
+    opts.headers['Content-Type'] = 'application/json';
+    opts.body = JSON.stringify(body);
+  }
+  let res;
+  try {
+    res = await fetch(path, opts);
+  } catch (e) {
+    throw new Error(`network error: ${e.message}`);
+  }
+  const text = await res.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = null; }
+  if (res.status === 401 && location.pathname !== '/login') {
+    location.href = '/login?next=' + encodeURIComponent(location.pathname + location.search);
+  }
+  if (!res.ok) {
+    const msg = (data && data.error && (data.error.message || data.error)) || text || res.statusText;
+    const err = new Error(`${res.status}: ${msg}`);
+    err.status = res.status;
+    err.data = data;
+    throw err;
+  }
+  return data;
+}
+
+function flash(msg, bad = false) {
+  const f = $('#flash');
+  if (!f) return;
+  f.textContent = msg;
+  f.classList.toggle('bad', bad);
+}
+
+function fmtBytes(b) {
+  if (b >= 1e9) return (b / 1e9).toFixed(2) + ' GB';
+  if (b >= 1e6) return (b / 1e6).toFixed(1) + ' MB';
+  return (b / 1e3).toFixed(0) + ' kB';
+}
+
+function fmtDuration(s) {
+  s = Math.max(0, Math.floor(s));
+  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60, x = s % 60;
+  if (d) return `${d}d ${h}h`;
+  if (h) return `${h}h ${m}m`;
+  if (m) return `${m}m ${x}s`;
+  return `${x}s`;
+}
+
+/** Shows `errors` ({field: message}) beside the fields of `form`; clears the others. */
+function fieldErrors(form, errors) {
+  for (const el of $$('[data-error-for]', form)) {
+    el.textContent = (errors && errors[el.dataset.errorFor]) || '';
+    const input = form.querySelector(`[name="${el.dataset.errorFor}"]`);
+    if (input) input.setAttribute('aria-invalid', errors && errors[el.dataset.errorFor] ? 'true' : 'false');
+  }
+}
+
+// ------------------------------------------------------------------ login / logout
+function initLogin() {
+  const form = $('#login-form');
+  if (!form) return;
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const err = $('#login-error');
+    err.textContent = '';
+    const username = form.username.value.trim(), password = form.password.value;
+    if (!username || !password) { err.textContent = 'Enter a username and a password.'; return; }
+    try {
+      await api('POST', '/admin/api/login', { username, password });
+      location.href = form.dataset.next || '/';
+    } catch (e) {
+      err.textContent = e.status === 401 ? 'Wrong username or password.' : e.message;
+      form.password.select();
+    }
+  });
+}
+
+function initLogout() {
+  const b = $('#logout');
+  if (!b) return;
+  b.addEventListener('click', async () => {
+    try { await api('POST', '/admin/api/logout'); } catch (e) { /* the cookie may already be gone */ }
+    location.href = '/login';
+  });
+}
+
+// ------------------------------------------------------------------ model actions (models, dashboard, detail)
+async function modelAction(action, name, button) {
+  const paths = { load: 'load', unload: 'unload', pin: 'pin', unpin: 'unpin' };
+  if (button) button.disabled = true;
+  flash(`${action} ${name}…`);
+  try {
+    if (action === 'delete') {
+      const dlg = $('#confirm-delete');
+      $('#confirm-name').textContent = name;
+      const answer = await new Promise((resolve) => {
+        dlg.addEventListener('close', () => resolve(dlg.returnValue), { once: true });
+        dlg.showModal();
+      });
+      if (answer !== 'delete') { flash('delete cancelled'); return; }
+      await api('DELETE', `/admin/api/models/${encodeURIComponent(name)}`);
+      flash(`deleted ${name}`);
+      setTimeout(() => location.reload(), 300);
+      return;
+    }
+    const r = await api('POST', `/admin/api/models/${encodeURIComponent(name)}/${paths[action]}`);
+    const state = r && r.state ? r.state : '';
+    flash(`${name}: ${action} done${state ? ' (' + state + ')' : ''}`);
+    if (state) setState(name, state);
+    if (action === 'pin' || action === 'unpin') setTimeout(() => location.reload(), 300);
+  } catch (e) {
+    flash(`${action} ${name} failed: ${e.message}`, true);
+  } finally {
+    if (button) button.disabled = false;
+  }
+}
+
+function setState(model, state) {
+  for (const el of $$('[data-state-of]')) {
+    if (el.dataset.stateOf === model) {
+      el.textContent = state;
+      el.className = `state state-${state}`;
+    }
+  }
+}
+
+function initModelButtons() {
+  document.addEventListener('click', (ev) => {
+    const b = ev.target.closest('button[data-action]');
+    if (!b) return;
+    modelAction(b.dataset.action, b.dataset.model, b);
+  });
+  const rescan = $('#rescan');
+  if (rescan) rescan.addEventListener('click', async () => {
+    try {
+      const r = await api('POST', '/admin/api/models/scan');
+      flash(`scan: ${(r.models || []).length} models, ${(r.skipped || []).length} skipped`);
+      setTimeout(() => location.reload(), 500);
+    } catch (e) { flash(`rescan failed: ${e.message}`, true); }
+  });
+}
+
+// ------------------------------------------------------------------ events (WebSocket)
+function connectEvents(onEvent) {
+  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  let ws, retry = 1000;
+  const open = () => {
+    ws = new WebSocket(`${proto}//${location.host}/admin/api/events`);
+    ws.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (e) { console.error(e); } };
+    ws.onopen = () => { retry = 1000; };
+    ws.onclose = () => { setTimeout(open, retry); retry = Math.min(retry * 2, 15000); };
+  };
+  open();
+}
+
+// ------------------------------------------------------------------ dashboard
+function initDashboard() {
+  if (!$('#chart-cpu')) return;
+  const WINDOW_S = 15 * 60;
+  const series = { t: [], cpu: [], ram: [], swap: [] };
+  const gpuSeries = new Map(); // name -> {t, util, mem, plot}
+  let count = 0;
+  const opts = (label, color) => ({
+    width: 300, height: 170,
+    scales: { y: { range: [0, 100] } },
+    axes: [{ stroke: '#a9b6c3', grid: { stroke: '#2c3845' } }, { stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, values: (u, v) => v.map((x) => x + '%') }],
+    series: [{}, { label, stroke: color, fill: color + '33', width: 2 }],
+    legend: { show: false },
+  });
+  const mk = (id, label, color) => {
+    const el = $(id);
+    return new uPlot({ ...opts(label, color), width: Math.max(260, el.clientWidth) }, [[], []], el);
+  };
+  const plots = {
+    cpu: mk('#chart-cpu', 'CPU %', '#58a6ff'),
+    ram: mk('#chart-ram', 'RAM %', '#56d364'),
+    swap: mk('#chart-swap', 'Swap %', '#e3b341'),
+  };
+  const pct = (a, b) => (b > 0 ? (100 * a) / b : 0);
+  const add = (s) => {
+    const t = s.at / 1000;
+    if (series.t.length && t <= series.t[series.t.length - 1]) return;
+    series.t.push(t);
+    series.cpu.push(s.cpu_percent);
+    series.ram.push(pct(s.memory_used_bytes, s.memory_total_bytes));
+    series.swap.push(pct(s.swap_used_bytes, s.swap_total_bytes));
+    while (series.t.length && series.t[0] < t - WINDOW_S) {
+      series.t.shift(); series.cpu.shift(); series.ram.shift(); series.swap.shift();
+    }
+    count += 1;
+    $('#cpu-now').textContent = `${s.cpu_percent.toFixed(0)}%`;
+    $('#ram-now').textContent = `${fmtBytes(s.memory_used_bytes)} of ${fmtBytes(s.memory_total_bytes)}`;
+    $('#swap-now').textContent = s.swap_total_bytes ? `${fmtBytes(s.swap_used_bytes)} of ${fmtBytes(s.swap_total_bytes)}` : 'no swap';
+    $('#last-sample').textContent = new Date(s.at).toLocaleTimeString();
+    $('#sample-count').textContent = String(count);
+    for (const g of s.gpus || []) addGpu(g, t);
+    $('#gpu-none').hidden = gpuSeries.size > 0;
+  };
+  const addGpu = (g, t) => {
+    let e = gpuSeries.get(g.name);
+    if (!e) {
+      const fig = document.createElement('figure');
+      fig.className = 'chart';
+      const cap = document.createElement('figcaption');
+      cap.textContent = `GPU ${g.name}`;
+      const div = document.createElement('div');
+      div.setAttribute('role', 'img');
+      div.setAttribute('aria-label', `GPU ${g.name} utilization chart`);
+      fig.append(cap, div);
+      $('#gpu-charts').append(fig);
+      e = { t: [], util: [], plot: new uPlot(opts('GPU %', '#ff7b72'), [[], []], div) };
+      gpuSeries.set(g.name, e);
+    }
+    e.t.push(t);
+    e.util.push(g.utilization_percent ?? 0);
+    while (e.t.length && e.t[0] < t - WINDOW_S) { e.t.shift(); e.util.shift(); }
+  };
+  const redraw = () => {
+    plots.cpu.setData([series.t, series.cpu]);
+    plots.ram.setData([series.t, series.ram]);
+    plots.swap.setData([series.t, series.swap]);
+    for (const e of gpuSeries.values()) e.plot.setData([e.t, e.util]);
+  };
+  api('GET', '/admin/api/resources/history')
+    .then((r) => { for (const s of r.samples || []) add(s); redraw(); })
+    .catch((e) => { $('#res-error').textContent = `cannot load resource history: ${e.message}`; });
+  const refreshLoaded = async () => {
+    try {
+      const r = await api('GET', '/admin/api/workers');
+      renderLoaded(r.workers || []);
+    } catch (e) { flash(`cannot refresh workers: ${e.message}`, true); }
+  };
+  connectEvents((ev) => {
+    if (ev.type === 'resources') { add(ev); redraw(); refreshLoaded(); }
+    else if (ev.type === 'model_state') refreshLoaded();
+  });
+  window.addEventListener('resize', () => {
+    for (const p of Object.values(plots)) p.setSize({ width: Math.max(260, p.root.parentElement.clientWidth - 4), height: 170 });
+  });
+}
+
+function renderLoaded(workers) {
+  const tbody = $('#loaded tbody');
+  if (!tbody) return;
+  const live = workers.filter((w) => ['loading', 'ready', 'draining'].includes(w.state));
+  tbody.textContent = '';
+  for (const w of live) {
+    const tr = document.createElement('tr');
+    tr.dataset.model = w.model;
+    const cell = (text) => { const td = document.createElement('td'); td.textContent = text; tr.append(td); return td; };
+    const a = document.createElement('a');
+    a.href = `/models/${encodeURIComponent(w.model)}`;
+    a.textContent = w.model;
+    cell('').append(a);
+    const st = document.createElement('span');
+    st.className = `state state-${w.state}`;
+    st.textContent = w.state;
+    cell('').append(st);
+    cell(w.port ?? '');
+    cell(fmtBytes(w.rss_bytes || 0));
+    cell(String(w.inflight));
+    const timeout = Number($('#loaded').dataset.idleTimeout || 0);
+    cell(w.pinned ? 'never (pinned)' : w.inflight > 0 ? 'busy' : timeout === 0 ? 'never' : fmtDuration(timeout - w.idle_s));
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'secondary';
+    b.dataset.action = 'unload';
+    b.dataset.model = w.model;
+    b.textContent = 'Unload';
+    cell('').append(b);
+    tbody.append(tr);
+  }
+  $('#loaded-empty').hidden = live.length > 0;
+}
+
+// ------------------------------------------------------------------ logs
+const LEVELS = ['TRACE', 'DEBUG', 'INFO', 'WARN', 'ERROR'];
+function levelOf(line) {
+  const m = /\b(TRACE|DEBUG|INFO|WARN|ERROR)\b/.exec(line);
+  return m ? m[1] : '';
+}
+
+function initLogs() {
+  const pre = $('#log');
+  if (!pre) return;
+  const source = pre.dataset.source;
+  const url = source === 'supervisor'
+    ? '/admin/api/logs/follow?tail=500'
+    : `/admin/api/models/${encodeURIComponent(source)}/logs/follow?tail=500`;
+  let paused = false;
+  const held = [];
+  const level = $('#log-level'), auto = $('#log-autoscroll'), pause = $('#log-pause'), status = $('#log-status');
+  const visible = (lv) => {
+    const want = level.value;
+    if (!want) return true;
+    return lv !== '' && LEVELS.indexOf(lv) >= LEVELS.indexOf(want);
+  };
+  const append = (l) => {
+    const span = document.createElement('span');
+    const lv = levelOf(l.line);
+    span.className = `line l-${lv || 'NONE'}`;
+    span.dataset.level = lv;
+    span.textContent = `${new Date(l.at).toLocaleTimeString()} [${l.stream}] ${l.line}\n`;
+    span.hidden = !visible(lv);
+    pre.append(span);
+    while (pre.childElementCount > 2000) pre.firstElementChild.remove();
+    $('#log-empty').hidden = true;
+    if (auto.checked) pre.scrollTop = pre.scrollHeight;
+  };
+  level.addEventListener('change', () => {
+    for (const s of $$('span.line', pre)) s.hidden = !visible(s.dataset.level);
+  });
+  pause.addEventListener('click', () => {
+    paused = !paused;
+    pause.setAttribute('aria-pressed', String(paused));
+    pause.textContent = paused ? 'Resume' : 'Pause';
+    status.textContent = paused ? 'paused' : '';
+    if (!paused) { for (const l of held.splice(0)) append(l); }
+  });
+  $('#log-clear').addEventListener('click', () => { pre.textContent = ''; });
+  const es = new EventSource(url);
+  es.addEventListener('log', (m) => {
+    const l = JSON.parse(m.data);
+    if (paused) { held.push(l); status.textContent = `paused (${held.length} new)`; } else append(l);
+  });
+  es.onopen = () => { if (!paused) status.textContent = 'live'; };
+  es.onerror = () => { status.textContent = 'disconnected; retrying…'; };
+}
+
+// ------------------------------------------------------------------ model settings
+function initModelSettings() {
+  const form = $('#model-settings');
+  if (!form) return;
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const body = {};
+    for (const input of $$('input[name]', form)) body[input.name] = input.value.trim();
+    const status = $('#settings-status');
+    status.textContent = 'saving…';
+    try {
+      const r = await api('POST', `/ui/api/models/${encodeURIComponent(form.dataset.model)}/settings`, body);
+      fieldErrors(form, null);
+      status.textContent = r.note || 'saved';
+    } catch (e) {
+      if (e.status === 422 && e.data && e.data.errors) {
+        fieldErrors(form, e.data.errors);
+        status.textContent = 'not saved: fix the fields marked';
+      } else status.textContent = `not saved: ${e.message}`;
+    }
+  });
+}
+
+// ------------------------------------------------------------------ settings page
+function initSettings() {
+  const form = $('#settings-form');
+  if (!form) return;
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const body = {};
+    for (const input of $$('input[name]', form)) {
+      const v = input.dataset.kind === 'bool' ? String(input.checked) : input.value.trim();
+      if (v !== input.dataset.initial) body[input.name] = v === '' ? null : v;
+    }
+    const status = $('#settings-status');
+    if (!Object.keys(body).length) { status.textContent = 'nothing changed'; return; }
+    fieldErrors(form, null);
+    status.textContent = 'saving…';
+    // The API is all-or-nothing and names the first bad setting: try each alone to mark every bad field.
+    const errors = {};
+    for (const [k, v] of Object.entries(body)) {
+      try { await api('PUT', '/admin/api/settings', { [k]: v }); } catch (e) { errors[k] = e.message.replace(/^\d+: /, ''); }
+    }
+    fieldErrors(form, errors);
+    const bad = Object.keys(errors).length;
+    status.textContent = bad ? `${Object.keys(body).length - bad} saved, ${bad} refused` : 'saved';
+    if (!bad) setTimeout(() => location.reload(), 600);
+  });
+  const keyForm = $('#key-form');
+  keyForm.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const name = keyForm.name.value.trim();
+    $('#key-error').textContent = '';
+    if (!name) { $('#key-error').textContent = 'Give the key a name.'; return; }
+    try {
+      const r = await api('POST', '/admin/api/keys', { name });
+      $('#key-value').textContent = r.key;
+      $('#key-created').hidden = false;
+      keyForm.name.value = '';
+    } catch (e) { $('#key-error').textContent = e.message; }
+  });
+  document.addEventListener('click', async (ev) => {
+    const b = ev.target.closest('button[data-revoke]');
+    if (!b) return;
+    if (!confirm('Revoke this API key? Clients using it will be refused.')) return;
+    try {
+      await api('DELETE', `/admin/api/keys/${b.dataset.revoke}`);
+      b.replaceWith(document.createTextNode('revoked'));
+    } catch (e) { flash(`revoke failed: ${e.message}`, true); }
+  });
+  const pw = $('#password-form');
+  pw.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const status = $('#password-status');
+    try {
+      const r = await api('POST', '/ui/api/password', { current: pw.current.value, new: pw.new.value });
+      fieldErrors(pw, null);
+      status.textContent = r.note || 'changed';
+      pw.reset();
+    } catch (e) {
+      if (e.status === 422 && e.data && e.data.errors) { fieldErrors(pw, e.data.errors); status.textContent = 'not changed'; }
+      else status.textContent = `not changed: ${e.message}`;
+    }
+  });
+}
+
+// ------------------------------------------------------------------ chat
+function initChat() {
+  const form = $('#chat-form');
+  if (!form) return;
+  const want = new URLSearchParams(location.search).get('model');
+  if (want) for (const o of form.model.options) if (o.value === want) o.selected = true;
+  let history = [];
+  let controller = null;
+  const log = $('#chat-log'), stats = $('#chat-stats'), errEl = $('#chat-error');
+  const bubble = (role, text) => {
+    const d = document.createElement('div');
+    d.className = `msg ${role}`;
+    const who = document.createElement('span');
+    who.className = 'who';
+    who.textContent = role === 'user' ? 'you' : 'assistant';
+    const body = document.createElement('span');
+    body.className = 'text';
+    body.textContent = text;
+    d.append(who, body);
+    log.append(d);
+    return body;
+  };
+  $('#chat-reset').addEventListener('click', () => { history = []; log.textContent = ''; stats.textContent = ''; errEl.textContent = ''; });
+  $('#chat-stop').addEventListener('click', () => { if (controller) controller.abort(); });
+  form.message.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter' && !ev.shiftKey) { ev.preventDefault(); form.requestSubmit(); }
+  });
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    errEl.textContent = '';
+    const text = form.message.value.trim();
+    if (!text) { errEl.textContent = 'Type a message first.'; return; }
+    const temperature = Number(form.temperature.value), maxTokens = Number(form.max_tokens.value);
+    if (!(temperature >= 0 && temperature <= 5)) { errEl.textContent = 'Temperature must be between 0 and 5.'; return; }
+    if (!(Number.isInteger(maxTokens) && maxTokens >= 1)) { errEl.textContent = 'Max tokens must be a whole number of at least 1.'; return; }
+    const messages = [];
+    if (form.system.value.trim()) messages.push({ role: 'system', content: form.system.value.trim() });
+    history.push({ role: 'user', content: text });
+    messages.push(...history);
+    bubble('user', text);
+    form.message.value = '';
+    const out = bubble('assistant', '');
+    out.parentElement.dataset.streaming = 'true';
+    controller = new AbortController();
+    $('#chat-send').disabled = true;
+    $('#chat-stop').disabled = false;
+    stats.textContent = 'waiting for the model (it loads on first use)…';
+    const t0 = performance.now();
+    let tFirst = null, chunks = 0, usage = null, reply = '';
+    try {
+      const res = await fetch('/v1/chat/completions', {
+        method: 'POST',
+        credentials: 'same-origin',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({
+          model: form.model.value, messages, temperature, max_tokens: maxTokens,
+          stream: true, stream_options: { include_usage: true },
+        }),
+        signal: controller.signal,
+      });
+      if (!res.ok) {
+        const t = await res.text();
+        let msg = t;
+        try { const j = JSON.parse(t); msg = (j.error && j.error.message) || t; } catch { /* text */ }
+        throw new Error(`${res.status}: ${msg}`);
+      }
+      const reader = res.body.getReader();
+      const dec = new TextDecoder();
+      let buf = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, i).trim();
+          buf = buf.slice(i + 1);
+          if (!line.startsWith('data:')) continue;
+          const data = line.slice(5).trim();
+          if (data === '[DONE]') continue;
+          const j = JSON.parse(data);
+          if (j.error) throw new Error(j.error.message || JSON.stringify(j.error));
+          if (j.usage) usage = j.usage;
+          const delta = j.choices && j.choices[0] && j.choices[0].delta;
+          if (delta && delta.content) {
+            if (tFirst === null) tFirst = performance.now();
+            chunks += 1;
+            reply += delta.content;
+            out.textContent = reply;
+            const secs = (performance.now() - tFirst) / 1000;
+            stats.textContent = `${chunks} tokens${secs > 0 ? `, ${(chunks / secs).toFixed(1)} tokens/s` : ''}`;
+          }
+        }
+      }
+      history.push({ role: 'assistant', content: reply });
+      const genS = tFirst === null ? 0 : (performance.now() - tFirst) / 1000;
+      const n = usage ? usage.completion_tokens : chunks;
+      const parts = [`${n} tokens`];
+      if (genS > 0) parts.push(`${(n / genS).toFixed(1)} tokens/s`);
+      if (tFirst !== null) parts.push(`first token after ${((tFirst - t0) / 1000).toFixed(2)} s`);
+      if (usage) parts.push(`usage: prompt ${usage.prompt_tokens}, completion ${usage.completion_tokens}, total ${usage.total_tokens}`);
+      stats.textContent = parts.join(' · ');
+    } catch (e) {
+      history.pop();
+      errEl.textContent = e.name === 'AbortError' ? 'Stopped.' : `Chat failed: ${e.message}`;
+      if (e.name !== 'AbortError') stats.textContent = '';
+    } finally {
+      out.parentElement.dataset.streaming = 'false';
+      controller = null;
+      $('#chat-send').disabled = false;
+      $('#chat-stop').disabled = true;
+    }
+  });
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  initLogin();
+  initLogout();
+  initModelButtons();
+  initDashboard();
+  initLogs();
+  initModelSettings();
+  initSettings();
+  initChat();
+});

@@ -1,0 +1,210 @@
+// Drives the admin UI of a running `cyber-inference serve` in Debian's headless Chromium, as a user
+// would: log in, watch the dashboard charts update, load the model, chat with a streamed reply, change a
+// model setting, read the worker's log, unload, log out. Saves a screenshot of each page.
+//
+// Env: BASE_URL, PASSWORD, MODEL (catalogue name), SHOT_DIR, CHROMIUM (default /usr/bin/chromium).
+// Exits non-zero with the failed step on stderr.
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+
+const base = process.env.BASE_URL;
+const password = process.env.PASSWORD;
+const model = process.env.MODEL;
+const shots = process.env.SHOT_DIR;
+if (!base || !password || !model || !shots) {
+  console.error('BASE_URL, PASSWORD, MODEL and SHOT_DIR must be set');
+  process.exit(2);
+}
+mkdirSync(shots, { recursive: true });
+console.log(`screenshots: ${shots}`);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--disable-dev-shm-usage'],
+});
+const ctx = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+const page = await ctx.newPage();
+const consoleErrors = [];
+page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
+const pageErrors = [];
+page.on('pageerror', (e) => pageErrors.push(String(e)));
+
+let n = 0;
+async function shot(name, p = page) {
+  n += 1;
+  const file = `${shots}/${String(n).padStart(2, '0')}-${name}.png`;
+  await p.screenshot({ path: file, fullPage: true });
+  console.log(`saved ${file}`);
+}
+async function step(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    console.log(`ok   ${name} (${Date.now() - t0} ms)`);
+  } catch (e) {
+    console.error(`FAIL ${name}: ${e.stack || e}`);
+    try { await shot(`failed-${name.replace(/\W+/g, '-')}`); } catch { /* ignore */ }
+    await browser.close();
+    process.exit(1);
+  }
+}
+// SKIP_WORKER=1 (manual runs only, never set by tests/ui_browser.rs) skips the steps that need a worker.
+const skipWorker = process.env.SKIP_WORKER === '1';
+async function workerStep(name, fn) {
+  if (skipWorker) { console.log(`skip ${name} (SKIP_WORKER=1)`); return; }
+  await step(name, fn);
+}
+function expect(cond, msg) { if (!cond) throw new Error(msg); }
+
+const modelPath = `/models/${encodeURIComponent(model)}`;
+
+await step('unauthenticated page redirects to login with next', async () => {
+  await page.goto(`${base}${modelPath}`);
+  await page.waitForURL(/\/login\?next=/);
+  expect(page.url().includes(`next=${encodeURIComponent(modelPath).replace(/%2F/g, '/')}`) || page.url().includes('next='), `url ${page.url()}`);
+  await shot('login');
+});
+
+await step('wrong password shows an error', async () => {
+  await page.fill('#password', 'not-the-password');
+  await page.click('button[type=submit]');
+  await page.waitForSelector('#login-error:has-text("Wrong username or password")');
+});
+
+await step('log in and land on the page asked for', async () => {
+  await page.fill('#password', password);
+  await page.click('button[type=submit]');
+  await page.waitForURL(`${base}${modelPath}`);
+  const cookies = await ctx.cookies();
+  const c = cookies.find((k) => k.name === 'ci_session');
+  expect(c && c.httpOnly && c.sameSite === 'Strict', `cookie flags ${JSON.stringify(c)}`);
+  const visible = await page.evaluate(() => document.cookie);
+  expect(!visible.includes('ci_session'), 'session cookie visible to JS');
+  const html = await page.content();
+  expect(!html.includes(c.value), 'page embeds the JWT');
+});
+
+await step('dashboard charts update', async () => {
+  await page.goto(`${base}/`);
+  await page.waitForSelector('#chart-cpu canvas');
+  const first = Number(await page.textContent('#sample-count'));
+  await page.waitForFunction((f) => Number(document.querySelector('#sample-count').textContent) > f, first, { timeout: 15000 });
+  const ram = await page.textContent('#ram-now');
+  expect(/of/.test(ram), `ram label ${ram}`);
+  await shot('dashboard');
+});
+
+await workerStep('load the model from the models page', async () => {
+  await page.goto(`${base}/models`);
+  await shot('models');
+  const row = page.locator(`tr[data-model="${model}"]`);
+  await row.locator('button[data-action="load"]').click();
+  await page.waitForSelector(`tr[data-model="${model}"] [data-state-of]:has-text("ready")`, { timeout: 120000 });
+  await shot('models-loaded');
+});
+
+await workerStep('dashboard lists the loaded model', async () => {
+  await page.goto(`${base}/`);
+  await page.waitForSelector(`#loaded tr[data-model="${model}"]`, { timeout: 10000 });
+  await shot('dashboard-loaded');
+});
+
+await workerStep('chat playground streams a reply', async () => {
+  await page.goto(`${base}/chat?model=${encodeURIComponent(model)}`);
+  await page.fill('#chat-temperature', '0');
+  await page.fill('#chat-max-tokens', '48');
+  await page.fill('#chat-input', 'Name three colours of the rainbow.');
+  await page.click('#chat-send');
+  // Streaming: the reply grows while data-streaming is still true.
+  await page.waitForFunction(() => {
+    const m = document.querySelector('.msg.assistant');
+    return m && m.dataset.streaming === 'true' && m.querySelector('.text').textContent.length > 0;
+  }, null, { timeout: 120000 });
+  await page.waitForSelector('.msg.assistant[data-streaming="false"]', { timeout: 120000 });
+  const reply = await page.textContent('.msg.assistant .text');
+  const stats = await page.textContent('#chat-stats');
+  const err = await page.textContent('#chat-error');
+  expect(!err, `chat error: ${err}`);
+  expect(reply.trim().length > 0, 'empty reply');
+  expect(/tokens\/s/.test(stats) && /usage/.test(stats), `stats: ${stats}`);
+  console.log(`reply: ${JSON.stringify(reply)}; ${stats}`);
+  await shot('chat');
+});
+
+await step('change a model setting and see it saved', async () => {
+  await page.goto(`${base}${modelPath}`);
+  await page.fill('#f-ctx_size', 'many');
+  await page.click('#model-settings button[type=submit]');
+  await page.waitForSelector('[data-error-for="ctx_size"]:has-text("not a whole number")');
+  await shot('model-settings-error');
+  await page.fill('#f-ctx_size', '1024');
+  await page.fill('#f-temperature', '0.4');
+  await page.click('#model-settings button[type=submit]');
+  await page.waitForSelector('#settings-status:has-text("saved")');
+  await page.reload();
+  expect(await page.inputValue('#f-ctx_size') === '1024', 'ctx_size not kept');
+  expect(await page.inputValue('#f-temperature') === '0.4', 'temperature not kept');
+});
+
+await step("see the worker's logs", async () => {
+  await page.waitForSelector('#log span.line', { timeout: 15000 });  // the worker's stderr (with SKIP_WORKER: of a failed start)
+  const lines = await page.locator('#log span.line').count();
+  expect(lines > 0, 'no worker log lines');
+  await page.click('#log-pause');
+  expect(await page.getAttribute('#log-pause', 'aria-pressed') === 'true', 'pause not pressed');
+  await page.click('#log-pause');
+  await page.selectOption('#log-level', 'ERROR');
+  await page.selectOption('#log-level', '');
+  await shot('model-detail');
+  await page.goto(`${base}/logs`);
+  await page.waitForSelector('#log span.line', { timeout: 15000 });
+  await shot('logs');
+});
+
+await step('settings page shows sources and keys', async () => {
+  await page.goto(`${base}/settings`);
+  await page.waitForSelector('text=model_idle_timeout');
+  await page.fill('#s-max_memory_percent', '150');
+  await page.click('#settings-form button[type=submit]');
+  await page.waitForSelector('[data-error-for="max_memory_percent"]:not(:empty)');
+  await page.fill('#key-name', 'browser-test');
+  await page.click('#key-form button[type=submit]');
+  await page.waitForSelector('#key-created:not([hidden])');
+  const key = await page.textContent('#key-value');
+  expect(key.startsWith('ci-'), `key ${key}`);
+  await shot('settings');
+});
+
+await workerStep('unload the model', async () => {
+  await page.goto(`${base}/models`);
+  await page.locator(`tr[data-model="${model}"] button[data-action="unload"]`).click();
+  await page.waitForSelector(`tr[data-model="${model}"] [data-state-of]:has-text("stopped")`, { timeout: 60000 });
+});
+
+await step('phone layout', async () => {
+  const phone = await ctx.newPage();
+  await phone.setViewportSize({ width: 390, height: 844 });
+  await phone.goto(`${base}/`);
+  await phone.waitForSelector('#chart-cpu canvas');
+  const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  expect(overflow <= 1, `page scrolls sideways by ${overflow}px on a phone`);
+  await shot('dashboard-phone', phone);
+  await phone.close();
+});
+
+await step('log out and be sent back to login', async () => {
+  await page.click('#logout');
+  await page.waitForURL(/\/login/);
+  await page.goto(`${base}/settings`);
+  await page.waitForURL(/\/login\?next=\/settings/);
+});
+
+if (consoleErrors.length) console.log(`console messages (failed requests are expected while a model loads): ${consoleErrors.join(' | ')}`);
+if (pageErrors.length) {
+  console.error(`FAIL uncaught script errors: ${pageErrors.join(' | ')}`);
+  await browser.close();
+  process.exit(1);
+}
+await browser.close();
+console.log('all browser steps passed');
