@@ -751,3 +751,103 @@ fn compose_environment_is_accepted_by_the_binary_and_its_health_check_passes() {
         .unwrap();
     assert_eq!(answered.join().unwrap(), COMPOSE_FILES.len());
 }
+
+/// The runtime image's command (ENTRYPOINT + CMD without the init wrapper) run outside Docker with the
+/// image's environment, temp DATA_DIR/MODELS_DIR and a free port: without an admin password it refuses to
+/// start and says why; with one it serves, the image's HEALTHCHECK command exits 0 while `/health` is up,
+/// and 1 once SIGTERM has stopped it.
+#[test]
+fn image_command_refuses_without_password_and_health_check_follows_the_server() {
+    let df = load_dockerfile("docker/Dockerfile");
+    let runtime = &df.stages.last().unwrap().2;
+    let last = |kw: &str| -> Vec<String> {
+        let i = runtime.iter().rev().find(|i| i.keyword == kw).unwrap();
+        serde_json::from_str(&i.args).unwrap()
+    };
+    let mut command: Vec<String> = last("ENTRYPOINT");
+    command.extend(last("CMD"));
+    let bin_at = command
+        .iter()
+        .position(|w| w == "cyber-inference")
+        .expect("the image's command does not run cyber-inference");
+    assert_eq!(command[bin_at + 1..], ["serve"]);
+    let healthcheck: Vec<String> = {
+        let hc = &runtime
+            .iter()
+            .find(|i| i.keyword == "HEALTHCHECK")
+            .unwrap()
+            .args;
+        serde_json::from_str(hc.split_once("CMD").unwrap().1.trim()).unwrap()
+    };
+    let image_env = env_pairs(runtime);
+    assert_eq!(image_env["CYBER_INFERENCE_HOST"], "0.0.0.0");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, models) = (dir.path().join("data"), dir.path().join("models"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&models).unwrap();
+    let run = |argv: &[String], password: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cyber-inference"));
+        cmd.env_clear()
+            .args(&argv[1..])
+            .envs(&image_env)
+            .env("CYBER_INFERENCE_DATA_DIR", &data)
+            .env("CYBER_INFERENCE_MODELS_DIR", &models)
+            .env("CYBER_INFERENCE_PORT", port.to_string());
+        if let Some(p) = password {
+            cmd.env("CYBER_INFERENCE_ADMIN_PASSWORD", p);
+        }
+        cmd
+    };
+    let serve = &command[bin_at..];
+
+    let out = run(serve, None).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("ADMIN_PASSWORD"),
+        "started on 0.0.0.0 without an admin password, or did not say why: {err}"
+    );
+
+    let mut server = run(serve, Some("a-long-test-passphrase"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let check = || run(&healthcheck, None).output().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut up = check();
+    while !up.status.success() && std::time::Instant::now() < deadline {
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "serve exited before /health came up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        up = check();
+    }
+    assert!(
+        up.status.success(),
+        "healthcheck never passed: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let term = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {}", server.id()))
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = server.wait().unwrap();
+    assert!(
+        status.success(),
+        "serve did not exit cleanly on SIGTERM: {status}"
+    );
+    let down = check();
+    assert_eq!(
+        down.status.code(),
+        Some(1),
+        "healthcheck passed with the server stopped"
+    );
+}
