@@ -305,8 +305,19 @@ async fn a_worker_killed_mid_request_gives_502_and_the_next_request_reloads() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["type"], "server_error");
     assert!(v["error"]["message"].is_string());
-    let (st, _) = state(&s, &token, SMOL_ID).await;
-    assert_eq!(st, "failed");
+    // The exit is noticed by the supervisor's wait on the process, a moment after the socket closed.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (st, _) = state(&s, &token, SMOL_ID).await;
+        if st == "failed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {st} after the worker was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The next request loads it again.
     let r = s
         .http
