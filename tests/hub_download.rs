@@ -103,7 +103,7 @@ async fn chooses_q4_k_m_follows_the_redirect_and_the_file_hashes_right() {
         "redirect followed: {seen:?}"
     );
 
-    let reports = reports.lock().unwrap();
+    let reports = reports.lock().unwrap().clone();
     assert_eq!(reports.first().unwrap().phase, Phase::Queued);
     let last = reports.last().unwrap();
     assert_eq!(last.phase, Phase::Done);

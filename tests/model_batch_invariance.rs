@@ -164,7 +164,7 @@ fn minilm_embeddings_are_batch_invariant() {
     for threads in [1, 2] {
         assert_bits_equal(
             &format!("minilm alone, {threads} threads"),
-            &[reference.clone()],
+            std::slice::from_ref(&reference),
             &[embed_alone(threads)],
         );
         let mut c = Context::new(
@@ -190,7 +190,7 @@ fn minilm_embeddings_are_batch_invariant() {
         assert_eq!(c.n_embeddings(), 2);
         assert_bits_equal(
             &format!("minilm beside another sequence, {threads} threads"),
-            &[reference.clone()],
+            std::slice::from_ref(&reference),
             &[c.embeddings(1).to_vec()],
         );
     }

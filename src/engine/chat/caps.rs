@@ -291,61 +291,6 @@ pub(crate) fn detect(env: &Environment<'static>) -> Caps {
     caps
 }
 
-#[cfg(test)]
-mod tests {
-    use super::super::jinja::build_env;
-    use super::*;
-
-    #[test]
-    fn chatml_supports_system_and_strings_only() {
-        let env = build_env(
-            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
-        )
-        .unwrap();
-        let caps = detect(&env);
-        assert!(caps.supports_system_role);
-        assert!(caps.supports_string_content);
-        assert!(!caps.supports_typed_content);
-        assert!(!caps.supports_tool_calls);
-        assert!(!caps.supports_tools);
-    }
-
-    #[test]
-    fn rejecting_system_role_is_detected() {
-        let env = build_env(
-            "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}\
-             {% for m in messages %}{{ m.content }}{% endfor %}",
-        )
-        .unwrap();
-        assert!(!detect(&env).supports_system_role);
-    }
-
-    #[test]
-    fn typed_only_templates_are_detected() {
-        let env = build_env(
-            "{% for m in messages %}{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}{% endfor %}",
-        )
-        .unwrap();
-        let caps = detect(&env);
-        assert!(!caps.supports_string_content);
-        assert!(caps.supports_typed_content);
-    }
-
-    #[test]
-    fn tool_calls_with_object_arguments_are_detected() {
-        let env = build_env(
-            "{% for t in tools %}{{ t.function.name }}{% endfor %}{% for m in messages %}{{ m.content }}\
-             {% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments.arg }}{% endfor %}{% endfor %}",
-        )
-        .unwrap();
-        let caps = detect(&env);
-        assert!(caps.supports_tools);
-        assert!(caps.supports_tool_calls);
-        assert!(caps.supports_object_arguments);
-        assert!(caps.supports_parallel_tool_calls);
-    }
-}
-
 /// Renders `messages` with `enable_thinking` as llama.cpp's template analyser does (no tools,
 /// empty special tokens); `None` when the template fails.
 fn render_plain(
@@ -464,4 +409,59 @@ fn floor_char(s: &str, mut i: usize) -> usize {
         i -= 1;
     }
     i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::jinja::build_env;
+    use super::*;
+
+    #[test]
+    fn chatml_supports_system_and_strings_only() {
+        let env = build_env(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+        )
+        .unwrap();
+        let caps = detect(&env);
+        assert!(caps.supports_system_role);
+        assert!(caps.supports_string_content);
+        assert!(!caps.supports_typed_content);
+        assert!(!caps.supports_tool_calls);
+        assert!(!caps.supports_tools);
+    }
+
+    #[test]
+    fn rejecting_system_role_is_detected() {
+        let env = build_env(
+            "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}\
+             {% for m in messages %}{{ m.content }}{% endfor %}",
+        )
+        .unwrap();
+        assert!(!detect(&env).supports_system_role);
+    }
+
+    #[test]
+    fn typed_only_templates_are_detected() {
+        let env = build_env(
+            "{% for m in messages %}{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let caps = detect(&env);
+        assert!(!caps.supports_string_content);
+        assert!(caps.supports_typed_content);
+    }
+
+    #[test]
+    fn tool_calls_with_object_arguments_are_detected() {
+        let env = build_env(
+            "{% for t in tools %}{{ t.function.name }}{% endfor %}{% for m in messages %}{{ m.content }}\
+             {% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments.arg }}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let caps = detect(&env);
+        assert!(caps.supports_tools);
+        assert!(caps.supports_tool_calls);
+        assert!(caps.supports_object_arguments);
+        assert!(caps.supports_parallel_tool_calls);
+    }
 }

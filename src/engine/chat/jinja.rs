@@ -605,7 +605,7 @@ mod tests {
     fn format_g_matches_c() {
         assert_eq!(format_g(1.0, 6), "1");
         assert_eq!(format_g(0.1, 6), "0.1");
-        assert_eq!(format_g(3.14159265, 6), "3.14159");
+        assert_eq!(format_g(1.23456789, 6), "1.23457");
         assert_eq!(format_g(1e20, 6), "1e+20");
         assert_eq!(format_g(1.5e-5, 6), "1.5e-05");
     }

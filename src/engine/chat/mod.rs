@@ -936,7 +936,7 @@ impl VocabInfo {
                 .and_then(|t| t.get(id as usize))
                 .and_then(|v| v.as_int())
                 .unwrap_or(1);
-            Ok(token_piece(model, &s, ty))
+            Ok(token_piece(model, s, ty))
         };
         Ok(VocabInfo {
             bos: text(

@@ -107,7 +107,7 @@ pub fn rope(
     cos: &[f32],
     sin: &[f32],
 ) {
-    debug_assert!(n_dims <= head_dim && x.len() % head_dim == 0);
+    debug_assert!(n_dims <= head_dim && x.len().is_multiple_of(head_dim));
     let half = n_dims / 2;
     for head in x.chunks_exact_mut(head_dim) {
         for i in 0..half {

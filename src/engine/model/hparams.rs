@@ -205,9 +205,9 @@ impl HParams {
             None => arch != Arch::Bert,
             Some(_) => f.get_bool(&format!("{a}.attention.causal"))?,
         };
-        if !(norm_eps.is_finite() && norm_eps >= 0.0)
-            || !(rope_freq_base.is_finite() && rope_freq_base > 0.0)
-        {
+        let eps_ok = norm_eps.is_finite() && norm_eps >= 0.0;
+        let base_ok = rope_freq_base.is_finite() && rope_freq_base > 0.0;
+        if !eps_ok || !base_ok {
             return Err(bad(format!(
                 "norm epsilon {norm_eps} or rope.freq_base {rope_freq_base} out of range"
             )));

@@ -73,7 +73,7 @@ pub fn get_row(file: &GgufFile, w: &Linear, row: usize, dst: &mut [f32]) -> Resu
     }
     let m = QMatrix::new(w.ty, file.tensor_data(&w.info), w.n_rows, w.n_cols)
         .map_err(|e| kernel_err(w, e))?;
-    let bytes = m.row(row).ok_or_else(|| ModelError::BadToken {
+    let bytes = m.row(row).ok_or(ModelError::BadToken {
         token: row as u64,
         n_vocab: w.n_rows,
     })?;
