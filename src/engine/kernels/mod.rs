@@ -127,7 +127,7 @@ pub fn quantize_activations(
         return Ok(());
     }
     for (xr, qr) in x.chunks_exact(n_cols).zip(out.chunks_exact_mut(arb)) {
-        quant::quantize_row(vd_ty, xr, qr)?;
+        quant::quantize_row_activation(vd_ty, xr, qr)?;
     }
     Ok(())
 }

@@ -16,13 +16,14 @@ use half::slice::HalfFloatSliceExt;
 /// RMS normalisation of one row in place, then multiplication by `weight`:
 /// `x[i] = x[i] / sqrt(mean(x²) + eps) * weight[i]`.
 ///
-/// `x` and `weight` have the same length (`n_embd`, or `head_dim` for per-head q/k norms). The sum of
-/// squares is accumulated in f64 in index order, as `ggml_compute_forward_rms_norm_f32` does.
+/// `x` and `weight` have the same length (`n_embd`, or `head_dim` for per-head q/k norms). Each square is
+/// computed in f32 and accumulated in f64 in index order, as `ggml_compute_forward_rms_norm_f32` does
+/// (`sum += (ggml_float)(x[i]*x[i])`).
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     debug_assert_eq!(x.len(), weight.len());
     let mut sum = 0.0f64;
     for &v in x.iter() {
-        sum += (v as f64) * (v as f64);
+        sum += (v * v) as f64;
     }
     let mean = (sum / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
@@ -116,8 +117,10 @@ pub fn rope(
                 RopeMode::Neox => (i, i + half),
             };
             let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * cos[i] - x1 * sin[i];
-            head[b] = x0 * sin[i] + x1 * cos[i];
+            // The fused multiply-adds GCC forms from ggml's `x0*cos - x1*sin` / `x0*sin + x1*cos`
+            // (`rotate_pairs`, built with -ffp-contract=fast): llama.cpp's exact results.
+            head[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+            head[b] = x0.mul_add(sin[i], x1 * cos[i]);
         }
     }
 }
@@ -142,11 +145,76 @@ pub fn softmax(x: &mut [f32]) {
 }
 
 /// SiLU `x / (1 + e^-x)` applied to `gate`, multiplied element-wise by `up`, into `gate`
-/// (the SwiGLU of llama-family FFNs, `ggml_swiglu`).
+/// (the SwiGLU of llama-family FFNs, `ggml_vec_swiglu_f32`), with ggml's vectorised `expf` ([`expf_ggml`]) so
+/// that the result equals llama.cpp's bit for bit.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     debug_assert_eq!(gate.len(), up.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time just above).
+            return unsafe { x86::swiglu_avx2(gate, up) };
+        }
+    }
+    swiglu_scalar(gate, up)
+}
+
+/// The scalar twin of [`swiglu`]. Like ggml (16-wide vectors, then a scalar tail with libm's `expf`), the
+/// elements past the last multiple of 16 use the exact `expf`.
+pub fn swiglu_scalar(gate: &mut [f32], up: &[f32]) {
+    let n16 = gate.len().min(up.len()) / 16 * 16;
+    for (i, (g, u)) in gate.iter_mut().zip(up).enumerate() {
+        let e = if i < n16 { expf_ggml(-*g) } else { (-*g).exp() };
+        *g = (*g / (1.0 + e)) * u;
+    }
+}
+
+/// The scalar tail of [`swiglu`] past the last multiple of 16 (libm's `expf`, `ggml_silu_f32`).
+fn swiglu_scalar_tail(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
+        *g = (*g / (1.0 + (-*g).exp())) * u;
+    }
+}
+
+/// `e^x` as ggml's vectorised `ggml_v_expf` computes it (AVX-512 variant, `ggml/src/ggml-cpu/vec.h`, commit
+/// 0c1e570; from ARM's optimized-routines, ≤ 1.5 ulp from the exact value): `n = round(x/ln2)`, a
+/// two-constant Cody–Waite reduction `b = x − n·ln2`, a degree-5 polynomial `j ≈ e^b`, then `j·2ⁿ`
+/// (`_mm512_scalef_ps`). Beyond |n| > 192 the result is 0 or +∞. Every step is one correctly rounded IEEE
+/// operation, so this scalar version and the SIMD twin in [`swiglu`] agree bit for bit.
+#[inline]
+pub fn expf_ggml(x: f32) -> f32 {
+    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // 0x1.715476p+0
+    let n = z - r;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
+    );
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010)
+        .mul_add(b, f32::from_bits(0x3d2b_9f17)) // 0x1.0e4020p-7, 0x1.573e2ep-5
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0)); // 0x1.ffffecp-1
+    scalef(j, n as i32)
+}
+
+/// `j · 2ⁿ` with one rounding (`_mm512_scalef_ps` for integral `n`, |n| ≤ 192).
+#[inline]
+fn scalef(j: f32, n: i32) -> f32 {
+    let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    if n > 127 {
+        (j * pow2(127)) * pow2(n - 127)
+    } else if n < -126 {
+        // Exact while normal, then one rounding into the subnormal range.
+        (j * pow2(n + 64)) * pow2(-64)
+    } else {
+        j * pow2(n)
     }
 }
 
@@ -270,6 +338,301 @@ mod x86 {
             s = x.mul_add(*y, s);
         }
         s
+    }
+
+    /// AVX2 twin of `swiglu_scalar` (8 lanes at a time over the first multiple of 16; chunks where some
+    /// lane's exponent leaves the normal range, and the tail, go through the scalar code).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len().min(up.len());
+        let n16 = n / 16 * 16;
+        let r = _mm256_set1_ps(f32::from_bits(0x4b40_0000));
+        let log2e = _mm256_set1_ps(f32::from_bits(0x3fb8_aa3b));
+        let ln2_hi = _mm256_set1_ps(f32::from_bits(0x3f31_7200));
+        let ln2_lo = _mm256_set1_ps(f32::from_bits(0x35bf_be8e));
+        let c5 = _mm256_set1_ps(f32::from_bits(0x3c07_2010));
+        let c4 = _mm256_set1_ps(f32::from_bits(0x3d2b_9f17));
+        let c3 = _mm256_set1_ps(f32::from_bits(0x3e2a_af33));
+        let c2 = _mm256_set1_ps(f32::from_bits(0x3eff_fedb));
+        let c1 = _mm256_set1_ps(f32::from_bits(0x3f7f_fff6));
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i < n16 {
+            // SAFETY: i + 8 <= n16 <= the length of both slices; unaligned loads and store.
+            let (g, u) = unsafe {
+                (
+                    _mm256_loadu_ps(gate.as_ptr().add(i)),
+                    _mm256_loadu_ps(up.as_ptr().add(i)),
+                )
+            };
+            let x = _mm256_sub_ps(_mm256_setzero_ps(), g);
+            let z = _mm256_fmadd_ps(x, log2e, r);
+            let nf = _mm256_sub_ps(z, r);
+            let b = _mm256_fnmadd_ps(nf, ln2_lo, _mm256_fnmadd_ps(nf, ln2_hi, x));
+            let ni = _mm256_cvtps_epi32(nf);
+            let out_of_range = _mm256_or_si256(
+                _mm256_cmpgt_epi32(ni, _mm256_set1_epi32(127)),
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(-126), ni),
+            );
+            if _mm256_testz_si256(out_of_range, out_of_range) == 0 {
+                super::swiglu_scalar(&mut gate[i..i + 8], &up[i..i + 8]);
+                i += 8;
+                continue;
+            }
+            let u2 = _mm256_mul_ps(b, b);
+            let j = _mm256_fmadd_ps(
+                _mm256_fmadd_ps(_mm256_fmadd_ps(c5, b, c4), u2, _mm256_fmadd_ps(c3, b, c2)),
+                u2,
+                _mm256_fmadd_ps(c1, b, one),
+            );
+            let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_add_epi32(ni, _mm256_set1_epi32(127)),
+                23,
+            ));
+            let e = _mm256_mul_ps(j, pow2);
+            let y = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
+            // SAFETY: as for the loads above.
+            unsafe { _mm256_storeu_ps(gate.as_mut_ptr().add(i), y) };
+            i += 8;
+        }
+        super::swiglu_scalar_tail(&mut gate[n16..n], &up[n16..n]);
+    }
+
+    /// AVX2+F16C twin of `dot_f16_scalar` (each 16-lane accumulator of ggml's AVX-512 code is a pair of
+    /// `__m256`: lanes 0..8 and 8..16).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16_avx2(a: &[half::f16], b: &[half::f16]) -> f32 {
+        let n = a.len().min(b.len());
+        let np = n / 64 * 64;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < np {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8k + 8 <= np <= the length of both slices (16-byte unaligned loads).
+                let (va, vb) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            a.as_ptr().add(i + 8 * k) as *const __m128i
+                        )),
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            b.as_ptr().add(i + 8 * k) as *const __m128i
+                        )),
+                    )
+                };
+                *acc = _mm256_fmadd_ps(va, vb, *acc);
+            }
+            i += 64;
+        }
+        // acc[2j] / acc[2j+1] are lanes 0..8 / 8..16 of accumulator j.
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        let t = _mm256_add_ps(hi, lo);
+        let mut r = _mm256_extractf128_ps(t, 1);
+        r = _mm_add_ps(r, _mm256_castps256_ps128(t));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        let mut sum = _mm_cvtss_f32(r) as f64;
+        for (x, y) in a[np..n].iter().zip(&b[np..n]) {
+            sum += (x.to_f32() * y.to_f32()) as f64;
+        }
+        sum as f32
+    }
+
+    /// AVX2+F16C twin of `mad_f16_scalar`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn mad_f16_avx2(y: &mut [half::f16], x: &[half::f16], v: f32) {
+        let n = y.len().min(x.len());
+        let n8 = n / 8 * 8;
+        let vv = _mm256_set1_ps(v);
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: i + 8 <= n8 <= len of both slices; unaligned 16-byte loads and store.
+            unsafe {
+                let py = y.as_mut_ptr().add(i) as *mut __m128i;
+                let vy = _mm256_cvtph_ps(_mm_loadu_si128(py));
+                let vx = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i));
+                let r = _mm256_fmadd_ps(vx, vv, vy);
+                _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+            }
+            i += 8;
+        }
+        super::mad_f16_scalar(&mut y[n8..n], &x[n8..n], v);
+    }
+
+    /// AVX2+F16C twin of `scale_f16_scalar`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scale_f16_avx2(y: &mut [half::f16], v: f32) {
+        let n = y.len();
+        let n8 = n / 8 * 8;
+        let vv = _mm256_set1_ps(v);
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: i + 8 <= n8 <= y.len(); unaligned 16-byte load and store.
+            unsafe {
+                let py = y.as_mut_ptr().add(i) as *mut __m128i;
+                let r = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(py)), vv);
+                _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+            }
+            i += 8;
+        }
+        super::scale_f16_scalar(&mut y[n8..n], v);
+    }
+}
+
+/// Dot product of two f16 slices of equal length in exactly the order of ggml's `ggml_vec_dot_f16` as built
+/// for AVX-512 (`ggml/src/ggml-cpu/vec.cpp`, `simd-mappings.h`, commit 0c1e570), so that attention scores
+/// equal llama.cpp's bit for bit: per 64-element step, four accumulators of 16 f32 lanes take fused
+/// multiply-adds (element `i` of a step goes to accumulator `i / 16`, lane `i % 16`); then `a0+a2`, `a1+a3`,
+/// their sum, and GCC's `_mm512_reduce_add_ps` tree (lanes `k+8`, then `k+4`, then `k+2`, then `k+1`); the
+/// elements past the last multiple of 64 are added as f64 products. The AVX2+F16C and scalar versions agree
+/// bit for bit.
+pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time just above).
+            return unsafe { x86::dot_f16_avx2(a, b) };
+        }
+    }
+    dot_f16_scalar(a, b)
+}
+
+/// The scalar twin of [`dot_f16`].
+pub fn dot_f16_scalar(a: &[f16], b: &[f16]) -> f32 {
+    let n = a.len().min(b.len());
+    let np = n / 64 * 64;
+    let mut acc = [[0.0f32; 16]; 4];
+    for (ca, cb) in a[..np].chunks_exact(64).zip(b[..np].chunks_exact(64)) {
+        for (i, (x, y)) in ca.iter().zip(cb).enumerate() {
+            let lane = &mut acc[i / 16][i % 16];
+            *lane = x.to_f32().mul_add(y.to_f32(), *lane);
+        }
+    }
+    let mut r = [0.0f32; 16];
+    for l in 0..16 {
+        r[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    let mut sum = reduce16(&r) as f64;
+    for (x, y) in a[np..n].iter().zip(&b[np..n]) {
+        sum += (x.to_f32() * y.to_f32()) as f64;
+    }
+    sum as f32
+}
+
+/// GCC's `_mm512_reduce_add_ps` order: `t[k] = a[k+8]+a[k]`, `u[m] = t[m+4]+t[m]`, `(u0+u2)+(u1+u3)`.
+#[inline]
+fn reduce16(a: &[f32; 16]) -> f32 {
+    let mut t = [0.0f32; 8];
+    for k in 0..8 {
+        t[k] = a[k + 8] + a[k];
+    }
+    let u = [t[4] + t[0], t[5] + t[1], t[6] + t[2], t[7] + t[3]];
+    (u[0] + u[2]) + (u[1] + u[3])
+}
+
+/// `y[i] = f16(f32(y[i]) + f32(x[i])·v)` with one rounding (fused multiply-add in f32, then round to nearest
+/// even): ggml's `ggml_vec_mad_f16`, the f16 accumulator of its CPU flash attention.
+pub fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    debug_assert_eq!(y.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time just above).
+            return unsafe { x86::mad_f16_avx2(y, x, v) };
+        }
+    }
+    mad_f16_scalar(y, x, v)
+}
+
+/// The scalar twin of [`mad_f16`].
+pub fn mad_f16_scalar(y: &mut [f16], x: &[f16], v: f32) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv = f16::from_f32(xv.to_f32().mul_add(v, yv.to_f32()));
+    }
+}
+
+/// `y[i] = f16(f32(y[i])·v)` (`ggml_vec_scale_f16`).
+pub fn scale_f16(y: &mut [f16], v: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time just above).
+            return unsafe { x86::scale_f16_avx2(y, v) };
+        }
+    }
+    scale_f16_scalar(y, v)
+}
+
+/// The scalar twin of [`scale_f16`].
+pub fn scale_f16_scalar(y: &mut [f16], v: f32) {
+    for yv in y.iter_mut() {
+        *yv = f16::from_f32(yv.to_f32() * v);
+    }
+}
+
+/// Scratch buffers of [`attend_one_f16`], reused across calls.
+#[derive(Default)]
+pub struct AttnScratch {
+    q16: Vec<f16>,
+    acc16: Vec<f16>,
+}
+
+/// Attention of one query head over `n_kv` cached f16 positions, in position order, computed the way
+/// ggml's CPU flash attention does (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`, llama.cpp commit
+/// 0c1e570, which llama.cpp uses on CPU by default): the query rounded to f16, `s = (q·k_j)·scale` in f32,
+/// an online softmax (running maximum `M` and sum `S`, `expf`), the weighted values accumulated in an **f16**
+/// vector (`ggml_vec_scale_f16`/`ggml_vec_mad_f16`), finally divided by `S` in f32.
+///
+/// - `q`: `[head_dim]` f32; `k_row(j)`/`v_row(j)`: `[head_dim]` f16 each; `out`: `[head_dim]`, overwritten.
+///
+/// The result of a (token, head) depends only on its own query and the cached rows, never on the batch.
+pub fn attend_one_f16<'a>(
+    q: &[f32],
+    n_kv: usize,
+    scale: f32,
+    k_row: impl Fn(usize) -> &'a [f16],
+    v_row: impl Fn(usize) -> &'a [f16],
+    scratch: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    let d = q.len();
+    scratch.q16.resize(d, f16::ZERO);
+    f32_to_f16(q, &mut scratch.q16);
+    scratch.acc16.clear();
+    scratch.acc16.resize(out.len(), f16::ZERO);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    for j in 0..n_kv {
+        let s = dot_f16(&scratch.q16, k_row(j)) * scale;
+        let (mut ms, mut vs) = (1.0f32, 1.0f32);
+        if s > m {
+            let m_old = m;
+            m = s;
+            ms = (m_old - m).exp();
+            scale_f16(&mut scratch.acc16, ms);
+        } else {
+            vs = (s - m).exp();
+        }
+        mad_f16(&mut scratch.acc16, v_row(j), vs);
+        // `S = S*ms + vs`, contracted to a fused multiply-add by GCC in ggml.
+        sum = sum.mul_add(ms, vs);
+    }
+    f16_to_f32(&scratch.acc16, out);
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for o in out.iter_mut() {
+        *o *= inv;
     }
 }
 
@@ -434,6 +797,56 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn f16_simd_kernels_equal_scalar(v in proptest::collection::vec((-60.0f32..60.0, -60.0f32..60.0), 0..200), s in -2.0f32..2.0) {
+            let a: Vec<f16> = v.iter().map(|p| f16::from_f32(p.0)).collect();
+            let b: Vec<f16> = v.iter().map(|p| f16::from_f32(p.1)).collect();
+            prop_assert_eq!(dot_f16(&a, &b).to_bits(), dot_f16_scalar(&a, &b).to_bits());
+            let (mut y1, mut y2) = (a.clone(), a.clone());
+            mad_f16(&mut y1, &b, s);
+            mad_f16_scalar(&mut y2, &b, s);
+            prop_assert_eq!(&y1, &y2);
+            scale_f16(&mut y1, s);
+            scale_f16_scalar(&mut y2, s);
+            prop_assert_eq!(y1, y2);
+        }
+
+        #[test]
+        fn swiglu_simd_equals_scalar_and_exact(v in proptest::collection::vec((-120.0f32..120.0, -4.0f32..4.0), 0..100)) {
+            let g: Vec<f32> = v.iter().map(|p| p.0).collect();
+            let u: Vec<f32> = v.iter().map(|p| p.1).collect();
+            let (mut a, mut b) = (g.clone(), g.clone());
+            swiglu(&mut a, &u);
+            swiglu_scalar(&mut b, &u);
+            for (x, y) in a.iter().zip(&b) {
+                prop_assert_eq!(x.to_bits(), y.to_bits());
+            }
+            for ((x, gv), uv) in a.iter().zip(&g).zip(&u) {
+                let exact = (*gv as f64 / (1.0 + (-*gv as f64).exp())) * *uv as f64;
+                prop_assert!((*x as f64 - exact).abs() <= 1e-6 * (1.0 + exact.abs()), "{} vs {}", x, exact);
+            }
+        }
+
+        #[test]
+        fn f16_attention_matches_exact_softmax(seed in 0u64..1000, n_kv in 1usize..40) {
+            let d = 64;
+            let mut st = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut rnd = || { st ^= st << 13; st ^= st >> 7; st ^= st << 17; ((st >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 };
+            let q: Vec<f32> = (0..d).map(|_| rnd() * 3.0).collect();
+            let k: Vec<Vec<f16>> = (0..n_kv).map(|_| (0..d).map(|_| f16::from_f32(rnd())).collect()).collect();
+            let v: Vec<Vec<f16>> = (0..n_kv).map(|_| (0..d).map(|_| f16::from_f32(rnd())).collect()).collect();
+            let mut out = vec![0.0f32; d];
+            attend_one_f16(&q, n_kv, 0.125, |j| &k[j], |j| &v[j], &mut AttnScratch::default(), &mut out);
+            let kf: Vec<Vec<f32>> = k.iter().map(|r| r.iter().map(|x| x.to_f32()).collect()).collect();
+            let vf: Vec<Vec<f32>> = v.iter().map(|r| r.iter().map(|x| x.to_f32()).collect()).collect();
+            let mut exact = vec![0.0f32; d];
+            let mut scores = vec![0.0f32; n_kv];
+            attend_one(&q, n_kv, 0.125, |j| &kf[j], |j| &vf[j], &mut scores, &mut exact);
+            for (a, b) in out.iter().zip(&exact) {
+                prop_assert!((a - b).abs() < 4e-3, "{} vs {}", a, b);
+            }
+        }
+
         #[test]
         fn dot_simd_equals_scalar(v in proptest::collection::vec((-100.0f32..100.0, -100.0f32..100.0), 0..300)) {
             let a: Vec<f32> = v.iter().map(|p| p.0).collect();

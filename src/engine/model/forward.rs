@@ -9,6 +9,7 @@
 use crate::engine::kernels::ops::{self, RopeParams};
 
 use super::hparams::{Arch, Pooling};
+use super::kv_cache::KvView;
 use super::linalg::{self, Pool};
 use super::weights::Linear;
 use super::{Batch, Context, ModelError};
@@ -19,6 +20,16 @@ pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         run_encoder(ctx, b)
     } else {
         run_decoder(ctx, b)
+    }
+}
+
+/// Debugging aid: with `CYBER_INFERENCE_DUMP_DIR` set, writes `data` as raw little-endian f32 to
+/// `DIR/NAME.f32` (names as llama.cpp's graph callback sees them), to compare against llama.cpp op by op.
+fn dump(name: &str, data: &[f32]) {
+    static DIR: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if let Some(dir) = DIR.get_or_init(|| std::env::var("CYBER_INFERENCE_DUMP_DIR").ok()) {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let _ = std::fs::write(format!("{dir}/{name}.f32"), bytes);
     }
 }
 
@@ -90,8 +101,6 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         .kv
         .as_mut()
         .ok_or_else(|| ModelError::Unsupported("decoder context without a KV cache".into()))?;
-    let mut kbuf = Vec::new();
-    let mut vbuf = Vec::new();
     let mut h = vec![0.0f32; n * e];
     for (il, layer) in w.layers.iter().enumerate() {
         // Attention block: norm → q, k, v → (bias) → (q/k norm) → rope → cache → attention → wo.
@@ -99,9 +108,13 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         for row in h.chunks_exact_mut(e) {
             ops::rms_norm(row, &layer.attn_norm, hp.norm_eps);
         }
+        dump(&format!("attn_norm-{il}"), &h);
         let mut q = mm(&ctx.pool, file, &layer.wq, &h, n)?;
         let mut k = mm(&ctx.pool, file, &layer.wk, &h, n)?;
         let mut v = mm(&ctx.pool, file, &layer.wv, &h, n)?;
+        dump(&format!("Qcur-{il}.0"), &q);
+        dump(&format!("Kcur-{il}.0"), &k);
+        dump(&format!("Vcur-{il}.0"), &v);
         if let Some(bq) = &layer.bq {
             ops::add_bias(&mut q, bq);
         }
@@ -147,19 +160,30 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 &v[i * nkv..(i + 1) * nkv],
             );
         }
+        dump(&format!("Qcur-{il}.2"), &q);
+        dump(&format!("Kcur-{il}.2"), &k);
         let mut attn = vec![0.0f32; n * nq];
         for (seq, idx) in &groups {
             let last = idx.iter().map(|&i| b.pos[i] as usize).max().unwrap_or(0);
-            kv.read(il, *seq as usize, last + 1, &mut kbuf, &mut vbuf);
             let items: Vec<(usize, usize)> =
                 idx.iter().map(|&i| (i, b.pos[i] as usize + 1)).collect();
-            attention(&ctx.pool, &shape, &q, &kbuf, &vbuf, &items, &mut attn);
+            match kv.view(il, *seq as usize, last + 1) {
+                KvView::F16 { k, v } => {
+                    attention(&ctx.pool, &shape, &q, Kv::F16(k, v), &items, &mut attn)
+                }
+                KvView::F32 { k, v } => {
+                    attention(&ctx.pool, &shape, &q, Kv::F32(k, v), &items, &mut attn)
+                }
+            }
         }
+        dump(&format!("kqv_out-{il}"), &attn);
         let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
         if let Some(bo) = &layer.bo {
             ops::add_bias(&mut o, bo);
         }
+        dump(&format!("attn_out-{il}"), &o);
         ops::add_in_place(&mut x, &o);
+        dump(&format!("ffn_inp-{il}"), &x);
 
         // FFN block: norm → silu(gate)·up → down, residual.
         h.copy_from_slice(&x);
@@ -170,11 +194,17 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
             .ffn_gate
             .as_ref()
             .ok_or_else(|| ModelError::MissingTensor(format!("blk.{il}.ffn_gate.weight")))?;
+        dump(&format!("ffn_norm-{il}"), &h);
         let mut g = mm(&ctx.pool, file, gate_w, &h, n)?;
         let u = mm(&ctx.pool, file, &layer.ffn_up, &h, n)?;
+        dump(&format!("ffn_gate-{il}"), &g);
+        dump(&format!("ffn_up-{il}"), &u);
         ops::swiglu(&mut g, &u);
+        dump(&format!("ffn_swiglu-{il}"), &g);
         let d = mm(&ctx.pool, file, &layer.ffn_down, &g, n)?;
+        dump(&format!("ffn_out-{il}"), &d);
         ops::add_in_place(&mut x, &d);
+        dump(&format!("l_out-{il}"), &x);
     }
 
     // Outputs: final norm of the rows that want logits, then the output projection.
@@ -293,7 +323,14 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 .iter()
                 .map(|&i| (i, if hp.causal { b.pos[i] as usize + 1 } else { m }))
                 .collect();
-            attention(&ctx.pool, &shape, &q, &kbuf, &vbuf, &items, &mut attn);
+            attention(
+                &ctx.pool,
+                &shape,
+                &q,
+                Kv::F32(&kbuf, &vbuf),
+                &items,
+                &mut attn,
+            );
         }
         let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
         if let Some(bo) = &layer.bo {
@@ -368,42 +405,72 @@ struct AttnShape {
     kq_scale: f32,
 }
 
+/// Keys and values of one sequence, `[n_pos, nkv]` each: f16 from the default KV cache, or f32 (an f32
+/// cache, or an encoder's own activations).
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    F16(&'a [half::f16], &'a [half::f16]),
+    F32(&'a [f32], &'a [f32]),
+}
+
 /// Attention for the tokens `items` (`(batch index, number of visible positions)`) of one sequence whose
-/// keys and values are `k`/`v` (`[n_pos, nkv]`): for each token and head, `softmax(q·kᵀ·scale)·v` over the
-/// first `n_kv` positions, in position order (`build_attn_mha`, non-flash). Writes `attn[i]` rows
-/// (`[n_tokens, nq]`). Work is split over (token, head) pairs when large enough; each pair is computed by
-/// the same code whatever the split, so results do not depend on the thread count.
+/// keys and values are `kv` (`[n_pos, nkv]` each): for each token and head, `softmax(q·kᵀ·scale)·v` over the
+/// first `n_kv` positions, in position order. f16 keys/values take ggml's CPU flash-attention arithmetic
+/// ([`ops::attend_one_f16`], what llama.cpp runs by default); f32 ones the exact softmax of `build_attn_mha`
+/// ([`ops::attend_one`]). Writes `attn[i]` rows (`[n_tokens, nq]`). Work is split over (token, head) pairs
+/// when large enough; each pair is computed by the same code whatever the split, so results do not depend on
+/// the thread count or the batch.
 fn attention(
     pool: &Pool,
     s: &AttnShape,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    kv: Kv<'_>,
     items: &[(usize, usize)],
     attn: &mut [f32],
 ) {
     let hd = s.head_dim;
-    let one = |i: usize, n_kv: usize, head: usize, scores: &mut Vec<f32>, out: &mut [f32]| {
+    let row = |j: usize, g: usize| j * s.nkv + g * hd..j * s.nkv + (g + 1) * hd;
+    let one = |i: usize,
+               n_kv: usize,
+               head: usize,
+               scores: &mut Vec<f32>,
+               scratch: &mut ops::AttnScratch,
+               out: &mut [f32]| {
         let g = head / s.gqa;
-        scores.resize(n_kv.max(scores.len()), 0.0);
-        ops::attend_one(
-            &q[i * s.nq + head * hd..i * s.nq + (head + 1) * hd],
-            n_kv,
-            s.kq_scale,
-            |j| &k[j * s.nkv + g * hd..j * s.nkv + (g + 1) * hd],
-            |j| &v[j * s.nkv + g * hd..j * s.nkv + (g + 1) * hd],
-            scores,
-            out,
-        );
+        let qh = &q[i * s.nq + head * hd..i * s.nq + (head + 1) * hd];
+        match kv {
+            Kv::F16(k, v) => ops::attend_one_f16(
+                qh,
+                n_kv,
+                s.kq_scale,
+                |j| &k[row(j, g)],
+                |j| &v[row(j, g)],
+                scratch,
+                out,
+            ),
+            Kv::F32(k, v) => {
+                scores.resize(n_kv.max(scores.len()), 0.0);
+                ops::attend_one(
+                    qh,
+                    n_kv,
+                    s.kq_scale,
+                    |j| &k[row(j, g)],
+                    |j| &v[row(j, g)],
+                    scores,
+                    out,
+                )
+            }
+        }
     };
     let pairs = items.len() * s.n_head;
     let work: usize = items.iter().map(|&(_, n_kv)| n_kv).sum::<usize>() * s.n_head * hd;
     if pool.n_threads() == 1 || pairs < 2 || work < 1 << 16 {
         let mut scores = Vec::new();
+        let mut scratch = ops::AttnScratch::default();
         for &(i, n_kv) in items {
             for head in 0..s.n_head {
                 let out = &mut attn[i * s.nq + head * hd..i * s.nq + (head + 1) * hd];
-                one(i, n_kv, head, &mut scores, out);
+                one(i, n_kv, head, &mut scores, &mut scratch, out);
             }
         }
         return;
@@ -417,6 +484,7 @@ fn attention(
         let (p0, p1) = (t * per, ((t + 1) * per).min(pairs));
         let mut local = vec![0.0f32; p1.saturating_sub(p0) * hd];
         let mut scores = Vec::new();
+        let mut scratch = ops::AttnScratch::default();
         for p in p0..p1 {
             let (i, n_kv) = items[p / s.n_head];
             let head = p % s.n_head;
@@ -425,6 +493,7 @@ fn attention(
                 n_kv,
                 head,
                 &mut scores,
+                &mut scratch,
                 &mut local[(p - p0) * hd..(p - p0 + 1) * hd],
             );
         }

@@ -8,7 +8,9 @@
 
 use half::f16;
 
-use crate::engine::kernels::ops::{f16_to_f32, f32_to_f16};
+#[cfg(test)]
+use crate::engine::kernels::ops::f16_to_f32;
+use crate::engine::kernels::ops::f32_to_f16;
 
 /// Element type of the cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -23,6 +25,14 @@ pub enum KvType {
 enum Store {
     F16(Vec<f16>),
     F32(Vec<f32>),
+}
+
+/// Borrowed keys and values of one (layer, sequence): `[n_pos, n_embd_kv]` each, in the cache's type.
+pub enum KvView<'a> {
+    /// Half-precision cache.
+    F16 { k: &'a [f16], v: &'a [f16] },
+    /// Single-precision cache.
+    F32 { k: &'a [f32], v: &'a [f32] },
 }
 
 /// Keys and values for `n_layer` layers × `n_seq` sequences × `n_ctx` positions × `n_embd_kv` elements.
@@ -100,7 +110,26 @@ impl KvCache {
         }
     }
 
-    /// Copies positions `0..n` of `seq` in `layer` as f32 into `k` and `v` (`[n, n_embd_kv]` each, resized).
+    /// Borrows positions `0..n` of `seq` in `layer` in the cache's own element type: keys and values
+    /// `[n, n_embd_kv]` each (row `j` = position `j`). `n ≤ n_ctx`.
+    pub fn view(&self, layer: usize, seq: usize, n: usize) -> KvView<'_> {
+        let o = self.offset(layer, seq, 0);
+        let len = n.min(self.n_ctx) * self.n_embd_kv;
+        match (&self.k, &self.v) {
+            (Store::F16(k), Store::F16(v)) => KvView::F16 {
+                k: &k[o..o + len],
+                v: &v[o..o + len],
+            },
+            (Store::F32(k), Store::F32(v)) => KvView::F32 {
+                k: &k[o..o + len],
+                v: &v[o..o + len],
+            },
+            _ => unreachable!("keys and values share one element type (KvCache::new)"),
+        }
+    }
+
+    /// Copies positions `0..n` of `seq` in `layer` as f32 (tests compare through it) into `k` and `v` (`[n, n_embd_kv]` each, resized).
+    #[cfg(test)]
     pub fn read(&self, layer: usize, seq: usize, n: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
         let o = self.offset(layer, seq, 0);
         let len = n * self.n_embd_kv;

@@ -196,6 +196,33 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
     Ok(())
 }
 
+/// Quantizes one activation row `src` into `dst` for the integer dot products: as [`quantize_row`], except
+/// that Q8_0 and Q8_1 follow ggml-cpu's x86 activation quantizers (multiplier `127/amax`, round half to even)
+/// instead of the reference ones, so that activations match llama.cpp's bit for bit (Q8_K is the reference
+/// quantizer in ggml-cpu too).
+///
+/// # Errors
+/// As [`quantize_row`].
+pub fn quantize_row_activation(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+) -> Result<(), QuantError> {
+    match ty {
+        GgmlType::Q8_0 => {
+            check_bytes(ty, src.len(), dst.len())?;
+            quantize::q8_0_act(src, bytemuck::cast_slice_mut(dst));
+            Ok(())
+        }
+        GgmlType::Q8_1 => {
+            check_bytes(ty, src.len(), dst.len())?;
+            quantize::q8_1_act(src, bytemuck::cast_slice_mut(dst));
+            Ok(())
+        }
+        _ => quantize_row(ty, src, dst),
+    }
+}
+
 /// `ggml_compute_fp32_to_bf16` (ggml-impl.h): round to nearest even; NaN becomes a quiet NaN.
 pub fn fp32_to_bf16_bits(v: f32) -> u16 {
     let u = v.to_bits();

@@ -161,6 +161,46 @@ pub(super) fn q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
+/// Round half to even into the i8 range, as `_mm256_round_ps(_MM_ROUND_NEAREST)` + `_mm256_cvtps_epi32` +
+/// the saturating packs of ggml-cpu's x86 activation quantizers.
+#[inline(always)]
+fn round_even_sat_i8(v: f32) -> i8 {
+    v.round_ties_even().clamp(-128.0, 127.0) as i8
+}
+
+/// Activation quantization to Q8_0 as ggml's CPU backend does it on x86 (`quantize_row_q8_0`,
+/// `ggml/src/ggml-cpu/arch/x86/quants.c`, commit 0c1e570): `d = amax/127`, the multiplier `127/amax` (not
+/// `1/d` as the reference quantizer) and rounding half to even. The weights' reference quantizer stays
+/// [`q8_0`]; this one exists so activations round exactly as llama.cpp's do.
+pub(super) fn q8_0_act(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        y.d = F16Le::from_f32(amax / 127.0);
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for j in 0..QK {
+            y.qs[j] = round_even_sat_i8(xb[j] * id);
+        }
+    }
+}
+
+/// Activation quantization to Q8_1 as ggml's CPU backend does it on x86 (`quantize_row_q8_1`, see
+/// [`q8_0_act`]); `s = d · Σq` rounded to f16.
+pub(super) fn q8_1_act(x: &[f32], out: &mut [BlockQ8_1]) {
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        y.d = F16Le::from_f32(d);
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for j in 0..QK {
+            let q = round_even_sat_i8(xb[j] * id);
+            y.qs[j] = q;
+            sum += q as i32;
+        }
+        y.s = F16Le::from_f32(d * sum as f32);
+    }
+}
+
 pub(super) fn q8_k(x: &[f32], out: &mut [BlockQ8K]) {
     for (xb, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let mut max = 0.0f32;
