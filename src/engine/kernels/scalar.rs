@@ -219,6 +219,12 @@ pub fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
 /// Shared by Q4_K and Q5_K: `q` holds the 256 unsigned quants in element order.
 #[inline(always)]
 fn k4_block(q: &[i32; 256], scales: &[u8; 12], d: f32, dmin: f32, y: &BlockQ8K) -> f32 {
+    let (isum, summs) = k4_ints(q, scales, y);
+    d * y.d() * isum as f32 - dmin * y.d() * summs as f32
+}
+
+/// The exact integer sums of one Q4_K/Q5_K super-block against Q8_K: `(Σ scale·q·q8, Σ min·bsum)`.
+fn k4_ints(q: &[i32; 256], scales: &[u8; 12], y: &BlockQ8K) -> (i32, i32) {
     let (sc, mn) = k4_scales_mins(scales);
     let mut summs = 0i32;
     for g in 0..16 {
@@ -232,13 +238,17 @@ fn k4_block(q: &[i32; 256], scales: &[u8; 12], d: f32, dmin: f32, y: &BlockQ8K) 
         }
         isum += s as i32 * acc;
     }
-    d * y.d() * isum as f32 - dmin * y.d() * summs as f32
+    (isum, summs)
 }
 
+/// Q4_K × Q8_K with the float arithmetic of ggml's repacked x86 GEMV (`ggml_gemv_q4_K_8x8_q8_K`,
+/// `ggml/src/ggml-cpu/arch/x86/repack.cpp`, commit 0c1e570), which llama.cpp uses for Q4_K weights on AVX2
+/// machines: per super-block `acc = fma(Σ scale·q·q8, d·d8, acc)` and `acc_min = fma(Σ min·bsum, dmin·d8,
+/// acc_min)`, the result `acc − acc_min`.
 pub fn q4_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ4K] = blocks(w, n, QK_K);
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
-    let mut sumf = 0f32;
+    let (mut acc, mut acc_min) = (0f32, 0f32);
     for (x, y) in x.iter().zip(y) {
         let mut q = [0i32; 256];
         for j in 0..4 {
@@ -247,9 +257,11 @@ pub fn q4_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32;
             }
         }
-        sumf += k4_block(&q, &x.scales, x.d.get(), x.dmin.get(), y);
+        let (isum, summs) = k4_ints(&q, &x.scales, y);
+        acc = (isum as f32).mul_add(x.d.get() * y.d(), acc);
+        acc_min = (summs as f32).mul_add(x.dmin.get() * y.d(), acc_min);
     }
-    sumf
+    acc - acc_min
 }
 
 pub fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -271,34 +283,45 @@ pub fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sumf
 }
 
+/// The unsigned 6-bit quant (0..63) of element `e` (0..256) of a Q6_K block.
+#[inline(always)]
+fn q6_u(x: &BlockQ6K, e: usize) -> i32 {
+    let (j, p) = (e / 128, e % 128);
+    let ql = x.ql[64 * j + p % 64];
+    let lo = if p < 64 { ql & 0xF } else { ql >> 4 };
+    let hi = (x.qh[32 * j + p % 32] >> (2 * (p / 32))) & 3;
+    (lo | (hi << 4)) as i32
+}
+
+/// Q6_K × Q8_K with the arithmetic of ggml's AVX2 `ggml_vec_dot_q6_K_q8_K` (`arch/x86/quants.c`, commit
+/// 0c1e570): per super-block eight i32 lanes (lane `l` holds elements `4l..4l+4` of every 32-element chunk,
+/// times their 16-group scale, minus `32·(bsum[2l]·sc[2l] + bsum[2l+1]·sc[2l+1])`), each accumulated into
+/// its own f32 lane with `fma(d8·d, lane, acc)`, lanes summed pairwise at the end.
 pub fn q6_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ6K] = blocks(w, n, QK_K);
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
-    let mut sumf = 0f32;
+    let mut acc = [0f32; 8];
     for (x, y) in x.iter().zip(y) {
-        let mut q = [0i32; 256];
-        for h in 0..2 {
-            let ql = &x.ql[64 * h..64 * h + 64];
-            let qh = &x.qh[32 * h..32 * h + 32];
-            let q = &mut q[128 * h..128 * h + 128];
-            for l in 0..32 {
-                q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+        let mut lanes = [0i32; 8];
+        for c in 0..8 {
+            // Chunk c: elements 32c..32c+32, scales 2c (first 16) and 2c+1 (last 16).
+            for m in 0..32 {
+                let e = 32 * c + m;
+                let sc = x.scales[2 * c + m / 16] as i32;
+                lanes[m / 4] += sc * q6_u(x, e) * y.qs[e] as i32;
             }
         }
-        let mut isum = 0i32;
-        for g in 0..16 {
-            let mut acc = 0i32;
-            for k in 16 * g..16 * g + 16 {
-                acc += q[k] * y.qs[k] as i32;
-            }
-            isum += x.scales[g] as i32 * acc;
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let s0 = x.scales[2 * l] as i32;
+            let s1 = x.scales[2 * l + 1] as i32;
+            *lane -= 32 * (y.bsum(2 * l) as i32 * s0 + y.bsum(2 * l + 1) as i32 * s1);
         }
-        sumf += x.d.get() * y.d() * isum as f32;
+        let d = y.d() * x.d.get();
+        for (a, &l) in acc.iter_mut().zip(&lanes) {
+            *a = d.mul_add(l as f32, *a);
+        }
     }
-    sumf
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
 pub fn iq4_xs_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {

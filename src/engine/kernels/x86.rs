@@ -269,7 +269,7 @@ unsafe fn q4_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ4K] = bytemuck::cast_slice(w);
     let y: &[BlockQ8K] = bytemuck::cast_slice(a);
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut sumf = 0f32;
+    let (mut acc, mut acc_min) = (0f32, 0f32);
     for (x, y) in x.iter().zip(y) {
         let (sc, mn) = k4_scales_mins(&x.scales);
         let mut summs = 0i32;
@@ -299,24 +299,35 @@ unsafe fn q4_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
         let isum = hsum_i32x8(sumi);
-        // The oracle's float operations, in its order (see scalar::k4_block).
-        sumf += x.d.get() * y.d() * isum as f32 - x.dmin.get() * y.d() * summs as f32;
+        // The float arithmetic of ggml's repacked GEMV, as in the scalar twin.
+        acc = (isum as f32).mul_add(x.d.get() * y.d(), acc);
+        acc_min = (summs as f32).mul_add(x.dmin.get() * y.d(), acc_min);
     }
-    sumf
+    acc - acc_min
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    // A port of ggml's AVX2 `ggml_vec_dot_q6_K_q8_K` (unsigned quants, the −32 offset through the bsums,
+    // eight f32 lanes accumulated per super-block): bit-identical to `scalar::q6_k_q8_k`.
     let x: &[BlockQ6K] = bytemuck::cast_slice(w);
     let y: &[BlockQ8K] = bytemuck::cast_slice(a);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(3);
-    let m32s = _mm256_set1_epi8(32);
-    let mut sumf = 0f32;
+    let m3 = _mm256_set1_epi8(3);
+    let m15 = _mm256_set1_epi8(15);
+    let mut acc = _mm256_setzero_ps();
     for (x, y) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(y.d() * x.d.get());
+        // SAFETY: `bsums` is 16 i16 (32 bytes) and `scales` 16 bytes.
+        let (q8sums, scales) = unsafe {
+            (
+                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+                _mm_loadu_si128(x.scales.as_ptr() as *const __m128i),
+            )
+        };
+        let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, _mm256_cvtepi8_epi16(scales)), 5);
         let mut sumi = _mm256_setzero_si256();
         for h in 0..2 {
-            // SAFETY: `ql` has 128 bytes (we read 64h..64h+64), `qh` 64 (32h..32h+32), y's `qs` 256
+            // SAFETY: `ql` has 128 bytes (64h..64h+64 read), `qh` 64 (32h..32h+32), y's `qs` 256
             // (128h..128h+128).
             let (b1, b2, bh, q8) = unsafe {
                 let q8p = y.qs.as_ptr().add(128 * h);
@@ -332,30 +343,27 @@ unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
                     ],
                 )
             };
-            let qh0 = _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4);
-            let qh1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4);
-            let qh2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4);
-            let qh3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4);
+            let qh0 = _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4);
+            let qh1 = _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2);
+            let qh2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
+            let qh3 = _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(-64)), 2);
             let q = [
-                _mm256_or_si256(_mm256_and_si256(b1, m4), qh0),
-                _mm256_or_si256(_mm256_and_si256(b2, m4), qh1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), qh2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), qh3),
+                _mm256_or_si256(_mm256_and_si256(b1, m15), qh0),
+                _mm256_or_si256(_mm256_and_si256(b2, m15), qh1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15), qh2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15), qh3),
             ];
             for k in 0..4 {
-                // Elements 32k..32k+32 of this half use scales 2k and 2k+1 (16 elements each).
-                let s0 = x.scales[8 * h + 2 * k] as i16;
-                let s1 = x.scales[8 * h + 2 * k + 1] as i16;
+                let c = 4 * h + k;
+                let s0 = x.scales[2 * c] as i16;
+                let s1 = x.scales[2 * c + 1] as i16;
                 let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                let p = _mm256_sub_epi16(
-                    _mm256_maddubs_epi16(q[k], q8[k]),
-                    _mm256_maddubs_epi16(m32s, q8[k]),
-                );
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p));
+                let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q[k], q8[k]));
+                sumi = _mm256_add_epi32(sumi, p);
             }
         }
-        let isum = hsum_i32x8(sumi);
-        sumf += x.d.get() * y.d() * isum as f32;
+        sumi = _mm256_sub_epi32(sumi, q8sclsub);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    sumf
+    hsum_f32x8(acc)
 }
