@@ -1,7 +1,8 @@
 //! The model hub: finds and downloads GGUF models from Hugging Face (or any server that speaks its API,
 //! chosen by HF_ENDPOINT) into MODELS_DIR — with resume, SHA-256 verification, a free-disk check, a
 //! limit on concurrent downloads and cancellation. The `download-model` command and the supervisor's admin
-//! API both go through [`Hub`], so users and tests exercise the same code.
+//! API (through [`Downloads`], which runs them as background tasks with progress events) both go through
+//! [`Hub`] and [`register`], so users and tests exercise the same code.
 //!
 //! Hugging Face's HTTP API as used here (and by its `huggingface_hub` client):
 //! - `GET {endpoint}/api/models/{owner}/{name}/revision/{rev}?blobs=true` → `{"siblings": [{"rfilename",
@@ -11,8 +12,8 @@
 //!   honours `Range: bytes=N-`.
 //!
 //! Files are written to `MODELS_DIR/.partial/*.part`, hashed while they stream, and renamed into
-//! MODELS_DIR only once their SHA-256 equals the LFS oid the API reported: a model file in MODELS_DIR is
-//! always complete and verified.
+//! MODELS_DIR only once their SHA-256 equals the LFS oid the API reported (all parts of a split model
+//! together): a model file in MODELS_DIR is always complete and verified.
 
 use std::collections::BTreeMap;
 use std::io::Read;
