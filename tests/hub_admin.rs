@@ -425,11 +425,17 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
     for &id in &ids[..2] {
         wait_download(&s, &token, id, 60, |d| d["state"] == "downloading").await;
     }
-    // Count from now: the cancelled transfer above has ended on the server too.
+    // Count from now (the cancelled transfer above has ended on the server too), until both bodies
+    // flow; then the third must still wait.
     hf.state.max_active_bodies.store(
         hf.state.active_bodies.load(Ordering::SeqCst),
         Ordering::SeqCst,
     );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hf.state.active_bodies.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "two transfers never ran at once");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let third = download(&s, &token, ids[2]).await;
     assert_eq!(third["state"], "queued", "{third}");
