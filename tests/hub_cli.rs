@@ -151,4 +151,17 @@ async fn download_model_lists_downloads_and_explains_failures() {
     let out = cli(&server, dir.path(), &["test/SmolLM2-135M-Instruct-GGUF"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HF_TOKEN"));
+
+    // `remove-model` deletes the downloaded file and its catalogue row.
+    let out = run(&server, dir.path(), "remove-model", &[stem]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(files_in(&dir.path().join("models")).is_empty());
+    let catalogue = list_models(&server, dir.path()).await;
+    assert!(!catalogue.contains(stem), "{catalogue}");
+    let out = run(&server, dir.path(), "remove-model", &[stem]).await;
+    assert!(!out.status.success(), "a second remove finds no model");
 }

@@ -238,7 +238,8 @@ async fn gated_repos_need_the_right_token() {
         "{e:?}"
     );
     assert!(e.to_string().contains("HF_TOKEN"), "{e}");
-    assert_eq!(e.http_status(), 401);
+    // The admin API answers 403 (a 401 would mean its own session is invalid).
+    assert_eq!((e.http_status(), e.code()), (403, "hf_token_required"));
 
     let e = hub(&server, dir.path(), Some("hf_bad"))
         .download(&r, |_| {}, CancellationToken::new())
@@ -469,4 +470,61 @@ async fn a_different_file_in_the_way_is_a_conflict_not_overwritten() {
         std::fs::read(dir.path().join(MINILM)).unwrap(),
         b"something else"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_model_reaches_models_dir_only_whole_and_a_cancel_removes_its_parts() {
+    let server = HfServer::start().await;
+    let (data, _) = asset(MINILM);
+    let half = data.len() / 2;
+    let names = [
+        "minilm-F16-00001-of-00002.gguf",
+        "minilm-F16-00002-of-00002.gguf",
+    ];
+    server.state.add_repo(
+        "test/split2",
+        vec![
+            Served::new(names[0], data.slice(..half)),
+            Served::new(names[1], data.slice(half..)),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub(&server, dir.path(), None);
+    let gguf_in_dir = |d: &Path| {
+        files_in(d)
+            .into_iter()
+            .filter(|f| !f.starts_with(PARTIAL_DIR))
+            .collect::<Vec<_>>()
+    };
+
+    // While part 2 transfers, part 1 (verified) waits in .partial; the cancel deletes both.
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let during: Arc<Mutex<Option<Vec<String>>>> = Default::default();
+    let d = during.clone();
+    let path = dir.path().to_path_buf();
+    let e = hub
+        .download(
+            &req("test/split2", None),
+            move |p| {
+                if p.phase == Phase::Downloading && p.file_index == 2 {
+                    d.lock().unwrap().get_or_insert_with(|| gguf_in_dir(&path));
+                    c.cancel();
+                }
+            },
+            cancel,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HubError::Cancelled), "{e:?}");
+    assert_eq!(during.lock().unwrap().as_deref(), Some(&[][..]));
+    assert_only(dir.path(), &[]);
+
+    // Uninterrupted: both parts arrive together, and `fetched` names them.
+    let done = hub
+        .download(&req("test/split2", None), |_| {}, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(done.fetched, done.paths);
+    assert_only(dir.path(), &names);
 }

@@ -19,7 +19,11 @@
 //! | `PUT /admin/api/settings` | `{name: value \| null}` DB overrides, validated, applied live |
 //! | `GET /admin/api/stats?since=MS` | per-model request statistics + the last 100 requests |
 //! | `GET /admin/api/keys`, `POST /admin/api/keys {name}`, `DELETE /admin/api/keys/{id}` | API keys (the key is shown once, at creation) |
-//! | `GET /admin/api/events` | WebSocket: JSON events `model_state`, `resources`, `log` |
+//! | `GET /admin/api/models/repo-files?repo_id=&revision=` | a Hugging Face repo's GGUF models (splits as one), sizes, quantization |
+//! | `POST /admin/api/models/download` | `{repo_id, filename?, revision?}` → 202 `{id, download}`; runs in the background |
+//! | `GET /admin/api/downloads` | downloads: state, bytes, total, rate, error, registered model |
+//! | `DELETE /admin/api/downloads/{id}` | cancel (partial files deleted, nothing registered) |
+//! | `GET /admin/api/events` | WebSocket: JSON events `model_state`, `resources`, `download`, `log` |
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -27,6 +31,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,6 +45,7 @@ use super::AppState;
 use super::auth::{AdminUser, generate_api_key, hash_api_key};
 use super::db::ModelSettingsPatch;
 use super::error::ApiError;
+use super::hub::{DownloadRequest, HubError, choose_model};
 use super::logs::{LogLine, SUPERVISOR_LOG};
 use super::process::STOP_GRACE_SECS;
 use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings};
@@ -290,6 +296,151 @@ async fn delete_model(
     Ok(Json(
         json!({"deleted": name, "file_deleted": file_deleted, "path": m.file_path}),
     ))
+}
+
+/// A hub error in the admin API's error shape: the status of [`HubError::http_status`], the message
+/// the CLI prints, and [`HubError::code`] as `error.code`.
+fn hub_error(e: HubError) -> ApiError {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let kind = match status.as_u16() {
+        403 => "permission_error",
+        404 => "not_found_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    };
+    ApiError {
+        code: Some(e.code()),
+        ..ApiError::new(status, kind, e.to_string())
+    }
+}
+
+#[derive(Deserialize)]
+struct RepoFilesQuery {
+    repo_id: Option<String>,
+    revision: Option<String>,
+}
+
+/// `GET /admin/api/models/repo-files?repo_id=OWNER/NAME[&revision=REV]`: the repo's GGUF models, smallest
+/// first; the parts of a split GGUF are one entry.
+///
+/// 200: `{"repo_id": "owner/name", "revision": "main", "recommended": "m.Q4_K_M.gguf" | null,
+/// "max_concurrent_downloads": 2, "files": [{"filename": "m.Q4_K_M.gguf", "quantization": "Q4_K_M" | null,
+/// "size": 105000000, "parts": 1, "files": [{"filename", "size", "sha256"}], "complete": true,
+/// "missing_parts": [], "is_projector": false, "recommended": true, "present": false}]}` — `filename` is
+/// what `POST /admin/api/models/download` takes, `size` is the bytes of all parts, `recommended` is the
+/// automatic choice (Q4_K_M, else Q8_0, else the smallest), `present` says the files are already in
+/// MODELS_DIR.
+///
+/// Errors (`{"error": {"message", "type", "code"}}`): 400 `invalid_repo_id` (or no `repo_id`), 404
+/// `repo_not_found` / `revision_not_found`, 403 `hf_token_required` / `hf_token_rejected` (gated or
+/// private repo), 422 `no_gguf`, 502 `network_error` (hub unreachable after retries).
+async fn repo_files(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Query(q): Query<RepoFilesQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let repo = q
+        .repo_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "`repo_id` is required, e.g. ?repo_id=bartowski/SmolLM2-135M-Instruct-GGUF",
+            )
+        })?;
+    let revision = q.revision.as_deref().unwrap_or("main");
+    let hub = st.downloads.hub();
+    let models = hub
+        .list_models(repo, Some(revision))
+        .await
+        .map_err(hub_error)?;
+    let recommended = choose_model(&models).map(|m| m.filename.clone());
+    let files: Vec<Value> = models
+        .iter()
+        .map(|m| {
+            json!({
+                "filename": m.filename,
+                "quantization": m.quantization,
+                "size": m.total_size,
+                "parts": m.files.len() + m.missing_parts.len(),
+                "files": m.files.iter().map(|f| json!({
+                    "filename": f.filename, "size": f.size, "sha256": f.sha256,
+                })).collect::<Vec<_>>(),
+                "complete": m.missing_parts.is_empty(),
+                "missing_parts": m.missing_parts,
+                "is_projector": m.is_projector,
+                "recommended": recommended.as_ref() == Some(&m.filename),
+                "present": hub.is_present(m),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "repo_id": repo, "revision": revision, "recommended": recommended,
+        "max_concurrent_downloads": hub.max_concurrent(), "files": files,
+    })))
+}
+
+/// `POST /admin/api/models/download` with `{"repo_id": "owner/name", "filename"?: "m.Q4_K_M.gguf",
+/// "revision"?: "main"}`: checks the repo (listing, file choice, free disk) and starts the download in
+/// the background; without `filename` it picks Q4_K_M, else Q8_0, else the smallest GGUF; any part of a
+/// split picks the whole split.
+///
+/// 202: `{"id": 3, "download": DownloadInfo}` (see [`DownloadInfo`](super::hub::DownloadInfo); state `queued`). Progress follows
+/// as `{"type": "download", ...DownloadInfo}` events on `/admin/api/events` and in
+/// `GET /admin/api/downloads`; at the end the state is `done` (with `model`, the catalogue name),
+/// `failed` (with `error` and `error_code`) or `cancelled`.
+///
+/// Errors (`{"error": {"message", "type", "code"}}`): 400 `invalid_repo_id` / `invalid_argument` / bad
+/// JSON, 404 `repo_not_found` / `revision_not_found` / `file_not_in_repo`, 403 `hf_token_required` /
+/// `hf_token_rejected`, 422 `no_gguf` / `incomplete_split`, 409 `download_in_progress` (the same file is
+/// already downloading), 507 `insufficient_disk` (with the numbers), 502 `network_error`.
+async fn start_download(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    body: Result<Json<DownloadRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(mut req) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    req.repo_id = req.repo_id.trim().to_string();
+    req.filename = req.filename.filter(|f| !f.trim().is_empty());
+    req.revision = req.revision.filter(|r| !r.trim().is_empty());
+    let info = st.downloads.start(req).await.map_err(hub_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": info.id, "download": info})),
+    ))
+}
+
+/// `GET /admin/api/downloads`: `{"downloads": [DownloadInfo…], "max_concurrent": 2}`, oldest first,
+/// running and finished ones (the last 50 finished) of this supervisor run. See [`DownloadInfo`](super::hub::DownloadInfo):
+/// `state`, `downloaded` and `total` (bytes), `bytes_per_sec`, `error`, `model`.
+async fn downloads(State(st): State<AppState>, _u: AdminUser) -> Json<Value> {
+    Json(json!({
+        "downloads": st.downloads.list(),
+        "max_concurrent": st.downloads.hub().max_concurrent(),
+    }))
+}
+
+/// `DELETE /admin/api/downloads/{id}`: cancels a running or queued download and answers once its
+/// partial files are deleted (nothing is registered); a finished one is removed from the list.
+///
+/// 200: `{"download": DownloadInfo, "cancelled": true}` (state `cancelled`, or `done` when it finished
+/// first) or `{"download": …, "cancelled": false}` for a finished one. 404 `not_found_error` for an
+/// unknown id, 400 for an id that is not a number.
+async fn cancel_download(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("download id `{id}` is not a number")))?;
+    let (info, cancelled) = st
+        .downloads
+        .cancel(id)
+        .await
+        .ok_or_else(|| ApiError::not_found(format!("no download with id {id}")))?;
+    Ok(Json(json!({"download": info, "cancelled": cancelled})))
 }
 
 async fn workers(State(st): State<AppState>, _u: AdminUser) -> Json<Value> {
@@ -567,6 +718,13 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/api/models", get(models))
         .route("/admin/api/models/scan", post(scan))
+        .route("/admin/api/models/repo-files", get(repo_files))
+        .route("/admin/api/models/download", post(start_download))
+        .route("/admin/api/downloads", get(downloads))
+        .route(
+            "/admin/api/downloads/{id}",
+            axum::routing::delete(cancel_download),
+        )
         .route(
             "/admin/api/models/{name}",
             get(model).patch(patch_model).delete(delete_model),

@@ -1,14 +1,16 @@
-//! The supervisor's event bus: model state changes, resource samples and log lines, fanned out with a
-//! tokio broadcast channel to the admin WebSocket `/admin/api/events` (and any other listener).
+//! The supervisor's event bus: model state changes, resource samples, download progress and log
+//! lines, fanned out with a tokio broadcast channel to the admin WebSocket `/admin/api/events` (and
+//! any other listener).
 
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use super::hub::DownloadInfo;
 use super::logs::LogLine;
 use super::monitor::ResourceSample;
 use super::process::state::ModelState;
 
-/// One event, serialized as `{"type": "model_state" | "resources" | "log", ...}`.
+/// One event, serialized as `{"type": "model_state" | "resources" | "download" | "log", ...}`.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -22,6 +24,10 @@ pub enum Event {
     },
     /// A sample of the resource monitor (every 2 s).
     Resources(Box<ResourceSample>),
+    /// Progress or end of a download of the admin API: a [`DownloadInfo`] (`id`, `state`,
+    /// `downloaded`, `total`, `bytes_per_sec`, `error`, `model`, …), at most every 250 ms per download
+    /// and at every state change (`queued`, `downloading`, `verifying`, `done`, `failed`, `cancelled`).
+    Download(Box<DownloadInfo>),
     /// A line of a worker's output (`model` set) or of the supervisor (`model` null).
     Log {
         model: Option<String>,

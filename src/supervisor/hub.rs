@@ -1,7 +1,8 @@
 //! The model hub: finds and downloads GGUF models from Hugging Face (or any server that speaks its API,
 //! chosen by HF_ENDPOINT) into MODELS_DIR — with resume, SHA-256 verification, a free-disk check, a
 //! limit on concurrent downloads and cancellation. The `download-model` command and the supervisor's admin
-//! API both go through [`Hub`], so users and tests exercise the same code.
+//! API (through [`Downloads`], which runs them as background tasks with progress events) both go through
+//! [`Hub`] and [`register`], so users and tests exercise the same code.
 //!
 //! Hugging Face's HTTP API as used here (and by its `huggingface_hub` client):
 //! - `GET {endpoint}/api/models/{owner}/{name}/revision/{rev}?blobs=true` → `{"siblings": [{"rfilename",
@@ -11,8 +12,8 @@
 //!   honours `Range: bytes=N-`.
 //!
 //! Files are written to `MODELS_DIR/.partial/*.part`, hashed while they stream, and renamed into
-//! MODELS_DIR only once their SHA-256 equals the LFS oid the API reported: a model file in MODELS_DIR is
-//! always complete and verified.
+//! MODELS_DIR only once their SHA-256 equals the LFS oid the API reported (all parts of a split model
+//! together): a model file in MODELS_DIR is always complete and verified.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -30,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Loaded, Source};
 
+/// Downloads that transfer at once by default (the rest wait, `queued`): a couple saturate a typical
+/// link without starving the model workers of disk bandwidth.
+pub const DEFAULT_MAX_DOWNLOADS: usize = 2;
 /// The public Hugging Face hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Sub-folder of MODELS_DIR holding downloads in progress (`*.part`); never scanned for models.
@@ -157,6 +161,11 @@ pub enum HubError {
         "`{file}` is already being downloaded (its partial file {partial} is locked by another download)"
     )]
     AlreadyDownloading { file: String, partial: PathBuf },
+    #[error(
+        "`{file}` is already being downloaded (download {id}); wait for it or cancel it (DELETE \
+         /admin/api/downloads/{id})"
+    )]
+    DownloadInProgress { id: u64, file: String },
     #[error("download cancelled")]
     Cancelled,
     #[error("downloaded {path} but the catalogue cannot register it: {reason}")]
@@ -171,17 +180,21 @@ pub enum HubError {
 }
 
 impl HubError {
-    /// The HTTP status the admin API should answer with for this error.
+    /// The HTTP status the admin API answers with for this error.
+    ///
+    /// A gated or private repo is 403 with or without a token: a 401 from the admin API means the
+    /// admin's own session is invalid (and sends the UI to its login page), which this is not.
     pub fn http_status(&self) -> u16 {
         match self {
             HubError::InvalidRepoId(_) | HubError::InvalidArgument { .. } => 400,
-            HubError::AuthRequired { .. } => 401,
-            HubError::AuthRejected { .. } => 403,
+            HubError::AuthRequired { .. } | HubError::AuthRejected { .. } => 403,
             HubError::RepoNotFound { .. }
             | HubError::RevisionNotFound { .. }
             | HubError::FileNotFound { .. }
             | HubError::FileNotInRepo { .. } => 404,
-            HubError::Conflict { .. } | HubError::AlreadyDownloading { .. } => 409,
+            HubError::Conflict { .. }
+            | HubError::AlreadyDownloading { .. }
+            | HubError::DownloadInProgress { .. } => 409,
             HubError::NoGguf { .. } | HubError::IncompleteSplit { .. } => 422,
             HubError::Cancelled => 499,
             HubError::Network { .. }
@@ -190,6 +203,35 @@ impl HubError {
             | HubError::ChecksumMismatch { .. } => 502,
             HubError::InsufficientDisk { .. } => 507,
             HubError::Io { .. } | HubError::Catalogue { .. } => 500,
+        }
+    }
+
+    /// A stable machine-readable code for this error (the admin API's `error.code`), e.g.
+    /// `repo_not_found`, `hf_token_required`, `no_gguf`, `insufficient_disk`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HubError::InvalidRepoId(_) => "invalid_repo_id",
+            HubError::InvalidArgument { .. } => "invalid_argument",
+            HubError::RepoNotFound { .. } => "repo_not_found",
+            HubError::RevisionNotFound { .. } => "revision_not_found",
+            HubError::FileNotFound { .. } => "file_not_found",
+            HubError::AuthRequired { .. } => "hf_token_required",
+            HubError::AuthRejected { .. } => "hf_token_rejected",
+            HubError::NoGguf { .. } => "no_gguf",
+            HubError::FileNotInRepo { .. } => "file_not_in_repo",
+            HubError::IncompleteSplit { .. } => "incomplete_split",
+            HubError::Network { .. } => "network_error",
+            HubError::Http { .. } => "upstream_http_error",
+            HubError::BadResponse { .. } => "bad_upstream_response",
+            HubError::ChecksumMismatch { .. } => "checksum_mismatch",
+            HubError::InsufficientDisk { .. } => "insufficient_disk",
+            HubError::Conflict { .. } => "file_conflict",
+            HubError::AlreadyDownloading { .. } | HubError::DownloadInProgress { .. } => {
+                "download_in_progress"
+            }
+            HubError::Cancelled => "cancelled",
+            HubError::Catalogue { .. } => "catalogue_error",
+            HubError::Io { .. } => "io_error",
         }
     }
 }
@@ -250,14 +292,14 @@ pub struct HubConfig {
 }
 
 impl HubConfig {
-    /// A configuration with the defaults: 2 concurrent downloads, 6 attempts, 30 s connect and 60 s
+    /// A configuration with the defaults: [`DEFAULT_MAX_DOWNLOADS`] concurrent downloads, 6 attempts, 30 s connect and 60 s
     /// read timeouts.
     pub fn new(endpoint: impl Into<String>, token: Option<String>, models_dir: PathBuf) -> Self {
         HubConfig {
             endpoint: endpoint.into(),
             token,
             models_dir,
-            max_concurrent: 2,
+            max_concurrent: DEFAULT_MAX_DOWNLOADS,
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
@@ -378,6 +420,8 @@ pub struct Downloaded {
     pub model: GgufModel,
     /// Local paths of the files in MODELS_DIR, part 1 first (the one to load).
     pub paths: Vec<PathBuf>,
+    /// The paths of `paths` this call wrote (the others were already in MODELS_DIR, verified).
+    pub fetched: Vec<PathBuf>,
     /// Bytes fetched over the network by this call (less than the total after a resume or when the
     /// files were already present).
     pub bytes_transferred: u64,
@@ -390,6 +434,7 @@ pub struct Hub {
     token: Option<HeaderValue>,
     models_dir: PathBuf,
     limit: Arc<Semaphore>,
+    max_concurrent: usize,
     retry: RetryPolicy,
 }
 
@@ -452,6 +497,7 @@ impl Hub {
             token,
             models_dir: config.models_dir,
             limit: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            max_concurrent: config.max_concurrent.max(1),
             retry: RetryPolicy {
                 max_attempts: config.retry.max_attempts.max(1),
                 ..config.retry
@@ -462,6 +508,21 @@ impl Hub {
     /// MODELS_DIR.
     pub fn models_dir(&self) -> &Path {
         &self.models_dir
+    }
+
+    /// Downloads that transfer at once (the others wait for a slot).
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+    }
+
+    /// Whether every file of `model` is already in MODELS_DIR with its size (not hashed).
+    pub fn is_present(&self, model: &GgufModel) -> bool {
+        model.files.iter().all(|f| {
+            local_name(&f.filename).is_ok_and(|n| {
+                std::fs::metadata(self.models_dir.join(n))
+                    .is_ok_and(|m| m.is_file() && m.len() == f.size)
+            })
+        })
     }
 
     fn url(&self, segments: &[&str]) -> Url {
@@ -661,15 +722,9 @@ impl Hub {
 
     /// Downloads one model (every part of a split) into MODELS_DIR and returns its verified paths.
     ///
-    /// Steps: list the repo; pick the file ([`select_model`]); wait for a download slot; check free
-    /// disk space for the bytes still missing; for each file stream `resolve/{rev}/{file}` into
-    /// `MODELS_DIR/.partial/…part`, resuming with `Range` after a dropped connection (retries with
-    /// backoff) or from a partial file left by an earlier run; check SHA-256 against the LFS oid; rename
-    /// into MODELS_DIR. A file already in MODELS_DIR with the right size and hash is kept as is.
+    /// Steps: list the repo; pick the file ([`select_model`]); then [`Hub::download_model`].
     ///
-    /// `progress` is called at most every 100 ms while bytes flow and at each phase change.
-    /// `cancel` stops the download at any point and deletes its partial files ([`HubError::Cancelled`]);
-    /// files of a split already verified and moved stay. A checksum mismatch deletes the bad file.
+    /// Errors: as [`Hub::list_files`], [`select_model`] and [`Hub::download_model`].
     pub async fn download<F>(
         &self,
         req: &DownloadRequest,
@@ -685,6 +740,64 @@ impl Hub {
             r = self.list_files(&req.repo_id, Some(&revision)) => r?,
         };
         let model = select_model(&req.repo_id, &revision, &files, req.filename.as_deref())?;
+        self.download_model(&req.repo_id, &revision, model, progress, cancel)
+            .await
+    }
+
+    /// Bytes still to fetch for `model` of `repo_id` at `revision`: its files' sizes less what is
+    /// already in MODELS_DIR (a file of the right size) or in a partial download. For a free-disk check
+    /// before a download is queued.
+    pub async fn missing_bytes(&self, repo_id: &str, revision: &str, model: &GgufModel) -> u64 {
+        let partial_dir = self.models_dir.join(PARTIAL_DIR);
+        let mut needed = 0;
+        for f in &model.files {
+            if let Ok(name) = local_name(&f.filename)
+                && let Ok(m) = tokio::fs::metadata(self.models_dir.join(name)).await
+                && m.is_file()
+                && m.len() == f.size
+            {
+                continue;
+            }
+            let have = tokio::fs::metadata(partial_dir.join(partial_name(repo_id, revision, f)))
+                .await
+                .map(|m| m.len().min(f.size))
+                .unwrap_or(0);
+            needed += f.size - have;
+        }
+        needed
+    }
+
+    /// Downloads `model` (from [`select_model`] or [`Hub::list_models`]) of `repo_id` at `revision`.
+    ///
+    /// Steps: wait for a download slot; check free disk space for the bytes still missing; for each
+    /// file stream `resolve/{rev}/{file}` into `MODELS_DIR/.partial/…part`, resuming with `Range` after a
+    /// dropped connection (retries with backoff) or from a partial file left by an earlier run; check
+    /// SHA-256 against the LFS oid; once every file is verified, rename them all into MODELS_DIR (so a
+    /// split model never appears there half-done). A file already in MODELS_DIR with the right size and
+    /// hash is kept as is.
+    ///
+    /// `progress` is called at most every 100 ms while bytes flow and at each phase change.
+    /// `cancel` stops the download at any point and deletes the partial files of this call
+    /// ([`HubError::Cancelled`]); other failures keep them, so the next attempt resumes. A checksum
+    /// mismatch deletes the bad file.
+    ///
+    /// Errors: [`HubError::InvalidArgument`] for a file name that cannot be stored,
+    /// [`HubError::Conflict`], [`HubError::InsufficientDisk`], [`HubError::AlreadyDownloading`],
+    /// [`HubError::Network`] after retries, HTTP errors as in [`Hub::list_files`],
+    /// [`HubError::ChecksumMismatch`], [`HubError::Cancelled`], [`HubError::Io`].
+    pub async fn download_model<F>(
+        &self,
+        repo_id: &str,
+        revision: &str,
+        model: GgufModel,
+        progress: F,
+        cancel: CancellationToken,
+    ) -> Result<Downloaded, HubError>
+    where
+        F: Fn(&Progress) + Send + Sync,
+    {
+        parse_repo_id(repo_id)?;
+        check_revision(revision)?;
         let total = model.total_size;
         let file_count = model.files.len();
         let mut report = Reporter::new(&progress, total, file_count);
@@ -704,7 +817,7 @@ impl Hub {
         let mut needed = 0u64;
         for f in &model.files {
             let dest = self.models_dir.join(local_name(&f.filename)?);
-            let partial = partial_dir.join(partial_name(&req.repo_id, &revision, f));
+            let partial = partial_dir.join(partial_name(repo_id, revision, f));
             let present = match tokio::fs::metadata(&dest).await {
                 Ok(m) if m.is_file() => {
                     if m.len() == f.size && hash_matches(&dest, f).await? {
@@ -712,7 +825,7 @@ impl Hub {
                     } else {
                         return Err(HubError::Conflict {
                             path: dest,
-                            repo: req.repo_id.clone(),
+                            repo: repo_id.into(),
                             file: f.filename.clone(),
                         });
                     }
@@ -720,7 +833,7 @@ impl Hub {
                 Ok(_) => {
                     return Err(HubError::Conflict {
                         path: dest,
-                        repo: req.repo_id.clone(),
+                        repo: repo_id.into(),
                         file: f.filename.clone(),
                     });
                 }
@@ -737,19 +850,17 @@ impl Hub {
         }
         check_free_space(&self.models_dir, needed)?;
 
-        let mut paths = Vec::with_capacity(file_count);
         let mut done_before = 0u64;
         let mut partials_in_flight: Vec<PathBuf> = Vec::new();
-        for (i, (f, dest, partial, present)) in plan.into_iter().enumerate() {
+        for (i, (f, _, partial, present)) in plan.iter().enumerate() {
             if !present {
                 partials_in_flight.push(partial.clone());
                 let r = self
                     .fetch_file(
-                        &req.repo_id,
-                        &revision,
+                        repo_id,
+                        revision,
                         f,
-                        &partial,
-                        &dest,
+                        partial,
                         (i + 1, done_before),
                         &mut report,
                         &cancel,
@@ -765,6 +876,23 @@ impl Hub {
                 }
             }
             done_before += f.size;
+        }
+        if cancel.is_cancelled() {
+            for p in &partials_in_flight {
+                let _ = tokio::fs::remove_file(p).await;
+            }
+            return Err(HubError::Cancelled);
+        }
+        // Every file is verified: move them all into MODELS_DIR.
+        let mut paths = Vec::with_capacity(file_count);
+        let mut fetched = Vec::new();
+        for (_, dest, partial, present) in plan {
+            if !present {
+                tokio::fs::rename(&partial, &dest)
+                    .await
+                    .map_err(io_err("cannot move the finished download to", &dest))?;
+                fetched.push(dest.clone());
+            }
             paths.push(dest);
         }
         report.downloaded = total;
@@ -777,15 +905,16 @@ impl Hub {
         // Catalogue hook: registration happens in the caller, from the returned `Downloaded`, so a
         // failed or cancelled download can never leave a catalogue row. See `register`.
         Ok(Downloaded {
-            repo_id: req.repo_id.clone(),
-            revision,
+            repo_id: repo_id.into(),
+            revision: revision.into(),
             model,
             paths,
+            fetched,
             bytes_transferred: report.transferred,
         })
     }
 
-    /// Downloads one file into `partial` (resuming it), verifies it and renames it to `dest`.
+    /// Downloads one file into `partial` (resuming it) and verifies it; the caller moves it.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_file<F: Fn(&Progress) + Send + Sync>(
         &self,
@@ -793,7 +922,6 @@ impl Hub {
         revision: &str,
         f: &RepoFile,
         partial: &Path,
-        dest: &Path,
         (index, done_before): (usize, u64),
         report: &mut Reporter<'_, F>,
         cancel: &CancellationToken,
@@ -918,9 +1046,6 @@ impl Hub {
         if f.sha256.is_none() {
             tracing::warn!(file = %f.filename, "the API gave no SHA-256 for this file: only its size was checked");
         }
-        tokio::fs::rename(partial, dest)
-            .await
-            .map_err(io_err("cannot move the finished download to", dest))?;
         Ok(())
     }
 
@@ -1558,6 +1683,394 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Finished downloads kept in [`Downloads::list`] (the oldest finished ones are forgotten first).
+const KEEP_FINISHED: usize = 50;
+/// Least time between two `download` progress events of one download (state changes always go out).
+const EVENT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// State of a download of the admin API: `queued → downloading → verifying → done`, or `failed` /
+/// `cancelled` from any of the first three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DownloadState {
+    /// Waiting for one of the `max_concurrent` download slots.
+    Queued,
+    Downloading,
+    /// Hashing a finished file, moving it into MODELS_DIR, registering it.
+    Verifying,
+    /// Verified, in MODELS_DIR and in the catalogue (`model` names the row).
+    Done,
+    /// Stopped by an error (`error` says why; a later download resumes the partial file).
+    Failed,
+    /// Cancelled by `DELETE /admin/api/downloads/{id}`: its partial files are deleted, nothing registered.
+    Cancelled,
+}
+
+impl DownloadState {
+    /// Whether the download has ended (done, failed or cancelled).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            DownloadState::Done | DownloadState::Failed | DownloadState::Cancelled
+        )
+    }
+}
+
+/// One download as the admin API lists it and as the `download` event carries it.
+///
+/// JSON: `{"id": 3, "repo_id": "owner/name", "revision": "main", "filename": "m.Q4_K_M.gguf",
+/// "quantization": "Q4_K_M", "files": ["m.Q4_K_M.gguf"], "state": "downloading", "downloaded": 1048576,
+/// "total": 105000000, "bytes_per_sec": 52000000.0, "file": "m.Q4_K_M.gguf", "file_index": 1,
+/// "file_count": 1, "error": null, "error_code": null, "model": null, "created_at": 1764550000000,
+/// "updated_at": 1764550001000, "finished_at": null}`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DownloadInfo {
+    /// Id for `DELETE /admin/api/downloads/{id}` (counts from 1 per supervisor run).
+    pub id: u64,
+    pub repo_id: String,
+    pub revision: String,
+    /// The model's (first) file in the repo.
+    pub filename: String,
+    pub quantization: Option<String>,
+    /// Every file of the model in the repo (several for a split GGUF), part 1 first.
+    pub files: Vec<String>,
+    pub state: DownloadState,
+    /// Bytes of the model on disk so far (including bytes resumed from an earlier partial file).
+    pub downloaded: u64,
+    /// Bytes of the whole model.
+    pub total: u64,
+    /// Current transfer rate in bytes per second (0 when not transferring).
+    pub bytes_per_sec: f64,
+    /// The file being worked on, `file_index` of `file_count` (from 1).
+    pub file: String,
+    pub file_index: usize,
+    pub file_count: usize,
+    /// Why it failed (state `failed`): the same message the CLI prints.
+    pub error: Option<String>,
+    /// A stable code for the failure ([`HubError::code`]).
+    pub error_code: Option<&'static str>,
+    /// The catalogue name once registered (state `done`): use it as `model` in `/v1/*` requests.
+    pub model: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+struct Job {
+    info: DownloadInfo,
+    cancel: CancellationToken,
+    /// Becomes `true` when the download's task has ended (after cleanup and registration).
+    ended: tokio::sync::watch::Receiver<bool>,
+    last_event: Option<Instant>,
+}
+
+/// Called with the catalogue row of every model a download registered (the supervisor refreshes its
+/// process manager with it).
+pub type OnRegistered = Box<dyn Fn(&super::db::ModelRow) + Send + Sync>;
+
+/// The supervisor's downloads: the admin API starts, lists and cancels them; each runs as a tokio task
+/// on the shared [`Hub`] (so at most `max_concurrent` transfer at once, the rest wait as `queued`),
+/// reports progress as [`super::events::Event::Download`] events and, once verified, registers the
+/// model in the catalogue with [`register`] — the same steps as `download-model`.
+pub struct Downloads {
+    hub: Hub,
+    db: super::db::Db,
+    events: super::events::Events,
+    on_registered: OnRegistered,
+    jobs: std::sync::Mutex<BTreeMap<u64, Job>>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Registration rescans MODELS_DIR: one at a time.
+    register_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Downloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downloads").field("hub", &self.hub).finish()
+    }
+}
+
+impl Downloads {
+    /// A download manager over `hub`, registering into `db` and reporting on `events`.
+    pub fn new(
+        hub: Hub,
+        db: super::db::Db,
+        events: super::events::Events,
+        on_registered: OnRegistered,
+    ) -> Arc<Self> {
+        Arc::new(Downloads {
+            hub,
+            db,
+            events,
+            on_registered,
+            jobs: Default::default(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            register_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The hub the downloads use (for listing a repo's files).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every download of this run, oldest first (finished ones too, the last [`KEEP_FINISHED`]).
+    pub fn list(&self) -> Vec<DownloadInfo> {
+        self.jobs().values().map(|j| j.info.clone()).collect()
+    }
+
+    /// One download.
+    pub fn get(&self, id: u64) -> Option<DownloadInfo> {
+        self.jobs().get(&id).map(|j| j.info.clone())
+    }
+
+    /// Checks the request against the hub and starts the download in the background. Returns at once
+    /// (state `queued`) once the repo was listed, the file chosen and the disk space checked, so a
+    /// wrong repo, a gated repo, a repo without GGUF or a full disk are answered right away.
+    ///
+    /// Errors: as [`Hub::list_files`] and [`select_model`]; [`HubError::DownloadInProgress`] when the
+    /// same model (or a file of the same name) is already being downloaded; [`HubError::InsufficientDisk`]
+    /// when the bytes still missing, plus those of the downloads already running, do not fit.
+    pub async fn start(self: &Arc<Self>, req: DownloadRequest) -> Result<DownloadInfo, HubError> {
+        let revision = req.revision.clone().unwrap_or_else(|| "main".into());
+        parse_repo_id(&req.repo_id)?;
+        check_revision(&revision)?;
+        if let Some(f) = &req.filename
+            && (f.is_empty() || f.len() > 1000 || f.chars().any(char::is_control))
+        {
+            return Err(HubError::InvalidArgument {
+                what: "filename",
+                value: f.chars().take(200).collect(),
+                reason: "expected a file path of the repo",
+            });
+        }
+        let files = self.hub.list_files(&req.repo_id, Some(&revision)).await?;
+        let model = select_model(&req.repo_id, &revision, &files, req.filename.as_deref())?;
+        let locals = model
+            .files
+            .iter()
+            .map(|f| local_name(&f.filename).map(str::to_owned))
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing = self
+            .hub
+            .missing_bytes(&req.repo_id, &revision, &model)
+            .await;
+
+        let mut jobs = self.jobs();
+        let mut others_need = 0u64;
+        for j in jobs.values().filter(|j| !j.info.state.is_finished()) {
+            let same_file = j.info.files.iter().any(|f| {
+                local_name(f).is_ok_and(|n| locals.iter().any(|l| l.eq_ignore_ascii_case(n)))
+            });
+            if same_file {
+                return Err(HubError::DownloadInProgress {
+                    id: j.info.id,
+                    file: j.info.filename.clone(),
+                });
+            }
+            others_need += j.info.total.saturating_sub(j.info.downloaded);
+        }
+        if missing > 0 {
+            check_free_space(self.hub.models_dir(), missing + others_need)?;
+        }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = super::db::now_ms();
+        let info = DownloadInfo {
+            id,
+            repo_id: req.repo_id.clone(),
+            revision: revision.clone(),
+            filename: model.filename.clone(),
+            quantization: model.quantization.clone(),
+            files: model.files.iter().map(|f| f.filename.clone()).collect(),
+            state: DownloadState::Queued,
+            downloaded: 0,
+            total: model.total_size,
+            bytes_per_sec: 0.0,
+            file: model.filename.clone(),
+            file_index: 1,
+            file_count: model.files.len(),
+            error: None,
+            error_code: None,
+            model: None,
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+        };
+        let cancel = CancellationToken::new();
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        jobs.insert(
+            id,
+            Job {
+                info: info.clone(),
+                cancel: cancel.clone(),
+                ended,
+                last_event: Some(Instant::now()),
+            },
+        );
+        // Forget the oldest finished downloads beyond the limit.
+        let finished: Vec<u64> = jobs
+            .values()
+            .filter(|j| j.info.state.is_finished())
+            .map(|j| j.info.id)
+            .collect();
+        for old in finished
+            .iter()
+            .take(finished.len().saturating_sub(KEEP_FINISHED))
+        {
+            jobs.remove(old);
+        }
+        drop(jobs);
+        self.events
+            .send(super::events::Event::Download(Box::new(info.clone())));
+        tracing::info!(id, repo = %req.repo_id, file = %model.filename, bytes = model.total_size, "download queued");
+
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.run(id, req.repo_id, revision, model, cancel).await;
+            let _ = ended_tx.send(true);
+        });
+        Ok(info)
+    }
+
+    /// The download task: transfer, then register, then the final state.
+    async fn run(
+        self: Arc<Self>,
+        id: u64,
+        repo_id: String,
+        revision: String,
+        model: GgufModel,
+        cancel: CancellationToken,
+    ) {
+        let this = self.clone();
+        let progress = move |p: &Progress| this.on_progress(id, p);
+        let result = self
+            .hub
+            .download_model(&repo_id, &revision, model, progress, cancel.clone())
+            .await;
+        let outcome = match result {
+            Ok(done) => {
+                let _guard = self.register_lock.lock().await;
+                if cancel.is_cancelled() {
+                    // Cancelled after the last byte: undo what this download put in MODELS_DIR.
+                    for p in &done.fetched {
+                        let _ = tokio::fs::remove_file(p).await;
+                    }
+                    Err(HubError::Cancelled)
+                } else {
+                    match register(&self.db, self.hub.models_dir(), &done).await {
+                        Ok(name) => {
+                            if let Ok(Some(row)) = self.db.get_model(&name).await {
+                                (self.on_registered)(&row);
+                            }
+                            Ok(name)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let now = super::db::now_ms();
+        let info = {
+            let mut jobs = self.jobs();
+            let Some(job) = jobs.get_mut(&id) else {
+                return;
+            };
+            let i = &mut job.info;
+            i.bytes_per_sec = 0.0;
+            i.updated_at = now;
+            i.finished_at = Some(now);
+            match &outcome {
+                Ok(name) => {
+                    i.state = DownloadState::Done;
+                    i.downloaded = i.total;
+                    i.model = Some(name.clone());
+                }
+                Err(HubError::Cancelled) => i.state = DownloadState::Cancelled,
+                Err(e) => {
+                    i.state = DownloadState::Failed;
+                    i.error = Some(e.to_string());
+                    i.error_code = Some(e.code());
+                }
+            }
+            i.clone()
+        };
+        match &outcome {
+            Ok(name) => {
+                tracing::info!(id, repo = %repo_id, model = %name, "download finished and registered")
+            }
+            Err(HubError::Cancelled) => tracing::info!(id, repo = %repo_id, "download cancelled"),
+            Err(e) => tracing::warn!(id, repo = %repo_id, "download failed: {e}"),
+        }
+        self.events
+            .send(super::events::Event::Download(Box::new(info)));
+    }
+
+    fn on_progress(&self, id: u64, p: &Progress) {
+        let info = {
+            let mut jobs = self.jobs();
+            let Some(job) = jobs.get_mut(&id) else {
+                return;
+            };
+            if job.cancel.is_cancelled() {
+                return;
+            }
+            let state = match p.phase {
+                Phase::Queued => DownloadState::Queued,
+                Phase::Downloading => DownloadState::Downloading,
+                // `Done` of the transfer: registration follows, still "verifying" to the user.
+                Phase::Verifying | Phase::Done => DownloadState::Verifying,
+            };
+            let i = &mut job.info;
+            let changed = state != i.state || p.file_index != i.file_index;
+            i.state = state;
+            i.downloaded = p.downloaded;
+            i.total = p.total;
+            i.bytes_per_sec = if state == DownloadState::Downloading {
+                p.bytes_per_sec
+            } else {
+                0.0
+            };
+            i.file = p.file.clone();
+            i.file_index = p.file_index;
+            i.file_count = p.file_count;
+            i.updated_at = super::db::now_ms();
+            let now = Instant::now();
+            if !changed && job.last_event.is_some_and(|t| now - t < EVENT_INTERVAL) {
+                return;
+            }
+            job.last_event = Some(now);
+            i.clone()
+        };
+        self.events
+            .send(super::events::Event::Download(Box::new(info)));
+    }
+
+    /// Cancels download `id` if it is still running and waits (up to 30 s) until its partial files are
+    /// deleted; a finished download is removed from the list instead. Returns its final info (state
+    /// `cancelled`, or `done` / `failed` when it ended first) and whether it was still running, or
+    /// `None` for an unknown id.
+    pub async fn cancel(&self, id: u64) -> Option<(DownloadInfo, bool)> {
+        let (token, mut ended) = {
+            let mut jobs = self.jobs();
+            let job = jobs.get(&id)?;
+            if job.info.state.is_finished() {
+                return jobs.remove(&id).map(|j| (j.info, false));
+            }
+            (job.cancel.clone(), job.ended.clone())
+        };
+        token.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), ended.wait_for(|e| *e)).await;
+        self.get(id).map(|i| (i, true))
     }
 }
 

@@ -51,6 +51,8 @@ pub struct AppState {
     /// Client for forwarding to workers (no overall timeout: streams may be long).
     pub proxy_http: reqwest::Client,
     pub models_dir: PathBuf,
+    /// Model downloads started through the admin API (same code as `download-model`).
+    pub downloads: Arc<hub::Downloads>,
 }
 
 impl AppState {
@@ -161,6 +163,17 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         metrics.clone(),
         exe,
     );
+    let downloads = {
+        let hub = hub::Hub::new(hub::HubConfig::from_settings(&loaded))
+            .map_err(|e| ServeError::Other(e.to_string()))?;
+        let m = manager.clone();
+        hub::Downloads::new(
+            hub,
+            db.clone(),
+            events.clone(),
+            Box::new(move |row| m.refresh_model(row)),
+        )
+    };
     let reaped = manager.reap_recorded().await;
     if !reaped.is_empty() {
         tracing::warn!(?reaped, "killed workers left by an earlier supervisor");
@@ -231,6 +244,7 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             .build()
             .map_err(|e| ServeError::Other(e.to_string()))?,
         models_dir: base.models_dir.clone(),
+        downloads,
     };
     let addr = format!("{}:{}", base.host, base.port);
     let listener = tokio::net::TcpListener::bind(&addr)

@@ -1,0 +1,572 @@
+//! The admin API's model downloads end to end: the real `cyber-inference serve` binary (temporary
+//! DATA_DIR, empty MODELS_DIR) with its hub endpoint on a local Hugging Face–compatible server that
+//! serves the shared SmolLM2 files. An admin lists a repo, downloads a model (progress in
+//! `/admin/api/downloads` and as `download` events on the `/admin/api/events` WebSocket) and chats with
+//! it through `/v1/chat/completions`; a cancelled download leaves no file and no catalogue row; errors
+//! (missing repo, gated repo, no GGUF, full disk, a second download of the same file) are answered in
+//! the admin API's error shape; at most two downloads transfer at once, the rest wait queued.
+
+mod hub_common;
+mod supervisor_common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hub_common::{HfServer, Served, asset, files_in, sha256_file};
+use serde_json::{Value, json};
+use supervisor_common::Server;
+
+const REPO: &str = "test/SmolLM2-135M-Instruct-GGUF";
+const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
+const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
+
+/// The fake hub with the SmolLM2 repo (two quantizations, a README, a split MiniLM in a sub-folder) and
+/// a supervisor whose hub endpoint is that server.
+async fn setup() -> (HfServer, Server, String) {
+    let hf = HfServer::start().await;
+    let (minilm, _) = asset(MINILM);
+    let half = minilm.len() / 2;
+    hf.state.add_repo(
+        REPO,
+        vec![
+            Served::new("README.md", "# SmolLM2\n".into()),
+            Served::asset(Q41, Q41),
+            Served::asset(Q4KM, Q4KM),
+            Served::new("split/minilm-F16-00002-of-00002.gguf", minilm.slice(half..)),
+            Served::new("split/minilm-F16-00001-of-00002.gguf", minilm.slice(..half)),
+        ],
+    );
+    hf.state
+        .add_repo("test/docs-only", vec![Served::new("README.md", "x".into())]);
+    let s = Server::start(&[], &[("HF_ENDPOINT", &hf.url)]).await;
+    let token = s.login().await;
+    (hf, s, token)
+}
+
+async fn post(s: &Server, token: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = s
+        .http
+        .post(format!("{}{path}", s.base))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn delete(s: &Server, token: &str, path: &str) -> (u16, Value) {
+    let r = s
+        .http
+        .delete(format!("{}{path}", s.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn download(s: &Server, token: &str, id: u64) -> Value {
+    let (st, j) = s.admin_get(token, "/admin/api/downloads").await;
+    assert_eq!(st, 200, "{j}");
+    j["downloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("download {id} not listed: {j}"))
+}
+
+/// Polls `/admin/api/downloads` until download `id` satisfies `pred`; returns every state seen.
+async fn wait_download(
+    s: &Server,
+    token: &str,
+    id: u64,
+    secs: u64,
+    pred: impl Fn(&Value) -> bool,
+) -> (Value, Vec<Value>) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen = Vec::new();
+    loop {
+        let d = download(s, token, id).await;
+        seen.push(d.clone());
+        if pred(&d) {
+            return (d, seen);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "download {id} not there in {secs} s: {d}\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn catalogue(s: &Server, token: &str) -> Vec<Value> {
+    let (st, j) = s.admin_get(token, "/admin/api/models").await;
+    assert_eq!(st, 200, "{j}");
+    j["models"].as_array().unwrap().clone()
+}
+
+fn error_of(j: &Value) -> (String, String) {
+    (
+        j["error"]["code"].as_str().unwrap_or("").to_string(),
+        j["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Collects the `download` events of the admin WebSocket until one says `done`/`failed`/`cancelled`.
+async fn download_events(s: &Server, token: &str) -> tokio::task::JoinHandle<Vec<Value>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://127.0.0.1:{}/admin/api/events", s.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        while let Some(Ok(msg)) = ws.next().await {
+            let tokio_tungstenite::tungstenite::Message::Text(t) = msg else {
+                continue;
+            };
+            let ev: Value = serde_json::from_str(&t).unwrap();
+            if ev["type"] != "download" {
+                continue;
+            }
+            let end = matches!(ev["state"].as_str(), Some("done" | "failed" | "cancelled"));
+            out.push(ev);
+            if end {
+                break;
+            }
+        }
+        let _ = ws.close(None).await;
+        out
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_through_the_admin_api_then_chat_with_the_model() {
+    let (hf, s, token) = setup().await;
+    let mdir = s.models_dir();
+    assert!(
+        catalogue(&s, &token).await.is_empty(),
+        "MODELS_DIR starts empty"
+    );
+
+    // The routes need the admin JWT, and a foreign Origin is refused.
+    let r = s
+        .http
+        .get(format!(
+            "{}/admin/api/models/repo-files?repo_id={REPO}",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .http
+        .post(format!("{}/admin/api/models/download", s.base))
+        .bearer_auth(&token)
+        .header("origin", "http://evil.example")
+        .json(&json!({"repo_id": REPO}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // The repo's GGUF models: smallest first, the split as one entry, the README left out.
+    let (st, j) = s
+        .admin_get(
+            &token,
+            &format!("/admin/api/models/repo-files?repo_id={REPO}"),
+        )
+        .await;
+    assert_eq!(st, 200, "{j}");
+    let files = j["files"].as_array().unwrap();
+    let names: Vec<&str> = files
+        .iter()
+        .map(|f| f["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["split/minilm-F16-00001-of-00002.gguf", Q41, Q4KM],
+        "{j}"
+    );
+    assert_eq!(j["recommended"], Q4KM);
+    let q4km = &files[2];
+    assert_eq!(q4km["quantization"], "Q4_K_M");
+    assert_eq!(q4km["size"], asset(Q4KM).0.len() as u64);
+    assert_eq!(
+        (q4km["recommended"].clone(), q4km["present"].clone()),
+        (json!(true), json!(false))
+    );
+    assert_eq!(files[1]["quantization"], "Q4_1");
+    assert_eq!(files[1]["size"], asset(Q41).0.len() as u64);
+    let split = &files[0];
+    assert_eq!(split["parts"], 2);
+    assert_eq!(split["quantization"], "F16");
+    assert_eq!(split["size"], asset(MINILM).0.len() as u64);
+    assert_eq!(split["files"].as_array().unwrap().len(), 2);
+    assert_eq!(split["complete"], true);
+
+    // Download with the automatic choice (Q4_K_M), watching the event stream.
+    let events = download_events(&s, &token).await;
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": REPO}),
+    )
+    .await;
+    assert_eq!(st, 202, "{j}");
+    let id = j["id"].as_u64().unwrap();
+    assert_eq!(j["download"]["filename"], Q4KM);
+    assert_eq!(j["download"]["total"], asset(Q4KM).0.len() as u64);
+    let (d, seen) = wait_download(&s, &token, id, 180, |d| {
+        d["state"] != "queued" && d["state"] != "downloading" && d["state"] != "verifying"
+    })
+    .await;
+    assert_eq!(d["state"], "done", "{d}\n{}", s.log());
+    assert_eq!(d["downloaded"], d["total"]);
+    assert_eq!(d["error"], Value::Null);
+    let name = d["model"]
+        .as_str()
+        .expect("registered model name")
+        .to_string();
+    assert_eq!(name, Q4KM.trim_end_matches(".gguf"));
+    assert!(
+        seen.iter()
+            .all(|d| d["total"] == asset(Q4KM).0.len() as u64),
+        "{seen:?}"
+    );
+
+    let events = tokio::time::timeout(Duration::from_secs(10), events)
+        .await
+        .expect("the event stream ends with the download")
+        .unwrap();
+    assert!(events.iter().all(|e| e["id"] == id), "{events:?}");
+    assert_eq!(events.first().unwrap()["state"], "queued", "{events:?}");
+    assert_eq!(events.last().unwrap()["state"], "done");
+    assert_eq!(events.last().unwrap()["model"], name.as_str());
+    assert!(
+        events.iter().any(|e| e["state"] == "downloading"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0]["downloaded"].as_u64() <= w[1]["downloaded"].as_u64()),
+        "bytes never go back: {events:?}"
+    );
+
+    // The file is in MODELS_DIR, whole, and in the catalogue with its origin.
+    assert_eq!(files_in(&mdir), [Q4KM]);
+    assert_eq!(sha256_file(&mdir.join(Q4KM)), asset(Q4KM).1);
+    let models = catalogue(&s, &token).await;
+    assert_eq!(models.len(), 1, "{models:?}");
+    let row = &models[0]["model"];
+    assert_eq!(row["name"], name.as_str());
+    assert_eq!(row["hf_repo_id"], REPO);
+    assert_eq!(row["sha256"], asset(Q4KM).1.as_str());
+    assert_eq!(row["quantization"], "Q4_K_M");
+    let (_, j) = s
+        .admin_get(
+            &token,
+            &format!("/admin/api/models/repo-files?repo_id={REPO}"),
+        )
+        .await;
+    assert_eq!(j["files"][2]["present"], true);
+
+    // A chat completion through the supervisor, for the downloaded model, answers with real text.
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({
+            "model": name,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16, "temperature": 0,
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", s.log());
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.chars().filter(|c| c.is_alphabetic()).count() >= 3,
+        "real text: {text:?}"
+    );
+    assert_eq!(body["model"], name.as_str());
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    eprintln!("downloaded {name} answered: {text:?}");
+
+    // Downloading the same model again finds it in place: done without a byte.
+    let before = hf.state.file_requests().len();
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": REPO, "filename": Q4KM, "revision": "main"}),
+    )
+    .await;
+    assert_eq!(st, 202, "{j}");
+    let again = j["id"].as_u64().unwrap();
+    assert_ne!(again, id);
+    let (d, _) = wait_download(&s, &token, again, 60, |d| {
+        matches!(d["state"].as_str(), Some("done" | "failed"))
+    })
+    .await;
+    assert_eq!(d["state"], "done", "{d}");
+    assert_eq!(hf.state.file_requests().len(), before);
+    // A finished download is removed from the list by DELETE.
+    let (st, j) = delete(&s, &token, &format!("/admin/api/downloads/{again}")).await;
+    assert_eq!((st, j["cancelled"].clone()), (200, json!(false)), "{j}");
+    let (_, j) = s.admin_get(&token, "/admin/api/downloads").await;
+    assert!(
+        j["downloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["id"] != again),
+        "{j}"
+    );
+
+    // The admin delete removes the file and the catalogue row.
+    let (st, j) = delete(&s, &token, &format!("/admin/api/models/{name}")).await;
+    assert_eq!(st, 200, "{j}\n{}", s.log());
+    assert_eq!(j["file_deleted"], true);
+    assert!(files_in(&mdir).is_empty(), "{:?}", files_in(&mdir));
+    assert!(catalogue(&s, &token).await.is_empty());
+    let (st, _) = s
+        .admin_get(&token, &format!("/admin/api/models/{name}"))
+        .await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
+    let (hf, s, token) = setup().await;
+    let mdir = s.models_dir();
+
+    // A slow transfer (≈ 6 MiB/s), cancelled once it is under way.
+    *hf.state.faults.chunk_delay.lock().unwrap() = Some(Duration::from_millis(10));
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": REPO, "filename": Q41}),
+    )
+    .await;
+    assert_eq!(st, 202, "{j}");
+    let id = j["id"].as_u64().unwrap();
+    let (d, _) = wait_download(&s, &token, id, 60, |d| {
+        d["state"] == "downloading" && d["downloaded"].as_u64().unwrap() > 1 << 20
+    })
+    .await;
+    assert!(d["downloaded"].as_u64() < d["total"].as_u64());
+    assert!(d["bytes_per_sec"].as_f64().unwrap() > 0.0, "{d}");
+    assert!(
+        files_in(&mdir).iter().any(|f| f.starts_with(".partial/")),
+        "the transfer writes a partial file: {:?}",
+        files_in(&mdir)
+    );
+    // The same file cannot be downloaded twice at once.
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": REPO, "filename": Q41}),
+    )
+    .await;
+    assert_eq!(st, 409, "{j}");
+    let (code, msg) = error_of(&j);
+    assert_eq!(code, "download_in_progress");
+    assert!(msg.contains(&format!("download {id}")), "{msg}");
+
+    let (st, j) = delete(&s, &token, &format!("/admin/api/downloads/{id}")).await;
+    assert_eq!(st, 200, "{j}");
+    assert_eq!(j["cancelled"], true);
+    assert_eq!(j["download"]["state"], "cancelled");
+    assert!(files_in(&mdir).is_empty(), "{:?}", files_in(&mdir));
+    assert!(catalogue(&s, &token).await.is_empty());
+    let (st, j) = post(&s, &token, "/admin/api/models/scan", json!({})).await;
+    assert_eq!(st, 200, "{j}");
+    assert!(
+        catalogue(&s, &token).await.is_empty(),
+        "a rescan finds nothing either"
+    );
+    assert_eq!(download(&s, &token, id).await["state"], "cancelled");
+    let (st, _) = delete(&s, &token, "/admin/api/downloads/999").await;
+    assert_eq!(st, 404);
+    let (st, _) = delete(&s, &token, "/admin/api/downloads/abc").await;
+    assert_eq!(st, 400);
+
+    // At most two transfer at once: a third waits queued, and can be cancelled there.
+    let mut ids = Vec::new();
+    for f in [Q41, Q4KM, "split/minilm-F16-00001-of-00002.gguf"] {
+        let (st, j) = post(
+            &s,
+            &token,
+            "/admin/api/models/download",
+            json!({"repo_id": REPO, "filename": f}),
+        )
+        .await;
+        assert_eq!(st, 202, "{j}");
+        ids.push(j["id"].as_u64().unwrap());
+    }
+    for &id in &ids[..2] {
+        wait_download(&s, &token, id, 60, |d| d["state"] == "downloading").await;
+    }
+    // Count from now (the cancelled transfer above has ended on the server too), until both bodies
+    // flow; then the third must still wait.
+    hf.state.max_active_bodies.store(
+        hf.state.active_bodies.load(Ordering::SeqCst),
+        Ordering::SeqCst,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hf.state.active_bodies.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "two transfers never ran at once");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let third = download(&s, &token, ids[2]).await;
+    assert_eq!(third["state"], "queued", "{third}");
+    assert_eq!(third["file_count"], 2);
+    assert_eq!(hf.state.max_active_bodies.load(Ordering::SeqCst), 2);
+    let (st, j) = s.admin_get(&token, "/admin/api/downloads").await;
+    assert_eq!((st, j["max_concurrent"].clone()), (200, json!(2)));
+    for &id in ids.iter().rev() {
+        let (st, j) = delete(&s, &token, &format!("/admin/api/downloads/{id}")).await;
+        assert_eq!(
+            (st, j["download"]["state"].clone()),
+            (200, json!("cancelled")),
+            "{j}"
+        );
+    }
+    assert!(files_in(&mdir).is_empty(), "{:?}", files_in(&mdir));
+    assert!(catalogue(&s, &token).await.is_empty());
+    *hf.state.faults.chunk_delay.lock().unwrap() = None;
+
+    // Errors in the admin API's shape, each saying what is wrong.
+    let cases: [(Value, u16, &str, &[&str]); 6] = [
+        (
+            json!({"repo_id": "test/nope"}),
+            404,
+            "repo_not_found",
+            &["test/nope", "not found"],
+        ),
+        (
+            json!({"repo_id": "test/docs-only"}),
+            422,
+            "no_gguf",
+            &["no GGUF", "README.md"],
+        ),
+        (
+            json!({"repo_id": "not a repo"}),
+            400,
+            "invalid_repo_id",
+            &["OWNER/NAME"],
+        ),
+        (
+            json!({"repo_id": REPO, "filename": "nope.gguf"}),
+            404,
+            "file_not_in_repo",
+            &["nope.gguf", Q4KM],
+        ),
+        (
+            json!({"repo_id": REPO, "revision": "v9"}),
+            404,
+            "revision_not_found",
+            &["v9"],
+        ),
+        (json!({"repo": REPO}), 400, "", &["repo_id"]),
+    ];
+    for (body, status, code, words) in cases {
+        let (st, j) = post(&s, &token, "/admin/api/models/download", body.clone()).await;
+        assert_eq!(st, status, "{body} → {j}");
+        let (c, msg) = error_of(&j);
+        if !code.is_empty() {
+            assert_eq!(c, code, "{j}");
+        }
+        for w in words {
+            assert!(msg.contains(w), "{body}: {msg:?} should contain {w:?}");
+        }
+    }
+    let (st, j) = s
+        .admin_get(&token, "/admin/api/models/repo-files?repo_id=test/nope")
+        .await;
+    assert_eq!(
+        (st, error_of(&j).0.as_str()),
+        (404, "repo_not_found"),
+        "{j}"
+    );
+    let (st, j) = s.admin_get(&token, "/admin/api/models/repo-files").await;
+    assert_eq!(st, 400, "{j}");
+
+    // A gated repo: the hub wants a token the supervisor does not have.
+    *hf.state.faults.require_token.lock().unwrap() = Some("hf_secret".into());
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": REPO}),
+    )
+    .await;
+    let (code, msg) = error_of(&j);
+    assert_eq!((st, code.as_str()), (403, "hf_token_required"), "{j}");
+    assert!(msg.contains("HF_TOKEN") && msg.contains(REPO), "{msg}");
+    *hf.state.faults.require_token.lock().unwrap() = None;
+
+    // A model larger than the free disk: refused before any byte, with the numbers.
+    let mut huge = Served::asset(Q41, Q41);
+    huge.rfilename = "huge.Q8_0.gguf".into();
+    huge.advertised_size = Some(1 << 60);
+    hf.state.add_repo("test/huge", vec![huge]);
+    let before = hf.state.file_requests().len();
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": "test/huge"}),
+    )
+    .await;
+    let (code, msg) = error_of(&j);
+    assert_eq!((st, code.as_str()), (507, "insufficient_disk"), "{j}");
+    assert!(
+        msg.contains(&(1u64 << 60).to_string()) && msg.contains("free"),
+        "{msg}"
+    );
+    assert_eq!(hf.state.file_requests().len(), before);
+
+    // A transfer that fails the checksum ends `failed`, with no file and no row.
+    hf.state.faults.corrupt.store(true, Ordering::SeqCst);
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": REPO, "filename": Q41}),
+    )
+    .await;
+    assert_eq!(st, 202, "{j}");
+    let id = j["id"].as_u64().unwrap();
+    let (d, _) = wait_download(&s, &token, id, 120, |d| {
+        matches!(d["state"].as_str(), Some("done" | "failed" | "cancelled"))
+    })
+    .await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert_eq!(d["error_code"], "checksum_mismatch");
+    assert!(
+        d["error"].as_str().unwrap().contains("checksum mismatch"),
+        "{d}"
+    );
+    assert!(files_in(&mdir).is_empty(), "{:?}", files_in(&mdir));
+    assert!(catalogue(&s, &token).await.is_empty());
+}
