@@ -136,13 +136,11 @@ fn smollm2_q4_k_m_perplexity_matches_llama_cpp() {
     check_perplexity(SMOL_Q4_K_M);
 }
 
-#[ignore = "issue 4 open: greedy parity with llama.cpp does not hold yet (divergences that are not near-ties)"]
 #[test]
 fn smollm2_q4_1_greedy_matches_llama_cpp() {
     check_greedy(SMOL_Q4_1);
 }
 
-#[ignore = "issue 4 open: greedy parity with llama.cpp does not hold yet (divergences that are not near-ties)"]
 #[test]
 fn smollm2_q4_k_m_greedy_matches_llama_cpp() {
     check_greedy(SMOL_Q4_K_M);
