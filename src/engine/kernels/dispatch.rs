@@ -13,6 +13,23 @@ use std::sync::OnceLock;
 /// panic otherwise: the public entry points validate first).
 pub type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
 
+/// `fn(n, w, [a0, a1, a2, a3]) -> [Σ w·a0, …]`: one weight row against four activation rows, each result
+/// bit-identical to the [`VecDotFn`] of the same type (prompt processing decodes a weight block once).
+pub type VecDot4Fn = fn(usize, &[u8], [&[u8]; 4]) -> [f32; 4];
+
+/// The four-token kernel of the process's [`isa`] for weights of type `ty`, where one exists.
+pub fn vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
+    match isa() {
+        Isa::Scalar => None,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            super::x86::Avx2::detect().and_then(|proof| super::x86::vec_dot4_fn(proof, ty))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 => None,
+    }
+}
+
 /// The instruction set the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {

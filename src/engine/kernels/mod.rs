@@ -21,7 +21,7 @@ use crate::engine::ggml_type::GgmlType;
 use crate::engine::quant::{self, QuantError};
 use thiserror::Error;
 
-pub use dispatch::{Isa, VecDotFn, isa, scalar_vec_dot_fn, vec_dot_fn};
+pub use dispatch::{Isa, VecDot4Fn, VecDotFn, isa, scalar_vec_dot_fn, vec_dot_fn, vec_dot4_fn};
 pub use pool::ThreadPool;
 
 /// Errors of the kernel layer.
@@ -175,6 +175,8 @@ pub fn matmul(
     let wrb = w.row_bytes()?;
     let vd_ty = quant::vec_dot_type(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
     let dot = vec_dot_fn(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
+    // Tokens in fours share each decoded weight block; the results equal `dot`'s bit for bit.
+    let dot4 = vec_dot4_fn(w.ty);
     let (n_rows, n_cols) = (w.n_rows, w.n_cols);
     if n_tokens.checked_mul(n_cols) != Some(x.len()) {
         return Err(shape(format!(
@@ -216,7 +218,19 @@ pub fn matmul(
                 let t1 = (t0 + TOKEN_TILE).min(n_tokens);
                 for r in r0..r1 {
                     let wrow = &data[r * wrb..(r + 1) * wrb];
-                    for t in t0..t1 {
+                    let mut t = t0;
+                    if let Some(dot4) = dot4 {
+                        while t + 4 <= t1 {
+                            let a = |k: usize| &act[(t + k) * arb..(t + k + 1) * arb];
+                            let v = dot4(n_cols, wrow, [a(0), a(1), a(2), a(3)]);
+                            for (k, v) in v.into_iter().enumerate() {
+                                // SAFETY: as below, for token t + k < t1 <= n_tokens.
+                                unsafe { *out.get().add((t + k) * n_rows + r) = v };
+                            }
+                            t += 4;
+                        }
+                    }
+                    for t in t..t1 {
                         let v = dot(n_cols, wrow, &act[t * arb..(t + 1) * arb]);
                         // SAFETY: t < n_tokens and r < n_rows, so the index is inside `y`
                         // (len n_tokens * n_rows, checked above); rows r0..r1 belong to this task alone,
@@ -337,6 +351,40 @@ mod tests {
                         "{ty} t{t} r{r}: {got} vs {exact}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn four_token_kernels_equal_single_token_kernels_bit_for_bit() {
+        let n = 256;
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
+            let Some(dot4) = vec_dot4_fn(ty) else {
+                continue;
+            };
+            let dot = vec_dot_fn(ty).unwrap();
+            let vd = quant::vec_dot_type(ty).unwrap();
+            let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
+            quant::quantize_row(ty, &rand_vec(n, 7), &mut w).unwrap();
+            let acts: Vec<Vec<u8>> = (0..4)
+                .map(|s| {
+                    let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
+                    quant::quantize_row_activation(vd, &rand_vec(n, 100 + s), &mut a).unwrap();
+                    a
+                })
+                .collect();
+            let got = dot4(n, &w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+            for t in 0..4 {
+                assert_eq!(
+                    got[t].to_bits(),
+                    dot(n, &w, &acts[t]).to_bits(),
+                    "{ty} token {t}"
+                );
             }
         }
     }

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use crate::engine::ggml_type::GgmlType;
 use crate::engine::quant::blocks::*;
 
-use super::dispatch::VecDotFn;
+use super::dispatch::{VecDot4Fn, VecDotFn};
 
 /// Proof that this CPU supports AVX2, FMA and F16C (only [`Avx2::detect`] makes one).
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +75,16 @@ safe_wrapper!(q5_0_q8_0, q5_0_q8_0_avx2, QK, 22, 34);
 safe_wrapper!(q8_0_q8_0, q8_0_q8_0_avx2, QK, 34, 34);
 safe_wrapper!(q4_k_q8_k, q4_k_q8_k_avx2, QK_K, 144, 292);
 safe_wrapper!(q6_k_q8_k, q6_k_q8_k_avx2, QK_K, 210, 292);
+
+/// An f16 as f32 with the F16C instruction, inlined (the `half` crate's conversion detects the CPU on
+/// every call).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h2f(x: F16Le) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        u16::from_le_bytes(x.0) as i32
+    )))
+}
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -197,7 +207,7 @@ unsafe fn f16_f16_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut sum = hsum_f32x8(s);
     let (w16, a16): (&[F16Le], &[F16Le]) = (bytemuck::cast_slice(w), bytemuck::cast_slice(a));
     for j in n32..n {
-        sum += w16[j].get() * a16[j].get();
+        sum += h2f(w16[j]) * h2f(a16[j]);
     }
     sum
 }
@@ -208,7 +218,7 @@ unsafe fn q4_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
     let mut acc = _mm256_setzero_ps();
     for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
         // SAFETY: the block fields are 16 and 32 bytes long.
         let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
         let qx = _mm256_sub_epi8(qx, _mm256_set1_epi8(8));
@@ -224,8 +234,8 @@ unsafe fn q4_1_q8_1_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0f32;
     for (x, y) in x.iter().zip(y) {
-        summs += x.m.get() * y.s.get();
-        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        summs += h2f(x.m) * h2f(y.s);
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
         // SAFETY: the block fields are 16 and 32 bytes long.
         let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_sum_us8(qx, qy)), acc);
@@ -239,7 +249,7 @@ unsafe fn q5_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
     let mut acc = _mm256_setzero_ps();
     for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
         // SAFETY: the block fields are 16 and 32 bytes long.
         let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
         // Where the fifth bit is clear, OR 0xF0 into the byte: the nibble minus 16 as an i8.
@@ -256,7 +266,7 @@ unsafe fn q8_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
     let mut acc = _mm256_setzero_ps();
     for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(x.d.get() * y.d.get());
+        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
         // SAFETY: both fields are 32 bytes long.
         let (qx, qy) = unsafe { (load32(&x.qs), load32(&y.qs)) };
         acc = _mm256_fmadd_ps(d, mul_sum_i8_f32(qx, qy), acc);
@@ -300,8 +310,8 @@ unsafe fn q4_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
         }
         let isum = hsum_i32x8(sumi);
         // The float arithmetic of ggml's repacked GEMV, as in the scalar twin.
-        acc = (isum as f32).mul_add(x.d.get() * y.d(), acc);
-        acc_min = (summs as f32).mul_add(x.dmin.get() * y.d(), acc_min);
+        acc = (isum as f32).mul_add(h2f(x.d) * y.d(), acc);
+        acc_min = (summs as f32).mul_add(h2f(x.dmin) * y.d(), acc_min);
     }
     acc - acc_min
 }
@@ -316,7 +326,7 @@ unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let m15 = _mm256_set1_epi8(15);
     let mut acc = _mm256_setzero_ps();
     for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(y.d() * x.d.get());
+        let d = _mm256_set1_ps(y.d() * h2f(x.d));
         // SAFETY: `bsums` is 16 i16 (32 bytes) and `scales` 16 bytes.
         let (q8sums, scales) = unsafe {
             (
@@ -324,7 +334,8 @@ unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
                 _mm_loadu_si128(x.scales.as_ptr() as *const __m128i),
             )
         };
-        let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, _mm256_cvtepi8_epi16(scales)), 5);
+        let q8sclsub =
+            _mm256_slli_epi32(_mm256_madd_epi16(q8sums, _mm256_cvtepi8_epi16(scales)), 5);
         let mut sumi = _mm256_setzero_si256();
         for h in 0..2 {
             // SAFETY: `ql` has 128 bytes (64h..64h+64 read), `qh` 64 (32h..32h+32), y's `qs` 256
@@ -366,4 +377,127 @@ unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_f32x8(acc)
+}
+
+/// Four-token kernels for prompt processing: one weight row against four activation rows, each weight block
+/// decoded once. Every output is computed with exactly the operations of the single-token kernel of the same
+/// type (same per-block products, same lane accumulation, same horizontal sum), so results are bit-identical
+/// to four single calls: batching never changes a token's numbers.
+pub fn vec_dot4_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDot4Fn> {
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_q8_0_x4,
+        Q4_1 => q4_1_q8_1_x4,
+        Q5_0 => q5_0_q8_0_x4,
+        Q8_0 => q8_0_q8_0_x4,
+        _ => return None,
+    })
+}
+
+macro_rules! safe_wrapper4 {
+    ($name:ident, $inner:ident, $wsize:expr, $asize:expr) => {
+        fn $name(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let nb = n / QK;
+            assert!(
+                n.is_multiple_of(QK)
+                    && w.len() >= nb * $wsize
+                    && a.iter().all(|a| a.len() >= nb * $asize),
+                concat!(stringify!($name), ": bad row lengths")
+            );
+            // SAFETY: handed out only by `vec_dot4_fn`, which needs an `Avx2` token; lengths checked above,
+            // and `$inner` reads only the first `nb` blocks of each slice.
+            unsafe { $inner(&w[..nb * $wsize], a.map(|a| &a[..nb * $asize])) }
+        }
+    };
+}
+
+safe_wrapper4!(q4_0_q8_0_x4, q4_0_q8_0_x4_avx2, 18, 34);
+safe_wrapper4!(q4_1_q8_1_x4, q4_1_q8_1_x4_avx2, 20, 36);
+safe_wrapper4!(q5_0_q8_0_x4, q5_0_q8_0_x4_avx2, 22, 34);
+safe_wrapper4!(q8_0_q8_0_x4, q8_0_q8_0_x4_avx2, 34, 34);
+
+/// The shared body of the signed 32-block kernels: `decode(block)` gives the weight block's 32 signed
+/// quants; each token accumulates `fma(d_w·d_a, Σ pairs, acc)` as the single-token kernels do.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn signed_x4<B: bytemuck::Pod>(
+    w: &[u8],
+    a: [&[u8]; 4],
+    d_of: impl Fn(&B) -> F16Le,
+    decode: impl Fn(&B) -> __m256i,
+) -> [f32; 4] {
+    let x: &[B] = bytemuck::cast_slice(w);
+    let y: [&[BlockQ8_0]; 4] = a.map(|a| bytemuck::cast_slice(a));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (i, xb) in x.iter().enumerate() {
+        let qx = decode(xb);
+        let ax = _mm256_sign_epi8(qx, qx);
+        let dx = h2f(d_of(xb));
+        for t in 0..4 {
+            let yb = &y[t][i];
+            let d = _mm256_set1_ps(dx * h2f(yb.d));
+            // SAFETY: the field is 32 bytes long.
+            let qy = unsafe { load32(&yb.qs) };
+            let sy = _mm256_sign_epi8(qy, qx);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_sum_us8(ax, sy)), acc[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    // SAFETY: forwarded from the checked wrapper; the nibble field is 16 bytes.
+    unsafe {
+        signed_x4::<BlockQ4_0>(
+            w,
+            a,
+            |x| x.d,
+            |x| _mm256_sub_epi8(nibbles32(&x.qs), _mm256_set1_epi8(8)),
+        )
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    // SAFETY: forwarded from the checked wrapper; the nibble field is 16 bytes.
+    unsafe {
+        signed_x4::<BlockQ5_0>(
+            w,
+            a,
+            |x| x.d,
+            |x| {
+                let hi = _mm256_andnot_si256(bits32(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(nibbles32(&x.qs), hi)
+            },
+        )
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    // SAFETY: forwarded from the checked wrapper; the quant field is 32 bytes.
+    unsafe { signed_x4::<BlockQ8_0>(w, a, |x| x.d, |x| load32(&x.qs)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_q8_1_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ4_1] = bytemuck::cast_slice(w);
+    let y: [&[BlockQ8_1]; 4] = a.map(|a| bytemuck::cast_slice(a));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
+    for (i, xb) in x.iter().enumerate() {
+        // SAFETY: the nibble field is 16 bytes.
+        let qx = unsafe { nibbles32(&xb.qs) };
+        let (dx, mx) = (h2f(xb.d), h2f(xb.m));
+        for t in 0..4 {
+            let yb = &y[t][i];
+            summs[t] += mx * h2f(yb.s);
+            let d = _mm256_set1_ps(dx * h2f(yb.d));
+            // SAFETY: the field is 32 bytes long.
+            let qy = unsafe { load32(&yb.qs) };
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_sum_us8(qx, qy)), acc[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]) + summs[t])
 }

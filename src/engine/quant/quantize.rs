@@ -165,7 +165,14 @@ pub(super) fn q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
 /// the saturating packs of ggml-cpu's x86 activation quantizers.
 #[inline(always)]
 fn round_even_sat_i8(v: f32) -> i8 {
-    v.round_ties_even().clamp(-128.0, 127.0) as i8
+    // Adding and removing 1.5·2²³ rounds to an integer, half to even, for |v| < 2²² (a library call
+    // otherwise: `round_ties_even` is `rintf` without SSE4.1 in the baseline target).
+    let r = if v.abs() < 4_194_304.0 {
+        (v + 12_582_912.0) - 12_582_912.0
+    } else {
+        v
+    };
+    r.clamp(-128.0, 127.0) as i8
 }
 
 /// Activation quantization to Q8_0 as ggml's CPU backend does it on x86 (`quantize_row_q8_0`,
