@@ -169,6 +169,46 @@ pub fn swiglu_scalar(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// [`attend_one_f16`] for the consecutive query heads of one KV group: `q` and `out` are `[n_heads, hd]`,
+/// `k_row(j)`/`v_row(j)` the group's `[hd]` key and value at position `j`. Each position's key and value are
+/// converted once for all heads; every head's result is bit-identical to its own [`attend_one_f16`] call.
+pub fn attend_heads_f16<'a>(
+    q: &[f32],
+    hd: usize,
+    n_kv: usize,
+    scale: f32,
+    k_row: impl Fn(usize) -> &'a [f16],
+    v_row: impl Fn(usize) -> &'a [f16],
+    scratch: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let n_heads = q.len() / hd.max(1);
+        if hd == 64 && (1..=8).contains(&n_heads) && has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above); shapes checked inside.
+            return unsafe { x86::attend_heads64_f16_avx2(q, n_kv, scale, k_row, v_row, out) };
+        }
+    }
+    attend_heads_f16_scalar(q, hd, n_kv, scale, k_row, v_row, scratch, out)
+}
+
+/// The scalar twin of [`attend_heads_f16`]: one [`attend_one_f16`] per head.
+pub fn attend_heads_f16_scalar<'a>(
+    q: &[f32],
+    hd: usize,
+    n_kv: usize,
+    scale: f32,
+    k_row: impl Fn(usize) -> &'a [f16],
+    v_row: impl Fn(usize) -> &'a [f16],
+    scratch: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        attend_one_f16(qh, n_kv, scale, &k_row, &v_row, scratch, oh);
+    }
+}
+
 /// The scalar tail of [`swiglu`] past the last multiple of 16 (libm's `expf`, `ggml_silu_f32`).
 fn swiglu_scalar_tail(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
@@ -442,6 +482,88 @@ mod x86 {
             sum += (x.to_f32() * y.to_f32()) as f64;
         }
         sum as f32
+    }
+
+    /// The AVX2 twin of `attend_heads_f16_scalar` for `head_dim == 64` and 1 to 8 heads: the same operations
+    /// per head as `attend_one_f16` (f16-rounded query, `dot_f16_avx2`'s product and reduction order, online
+    /// softmax with libm `expf`, an f16-rounded accumulator), with each position's key and value converted
+    /// once.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_heads64_f16_avx2<'a>(
+        q: &[f32],
+        n_kv: usize,
+        scale: f32,
+        k_row: impl Fn(usize) -> &'a [half::f16],
+        v_row: impl Fn(usize) -> &'a [half::f16],
+        out: &mut [f32],
+    ) {
+        let nh = q.len() / 64;
+        assert!((1..=8).contains(&nh) && q.len() == nh * 64 && out.len() == nh * 64);
+        let round16 = |x: __m256| _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+        let load8 = |p: &[half::f16], k: usize| {
+            assert!(p.len() >= 64);
+            // SAFETY: 8k + 8 <= 64 <= p.len() (asserted); an unaligned 16-byte load.
+            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.as_ptr().add(8 * k) as *const __m128i) })
+        };
+        let mut qf = [[_mm256_setzero_ps(); 8]; 8];
+        let mut acc = [[_mm256_setzero_ps(); 8]; 8];
+        let mut m = [f32::NEG_INFINITY; 8];
+        let mut sum = [0.0f32; 8];
+        for h in 0..nh {
+            for k in 0..8 {
+                // SAFETY: h < nh and 64h + 8k + 8 <= q.len().
+                qf[h][k] = round16(unsafe { _mm256_loadu_ps(q.as_ptr().add(64 * h + 8 * k)) });
+            }
+        }
+        for j in 0..n_kv {
+            let kr = k_row(j);
+            let kf: [__m256; 8] = std::array::from_fn(|k| load8(kr, k));
+            let vr = v_row(j);
+            let vf: [__m256; 8] = std::array::from_fn(|k| load8(vr, k));
+            for h in 0..nh {
+                let p: [__m256; 8] = std::array::from_fn(|k| _mm256_mul_ps(qf[h][k], kf[k]));
+                let lo = _mm256_add_ps(_mm256_add_ps(p[0], p[4]), _mm256_add_ps(p[2], p[6]));
+                let hi = _mm256_add_ps(_mm256_add_ps(p[1], p[5]), _mm256_add_ps(p[3], p[7]));
+                let t = _mm256_add_ps(hi, lo);
+                let mut r = _mm256_extractf128_ps(t, 1);
+                r = _mm_add_ps(r, _mm256_castps256_ps128(t));
+                r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+                r = _mm_add_ss(r, _mm_movehdup_ps(r));
+                let s = _mm_cvtss_f32(r) * scale;
+                let (mut ms, mut vs) = (1.0f32, 1.0f32);
+                if s > m[h] {
+                    let m_old = m[h];
+                    m[h] = s;
+                    ms = (m_old - s).exp();
+                    let msv = _mm256_set1_ps(ms);
+                    for a in acc[h].iter_mut() {
+                        *a = round16(_mm256_mul_ps(*a, msv));
+                    }
+                } else {
+                    vs = (s - m[h]).exp();
+                }
+                let vsv = _mm256_set1_ps(vs);
+                for (a, v) in acc[h].iter_mut().zip(&vf) {
+                    *a = round16(_mm256_fmadd_ps(*v, vsv, *a));
+                }
+                sum[h] = sum[h].mul_add(ms, vs);
+            }
+        }
+        for h in 0..nh {
+            let inv = _mm256_set1_ps(if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] });
+            for k in 0..8 {
+                // SAFETY: 64h + 8k + 8 <= out.len() (asserted).
+                unsafe {
+                    _mm256_storeu_ps(
+                        out.as_mut_ptr().add(64 * h + 8 * k),
+                        _mm256_mul_ps(acc[h][k], inv),
+                    )
+                };
+            }
+        }
     }
 
     /// AVX2+F16C twin of `mad_f16_scalar`.
@@ -824,6 +946,23 @@ mod tests {
             for ((x, gv), uv) in a.iter().zip(&g).zip(&u) {
                 let exact = (*gv as f64 / (1.0 + (-*gv as f64).exp())) * *uv as f64;
                 prop_assert!((*x as f64 - exact).abs() <= 1e-6 * (1.0 + exact.abs()), "{} vs {}", x, exact);
+            }
+        }
+
+        #[test]
+        fn grouped_f16_attention_equals_per_head_bit_for_bit(seed in 0u64..1000, n_kv in 1usize..50, nh in 1usize..5) {
+            let d = 64;
+            let mut st = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut rnd = || { st ^= st << 13; st ^= st >> 7; st ^= st << 17; ((st >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 };
+            let q: Vec<f32> = (0..nh * d).map(|_| rnd() * 4.0).collect();
+            let k: Vec<Vec<f16>> = (0..n_kv).map(|_| (0..d).map(|_| f16::from_f32(rnd() * 2.0)).collect()).collect();
+            let v: Vec<Vec<f16>> = (0..n_kv).map(|_| (0..d).map(|_| f16::from_f32(rnd())).collect()).collect();
+            let mut a = vec![0.0f32; nh * d];
+            let mut b = vec![0.0f32; nh * d];
+            attend_heads_f16(&q, d, n_kv, 0.125, |j| &k[j], |j| &v[j], &mut AttnScratch::default(), &mut a);
+            attend_heads_f16_scalar(&q, d, n_kv, 0.125, |j| &k[j], |j| &v[j], &mut AttnScratch::default(), &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                prop_assert_eq!(x.to_bits(), y.to_bits());
             }
         }
 

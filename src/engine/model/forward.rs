@@ -429,18 +429,21 @@ fn attention(
     attn: &mut [f32],
 ) {
     let hd = s.head_dim;
+    // One unit of work: the `gqa` query heads of KV group `g` for batch token `i` (their rows are
+    // contiguous in `q` and `attn`).
+    let width = s.gqa * hd;
     let row = |j: usize, g: usize| j * s.nkv + g * hd..j * s.nkv + (g + 1) * hd;
     let one = |i: usize,
                n_kv: usize,
-               head: usize,
+               g: usize,
                scores: &mut Vec<f32>,
                scratch: &mut ops::AttnScratch,
                out: &mut [f32]| {
-        let g = head / s.gqa;
-        let qh = &q[i * s.nq + head * hd..i * s.nq + (head + 1) * hd];
+        let qg = &q[i * s.nq + g * width..i * s.nq + (g + 1) * width];
         match kv {
-            Kv::F16(k, v) => ops::attend_one_f16(
-                qh,
+            Kv::F16(k, v) => ops::attend_heads_f16(
+                qg,
+                hd,
                 n_kv,
                 s.kq_scale,
                 |j| &k[row(j, g)],
@@ -450,27 +453,30 @@ fn attention(
             ),
             Kv::F32(k, v) => {
                 scores.resize(n_kv.max(scores.len()), 0.0);
-                ops::attend_one(
-                    qh,
-                    n_kv,
-                    s.kq_scale,
-                    |j| &k[row(j, g)],
-                    |j| &v[row(j, g)],
-                    scores,
-                    out,
-                )
+                for (qh, oh) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+                    ops::attend_one(
+                        qh,
+                        n_kv,
+                        s.kq_scale,
+                        |j| &k[row(j, g)],
+                        |j| &v[row(j, g)],
+                        scores,
+                        oh,
+                    );
+                }
             }
         }
     };
-    let pairs = items.len() * s.n_head;
+    let n_groups = s.n_head / s.gqa;
+    let pairs = items.len() * n_groups;
     let work: usize = items.iter().map(|&(_, n_kv)| n_kv).sum::<usize>() * s.n_head * hd;
     if pool.n_threads() == 1 || pairs < 2 || work < 1 << 16 {
         let mut scores = Vec::new();
         let mut scratch = ops::AttnScratch::default();
         for &(i, n_kv) in items {
-            for head in 0..s.n_head {
-                let out = &mut attn[i * s.nq + head * hd..i * s.nq + (head + 1) * hd];
-                one(i, n_kv, head, &mut scores, &mut scratch, out);
+            for g in 0..n_groups {
+                let out = &mut attn[i * s.nq + g * width..i * s.nq + (g + 1) * width];
+                one(i, n_kv, g, &mut scores, &mut scratch, out);
             }
         }
         return;
@@ -482,19 +488,19 @@ fn attention(
         .collect();
     pool.parallel_for(n_tasks, |t| {
         let (p0, p1) = (t * per, ((t + 1) * per).min(pairs));
-        let mut local = vec![0.0f32; p1.saturating_sub(p0) * hd];
+        let mut local = vec![0.0f32; p1.saturating_sub(p0) * width];
         let mut scores = Vec::new();
         let mut scratch = ops::AttnScratch::default();
         for p in p0..p1 {
-            let (i, n_kv) = items[p / s.n_head];
-            let head = p % s.n_head;
+            let (i, n_kv) = items[p / n_groups];
+            let g = p % n_groups;
             one(
                 i,
                 n_kv,
-                head,
+                g,
                 &mut scores,
                 &mut scratch,
-                &mut local[(p - p0) * hd..(p - p0 + 1) * hd],
+                &mut local[(p - p0) * width..(p - p0 + 1) * width],
             );
         }
         *results[t].lock().unwrap_or_else(|e| e.into_inner()) = local;
@@ -502,11 +508,11 @@ fn attention(
     for (t, r) in results.into_iter().enumerate() {
         let local = r.into_inner().unwrap_or_else(|e| e.into_inner());
         let p0 = t * per;
-        for (off, chunk) in local.chunks_exact(hd).enumerate() {
+        for (off, chunk) in local.chunks_exact(width).enumerate() {
             let p = p0 + off;
-            let (i, _) = items[p / s.n_head];
-            let head = p % s.n_head;
-            attn[i * s.nq + head * hd..i * s.nq + (head + 1) * hd].copy_from_slice(chunk);
+            let (i, _) = items[p / n_groups];
+            let g = p % n_groups;
+            attn[i * s.nq + g * width..i * s.nq + (g + 1) * width].copy_from_slice(chunk);
         }
     }
 }
