@@ -94,7 +94,6 @@ fn main() {
         let top = case["top_logprobs_first16"].as_array().unwrap();
         ctx.seq_clear(0);
         ctx.decode(&Batch::single(&ids, 0, 0)).unwrap();
-        let mut pos = ids.len() as u32;
         let mut line = String::new();
         let mut worst = 0f32;
         for (s, step) in top.iter().enumerate() {
@@ -110,8 +109,8 @@ fn main() {
             if s + 1 >= want.len() {
                 break;
             }
-            ctx.decode(&Batch::single(&want[s..s + 1], pos, 0)).unwrap();
-            pos += 1;
+            ctx.decode(&Batch::single(&want[s..s + 1], (ids.len() + s) as u32, 0))
+                .unwrap();
         }
         worst_all = worst_all.max(worst);
         println!(
@@ -121,7 +120,3 @@ fn main() {
     }
     println!("worst over all cases: {worst_all:.4}");
 }
-
-/// `PROBE_SELF=1`: our own f16-cache and f32-cache logits for the same prompts, compared (sensitivity).
-#[allow(dead_code)]
-fn self_compare() {}

@@ -172,6 +172,7 @@ pub fn swiglu_scalar(gate: &mut [f32], up: &[f32]) {
 /// [`attend_one_f16`] for the consecutive query heads of one KV group: `q` and `out` are `[n_heads, hd]`,
 /// `k_row(j)`/`v_row(j)` the group's `[hd]` key and value at position `j`. Each position's key and value are
 /// converted once for all heads; every head's result is bit-identical to its own [`attend_one_f16`] call.
+#[allow(clippy::too_many_arguments)] // the shape of attend_one_f16 plus head_dim
 pub fn attend_heads_f16<'a>(
     q: &[f32],
     hd: usize,
@@ -194,6 +195,7 @@ pub fn attend_heads_f16<'a>(
 }
 
 /// The scalar twin of [`attend_heads_f16`]: one [`attend_one_f16`] per head.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_heads_f16_scalar<'a>(
     q: &[f32],
     hd: usize,
@@ -491,6 +493,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
+    #[allow(clippy::needless_range_loop)] // heads × 8-lane pieces, as in the scalar reference
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend_heads64_f16_avx2<'a>(
         q: &[f32],

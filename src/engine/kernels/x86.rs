@@ -427,7 +427,7 @@ unsafe fn signed_x4<B: bytemuck::Pod>(
     decode: impl Fn(&B) -> __m256i,
 ) -> [f32; 4] {
     let x: &[B] = bytemuck::cast_slice(w);
-    let y: [&[BlockQ8_0]; 4] = a.map(|a| bytemuck::cast_slice(a));
+    let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
     let mut acc = [_mm256_setzero_ps(); 4];
     for (i, xb) in x.iter().enumerate() {
         let qx = decode(xb);
@@ -483,7 +483,7 @@ unsafe fn q8_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_q8_1_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     let x: &[BlockQ4_1] = bytemuck::cast_slice(w);
-    let y: [&[BlockQ8_1]; 4] = a.map(|a| bytemuck::cast_slice(a));
+    let y: [&[BlockQ8_1]; 4] = a.map(bytemuck::cast_slice);
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut summs = [0f32; 4];
     for (i, xb) in x.iter().enumerate() {
