@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod gpu;
 pub mod init;
 pub mod logs;
 pub mod metrics;
