@@ -334,9 +334,15 @@ async fn a_load_that_cannot_fit_is_refused_with_the_numbers_and_starts_nothing()
         .unwrap()
         .len()
         >> 20;
-    assert!(need > file_mib && need < 4 * file_mib, "need {need} MiB: {msg}");
+    assert!(
+        need > file_mib && need < 4 * file_mib,
+        "need {need} MiB: {msg}"
+    );
     assert!(used > 0 && used < total, "{msg}");
-    assert!(limit.abs_diff(total / 100) <= 1, "limit 1 % of total: {msg}");
+    assert!(
+        limit.abs_diff(total / 100) <= 1,
+        "limit 1 % of total: {msg}"
+    );
     assert!(used + need > limit, "{msg}");
     assert!(s.workers().is_empty(), "no worker may be started");
     let token = s.login().await;

@@ -188,8 +188,10 @@ async fn long_stream(
     let mut r = s
         .http
         .post(format!("{}/v1/completions", s.base))
-        .json(&json!({"model": model, "prompt": COUNTING, "max_tokens": max_tokens,
-                       "temperature": 0, "stream": true}))
+        .json(
+            &json!({"model": model, "prompt": COUNTING, "max_tokens": max_tokens,
+                       "temperature": 0, "stream": true}),
+        )
         .send()
         .await
         .unwrap();
@@ -444,6 +446,85 @@ async fn a_worker_killed_mid_request_gives_502_and_the_next_request_reloads() {
     assert!(
         metrics.contains("cyber_inference_worker_crashes_total 1"),
         "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_resource_monitor_samples_the_machine_the_worker_and_no_gpu_without_nvml() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let token = s.login().await;
+    let r = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .json(&json!({"model": SMOL_ID, "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pid = worker_of(&s, &token, SMOL_ID).await.unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    // A sample (every 2 s) that has seen the worker.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sample = loop {
+        let (st, v) = s.admin_get(&token, "/admin/api/resources").await;
+        assert_eq!(st, 200);
+        let w = v["sample"]["workers"].as_array().and_then(|w| {
+            w.iter()
+                .find(|w| w["pid"].as_u64() == Some(pid) && w["rss_bytes"].as_u64() > Some(0))
+                .cloned()
+        });
+        if let Some(w) = w {
+            break (v["sample"].clone(), w);
+        }
+        assert!(Instant::now() < deadline, "no worker in {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (m, w) = sample;
+    assert_eq!(w["model"], SMOL_ID);
+    // The worker maps a 90 MB file and holds its KV cache: tens of MiB at least.
+    assert!(w["rss_bytes"].as_u64().unwrap() > 20 << 20, "{w}");
+    let total = m["memory_total_bytes"].as_u64().unwrap();
+    let used = m["memory_used_bytes"].as_u64().unwrap();
+    let avail = m["memory_available_bytes"].as_u64().unwrap();
+    assert!(total > 0 && used + avail == total, "{m}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        m["per_core_percent"].as_array().unwrap().len() >= cores,
+        "{m}"
+    );
+    let labels: Vec<&str> = m["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["total_bytes"].as_u64() > Some(0))
+        .filter_map(|d| d["label"].as_str())
+        .collect();
+    assert_eq!(labels, ["models_dir", "data_dir"], "{m}");
+    assert!(m["supervisor_rss_bytes"].as_u64() > Some(0), "{m}");
+    // No NVML library on the machine: no GPU, and no error.
+    let nvml = [
+        "/usr/lib",
+        "/usr/lib64",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+    ]
+    .iter()
+    .any(|d| std::path::Path::new(d).join("libnvidia-ml.so.1").exists());
+    if !nvml {
+        assert_eq!(m["gpus"], json!([]), "{m}");
+        assert!(!s.log().contains("NVML"), "no NVML warning: {}", s.log());
+    }
+    // History keeps the samples for the UI.
+    let (_, h) = s.admin_get(&token, "/admin/api/resources/history").await;
+    assert!(!h["samples"].as_array().unwrap().is_empty());
+    // The measured peak RSS is recorded for the admission estimate.
+    let (_, model) = s
+        .admin_get(&token, &format!("/admin/api/models/{SMOL_ID}"))
+        .await;
+    assert!(
+        model["sessions"][0]["peak_rss_bytes"].as_i64() > Some(20 << 20),
+        "{model}"
     );
 }
 

@@ -118,10 +118,11 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
         })
         .filter(|h| *h > 0)
         .or(n_head);
-    let head_dim_k = geti(&format!("{a}.attention.key_length")).or_else(|| match (n_embd, n_head) {
-        (Some(e), Some(h)) if h > 0 => Some(e / h),
-        _ => None,
-    });
+    let head_dim_k =
+        geti(&format!("{a}.attention.key_length")).or_else(|| match (n_embd, n_head) {
+            (Some(e), Some(h)) if h > 0 => Some(e / h),
+            _ => None,
+        });
     let head_dim_v = geti(&format!("{a}.attention.value_length")).or(head_dim_k);
     let embedding = EMBEDDING_ARCHES.contains(&a.as_str())
         || f.get(&format!("{a}.pooling_type")).is_some() && !a.starts_with("qwen");
@@ -136,9 +137,7 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
         // The mean of the key and value widths (they differ in a few architectures): the KV estimate
         // counts 2 × n_embd_kv per position and layer.
         n_embd_kv: match (n_head_kv, head_dim_k, head_dim_v) {
-            (Some(h), Some(k), Some(v)) => h
-                .checked_mul(k.saturating_add(v))
-                .map(|x| (x + 1) / 2),
+            (Some(h), Some(k), Some(v)) => h.checked_mul(k.saturating_add(v)).map(|x| (x + 1) / 2),
             _ => None,
         },
         embedding,

@@ -226,9 +226,14 @@ mod tests {
             t.elapsed()
         );
         let has_lib = LIB_NAMES.iter().any(|l| {
-            ["/usr/lib", "/usr/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"]
-                .iter()
-                .any(|d| std::path::Path::new(d).join(l).exists())
+            [
+                "/usr/lib",
+                "/usr/lib64",
+                "/usr/lib/x86_64-linux-gnu",
+                "/usr/lib/aarch64-linux-gnu",
+            ]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(l).exists())
         });
         if !has_lib {
             assert!(!g.available());

@@ -1222,7 +1222,10 @@ mod tests {
         let r = row("a");
         // ctx is capped by the trained context (4096); the 2 slots share it (the worker splits `-c`), so
         // the slots do not multiply the cache: 2 (K, V) · 30 layers · 4096 positions · 192 · 2 bytes.
-        assert_eq!(m.worker_params(&r), (4096, Settings::default().worker_threads(), 2));
+        assert_eq!(
+            m.worker_params(&r),
+            (4096, Settings::default().worker_threads(), 2)
+        );
         let kv = 2 * 30 * 4096 * 192 * 2;
         assert_eq!(kv_cache_bytes(30, 192, 4096), kv);
         assert_eq!(kv, 90 << 20, "SmolLM2-135M at 4096 positions: 90 MiB");
