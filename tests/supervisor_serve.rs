@@ -450,6 +450,59 @@ async fn a_worker_killed_mid_request_gives_502_and_the_next_request_reloads() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_in_openai_shape() {
+    let s = Server::start(&[SMOL], &[("DEFAULT_CONTEXT_SIZE", "8192")]).await;
+    let token = s.login().await;
+    let rate = decode_rate(&s, SMOL_ID).await;
+    let pid = worker_of(&s, &token, SMOL_ID).await.unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let (mut r, mut body, _) = long_stream(&s, SMOL_ID, rate, 20.0).await;
+    // Some tokens have come through, then the worker dies.
+    while body.matches("\"text\"").count() < 3 {
+        let c = r.chunk().await.unwrap().expect("the stream ended early");
+        body.push_str(&String::from_utf8_lossy(&c));
+    }
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let body = drain(r, body).await;
+    assert!(
+        !body.contains("[DONE]"),
+        "a cut stream must not look complete: {body}"
+    );
+    let last = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .last()
+        .unwrap();
+    let v: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    assert_eq!(v["error"]["type"], "server_error", "{last}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("worker"),
+        "{last}"
+    );
+    // The request is logged as a 502.
+    let db_path = s.data_dir().join("cyber-inference.db");
+    let url = format!("sqlite://{}?mode=ro", db_path.display());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM requests WHERE status = 502")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 502 row in `requests`");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_resource_monitor_samples_the_machine_the_worker_and_no_gpu_without_nvml() {
     let s = Server::start(&[SMOL], &[]).await;
     let token = s.login().await;
