@@ -475,7 +475,7 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_in_openai_shap
     let last = body
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .last()
+        .next_back()
         .unwrap();
     let v: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
     assert_eq!(v["error"]["type"], "server_error", "{last}");
