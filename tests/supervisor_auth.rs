@@ -316,6 +316,34 @@ async fn a_load_that_cannot_fit_is_refused_with_the_numbers_and_starts_nothing()
         msg.contains("MiB") && msg.contains("MAX_MEMORY_PERCENT=1%"),
         "{msg}"
     );
+    // The numbers: need, used, total and the limit, consistent with each other and with the model.
+    let mib = |w: &str| -> u64 {
+        let i = msg.find(w).unwrap_or_else(|| panic!("`{w}` in {msg}"));
+        msg[..i]
+            .trim_end()
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a number before `{w}` in {msg}"))
+    };
+    let need = mib(" MiB, ");
+    let used = mib(" MiB of ");
+    let total = mib(" MiB are in use");
+    let limit = mib(" MiB); ");
+    let file_mib = std::fs::metadata(model_file("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap()
+        .len()
+        >> 20;
+    assert!(
+        need > file_mib && need < 4 * file_mib,
+        "need {need} MiB: {msg}"
+    );
+    assert!(used > 0 && used < total, "{msg}");
+    assert!(
+        limit.abs_diff(total / 100) <= 1,
+        "limit 1 % of total: {msg}"
+    );
+    assert!(used + need > limit, "{msg}");
     assert!(s.workers().is_empty(), "no worker may be started");
     let token = s.login().await;
     let (_, m) = s

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::gguf::{GgufFile, keys};
+use crate::engine::gguf::{self, GgufFile, keys};
 
 use super::db::{Db, DbError, ScannedModel};
 
@@ -105,11 +105,25 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
         });
     let n_embd = geti(&format!("{a}.embedding_length"));
     let n_head = geti(&format!("{a}.attention.head_count"));
-    let n_head_kv = geti(&format!("{a}.attention.head_count_kv")).or(n_head);
-    let head_dim = geti(&format!("{a}.attention.key_length")).or_else(|| match (n_embd, n_head) {
-        (Some(e), Some(h)) if h > 0 => Some(e / h),
-        _ => None,
-    });
+    // `head_count_kv` may be one number or one per layer (models with uneven layers): the largest counts.
+    let n_head_kv = f
+        .get(&format!("{a}.attention.head_count_kv"))
+        .and_then(|v| match v {
+            gguf::Value::Array(arr) => arr
+                .iter()
+                .filter_map(|x| x.as_int())
+                .max()
+                .and_then(|x| i64::try_from(x).ok()),
+            v => v.as_int().and_then(|x| i64::try_from(x).ok()),
+        })
+        .filter(|h| *h > 0)
+        .or(n_head);
+    let head_dim_k =
+        geti(&format!("{a}.attention.key_length")).or_else(|| match (n_embd, n_head) {
+            (Some(e), Some(h)) if h > 0 => Some(e / h),
+            _ => None,
+        });
+    let head_dim_v = geti(&format!("{a}.attention.value_length")).or(head_dim_k);
     let embedding = EMBEDDING_ARCHES.contains(&a.as_str())
         || f.get(&format!("{a}.pooling_type")).is_some() && !a.starts_with("qwen");
     Ok(ScannedModel {
@@ -120,8 +134,10 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
         quantization: quant,
         context_length: geti(&keys::context_length(&a)),
         n_layer: geti(&format!("{a}.block_count")),
-        n_embd_kv: match (n_head_kv, head_dim) {
-            (Some(h), Some(d)) => Some(h * d),
+        // The mean of the key and value widths (they differ in a few architectures): the KV estimate
+        // counts 2 × n_embd_kv per position and layer.
+        n_embd_kv: match (n_head_kv, head_dim_k, head_dim_v) {
+            (Some(h), Some(k), Some(v)) => h.checked_mul(k.saturating_add(v)).map(|x| (x + 1) / 2),
             _ => None,
         },
         embedding,

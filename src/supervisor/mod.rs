@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod gpu;
 pub mod init;
 pub mod logs;
 pub mod metrics;
@@ -253,6 +254,13 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             addr: addr.clone(),
             source,
         })?;
+    // No Nagle: a streamed chunk written right after the headers (or the previous chunk) would otherwise
+    // wait for the client's delayed ACK (up to 40 ms on Linux) — time to first token is what users see.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     tracing::info!(%addr, db = %ini.db_path.display(), "supervisor listening");
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(

@@ -1,7 +1,7 @@
 //! The resource monitor: every 2 s samples CPU (total and per core), RAM, swap, the disks of MODELS_DIR
 //! and DATA_DIR and each worker's RSS and CPU with sysinfo; keeps 15 minutes of samples for the UI,
 //! publishes each sample as an event and records each model's peak RSS (the admission estimate).
-//! GPUs: none are reported (no NVML binding in this build; a machine without a driver is "no GPU").
+//! GPUs come from NVML (see `gpu`): a machine without the driver has none.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use sysinfo::{Disks, Pid, ProcessesToUpdate, System};
 
 use super::db::{Db, now_ms};
 use super::events::{Event, Events};
+use super::gpu::Gpus;
 use super::process::Manager;
 
 /// Seconds between samples.
@@ -41,13 +42,21 @@ pub struct WorkerSample {
     pub cpu_percent: f32,
 }
 
-/// One GPU's usage (reported when an NVML driver is present).
-#[derive(Clone, Debug, Serialize)]
+/// One GPU's usage (reported when an NVML driver is present). A value the device does not report is
+/// `None` (`null` in JSON).
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GpuSample {
+    /// NVML's device index.
+    pub index: u32,
     pub name: String,
+    /// Percent of the last sample period a kernel was running.
     pub utilization_percent: Option<u32>,
     pub memory_used_bytes: Option<u64>,
     pub memory_total_bytes: Option<u64>,
+    /// True on unified-memory devices (Jetson), where the memory figures are the system's
+    /// (`/proc/meminfo`) because NVML does not report them.
+    pub unified_memory: bool,
+    /// Degrees Celsius (the die sensor).
     pub temperature_c: Option<u32>,
     pub power_watts: Option<f64>,
 }
@@ -101,6 +110,7 @@ impl Monitor {
 struct Sampler {
     sys: System,
     disks: Disks,
+    gpus: Gpus,
     dirs: Vec<(&'static str, PathBuf)>,
     peaks: HashMap<i64, u64>,
 }
@@ -171,7 +181,7 @@ impl Sampler {
             swap_used_bytes: self.sys.used_swap(),
             disks,
             workers: ws,
-            gpus: Vec::new(),
+            gpus: self.gpus.sample(),
             supervisor_rss_bytes: self.sys.process(me).map_or(0, |p| p.memory()),
         };
         (s, new_peaks)
@@ -192,6 +202,8 @@ pub fn spawn(
     let mut sampler = Sampler {
         sys: System::new(),
         disks: Disks::new_with_refreshed_list(),
+        // Probed in the task below, off the start-up path.
+        gpus: Gpus::none(),
         dirs: vec![
             ("models_dir", models_dir.to_path_buf()),
             ("data_dir", data_dir.to_path_buf()),
@@ -200,6 +212,10 @@ pub fn spawn(
     };
     let m = mon.clone();
     tokio::spawn(async move {
+        match tokio::task::spawn_blocking(Gpus::probe).await {
+            Ok(g) => sampler.gpus = g,
+            Err(e) => tracing::warn!("GPU probe failed: {e}; no GPU"),
+        }
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -420,11 +420,11 @@ impl Manager {
         })
     }
 
-    /// Estimated resident memory of a worker for `m` (bytes): the measured peak RSS when known, else the
-    /// file size + an f16 KV cache of n_layer × n_embd_kv × ctx × slots × 2 (K and V) × 2 bytes, plus a
-    /// margin of 64 MiB + 10 % of the file.
+    /// Estimated resident memory of a worker for `m` (bytes): the measured peak RSS (+ 64 MiB) when known,
+    /// else the file size + its f16 KV cache ([`kv_cache_bytes`] for the worker's total context, which the
+    /// worker splits over its slots as llama-server does) + a margin of 64 MiB and 10 % of the file.
     pub fn estimate(&self, m: &ModelRow) -> u64 {
-        let (ctx, _, parallel) = self.worker_params(m);
+        let (ctx, _, _) = self.worker_params(m);
         let size = m.size_bytes.max(0) as u64;
         let margin = MARGIN_BYTES + size / 10;
         if let Some(peak) = m.peak_rss_bytes.filter(|p| *p > 0) {
@@ -432,7 +432,7 @@ impl Manager {
         }
         let kv = match (m.n_layer, m.n_embd_kv) {
             (Some(l), Some(e)) if !m.embedding => {
-                (l.max(0) as u64) * (e.max(0) as u64) * u64::from(ctx) * u64::from(parallel) * 4
+                kv_cache_bytes(l.max(0) as u64, e.max(0) as u64, u64::from(ctx))
             }
             _ => 0,
         };
@@ -490,7 +490,10 @@ impl Manager {
     }
 
     /// Waits until `m` fits (count and memory), unloading LRU idle models. Called under the model's load
-    /// lock; holds the admission lock.
+    /// lock; holds the admission lock. A model that does not fit waits (at most [`ADMISSION_WAIT`]) while
+    /// other unpinned workers are busy or draining — they become evictable once their requests end, and
+    /// no request is ever cut for it — and is refused at once when even unloading every other unpinned
+    /// worker could not make room.
     async fn admit(self: &Arc<Self>, m: &ModelRow) -> Result<(), LoadError> {
         let _adm = self.admission.lock().await;
         let deadline = Instant::now() + ADMISSION_WAIT;
@@ -498,19 +501,11 @@ impl Manager {
         loop {
             let mut rx = self.changed.subscribe();
             let s = self.settings();
-            let (loaded, draining): (usize, usize) = {
-                let slots = self.slots();
-                let others = slots
-                    .iter()
-                    .filter(|(n, s)| n.as_str() != m.name && s.state.has_process());
-                others.fold((0, 0), |(l, d), (_, s)| {
-                    (l + 1, d + usize::from(s.state == ModelState::Draining))
-                })
-            };
+            let others = self.others(&m.name);
             let (total, used) = self.memory();
             let limit = total / 100 * u64::from(s.max_memory_percent);
-            let count_ok = loaded < s.max_loaded_models as usize;
-            let mem_ok = used + need <= limit;
+            let count_ok = others.loaded < s.max_loaded_models as usize;
+            let mem_ok = used.saturating_add(need) <= limit;
             if count_ok && mem_ok {
                 return Ok(());
             }
@@ -526,25 +521,35 @@ impl Manager {
                 self.unload(&victim, &why);
                 continue;
             }
-            if !mem_ok && draining == 0 {
-                // Nothing idle to unload and nothing on its way out: it cannot fit now.
-                let mib = |b: u64| b / (1024 * 1024);
-                return Err(LoadError::InsufficientMemory {
-                    model: m.name.clone(),
-                    need_mib: mib(need),
-                    used_mib: mib(used),
-                    total_mib: mib(total),
-                    limit_mib: mib(limit),
-                    percent: s.max_memory_percent,
-                });
+            let mib = |b: u64| b / (1024 * 1024);
+            let no_memory = || LoadError::InsufficientMemory {
+                model: m.name.clone(),
+                need_mib: mib(need),
+                used_mib: mib(used),
+                total_mib: mib(total),
+                limit_mib: mib(limit),
+                percent: s.max_memory_percent,
+            };
+            let too_many = |waited_s: u64| LoadError::TooManyLoaded {
+                model: m.name.clone(),
+                loaded: others.loaded,
+                max: s.max_loaded_models,
+                waited_s,
+            };
+            // Nothing idle to unload now. Give up at once when waiting cannot help.
+            if !mem_ok && !others.may_free(used, need, limit) {
+                return Err(no_memory());
+            }
+            if !count_ok && others.releasable == 0 && others.loading == 0 {
+                // Every other worker is pinned.
+                return Err(too_many(0));
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(LoadError::TooManyLoaded {
-                    model: m.name.clone(),
-                    loaded,
-                    max: s.max_loaded_models,
-                    waited_s: ADMISSION_WAIT.as_secs(),
+                return Err(if mem_ok {
+                    too_many(ADMISSION_WAIT.as_secs())
+                } else {
+                    no_memory()
                 });
             }
             // Wait for a request to finish or a worker to stop (re-check at least every second: memory
@@ -553,6 +558,25 @@ impl Manager {
                 tokio::time::timeout((deadline - now).min(Duration::from_secs(1)), rx.changed())
                     .await;
         }
+    }
+
+    /// What the other models' workers hold, for [`Manager::admit`].
+    fn others(&self, but: &str) -> Others {
+        let slots = self.slots();
+        let mut o = Others::default();
+        for (_, s) in slots.iter().filter(|(n, _)| n.as_str() != but) {
+            if !s.state.has_process() {
+                continue;
+            }
+            o.loaded += 1;
+            match s.state {
+                ModelState::Loading => o.loading += 1,
+                ModelState::Draining => o.add_releasable(s.rss),
+                ModelState::Ready if !s.pinned => o.add_releasable(s.rss),
+                _ => {}
+            }
+        }
+        o
     }
 
     /// Picks a free port from WORKER_BASE_PORT up: not used by another worker and bindable now.
@@ -853,7 +877,7 @@ impl Manager {
     }
 
     async fn kill_now(&self, w: &Worker) {
-        let _ = sys::signal_group(w.pid, libc::SIGKILL);
+        let _ = sys::signal_group(w.pid, sys::Signal::SIGKILL);
     }
 
     /// Starts unloading `model`: ready → draining (new requests wait), then, once no request is in
@@ -902,7 +926,7 @@ impl Manager {
 
     /// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL; returns when the process has exited.
     async fn terminate(&self, w: &Worker) {
-        let _ = sys::signal_group(w.pid, libc::SIGTERM);
+        let _ = sys::signal_group(w.pid, sys::Signal::SIGTERM);
         let mut rx = w.exited.clone();
         if tokio::time::timeout(STOP_GRACE, rx.wait_for(|e| e.is_some()))
             .await
@@ -913,7 +937,7 @@ impl Manager {
                 "worker ignored SIGTERM for {} s; SIGKILL",
                 STOP_GRACE.as_secs()
             );
-            let _ = sys::signal_group(w.pid, libc::SIGKILL);
+            let _ = sys::signal_group(w.pid, sys::Signal::SIGKILL);
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|e| e.is_some())).await;
         }
@@ -1007,13 +1031,13 @@ impl Manager {
                 && sys::pid_alive(pid)
                 && sys::cmdline(pid).contains(&s.instance)
             {
-                let _ = sys::signal_group(pid, libc::SIGTERM);
+                let _ = sys::signal_group(pid, sys::Signal::SIGTERM);
                 let deadline = Instant::now() + STOP_GRACE;
                 while sys::pid_alive(pid) && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if sys::pid_alive(pid) {
-                    let _ = sys::signal_group(pid, libc::SIGKILL);
+                    let _ = sys::signal_group(pid, sys::Signal::SIGKILL);
                 }
                 reason = format!("reaped orphan worker pid {pid} at supervisor start");
                 tracing::warn!("{reason}");
@@ -1026,6 +1050,50 @@ impl Manager {
         }
         killed
     }
+}
+
+/// The other workers as admission sees them.
+#[derive(Debug, Default, PartialEq)]
+struct Others {
+    /// Workers with a process (loading, ready or draining).
+    loaded: usize,
+    /// Of those, still loading (they may become evictable).
+    loading: usize,
+    /// Workers that will or may go away without cutting a request: draining, or ready and unpinned.
+    releasable: usize,
+    /// Their measured RSS (bytes).
+    releasable_rss: u64,
+    /// Whether one of them has no RSS sample yet (its size is unknown).
+    unmeasured: bool,
+}
+
+impl Others {
+    fn add_releasable(&mut self, rss: u64) {
+        self.releasable += 1;
+        self.releasable_rss = self.releasable_rss.saturating_add(rss);
+        self.unmeasured |= rss == 0;
+    }
+
+    /// Whether unloading every releasable worker may bring `used + need` under `limit` (an unmeasured
+    /// worker might be large enough, and a loading one may become releasable).
+    fn may_free(&self, used: u64, need: u64, limit: u64) -> bool {
+        (self.releasable > 0 && self.unmeasured)
+            || self.loading > 0
+            || used
+                .saturating_sub(self.releasable_rss)
+                .saturating_add(need)
+                <= limit
+    }
+}
+
+/// Bytes of an f16 KV cache (keys and values) of `n_layer` layers × `n_ctx_total` positions (all slots
+/// together) × `n_embd_kv` elements: `2 · n_layer · n_ctx_total · n_embd_kv · 2`. Saturates instead of
+/// overflowing on absurd metadata.
+pub fn kv_cache_bytes(n_layer: u64, n_embd_kv: u64, n_ctx_total: u64) -> u64 {
+    2u64.saturating_mul(n_layer)
+        .saturating_mul(n_ctx_total)
+        .saturating_mul(n_embd_kv)
+        .saturating_mul(2)
 }
 
 /// Delay before retrying a model whose worker failed `n` times in a row: none after the first failure
@@ -1124,13 +1192,49 @@ mod tests {
         }
     }
 
+    #[test]
+    fn admission_gives_up_only_when_unloading_cannot_help() {
+        let mib = |n: u64| n << 20;
+        // Nobody else: 950 MiB used of a 900 MiB limit cannot fit 100 MiB.
+        assert!(!Others::default().may_free(mib(950), mib(100), mib(900)));
+        assert!(Others::default().may_free(mib(700), mib(100), mib(900)));
+        // A busy worker of 300 MiB: unloading it once its stream ends makes room → wait.
+        let mut o = Others::default();
+        o.add_releasable(mib(300));
+        assert!(o.may_free(mib(950), mib(100), mib(900)));
+        // … but not when even without it the model is too big.
+        assert!(!o.may_free(mib(950), mib(500), mib(900)));
+        // A worker not measured yet might be big enough: wait for it.
+        o.add_releasable(0);
+        assert!(o.may_free(mib(950), mib(500), mib(900)));
+        // A loading worker may become releasable.
+        let o = Others {
+            loading: 1,
+            loaded: 1,
+            ..Others::default()
+        };
+        assert!(o.may_free(mib(950), mib(500), mib(900)));
+    }
+
     #[tokio::test]
     async fn estimate_uses_kv_then_measured_peak() {
         let (_d, m, _db) = manager().await;
         let r = row("a");
-        // ctx is capped by the trained context (4096), 2 slots.
-        assert_eq!(m.worker_params(&r).0, 4096);
-        let kv = 30 * 192 * 4096 * 2 * 4;
+        // ctx is capped by the trained context (4096); the 2 slots share it (the worker splits `-c`), so
+        // the slots do not multiply the cache: 2 (K, V) · 30 layers · 4096 positions · 192 · 2 bytes.
+        assert_eq!(
+            m.worker_params(&r),
+            (4096, Settings::default().worker_threads(), 2)
+        );
+        let kv = 2 * 30 * 4096 * 192 * 2;
+        assert_eq!(kv_cache_bytes(30, 192, 4096), kv);
+        assert_eq!(kv, 90 << 20, "SmolLM2-135M at 4096 positions: 90 MiB");
+        // More slots: the same total context, the same cache.
+        let four = ModelRow {
+            parallel: Some(4),
+            ..r.clone()
+        };
+        assert_eq!(m.estimate(&four), m.estimate(&r));
         assert_eq!(
             m.estimate(&r),
             (100 << 20) + kv + MARGIN_BYTES + (100 << 20) / 10

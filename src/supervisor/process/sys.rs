@@ -1,8 +1,12 @@
 //! The few operating-system calls the process manager needs that std does not offer: the parent-death
 //! signal, signals to a process group, and liveness checks. Linux-first; other Unixes get process groups
-//! only. This is the supervisor's only `unsafe` (FFI calls to libc), kept here with SAFETY notes.
+//! only. Signals and prctl(2) go through `nix`'s safe wrappers; the one `unsafe` left in the supervisor is
+//! std's `pre_exec` (unsafe by its API: the closure runs between fork and exec), kept here with its SAFETY
+//! note.
 
 use std::io;
+
+pub use nix::sys::signal::Signal;
 
 /// Puts the child in its own process group (so signals reach the worker and anything it starts, and a
 /// terminal's Ctrl-C does not) and, on Linux, asks the kernel to SIGKILL it when the supervisor dies, even
@@ -12,24 +16,17 @@ pub fn configure_worker_command(cmd: &mut tokio::process::Command) {
     cmd.process_group(0);
     #[cfg(target_os = "linux")]
     {
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the forked child before exec and only calls the async-signal-safe
-        // functions prctl(2) and getppid(2); it allocates nothing and touches no lock.
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and only makes the async-signal-safe
+        // system calls prctl(2) and getppid(2) (through nix's and std's thin wrappers, which allocate
+        // nothing and take no lock); its error path builds an `io::Error` from an errno code, which does
+        // not allocate either.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
                 // The supervisor may have died between fork and prctl: then nobody would kill us.
-                if libc::getppid() != parent {
-                    return Err(io::Error::other("supervisor exited during spawn"));
+                if std::os::unix::process::parent_id() != parent {
+                    return Err(io::Error::from(io::ErrorKind::BrokenPipe));
                 }
                 Ok(())
             });
@@ -37,12 +34,13 @@ pub fn configure_worker_command(cmd: &mut tokio::process::Command) {
     }
 }
 
-/// Sends `signal` (e.g. `libc::SIGTERM`) to the process group led by `pid`. A group that no longer exists
-/// is not an error.
+/// Sends `signal` (e.g. [`Signal::SIGTERM`]) to the process group led by `pid`. A group that no longer
+/// exists is not an error.
 ///
-/// Errors: the OS error of kill(2) other than ESRCH (e.g. EPERM).
-pub fn signal_group(pid: u32, signal: i32) -> io::Result<()> {
-    let Ok(pgid) = libc::pid_t::try_from(pid) else {
+/// Errors: the OS error of killpg(3) other than ESRCH (e.g. EPERM); a pid that is not a valid group leader
+/// id (0, 1, or past `pid_t`) is refused.
+pub fn signal_group(pid: u32, signal: Signal) -> io::Result<()> {
+    let Ok(pgid) = i32::try_from(pid) else {
         return Err(io::Error::other(format!("pid {pid} out of range")));
     };
     if pgid <= 1 {
@@ -50,16 +48,9 @@ pub fn signal_group(pid: u32, signal: i32) -> io::Result<()> {
             "refusing to signal process group {pgid}"
         )));
     }
-    // SAFETY: kill(2) with a negative pid signals a process group; it has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(-pgid, signal) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(e)
+    match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
     }
 }
 
@@ -116,7 +107,7 @@ mod tests {
         assert!(!cmdline(me).is_empty());
         assert!(!pid_alive(u32::MAX - 1));
         assert!(
-            signal_group(1, libc::SIGTERM).is_err(),
+            signal_group(1, Signal::SIGTERM).is_err(),
             "never signal init's group"
         );
     }
@@ -129,11 +120,11 @@ mod tests {
         let mut child = cmd.spawn().unwrap();
         let pid = child.id().unwrap();
         assert!(children_of(std::process::id()).contains(&pid));
-        signal_group(pid, libc::SIGKILL).unwrap();
+        signal_group(pid, Signal::SIGKILL).unwrap();
         let st = child.wait().await.unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(st.signal(), Some(libc::SIGKILL));
         // Already gone: not an error.
-        signal_group(pid, libc::SIGTERM).unwrap();
+        signal_group(pid, Signal::SIGTERM).unwrap();
     }
 }
