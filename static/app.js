@@ -284,6 +284,234 @@ function renderLoaded(workers) {
   $('#loaded-empty').hidden = live.length > 0;
 }
 
+// ------------------------------------------------------------------ Hugging Face downloads (models page)
+// Routes of the hub's admin API: GET /admin/api/models/repo-files?repo_id=&revision=,
+// POST /admin/api/models/download {repo_id, filename?, revision?} → 202 {id}, GET /admin/api/downloads,
+// DELETE /admin/api/downloads/{id}, and `download*` events on /admin/api/events. A build without them
+// answers axum's bare 404 (no JSON body): then the form is replaced by a plain notice.
+const FINISHED = ['done', 'completed', 'complete', 'finished', 'failed', 'error', 'cancelled', 'canceled'];
+
+/** A download record in one shape whatever names the API uses for its fields. */
+function normDownload(d) {
+  const p = d.progress && typeof d.progress === 'object' ? d.progress : {};
+  const pick = (...ks) => { for (const k of ks) { if (d[k] !== undefined && d[k] !== null) return d[k]; if (p[k] !== undefined && p[k] !== null) return p[k]; } return undefined; };
+  const num = (v) => (v === undefined || v === null || Number.isNaN(Number(v)) ? undefined : Number(v));
+  const err = pick('error', 'reason', 'message');
+  return {
+    id: String(pick('id', 'download_id')),
+    repo: pick('repo_id', 'repo') || '',
+    file: pick('filename', 'file') || '',
+    state: pick('state', 'status', 'phase') === undefined ? undefined : String(pick('state', 'status', 'phase')).toLowerCase(),
+    bytes: num(pick('bytes', 'downloaded', 'downloaded_bytes', 'bytes_done')),
+    total: num(pick('total', 'total_bytes', 'total_size', 'size')),
+    rate: num(pick('rate', 'bytes_per_sec', 'rate_bytes_per_sec')),
+    error: err && typeof err === 'object' ? (err.message || JSON.stringify(err)) : err,
+  };
+}
+
+function initHub() {
+  const form = $('#hf-form');
+  if (!form) return;
+  const status = $('#hf-status'), errEl = $('#hf-error'), filesBox = $('#hf-files');
+  const downloads = new Map();
+  let pollTimer = null;
+  const missingRoute = (e) => e.status === 404 && !e.data;
+  const unavailable = () => {
+    $('#hf-unavailable').hidden = false;
+    form.hidden = true;
+    filesBox.hidden = true;
+    for (const el of [$('#dl-h'), $('#downloads-wrap'), $('#downloads-empty')]) el.hidden = true;
+  };
+
+  const render = () => {
+    const tbody = $('#downloads tbody');
+    tbody.textContent = '';
+    for (const d of downloads.values()) {
+      const tr = document.createElement('tr');
+      tr.dataset.download = d.id;
+      tr.dataset.state = d.state;
+      const td = () => { const c = document.createElement('td'); tr.append(c); return c; };
+      const name = td();
+      name.textContent = d.file ? `${d.repo} / ${d.file}` : d.repo;
+      const prog = td();
+      const bar = document.createElement('progress');
+      bar.max = d.total || 1;
+      bar.value = Math.min(d.bytes, d.total || 1);
+      bar.setAttribute('aria-label', `download of ${d.file || d.repo}`);
+      const txt = document.createElement('span');
+      txt.className = 'small';
+      txt.textContent = d.total ? ` ${fmtBytes(d.bytes)} of ${fmtBytes(d.total)} (${(100 * d.bytes / d.total).toFixed(1)}%)` : ` ${fmtBytes(d.bytes)}`;
+      prog.append(bar, txt);
+      td().textContent = FINISHED.includes(d.state) || !d.rate ? '–' : `${fmtBytes(d.rate)}/s`;
+      const st = td();
+      st.textContent = d.state;
+      st.className = `state state-${['failed', 'error'].includes(d.state) ? 'failed' : ['done', 'completed', 'complete', 'finished'].includes(d.state) ? 'ready' : d.state === 'cancelled' ? 'stopped' : 'loading'}`;
+      if (d.error) {
+        const e = document.createElement('div');
+        e.className = 'error small';
+        e.textContent = d.error;
+        st.append(e);
+      }
+      const act = td();
+      if (!FINISHED.includes(d.state)) {
+        const b = document.createElement('button');
+        b.type = 'button';
+        b.className = 'danger';
+        b.textContent = 'Cancel';
+        b.setAttribute('aria-label', `Cancel download of ${d.file || d.repo}`);
+        b.addEventListener('click', () => cancel(d.id, b));
+        act.append(b);
+      }
+      tbody.append(tr);
+    }
+    $('#downloads-wrap').hidden = downloads.size === 0;
+    $('#downloads-empty').hidden = downloads.size > 0;
+  };
+
+  const update = (raw) => {
+    const d = normDownload(raw);
+    if (d.id === 'undefined') return;
+    const before = downloads.get(d.id);
+    const given = Object.fromEntries(Object.entries(d).filter(([, v]) => v !== undefined && v !== ''));
+    const merged = { state: 'queued', bytes: 0, total: 0, rate: 0, repo: '', file: '', ...before, ...given };
+    downloads.set(d.id, merged);
+    if (before && !FINISHED.includes(before.state) && ['done', 'completed', 'complete', 'finished'].includes(merged.state)) {
+      flash(`downloaded ${merged.file || merged.repo}; reload the page to see it in the catalogue`);
+    }
+    if (before && !FINISHED.includes(before.state) && ['failed', 'error'].includes(merged.state)) {
+      flash(`download of ${merged.file || merged.repo} failed${merged.error ? ': ' + merged.error : ''}`, true);
+    }
+  };
+
+  const refresh = async () => {
+    try {
+      const r = await api('GET', '/admin/api/downloads');
+      const list = Array.isArray(r) ? r : (r && r.downloads) || [];
+      for (const d of list) update(d);
+      render();
+    } catch (e) {
+      if (missingRoute(e)) { unavailable(); return false; }
+      status.textContent = `cannot refresh downloads: ${e.message}`;
+    }
+    return true;
+  };
+  const schedule = () => {
+    clearTimeout(pollTimer);
+    if ([...downloads.values()].some((d) => !FINISHED.includes(d.state))) pollTimer = setTimeout(async () => { await refresh(); schedule(); }, 1500);
+  };
+
+  const cancel = async (id, b) => {
+    b.disabled = true;
+    try {
+      await api('DELETE', `/admin/api/downloads/${encodeURIComponent(id)}`);
+      const d = downloads.get(id);
+      if (d) d.state = 'cancelled';
+      render();
+    } catch (e) {
+      flash(`cancel failed: ${e.message}`, true);
+      b.disabled = false;
+    }
+  };
+
+  const start = async (repo, revision, filename, b) => {
+    b.disabled = true;
+    errEl.textContent = '';
+    try {
+      const body = { repo_id: repo, filename };
+      if (revision) body.revision = revision;
+      const r = await api('POST', '/admin/api/models/download', body);
+      const rec = (r && (r.download || r)) || {};
+      update({ repo_id: repo, filename, state: 'queued', ...rec, id: rec.id ?? rec.download_id ?? (r && r.id) });
+      render();
+      status.textContent = `download of ${filename} started`;
+      schedule();
+    } catch (e) {
+      if (missingRoute(e)) { unavailable(); return; }
+      errEl.textContent = `Cannot start the download: ${e.message}`;
+    } finally {
+      b.disabled = false;
+    }
+  };
+
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    errEl.textContent = '';
+    const repo = form.repo_id.value.trim(), revision = form.revision.value.trim();
+    if (!/^[A-Za-z0-9][\w.-]*\/[\w.-]+$/.test(repo)) {
+      errEl.textContent = 'Enter a repository id as owner/name, for example bartowski/SmolLM2-135M-Instruct-GGUF.';
+      form.repo_id.setAttribute('aria-invalid', 'true');
+      form.repo_id.focus();
+      return;
+    }
+    form.repo_id.setAttribute('aria-invalid', 'false');
+    const listBtn = $('#hf-list');
+    listBtn.disabled = true;
+    status.textContent = `listing ${repo}…`;
+    filesBox.hidden = true;
+    try {
+      const q = new URLSearchParams({ repo_id: repo });
+      if (revision) q.set('revision', revision);
+      const r = await api('GET', `/admin/api/models/repo-files?${q}`);
+      const files = Array.isArray(r) ? r : (r && (r.files || r.models)) || [];
+      const tbody = $('#hf-files tbody');
+      tbody.textContent = '';
+      $('#hf-files-repo').textContent = repo;
+      for (const f of files) {
+        const tr = document.createElement('tr');
+        const name = f.filename || f.rfilename || '';
+        tr.dataset.file = name;
+        const td = (t) => { const c = document.createElement('td'); c.textContent = t; tr.append(c); return c; };
+        const parts = Array.isArray(f.files) && f.files.length > 1 ? ` (${f.files.length} parts)` : '';
+        const c = td(name + parts);
+        if (f.is_projector) c.append(' ', Object.assign(document.createElement('span'), { className: 'badge', textContent: 'projector' }));
+        td(f.quantization || '?');
+        td(fmtBytes(Number(f.total_size ?? f.size ?? 0)));
+        const act = td('');
+        const missing = Array.isArray(f.missing_parts) && f.missing_parts.length;
+        if (missing) act.textContent = `parts ${f.missing_parts.join(', ')} missing`;
+        else {
+          const b = document.createElement('button');
+          b.type = 'button';
+          b.textContent = 'Download';
+          b.setAttribute('aria-label', `Download ${name}`);
+          b.addEventListener('click', () => start(repo, revision, name, b));
+          act.append(b);
+        }
+        tbody.append(tr);
+      }
+      filesBox.hidden = files.length === 0;
+      status.textContent = files.length ? `${files.length} GGUF file${files.length === 1 ? '' : 's'}` : '';
+      if (!files.length) errEl.textContent = `${repo} has no GGUF files.`;
+    } catch (e) {
+      status.textContent = '';
+      if (missingRoute(e)) unavailable();
+      else errEl.textContent = `Cannot list ${repo}: ${e.message}`;
+    } finally {
+      listBtn.disabled = false;
+    }
+  });
+
+  refresh().then((ok) => { if (ok) schedule(); });
+  return (ev) => {
+    if (typeof ev.type === 'string' && ev.type.startsWith('download')) {
+      update(ev.download || ev);
+      render();
+      schedule();
+    }
+  };
+}
+
+// ------------------------------------------------------------------ live model states (models, model detail)
+function initModelEvents(extra) {
+  if (!$('[data-state-of]') && !extra) return;
+  connectEvents((ev) => {
+    if (ev.type === 'model_state') {
+      setState(ev.model, ev.to);
+      if (ev.to === 'failed' && ev.reason) flash(`${ev.model} failed: ${ev.reason}`, true);
+    } else if (extra) extra(ev);
+  });
+}
+
 // ------------------------------------------------------------------ logs
 const LEVELS = ['TRACE', 'DEBUG', 'INFO', 'WARN', 'ERROR'];
 function levelOf(line) {
@@ -548,4 +776,6 @@ document.addEventListener('DOMContentLoaded', () => {
   initModelSettings();
   initSettings();
   initChat();
+  const hubEvents = initHub();
+  if (!$('#chart-cpu')) initModelEvents(hubEvents);
 });

@@ -420,7 +420,6 @@ struct ModelsPage {
     chrome: Chrome,
     models: Vec<ModelView>,
     models_dir: String,
-    hub_available: bool,
 }
 
 async fn models_page(
@@ -437,14 +436,9 @@ async fn models_page(
             chrome: Chrome::new("Models", "models", u),
             models: rows.iter().map(|m| model_view(&st, m)).collect(),
             models_dir: st.models_dir.display().to_string(),
-            hub_available: HUB_API_AVAILABLE,
         },
     )
 }
-
-/// Whether the admin API has the Hugging Face download routes (`/admin/api/models/download`,
-/// `/admin/api/models/repo-files`). Not yet: the form says so instead of failing.
-const HUB_API_AVAILABLE: bool = false;
 
 /// One field of a model's settings form.
 pub struct FieldView {

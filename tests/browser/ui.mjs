@@ -2,7 +2,9 @@
 // would: log in, watch the dashboard charts update, load the model, chat with a streamed reply, change a
 // model setting, read the worker's log, unload, log out. Saves a screenshot of each page.
 //
-// Env: BASE_URL, PASSWORD, MODEL (catalogue name), SHOT_DIR, CHROMIUM (default /usr/bin/chromium).
+// Env: BASE_URL, PASSWORD, MODEL (catalogue name), SHOT_DIR, CHROMIUM (default /usr/bin/chromium);
+// HUB_API (1 when the binary has the hub's admin API, else 0), HF_REPO and HF_FILE (a repo and a file of
+// it that the supervisor's HF_ENDPOINT serves).
 // Exits non-zero with the failed step on stderr.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
@@ -11,6 +13,9 @@ const base = process.env.BASE_URL;
 const password = process.env.PASSWORD;
 const model = process.env.MODEL;
 const shots = process.env.SHOT_DIR;
+const hubApi = process.env.HUB_API === '1';
+const hfRepo = process.env.HF_REPO;
+const hfFile = process.env.HF_FILE;
 if (!base || !password || !model || !shots) {
   console.error('BASE_URL, PASSWORD, MODEL and SHOT_DIR must be set');
   process.exit(2);
@@ -182,14 +187,52 @@ await workerStep('unload the model', async () => {
   await page.waitForSelector(`tr[data-model="${model}"] [data-state-of]:has-text("stopped")`, { timeout: 60000 });
 });
 
+await step('download from Hugging Face', async () => {
+  await page.goto(`${base}/models`);
+  if (!hubApi) {
+    // The binary has no hub admin API: the form must say so plainly instead of failing on submit.
+    await page.waitForSelector('#hf-unavailable', { state: 'visible' });
+    expect(!(await page.isVisible('#hf-form')), 'download form still shown without the hub API');
+    await shot('models-hub-unavailable');
+    return;
+  }
+  expect(hfRepo && hfFile, 'HF_REPO and HF_FILE must be set');
+  await page.fill('#hf-repo', 'not a repo id');
+  await page.click('#hf-list');
+  await page.waitForSelector('#hf-error:has-text("owner/name")');
+  await page.fill('#hf-repo', 'test/no-such-repo');
+  await page.click('#hf-list');
+  await page.waitForSelector('#hf-error:has-text("Cannot list test/no-such-repo")');
+  await page.fill('#hf-repo', hfRepo);
+  await page.click('#hf-list');
+  const row = `#hf-files tr[data-file="${hfFile}"]`;
+  await page.waitForSelector(row);
+  const cells = await page.locator(`${row} td`).allTextContents();
+  expect(/Q4_1/i.test(cells[1]) && /\d+(\.\d+)? MB/.test(cells[2]), `file row ${JSON.stringify(cells)}`);
+  await page.click(`${row} button`);
+  await page.waitForSelector('#downloads tr[data-download]');
+  // Live progress: a bar strictly between empty and full while bytes flow.
+  await page.waitForFunction(() => [...document.querySelectorAll('#downloads progress')].some((p) => p.value > 1 && p.value < p.max), null, { timeout: 60000 });
+  await shot('models-downloading');
+  await page.waitForSelector('#downloads tr[data-state="done"], #downloads tr[data-state="completed"], #downloads tr[data-state="failed"], #downloads tr[data-state="error"]', { timeout: 120000 });
+  const st = await page.getAttribute('#downloads tr[data-download]', 'data-state');
+  expect(st === 'done' || st === 'completed', `download ended ${st}: ${await page.textContent('#downloads')}`);
+  await page.reload();
+  await page.waitForSelector('#catalogue tr[data-model*="Q4_1"]');
+  await shot('models-downloaded');
+});
+
 await step('phone layout', async () => {
   const phone = await ctx.newPage();
   await phone.setViewportSize({ width: 390, height: 844 });
-  await phone.goto(`${base}/`);
-  await phone.waitForSelector('#chart-cpu canvas');
-  const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
-  expect(overflow <= 1, `page scrolls sideways by ${overflow}px on a phone`);
-  await shot('dashboard-phone', phone);
+  for (const [name, path] of [['dashboard', '/'], ['models', '/models'], ['model-detail', modelPath], ['chat', '/chat'], ['logs', '/logs'], ['settings', '/settings']]) {
+    await phone.goto(`${base}${path}`);
+    await phone.waitForTimeout(400);
+    if (path === '/') await phone.waitForSelector('#chart-cpu canvas');
+    const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    expect(overflow <= 1, `${path} scrolls sideways by ${overflow}px on a phone`);
+    await shot(`phone-${name}`, phone);
+  }
   await phone.close();
 });
 
