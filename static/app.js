@@ -98,8 +98,9 @@ function initLogout() {
 // ------------------------------------------------------------------ model actions (models, dashboard, detail)
 async function modelAction(action, name, button) {
   const paths = { load: 'load', unload: 'unload', pin: 'pin', unpin: 'unpin' };
+  const doing = { load: 'Loading', unload: 'Unloading', pin: 'Pinning', unpin: 'Unpinning', delete: 'Deleting' };
   if (button) button.disabled = true;
-  flash(`${action} ${name}…`);
+  flash(`${doing[action] || action} ${name}…`);
   try {
     if (action === 'delete') {
       const dlg = $('#confirm-delete');
@@ -116,21 +117,35 @@ async function modelAction(action, name, button) {
     }
     const r = await api('POST', `/admin/api/models/${encodeURIComponent(name)}/${paths[action]}`);
     const state = r && r.state ? r.state : '';
-    flash(`${name}: ${action} done${state ? ' (' + state + ')' : ''}`);
+    flash(`${name}: ${action} done${state ? ', now ' + state : ''}`);
     if (state) setState(name, state);
     if (action === 'pin' || action === 'unpin') setTimeout(() => location.reload(), 300);
   } catch (e) {
     flash(`${action} ${name} failed: ${e.message}`, true);
   } finally {
     if (button) button.disabled = false;
+    syncButtons();
   }
 }
 
+const RUNNING = ['loading', 'ready', 'draining'];
 function setState(model, state) {
   for (const el of $$('[data-state-of]')) {
     if (el.dataset.stateOf === model) {
       el.textContent = state;
       el.className = `state state-${state}`;
+    }
+  }
+  syncButtons();
+}
+
+/** Enables Load only for a stopped (or failed) model and Unload only for a running one. */
+function syncButtons() {
+  for (const el of $$('[data-state-of]')) {
+    const running = RUNNING.includes(el.textContent.trim());
+    for (const b of $$('button[data-action="load"], button[data-action="unload"]')) {
+      if (b.dataset.model !== el.dataset.stateOf) continue;
+      b.disabled = b.dataset.action === 'load' ? running : !running;
     }
   }
 }
@@ -178,9 +193,16 @@ function initDashboard() {
     series: [{}, { label, stroke: color, fill: color + '33', width: 2 }],
     legend: { show: false },
   });
+  const fit = (plot, el) => {
+    // The plot fills its figure; the figure's width comes from the grid, not from the plot.
+    const w = Math.max(200, Math.floor(el.getBoundingClientRect().width));
+    if (Math.abs(plot.width - w) > 1) plot.setSize({ width: w, height: 170 });
+  };
   const mk = (id, label, color) => {
     const el = $(id);
-    return new uPlot({ ...opts(label, color), width: Math.max(260, el.clientWidth) }, [[], []], el);
+    const plot = new uPlot({ ...opts(label, color), width: Math.max(200, el.clientWidth) }, [[], []], el);
+    if (window.ResizeObserver) new ResizeObserver(() => fit(plot, el)).observe(el);
+    return plot;
   };
   const plots = {
     cpu: mk('#chart-cpu', 'CPU %', '#58a6ff'),
@@ -219,7 +241,8 @@ function initDashboard() {
       div.setAttribute('aria-label', `GPU ${g.name} utilization chart`);
       fig.append(cap, div);
       $('#gpu-charts').append(fig);
-      e = { t: [], util: [], plot: new uPlot(opts('GPU %', '#ff7b72'), [[], []], div) };
+      e = { t: [], util: [], plot: new uPlot({ ...opts('GPU %', '#ff7b72'), width: Math.max(200, div.clientWidth) }, [[], []], div) };
+      if (window.ResizeObserver) { const p = e.plot; new ResizeObserver(() => fit(p, div)).observe(div); }
       gpuSeries.set(g.name, e);
     }
     e.t.push(t);
@@ -237,16 +260,18 @@ function initDashboard() {
     .catch((e) => { $('#res-error').textContent = `cannot load resource history: ${e.message}`; });
   const refreshLoaded = async () => {
     try {
-      const r = await api('GET', '/admin/api/workers');
-      renderLoaded(r.workers || []);
+      // The catalogue rows carry each model's own idle timeout next to its worker.
+      const r = await api('GET', '/admin/api/models');
+      const global = Number($('#loaded').dataset.idleTimeout || 0);
+      renderLoaded((r.models || []).filter((m) => m.worker).map((m) => ({
+        ...m.worker,
+        idle_timeout_s: m.model.idle_timeout ?? global,
+      })));
     } catch (e) { flash(`cannot refresh workers: ${e.message}`, true); }
   };
   connectEvents((ev) => {
     if (ev.type === 'resources') { add(ev); redraw(); refreshLoaded(); }
     else if (ev.type === 'model_state') refreshLoaded();
-  });
-  window.addEventListener('resize', () => {
-    for (const p of Object.values(plots)) p.setSize({ width: Math.max(260, p.root.parentElement.clientWidth - 4), height: 170 });
   });
 }
 
@@ -258,20 +283,20 @@ function renderLoaded(workers) {
   for (const w of live) {
     const tr = document.createElement('tr');
     tr.dataset.model = w.model;
-    const cell = (text) => { const td = document.createElement('td'); td.textContent = text; tr.append(td); return td; };
+    const cell = (text, label) => { const td = document.createElement('td'); td.textContent = text; if (label) td.dataset.label = label; tr.append(td); return td; };
     const a = document.createElement('a');
     a.href = `/models/${encodeURIComponent(w.model)}`;
     a.textContent = w.model;
-    cell('').append(a);
+    cell('', 'Model').append(a);
     const st = document.createElement('span');
     st.className = `state state-${w.state}`;
     st.textContent = w.state;
-    cell('').append(st);
-    cell(w.port ?? '');
-    cell(fmtBytes(w.rss_bytes || 0));
-    cell(String(w.inflight));
-    const timeout = Number($('#loaded').dataset.idleTimeout || 0);
-    cell(w.pinned ? 'never (pinned)' : w.inflight > 0 ? 'busy' : timeout === 0 ? 'never' : fmtDuration(timeout - w.idle_s));
+    cell('', 'State').append(st);
+    cell(w.port ?? '', 'Port');
+    cell(w.rss_bytes ? fmtBytes(w.rss_bytes) : '–', 'RSS').className = 'num';
+    cell(String(w.inflight), 'In flight');
+    const timeout = Number(w.idle_timeout_s ?? $('#loaded').dataset.idleTimeout ?? 0);
+    cell(w.pinned ? 'never (pinned)' : w.inflight > 0 ? 'busy' : timeout === 0 ? 'never' : fmtDuration(timeout - w.idle_s), 'Idle unload in');
     const b = document.createElement('button');
     b.type = 'button';
     b.className = 'secondary';
@@ -279,9 +304,11 @@ function renderLoaded(workers) {
     b.dataset.model = w.model;
     b.textContent = 'Unload';
     cell('').append(b);
+    tr.lastElementChild.className = 'actions';
     tbody.append(tr);
   }
   $('#loaded-empty').hidden = live.length > 0;
+  $('#loaded-wrap').hidden = live.length === 0;
 }
 
 // ------------------------------------------------------------------ Hugging Face downloads (models page)
@@ -625,6 +652,26 @@ function initSettings() {
       $('#key-value').textContent = r.key;
       $('#key-created').hidden = false;
       keyForm.name.value = '';
+      const k = r.api_key || {};
+      const tr = document.createElement('tr');
+      tr.dataset.key = k.id;
+      const cell = (label, text) => { const td = document.createElement('td'); td.dataset.label = label; td.textContent = text; tr.append(td); return td; };
+      cell('Name', k.name || name);
+      const code = document.createElement('code');
+      code.textContent = `${k.prefix || ''}…`;
+      cell('Prefix', '').append(code);
+      cell('Created (UTC)', k.created_at ? new Date(k.created_at).toISOString().slice(0, 19).replace('T', ' ') : '').className = 'num';
+      cell('Last used', 'never');
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.className = 'danger';
+      b.dataset.revoke = k.id;
+      b.textContent = 'Revoke';
+      b.setAttribute('aria-label', `Revoke key ${k.name || name}`);
+      cell('Status', 'active ').append(b);
+      $('#keys tbody').append(tr);
+      $('#keys-wrap').hidden = false;
+      $('#keys-empty').hidden = true;
     } catch (e) { $('#key-error').textContent = e.message; }
   });
   document.addEventListener('click', async (ev) => {
@@ -633,7 +680,7 @@ function initSettings() {
     if (!confirm('Revoke this API key? Clients using it will be refused.')) return;
     try {
       await api('DELETE', `/admin/api/keys/${b.dataset.revoke}`);
-      b.replaceWith(document.createTextNode('revoked'));
+      b.parentElement.textContent = 'revoked';
     } catch (e) { flash(`revoke failed: ${e.message}`, true); }
   });
   const pw = $('#password-form');
@@ -700,7 +747,7 @@ function initChat() {
     $('#chat-stop').disabled = false;
     stats.textContent = 'waiting for the model (it loads on first use)…';
     const t0 = performance.now();
-    let tFirst = null, chunks = 0, usage = null, reply = '';
+    let tFirst = null, chunks = 0, usage = null, reply = '', finish = null;
     try {
       const res = await fetch('/v1/chat/completions', {
         method: 'POST',
@@ -735,6 +782,7 @@ function initChat() {
           const j = JSON.parse(data);
           if (j.error) throw new Error(j.error.message || JSON.stringify(j.error));
           if (j.usage) usage = j.usage;
+          if (j.choices && j.choices[0] && j.choices[0].finish_reason) finish = j.choices[0].finish_reason;
           const delta = j.choices && j.choices[0] && j.choices[0].delta;
           if (delta && delta.content) {
             if (tFirst === null) tFirst = performance.now();
@@ -753,6 +801,7 @@ function initChat() {
       if (genS > 0) parts.push(`${(n / genS).toFixed(1)} tokens/s`);
       if (tFirst !== null) parts.push(`first token after ${((tFirst - t0) / 1000).toFixed(2)} s`);
       if (usage) parts.push(`usage: prompt ${usage.prompt_tokens}, completion ${usage.completion_tokens}, total ${usage.total_tokens}`);
+      if (finish === 'length') parts.push('stopped at max tokens');
       stats.textContent = parts.join(' · ');
     } catch (e) {
       history.pop();

@@ -117,7 +117,23 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
             "{path} embeds part of the JWT"
         );
         assert!(!body.contains("<script>"), "{path} has an inline script");
+        // Empty catalogue: each page says what to do rather than showing an empty table.
+        let empty_note = match path {
+            "/" => Some("No model is loaded."),
+            "/models" | "/chat" => {
+                Some("No models yet — download one or put a .gguf in MODELS_DIR")
+            }
+            "/settings" => Some("No API keys."),
+            "/models/nope" => Some("No model named “nope” in the catalogue."),
+            _ => None,
+        };
+        if let Some(note) = empty_note {
+            assert!(body.contains(note), "{path} lacks its empty state {note:?}");
+        }
     }
+    // serve runs from a temporary directory (ui_support): no templates/ or static/ beside it, so the
+    // pages above came from templates compiled into the binary.
+    assert!(!s.path().join("templates").exists() && !s.path().join("static").exists());
     // The JS never reads document.cookie or stores a token.
     let js = c.get(format!("{base}/static/app.js")).send().await.unwrap();
     assert_eq!(

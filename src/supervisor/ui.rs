@@ -303,27 +303,38 @@ struct DashboardPage {
     idle_timeout: u64,
 }
 
-fn loaded_rows(st: &AppState) -> Vec<LoadedRow> {
+/// The running workers, with the time left until each is unloaded for idleness (the model's own
+/// `idle_timeout` from `models`, else the global one). RSS shows `–` until the monitor has measured it.
+fn loaded_rows(st: &AppState, models: &[ModelRow]) -> Vec<LoadedRow> {
     let global = st.settings().model_idle_timeout;
     st.manager
         .views()
         .into_iter()
         .filter(|v| v.state.has_process())
         .map(|v| {
+            let timeout = models
+                .iter()
+                .find(|m| m.name == v.model)
+                .and_then(|m| m.idle_timeout)
+                .map_or(global, |t| t.max(0) as u64);
             let idle_unload = if v.pinned {
                 "never (pinned)".to_owned()
             } else if v.inflight > 0 {
                 "busy".to_owned()
-            } else if global == 0 {
+            } else if timeout == 0 {
                 "never".to_owned()
             } else {
-                human_duration(global.saturating_sub(v.idle_s))
+                human_duration(timeout.saturating_sub(v.idle_s))
             };
             LoadedRow {
                 name: v.model,
                 state: v.state.as_str().to_owned(),
                 port: opt(v.port),
-                rss: human_bytes(v.rss_bytes),
+                rss: if v.rss_bytes == 0 {
+                    "–".to_owned()
+                } else {
+                    human_bytes(v.rss_bytes)
+                },
                 inflight: v.inflight,
                 idle_unload,
             }
@@ -358,23 +369,18 @@ async fn dashboard(State(st): State<AppState>, PageUser(u): PageUser) -> Result<
             page: "dashboard",
             source,
         })?;
-    let catalogue_size = st
-        .db
-        .list_models()
-        .await
-        .map_err(|source| UiError::Db {
-            page: "dashboard",
-            source,
-        })?
-        .len();
+    let models = st.db.list_models().await.map_err(|source| UiError::Db {
+        page: "dashboard",
+        source,
+    })?;
     html(
         "dashboard",
         &DashboardPage {
             chrome: Chrome::new("Dashboard", "dashboard", u),
             uptime: human_duration(STARTED.elapsed().as_secs()),
-            loaded: loaded_rows(&st),
+            loaded: loaded_rows(&st, &models),
             recent: recent.iter().map(request_view).collect(),
-            catalogue_size,
+            catalogue_size: models.len(),
             idle_timeout: st.settings().model_idle_timeout,
         },
     )
@@ -487,9 +493,11 @@ fn fields_of(m: &ModelRow, st: &AppState) -> Vec<FieldView> {
             name: "threads",
             label: "Threads",
             value: opt(m.threads),
-            placeholder: s
-                .threads
-                .map_or_else(|| "auto".to_owned(), |t| format!("default {t}")),
+            placeholder: format!(
+                "default {}{}",
+                s.worker_threads(),
+                if s.threads.is_none() { " (auto)" } else { "" }
+            ),
             help: "applies at the next load",
             step: "1",
         },
@@ -497,8 +505,8 @@ fn fields_of(m: &ModelRow, st: &AppState) -> Vec<FieldView> {
             name: "parallel",
             label: "Parallel slots",
             value: opt(m.parallel),
-            placeholder: "default".to_owned(),
-            help: "applies at the next load",
+            placeholder: format!("default {}", super::process::manager::DEFAULT_PARALLEL),
+            help: "concurrent requests; applies at the next load",
             step: "1",
         },
         FieldView {

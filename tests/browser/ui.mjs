@@ -104,8 +104,11 @@ await workerStep('load the model from the models page', async () => {
   await page.goto(`${base}/models`);
   await shot('models');
   const row = page.locator(`tr[data-model="${model}"]`);
+  expect(await row.locator('button[data-action="unload"]').isDisabled(), 'Unload enabled for a stopped model');
   await row.locator('button[data-action="load"]').click();
   await page.waitForSelector(`tr[data-model="${model}"] [data-state-of]:has-text("ready")`, { timeout: 120000 });
+  await page.waitForSelector(`tr[data-model="${model}"] button[data-action="load"]:disabled`);
+  await page.waitForSelector('#flash:has-text("now ready")');
   await shot('models-loaded');
 });
 
@@ -178,6 +181,11 @@ await step('settings page shows sources and keys', async () => {
   await page.waitForSelector('#key-created:not([hidden])');
   const key = await page.textContent('#key-value');
   expect(key.startsWith('ci-'), `key ${key}`);
+  await page.waitForSelector('#keys tr:has-text("browser-test") button[data-revoke]');
+  expect(await page.isHidden('#keys-empty'), 'the "no API keys" note is still shown beside a key');
+  await page.reload();
+  await page.waitForSelector('#keys tr:has-text("browser-test")');
+  expect(!(await page.content()).includes(key), 'the key is shown again after a reload');
   await shot('settings');
 });
 
