@@ -189,7 +189,9 @@ function initDashboard() {
   const opts = (label, color) => ({
     width: 300, height: 170,
     scales: { y: { range: [0, 100] } },
-    axes: [{ stroke: '#a9b6c3', grid: { stroke: '#2c3845' } }, { stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, values: (u, v) => v.map((x) => x + '%') }],
+    // Local clock time on the x axis (HH:MM, or HH:MM:SS when ticks are under a minute apart).
+    axes: [{ stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, space: 70,
+      values: (u, splits, ax, space, incr) => splits.map((t) => new Date(t * 1000).toLocaleTimeString([], incr < 60 ? { hour: '2-digit', minute: '2-digit', second: '2-digit' } : { hour: '2-digit', minute: '2-digit' })) }, { stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, values: (u, v) => v.map((x) => x + '%') }],
     series: [{}, { label, stroke: color, fill: color + '33', width: 2 }],
     legend: { show: false },
   });
@@ -603,11 +605,13 @@ function initModelSettings() {
     for (const input of $$('input[name]', form)) body[input.name] = input.value.trim();
     const status = $('#settings-status');
     status.textContent = 'saving…';
+    status.classList.remove('error');
     try {
       const r = await api('POST', `/ui/api/models/${encodeURIComponent(form.dataset.model)}/settings`, body);
       fieldErrors(form, null);
       status.textContent = r.note || 'saved';
     } catch (e) {
+      status.classList.add('error');
       if (e.status === 422 && e.data && e.data.errors) {
         fieldErrors(form, e.data.errors);
         status.textContent = 'not saved: fix the fields marked';
@@ -639,6 +643,7 @@ function initSettings() {
     fieldErrors(form, errors);
     const bad = Object.keys(errors).length;
     status.textContent = bad ? `${Object.keys(body).length - bad} saved, ${bad} refused` : 'saved';
+    status.classList.toggle('error', bad > 0);
     if (!bad) setTimeout(() => location.reload(), 600);
   });
   const keyForm = $('#key-form');
