@@ -335,6 +335,7 @@ function normDownload(d) {
     total: num(pick('total', 'total_bytes', 'total_size', 'size')),
     rate: num(pick('rate', 'bytes_per_sec', 'rate_bytes_per_sec')),
     error: err && typeof err === 'object' ? (err.message || JSON.stringify(err)) : err,
+    model: typeof d.model === 'string' ? d.model : undefined,
   };
 }
 
@@ -359,10 +360,10 @@ function initHub() {
       const tr = document.createElement('tr');
       tr.dataset.download = d.id;
       tr.dataset.state = d.state;
-      const td = () => { const c = document.createElement('td'); tr.append(c); return c; };
-      const name = td();
+      const td = (label) => { const c = document.createElement('td'); if (label) c.dataset.label = label; tr.append(c); return c; };
+      const name = td('Model');
       name.textContent = d.file ? `${d.repo} / ${d.file}` : d.repo;
-      const prog = td();
+      const prog = td('Progress');
       const bar = document.createElement('progress');
       bar.max = d.total || 1;
       bar.value = Math.min(d.bytes, d.total || 1);
@@ -371,10 +372,16 @@ function initHub() {
       txt.className = 'small';
       txt.textContent = d.total ? ` ${fmtBytes(d.bytes)} of ${fmtBytes(d.total)} (${(100 * d.bytes / d.total).toFixed(1)}%)` : ` ${fmtBytes(d.bytes)}`;
       prog.append(bar, txt);
-      td().textContent = FINISHED.includes(d.state) || !d.rate ? '–' : `${fmtBytes(d.rate)}/s`;
-      const st = td();
+      td('Rate').textContent = FINISHED.includes(d.state) || !d.rate ? '–' : `${fmtBytes(d.rate)}/s`;
+      const st = td('State');
       st.textContent = d.state;
       st.className = `state state-${['failed', 'error'].includes(d.state) ? 'failed' : ['done', 'completed', 'complete', 'finished'].includes(d.state) ? 'ready' : d.state === 'cancelled' ? 'stopped' : 'loading'}`;
+      if (d.model && ['done', 'completed'].includes(d.state)) {
+        const a = document.createElement('a');
+        a.href = `/models/${encodeURIComponent(d.model)}`;
+        a.textContent = d.model;
+        st.append(' → ', a);
+      }
       if (d.error) {
         const e = document.createElement('div');
         e.className = 'error small';
@@ -405,7 +412,7 @@ function initHub() {
     const merged = { state: 'queued', bytes: 0, total: 0, rate: 0, repo: '', file: '', ...before, ...given };
     downloads.set(d.id, merged);
     if (before && !FINISHED.includes(before.state) && ['done', 'completed', 'complete', 'finished'].includes(merged.state)) {
-      flash(`downloaded ${merged.file || merged.repo}; reload the page to see it in the catalogue`);
+      flash(`downloaded ${merged.file || merged.repo}${merged.model ? ` as ${merged.model}` : ''}; reload the page to see it in the catalogue`);
     }
     if (before && !FINISHED.includes(before.state) && ['failed', 'error'].includes(merged.state)) {
       flash(`download of ${merged.file || merged.repo} failed${merged.error ? ': ' + merged.error : ''}`, true);
@@ -489,15 +496,18 @@ function initHub() {
         const tr = document.createElement('tr');
         const name = f.filename || f.rfilename || '';
         tr.dataset.file = name;
-        const td = (t) => { const c = document.createElement('td'); c.textContent = t; tr.append(c); return c; };
+        const td = (t, label) => { const c = document.createElement('td'); c.textContent = t; if (label) c.dataset.label = label; tr.append(c); return c; };
         const parts = Array.isArray(f.files) && f.files.length > 1 ? ` (${f.files.length} parts)` : '';
-        const c = td(name + parts);
-        if (f.is_projector) c.append(' ', Object.assign(document.createElement('span'), { className: 'badge', textContent: 'projector' }));
-        td(f.quantization || '?');
-        td(fmtBytes(Number(f.total_size ?? f.size ?? 0)));
+        const c = td(name + parts, 'File');
+        const badge = (t) => c.append(' ', Object.assign(document.createElement('span'), { className: 'badge', textContent: t }));
+        if (f.recommended) badge('recommended');
+        if (f.is_projector) badge('projector');
+        if (f.present) badge('already in the models folder');
+        td(f.quantization || '?', 'Quantization');
+        td(fmtBytes(Number(f.total_size ?? f.size ?? 0)), 'Size').className = 'num';
         const act = td('');
         const missing = Array.isArray(f.missing_parts) && f.missing_parts.length;
-        if (missing) act.textContent = `parts ${f.missing_parts.join(', ')} missing`;
+        if (missing) act.textContent = `parts ${f.missing_parts.join(', ')} missing from the repo`;
         else {
           const b = document.createElement('button');
           b.type = 'button';
