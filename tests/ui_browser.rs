@@ -21,6 +21,9 @@ use ui_support::{MODEL_FILE, PASSWORD, Serve, client, login};
 /// The repo the fake hub serves and the file the browser downloads from it (not the one in MODELS_DIR).
 const HF_REPO: &str = "test/SmolLM2-135M-Instruct-GGUF";
 const HF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// A repo whose one file the browser starts downloading and cancels.
+const HF_CANCEL_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
+const HF_CANCEL_FILE: &str = "all-MiniLM-L6-v2.F16.gguf";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_ui_in_headless_chromium() {
@@ -41,6 +44,10 @@ async fn admin_ui_in_headless_chromium() {
             Served::asset(HF_FILE, HF_FILE),
             Served::asset(MODEL_FILE, MODEL_FILE),
         ],
+    );
+    hf.state.add_repo(
+        HF_CANCEL_REPO,
+        vec![Served::asset(HF_CANCEL_FILE, HF_CANCEL_FILE)],
     );
     // Slow enough (64 KiB per 5 ms, ~8 s for 100 MB) for the page to show progress before it is done.
     *hf.state.faults.chunk_delay.lock().unwrap() = Some(std::time::Duration::from_millis(5));
@@ -88,6 +95,7 @@ async fn admin_ui_in_headless_chromium() {
             .env("HUB_API", hub_api)
             .env("HF_REPO", HF_REPO)
             .env("HF_FILE", HF_FILE)
+            .env("HF_CANCEL_REPO", HF_CANCEL_REPO)
             .output()
             .expect("cannot run node")
     })

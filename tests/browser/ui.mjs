@@ -4,7 +4,7 @@
 //
 // Env: BASE_URL, PASSWORD, MODEL (catalogue name), SHOT_DIR, CHROMIUM (default /usr/bin/chromium);
 // HUB_API (1 when the binary has the hub's admin API, else 0), HF_REPO and HF_FILE (a repo and a file of
-// it that the supervisor's HF_ENDPOINT serves).
+// it that the supervisor's HF_ENDPOINT serves), HF_CANCEL_REPO (a repo with one GGUF, to start and cancel).
 // Exits non-zero with the failed step on stderr.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
@@ -16,6 +16,7 @@ const shots = process.env.SHOT_DIR;
 const hubApi = process.env.HUB_API === '1';
 const hfRepo = process.env.HF_REPO;
 const hfFile = process.env.HF_FILE;
+const hfCancelRepo = process.env.HF_CANCEL_REPO;
 if (!base || !password || !model || !shots) {
   console.error('BASE_URL, PASSWORD, MODEL and SHOT_DIR must be set');
   process.exit(2);
@@ -228,6 +229,20 @@ await step('download from Hugging Face', async () => {
   await page.reload();
   await page.waitForSelector('#catalogue tr[data-model*="Q4_1"]');
   await shot('models-downloaded');
+
+  // A second download, cancelled while its bytes flow: it ends "cancelled" and never reaches the catalogue.
+  expect(hfCancelRepo, 'HF_CANCEL_REPO must be set');
+  await page.fill('#hf-repo', hfCancelRepo);
+  await page.click('#hf-list');
+  await page.waitForSelector('#hf-files tbody tr button');
+  await page.click('#hf-files tbody tr button');
+  const active = '#downloads tr[data-download][data-state="downloading"]';
+  await page.waitForFunction((sel) => [...document.querySelectorAll(`${sel} progress`)].some((p) => p.value > 1 && p.value < p.max), active, { timeout: 60000 });
+  await page.click(`${active} button`);
+  await page.waitForSelector('#downloads tr[data-state="cancelled"]', { timeout: 30000 });
+  await page.reload();
+  await page.waitForSelector('#downloads tr[data-state="cancelled"]');
+  expect(await page.locator('#catalogue tr[data-model*="MiniLM"]').count() === 0, 'a cancelled download reached the catalogue');
 });
 
 await step('phone layout', async () => {
