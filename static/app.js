@@ -184,7 +184,7 @@ function initDashboard() {
   if (!$('#chart-cpu')) return;
   const WINDOW_S = 15 * 60;
   const series = { t: [], cpu: [], ram: [], swap: [] };
-  const gpuSeries = new Map(); // name -> {t, util, mem, plot}
+  const gpuSeries = new Map(); // GPU index -> {t, util, mem, now, plot}
   let count = 0;
   const opts = (label, color) => ({
     width: 300, height: 170,
@@ -228,34 +228,48 @@ function initDashboard() {
     $('#swap-now').textContent = s.swap_total_bytes ? `${fmtBytes(s.swap_used_bytes)} of ${fmtBytes(s.swap_total_bytes)}` : 'no swap';
     $('#last-sample').textContent = new Date(s.at).toLocaleTimeString();
     $('#sample-count').textContent = String(count);
-    for (const g of s.gpus || []) addGpu(g, t);
+    (s.gpus || []).forEach((g, i) => addGpu(g, i, t));
     $('#gpu-none').hidden = gpuSeries.size > 0;
   };
-  const addGpu = (g, t) => {
-    let e = gpuSeries.get(g.name);
+  // One chart per GPU (by index: several cards may share a name): utilization and memory used, in %.
+  const addGpu = (g, i, t) => {
+    let e = gpuSeries.get(i);
     if (!e) {
       const fig = document.createElement('figure');
       fig.className = 'chart';
       const cap = document.createElement('figcaption');
-      cap.textContent = `GPU ${g.name}`;
+      const title = document.createElement('span');
+      title.textContent = `GPU ${i}: ${g.name} `;
+      const now = document.createElement('span');
+      now.className = 'now';
+      cap.append(title, now);
       const div = document.createElement('div');
       div.setAttribute('role', 'img');
-      div.setAttribute('aria-label', `GPU ${g.name} utilization chart`);
+      div.setAttribute('aria-label', `GPU ${i} (${g.name}) utilization and memory chart`);
       fig.append(cap, div);
       $('#gpu-charts').append(fig);
-      e = { t: [], util: [], plot: new uPlot({ ...opts('GPU %', '#ff7b72'), width: Math.max(200, div.clientWidth) }, [[], []], div) };
+      const o = opts('util %', '#ff7b72');
+      o.series.push({ label: 'memory %', stroke: '#d2a8ff', width: 2 });
+      e = { t: [], util: [], mem: [], now, plot: new uPlot({ ...o, width: Math.max(200, div.clientWidth) }, [[], [], []], div) };
       if (window.ResizeObserver) { const p = e.plot; new ResizeObserver(() => fit(p, div)).observe(div); }
-      gpuSeries.set(g.name, e);
+      gpuSeries.set(i, e);
     }
     e.t.push(t);
-    e.util.push(g.utilization_percent ?? 0);
-    while (e.t.length && e.t[0] < t - WINDOW_S) { e.t.shift(); e.util.shift(); }
+    e.util.push(g.utilization_percent ?? null);
+    e.mem.push(g.memory_total_bytes ? pct(g.memory_used_bytes || 0, g.memory_total_bytes) : null);
+    while (e.t.length && e.t[0] < t - WINDOW_S) { e.t.shift(); e.util.shift(); e.mem.shift(); }
+    const parts = [];
+    if (g.utilization_percent != null) parts.push(`${g.utilization_percent}%`);
+    if (g.memory_total_bytes) parts.push(`${fmtBytes(g.memory_used_bytes || 0)} of ${fmtBytes(g.memory_total_bytes)}`);
+    if (g.temperature_c != null) parts.push(`${g.temperature_c} °C`);
+    if (g.power_watts != null) parts.push(`${Math.round(g.power_watts)} W`);
+    e.now.textContent = parts.join(' · ');
   };
   const redraw = () => {
     plots.cpu.setData([series.t, series.cpu]);
     plots.ram.setData([series.t, series.ram]);
     plots.swap.setData([series.t, series.swap]);
-    for (const e of gpuSeries.values()) e.plot.setData([e.t, e.util]);
+    for (const e of gpuSeries.values()) e.plot.setData([e.t, e.util, e.mem]);
   };
   api('GET', '/admin/api/resources/history')
     .then((r) => { for (const s of r.samples || []) add(s); redraw(); })
@@ -559,6 +573,8 @@ function levelOf(line) {
 }
 
 function initLogs() {
+  const src = $('#log-source');
+  if (src) src.addEventListener('change', () => src.form.requestSubmit());
   const pre = $('#log');
   if (!pre) return;
   const source = pre.dataset.source;
@@ -749,11 +765,18 @@ function initChat() {
     const temperature = Number(form.temperature.value), maxTokens = Number(form.max_tokens.value);
     if (!(temperature >= 0 && temperature <= 5)) { errEl.textContent = 'Temperature must be between 0 and 5.'; return; }
     if (!(Number.isInteger(maxTokens) && maxTokens >= 1)) { errEl.textContent = 'Max tokens must be a whole number of at least 1.'; return; }
+    const headers = { 'Content-Type': 'application/json' };
+    if (form.api_key) {
+      // require_api_key is on: /v1/* takes a key, not the admin session. The key stays in this field.
+      const key = form.api_key.value.trim();
+      if (!key) { errEl.textContent = 'Enter an API key: the server requires one for /v1/* (create one in Settings).'; form.api_key.focus(); return; }
+      headers.Authorization = `Bearer ${key}`;
+    }
     const messages = [];
     if (form.system.value.trim()) messages.push({ role: 'system', content: form.system.value.trim() });
     history.push({ role: 'user', content: text });
     messages.push(...history);
-    bubble('user', text);
+    const mine = bubble('user', text);
     form.message.value = '';
     const out = bubble('assistant', '');
     out.parentElement.dataset.streaming = 'true';
@@ -767,7 +790,7 @@ function initChat() {
       const res = await fetch('/v1/chat/completions', {
         method: 'POST',
         credentials: 'same-origin',
-        headers: { 'Content-Type': 'application/json' },
+        headers,
         body: JSON.stringify({
           model: form.model.value, messages, temperature, max_tokens: maxTokens,
           stream: true, stream_options: { include_usage: true },
@@ -819,9 +842,19 @@ function initChat() {
       if (finish === 'length') parts.push('stopped at max tokens');
       stats.textContent = parts.join(' · ');
     } catch (e) {
-      history.pop();
-      errEl.textContent = e.name === 'AbortError' ? 'Stopped.' : `Chat failed: ${e.message}`;
-      if (e.name !== 'AbortError') stats.textContent = '';
+      if (reply) {
+        // Stopped or broken mid-reply: keep what came, as the model's turn.
+        history.push({ role: 'assistant', content: reply });
+        errEl.textContent = e.name === 'AbortError' ? 'Stopped.' : `The reply broke off: ${e.message}`;
+      } else {
+        // Nothing came back: take the turn out and give the message back for another try.
+        history.pop();
+        mine.parentElement.remove();
+        out.parentElement.remove();
+        if (!form.message.value) form.message.value = text;
+        errEl.textContent = e.name === 'AbortError' ? 'Stopped before the model answered.' : `Chat failed: ${e.message}`;
+        stats.textContent = '';
+      }
     } finally {
       out.parentElement.dataset.streaming = 'false';
       controller = null;

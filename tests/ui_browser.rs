@@ -51,7 +51,10 @@ async fn admin_ui_in_headless_chromium() {
     );
     // Slow enough (64 KiB per 5 ms, ~8 s for 100 MB) for the page to show progress before it is done.
     *hf.state.faults.chunk_delay.lock().unwrap() = Some(std::time::Duration::from_millis(5));
-    let s = Serve::start_with(&[MODEL_FILE], &[("CYBER_INFERENCE_HF_ENDPOINT", hf.url.clone())]);
+    let s = Serve::start_with(
+        &[MODEL_FILE],
+        &[("CYBER_INFERENCE_HF_ENDPOINT", hf.url.clone())],
+    );
     let base = s.base();
     let (_, token) = login(&base).await;
     let hub_api = client()

@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | `GET /login?next=PATH` | login form (posts to `/admin/api/login`, then goes to `next`) |
 //! | `GET /` | dashboard: resource charts, loaded models, recent requests, uptime, version |
-//! | `GET /models`, `GET /models/{name}` | catalogue with actions; one model's settings form and live logs |
+//! | `GET /models`, `GET /models/{name}` | catalogue with actions and the Hugging Face download form (on the hub's `/admin/api/models/repo-files`, `/admin/api/models/download`, `/admin/api/downloads`; a plain notice when the build lacks them); one model's settings form and live logs |
 //! | `GET /logs` | live logs of the supervisor or of any worker |
 //! | `GET /settings` | settings with sources, API keys, admin password |
 //! | `GET /chat` | chat playground (streams `/v1/chat/completions`) |
@@ -950,6 +950,8 @@ async fn change_password(
 struct ChatPage {
     chrome: Chrome,
     models: Vec<ModelView>,
+    /// `/v1/*` needs an API key (`require_api_key`): the page asks for one (kept in the page only).
+    require_api_key: bool,
 }
 
 async fn chat_page(State(st): State<AppState>, PageUser(u): PageUser) -> Result<Response, UiError> {
@@ -966,6 +968,10 @@ async fn chat_page(State(st): State<AppState>, PageUser(u): PageUser) -> Result<
                 .filter(|m| m.enabled && !m.embedding)
                 .map(|m| model_view(&st, m))
                 .collect(),
+            require_api_key: st
+                .auth
+                .require_api_key
+                .load(std::sync::atomic::Ordering::Relaxed),
         },
     )
 }

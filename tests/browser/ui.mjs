@@ -64,6 +64,7 @@ async function workerStep(name, fn) {
 function expect(cond, msg) { if (!cond) throw new Error(msg); }
 
 const modelPath = `/models/${encodeURIComponent(model)}`;
+let apiKey = '';  // created on the settings page, used by the playground once keys are required
 
 await step('unauthenticated page redirects to login with next', async () => {
   await page.goto(`${base}${modelPath}`);
@@ -99,6 +100,30 @@ await step('dashboard charts update', async () => {
   const ram = await page.textContent('#ram-now');
   expect(/of/.test(ram), `ram label ${ram}`);
   await shot('dashboard');
+});
+
+await step('GPU charts (resource history with two GPUs, answered by the test)', async () => {
+  // This machine may have no GPU: the test answers the history request with two cards of one name.
+  const gp = await ctx.newPage();
+  await gp.route('**/admin/api/resources/history*', async (route) => {
+    const real = await (await route.fetch()).json();
+    const now = Date.now();
+    const samples = (real.samples || []).slice(-3);
+    if (!samples.length) throw new Error('no resource samples yet');
+    samples.forEach((s, k) => {
+      s.at = now - (samples.length - k) * 2000;
+      s.gpus = [0, 1].map((i) => ({ name: 'Test GPU', utilization_percent: 10 * (i + 1) + k, memory_used_bytes: (i + 1) * 4e9, memory_total_bytes: 80e9, temperature_c: 40 + i, power_watts: 100.4 }));
+    });
+    await route.fulfill({ json: { ...real, samples } });
+  });
+  await gp.goto(`${base}/`);
+  await gp.waitForSelector('#gpu-charts figure:nth-child(2) canvas');
+  const caps = await gp.locator('#gpu-charts figcaption').allTextContents();
+  expect(caps.length === 2 && /GPU 0: Test GPU/.test(caps[0]) && /GPU 1: Test GPU/.test(caps[1]), `captions ${JSON.stringify(caps)}`);
+  expect(/2\d%.*8\.00 GB of 80\.00 GB.*41 °C.*100 W/.test(caps[1].replace(/\s+/g, ' ')), `caption ${caps[1]}`);
+  expect(await gp.isHidden('#gpu-none'), '"No GPU detected" shown beside GPU charts');
+  await shot('dashboard-gpus', gp);
+  await gp.close();
 });
 
 await workerStep('load the model from the models page', async () => {
@@ -169,6 +194,11 @@ await step("see the worker's logs", async () => {
   await page.goto(`${base}/logs`);
   await page.waitForSelector('#log span.line', { timeout: 15000 });
   await shot('logs');
+  // Picking a worker as the source shows its lines (the select switches on change).
+  await page.selectOption('#log-source', model);
+  await page.waitForURL(/\/logs\?model=/);
+  await page.waitForSelector('#log span.line', { timeout: 15000 });
+  expect((await page.getAttribute('#log', 'data-source')) === model, 'log source not switched');
 });
 
 await step('settings page shows sources and keys', async () => {
@@ -182,12 +212,39 @@ await step('settings page shows sources and keys', async () => {
   await page.waitForSelector('#key-created:not([hidden])');
   const key = await page.textContent('#key-value');
   expect(key.startsWith('ci-'), `key ${key}`);
+  apiKey = key;
   await page.waitForSelector('#keys tr:has-text("browser-test") button[data-revoke]');
   expect(await page.isHidden('#keys-empty'), 'the "no API keys" note is still shown beside a key');
   await page.reload();
   await page.waitForSelector('#keys tr:has-text("browser-test")');
   expect(!(await page.content()).includes(key), 'the key is shown again after a reload');
   await shot('settings');
+});
+
+await workerStep('chat with an API key when require_api_key is on', async () => {
+  const setRequire = async (on) => {
+    await page.goto(`${base}/settings`);
+    await page.setChecked('#s-require_api_key', on);
+    await page.click('#settings-form button[type=submit]');
+    await page.waitForSelector('#settings-status:text-is("saved")');
+  };
+  await setRequire(true);
+  await page.goto(`${base}/chat?model=${encodeURIComponent(model)}`);
+  await page.fill('#chat-temperature', '0');
+  await page.fill('#chat-max-tokens', '8');
+  await page.fill('#chat-input', 'Say hi.');
+  await page.click('#chat-send');
+  await page.waitForSelector('#chat-error:has-text("Enter an API key")');
+  await page.fill('#chat-api-key', 'ci-not-a-real-key');
+  await page.click('#chat-send');
+  await page.waitForSelector('#chat-error:has-text("401")', { timeout: 30000 });
+  await page.fill('#chat-api-key', apiKey);
+  await page.fill('#chat-input', 'Say hi.');
+  await page.click('#chat-send');
+  await page.waitForSelector('.msg.assistant[data-streaming="false"] .text:not(:empty)', { timeout: 120000 });
+  expect(!(await page.textContent('#chat-error')), `chat error: ${await page.textContent('#chat-error')}`);
+  await shot('chat-api-key');
+  await setRequire(false);
 });
 
 await workerStep('unload the model', async () => {
