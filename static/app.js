@@ -190,8 +190,10 @@ function initDashboard() {
     width: 300, height: 170,
     scales: { y: { range: [0, 100] } },
     // Local clock time on the x axis (HH:MM, or HH:MM:SS when ticks are under a minute apart).
-    axes: [{ stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, space: 70,
-      values: (u, splits, ax, space, incr) => splits.map((t) => new Date(t * 1000).toLocaleTimeString([], incr < 60 ? { hour: '2-digit', minute: '2-digit', second: '2-digit' } : { hour: '2-digit', minute: '2-digit' })) }, { stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, values: (u, v) => v.map((x) => x + '%') }],
+    axes: [{ stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, space: 80,
+      values: (u, splits, ax, space, incr) => splits.map((t) => new Date(t * 1000).toLocaleTimeString([], incr < 60
+        ? { hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false }
+        : { hour: '2-digit', minute: '2-digit', hour12: false })) }, { stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, values: (u, v) => v.map((x) => x + '%') }],
     series: [{}, { label, stroke: color, fill: color + '33', width: 2 }],
     legend: { show: false },
   });

@@ -114,4 +114,14 @@ async fn admin_ui_in_headless_chromium() {
         s.log()
     );
     assert!(stdout.contains("all browser steps passed"));
+    // Deleting the model removed the link in MODELS_DIR, never the shared asset it points to.
+    assert!(ui_support::asset_model(MODEL_FILE).is_file());
+    assert!(
+        s.path()
+            .join("models")
+            .join(MODEL_FILE)
+            .symlink_metadata()
+            .is_err(),
+        "the deleted model's link is still in MODELS_DIR"
+    );
 }

@@ -316,6 +316,26 @@ await step('phone layout', async () => {
   await phone.close();
 });
 
+await step('delete a model, with confirmation', async () => {
+  await page.goto(`${base}/models`);
+  const del = `tr[data-model="${model}"] button[data-action="delete"]`;
+  await page.click(del);
+  await page.waitForSelector('#confirm-delete[open]');
+  expect((await page.textContent('#confirm-name')) === model, 'dialog names another model');
+  await page.click('#confirm-delete button[value="cancel"]');
+  await page.waitForSelector('#flash:has-text("delete cancelled")');
+  expect(await page.locator(`tr[data-model="${model}"]`).count() === 1, 'cancelled delete removed the row');
+  await page.click(del);
+  await page.waitForSelector('#confirm-delete[open]');
+  await shot('models-confirm-delete');
+  await page.click('#confirm-yes');
+  await page.waitForFunction((m) => !document.querySelector(`tr[data-model="${m}"]`), model, { timeout: 10000 });
+  const left = await page.locator('#catalogue tbody tr').count();
+  if (left === 0) await page.waitForSelector('p.empty:has-text("No models yet")');
+  await page.goto(`${base}${modelPath}`);
+  await page.waitForSelector('text=No model named');
+});
+
 await step('log out and be sent back to login', async () => {
   await page.click('#logout');
   await page.waitForURL(/\/login/);
