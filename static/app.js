@@ -100,7 +100,7 @@ async function modelAction(action, name, button) {
   const paths = { load: 'load', unload: 'unload', pin: 'pin', unpin: 'unpin' };
   const doing = { load: 'Loading', unload: 'Unloading', pin: 'Pinning', unpin: 'Unpinning', delete: 'Deleting' };
   if (button) button.disabled = true;
-  flash(`${doing[action] || action} ${name}…`);
+  if (action !== 'delete') flash(`${doing[action] || action} ${name}…`);
   try {
     if (action === 'delete') {
       const dlg = $('#confirm-delete');
@@ -110,6 +110,7 @@ async function modelAction(action, name, button) {
         dlg.showModal();
       });
       if (answer !== 'delete') { flash('delete cancelled'); return; }
+      flash(`${doing.delete} ${name}…`);
       await api('DELETE', `/admin/api/models/${encodeURIComponent(name)}`);
       flash(`deleted ${name}`);
       setTimeout(() => location.reload(), 300);
