@@ -370,27 +370,34 @@ function initHub() {
     for (const el of [$('#dl-h'), $('#downloads-wrap'), $('#downloads-empty')]) el.hidden = true;
   };
 
+  // Rows are built once per download and updated in place, so a Cancel button under the pointer is
+  // never replaced between press and release while progress events arrive.
+  const rows = new Map();
   const render = () => {
     const tbody = $('#downloads tbody');
-    tbody.textContent = '';
     for (const d of downloads.values()) {
-      const tr = document.createElement('tr');
-      tr.dataset.download = d.id;
-      tr.dataset.state = d.state;
-      const td = (label) => { const c = document.createElement('td'); if (label) c.dataset.label = label; tr.append(c); return c; };
-      const name = td('Model');
-      name.textContent = d.file ? `${d.repo} / ${d.file}` : d.repo;
-      const prog = td('Progress');
-      const bar = document.createElement('progress');
-      bar.max = d.total || 1;
-      bar.value = Math.min(d.bytes, d.total || 1);
-      bar.setAttribute('aria-label', `download of ${d.file || d.repo}`);
-      const txt = document.createElement('span');
-      txt.className = 'small';
-      txt.textContent = d.total ? ` ${fmtBytes(d.bytes)} of ${fmtBytes(d.total)} (${(100 * d.bytes / d.total).toFixed(1)}%)` : ` ${fmtBytes(d.bytes)}`;
-      prog.append(bar, txt);
-      td('Rate').textContent = FINISHED.includes(d.state) || !d.rate ? '–' : `${fmtBytes(d.rate)}/s`;
-      const st = td('State');
+      let r = rows.get(d.id);
+      if (!r) {
+        const tr = document.createElement('tr');
+        tr.dataset.download = d.id;
+        const td = (label) => { const c = document.createElement('td'); if (label) c.dataset.label = label; tr.append(c); return c; };
+        r = { tr, name: td('Model'), prog: td('Progress'), rate: td('Rate'), st: td('State'), act: td() };
+        r.act.className = 'actions';
+        r.bar = document.createElement('progress');
+        r.txt = document.createElement('span');
+        r.txt.className = 'small';
+        r.prog.append(r.bar, r.txt);
+        tbody.append(tr);
+        rows.set(d.id, r);
+      }
+      r.tr.dataset.state = d.state;
+      r.name.textContent = d.file ? `${d.repo} / ${d.file}` : d.repo;
+      r.bar.max = d.total || 1;
+      r.bar.value = Math.min(d.bytes, d.total || 1);
+      r.bar.setAttribute('aria-label', `download of ${d.file || d.repo}`);
+      r.txt.textContent = d.total ? ` ${fmtBytes(d.bytes)} of ${fmtBytes(d.total)} (${(100 * d.bytes / d.total).toFixed(1)}%)` : ` ${fmtBytes(d.bytes)}`;
+      r.rate.textContent = FINISHED.includes(d.state) || !d.rate ? '–' : `${fmtBytes(d.rate)}/s`;
+      const st = r.st;
       st.textContent = d.state;
       st.className = `state state-${['failed', 'error'].includes(d.state) ? 'failed' : ['done', 'completed', 'complete', 'finished'].includes(d.state) ? 'ready' : d.state === 'cancelled' ? 'stopped' : 'loading'}`;
       if (d.model && ['done', 'completed'].includes(d.state)) {
@@ -405,17 +412,18 @@ function initHub() {
         e.textContent = d.error;
         st.append(e);
       }
-      const act = td();
-      if (!FINISHED.includes(d.state)) {
+      const button = r.act.querySelector('button');
+      if (FINISHED.includes(d.state)) {
+        if (button) button.remove();
+      } else if (!button) {
         const b = document.createElement('button');
         b.type = 'button';
         b.className = 'danger';
         b.textContent = 'Cancel';
         b.setAttribute('aria-label', `Cancel download of ${d.file || d.repo}`);
         b.addEventListener('click', () => cancel(d.id, b));
-        act.append(b);
+        r.act.append(b);
       }
-      tbody.append(tr);
     }
     $('#downloads-wrap').hidden = downloads.size === 0;
     $('#downloads-empty').hidden = downloads.size > 0;
@@ -456,9 +464,10 @@ function initHub() {
   const cancel = async (id, b) => {
     b.disabled = true;
     try {
-      await api('DELETE', `/admin/api/downloads/${encodeURIComponent(id)}`);
-      const d = downloads.get(id);
-      if (d) d.state = 'cancelled';
+      const r = await api('DELETE', `/admin/api/downloads/${encodeURIComponent(id)}`);
+      // The answer holds the download as it ended: cancelled, or done when it finished first.
+      if (r && r.download) update(r.download);
+      else { const d = downloads.get(id); if (d) d.state = 'cancelled'; }
       render();
     } catch (e) {
       flash(`cancel failed: ${e.message}`, true);
