@@ -98,8 +98,9 @@ function initLogout() {
 // ------------------------------------------------------------------ model actions (models, dashboard, detail)
 async function modelAction(action, name, button) {
   const paths = { load: 'load', unload: 'unload', pin: 'pin', unpin: 'unpin' };
+  const doing = { load: 'Loading', unload: 'Unloading', pin: 'Pinning', unpin: 'Unpinning', delete: 'Deleting' };
   if (button) button.disabled = true;
-  flash(`${action} ${name}…`);
+  if (action !== 'delete') flash(`${doing[action] || action} ${name}…`);
   try {
     if (action === 'delete') {
       const dlg = $('#confirm-delete');
@@ -109,6 +110,7 @@ async function modelAction(action, name, button) {
         dlg.showModal();
       });
       if (answer !== 'delete') { flash('delete cancelled'); return; }
+      flash(`${doing.delete} ${name}…`);
       await api('DELETE', `/admin/api/models/${encodeURIComponent(name)}`);
       flash(`deleted ${name}`);
       setTimeout(() => location.reload(), 300);
@@ -116,21 +118,35 @@ async function modelAction(action, name, button) {
     }
     const r = await api('POST', `/admin/api/models/${encodeURIComponent(name)}/${paths[action]}`);
     const state = r && r.state ? r.state : '';
-    flash(`${name}: ${action} done${state ? ' (' + state + ')' : ''}`);
+    flash(`${name}: ${action} done${state ? ', now ' + state : ''}`);
     if (state) setState(name, state);
     if (action === 'pin' || action === 'unpin') setTimeout(() => location.reload(), 300);
   } catch (e) {
     flash(`${action} ${name} failed: ${e.message}`, true);
   } finally {
     if (button) button.disabled = false;
+    syncButtons();
   }
 }
 
+const RUNNING = ['loading', 'ready', 'draining'];
 function setState(model, state) {
   for (const el of $$('[data-state-of]')) {
     if (el.dataset.stateOf === model) {
       el.textContent = state;
       el.className = `state state-${state}`;
+    }
+  }
+  syncButtons();
+}
+
+/** Enables Load only for a stopped (or failed) model and Unload only for a running one. */
+function syncButtons() {
+  for (const el of $$('[data-state-of]')) {
+    const running = RUNNING.includes(el.textContent.trim());
+    for (const b of $$('button[data-action="load"], button[data-action="unload"]')) {
+      if (b.dataset.model !== el.dataset.stateOf) continue;
+      b.disabled = b.dataset.action === 'load' ? running : !running;
     }
   }
 }
@@ -169,18 +185,29 @@ function initDashboard() {
   if (!$('#chart-cpu')) return;
   const WINDOW_S = 15 * 60;
   const series = { t: [], cpu: [], ram: [], swap: [] };
-  const gpuSeries = new Map(); // name -> {t, util, mem, plot}
+  const gpuSeries = new Map(); // GPU index -> {t, util, mem, now, plot}
   let count = 0;
   const opts = (label, color) => ({
     width: 300, height: 170,
     scales: { y: { range: [0, 100] } },
-    axes: [{ stroke: '#a9b6c3', grid: { stroke: '#2c3845' } }, { stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, values: (u, v) => v.map((x) => x + '%') }],
+    // Local clock time on the x axis (HH:MM, or HH:MM:SS when ticks are under a minute apart).
+    axes: [{ stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, space: 80,
+      values: (u, splits, ax, space, incr) => splits.map((t) => new Date(t * 1000).toLocaleTimeString([], incr < 60
+        ? { hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false }
+        : { hour: '2-digit', minute: '2-digit', hour12: false })) }, { stroke: '#a9b6c3', grid: { stroke: '#2c3845' }, values: (u, v) => v.map((x) => x + '%') }],
     series: [{}, { label, stroke: color, fill: color + '33', width: 2 }],
     legend: { show: false },
   });
+  const fit = (plot, el) => {
+    // The plot fills its figure; the figure's width comes from the grid, not from the plot.
+    const w = Math.max(200, Math.floor(el.getBoundingClientRect().width));
+    if (Math.abs(plot.width - w) > 1) plot.setSize({ width: w, height: 170 });
+  };
   const mk = (id, label, color) => {
     const el = $(id);
-    return new uPlot({ ...opts(label, color), width: Math.max(260, el.clientWidth) }, [[], []], el);
+    const plot = new uPlot({ ...opts(label, color), width: Math.max(200, el.clientWidth) }, [[], []], el);
+    if (window.ResizeObserver) new ResizeObserver(() => fit(plot, el)).observe(el);
+    return plot;
   };
   const plots = {
     cpu: mk('#chart-cpu', 'CPU %', '#58a6ff'),
@@ -204,49 +231,66 @@ function initDashboard() {
     $('#swap-now').textContent = s.swap_total_bytes ? `${fmtBytes(s.swap_used_bytes)} of ${fmtBytes(s.swap_total_bytes)}` : 'no swap';
     $('#last-sample').textContent = new Date(s.at).toLocaleTimeString();
     $('#sample-count').textContent = String(count);
-    for (const g of s.gpus || []) addGpu(g, t);
+    (s.gpus || []).forEach((g, i) => addGpu(g, i, t));
     $('#gpu-none').hidden = gpuSeries.size > 0;
   };
-  const addGpu = (g, t) => {
-    let e = gpuSeries.get(g.name);
+  // One chart per GPU (by index: several cards may share a name): utilization and memory used, in %.
+  const addGpu = (g, i, t) => {
+    let e = gpuSeries.get(i);
     if (!e) {
       const fig = document.createElement('figure');
       fig.className = 'chart';
       const cap = document.createElement('figcaption');
-      cap.textContent = `GPU ${g.name}`;
+      const title = document.createElement('span');
+      title.textContent = `GPU ${i}: ${g.name} `;
+      const now = document.createElement('span');
+      now.className = 'now';
+      cap.append(title, now);
       const div = document.createElement('div');
       div.setAttribute('role', 'img');
-      div.setAttribute('aria-label', `GPU ${g.name} utilization chart`);
+      div.setAttribute('aria-label', `GPU ${i} (${g.name}) utilization and memory chart`);
       fig.append(cap, div);
       $('#gpu-charts').append(fig);
-      e = { t: [], util: [], plot: new uPlot(opts('GPU %', '#ff7b72'), [[], []], div) };
-      gpuSeries.set(g.name, e);
+      const o = opts('util %', '#ff7b72');
+      o.series.push({ label: 'memory %', stroke: '#d2a8ff', width: 2 });
+      e = { t: [], util: [], mem: [], now, plot: new uPlot({ ...o, width: Math.max(200, div.clientWidth) }, [[], [], []], div) };
+      if (window.ResizeObserver) { const p = e.plot; new ResizeObserver(() => fit(p, div)).observe(div); }
+      gpuSeries.set(i, e);
     }
     e.t.push(t);
-    e.util.push(g.utilization_percent ?? 0);
-    while (e.t.length && e.t[0] < t - WINDOW_S) { e.t.shift(); e.util.shift(); }
+    e.util.push(g.utilization_percent ?? null);
+    e.mem.push(g.memory_total_bytes ? pct(g.memory_used_bytes || 0, g.memory_total_bytes) : null);
+    while (e.t.length && e.t[0] < t - WINDOW_S) { e.t.shift(); e.util.shift(); e.mem.shift(); }
+    const parts = [];
+    if (g.utilization_percent != null) parts.push(`${g.utilization_percent}%`);
+    if (g.memory_total_bytes) parts.push(`${fmtBytes(g.memory_used_bytes || 0)} of ${fmtBytes(g.memory_total_bytes)}`);
+    if (g.temperature_c != null) parts.push(`${g.temperature_c} °C`);
+    if (g.power_watts != null) parts.push(`${Math.round(g.power_watts)} W`);
+    e.now.textContent = parts.join(' · ');
   };
   const redraw = () => {
     plots.cpu.setData([series.t, series.cpu]);
     plots.ram.setData([series.t, series.ram]);
     plots.swap.setData([series.t, series.swap]);
-    for (const e of gpuSeries.values()) e.plot.setData([e.t, e.util]);
+    for (const e of gpuSeries.values()) e.plot.setData([e.t, e.util, e.mem]);
   };
   api('GET', '/admin/api/resources/history')
     .then((r) => { for (const s of r.samples || []) add(s); redraw(); })
     .catch((e) => { $('#res-error').textContent = `cannot load resource history: ${e.message}`; });
   const refreshLoaded = async () => {
     try {
-      const r = await api('GET', '/admin/api/workers');
-      renderLoaded(r.workers || []);
+      // The catalogue rows carry each model's own idle timeout next to its worker.
+      const r = await api('GET', '/admin/api/models');
+      const global = Number($('#loaded').dataset.idleTimeout || 0);
+      renderLoaded((r.models || []).filter((m) => m.worker).map((m) => ({
+        ...m.worker,
+        idle_timeout_s: m.model.idle_timeout ?? global,
+      })));
     } catch (e) { flash(`cannot refresh workers: ${e.message}`, true); }
   };
   connectEvents((ev) => {
     if (ev.type === 'resources') { add(ev); redraw(); refreshLoaded(); }
     else if (ev.type === 'model_state') refreshLoaded();
-  });
-  window.addEventListener('resize', () => {
-    for (const p of Object.values(plots)) p.setSize({ width: Math.max(260, p.root.parentElement.clientWidth - 4), height: 170 });
   });
 }
 
@@ -258,20 +302,20 @@ function renderLoaded(workers) {
   for (const w of live) {
     const tr = document.createElement('tr');
     tr.dataset.model = w.model;
-    const cell = (text) => { const td = document.createElement('td'); td.textContent = text; tr.append(td); return td; };
+    const cell = (text, label) => { const td = document.createElement('td'); td.textContent = text; if (label) td.dataset.label = label; tr.append(td); return td; };
     const a = document.createElement('a');
     a.href = `/models/${encodeURIComponent(w.model)}`;
     a.textContent = w.model;
-    cell('').append(a);
+    cell('', 'Model').append(a);
     const st = document.createElement('span');
     st.className = `state state-${w.state}`;
     st.textContent = w.state;
-    cell('').append(st);
-    cell(w.port ?? '');
-    cell(fmtBytes(w.rss_bytes || 0));
-    cell(String(w.inflight));
-    const timeout = Number($('#loaded').dataset.idleTimeout || 0);
-    cell(w.pinned ? 'never (pinned)' : w.inflight > 0 ? 'busy' : timeout === 0 ? 'never' : fmtDuration(timeout - w.idle_s));
+    cell('', 'State').append(st);
+    cell(w.port ?? '', 'Port');
+    cell(w.rss_bytes ? fmtBytes(w.rss_bytes) : '–', 'RSS').className = 'num';
+    cell(String(w.inflight), 'In flight');
+    const timeout = Number(w.idle_timeout_s ?? $('#loaded').dataset.idleTimeout ?? 0);
+    cell(w.pinned ? 'never (pinned)' : w.inflight > 0 ? 'busy' : timeout === 0 ? 'never' : fmtDuration(timeout - w.idle_s), 'Idle unload in');
     const b = document.createElement('button');
     b.type = 'button';
     b.className = 'secondary';
@@ -279,9 +323,258 @@ function renderLoaded(workers) {
     b.dataset.model = w.model;
     b.textContent = 'Unload';
     cell('').append(b);
+    tr.lastElementChild.className = 'actions';
     tbody.append(tr);
   }
   $('#loaded-empty').hidden = live.length > 0;
+  $('#loaded-wrap').hidden = live.length === 0;
+}
+
+// ------------------------------------------------------------------ Hugging Face downloads (models page)
+// Routes of the hub's admin API: GET /admin/api/models/repo-files?repo_id=&revision=,
+// POST /admin/api/models/download {repo_id, filename?, revision?} → 202 {id}, GET /admin/api/downloads,
+// DELETE /admin/api/downloads/{id}, and `download*` events on /admin/api/events. A build without them
+// answers axum's bare 404 (no JSON body): then the form is replaced by a plain notice.
+const FINISHED = ['done', 'completed', 'complete', 'finished', 'failed', 'error', 'cancelled', 'canceled'];
+
+/** A download record in one shape whatever names the API uses for its fields. */
+function normDownload(d) {
+  const p = d.progress && typeof d.progress === 'object' ? d.progress : {};
+  const pick = (...ks) => { for (const k of ks) { if (d[k] !== undefined && d[k] !== null) return d[k]; if (p[k] !== undefined && p[k] !== null) return p[k]; } return undefined; };
+  const num = (v) => (v === undefined || v === null || Number.isNaN(Number(v)) ? undefined : Number(v));
+  const err = pick('error', 'reason', 'message');
+  return {
+    id: String(pick('id', 'download_id')),
+    repo: pick('repo_id', 'repo') || '',
+    file: pick('filename', 'file') || '',
+    state: pick('state', 'status', 'phase') === undefined ? undefined : String(pick('state', 'status', 'phase')).toLowerCase(),
+    bytes: num(pick('bytes', 'downloaded', 'downloaded_bytes', 'bytes_done')),
+    total: num(pick('total', 'total_bytes', 'total_size', 'size')),
+    rate: num(pick('rate', 'bytes_per_sec', 'rate_bytes_per_sec')),
+    error: err && typeof err === 'object' ? (err.message || JSON.stringify(err)) : err,
+    model: typeof d.model === 'string' ? d.model : undefined,
+  };
+}
+
+function initHub() {
+  const form = $('#hf-form');
+  if (!form) return;
+  const status = $('#hf-status'), errEl = $('#hf-error'), filesBox = $('#hf-files');
+  const downloads = new Map();
+  let pollTimer = null;
+  const missingRoute = (e) => e.status === 404 && !e.data;
+  const unavailable = () => {
+    $('#hf-unavailable').hidden = false;
+    form.hidden = true;
+    filesBox.hidden = true;
+    for (const el of [$('#dl-h'), $('#downloads-wrap'), $('#downloads-empty')]) el.hidden = true;
+  };
+
+  // Rows are built once per download and updated in place, so a Cancel button under the pointer is
+  // never replaced between press and release while progress events arrive.
+  const rows = new Map();
+  const render = () => {
+    const tbody = $('#downloads tbody');
+    for (const d of downloads.values()) {
+      let r = rows.get(d.id);
+      if (!r) {
+        const tr = document.createElement('tr');
+        tr.dataset.download = d.id;
+        const td = (label) => { const c = document.createElement('td'); if (label) c.dataset.label = label; tr.append(c); return c; };
+        r = { tr, name: td('Model'), prog: td('Progress'), rate: td('Rate'), st: td('State'), act: td() };
+        r.act.className = 'actions';
+        r.bar = document.createElement('progress');
+        r.txt = document.createElement('span');
+        r.txt.className = 'small';
+        r.prog.append(r.bar, r.txt);
+        tbody.append(tr);
+        rows.set(d.id, r);
+      }
+      r.tr.dataset.state = d.state;
+      r.name.textContent = d.file ? `${d.repo} / ${d.file}` : d.repo;
+      r.bar.max = d.total || 1;
+      r.bar.value = Math.min(d.bytes, d.total || 1);
+      r.bar.setAttribute('aria-label', `download of ${d.file || d.repo}`);
+      r.txt.textContent = d.total ? ` ${fmtBytes(d.bytes)} of ${fmtBytes(d.total)} (${(100 * d.bytes / d.total).toFixed(1)}%)` : ` ${fmtBytes(d.bytes)}`;
+      r.rate.textContent = FINISHED.includes(d.state) || !d.rate ? '–' : `${fmtBytes(d.rate)}/s`;
+      const st = r.st;
+      st.textContent = d.state;
+      st.className = `state state-${['failed', 'error'].includes(d.state) ? 'failed' : ['done', 'completed', 'complete', 'finished'].includes(d.state) ? 'ready' : d.state === 'cancelled' ? 'stopped' : 'loading'}`;
+      if (d.model && ['done', 'completed'].includes(d.state)) {
+        const a = document.createElement('a');
+        a.href = `/models/${encodeURIComponent(d.model)}`;
+        a.textContent = d.model;
+        st.append(' → ', a);
+      }
+      if (d.error) {
+        const e = document.createElement('div');
+        e.className = 'error small';
+        e.textContent = d.error;
+        st.append(e);
+      }
+      const button = r.act.querySelector('button');
+      if (FINISHED.includes(d.state)) {
+        if (button) button.remove();
+      } else if (!button) {
+        const b = document.createElement('button');
+        b.type = 'button';
+        b.className = 'danger';
+        b.textContent = 'Cancel';
+        b.setAttribute('aria-label', `Cancel download of ${d.file || d.repo}`);
+        b.addEventListener('click', () => cancel(d.id, b));
+        r.act.append(b);
+      }
+    }
+    $('#downloads-wrap').hidden = downloads.size === 0;
+    $('#downloads-empty').hidden = downloads.size > 0;
+  };
+
+  const update = (raw) => {
+    const d = normDownload(raw);
+    if (d.id === 'undefined') return;
+    const before = downloads.get(d.id);
+    const given = Object.fromEntries(Object.entries(d).filter(([, v]) => v !== undefined && v !== ''));
+    const merged = { state: 'queued', bytes: 0, total: 0, rate: 0, repo: '', file: '', ...before, ...given };
+    downloads.set(d.id, merged);
+    if (before && !FINISHED.includes(before.state) && ['done', 'completed', 'complete', 'finished'].includes(merged.state)) {
+      flash(`downloaded ${merged.file || merged.repo}${merged.model ? ` as ${merged.model}` : ''}; reload the page to see it in the catalogue`);
+    }
+    if (before && !FINISHED.includes(before.state) && ['failed', 'error'].includes(merged.state)) {
+      flash(`download of ${merged.file || merged.repo} failed${merged.error ? ': ' + merged.error : ''}`, true);
+    }
+  };
+
+  const refresh = async () => {
+    try {
+      const r = await api('GET', '/admin/api/downloads');
+      const list = Array.isArray(r) ? r : (r && r.downloads) || [];
+      for (const d of list) update(d);
+      render();
+    } catch (e) {
+      if (missingRoute(e)) { unavailable(); return false; }
+      status.textContent = `cannot refresh downloads: ${e.message}`;
+    }
+    return true;
+  };
+  const schedule = () => {
+    clearTimeout(pollTimer);
+    if ([...downloads.values()].some((d) => !FINISHED.includes(d.state))) pollTimer = setTimeout(async () => { await refresh(); schedule(); }, 1500);
+  };
+
+  const cancel = async (id, b) => {
+    b.disabled = true;
+    try {
+      const r = await api('DELETE', `/admin/api/downloads/${encodeURIComponent(id)}`);
+      // The answer holds the download as it ended: cancelled, or done when it finished first.
+      if (r && r.download) update(r.download);
+      else { const d = downloads.get(id); if (d) d.state = 'cancelled'; }
+      render();
+    } catch (e) {
+      flash(`cancel failed: ${e.message}`, true);
+      b.disabled = false;
+    }
+  };
+
+  const start = async (repo, revision, filename, b) => {
+    b.disabled = true;
+    errEl.textContent = '';
+    try {
+      const body = { repo_id: repo, filename };
+      if (revision) body.revision = revision;
+      const r = await api('POST', '/admin/api/models/download', body);
+      const rec = (r && (r.download || r)) || {};
+      update({ repo_id: repo, filename, state: 'queued', ...rec, id: rec.id ?? rec.download_id ?? (r && r.id) });
+      render();
+      status.textContent = `download of ${filename} started`;
+      schedule();
+    } catch (e) {
+      if (missingRoute(e)) { unavailable(); return; }
+      errEl.textContent = `Cannot start the download: ${e.message}`;
+    } finally {
+      b.disabled = false;
+    }
+  };
+
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    errEl.textContent = '';
+    const repo = form.repo_id.value.trim(), revision = form.revision.value.trim();
+    if (!/^[A-Za-z0-9][\w.-]*\/[\w.-]+$/.test(repo)) {
+      errEl.textContent = 'Enter a repository id as owner/name, for example bartowski/SmolLM2-135M-Instruct-GGUF.';
+      form.repo_id.setAttribute('aria-invalid', 'true');
+      form.repo_id.focus();
+      return;
+    }
+    form.repo_id.setAttribute('aria-invalid', 'false');
+    const listBtn = $('#hf-list');
+    listBtn.disabled = true;
+    status.textContent = `listing ${repo}…`;
+    filesBox.hidden = true;
+    try {
+      const q = new URLSearchParams({ repo_id: repo });
+      if (revision) q.set('revision', revision);
+      const r = await api('GET', `/admin/api/models/repo-files?${q}`);
+      const files = Array.isArray(r) ? r : (r && (r.files || r.models)) || [];
+      const tbody = $('#hf-files tbody');
+      tbody.textContent = '';
+      $('#hf-files-repo').textContent = repo;
+      for (const f of files) {
+        const tr = document.createElement('tr');
+        const name = f.filename || f.rfilename || '';
+        tr.dataset.file = name;
+        const td = (t, label) => { const c = document.createElement('td'); c.textContent = t; if (label) c.dataset.label = label; tr.append(c); return c; };
+        const parts = Array.isArray(f.files) && f.files.length > 1 ? ` (${f.files.length} parts)` : '';
+        const c = td(name + parts, 'File');
+        const badge = (t) => c.append(' ', Object.assign(document.createElement('span'), { className: 'badge', textContent: t }));
+        if (f.recommended) badge('recommended');
+        if (f.is_projector) badge('projector');
+        if (f.present) badge('already in the models folder');
+        td(f.quantization || '?', 'Quantization');
+        td(fmtBytes(Number(f.total_size ?? f.size ?? 0)), 'Size').className = 'num';
+        const act = td('');
+        const missing = Array.isArray(f.missing_parts) && f.missing_parts.length;
+        if (missing) act.textContent = `parts ${f.missing_parts.join(', ')} missing from the repo`;
+        else {
+          const b = document.createElement('button');
+          b.type = 'button';
+          b.textContent = 'Download';
+          b.setAttribute('aria-label', `Download ${name}`);
+          b.addEventListener('click', () => start(repo, revision, name, b));
+          act.append(b);
+        }
+        tbody.append(tr);
+      }
+      filesBox.hidden = files.length === 0;
+      status.textContent = files.length ? `${files.length} GGUF file${files.length === 1 ? '' : 's'}` : '';
+      if (!files.length) errEl.textContent = `${repo} has no GGUF files.`;
+    } catch (e) {
+      status.textContent = '';
+      if (missingRoute(e)) unavailable();
+      else errEl.textContent = `Cannot list ${repo}: ${e.message}`;
+    } finally {
+      listBtn.disabled = false;
+    }
+  });
+
+  refresh().then((ok) => { if (ok) schedule(); });
+  return (ev) => {
+    if (typeof ev.type === 'string' && ev.type.startsWith('download')) {
+      update(ev.download || ev);
+      render();
+      schedule();
+    }
+  };
+}
+
+// ------------------------------------------------------------------ live model states (models, model detail)
+function initModelEvents(extra) {
+  if (!$('[data-state-of]') && !extra) return;
+  connectEvents((ev) => {
+    if (ev.type === 'model_state') {
+      setState(ev.model, ev.to);
+      if (ev.to === 'failed' && ev.reason) flash(`${ev.model} failed: ${ev.reason}`, true);
+    } else if (extra) extra(ev);
+  });
 }
 
 // ------------------------------------------------------------------ logs
@@ -292,6 +585,8 @@ function levelOf(line) {
 }
 
 function initLogs() {
+  const src = $('#log-source');
+  if (src) src.addEventListener('change', () => src.form.requestSubmit());
   const pre = $('#log');
   if (!pre) return;
   const source = pre.dataset.source;
@@ -348,11 +643,13 @@ function initModelSettings() {
     for (const input of $$('input[name]', form)) body[input.name] = input.value.trim();
     const status = $('#settings-status');
     status.textContent = 'saving…';
+    status.classList.remove('error');
     try {
       const r = await api('POST', `/ui/api/models/${encodeURIComponent(form.dataset.model)}/settings`, body);
       fieldErrors(form, null);
       status.textContent = r.note || 'saved';
     } catch (e) {
+      status.classList.add('error');
       if (e.status === 422 && e.data && e.data.errors) {
         fieldErrors(form, e.data.errors);
         status.textContent = 'not saved: fix the fields marked';
@@ -384,6 +681,7 @@ function initSettings() {
     fieldErrors(form, errors);
     const bad = Object.keys(errors).length;
     status.textContent = bad ? `${Object.keys(body).length - bad} saved, ${bad} refused` : 'saved';
+    status.classList.toggle('error', bad > 0);
     if (!bad) setTimeout(() => location.reload(), 600);
   });
   const keyForm = $('#key-form');
@@ -397,6 +695,26 @@ function initSettings() {
       $('#key-value').textContent = r.key;
       $('#key-created').hidden = false;
       keyForm.name.value = '';
+      const k = r.api_key || {};
+      const tr = document.createElement('tr');
+      tr.dataset.key = k.id;
+      const cell = (label, text) => { const td = document.createElement('td'); td.dataset.label = label; td.textContent = text; tr.append(td); return td; };
+      cell('Name', k.name || name);
+      const code = document.createElement('code');
+      code.textContent = `${k.prefix || ''}…`;
+      cell('Prefix', '').append(code);
+      cell('Created (UTC)', k.created_at ? new Date(k.created_at).toISOString().slice(0, 19).replace('T', ' ') : '').className = 'num';
+      cell('Last used', 'never');
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.className = 'danger';
+      b.dataset.revoke = k.id;
+      b.textContent = 'Revoke';
+      b.setAttribute('aria-label', `Revoke key ${k.name || name}`);
+      cell('Status', 'active ').append(b);
+      $('#keys tbody').append(tr);
+      $('#keys-wrap').hidden = false;
+      $('#keys-empty').hidden = true;
     } catch (e) { $('#key-error').textContent = e.message; }
   });
   document.addEventListener('click', async (ev) => {
@@ -405,7 +723,7 @@ function initSettings() {
     if (!confirm('Revoke this API key? Clients using it will be refused.')) return;
     try {
       await api('DELETE', `/admin/api/keys/${b.dataset.revoke}`);
-      b.replaceWith(document.createTextNode('revoked'));
+      b.parentElement.textContent = 'revoked';
     } catch (e) { flash(`revoke failed: ${e.message}`, true); }
   });
   const pw = $('#password-form');
@@ -459,11 +777,18 @@ function initChat() {
     const temperature = Number(form.temperature.value), maxTokens = Number(form.max_tokens.value);
     if (!(temperature >= 0 && temperature <= 5)) { errEl.textContent = 'Temperature must be between 0 and 5.'; return; }
     if (!(Number.isInteger(maxTokens) && maxTokens >= 1)) { errEl.textContent = 'Max tokens must be a whole number of at least 1.'; return; }
+    const headers = { 'Content-Type': 'application/json' };
+    if (form.api_key) {
+      // require_api_key is on: /v1/* takes a key, not the admin session. The key stays in this field.
+      const key = form.api_key.value.trim();
+      if (!key) { errEl.textContent = 'Enter an API key: the server requires one for /v1/* (create one in Settings).'; form.api_key.focus(); return; }
+      headers.Authorization = `Bearer ${key}`;
+    }
     const messages = [];
     if (form.system.value.trim()) messages.push({ role: 'system', content: form.system.value.trim() });
     history.push({ role: 'user', content: text });
     messages.push(...history);
-    bubble('user', text);
+    const mine = bubble('user', text);
     form.message.value = '';
     const out = bubble('assistant', '');
     out.parentElement.dataset.streaming = 'true';
@@ -472,12 +797,12 @@ function initChat() {
     $('#chat-stop').disabled = false;
     stats.textContent = 'waiting for the model (it loads on first use)…';
     const t0 = performance.now();
-    let tFirst = null, chunks = 0, usage = null, reply = '';
+    let tFirst = null, chunks = 0, usage = null, reply = '', finish = null;
     try {
       const res = await fetch('/v1/chat/completions', {
         method: 'POST',
         credentials: 'same-origin',
-        headers: { 'Content-Type': 'application/json' },
+        headers,
         body: JSON.stringify({
           model: form.model.value, messages, temperature, max_tokens: maxTokens,
           stream: true, stream_options: { include_usage: true },
@@ -507,6 +832,7 @@ function initChat() {
           const j = JSON.parse(data);
           if (j.error) throw new Error(j.error.message || JSON.stringify(j.error));
           if (j.usage) usage = j.usage;
+          if (j.choices && j.choices[0] && j.choices[0].finish_reason) finish = j.choices[0].finish_reason;
           const delta = j.choices && j.choices[0] && j.choices[0].delta;
           if (delta && delta.content) {
             if (tFirst === null) tFirst = performance.now();
@@ -525,11 +851,22 @@ function initChat() {
       if (genS > 0) parts.push(`${(n / genS).toFixed(1)} tokens/s`);
       if (tFirst !== null) parts.push(`first token after ${((tFirst - t0) / 1000).toFixed(2)} s`);
       if (usage) parts.push(`usage: prompt ${usage.prompt_tokens}, completion ${usage.completion_tokens}, total ${usage.total_tokens}`);
+      if (finish === 'length') parts.push('stopped at max tokens');
       stats.textContent = parts.join(' · ');
     } catch (e) {
-      history.pop();
-      errEl.textContent = e.name === 'AbortError' ? 'Stopped.' : `Chat failed: ${e.message}`;
-      if (e.name !== 'AbortError') stats.textContent = '';
+      if (reply) {
+        // Stopped or broken mid-reply: keep what came, as the model's turn.
+        history.push({ role: 'assistant', content: reply });
+        errEl.textContent = e.name === 'AbortError' ? 'Stopped.' : `The reply broke off: ${e.message}`;
+      } else {
+        // Nothing came back: take the turn out and give the message back for another try.
+        history.pop();
+        mine.parentElement.remove();
+        out.parentElement.remove();
+        if (!form.message.value) form.message.value = text;
+        errEl.textContent = e.name === 'AbortError' ? 'Stopped before the model answered.' : `Chat failed: ${e.message}`;
+        stats.textContent = '';
+      }
     } finally {
       out.parentElement.dataset.streaming = 'false';
       controller = null;
@@ -548,4 +885,6 @@ document.addEventListener('DOMContentLoaded', () => {
   initModelSettings();
   initSettings();
   initChat();
+  const hubEvents = initHub();
+  if (!$('#chart-cpu')) initModelEvents(hubEvents);
 });

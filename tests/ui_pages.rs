@@ -117,8 +117,25 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
             "{path} embeds part of the JWT"
         );
         assert!(!body.contains("<script>"), "{path} has an inline script");
+        // Empty catalogue: each page says what to do rather than showing an empty table.
+        let empty_note = match path {
+            "/" => Some("No model is loaded."),
+            "/models" | "/chat" => {
+                Some("No models yet — download one or put a .gguf in MODELS_DIR")
+            }
+            "/settings" => Some("No API keys."),
+            "/models/nope" => Some("No model named “nope” in the catalogue."),
+            _ => None,
+        };
+        if let Some(note) = empty_note {
+            assert!(body.contains(note), "{path} lacks its empty state {note:?}");
+        }
     }
-    // The JS never reads document.cookie or stores a token.
+    // serve runs from a temporary directory (ui_support): no templates/ or static/ beside it, so the
+    // pages above came from templates compiled into the binary.
+    assert!(!s.path().join("templates").exists() && !s.path().join("static").exists());
+    // The JS never reads document.cookie or stores a token (the only Authorization header it sends is
+    // an API key the admin types into the chat playground when `require_api_key` is on).
     let js = c.get(format!("{base}/static/app.js")).send().await.unwrap();
     assert_eq!(
         js.headers()["content-type"],
@@ -128,7 +145,13 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
     assert!(
         !js.contains("document.cookie")
             && !js.contains("localStorage")
-            && !js.contains("Authorization")
+            && !js.contains("sessionStorage")
+            && !js.contains("indexedDB")
+    );
+    assert_eq!(
+        js.matches("Authorization").count(),
+        1,
+        "Authorization is set only from the playground's API key field"
     );
     for (path, status) in [
         ("/static/app.css", 200),

@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | `GET /login?next=PATH` | login form (posts to `/admin/api/login`, then goes to `next`) |
 //! | `GET /` | dashboard: resource charts, loaded models, recent requests, uptime, version |
-//! | `GET /models`, `GET /models/{name}` | catalogue with actions; one model's settings form and live logs |
+//! | `GET /models`, `GET /models/{name}` | catalogue with actions and the Hugging Face download form (on the hub's `/admin/api/models/repo-files`, `/admin/api/models/download`, `/admin/api/downloads`; a plain notice when the build lacks them); one model's settings form and live logs |
 //! | `GET /logs` | live logs of the supervisor or of any worker |
 //! | `GET /settings` | settings with sources, API keys, admin password |
 //! | `GET /chat` | chat playground (streams `/v1/chat/completions`) |
@@ -303,27 +303,38 @@ struct DashboardPage {
     idle_timeout: u64,
 }
 
-fn loaded_rows(st: &AppState) -> Vec<LoadedRow> {
+/// The running workers, with the time left until each is unloaded for idleness (the model's own
+/// `idle_timeout` from `models`, else the global one). RSS shows `–` until the monitor has measured it.
+fn loaded_rows(st: &AppState, models: &[ModelRow]) -> Vec<LoadedRow> {
     let global = st.settings().model_idle_timeout;
     st.manager
         .views()
         .into_iter()
         .filter(|v| v.state.has_process())
         .map(|v| {
+            let timeout = models
+                .iter()
+                .find(|m| m.name == v.model)
+                .and_then(|m| m.idle_timeout)
+                .map_or(global, |t| t.max(0) as u64);
             let idle_unload = if v.pinned {
                 "never (pinned)".to_owned()
             } else if v.inflight > 0 {
                 "busy".to_owned()
-            } else if global == 0 {
+            } else if timeout == 0 {
                 "never".to_owned()
             } else {
-                human_duration(global.saturating_sub(v.idle_s))
+                human_duration(timeout.saturating_sub(v.idle_s))
             };
             LoadedRow {
                 name: v.model,
                 state: v.state.as_str().to_owned(),
                 port: opt(v.port),
-                rss: human_bytes(v.rss_bytes),
+                rss: if v.rss_bytes == 0 {
+                    "–".to_owned()
+                } else {
+                    human_bytes(v.rss_bytes)
+                },
                 inflight: v.inflight,
                 idle_unload,
             }
@@ -358,23 +369,18 @@ async fn dashboard(State(st): State<AppState>, PageUser(u): PageUser) -> Result<
             page: "dashboard",
             source,
         })?;
-    let catalogue_size = st
-        .db
-        .list_models()
-        .await
-        .map_err(|source| UiError::Db {
-            page: "dashboard",
-            source,
-        })?
-        .len();
+    let models = st.db.list_models().await.map_err(|source| UiError::Db {
+        page: "dashboard",
+        source,
+    })?;
     html(
         "dashboard",
         &DashboardPage {
             chrome: Chrome::new("Dashboard", "dashboard", u),
             uptime: human_duration(STARTED.elapsed().as_secs()),
-            loaded: loaded_rows(&st),
+            loaded: loaded_rows(&st, &models),
             recent: recent.iter().map(request_view).collect(),
-            catalogue_size,
+            catalogue_size: models.len(),
             idle_timeout: st.settings().model_idle_timeout,
         },
     )
@@ -420,7 +426,6 @@ struct ModelsPage {
     chrome: Chrome,
     models: Vec<ModelView>,
     models_dir: String,
-    hub_available: bool,
 }
 
 async fn models_page(
@@ -437,14 +442,9 @@ async fn models_page(
             chrome: Chrome::new("Models", "models", u),
             models: rows.iter().map(|m| model_view(&st, m)).collect(),
             models_dir: st.models_dir.display().to_string(),
-            hub_available: HUB_API_AVAILABLE,
         },
     )
 }
-
-/// Whether the admin API has the Hugging Face download routes (`/admin/api/models/download`,
-/// `/admin/api/models/repo-files`). Not yet: the form says so instead of failing.
-const HUB_API_AVAILABLE: bool = false;
 
 /// One field of a model's settings form.
 pub struct FieldView {
@@ -493,9 +493,11 @@ fn fields_of(m: &ModelRow, st: &AppState) -> Vec<FieldView> {
             name: "threads",
             label: "Threads",
             value: opt(m.threads),
-            placeholder: s
-                .threads
-                .map_or_else(|| "auto".to_owned(), |t| format!("default {t}")),
+            placeholder: format!(
+                "default {}{}",
+                s.worker_threads(),
+                if s.threads.is_none() { " (auto)" } else { "" }
+            ),
             help: "applies at the next load",
             step: "1",
         },
@@ -503,8 +505,8 @@ fn fields_of(m: &ModelRow, st: &AppState) -> Vec<FieldView> {
             name: "parallel",
             label: "Parallel slots",
             value: opt(m.parallel),
-            placeholder: "default".to_owned(),
-            help: "applies at the next load",
+            placeholder: format!("default {}", super::process::manager::DEFAULT_PARALLEL),
+            help: "concurrent requests; applies at the next load",
             step: "1",
         },
         FieldView {
@@ -948,6 +950,8 @@ async fn change_password(
 struct ChatPage {
     chrome: Chrome,
     models: Vec<ModelView>,
+    /// `/v1/*` needs an API key (`require_api_key`): the page asks for one (kept in the page only).
+    require_api_key: bool,
 }
 
 async fn chat_page(State(st): State<AppState>, PageUser(u): PageUser) -> Result<Response, UiError> {
@@ -964,6 +968,10 @@ async fn chat_page(State(st): State<AppState>, PageUser(u): PageUser) -> Result<
                 .filter(|m| m.enabled && !m.embedding)
                 .map(|m| model_view(&st, m))
                 .collect(),
+            require_api_key: st
+                .auth
+                .require_api_key
+                .load(std::sync::atomic::Ordering::Relaxed),
         },
     )
 }

@@ -2,7 +2,9 @@
 // would: log in, watch the dashboard charts update, load the model, chat with a streamed reply, change a
 // model setting, read the worker's log, unload, log out. Saves a screenshot of each page.
 //
-// Env: BASE_URL, PASSWORD, MODEL (catalogue name), SHOT_DIR, CHROMIUM (default /usr/bin/chromium).
+// Env: BASE_URL, PASSWORD, MODEL (catalogue name), SHOT_DIR, CHROMIUM (default /usr/bin/chromium);
+// HUB_API (1 when the binary has the hub's admin API, else 0), HF_REPO and HF_FILE (a repo and a file of
+// it that the supervisor's HF_ENDPOINT serves), HF_CANCEL_REPO (a repo with one GGUF, to start and cancel).
 // Exits non-zero with the failed step on stderr.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
@@ -11,6 +13,10 @@ const base = process.env.BASE_URL;
 const password = process.env.PASSWORD;
 const model = process.env.MODEL;
 const shots = process.env.SHOT_DIR;
+const hubApi = process.env.HUB_API === '1';
+const hfRepo = process.env.HF_REPO;
+const hfFile = process.env.HF_FILE;
+const hfCancelRepo = process.env.HF_CANCEL_REPO;
 if (!base || !password || !model || !shots) {
   console.error('BASE_URL, PASSWORD, MODEL and SHOT_DIR must be set');
   process.exit(2);
@@ -58,6 +64,7 @@ async function workerStep(name, fn) {
 function expect(cond, msg) { if (!cond) throw new Error(msg); }
 
 const modelPath = `/models/${encodeURIComponent(model)}`;
+let apiKey = '';  // created on the settings page, used by the playground once keys are required
 
 await step('unauthenticated page redirects to login with next', async () => {
   await page.goto(`${base}${modelPath}`);
@@ -95,12 +102,39 @@ await step('dashboard charts update', async () => {
   await shot('dashboard');
 });
 
+await step('GPU charts (resource history with two GPUs, answered by the test)', async () => {
+  // This machine may have no GPU: the test answers the history request with two cards of one name.
+  const gp = await ctx.newPage();
+  await gp.route('**/admin/api/resources/history*', async (route) => {
+    const real = await (await route.fetch()).json();
+    const now = Date.now();
+    const samples = (real.samples || []).slice(-3);
+    if (!samples.length) throw new Error('no resource samples yet');
+    samples.forEach((s, k) => {
+      s.at = now - (samples.length - k) * 2000;
+      s.gpus = [0, 1].map((i) => ({ name: 'Test GPU', utilization_percent: 10 * (i + 1) + k, memory_used_bytes: (i + 1) * 4e9, memory_total_bytes: 80e9, temperature_c: 40 + i, power_watts: 100.4 }));
+    });
+    await route.fulfill({ json: { ...real, samples } });
+  });
+  await gp.goto(`${base}/`);
+  await gp.waitForSelector('#gpu-charts figure:nth-child(2) canvas');
+  const caps = await gp.locator('#gpu-charts figcaption').allTextContents();
+  expect(caps.length === 2 && /GPU 0: Test GPU/.test(caps[0]) && /GPU 1: Test GPU/.test(caps[1]), `captions ${JSON.stringify(caps)}`);
+  expect(/2\d%.*8\.00 GB of 80\.00 GB.*41 °C.*100 W/.test(caps[1].replace(/\s+/g, ' ')), `caption ${caps[1]}`);
+  expect(await gp.isHidden('#gpu-none'), '"No GPU detected" shown beside GPU charts');
+  await shot('dashboard-gpus', gp);
+  await gp.close();
+});
+
 await workerStep('load the model from the models page', async () => {
   await page.goto(`${base}/models`);
   await shot('models');
   const row = page.locator(`tr[data-model="${model}"]`);
+  expect(await row.locator('button[data-action="unload"]').isDisabled(), 'Unload enabled for a stopped model');
   await row.locator('button[data-action="load"]').click();
   await page.waitForSelector(`tr[data-model="${model}"] [data-state-of]:has-text("ready")`, { timeout: 120000 });
+  await page.waitForSelector(`tr[data-model="${model}"] button[data-action="load"]:disabled`);
+  await page.waitForSelector('#flash:has-text("now ready")');
   await shot('models-loaded');
 });
 
@@ -160,6 +194,11 @@ await step("see the worker's logs", async () => {
   await page.goto(`${base}/logs`);
   await page.waitForSelector('#log span.line', { timeout: 15000 });
   await shot('logs');
+  // Picking a worker as the source shows its lines (the select switches on change).
+  await page.selectOption('#log-source', model);
+  await page.waitForURL(/\/logs\?model=/);
+  await page.waitForSelector('#log span.line', { timeout: 15000 });
+  expect((await page.getAttribute('#log', 'data-source')) === model, 'log source not switched');
 });
 
 await step('settings page shows sources and keys', async () => {
@@ -173,7 +212,39 @@ await step('settings page shows sources and keys', async () => {
   await page.waitForSelector('#key-created:not([hidden])');
   const key = await page.textContent('#key-value');
   expect(key.startsWith('ci-'), `key ${key}`);
+  apiKey = key;
+  await page.waitForSelector('#keys tr:has-text("browser-test") button[data-revoke]');
+  expect(await page.isHidden('#keys-empty'), 'the "no API keys" note is still shown beside a key');
+  await page.reload();
+  await page.waitForSelector('#keys tr:has-text("browser-test")');
+  expect(!(await page.content()).includes(key), 'the key is shown again after a reload');
   await shot('settings');
+});
+
+await workerStep('chat with an API key when require_api_key is on', async () => {
+  const setRequire = async (on) => {
+    await page.goto(`${base}/settings`);
+    await page.setChecked('#s-require_api_key', on);
+    await page.click('#settings-form button[type=submit]');
+    await page.waitForSelector('#settings-status:text-is("saved")');
+  };
+  await setRequire(true);
+  await page.goto(`${base}/chat?model=${encodeURIComponent(model)}`);
+  await page.fill('#chat-temperature', '0');
+  await page.fill('#chat-max-tokens', '8');
+  await page.fill('#chat-input', 'Say hi.');
+  await page.click('#chat-send');
+  await page.waitForSelector('#chat-error:has-text("Enter an API key")');
+  await page.fill('#chat-api-key', 'ci-not-a-real-key');
+  await page.click('#chat-send');
+  await page.waitForSelector('#chat-error:has-text("401")', { timeout: 30000 });
+  await page.fill('#chat-api-key', apiKey);
+  await page.fill('#chat-input', 'Say hi.');
+  await page.click('#chat-send');
+  await page.waitForSelector('.msg.assistant[data-streaming="false"] .text:not(:empty)', { timeout: 120000 });
+  expect(!(await page.textContent('#chat-error')), `chat error: ${await page.textContent('#chat-error')}`);
+  await shot('chat-api-key');
+  await setRequire(false);
 });
 
 await workerStep('unload the model', async () => {
@@ -182,15 +253,87 @@ await workerStep('unload the model', async () => {
   await page.waitForSelector(`tr[data-model="${model}"] [data-state-of]:has-text("stopped")`, { timeout: 60000 });
 });
 
+await step('download from Hugging Face', async () => {
+  await page.goto(`${base}/models`);
+  if (!hubApi) {
+    // The binary has no hub admin API: the form must say so plainly instead of failing on submit.
+    await page.waitForSelector('#hf-unavailable', { state: 'visible' });
+    expect(!(await page.isVisible('#hf-form')), 'download form still shown without the hub API');
+    await shot('models-hub-unavailable');
+    return;
+  }
+  expect(hfRepo && hfFile, 'HF_REPO and HF_FILE must be set');
+  await page.fill('#hf-repo', 'not a repo id');
+  await page.click('#hf-list');
+  await page.waitForSelector('#hf-error:has-text("owner/name")');
+  await page.fill('#hf-repo', 'test/no-such-repo');
+  await page.click('#hf-list');
+  await page.waitForSelector('#hf-error:has-text("Cannot list test/no-such-repo")');
+  await page.fill('#hf-repo', hfRepo);
+  await page.click('#hf-list');
+  const row = `#hf-files tr[data-file="${hfFile}"]`;
+  await page.waitForSelector(row);
+  const cells = await page.locator(`${row} td`).allTextContents();
+  expect(/Q4_1/i.test(cells[1]) && /\d+(\.\d+)? MB/.test(cells[2]), `file row ${JSON.stringify(cells)}`);
+  await page.click(`${row} button`);
+  await page.waitForSelector('#downloads tr[data-download]');
+  // Live progress: a bar strictly between empty and full while bytes flow.
+  await page.waitForFunction(() => [...document.querySelectorAll('#downloads progress')].some((p) => p.value > 1 && p.value < p.max), null, { timeout: 60000 });
+  await shot('models-downloading');
+  await page.waitForSelector('#downloads tr[data-state="done"], #downloads tr[data-state="completed"], #downloads tr[data-state="failed"], #downloads tr[data-state="error"]', { timeout: 120000 });
+  const st = await page.getAttribute('#downloads tr[data-download]', 'data-state');
+  expect(st === 'done' || st === 'completed', `download ended ${st}: ${await page.textContent('#downloads')}`);
+  await page.reload();
+  await page.waitForSelector('#catalogue tr[data-model*="Q4_1"]');
+  await shot('models-downloaded');
+
+  // A second download, cancelled while its bytes flow: it ends "cancelled" and never reaches the catalogue.
+  expect(hfCancelRepo, 'HF_CANCEL_REPO must be set');
+  await page.fill('#hf-repo', hfCancelRepo);
+  await page.click('#hf-list');
+  await page.waitForSelector('#hf-files tbody tr button');
+  await page.click('#hf-files tbody tr button');
+  const active = '#downloads tr[data-download][data-state="downloading"]';
+  await page.waitForFunction((sel) => [...document.querySelectorAll(`${sel} progress`)].some((p) => p.value > 1 && p.value < p.max), active, { timeout: 60000 });
+  await page.click(`${active} button`);
+  await page.waitForSelector('#downloads tr[data-state="cancelled"]', { timeout: 30000 });
+  await page.reload();
+  await page.waitForSelector('#downloads tr[data-state="cancelled"]');
+  expect(await page.locator('#catalogue tr[data-model*="MiniLM"]').count() === 0, 'a cancelled download reached the catalogue');
+});
+
 await step('phone layout', async () => {
   const phone = await ctx.newPage();
   await phone.setViewportSize({ width: 390, height: 844 });
-  await phone.goto(`${base}/`);
-  await phone.waitForSelector('#chart-cpu canvas');
-  const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
-  expect(overflow <= 1, `page scrolls sideways by ${overflow}px on a phone`);
-  await shot('dashboard-phone', phone);
+  for (const [name, path] of [['dashboard', '/'], ['models', '/models'], ['model-detail', modelPath], ['chat', '/chat'], ['logs', '/logs'], ['settings', '/settings']]) {
+    await phone.goto(`${base}${path}`);
+    await phone.waitForTimeout(400);
+    if (path === '/') await phone.waitForSelector('#chart-cpu canvas');
+    const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    expect(overflow <= 1, `${path} scrolls sideways by ${overflow}px on a phone`);
+    await shot(`phone-${name}`, phone);
+  }
   await phone.close();
+});
+
+await step('delete a model, with confirmation', async () => {
+  await page.goto(`${base}/models`);
+  const del = `tr[data-model="${model}"] button[data-action="delete"]`;
+  await page.click(del);
+  await page.waitForSelector('#confirm-delete[open]');
+  expect((await page.textContent('#confirm-name')) === model, 'dialog names another model');
+  await page.click('#confirm-delete button[value="cancel"]');
+  await page.waitForSelector('#flash:has-text("delete cancelled")');
+  expect(await page.locator(`tr[data-model="${model}"]`).count() === 1, 'cancelled delete removed the row');
+  await page.click(del);
+  await page.waitForSelector('#confirm-delete[open]');
+  await shot('models-confirm-delete');
+  await page.click('#confirm-yes');
+  await page.waitForFunction((m) => !document.querySelector(`tr[data-model="${m}"]`), model, { timeout: 10000 });
+  const left = await page.locator('#catalogue tbody tr').count();
+  if (left === 0) await page.waitForSelector('p.empty:has-text("No models yet")');
+  await page.goto(`${base}${modelPath}`);
+  await page.waitForSelector('text=No model named');
 });
 
 await step('log out and be sent back to login', async () => {

@@ -38,9 +38,14 @@ pub struct Serve {
 }
 
 impl Serve {
-    /// Starts `serve` with `models` (asset file names) symlinked into its MODELS_DIR and waits for
-    /// `/health` (up to 60 s).
+    /// Starts `serve` with `models` (asset file names) symlinked into its MODELS_DIR and waits until
+    /// it listens (up to 60 s).
     pub fn start(models: &[&str]) -> Serve {
+        Serve::start_with(models, &[])
+    }
+
+    /// [`Serve::start`] with extra environment variables (`CYBER_INFERENCE_HF_ENDPOINT`, ...).
+    pub fn start_with(models: &[&str], env: &[(&str, String)]) -> Serve {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let mdir = dir.path().join("models");
@@ -57,7 +62,10 @@ impl Serve {
             }
         }
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        // Run from the temp dir: no `templates/` or `static/` beside it, so every page rendered proves
+        // the templates and static files are compiled into the binary.
         let child = cmd
+            .current_dir(dir.path())
             .arg("serve")
             .env("CYBER_INFERENCE_HOST", "127.0.0.1")
             .env("CYBER_INFERENCE_PORT", port.to_string())
@@ -67,6 +75,7 @@ impl Serve {
             .env("CYBER_INFERENCE_ADMIN_PASSWORD", PASSWORD)
             .env("CYBER_INFERENCE_THREADS", "2")
             .env("CYBER_INFERENCE_DEFAULT_CONTEXT_SIZE", "2048")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
