@@ -136,6 +136,32 @@ struct Slot {
     /// Tokens whose KV cells sequence `id` holds, position order.
     cache: Vec<u32>,
     job: Option<Job>,
+    /// Admission number of its last request (0 = never used), for least-recently-used choice.
+    last_used: u64,
+}
+
+/// Smallest share of an idle slot's cached tokens that a prompt must repeat for that slot to be chosen
+/// for its prefix (llama-server's `--slot-prompt-similarity`, default 0.1); below it the least recently
+/// used slot is taken, so one short shared prefix does not evict a long cache another client will reuse.
+const SLOT_PROMPT_SIMILARITY: f32 = 0.1;
+
+/// The idle slot for `prompt`, as llama-server picks it: the one whose cache shares the longest prefix
+/// with the prompt, among those whose similarity (common prefix / cached tokens) exceeds
+/// [`SLOT_PROMPT_SIMILARITY`]; otherwise the least recently used idle slot. `None` when all are busy.
+fn pick_slot(slots: &[Slot], prompt: &[u32]) -> Option<usize> {
+    let idle = || slots.iter().enumerate().filter(|(_, s)| s.job.is_none());
+    let similar = idle()
+        .map(|(i, s)| (i, s, common_prefix(&s.cache, prompt)))
+        .filter(|&(_, s, lcp)| {
+            lcp > 0 && lcp as f32 / s.cache.len() as f32 > SLOT_PROMPT_SIMILARITY
+        })
+        .max_by_key(|&(_, s, lcp)| (lcp, std::cmp::Reverse(s.last_used)))
+        .map(|(i, _, _)| i);
+    similar.or_else(|| {
+        idle()
+            .min_by_key(|(i, s)| (s.last_used, *i))
+            .map(|(i, _)| i)
+    })
 }
 
 /// The scheduler's state; runs on its own thread (see [`spawn`]).
@@ -176,6 +202,7 @@ pub fn spawn(
                 state: SlotState::Idle,
                 cache: Vec::new(),
                 job: None,
+                last_used: 0,
             })
             .collect(),
         admissions: 0,
@@ -314,15 +341,7 @@ impl Scheduler {
                 self.metrics.requests_cancelled.fetch_add(1, Relaxed);
                 continue;
             }
-            // The idle slot sharing the longest prefix with the prompt; ties → lowest id.
-            let Some(i) = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.job.is_none())
-                .max_by_key(|(i, s)| (common_prefix(&s.cache, &front.prompt), usize::MAX - i))
-                .map(|(i, _)| i)
-            else {
+            let Some(i) = pick_slot(&self.slots, &front.prompt) else {
                 break;
             };
             let Some(req) = self.queue.pop_front() else {
@@ -367,6 +386,7 @@ impl Scheduler {
             };
             let slot = &mut self.slots[i];
             slot.job = Some(job);
+            slot.last_used = self.admissions;
             self.set_state(i, SlotEvent::Admit);
             tracing::debug!(slot = i, n_cached, "request admitted");
         }
@@ -769,6 +789,63 @@ pub(crate) mod tests {
         assert_eq!(cached, 17 + 15);
         drop(tx);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn slot_choice_follows_prefix_similarity_then_lru() {
+        let slot = |id: u32, cache: Vec<u32>, last_used: u64| Slot {
+            id,
+            state: SlotState::Idle,
+            cache,
+            job: None,
+            last_used,
+        };
+        let long: Vec<u32> = (0..100).collect();
+        let mut slots = vec![
+            slot(0, vec![7, 8, 9], 3),
+            slot(1, long.clone(), 2),
+            slot(2, Vec::new(), 0),
+        ];
+        // The slot whose cache the prompt continues.
+        let mut p = long[..60].to_vec();
+        p.push(1000);
+        assert_eq!(pick_slot(&slots, &p), Some(1));
+        // Sharing 5 of 100 cached tokens is under the similarity: the never-used slot is taken.
+        assert_eq!(pick_slot(&slots, &long[..5]), Some(2));
+        // No shared prefix: least recently used (the empty slot, then slot 1).
+        assert_eq!(pick_slot(&slots, &[42]), Some(2));
+        slots[2].last_used = 4;
+        assert_eq!(pick_slot(&slots, &[42]), Some(1));
+        // The longest shared prefix wins among similar slots.
+        slots[0].cache = long[..50].to_vec();
+        assert_eq!(pick_slot(&slots, &p), Some(1));
+        slots[1].job = None;
+        slots[1].cache = long[..20].to_vec();
+        assert_eq!(pick_slot(&slots, &p), Some(0));
+        // A busy slot is never chosen, however much it shares.
+        let (etx, _erx) = tokio::sync::mpsc::unbounded_channel();
+        let compute = FakeCompute::new(1, 8, FakeLog::default());
+        slots[0].job = Some(Job {
+            req: GenerateRequest {
+                prompt: vec![1],
+                max_tokens: 1,
+                sampling: greedy(),
+                stops: Vec::new(),
+                n_probs: None,
+                events: etx,
+                cancel: CancellationToken::new(),
+            },
+            n_done: 0,
+            n_cached: 0,
+            history: Vec::new(),
+            n_generated: 0,
+            pending: None,
+            sampler: compute.sampler(&greedy()),
+            text: TextAssembler::new(Vec::new()),
+            admitted: 1,
+        });
+        assert_eq!(pick_slot(&slots, &p), Some(1));
+        assert_eq!(pick_slot(&slots[..1], &p), None, "the only slot is busy");
     }
 
     #[test]
