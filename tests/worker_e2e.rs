@@ -382,6 +382,31 @@ async fn client_disconnect_frees_slot_for_queued_request() {
     // Never a step with a request queued while a slot was free: it started within one step.
     assert_eq!(w.metric("queue_stall_steps_total").await, 0.0);
     assert_eq!(w.metric("slots_busy").await, 0.0);
+    // A client of a non-streamed request that goes away frees its slot too.
+    let base = w.base.clone();
+    let long = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt":"Once upon a time","max_tokens":2000,"temperature":0,
+                          "logit_bias": bias}))
+            .send()
+            .await
+    });
+    let t = Instant::now();
+    while w.metric("slots_busy").await < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    long.abort();
+    let t = Instant::now();
+    while w.metric("slots_busy").await > 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "slot still busy after the client went away"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.metric("requests_cancelled_total").await, 2.0);
 }
 
 /// A long shared prefix: a few hundred tokens of ordinary text.
