@@ -387,14 +387,19 @@ async fn client_disconnect_frees_slot_for_queued_request() {
     let long = tokio::spawn(async move {
         reqwest::Client::new()
             .post(format!("{base}/v1/completions"))
-            .json(&json!({"prompt":"Once upon a time","max_tokens":2000,"temperature":0,
-                          "logit_bias": bias}))
+            .json(
+                &json!({"prompt":"Once upon a time","max_tokens":2000,"temperature":0,
+                          "logit_bias": bias}),
+            )
             .send()
             .await
     });
     let t = Instant::now();
     while w.metric("slots_busy").await < 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "request never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "request never started"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     long.abort();
@@ -433,19 +438,33 @@ async fn prefix_is_reused_and_greedy_output_equals_a_fresh_worker() {
     let second = chat("Summarise the notes in one sentence.");
     let w = Worker::start(&m, &["-np", "2", "-c", "2048"]);
     // An unrelated request first, so that the two slots hold different caches.
-    let (st, v) = w.post("/v1/completions", &json!({"prompt": "Water boils at",
-        "max_tokens": 4, "temperature": 0})).await;
+    let (st, v) = w
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Water boils at",
+        "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     let (st, a) = w.post("/v1/chat/completions", &first).await;
     assert_eq!(st, 200, "{a}");
-    assert_eq!(a["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{a}");
+    assert_eq!(
+        a["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{a}"
+    );
     let n_prefix = {
         let (_, t) = w
-            .post("/apply-template", &json!({"messages": [{"role": "system", "content": prefix}]}))
+            .post(
+                "/apply-template",
+                &json!({"messages": [{"role": "system", "content": prefix}]}),
+            )
             .await;
         let text = t["prompt"].as_str().unwrap().to_string();
         let (_, t) = w
-            .post("/tokenize", &json!({"content": text, "add_special": true, "parse_special": true}))
+            .post(
+                "/tokenize",
+                &json!({"content": text, "add_special": true, "parse_special": true}),
+            )
             .await;
         t["tokens"].as_array().unwrap().len() as u64
     };
@@ -487,10 +506,16 @@ async fn prefix_is_reused_and_greedy_output_equals_a_fresh_worker() {
     assert_eq!(st, 200, "{cold}");
     assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let text = |v: &Value| v["choices"][0]["message"]["content"].clone();
-    assert!(text(&cold).as_str().is_some_and(|t| !t.is_empty()), "{cold}");
+    assert!(
+        text(&cold).as_str().is_some_and(|t| !t.is_empty()),
+        "{cold}"
+    );
     assert_eq!(text(&b), text(&cold), "reused prefix changed the answer");
     assert_eq!(text(&b_again), text(&cold));
-    assert_eq!(b["choices"][0]["finish_reason"], cold["choices"][0]["finish_reason"]);
+    assert_eq!(
+        b["choices"][0]["finish_reason"],
+        cold["choices"][0]["finish_reason"]
+    );
 }
 
 #[test]

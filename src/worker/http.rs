@@ -892,8 +892,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
                 finish_reason: Some(c.finish),
             });
         }
-        return Ok(Json(make(choices, Some(usage(n_prompt, completion, cached))))
-        .into_response());
+        return Ok(Json(make(choices, Some(usage(n_prompt, completion, cached)))).into_response());
     }
     let first: Vec<Event> = echoes
         .iter()
