@@ -792,6 +792,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn joining_prompt_shares_the_forward_pass_of_a_generating_slot() {
+        // A slow fake (1 ms per pass), so that A is still generating when B arrives.
+        let codec = Arc::new(FakeCodec::default());
+        let log = FakeLog::default();
+        let compute = FakeCompute::new(2, 4096, log.clone())
+            .with_step_delay(std::time::Duration::from_millis(1));
+        let cfg = SchedulerConfig {
+            n_slots: 2,
+            n_ctx_seq: 4096,
+            n_batch: 64,
+        };
+        let (tx, h) = spawn(
+            codec.clone(),
+            Box::new(compute),
+            cfg,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let (mut rx_a, cancel_a) = submit(&tx, &codec, "long one", 4000, &[]);
+        match rx_a.blocking_recv() {
+            Some(GenEvent::Delta { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let prompt = "a longer prompt here";
+        let (rx_b, _cb) = submit(&tx, &codec, prompt, 3, &[]);
+        let (text, ..) = collect(rx_b);
+        assert_eq!(text, codec.expected(prompt, 3));
+        cancel_a.cancel();
+        // One forward pass held A's next token and all of B's prompt (BOS + 20 bytes): no separate pass.
+        let n_b = prompt.len() + 1;
+        assert!(log.decodes().contains(&(2, 1 + n_b)), "{:?}", log.decodes());
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
     fn slot_choice_follows_prefix_similarity_then_lru() {
         let slot = |id: u32, cache: Vec<u32>, last_used: u64| Slot {
             id,
