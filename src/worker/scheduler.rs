@@ -4,10 +4,15 @@
 //! commit 0c1e570).
 //!
 //! One loop iteration ("step"): take new commands; free the slots of cancelled requests; admit queued
-//! requests into free slots (FIFO, preferring the idle slot whose cached tokens share the longest prefix
-//! with the prompt); then run ONE forward pass holding the next token of every generating slot plus prompt
-//! chunks of prefilling slots, up to `n_batch` tokens; sample, stream, and finish slots. A freed slot is
-//! reused by a queued request in the very next step.
+//! requests into free slots (FIFO; `pick_slot` chooses the slot: the longest shared prefix, else the
+//! least recently used); then run ONE forward pass holding the next token of every generating slot plus
+//! prompt chunks of prefilling slots, up to `n_batch` tokens; sample, stream, and finish slots. A freed
+//! slot is reused by a queued request in the very next step.
+//!
+//! Prefix reuse (llama-server's `cache_prompt`): an idle slot keeps the KV cells of its last request;
+//! a new request keeps the longest common prefix of its prompt with them (at least one prompt token is
+//! always evaluated again, so that logits exist) and evaluates only the rest. The engine is
+//! batch-invariant, so the answer is bit-identical to a cold run.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -557,13 +562,18 @@ impl Scheduler {
                     tokens: r.tokens,
                 });
             }
-            let _ = job.req.events.send(GenEvent::Done {
+            let done = GenEvent::Done {
                 finish,
                 n_prompt: job.req.prompt.len(),
                 n_cached: job.n_cached,
                 n_generated: job.n_generated,
-            });
+            };
+            let events = job.req.events.clone();
+            // Free the slot and show it in the gauges before the client hears the end, so that a client
+            // reading /metrics after its response never sees its own slot still busy.
             self.release(i, SlotEvent::Finish);
+            self.update_gauges();
+            let _ = events.send(done);
         }
     }
 }
