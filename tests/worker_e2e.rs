@@ -382,6 +382,140 @@ async fn client_disconnect_frees_slot_for_queued_request() {
     // Never a step with a request queued while a slot was free: it started within one step.
     assert_eq!(w.metric("queue_stall_steps_total").await, 0.0);
     assert_eq!(w.metric("slots_busy").await, 0.0);
+    // A client of a non-streamed request that goes away frees its slot too.
+    let base = w.base.clone();
+    let long = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .json(
+                &json!({"prompt":"Once upon a time","max_tokens":2000,"temperature":0,
+                          "logit_bias": bias}),
+            )
+            .send()
+            .await
+    });
+    let t = Instant::now();
+    while w.metric("slots_busy").await < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    long.abort();
+    let t = Instant::now();
+    while w.metric("slots_busy").await > 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "slot still busy after the client went away"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.metric("requests_cancelled_total").await, 2.0);
+}
+
+/// A long shared prefix: a few hundred tokens of ordinary text.
+fn long_prefix() -> String {
+    let mut s = String::from("You are a careful assistant. Here are the notes of the meeting:\n");
+    for i in 1..=24 {
+        s.push_str(&format!(
+            "{i}. The team reviewed item number {i}, agreed on the next steps and wrote them down.\n"
+        ));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_is_reused_and_greedy_output_equals_a_fresh_worker() {
+    let m = model(SMOL);
+    let prefix = long_prefix();
+    let chat = |question: &str| {
+        json!({"messages": [{"role": "system", "content": prefix},
+                            {"role": "user", "content": question}],
+               "max_tokens": 24, "temperature": 0})
+    };
+    let first = chat("Which item came first?");
+    let second = chat("Summarise the notes in one sentence.");
+    let w = Worker::start(&m, &["-np", "2", "-c", "2048"]);
+    // An unrelated request first, so that the two slots hold different caches.
+    let (st, v) = w
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Water boils at",
+        "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, a) = w.post("/v1/chat/completions", &first).await;
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(
+        a["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{a}"
+    );
+    let n_prefix = {
+        let (_, t) = w
+            .post(
+                "/apply-template",
+                &json!({"messages": [{"role": "system", "content": prefix}]}),
+            )
+            .await;
+        let text = t["prompt"].as_str().unwrap().to_string();
+        let (_, t) = w
+            .post(
+                "/tokenize",
+                &json!({"content": text, "add_special": true, "parse_special": true}),
+            )
+            .await;
+        t["tokens"].as_array().unwrap().len() as u64
+    };
+    assert!(n_prefix > 300, "prefix of {n_prefix} tokens");
+    let cached_before = w.metric("prompt_tokens_cached_total").await;
+    let evaluated_before = w.metric("prompt_tokens_total").await;
+    let (st, b) = w.post("/v1/chat/completions", &second).await;
+    assert_eq!(st, 200, "{b}");
+    let n_prompt = b["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = b["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    // The system message's tokens are shared (the template may render its end a little differently
+    // before another message, hence the small margin); the rest is the question.
+    assert!(
+        cached + 8 >= n_prefix && cached < n_prompt,
+        "cached {cached} of {n_prompt} prompt tokens; the prefix has {n_prefix}"
+    );
+    assert_eq!(
+        w.metric("prompt_tokens_cached_total").await - cached_before,
+        cached as f64
+    );
+    assert_eq!(
+        w.metric("prompt_tokens_total").await - evaluated_before,
+        (n_prompt - cached) as f64,
+        "only the tokens after the shared prefix were evaluated"
+    );
+    // The very same request again reuses all but its last prompt token.
+    let (_, b_again) = w.post("/v1/chat/completions", &second).await;
+    assert_eq!(
+        b_again["usage"]["prompt_tokens_details"]["cached_tokens"],
+        n_prompt - 1,
+        "{b_again}"
+    );
+    drop(w);
+    // A fresh worker computes the second request cold: the same greedy answer, bit for bit.
+    let fresh = Worker::start(&m, &["-np", "2", "-c", "2048"]);
+    let (st, cold) = fresh.post("/v1/chat/completions", &second).await;
+    assert_eq!(st, 200, "{cold}");
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let text = |v: &Value| v["choices"][0]["message"]["content"].clone();
+    assert!(
+        text(&cold).as_str().is_some_and(|t| !t.is_empty()),
+        "{cold}"
+    );
+    assert_eq!(text(&b), text(&cold), "reused prefix changed the answer");
+    assert_eq!(text(&b_again), text(&cold));
+    assert_eq!(
+        b["choices"][0]["finish_reason"],
+        cold["choices"][0]["finish_reason"]
+    );
 }
 
 #[test]
@@ -417,7 +551,10 @@ fn sigterm_during_request_finishes_it_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_cases_return_status_and_openai_envelope() {
-    let w = Worker::start(&model(SMOL), &["-c", "128", "--api-key", "k1"]);
+    let w = Worker::start(
+        &model(SMOL),
+        &["-c", "128", "--api-key", "k1", "-ngl", "99"],
+    );
     let c = reqwest::Client::new();
     let send = |body: &'static str| {
         c.post(format!("{}/v1/chat/completions", w.base))
@@ -470,6 +607,9 @@ async fn error_cases_return_status_and_openai_envelope() {
     // /health stays open.
     let r = reqwest::get(format!("{}/health", w.base)).await.unwrap();
     assert_eq!(r.status(), 200);
+    // `-ngl` is accepted; this CPU build says so once, not per request.
+    let log = w.stderr();
+    assert_eq!(log.matches("no GPU backend").count(), 1, "{log}");
 }
 
 #[test]

@@ -394,6 +394,17 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Their sum.
     pub total_tokens: u32,
+    /// Details of the prompt tokens (OpenAI's `prompt_tokens_details`); absent when not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`: how the prompt tokens were obtained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV cache was reused from a slot's previous request (not evaluated again);
+    /// llama-server reports the same number as `timings.cache_n`.
+    pub cached_tokens: u32,
 }
 
 /// Why a choice ended.

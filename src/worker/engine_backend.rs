@@ -96,6 +96,11 @@ impl Compute for EngineCompute {
     fn seq_clear(&mut self, seq: u32) {
         self.ctx.seq_clear(seq + self.seq_offset);
     }
+    fn seq_keep(&mut self, seq: u32, n: usize) -> bool {
+        let s = seq + self.seq_offset;
+        self.ctx.seq_truncate(s, n);
+        self.ctx.seq_len(s) == n
+    }
     fn sampler(&self, p: &SamplingParams) -> Box<dyn TokenSampler> {
         Box::new(EngineSampler(Sampler::new(SamplerParams {
             temperature: p.temperature,

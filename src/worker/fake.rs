@@ -118,6 +118,10 @@ impl Codec for FakeCodec {
 pub struct FakeLog(Arc<Mutex<Vec<(usize, usize)>>>);
 
 impl FakeLog {
+    /// Every forward pass so far: (distinct sequences, tokens).
+    pub fn decodes(&self) -> Vec<(usize, usize)> {
+        self.0.lock().unwrap().clone()
+    }
     /// The most distinct sequences one forward pass held.
     pub fn max_seqs_per_decode(&self) -> usize {
         self.0

@@ -469,7 +469,20 @@ struct Collected {
     tokens: Vec<TokenOut>,
     finish: FinishReason,
     n_prompt: usize,
+    n_cached: usize,
     n_generated: usize,
+}
+
+/// The `usage` object; `cached` = prompt tokens reused from a slot's KV cache.
+fn usage(prompt: u32, completion: u32, cached: u32) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        prompt_tokens_details: Some(PromptTokensDetails {
+            cached_tokens: cached,
+        }),
+    }
 }
 
 async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
@@ -487,8 +500,8 @@ async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
             GenEvent::Done {
                 finish,
                 n_prompt,
+                n_cached,
                 n_generated,
-                ..
             } => {
                 s.guard.disarm();
                 return Ok(Collected {
@@ -496,6 +509,7 @@ async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
                     tokens,
                     finish,
                     n_prompt,
+                    n_cached,
                     n_generated,
                 });
             }
@@ -659,9 +673,14 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         let results = futures_util::future::join_all(subs.into_iter().map(collect)).await;
         let mut choices = Vec::new();
         let mut completion = 0u32;
+        // The prompt is counted once: its cached part is the first choice's.
+        let mut cached = 0u32;
         for (i, r) in results.into_iter().enumerate() {
             let c = r?;
             completion += c.n_generated as u32;
+            if i == 0 {
+                cached = c.n_cached as u32;
+            }
             debug_assert_eq!(c.n_prompt as u32, n_prompt);
             choices.push(ChatChoice {
                 index: i as u32,
@@ -680,11 +699,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             model,
             system_fingerprint: fingerprint(),
             choices,
-            usage: Usage {
-                prompt_tokens: n_prompt,
-                completion_tokens: completion,
-                total_tokens: n_prompt + completion,
-            },
+            usage: usage(n_prompt, completion, cached),
         })
         .into_response());
     }
@@ -719,16 +734,13 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
     let want_logprobs = spec.n_probs.is_some();
     let include_usage = spec.include_usage;
     let mut completion = 0u32;
+    let mut cached = 0u32;
     Ok(sse_stream(subs, first, move |i, ev, out| {
         if i == usize::MAX {
             if include_usage {
                 out.push_back(sse_json(&chunk(
                     Vec::new(),
-                    Some(Usage {
-                        prompt_tokens: n_prompt,
-                        completion_tokens: completion,
-                        total_tokens: n_prompt + completion,
-                    }),
+                    Some(usage(n_prompt, completion, cached)),
                 )));
             }
             return Step::Continue;
@@ -751,10 +763,14 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             }
             GenEvent::Done {
                 finish,
+                n_cached,
                 n_generated,
                 ..
             } => {
                 completion += n_generated as u32;
+                if i == 0 {
+                    cached = n_cached as u32;
+                }
                 out.push_back(sse_json(&chunk(
                     vec![ChatChunkChoice {
                         index: i as u32,
@@ -854,9 +870,14 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         let results = futures_util::future::join_all(subs.into_iter().map(collect)).await;
         let mut choices = Vec::new();
         let mut completion = 0u32;
+        // Each prompt is counted once: its cached part is its first choice's.
+        let mut cached = 0u32;
         for (i, r) in results.into_iter().enumerate() {
             let c = r?;
             completion += c.n_generated as u32;
+            if i % spec.n == 0 {
+                cached += c.n_cached as u32;
+            }
             let prefix = &echoes[i];
             let logprobs = n_probs.map(|_| {
                 let mut lp = CompletionLogprobs::default();
@@ -871,15 +892,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
                 finish_reason: Some(c.finish),
             });
         }
-        return Ok(Json(make(
-            choices,
-            Some(Usage {
-                prompt_tokens: n_prompt,
-                completion_tokens: completion,
-                total_tokens: n_prompt + completion,
-            }),
-        ))
-        .into_response());
+        return Ok(Json(make(choices, Some(usage(n_prompt, completion, cached)))).into_response());
     }
     let first: Vec<Event> = echoes
         .iter()
@@ -899,17 +912,15 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         .collect();
     let mut offsets: Vec<u32> = echoes.iter().map(|e| e.len() as u32).collect();
     let include_usage = spec.include_usage;
+    let n_choices = spec.n;
     let mut completion = 0u32;
+    let mut cached = 0u32;
     Ok(sse_stream(subs, first, move |i, ev, out| {
         if i == usize::MAX {
             if include_usage {
                 out.push_back(sse_json(&make(
                     Vec::new(),
-                    Some(Usage {
-                        prompt_tokens: n_prompt,
-                        completion_tokens: completion,
-                        total_tokens: n_prompt + completion,
-                    }),
+                    Some(usage(n_prompt, completion, cached)),
                 )));
             }
             return Step::Continue;
@@ -934,10 +945,14 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
             }
             GenEvent::Done {
                 finish,
+                n_cached,
                 n_generated,
                 ..
             } => {
                 completion += n_generated as u32;
+                if i % n_choices == 0 {
+                    cached += n_cached as u32;
+                }
                 out.push_back(sse_json(&make(
                     vec![CompletionChoice {
                         text: String::new(),

@@ -4,10 +4,15 @@
 //! commit 0c1e570).
 //!
 //! One loop iteration ("step"): take new commands; free the slots of cancelled requests; admit queued
-//! requests into free slots (FIFO, preferring the idle slot whose cached tokens share the longest prefix
-//! with the prompt); then run ONE forward pass holding the next token of every generating slot plus prompt
-//! chunks of prefilling slots, up to `n_batch` tokens; sample, stream, and finish slots. A freed slot is
-//! reused by a queued request in the very next step.
+//! requests into free slots (FIFO; `pick_slot` chooses the slot: the longest shared prefix, else the
+//! least recently used); then run ONE forward pass holding the next token of every generating slot plus
+//! prompt chunks of prefilling slots, up to `n_batch` tokens; sample, stream, and finish slots. A freed
+//! slot is reused by a queued request in the very next step.
+//!
+//! Prefix reuse (llama-server's `cache_prompt`): an idle slot keeps the KV cells of its last request;
+//! a new request keeps the longest common prefix of its prompt with them (at least one prompt token is
+//! always evaluated again, so that logits exist) and evaluates only the rest. The engine is
+//! batch-invariant, so the answer is bit-identical to a cold run.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -136,6 +141,32 @@ struct Slot {
     /// Tokens whose KV cells sequence `id` holds, position order.
     cache: Vec<u32>,
     job: Option<Job>,
+    /// Admission number of its last request (0 = never used), for least-recently-used choice.
+    last_used: u64,
+}
+
+/// Smallest share of an idle slot's cached tokens that a prompt must repeat for that slot to be chosen
+/// for its prefix (llama-server's `--slot-prompt-similarity`, default 0.1); below it the least recently
+/// used slot is taken, so one short shared prefix does not evict a long cache another client will reuse.
+const SLOT_PROMPT_SIMILARITY: f32 = 0.1;
+
+/// The idle slot for `prompt`, as llama-server picks it: the one whose cache shares the longest prefix
+/// with the prompt, among those whose similarity (common prefix / cached tokens) exceeds
+/// [`SLOT_PROMPT_SIMILARITY`]; otherwise the least recently used idle slot. `None` when all are busy.
+fn pick_slot(slots: &[Slot], prompt: &[u32]) -> Option<usize> {
+    let idle = || slots.iter().enumerate().filter(|(_, s)| s.job.is_none());
+    let similar = idle()
+        .map(|(i, s)| (i, s, common_prefix(&s.cache, prompt)))
+        .filter(|&(_, s, lcp)| {
+            lcp > 0 && lcp as f32 / s.cache.len() as f32 > SLOT_PROMPT_SIMILARITY
+        })
+        .max_by_key(|&(_, s, lcp)| (lcp, std::cmp::Reverse(s.last_used)))
+        .map(|(i, _, _)| i);
+    similar.or_else(|| {
+        idle()
+            .min_by_key(|(i, s)| (s.last_used, *i))
+            .map(|(i, _)| i)
+    })
 }
 
 /// The scheduler's state; runs on its own thread (see [`spawn`]).
@@ -176,6 +207,7 @@ pub fn spawn(
                 state: SlotState::Idle,
                 cache: Vec::new(),
                 job: None,
+                last_used: 0,
             })
             .collect(),
         admissions: 0,
@@ -314,15 +346,7 @@ impl Scheduler {
                 self.metrics.requests_cancelled.fetch_add(1, Relaxed);
                 continue;
             }
-            // The idle slot sharing the longest prefix with the prompt; ties → lowest id.
-            let Some(i) = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.job.is_none())
-                .max_by_key(|(i, s)| (common_prefix(&s.cache, &front.prompt), usize::MAX - i))
-                .map(|(i, _)| i)
-            else {
+            let Some(i) = pick_slot(&self.slots, &front.prompt) else {
                 break;
             };
             let Some(req) = self.queue.pop_front() else {
@@ -367,6 +391,7 @@ impl Scheduler {
             };
             let slot = &mut self.slots[i];
             slot.job = Some(job);
+            slot.last_used = self.admissions;
             self.set_state(i, SlotEvent::Admit);
             tracing::debug!(slot = i, n_cached, "request admitted");
         }
@@ -537,13 +562,18 @@ impl Scheduler {
                     tokens: r.tokens,
                 });
             }
-            let _ = job.req.events.send(GenEvent::Done {
+            let done = GenEvent::Done {
                 finish,
                 n_prompt: job.req.prompt.len(),
                 n_cached: job.n_cached,
                 n_generated: job.n_generated,
-            });
+            };
+            let events = job.req.events.clone();
+            // Free the slot and show it in the gauges before the client hears the end, so that a client
+            // reading /metrics after its response never sees its own slot still busy.
             self.release(i, SlotEvent::Finish);
+            self.update_gauges();
+            let _ = events.send(done);
         }
     }
 }
@@ -769,6 +799,99 @@ pub(crate) mod tests {
         assert_eq!(cached, 17 + 15);
         drop(tx);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn joining_prompt_shares_the_forward_pass_of_a_generating_slot() {
+        // A slow fake (1 ms per pass), so that A is still generating when B arrives.
+        let codec = Arc::new(FakeCodec::default());
+        let log = FakeLog::default();
+        let compute = FakeCompute::new(2, 4096, log.clone())
+            .with_step_delay(std::time::Duration::from_millis(1));
+        let cfg = SchedulerConfig {
+            n_slots: 2,
+            n_ctx_seq: 4096,
+            n_batch: 64,
+        };
+        let (tx, h) = spawn(
+            codec.clone(),
+            Box::new(compute),
+            cfg,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let (mut rx_a, cancel_a) = submit(&tx, &codec, "long one", 4000, &[]);
+        match rx_a.blocking_recv() {
+            Some(GenEvent::Delta { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let prompt = "a longer prompt here";
+        let (rx_b, _cb) = submit(&tx, &codec, prompt, 3, &[]);
+        let (text, ..) = collect(rx_b);
+        assert_eq!(text, codec.expected(prompt, 3));
+        cancel_a.cancel();
+        // One forward pass held A's next token and all of B's prompt (BOS + 20 bytes): no separate pass.
+        let n_b = prompt.len() + 1;
+        assert!(log.decodes().contains(&(2, 1 + n_b)), "{:?}", log.decodes());
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn slot_choice_follows_prefix_similarity_then_lru() {
+        let slot = |id: u32, cache: Vec<u32>, last_used: u64| Slot {
+            id,
+            state: SlotState::Idle,
+            cache,
+            job: None,
+            last_used,
+        };
+        let long: Vec<u32> = (0..100).collect();
+        let mut slots = vec![
+            slot(0, vec![7, 8, 9], 3),
+            slot(1, long.clone(), 2),
+            slot(2, Vec::new(), 0),
+        ];
+        // The slot whose cache the prompt continues.
+        let mut p = long[..60].to_vec();
+        p.push(1000);
+        assert_eq!(pick_slot(&slots, &p), Some(1));
+        // Sharing 5 of 100 cached tokens is under the similarity: the never-used slot is taken.
+        assert_eq!(pick_slot(&slots, &long[..5]), Some(2));
+        // No shared prefix: least recently used (the empty slot, then slot 1).
+        assert_eq!(pick_slot(&slots, &[42]), Some(2));
+        slots[2].last_used = 4;
+        assert_eq!(pick_slot(&slots, &[42]), Some(1));
+        // The longest shared prefix wins among similar slots.
+        slots[0].cache = long[..50].to_vec();
+        assert_eq!(pick_slot(&slots, &p), Some(1));
+        slots[1].job = None;
+        slots[1].cache = long[..20].to_vec();
+        assert_eq!(pick_slot(&slots, &p), Some(0));
+        // A busy slot is never chosen, however much it shares.
+        let (etx, _erx) = tokio::sync::mpsc::unbounded_channel();
+        let compute = FakeCompute::new(1, 8, FakeLog::default());
+        slots[0].job = Some(Job {
+            req: GenerateRequest {
+                prompt: vec![1],
+                max_tokens: 1,
+                sampling: greedy(),
+                stops: Vec::new(),
+                n_probs: None,
+                events: etx,
+                cancel: CancellationToken::new(),
+            },
+            n_done: 0,
+            n_cached: 0,
+            history: Vec::new(),
+            n_generated: 0,
+            pending: None,
+            sampler: compute.sampler(&greedy()),
+            text: TextAssembler::new(Vec::new()),
+            admitted: 1,
+        });
+        assert_eq!(pick_slot(&slots, &p), Some(1));
+        assert_eq!(pick_slot(&slots[..1], &p), None, "the only slot is busy");
     }
 
     #[test]

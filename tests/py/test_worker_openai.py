@@ -61,6 +61,14 @@ check(
 if chat.choices[0].finish_reason == "length":
     check(chat.usage.completion_tokens == 24, "length → max_tokens tokens")
 
+# The same request again reuses the slot's KV cache for all but the last prompt token, same answer.
+again = client.chat.completions.create(model="whatever", messages=messages, max_tokens=24, temperature=0)
+check(
+    again.usage.prompt_tokens_details.cached_tokens == chat.usage.prompt_tokens - 1,
+    f"prompt cache reused: {again.usage}",
+)
+check(again.choices[0].message.content == text, "prefix reuse leaves the greedy answer unchanged")
+
 # The same request streamed gives the same text, in OpenAI's chunk order.
 stream = client.chat.completions.create(
     model="whatever",

@@ -550,6 +550,18 @@ impl Context {
         }
     }
 
+    /// Keeps only the first `len` cached positions of `seq` and drops the rest (llama.cpp's
+    /// `llama_memory_seq_rm(mem, seq, len, -1)`): the next token of the sequence then goes at position
+    /// `len`. A `len` at or past the cached length changes nothing; so does an unknown sequence or an
+    /// encoder (no cache). The kept cells are untouched, so with the engine's batch invariance a
+    /// continuation from them gives bit-identical logits to a cold run over the same tokens.
+    pub fn seq_truncate(&mut self, seq: u32, len: usize) {
+        if let Some(kv) = self.kv.as_mut() {
+            let cur = kv.seq_len(seq as usize);
+            kv.set_len(seq as usize, len.min(cur));
+        }
+    }
+
     /// Cached positions of `seq` (0 for encoders and unknown sequences).
     pub fn seq_len(&self, seq: u32) -> usize {
         self.kv.as_ref().map_or(0, |kv| kv.seq_len(seq as usize))
@@ -566,5 +578,62 @@ pub fn l2_normalize(v: &mut [f32]) {
     if norm > 0.0 {
         let inv = (1.0 / norm) as f32;
         v.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smol() -> Arc<Model> {
+        let Ok(assets) = std::env::var("CYBER_INFERENCE_ASSETS") else {
+            panic!("CYBER_INFERENCE_ASSETS is not set (see ../shared/assets/fetch)");
+        };
+        let path = Path::new(&assets).join("models/SmolLM2-135M-Instruct.Q4_K_M.gguf");
+        Model::load(&path, &ModelParams { n_threads: 2 }).expect("load SmolLM2")
+    }
+
+    fn ctx(model: &Arc<Model>) -> Context {
+        Context::new(
+            model.clone(),
+            ContextParams {
+                n_ctx: 64,
+                n_seq_max: 2,
+                n_batch: 64,
+                n_threads: 2,
+                embeddings: false,
+                kv_type: KvType::F16,
+            },
+        )
+        .expect("context")
+    }
+
+    #[test]
+    fn seq_truncate_keeps_a_prefix_that_continues_like_a_cold_run() {
+        let model = smol();
+        let a: Vec<u32> = (0..12).map(|i| 1000 + 37 * i).collect();
+        let b: Vec<u32> = (0..5).map(|i| 2000 + 11 * i).collect();
+        // Cold: a[..7] then b, in one batch.
+        let mut cold = ctx(&model);
+        let mut t = a[..7].to_vec();
+        t.extend(&b);
+        cold.decode(&Batch::single(&t, 0, 1)).unwrap();
+        let want = cold.logits(0).to_vec();
+        // Warm: all of a, truncate to 7, then b.
+        let mut warm = ctx(&model);
+        warm.decode(&Batch::single(&a, 0, 1)).unwrap();
+        assert_eq!(warm.seq_len(1), 12);
+        warm.seq_truncate(1, 20);
+        assert_eq!(warm.seq_len(1), 12, "a longer length changes nothing");
+        warm.seq_truncate(1, 7);
+        assert_eq!(warm.seq_len(1), 7);
+        warm.seq_truncate(99, 0); // unknown sequence: no effect, no panic
+        // The next position is 7: a token at 12 now leaves a gap.
+        assert!(warm.decode(&Batch::single(&b, 12, 1)).is_err());
+        warm.decode(&Batch::single(&b, 7, 1)).unwrap();
+        assert_eq!(warm.seq_len(1), 12);
+        assert_eq!(warm.logits(0), &want[..], "bit-identical to the cold run");
+        warm.seq_truncate(1, 0);
+        assert_eq!(warm.seq_len(1), 0);
     }
 }
