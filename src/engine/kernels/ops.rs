@@ -162,10 +162,16 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// The scalar twin of [`swiglu`]. Like ggml (16-wide vectors, then a scalar tail with libm's `expf`), the
 /// elements past the last multiple of 16 use the exact `expf`.
 pub fn swiglu_scalar(gate: &mut [f32], up: &[f32]) {
-    let n16 = gate.len().min(up.len()) / 16 * 16;
-    for (i, (g, u)) in gate.iter_mut().zip(up).enumerate() {
-        let e = if i < n16 { expf_ggml(-*g) } else { (-*g).exp() };
-        *g = (*g / (1.0 + e)) * u;
+    let n = gate.len().min(up.len());
+    let n16 = n / 16 * 16;
+    swiglu_vector_part(&mut gate[..n16], &up[..n16]);
+    swiglu_scalar_tail(&mut gate[n16..n], &up[n16..n]);
+}
+
+/// SwiGLU with [`expf_ggml`] for every element (the part ggml computes in vectors).
+fn swiglu_vector_part(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = (*g / (1.0 + expf_ggml(-*g))) * u;
     }
 }
 
@@ -420,7 +426,7 @@ mod x86 {
                 _mm256_cmpgt_epi32(_mm256_set1_epi32(-126), ni),
             );
             if _mm256_testz_si256(out_of_range, out_of_range) == 0 {
-                super::swiglu_scalar(&mut gate[i..i + 8], &up[i..i + 8]);
+                super::swiglu_vector_part(&mut gate[i..i + 8], &up[i..i + 8]);
                 i += 8;
                 continue;
             }
@@ -890,6 +896,23 @@ mod tests {
         let mut y = vec![1.0f32, 1.0, 0.0, 0.0];
         rope(&mut y, 4, 4, RopeMode::Neox, &c, &s);
         assert!((y[0] - 3.0f32.cos()).abs() < 1e-6 && (y[2] - 3.0f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn swiglu_out_of_range_lanes_use_ggml_expf() {
+        // A lane whose exponent leaves the normal range sends its chunk through the scalar code, which must
+        // still use ggml's expf for the other lanes (a regression: it once used libm's there).
+        let mut g = vec![0.5f32; 16];
+        g[0] = 116.26614;
+        g[1] = -50.185173;
+        let u = vec![1.052583f32; 16];
+        let (mut a, mut b) = (g.clone(), g.clone());
+        swiglu(&mut a, &u);
+        swiglu_scalar(&mut b, &u);
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
