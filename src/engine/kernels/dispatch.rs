@@ -22,9 +22,11 @@ pub fn vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
     match isa() {
         Isa::Scalar => None,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            super::x86::Avx2::detect().and_then(|proof| super::x86::vec_dot4_fn(proof, ty))
-        }
+        Isa::Avx2 => super::x86::Vnni::detect()
+            .and_then(|proof| super::x86::vec_dot4_fn_vnni(proof, ty))
+            .or_else(|| {
+                super::x86::Avx2::detect().and_then(|proof| super::x86::vec_dot4_fn(proof, ty))
+            }),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => None,
     }
@@ -97,8 +99,11 @@ pub fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
     match isa() {
         Isa::Scalar => scalar_vec_dot_fn(ty),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => super::x86::Avx2::detect()
-            .and_then(|proof| super::x86::vec_dot_fn(proof, ty))
+        Isa::Avx2 => super::x86::Vnni::detect()
+            .and_then(|proof| super::x86::vec_dot_fn_vnni(proof, ty))
+            .or_else(|| {
+                super::x86::Avx2::detect().and_then(|proof| super::x86::vec_dot_fn(proof, ty))
+            })
             .or_else(|| scalar_vec_dot_fn(ty)),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => scalar_vec_dot_fn(ty),

@@ -501,3 +501,209 @@ unsafe fn q4_1_q8_1_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     }
     [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]) + summs[t])
 }
+
+// ---- AVX-512 VNNI variants (`vpdpbusd` on 256-bit vectors) of the signed 32-block kernels -------------------
+
+/// Proof that this CPU also has AVX-512 VNNI with 256-bit vectors (`avx512vnni` + `avx512vl`).
+#[derive(Clone, Copy, Debug)]
+pub struct Vnni(());
+
+impl Vnni {
+    /// The token, when the CPU has AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
+    pub fn detect() -> Option<Self> {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        let has = *HAS.get_or_init(|| {
+            Avx2::detect().is_some()
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+        });
+        has.then_some(Vnni(()))
+    }
+}
+
+/// The VNNI single-token kernel for `ty` (Q4_0, Q5_0, Q8_0), bit-identical to the AVX2 one.
+pub fn vec_dot_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDotFn> {
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_q8_0_vnni,
+        Q5_0 => q5_0_q8_0_vnni,
+        Q8_0 => q8_0_q8_0_vnni,
+        _ => return None,
+    })
+}
+
+/// The VNNI four-token kernel for `ty` (Q4_0, Q5_0, Q8_0), bit-identical to the AVX2 one.
+pub fn vec_dot4_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDot4Fn> {
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_q8_0_x4_vnni,
+        Q5_0 => q5_0_q8_0_x4_vnni,
+        Q8_0 => q8_0_q8_0_x4_vnni,
+        _ => return None,
+    })
+}
+
+/// Σ of unsigned × signed byte pairs per 4-byte lane in one instruction: the same integers as
+/// [`mul_sum_us8`] (its 16-bit intermediate never saturates for these quant ranges: |pair| ≤ 2·128·127).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn mul_sum_us8_vnni(ax: __m256i, sy: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+}
+
+macro_rules! vnni_kernels {
+    ($x1:ident, $x1_inner:ident, $x4:ident, $x4_inner:ident, $block:ty, $wsize:expr, |$b:ident| $decode:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        unsafe fn $x1_inner(w: &[u8], a: &[u8]) -> f32 {
+            let x: &[$block] = bytemuck::cast_slice(w);
+            let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
+            let mut acc = _mm256_setzero_ps();
+            for (xb, yb) in x.iter().zip(y) {
+                let $b = xb;
+                // SAFETY: the block fields read by the decoder and `load32` have their full lengths.
+                let (qx, qy) = unsafe { ($decode, load32(&yb.qs)) };
+                let d = _mm256_set1_ps(h2f(xb.d) * h2f(yb.d));
+                let p = mul_sum_us8_vnni(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+                acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            }
+            hsum_f32x8(acc)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        unsafe fn $x4_inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let x: &[$block] = bytemuck::cast_slice(w);
+            let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (i, xb) in x.iter().enumerate() {
+                let $b = xb;
+                // SAFETY: the block fields read by the decoder have their full lengths.
+                let qx = unsafe { $decode };
+                let ax = _mm256_sign_epi8(qx, qx);
+                let dx = h2f(xb.d);
+                for t in 0..4 {
+                    let yb = &y[t][i];
+                    let d = _mm256_set1_ps(dx * h2f(yb.d));
+                    // SAFETY: the field is 32 bytes long.
+                    let qy = unsafe { load32(&yb.qs) };
+                    let p = mul_sum_us8_vnni(ax, _mm256_sign_epi8(qy, qx));
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t]);
+                }
+            }
+            [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
+        }
+
+        fn $x1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+            let nb = n / QK;
+            assert!(
+                n.is_multiple_of(QK) && w.len() >= nb * $wsize && a.len() >= nb * 34,
+                concat!(stringify!($x1), ": bad row lengths")
+            );
+            // SAFETY: handed out only by `vec_dot_fn_vnni`, which needs a `Vnni` token; lengths checked.
+            unsafe { $x1_inner(&w[..nb * $wsize], &a[..nb * 34]) }
+        }
+
+        fn $x4(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let nb = n / QK;
+            assert!(
+                n.is_multiple_of(QK)
+                    && w.len() >= nb * $wsize
+                    && a.iter().all(|a| a.len() >= nb * 34),
+                concat!(stringify!($x4), ": bad row lengths")
+            );
+            // SAFETY: handed out only by `vec_dot4_fn_vnni`, which needs a `Vnni` token; lengths checked.
+            unsafe { $x4_inner(&w[..nb * $wsize], a.map(|a| &a[..nb * 34])) }
+        }
+    };
+}
+
+vnni_kernels!(
+    q4_0_q8_0_vnni,
+    q4_0_x1_vnni,
+    q4_0_q8_0_x4_vnni,
+    q4_0_x4_vnni,
+    BlockQ4_0,
+    18,
+    |b| { _mm256_sub_epi8(nibbles32(&b.qs), _mm256_set1_epi8(8)) }
+);
+vnni_kernels!(
+    q5_0_q8_0_vnni,
+    q5_0_x1_vnni,
+    q5_0_q8_0_x4_vnni,
+    q5_0_x4_vnni,
+    BlockQ5_0,
+    22,
+    |b| {
+        let hi = _mm256_andnot_si256(bits32(b.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles32(&b.qs), hi)
+    }
+);
+vnni_kernels!(
+    q8_0_q8_0_vnni,
+    q8_0_x1_vnni,
+    q8_0_q8_0_x4_vnni,
+    q8_0_x4_vnni,
+    BlockQ8_0,
+    34,
+    |b| { load32(&b.qs) }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::quant;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vnni_kernels_equal_avx2_kernels_bit_for_bit() {
+        let (Some(vnni), Some(avx2)) = (Vnni::detect(), Avx2::detect()) else {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        };
+        let n = 512;
+        for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+            let (v1, a1) = (
+                vec_dot_fn_vnni(vnni, ty).unwrap(),
+                vec_dot_fn(avx2, ty).unwrap(),
+            );
+            let (v4, a4) = (
+                vec_dot4_fn_vnni(vnni, ty).unwrap(),
+                vec_dot4_fn(avx2, ty).unwrap(),
+            );
+            for seed in 0..20u64 {
+                let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
+                let mut wf = rand_vec(n, seed);
+                wf[(seed as usize * 7) % n] *= 40.0; // an outlier per row
+                quant::quantize_row(ty, &wf, &mut w).unwrap();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|s| {
+                        let mut a = vec![0u8; quant::row_bytes(GgmlType::Q8_0, n).unwrap()];
+                        let x = rand_vec(n, 1000 + 4 * seed + s);
+                        quant::quantize_row_activation(GgmlType::Q8_0, &x, &mut a).unwrap();
+                        a
+                    })
+                    .collect();
+                let refs = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                assert_eq!(
+                    v4(n, &w, refs).map(f32::to_bits),
+                    a4(n, &w, refs).map(f32::to_bits),
+                    "{ty}"
+                );
+                for a in &acts {
+                    assert_eq!(v1(n, &w, a).to_bits(), a1(n, &w, a).to_bits(), "{ty}");
+                }
+            }
+        }
+    }
+}
