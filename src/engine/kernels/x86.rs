@@ -624,7 +624,7 @@ vnni_kernels!(
     q4_0_x4_vnni,
     BlockQ4_0,
     18,
-    |b| { _mm256_sub_epi8(nibbles32(&b.qs), _mm256_set1_epi8(8)) }
+    |b| _mm256_sub_epi8(nibbles32(&b.qs), _mm256_set1_epi8(8))
 );
 vnni_kernels!(
     q5_0_q8_0_vnni,
@@ -645,7 +645,7 @@ vnni_kernels!(
     q8_0_x4_vnni,
     BlockQ8_0,
     34,
-    |b| { load32(&b.qs) }
+    |b| load32(&b.qs)
 );
 
 #[cfg(test)]
