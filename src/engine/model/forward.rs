@@ -25,7 +25,8 @@ pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
 
 /// Debugging aid: with `CYBER_INFERENCE_DUMP_DIR` set, writes `data` as raw little-endian f32 to
 /// `DIR/NAME.f32` (names as llama.cpp's graph callback sees them), to compare against llama.cpp op by op.
-fn dump(name: &str, data: &[f32]) {
+/// The name is formatted only when dumping is on, so the forward pass allocates nothing for it otherwise.
+fn dump(name: std::fmt::Arguments<'_>, data: &[f32]) {
     static DIR: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     if let Some(dir) = DIR.get_or_init(|| std::env::var("CYBER_INFERENCE_DUMP_DIR").ok()) {
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -108,13 +109,13 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         for row in h.chunks_exact_mut(e) {
             ops::rms_norm(row, &layer.attn_norm, hp.norm_eps);
         }
-        dump(&format!("attn_norm-{il}"), &h);
+        dump(format_args!("attn_norm-{il}"), &h);
         let mut q = mm(&ctx.pool, file, &layer.wq, &h, n)?;
         let mut k = mm(&ctx.pool, file, &layer.wk, &h, n)?;
         let mut v = mm(&ctx.pool, file, &layer.wv, &h, n)?;
-        dump(&format!("Qcur-{il}.0"), &q);
-        dump(&format!("Kcur-{il}.0"), &k);
-        dump(&format!("Vcur-{il}.0"), &v);
+        dump(format_args!("Qcur-{il}.0"), &q);
+        dump(format_args!("Kcur-{il}.0"), &k);
+        dump(format_args!("Vcur-{il}.0"), &v);
         if let Some(bq) = &layer.bq {
             ops::add_bias(&mut q, bq);
         }
@@ -160,8 +161,8 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 &v[i * nkv..(i + 1) * nkv],
             );
         }
-        dump(&format!("Qcur-{il}.2"), &q);
-        dump(&format!("Kcur-{il}.2"), &k);
+        dump(format_args!("Qcur-{il}.2"), &q);
+        dump(format_args!("Kcur-{il}.2"), &k);
         let mut attn = vec![0.0f32; n * nq];
         for (seq, idx) in &groups {
             let last = idx.iter().map(|&i| b.pos[i] as usize).max().unwrap_or(0);
@@ -176,14 +177,14 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 }
             }
         }
-        dump(&format!("kqv_out-{il}"), &attn);
+        dump(format_args!("kqv_out-{il}"), &attn);
         let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
         if let Some(bo) = &layer.bo {
             ops::add_bias(&mut o, bo);
         }
-        dump(&format!("attn_out-{il}"), &o);
+        dump(format_args!("attn_out-{il}"), &o);
         ops::add_in_place(&mut x, &o);
-        dump(&format!("ffn_inp-{il}"), &x);
+        dump(format_args!("ffn_inp-{il}"), &x);
 
         // FFN block: norm → silu(gate)·up → down, residual.
         h.copy_from_slice(&x);
@@ -194,17 +195,17 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
             .ffn_gate
             .as_ref()
             .ok_or_else(|| ModelError::MissingTensor(format!("blk.{il}.ffn_gate.weight")))?;
-        dump(&format!("ffn_norm-{il}"), &h);
+        dump(format_args!("ffn_norm-{il}"), &h);
         let mut g = mm(&ctx.pool, file, gate_w, &h, n)?;
         let u = mm(&ctx.pool, file, &layer.ffn_up, &h, n)?;
-        dump(&format!("ffn_gate-{il}"), &g);
-        dump(&format!("ffn_up-{il}"), &u);
+        dump(format_args!("ffn_gate-{il}"), &g);
+        dump(format_args!("ffn_up-{il}"), &u);
         ops::swiglu(&mut g, &u);
-        dump(&format!("ffn_swiglu-{il}"), &g);
+        dump(format_args!("ffn_swiglu-{il}"), &g);
         let d = mm(&ctx.pool, file, &layer.ffn_down, &g, n)?;
-        dump(&format!("ffn_out-{il}"), &d);
+        dump(format_args!("ffn_out-{il}"), &d);
         ops::add_in_place(&mut x, &d);
-        dump(&format!("l_out-{il}"), &x);
+        dump(format_args!("l_out-{il}"), &x);
     }
 
     // Outputs: final norm of the rows that want logits, then the output projection.
