@@ -8,8 +8,6 @@
 
 use half::f16;
 
-#[cfg(test)]
-use crate::engine::kernels::ops::f16_to_f32;
 use crate::engine::kernels::ops::f32_to_f16;
 
 /// Element type of the cache.
@@ -127,25 +125,22 @@ impl KvCache {
             _ => unreachable!("keys and values share one element type (KvCache::new)"),
         }
     }
-
-    /// Copies positions `0..n` of `seq` in `layer` as f32 (tests compare through it) into `k` and `v` (`[n, n_embd_kv]` each, resized).
-    #[cfg(test)]
-    pub fn read(&self, layer: usize, seq: usize, n: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
-        let o = self.offset(layer, seq, 0);
-        let len = n * self.n_embd_kv;
-        for (store, dst) in [(&self.k, k), (&self.v, v)] {
-            dst.resize(len, 0.0);
-            match store {
-                Store::F16(s) => f16_to_f32(&s[o..o + len], dst),
-                Store::F32(s) => dst.copy_from_slice(&s[o..o + len]),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Positions `0..n` of `seq` in `layer` as f32, through [`KvCache::view`].
+    fn read(c: &KvCache, layer: usize, seq: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        match c.view(layer, seq, n) {
+            KvView::F16 { k, v } => (
+                k.iter().map(|x| x.to_f32()).collect(),
+                v.iter().map(|x| x.to_f32()).collect(),
+            ),
+            KvView::F32 { k, v } => (k.to_vec(), v.to_vec()),
+        }
+    }
 
     #[test]
     fn write_read_roundtrip_and_isolation() {
@@ -155,11 +150,10 @@ mod tests {
             c.write(1, 2, 1, &[5.0, 6.0], &[7.0, 8.0]);
             c.write(1, 1, 0, &[9.0, 9.0], &[9.0, 9.0]);
             c.set_len(2, 2);
-            let (mut k, mut v) = (vec![], vec![]);
-            c.read(1, 2, 2, &mut k, &mut v);
+            let (k, v) = read(&c, 1, 2, 2);
             assert_eq!(k, vec![1.0, 2.0, 5.0, 6.0]);
             assert_eq!(v, vec![3.0, 4.0, 7.0, 8.0]);
-            c.read(0, 2, 2, &mut k, &mut v);
+            let (k, _) = read(&c, 0, 2, 2);
             assert_eq!(k, vec![0.0; 4], "other layer untouched");
             assert_eq!(c.seq_len(2), 2);
             assert_eq!(c.seq_len(1), 0);
@@ -175,8 +169,7 @@ mod tests {
     fn f16_cache_rounds_like_f16() {
         let mut c = KvCache::new(1, 1, 1, 1, KvType::F16);
         c.write(0, 0, 0, &[0.1], &[1e-8]);
-        let (mut k, mut v) = (vec![], vec![]);
-        c.read(0, 0, 1, &mut k, &mut v);
+        let (k, v) = read(&c, 0, 0, 1);
         assert_eq!(k[0], f16::from_f32(0.1).to_f32());
         assert_eq!(v[0], f16::from_f32(1e-8).to_f32());
     }
