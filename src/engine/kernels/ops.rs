@@ -220,7 +220,7 @@ pub fn attend_heads_f16_scalar<'a>(
 /// The scalar tail of [`swiglu`] past the last multiple of 16 (libm's `expf`, `ggml_silu_f32`).
 fn swiglu_scalar_tail(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
-        *g = (*g / (1.0 + (-*g).exp())) * u;
+        *g = silu(*g) * u;
     }
 }
 
@@ -449,6 +449,21 @@ mod x86 {
         super::swiglu_scalar_tail(&mut gate[n16..n], &up[n16..n]);
     }
 
+    /// The reduction of `dot_f16_avx2`'s eight accumulators (`acc[2j]`/`acc[2j+1]` are lanes 0..8 / 8..16 of
+    /// ggml's 16-lane accumulator `j`): `(a0+a2)+(a1+a3)` lane by lane, then GCC's `_mm512_reduce_add_ps` tree.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn reduce_dot_f16(acc: &[__m256; 8]) -> f32 {
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        let t = _mm256_add_ps(hi, lo);
+        let mut r = _mm256_extractf128_ps(t, 1);
+        r = _mm_add_ps(r, _mm256_castps256_ps128(t));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
     /// AVX2+F16C twin of `dot_f16_scalar` (each 16-lane accumulator of ggml's AVX-512 code is a pair of
     /// `__m256`: lanes 0..8 and 8..16).
     ///
@@ -477,15 +492,7 @@ mod x86 {
             }
             i += 64;
         }
-        // acc[2j] / acc[2j+1] are lanes 0..8 / 8..16 of accumulator j.
-        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-        let t = _mm256_add_ps(hi, lo);
-        let mut r = _mm256_extractf128_ps(t, 1);
-        r = _mm_add_ps(r, _mm256_castps256_ps128(t));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        let mut sum = _mm_cvtss_f32(r) as f64;
+        let mut sum = reduce_dot_f16(&acc) as f64;
         for (x, y) in a[np..n].iter().zip(&b[np..n]) {
             sum += (x.to_f32() * y.to_f32()) as f64;
         }
@@ -533,15 +540,9 @@ mod x86 {
             let vr = v_row(j);
             let vf: [__m256; 8] = std::array::from_fn(|k| load8(vr, k));
             for h in 0..nh {
+                // One 64-element step of `dot_f16_avx2`: fma from zero is the rounded product.
                 let p: [__m256; 8] = std::array::from_fn(|k| _mm256_mul_ps(qf[h][k], kf[k]));
-                let lo = _mm256_add_ps(_mm256_add_ps(p[0], p[4]), _mm256_add_ps(p[2], p[6]));
-                let hi = _mm256_add_ps(_mm256_add_ps(p[1], p[5]), _mm256_add_ps(p[3], p[7]));
-                let t = _mm256_add_ps(hi, lo);
-                let mut r = _mm256_extractf128_ps(t, 1);
-                r = _mm_add_ps(r, _mm256_castps256_ps128(t));
-                r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-                r = _mm_add_ss(r, _mm_movehdup_ps(r));
-                let s = _mm_cvtss_f32(r) * scale;
+                let s = reduce_dot_f16(&p) * scale;
                 let (mut ms, mut vs) = (1.0f32, 1.0f32);
                 if s > m[h] {
                     let m_old = m[h];
