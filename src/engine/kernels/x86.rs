@@ -212,6 +212,32 @@ unsafe fn f16_f16_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sum
 }
 
+/// A Q4_0 block's 32 quants as signed bytes (the nibble minus 8).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn decode_q4_0(x: &BlockQ4_0) -> __m256i {
+    // SAFETY: the nibble field is 16 bytes long.
+    _mm256_sub_epi8(unsafe { nibbles32(&x.qs) }, _mm256_set1_epi8(8))
+}
+
+/// A Q5_0 block's 32 quants as signed bytes: where the fifth bit is clear, 0xF0 is ORed into the nibble,
+/// which is the 5-bit value minus 16 as an i8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn decode_q5_0(x: &BlockQ5_0) -> __m256i {
+    let hi = _mm256_andnot_si256(bits32(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+    // SAFETY: the nibble field is 16 bytes long.
+    _mm256_or_si256(unsafe { nibbles32(&x.qs) }, hi)
+}
+
+/// A Q8_0 block's 32 quants.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn decode_q8_0(x: &BlockQ8_0) -> __m256i {
+    // SAFETY: the quant field is 32 bytes long.
+    unsafe { load32(&x.qs) }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
@@ -220,8 +246,7 @@ unsafe fn q4_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     for (x, y) in x.iter().zip(y) {
         let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
         // SAFETY: the block fields are 16 and 32 bytes long.
-        let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
-        let qx = _mm256_sub_epi8(qx, _mm256_set1_epi8(8));
+        let (qx, qy) = (decode_q4_0(x), unsafe { load32(&y.qs) });
         acc = _mm256_fmadd_ps(d, mul_sum_i8_f32(qx, qy), acc);
     }
     hsum_f32x8(acc)
@@ -251,10 +276,7 @@ unsafe fn q5_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     for (x, y) in x.iter().zip(y) {
         let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
         // SAFETY: the block fields are 16 and 32 bytes long.
-        let (qx, qy) = unsafe { (nibbles32(&x.qs), load32(&y.qs)) };
-        // Where the fifth bit is clear, OR 0xF0 into the byte: the nibble minus 16 as an i8.
-        let hi = _mm256_andnot_si256(bits32(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
-        let qx = _mm256_or_si256(qx, hi);
+        let (qx, qy) = (decode_q5_0(x), unsafe { load32(&y.qs) });
         acc = _mm256_fmadd_ps(d, mul_sum_i8_f32(qx, qy), acc);
     }
     hsum_f32x8(acc)
@@ -447,37 +469,20 @@ unsafe fn signed_x4<B: bytemuck::Pod>(
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    // SAFETY: forwarded from the checked wrapper; the nibble field is 16 bytes.
-    unsafe {
-        signed_x4::<BlockQ4_0>(
-            w,
-            a,
-            |x| x.d,
-            |x| _mm256_sub_epi8(nibbles32(&x.qs), _mm256_set1_epi8(8)),
-        )
-    }
+    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
+    unsafe { signed_x4::<BlockQ4_0>(w, a, |x| x.d, |x| decode_q4_0(x)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    // SAFETY: forwarded from the checked wrapper; the nibble field is 16 bytes.
-    unsafe {
-        signed_x4::<BlockQ5_0>(
-            w,
-            a,
-            |x| x.d,
-            |x| {
-                let hi = _mm256_andnot_si256(bits32(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
-                _mm256_or_si256(nibbles32(&x.qs), hi)
-            },
-        )
-    }
+    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
+    unsafe { signed_x4::<BlockQ5_0>(w, a, |x| x.d, |x| decode_q5_0(x)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    // SAFETY: forwarded from the checked wrapper; the quant field is 32 bytes.
-    unsafe { signed_x4::<BlockQ8_0>(w, a, |x| x.d, |x| load32(&x.qs)) }
+    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
+    unsafe { signed_x4::<BlockQ8_0>(w, a, |x| x.d, |x| decode_q8_0(x)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -561,8 +566,8 @@ macro_rules! vnni_kernels {
             let mut acc = _mm256_setzero_ps();
             for (xb, yb) in x.iter().zip(y) {
                 let $b = xb;
-                // SAFETY: the block fields read by the decoder and `load32` have their full lengths.
-                let (qx, qy) = unsafe { ($decode, load32(&yb.qs)) };
+                // SAFETY: the activation block's quant field is 32 bytes long.
+                let (qx, qy) = ($decode, unsafe { load32(&yb.qs) });
                 let d = _mm256_set1_ps(h2f(xb.d) * h2f(yb.d));
                 let p = mul_sum_us8_vnni(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
                 acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
@@ -577,8 +582,7 @@ macro_rules! vnni_kernels {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (i, xb) in x.iter().enumerate() {
                 let $b = xb;
-                // SAFETY: the block fields read by the decoder have their full lengths.
-                let qx = unsafe { $decode };
+                let qx = $decode;
                 let ax = _mm256_sign_epi8(qx, qx);
                 let dx = h2f(xb.d);
                 for t in 0..4 {
@@ -624,7 +628,7 @@ vnni_kernels!(
     q4_0_x4_vnni,
     BlockQ4_0,
     18,
-    |b| _mm256_sub_epi8(nibbles32(&b.qs), _mm256_set1_epi8(8))
+    |b| decode_q4_0(b)
 );
 vnni_kernels!(
     q5_0_q8_0_vnni,
@@ -633,10 +637,7 @@ vnni_kernels!(
     q5_0_x4_vnni,
     BlockQ5_0,
     22,
-    |b| {
-        let hi = _mm256_andnot_si256(bits32(b.qh), _mm256_set1_epi8(0xF0u8 as i8));
-        _mm256_or_si256(nibbles32(&b.qs), hi)
-    }
+    |b| decode_q5_0(b)
 );
 vnni_kernels!(
     q8_0_q8_0_vnni,
@@ -645,7 +646,7 @@ vnni_kernels!(
     q8_0_x4_vnni,
     BlockQ8_0,
     34,
-    |b| load32(&b.qs)
+    |b| decode_q8_0(b)
 );
 
 #[cfg(test)]
