@@ -15,36 +15,25 @@ fn main() {
     } else {
         KvType::F16
     };
-    let mut ctx = Context::new(
-        model.clone(),
-        ContextParams {
+    let context = |kv_type| {
+        let params = ContextParams {
             n_ctx: 256,
             n_seq_max: 1,
             n_batch: 256,
             n_threads: 2,
             embeddings: false,
             kv_type,
-        },
-    )
-    .unwrap();
+        };
+        Context::new(model.clone(), params).unwrap()
+    };
+    let mut ctx = context(kv_type);
     if let Ok(ids) = std::env::var("PROBE_IDS") {
         let ids: Vec<u32> = ids.split(',').map(|t| t.parse().unwrap()).collect();
         ctx.decode(&Batch::single(&ids, 0, 0)).unwrap();
         return;
     }
     if std::env::var("PROBE_SELF").is_ok() {
-        let mut c32 = Context::new(
-            model.clone(),
-            ContextParams {
-                n_ctx: 256,
-                n_seq_max: 1,
-                n_batch: 256,
-                n_threads: 2,
-                embeddings: false,
-                kv_type: KvType::F32,
-            },
-        )
-        .unwrap();
+        let mut c32 = context(KvType::F32);
         for case in v["greedy"].as_array().unwrap() {
             let prompt = case["prompt"].as_str().unwrap();
             let mut ids =
