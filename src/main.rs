@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensors and quantization mix.
     Inspect(cyber_inference::engine::inspect::InspectArgs),
+    /// Split a GGUF model into parts as llama.cpp's `gguf-split --split` does (`PREFIX-00001-of-0000N.gguf`).
+    GgufSplit(cyber_inference::engine::gguf_split::SplitArgs),
     /// Tokenize text with a GGUF file's tokenizer (works on vocab-only files).
     Tokenize(cyber_inference::engine::tokenizer::cli::TokenizeArgs),
     /// Generate a continuation of a prompt (greedy with --temp 0).
@@ -83,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     use cyber_inference::supervisor;
     match cli.command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
+        Command::GgufSplit(args) => cyber_inference::engine::gguf_split::run(&args)?,
         Command::Tokenize(args) => cyber_inference::engine::tokenizer::cli::run(&args)?,
         Command::Run(args) => cyber_inference::engine::model::cli::run(&args)?,
         Command::Perplexity(args) => cyber_inference::engine::model::cli::perplexity_cmd(&args)?,

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hub_common::{HfServer, Served, asset, files_in, sha256_file};
+use hub_common::{HfServer, Served, asset, files_in, sha256, sha256_file, split_asset};
 use serde_json::{Value, json};
 use supervisor_common::Server;
 
@@ -22,22 +22,27 @@ const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
 const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
 
+/// MiniLM split in two by `gguf-split` (60 of its 101 tensors in part 1), as served in `split/`.
+fn minilm_parts() -> Vec<(String, axum::body::Bytes)> {
+    let parts = split_asset(MINILM, "minilm-F16", 60);
+    assert_eq!(parts.len(), 2);
+    parts
+}
+
 /// The fake hub with the SmolLM2 repo (two quantizations, a README, a split MiniLM in a sub-folder) and
 /// a supervisor whose hub endpoint is that server.
 async fn setup() -> (HfServer, Server, String) {
     let hf = HfServer::start().await;
-    let (minilm, _) = asset(MINILM);
-    let half = minilm.len() / 2;
-    hf.state.add_repo(
-        REPO,
-        vec![
-            Served::new("README.md", "# SmolLM2\n".into()),
-            Served::asset(Q41, Q41),
-            Served::asset(Q4KM, Q4KM),
-            Served::new("split/minilm-F16-00002-of-00002.gguf", minilm.slice(half..)),
-            Served::new("split/minilm-F16-00001-of-00002.gguf", minilm.slice(..half)),
-        ],
-    );
+    let mut files = vec![
+        Served::new("README.md", "# SmolLM2\n".into()),
+        Served::asset(Q41, Q41),
+        Served::asset(Q4KM, Q4KM),
+    ];
+    // Listed in reverse part order: the API's order is no promise.
+    for (name, data) in minilm_parts().into_iter().rev() {
+        files.push(Served::new(&format!("split/{name}"), data));
+    }
+    hf.state.add_repo(REPO, files);
     hf.state
         .add_repo("test/docs-only", vec![Served::new("README.md", "x".into())]);
     let s = Server::start(&[], &[("HF_ENDPOINT", &hf.url)]).await;
@@ -212,7 +217,11 @@ async fn download_through_the_admin_api_then_chat_with_the_model() {
     let split = &files[0];
     assert_eq!(split["parts"], 2);
     assert_eq!(split["quantization"], "F16");
-    assert_eq!(split["size"], asset(MINILM).0.len() as u64);
+    let parts = minilm_parts();
+    assert_eq!(
+        split["size"],
+        parts.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+    );
     assert_eq!(split["files"].as_array().unwrap().len(), 2);
     assert_eq!(split["complete"], true);
 
@@ -567,6 +576,96 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
         d["error"].as_str().unwrap().contains("checksum mismatch"),
         "{d}"
     );
+    assert!(files_in(&mdir).is_empty(), "{:?}", files_in(&mdir));
+    assert!(catalogue(&s, &token).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_gguf_downloads_whole_and_serves_as_one_model() {
+    let (_hf, s, token) = setup().await;
+    let mdir = s.models_dir();
+    let parts = minilm_parts();
+
+    // Naming part 2 downloads the whole split.
+    let (st, j) = post(
+        &s,
+        &token,
+        "/admin/api/models/download",
+        json!({"repo_id": REPO, "filename": "split/minilm-F16-00002-of-00002.gguf"}),
+    )
+    .await;
+    assert_eq!(st, 202, "{j}");
+    let id = j["id"].as_u64().unwrap();
+    let (d, _) = wait_download(&s, &token, id, 120, |d| {
+        matches!(d["state"].as_str(), Some("done" | "failed" | "cancelled"))
+    })
+    .await;
+    assert_eq!(d["state"], "done", "{d}\n{}", s.log());
+    assert_eq!(d["file_count"], 2);
+    let name = d["model"].as_str().unwrap().to_string();
+    assert_eq!(name, "minilm-F16", "the split suffix is not part of the id");
+
+    // Both parts on disk, byte for byte; one catalogue row for them, sized as both.
+    let mut want: Vec<String> = parts.iter().map(|(n, _)| n.clone()).collect();
+    want.sort();
+    assert_eq!(files_in(&mdir), want);
+    for (n, data) in &parts {
+        assert_eq!(sha256_file(&mdir.join(n)), sha256(data), "{n}");
+    }
+    let models = catalogue(&s, &token).await;
+    assert_eq!(models.len(), 1, "{models:?}");
+    let row = &models[0]["model"];
+    assert_eq!(row["name"], name.as_str());
+    assert_eq!(
+        row["size_bytes"],
+        parts.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+    );
+    assert_eq!(row["embedding"], true);
+    assert!(
+        row["file_path"]
+            .as_str()
+            .unwrap()
+            .ends_with("minilm-F16-00001-of-00002.gguf"),
+        "{row}"
+    );
+    // A rescan keeps it one model.
+    let (st, j) = post(&s, &token, "/admin/api/models/scan", json!({})).await;
+    assert_eq!(st, 200, "{j}");
+    assert_eq!(catalogue(&s, &token).await.len(), 1);
+
+    // The worker loads the parts as one model: embeddings through the supervisor.
+    let r = s
+        .http
+        .post(format!("{}/v1/embeddings", s.base))
+        .json(&json!({"model": name, "input": ["The cat sits on the mat.", "A feline rests on a rug."]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", s.log());
+    let vecs: Vec<Vec<f64>> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vecs.len(), 2);
+    assert!(vecs.iter().all(|v| v.len() == 384));
+    let dot: f64 = vecs[0].iter().zip(&vecs[1]).map(|(a, b)| a * b).sum();
+    assert!(dot > 0.5, "paraphrases are close: cosine {dot}");
+
+    // Deleting the model deletes every part.
+    let (st, j) = delete(&s, &token, &format!("/admin/api/models/{name}")).await;
+    assert_eq!(st, 200, "{j}\n{}", s.log());
+    assert_eq!(j["files_deleted"].as_array().unwrap().len(), 2, "{j}");
     assert!(files_in(&mdir).is_empty(), "{:?}", files_in(&mdir));
     assert!(catalogue(&s, &token).await.is_empty());
 }

@@ -31,6 +31,12 @@ pub mod keys {
     pub const TOKENIZER_PRE: &str = "tokenizer.ggml.pre";
     pub const TOKENIZER_TOKENS: &str = "tokenizer.ggml.tokens";
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+    /// Split GGUFs (llama.cpp `gguf-split`): this file's part number, from 0 (UINT16).
+    pub const SPLIT_NO: &str = "split.no";
+    /// Split GGUFs: the number of parts (UINT16).
+    pub const SPLIT_COUNT: &str = "split.count";
+    /// Split GGUFs: the number of tensors in all parts together (INT32).
+    pub const SPLIT_TENSORS_COUNT: &str = "split.tensors.count";
     /// `{arch}.context_length`
     pub fn context_length(arch: &str) -> String {
         format!("{arch}.context_length")
@@ -129,6 +135,8 @@ pub enum GgufError {
     TensorsOverlap { a: String, b: String },
     #[error("metadata key {key:?} is missing")]
     MissingKey { key: String },
+    #[error("{path}: {reason}")]
+    Split { path: PathBuf, reason: String },
     #[error("metadata key {key:?} is {found}, expected {expected}")]
     WrongType {
         key: String,
@@ -156,6 +164,26 @@ pub enum ValueType {
 }
 
 impl ValueType {
+    /// The type id stored in the file (`gguf_type`).
+    pub fn id(self) -> u32 {
+        use ValueType::*;
+        match self {
+            U8 => 0,
+            I8 => 1,
+            U16 => 2,
+            I16 => 3,
+            U32 => 4,
+            I32 => 5,
+            F32 => 6,
+            Bool => 7,
+            String => 8,
+            Array => 9,
+            U64 => 10,
+            I64 => 11,
+            F64 => 12,
+        }
+    }
+
     fn from_id(id: u32) -> Option<Self> {
         use ValueType::*;
         Some(match id {
@@ -408,10 +436,12 @@ pub struct TensorInfo {
     pub dims: Vec<u64>,
     /// The ggml type of its data.
     pub ty: GgmlType,
-    /// Offset of its data from the start of the data section (bytes).
+    /// Offset of its data from the start of the data section of its file (bytes).
     pub offset: u64,
     /// Size of its data (bytes).
     pub n_bytes: u64,
+    /// The file holding its data: 0, or the part index (from 0) of a split GGUF.
+    pub part: usize,
 }
 
 impl TensorInfo {
@@ -445,14 +475,25 @@ impl Backing {
     }
 }
 
-/// A parsed GGUF file. Tensor data stays in the memory map and is borrowed by [`GgufFile::tensor_data`].
-pub struct GgufFile {
+/// One file of a model: its bytes and where its data section starts.
+struct Part {
     backing: Arc<Backing>,
-    /// GGUF version (2 or 3).
+    /// Offset of the data section from the start of this file (bytes).
+    data_offset: u64,
+    /// Where it was read from (None for an in-memory image).
+    path: Option<PathBuf>,
+}
+
+/// A parsed GGUF model: one file, or every part of a split GGUF (`…-00001-of-00003.gguf`, written by
+/// llama.cpp's `gguf-split`) read as one. Metadata comes from the first file, tensors from all of them.
+/// Tensor data stays in the memory maps and is borrowed by [`GgufFile::tensor_data`].
+pub struct GgufFile {
+    parts: Vec<Part>,
+    /// GGUF version (2 or 3) of the first file.
     pub version: u32,
-    /// Alignment of tensor data (bytes).
+    /// Alignment of tensor data in the first file (bytes).
     pub alignment: u64,
-    /// Offset of the data section from the start of the file (bytes).
+    /// Offset of the data section from the start of the first file (bytes).
     pub data_offset: u64,
     metadata: Vec<(String, Value)>,
     key_index: HashMap<String, usize>,
@@ -465,6 +506,7 @@ impl fmt::Debug for GgufFile {
         f.debug_struct("GgufFile")
             .field("version", &self.version)
             .field("size", &self.file_size())
+            .field("n_parts", &self.parts.len())
             .field("n_kv", &self.metadata.len())
             .field("n_tensors", &self.tensors.len())
             .finish()
@@ -637,31 +679,165 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Maps `path` read-only. Errors: [`GgufError::Io`] naming the path.
+fn map_file(path: &Path) -> Result<Backing, GgufError> {
+    let io = |source| GgufError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    Ok(if len == 0 {
+        Backing::Owned(Vec::new())
+    } else {
+        // SAFETY: the map is read-only; a file changed underneath us by another process is the
+        // documented risk of every mmap reader (llama.cpp's included) and is not undefined behaviour
+        // for reads of plain bytes on the platforms we support.
+        Backing::Mmap(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+    })
+}
+
+/// The parts of a split GGUF's file name (llama.cpp `llama_split_prefix`): `m-Q4_K_M-00002-of-00003.gguf`
+/// → (`m-Q4_K_M`, 2, 3), the part number from 1. None for a name without that ending (`.gguf` in any
+/// case) or with a part number of 0 or above the count.
+pub fn split_name(file_name: &str) -> Option<(&str, u32, u32)> {
+    let stem = file_name.get(..file_name.len().checked_sub(5)?)?;
+    if !file_name.get(stem.len()..)?.eq_ignore_ascii_case(".gguf") {
+        return None;
+    }
+    // "-NNNNN-of-NNNNN" is 15 characters.
+    let cut = stem.len().checked_sub(15)?;
+    let (prefix, tail) = (stem.get(..cut)?, stem.get(cut..)?);
+    let b = tail.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    if b[0] != b'-' || &tail[6..10] != "-of-" || !digits(1..6) || !digits(10..15) {
+        return None;
+    }
+    let index: u32 = tail[1..6].parse().ok()?;
+    let count: u32 = tail[10..15].parse().ok()?;
+    (index >= 1 && index <= count).then_some((prefix, index, count))
+}
+
+/// The file name of part `index` (from 1) of `count` (llama.cpp `llama_split_path`:
+/// `PREFIX-%05d-of-%05d.gguf`).
+pub fn split_file_name(prefix: &str, index: u32, count: u32) -> String {
+    format!("{prefix}-{index:05}-of-{count:05}.gguf")
+}
+
 fn align_up(x: u64, a: u64) -> Option<u64> {
     x.checked_add(a - 1).map(|v| v / a * a)
 }
 
 impl GgufFile {
-    /// Maps and parses the file at `path`.
+    /// Maps and parses the file at `path`. When it is the first part of a split GGUF (`split.count` > 1,
+    /// as llama.cpp's `gguf-split` writes), the other parts are opened from the same folder by the
+    /// same naming (`PREFIX-0000k-of-0000N.gguf`, llama.cpp `llama_split_path`) and their tensors are
+    /// joined to the first file's; metadata is the first file's.
     ///
-    /// Errors: [`GgufError::Io`] when it cannot be opened or mapped, else any parse error.
+    /// Errors: [`GgufError::Io`] when the file cannot be opened or mapped; [`GgufError::Split`] for a
+    /// later part given instead of the first, a first part whose name does not follow the pattern, a
+    /// missing or unreadable part (its path and parse error), or parts that disagree (part number,
+    /// part count, a tensor in two parts, the tensor total); else any parse error.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io {
+        let mut f = Self::parse(map_file(path)?)?;
+        f.parts[0].path = Some(path.to_path_buf());
+        let split_err = |path: &Path, reason: String| GgufError::Split {
             path: path.to_path_buf(),
-            source,
+            reason,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let backing = if len == 0 {
-            Backing::Owned(Vec::new())
-        } else {
-            // SAFETY: the map is read-only; a file changed underneath us by another process is the
-            // documented risk of every mmap reader (llama.cpp's included) and is not undefined behaviour
-            // for reads of plain bytes on the platforms we support.
-            Backing::Mmap(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+        let int_key = |f: &GgufFile, key: &str| -> Result<Option<u64>, GgufError> {
+            match f.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_int()
+                    .and_then(|i| u64::try_from(i).ok())
+                    .map(Some)
+                    .ok_or_else(|| Self::wrong(key, "an unsigned integer", v)),
+            }
         };
-        Self::parse(backing)
+        let count = int_key(&f, keys::SPLIT_COUNT)?.unwrap_or(1);
+        let no = int_key(&f, keys::SPLIT_NO)?.unwrap_or(0);
+        if count <= 1 {
+            return Ok(f);
+        }
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let named = split_name(&file_name);
+        if no != 0 {
+            let first = named.map_or_else(
+                || "its first part".to_string(),
+                |(prefix, _, n)| split_file_name(prefix, 1, n),
+            );
+            return Err(split_err(
+                path,
+                format!(
+                    "this is part {} of {count} of a split GGUF; open the first part ({first})",
+                    no + 1
+                ),
+            ));
+        }
+        let Some((prefix, 1, n)) = named.filter(|(_, _, n)| u64::from(*n) == count) else {
+            return Err(split_err(
+                path,
+                format!(
+                    "this is part 1 of {count} of a split GGUF, but its name does not end in \
+                     `-00001-of-{count:05}.gguf`, so the other parts cannot be found"
+                ),
+            ));
+        };
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for i in 1..n {
+            let p = dir.join(split_file_name(prefix, i + 1, n));
+            let part = map_file(&p)
+                .and_then(Self::parse)
+                .map_err(|e| split_err(&p, format!("part {} of {n} cannot be read: {e}", i + 1)))?;
+            let (pno, pcount) = (
+                int_key(&part, keys::SPLIT_NO).map_err(|e| split_err(&p, e.to_string()))?,
+                int_key(&part, keys::SPLIT_COUNT).map_err(|e| split_err(&p, e.to_string()))?,
+            );
+            if pno != Some(u64::from(i)) || pcount != Some(count) {
+                return Err(split_err(
+                    &p,
+                    format!(
+                        "expected part {} of {n} (split.no {i}, split.count {n}), found split.no \
+                         {pno:?}, split.count {pcount:?}",
+                        i + 1
+                    ),
+                ));
+            }
+            let GgufFile { parts, tensors, .. } = part;
+            let index = f.parts.len();
+            for mut t in tensors {
+                if f.tensor_index.contains_key(&t.name) {
+                    return Err(split_err(
+                        &p,
+                        format!("tensor {:?} is also in an earlier part", t.name),
+                    ));
+                }
+                t.part = index;
+                f.tensor_index.insert(t.name.clone(), f.tensors.len());
+                f.tensors.push(t);
+            }
+            f.parts.extend(parts.into_iter().map(|mut q| {
+                q.path = Some(p.clone());
+                q
+            }));
+        }
+        if let Some(total) = int_key(&f, keys::SPLIT_TENSORS_COUNT)?
+            && total != f.tensors.len() as u64
+        {
+            return Err(split_err(
+                path,
+                format!(
+                    "split.tensors.count is {total}, but the {n} parts hold {} tensors",
+                    f.tensors.len()
+                ),
+            ));
+        }
+        Ok(f)
     }
 
     /// Parses a GGUF image held in memory (tests, fuzzing).
@@ -669,6 +845,7 @@ impl GgufFile {
         Self::parse(Backing::Owned(bytes))
     }
 
+    /// Parses one file (a split part on its own: no other part is opened).
     fn parse(backing: Backing) -> Result<Self, GgufError> {
         let backing = Arc::new(backing);
         let buf = backing.bytes();
@@ -828,6 +1005,7 @@ impl GgufFile {
                 ty,
                 offset,
                 n_bytes,
+                part: 0,
             });
         }
 
@@ -860,7 +1038,11 @@ impl GgufFile {
         }
 
         Ok(GgufFile {
-            backing,
+            parts: vec![Part {
+                backing,
+                data_offset,
+                path: None,
+            }],
             version,
             alignment,
             data_offset,
@@ -871,9 +1053,20 @@ impl GgufFile {
         })
     }
 
-    /// Size of the whole file (bytes).
+    /// Size of the whole model: the file, or all parts of a split GGUF together (bytes).
     pub fn file_size(&self) -> u64 {
-        self.backing.bytes().len() as u64
+        self.parts
+            .iter()
+            .map(|p| p.backing.bytes().len() as u64)
+            .sum()
+    }
+
+    /// The files read: one, or every part of a split GGUF in part order (empty for an in-memory image).
+    pub fn paths(&self) -> Vec<&Path> {
+        self.parts
+            .iter()
+            .filter_map(|p| p.path.as_deref())
+            .collect()
     }
 
     /// All metadata in file order.
@@ -1014,10 +1207,12 @@ impl GgufFile {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The bytes of a tensor's data (checked against the file size when the file was parsed).
+    /// The bytes of a tensor's data (checked against its file's size when the file was parsed).
+    /// `info` must come from this model's [`GgufFile::tensors`].
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        let start = (self.data_offset + info.offset) as usize;
-        &self.backing.bytes()[start..start + info.n_bytes as usize]
+        let part = &self.parts[info.part];
+        let start = (part.data_offset + info.offset) as usize;
+        &part.backing.bytes()[start..start + info.n_bytes as usize]
     }
 
     /// Total number of elements in all tensors (the parameter count).

@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod ggml_type;
 pub mod gguf;
+pub mod gguf_split;
 pub mod inspect;
 pub mod kernels;
 pub mod model;

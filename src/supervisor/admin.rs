@@ -276,26 +276,18 @@ async fn delete_model(
             format!("model `{name}` is still running requests; try again"),
         ));
     }
-    // Only files inside MODELS_DIR are deleted.
+    // Only files inside MODELS_DIR are deleted (every part of a split GGUF).
     let path = std::path::PathBuf::from(&m.file_path);
-    let inside = super::catalog::inside_models_dir(&path, &st.models_dir);
-    let mut file_deleted = false;
-    if inside {
-        match std::fs::remove_file(&path) {
-            Ok(()) => file_deleted = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(ApiError::internal(format!(
-                    "cannot delete {}: {e}",
-                    path.display()
-                )));
-            }
-        }
-    }
+    let deleted = super::catalog::delete_model_files(&path, &st.models_dir)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     st.db.delete_model(&name).await?;
-    Ok(Json(
-        json!({"deleted": name, "file_deleted": file_deleted, "path": m.file_path}),
-    ))
+    let files: Vec<String> = deleted.iter().map(|p| p.display().to_string()).collect();
+    Ok(Json(json!({
+        "deleted": name,
+        "file_deleted": !files.is_empty(),
+        "files_deleted": files,
+        "path": m.file_path,
+    })))
 }
 
 /// A hub error in the admin API's error shape: the status of [`HubError::http_status`], the message

@@ -1,5 +1,7 @@
 //! The model catalogue: finds `*.gguf` files under MODELS_DIR, reads their metadata with `engine::gguf`
 //! (architecture, parameters, quantization, context length, layer sizes) and registers them in `models`.
+//! A split GGUF (`m-00001-of-00003.gguf` …) is one model: its row points at the first part, its size is
+//! that of all parts, and deleting it deletes every part.
 
 use std::path::{Path, PathBuf};
 
@@ -187,8 +189,49 @@ pub fn find_gguf(dir: &Path) -> Result<Vec<PathBuf>, CatalogError> {
     Ok(out)
 }
 
-/// Scans `models_dir`, registers every readable GGUF (the id is the file stem; a clash gets the relative
-/// path with `/` → `--`), and removes rows whose file is gone. Blocking file reads run off the runtime.
+/// Every file of the model whose (first) file is `path`: all parts of a split GGUF by name
+/// (`…-00001-of-0000N.gguf` → parts 1..=N, present or not), else `path` alone.
+pub fn model_files(path: &Path) -> Vec<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match gguf::split_name(&name) {
+        Some((prefix, 1, n)) if n > 1 => (1..=n)
+            .map(|i| path.with_file_name(gguf::split_file_name(prefix, i, n)))
+            .collect(),
+        _ => vec![path.to_path_buf()],
+    }
+}
+
+/// Deletes every file of the model at `path` ([`model_files`]) that lies inside `models_dir`; files
+/// already gone are skipped. Returns the paths deleted.
+///
+/// Errors: the first deletion that fails (the files before it are gone).
+pub fn delete_model_files(path: &Path, models_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
+    let mut deleted = Vec::new();
+    for p in model_files(path) {
+        if !inside_models_dir(&p, models_dir) {
+            continue;
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => deleted.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot delete {}: {e}", p.display()),
+                ));
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Scans `models_dir`, registers every readable GGUF (the id is the file stem, without the
+/// `-00001-of-0000N` of a split; a clash gets the relative path with `/` → `--`), and removes rows
+/// whose file is gone. Parts 2.. of a split are read with their first part, not registered alone.
+/// Blocking file reads run off the runtime.
 ///
 /// Errors: [`CatalogError::Dir`] when the folder cannot be listed, [`CatalogError::Db`].
 pub async fn scan(db: &Db, models_dir: &Path) -> Result<ScanReport, CatalogError> {
@@ -197,18 +240,42 @@ pub async fn scan(db: &Db, models_dir: &Path) -> Result<ScanReport, CatalogError
         let files = find_gguf(&dir)?;
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for p in files {
-            let stem = p
-                .file_stem()
+        for p in &files {
+            let file_name = p
+                .file_name()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            let split = gguf::split_name(&file_name).filter(|(_, _, n)| *n > 1);
+            if let Some((prefix, i, n)) = split
+                && i > 1
+            {
+                // Read with part 1; reported only when part 1 is not there.
+                let first = p.with_file_name(gguf::split_file_name(prefix, 1, n));
+                if !files.contains(&first) {
+                    out.push((
+                        p.display().to_string(),
+                        Err(format!(
+                            "part {i} of {n} of a split GGUF whose first part {} is missing",
+                            first.display()
+                        )),
+                    ));
+                }
+                continue;
+            }
+            let stem = match split {
+                Some((prefix, _, _)) => prefix.to_string(),
+                None => p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            };
             let name = if seen.insert(stem.clone()) {
                 stem
             } else {
-                let rel = p.strip_prefix(&dir).unwrap_or(&p).with_extension("");
+                let rel = p.strip_prefix(&dir).unwrap_or(p).with_extension("");
                 rel.to_string_lossy().replace('/', "--")
             };
-            out.push((p.display().to_string(), describe(&p, name)));
+            out.push((p.display().to_string(), describe(p, name)));
         }
         Ok(out)
     })

@@ -1478,23 +1478,15 @@ fn parse_model_info(body: &[u8]) -> Result<Vec<RepoFile>, String> {
     Ok(out)
 }
 
-/// `…-00001-of-00003.gguf` → part 1 of 3 (and the name without the suffix).
+/// `…-00001-of-00003.gguf` → part 1 of 3 (and the name without the suffix); the folder is kept in the
+/// prefix.
 fn split_parts(filename: &str) -> Option<(&str, SplitPart)> {
-    let stem = filename.get(..filename.len().checked_sub(5)?)?;
-    if !is_gguf(filename) {
-        return None;
-    }
-    // "-NNNNN-of-NNNNN" is 15 characters.
-    let cut = stem.len().checked_sub(15)?;
-    let (prefix, tail) = (stem.get(..cut)?, stem.get(cut..)?);
-    let b = tail.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    if b[0] != b'-' || &tail[6..10] != "-of-" || !digits(1..6) || !digits(10..15) {
-        return None;
-    }
-    let index: u32 = tail[1..6].parse().ok()?;
-    let count: u32 = tail[10..15].parse().ok()?;
-    (index >= 1 && count >= 1 && index <= count).then_some((prefix, SplitPart { index, count }))
+    let base_at = filename.rfind('/').map_or(0, |i| i + 1);
+    let (prefix, index, count) = crate::engine::gguf::split_name(&filename[base_at..])?;
+    Some((
+        &filename[..base_at + prefix.len()],
+        SplitPart { index, count },
+    ))
 }
 
 /// The part number of a split GGUF file, if it is one.

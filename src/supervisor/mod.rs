@@ -391,14 +391,17 @@ pub async fn remove_model_command(
         )));
     }
     let path = PathBuf::from(&m.file_path);
-    let inside = catalog::inside_models_dir(&path, &s.models_dir);
-    if !keep_file && inside {
-        std::fs::remove_file(&path).map_err(|source| ServeError::Io {
-            what: "(delete) model file",
-            path: path.display().to_string(),
-            source,
-        })?;
-        println!("deleted {}", path.display());
+    if !keep_file {
+        // Every part of a split GGUF; only files inside MODELS_DIR.
+        let deleted =
+            catalog::delete_model_files(&path, &s.models_dir).map_err(|source| ServeError::Io {
+                what: "(delete) model file",
+                path: path.display().to_string(),
+                source,
+            })?;
+        for p in deleted {
+            println!("deleted {}", p.display());
+        }
     }
     db.delete_model(name).await?;
     println!("removed `{name}` from the catalogue");

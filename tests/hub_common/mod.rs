@@ -32,6 +32,31 @@ pub fn asset(name: &str) -> (Bytes, String) {
     v
 }
 
+/// The shared model `name` split by `cyber-inference`'s gguf-split into parts of at most `max_tensors`
+/// tensors each: `(PREFIX-0000k-of-0000N.gguf, bytes)` in part order.
+pub fn split_asset(name: &str, prefix: &str, max_tensors: usize) -> Vec<(String, Bytes)> {
+    use cyber_inference::engine::gguf_split::{SplitPlan, split};
+    let dir =
+        std::env::var_os("CYBER_INFERENCE_ASSETS").expect("CYBER_INFERENCE_ASSETS is not set");
+    let src = PathBuf::from(dir).join("models").join(name);
+    let out = tempfile::tempdir().unwrap();
+    let parts = split(
+        &src,
+        &out.path().join(prefix),
+        SplitPlan::MaxTensors(max_tensors),
+    )
+    .unwrap();
+    parts
+        .iter()
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                Bytes::from(std::fs::read(p).unwrap()),
+            )
+        })
+        .collect()
+}
+
 pub fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
