@@ -351,4 +351,55 @@ mod tests {
         assert_eq!(r.removed, vec!["smol".to_string()]);
         assert!(scan(&db, &dir.path().join("missing")).await.is_err());
     }
+
+    #[tokio::test]
+    async fn a_split_gguf_is_one_model_and_is_deleted_whole() {
+        use crate::engine::gguf_split::{SplitPlan, split};
+        let Ok(assets) = std::env::var("CYBER_INFERENCE_ASSETS") else {
+            panic!("CYBER_INFERENCE_ASSETS is not set (see ../shared/assets/fetch)");
+        };
+        let src = Path::new(&assets).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(models.join("repo")).unwrap();
+        let parts = split(
+            &src,
+            &models.join("repo/smol-Q4_1"),
+            SplitPlan::MaxTensors(100),
+        )
+        .unwrap();
+        assert_eq!(parts.len(), 3);
+        let total: u64 = parts
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let r = scan(&db, &models).await.unwrap();
+        assert_eq!(r.models, ["smol-Q4_1"]);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        let m = db.get_model("smol-Q4_1").await.unwrap().unwrap();
+        assert_eq!(m.size_bytes as u64, total);
+        assert_eq!(Path::new(&m.file_path), parts[0]);
+        assert_eq!(m.quantization.as_deref(), Some("Q4_1"));
+        assert_eq!(model_files(Path::new(&m.file_path)), parts);
+        assert_eq!(model_files(&src), [src.clone()]);
+
+        // Without its first part, the rest is reported, not registered.
+        let aside = dir.path().join("aside.gguf");
+        std::fs::rename(&parts[0], &aside).unwrap();
+        let r = scan(&db, &models).await.unwrap();
+        assert!(r.models.is_empty());
+        assert_eq!(r.removed, ["smol-Q4_1"]);
+        assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
+        assert!(r.skipped[0].1.contains("first part"), "{:?}", r.skipped);
+        std::fs::rename(&aside, &parts[0]).unwrap();
+
+        // Deleting deletes every part; a file outside MODELS_DIR is never touched.
+        let deleted = delete_model_files(&parts[0], &models).unwrap();
+        assert_eq!(deleted, parts);
+        assert!(parts.iter().all(|p| !p.exists()));
+        assert!(delete_model_files(&parts[0], &models).unwrap().is_empty());
+        assert!(delete_model_files(&src, &models).unwrap().is_empty());
+        assert!(src.exists());
+    }
 }
