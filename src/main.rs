@@ -42,7 +42,7 @@ enum Command {
     Init,
     /// Scan MODELS_DIR and print the model catalogue.
     ListModels,
-    /// Remove a model from the catalogue and delete its file.
+    /// Remove a model from the catalogue and delete its file (every part of a split GGUF).
     RemoveModel {
         /// The model id (see list-models).
         name: String,

@@ -5,7 +5,7 @@ mod hub_common;
 
 use std::process::Output;
 
-use hub_common::{HfServer, Served, asset, files_in, sha256_file};
+use hub_common::{HfServer, Served, asset, files_in, sha256, sha256_file, split_asset};
 
 const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
 const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -164,4 +164,73 @@ async fn download_model_lists_downloads_and_explains_failures() {
     assert!(!catalogue.contains(stem), "{catalogue}");
     let out = run(&server, dir.path(), "remove-model", &[stem]).await;
     assert!(!out.status.success(), "a second remove finds no model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_model_downloads_lists_runs_and_removes_as_one() {
+    let parts = split_asset(Q41, "SmolLM2-135M-Instruct-Q4_1", 120);
+    assert_eq!(parts.len(), 3);
+    let server = HfServer::start().await;
+    server.state.add_repo(
+        "test/split",
+        parts
+            .iter()
+            .map(|(n, b)| Served::new(n, b.clone()))
+            .collect(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+
+    let out = cli(&server, dir.path(), &["test/split"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = parts.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    assert_eq!(files_in(&models), names);
+    for (n, b) in &parts {
+        assert_eq!(sha256_file(&models.join(n)), sha256(b));
+    }
+    let catalogue = list_models(&server, dir.path()).await;
+    let rows: Vec<&str> = catalogue
+        .lines()
+        .filter(|l| l.starts_with("SmolLM2"))
+        .collect();
+    assert_eq!(rows.len(), 1, "one model for three parts:\n{catalogue}");
+    assert!(
+        rows[0].starts_with("SmolLM2-135M-Instruct-Q4_1 "),
+        "{catalogue}"
+    );
+
+    // The engine runs it from its first part.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
+        .args(["run", "-n", "8", "-p", "The capital of France is", "-m"])
+        .arg(models.join(&parts[0].0))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).len() > "The capital of France is".len());
+
+    let out = run(
+        &server,
+        dir.path(),
+        "remove-model",
+        &["SmolLM2-135M-Instruct-Q4_1"],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("deleted ").count(), 3, "{stdout}");
+    assert!(files_in(&models).is_empty(), "{:?}", files_in(&models));
 }

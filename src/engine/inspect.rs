@@ -109,6 +109,16 @@ pub fn run(args: &InspectArgs) -> Result<(), GgufError> {
     };
     println!("file:            {}", args.file.display());
     println!("size:            {} bytes", f.file_size());
+    let paths = f.paths();
+    if paths.len() > 1 {
+        println!(
+            "split:           {} parts (sizes summed above)",
+            paths.len()
+        );
+        for p in paths {
+            println!("                 {}", p.display());
+        }
+    }
     println!(
         "GGUF version:    {} (alignment {}, data at byte {})",
         f.version, f.alignment, f.data_offset

@@ -382,7 +382,7 @@ mod tests {
         assert_eq!(Path::new(&m.file_path), parts[0]);
         assert_eq!(m.quantization.as_deref(), Some("Q4_1"));
         assert_eq!(model_files(Path::new(&m.file_path)), parts);
-        assert_eq!(model_files(&src), [src.clone()]);
+        assert_eq!(model_files(&src), std::slice::from_ref(&src));
 
         // Without its first part, the rest is reported, not registered.
         let aside = dir.path().join("aside.gguf");
