@@ -1310,6 +1310,55 @@ mod tests {
     }
 
     #[test]
+    fn split_keys_are_checked_before_any_other_part_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, img: Vec<u8>| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, img).unwrap();
+            p
+        };
+        let err = |p: &Path| GgufFile::open(p).err().expect("a broken split").to_string();
+        // A first part whose name gives no way to find the others.
+        let img = Builder::new().kv_u32(keys::SPLIT_COUNT, 2).build();
+        let m = err(&write("model.gguf", img.clone()));
+        assert!(
+            m.contains("part 1 of 2") && m.contains("-00001-of-00002.gguf"),
+            "{m}"
+        );
+        // The name and split.count disagree.
+        let m = err(&write("m-00001-of-00003.gguf", img));
+        assert!(m.contains("-00001-of-00002.gguf"), "{m}");
+        // A later part.
+        let img = Builder::new()
+            .kv_u32(keys::SPLIT_COUNT, 2)
+            .kv_u32(keys::SPLIT_NO, 1)
+            .build();
+        let m = err(&write("m-00002-of-00002.gguf", img));
+        assert!(
+            m.contains("part 2 of 2") && m.contains("m-00001-of-00002.gguf"),
+            "{m}"
+        );
+        // A count of the wrong type.
+        let img = Builder::new().kv_str(keys::SPLIT_COUNT, "two").build();
+        let m = err(&write("s-00001-of-00002.gguf", img));
+        assert!(m.contains("split.count"), "{m}");
+        // A missing part is named; a count of 1 is an ordinary file.
+        let img = Builder::new().kv_u32(keys::SPLIT_COUNT, 2).build();
+        let m = err(&write("t-00001-of-00002.gguf", img));
+        assert!(
+            m.contains("t-00002-of-00002.gguf") && m.contains("part 2 of 2"),
+            "{m}"
+        );
+        let img = Builder::new().kv_u32(keys::SPLIT_COUNT, 1).build();
+        assert!(GgufFile::open(write("u-00001-of-00001.gguf", img)).is_ok());
+        assert_eq!(split_name("a/b-00002-of-00010.GGUF"), Some(("a/b", 2, 10)));
+        assert_eq!(split_name("b-00000-of-00010.gguf"), None);
+        assert_eq!(split_name("b-00011-of-00010.gguf"), None);
+        assert_eq!(split_name("b-0001-of-00010.gguf"), None);
+        assert_eq!(split_file_name("x", 3, 12), "x-00003-of-00012.gguf");
+    }
+
+    #[test]
     fn rejects_hostile_headers() {
         assert!(matches!(
             GgufFile::from_bytes(b"GGUX\x03\0\0\0".to_vec()),
