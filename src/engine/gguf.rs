@@ -1317,7 +1317,7 @@ mod tests {
             std::fs::write(&p, img).unwrap();
             p
         };
-        let err = |p: &Path| GgufFile::open(p).err().expect("a broken split").to_string();
+        let err = |p: &Path| GgufFile::open(p).expect_err("a broken split").to_string();
         // A first part whose name gives no way to find the others.
         let img = Builder::new().kv_u32(keys::SPLIT_COUNT, 2).build();
         let m = err(&write("model.gguf", img.clone()));
