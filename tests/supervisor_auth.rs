@@ -538,8 +538,9 @@ async fn admin_session_reaches_v1_from_same_origin_only_when_keys_are_required()
     let models = format!("{}/v1/models", s.base);
     let same = s.base.clone();
     let other_port = format!("http://127.0.0.1:{}", s.port + 1);
-    // (case, headers, expected status) on GET /v1/models.
-    let cases: Vec<(&str, Vec<(&str, String)>, u16)> = vec![
+    /// A case on GET /v1/models: its name, the request headers, the expected status.
+    type Case = (&'static str, Vec<(&'static str, String)>, u16);
+    let cases: Vec<Case> = vec![
         ("no cookie, no key", vec![], 401),
         (
             "no cookie, same Origin",
