@@ -777,13 +777,9 @@ function initChat() {
     const temperature = Number(form.temperature.value), maxTokens = Number(form.max_tokens.value);
     if (!(temperature >= 0 && temperature <= 5)) { errEl.textContent = 'Temperature must be between 0 and 5.'; return; }
     if (!(Number.isInteger(maxTokens) && maxTokens >= 1)) { errEl.textContent = 'Max tokens must be a whole number of at least 1.'; return; }
+    // No API key even when require_api_key is on: /v1/* takes the admin session cookie from this
+    // server's own pages (the browser's Origin proves it), so a logged-in admin chats as is.
     const headers = { 'Content-Type': 'application/json' };
-    if (form.api_key) {
-      // require_api_key is on: /v1/* takes a key, not the admin session. The key stays in this field.
-      const key = form.api_key.value.trim();
-      if (!key) { errEl.textContent = 'Enter an API key: the server requires one for /v1/* (create one in Settings).'; form.api_key.focus(); return; }
-      headers.Authorization = `Bearer ${key}`;
-    }
     const messages = [];
     if (form.system.value.trim()) messages.push({ role: 'system', content: form.system.value.trim() });
     history.push({ role: 'user', content: text });
@@ -809,6 +805,12 @@ function initChat() {
         }),
         signal: controller.signal,
       });
+      if (res.status === 401) {
+        // The session expired or was logged out elsewhere; the conversation stays on the page.
+        const err = new Error('401: your admin session has expired; log in again');
+        err.status = 401;
+        throw err;
+      }
       if (!res.ok) {
         const t = await res.text();
         let msg = t;
@@ -865,6 +867,12 @@ function initChat() {
         out.parentElement.remove();
         if (!form.message.value) form.message.value = text;
         errEl.textContent = e.name === 'AbortError' ? 'Stopped before the model answered.' : `Chat failed: ${e.message}`;
+        if (e.status === 401) {
+          const a = document.createElement('a');
+          a.href = '/login?next=' + encodeURIComponent(location.pathname + location.search);
+          a.textContent = 'Log in';
+          errEl.append(' ', a);
+        }
         stats.textContent = '';
       }
     } finally {

@@ -505,3 +505,168 @@ fn init_and_list_models_commands() {
     let out = run(&["remove-model", "SmolLM2-135M-Instruct.Q4_1"]);
     assert!(!out.status.success());
 }
+
+/// With `require_api_key` on, `/v1/*` also takes the admin's session (so the UI's chat playground needs no
+/// key), but the cookie only from this server's own pages: a cross-origin request carrying it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_session_reaches_v1_from_same_origin_only_when_keys_are_required() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let token = s.login().await;
+    let h = &s.http;
+    let r = h
+        .post(format!("{}/admin/api/keys", s.base))
+        .bearer_auth(&token)
+        .json(&json!({"name": "client"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let key = r.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = h
+        .put(format!("{}/admin/api/settings", s.base))
+        .bearer_auth(&token)
+        .json(&json!({"require_api_key": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let session = format!("ci_session={token}");
+    let models = format!("{}/v1/models", s.base);
+    let same = s.base.clone();
+    let other_port = format!("http://127.0.0.1:{}", s.port + 1);
+    /// A case on GET /v1/models: its name, the request headers, the expected status.
+    type Case = (&'static str, Vec<(&'static str, String)>, u16);
+    let cases: Vec<Case> = vec![
+        ("no cookie, no key", vec![], 401),
+        (
+            "no cookie, same Origin",
+            vec![("origin", same.clone())],
+            401,
+        ),
+        (
+            "API key",
+            vec![("authorization", format!("Bearer {key}"))],
+            200,
+        ),
+        (
+            "cookie + same Origin",
+            vec![("cookie", session.clone()), ("origin", same.clone())],
+            200,
+        ),
+        (
+            "cookie + Sec-Fetch-Site: same-origin, no Origin",
+            vec![
+                ("cookie", session.clone()),
+                ("sec-fetch-site", "same-origin".into()),
+            ],
+            200,
+        ),
+        (
+            "cookie alone (not a page of ours)",
+            vec![("cookie", session.clone())],
+            401,
+        ),
+        (
+            "cookie + foreign Origin",
+            vec![
+                ("cookie", session.clone()),
+                ("origin", "http://evil.example".into()),
+            ],
+            401,
+        ),
+        (
+            "cookie + another port of this host",
+            vec![("cookie", session.clone()), ("origin", other_port.clone())],
+            401,
+        ),
+        (
+            "cookie + Sec-Fetch-Site: same-site",
+            vec![
+                ("cookie", session.clone()),
+                ("sec-fetch-site", "same-site".into()),
+            ],
+            401,
+        ),
+        (
+            "forged cookie + same Origin",
+            vec![("cookie", format!("{session}x")), ("origin", same.clone())],
+            401,
+        ),
+        (
+            "admin JWT as Bearer",
+            vec![("authorization", format!("Bearer {token}"))],
+            200,
+        ),
+        (
+            "admin JWT as Bearer + foreign Origin",
+            vec![
+                ("authorization", format!("Bearer {token}")),
+                ("origin", "http://evil.example".into()),
+            ],
+            401,
+        ),
+    ];
+    for (case, headers, want) in &cases {
+        let mut rq = h.get(&models);
+        for (k, v) in headers {
+            rq = rq.header(*k, v);
+        }
+        let r = rq.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), *want, "{case}");
+        if *want == 401 {
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(b["error"]["code"], "invalid_api_key", "{case}: {b}");
+        }
+    }
+
+    // A streamed chat, as the playground sends it: refused cross-origin (and no worker starts for it)…
+    let body = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": true,
+    });
+    let chat = format!("{}/v1/chat/completions", s.base);
+    let r = h
+        .post(&chat)
+        .header("cookie", &session)
+        .header("origin", "http://evil.example")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = h.post(&chat).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no cookie, no key");
+    assert!(s.workers().is_empty(), "a refused request started a worker");
+    // …answered from the same origin with the session alone.
+    let r = h
+        .post(&chat)
+        .header("cookie", &session)
+        .header("origin", &same)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", s.log());
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("\"chat.completion.chunk\"") && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
+    // With a key, as any client.
+    let r = h
+        .post(&chat)
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("[DONE]"));
+}

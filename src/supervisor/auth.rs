@@ -250,8 +250,29 @@ impl FromRequestParts<AppState> for AdminUser {
     }
 }
 
-/// The API key of a `/v1/*` request: `Some(id)` for a valid key, `None` when keys are not required.
-/// Rejects with 401 in OpenAI's error shape when a key is required and missing, unknown or revoked.
+/// Whether a request comes from one of this server's own pages: an `Origin` naming this server (see
+/// [`origin_ok`]), or, when the browser sent no Origin (a same-origin GET), `Sec-Fetch-Site: same-origin`.
+/// A request with neither (curl, a script, an old browser) is not taken as same-origin.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    if headers.contains_key(header::ORIGIN) {
+        return origin_ok(headers, false);
+    }
+    headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("same-origin"))
+}
+
+/// Who a `/v1/*` request is when API keys are required: `Some(id)` for a valid API key; `None` when keys
+/// are not required, or for a logged-in admin (a valid admin JWT, so the admin UI's chat playground works
+/// without a key).
+///
+/// The admin JWT counts as a Bearer token (no browser sends one on its own, so no CSRF risk; an `Origin`,
+/// when present, must still name this server), or as the session cookie only from this server's own pages
+/// ([`same_origin`]): a browser attaches the cookie to requests other sites make (SameSite treats every
+/// port of a host as the same site), so without that check any local page could chat on the admin's
+/// behalf. Rejects with 401 in OpenAI's error shape when a key is required and missing, unknown, revoked,
+/// or only a cross-origin session cookie came.
 pub struct ApiKey(pub Option<i64>);
 
 impl FromRequestParts<AppState> for ApiKey {
@@ -262,10 +283,28 @@ impl FromRequestParts<AppState> for ApiKey {
             return Ok(ApiKey(None));
         }
         let Some(key) = bearer(&parts.headers) else {
-            return Err(ApiError::invalid_api_key(
-                "an API key is required (Authorization: Bearer KEY)",
-            ));
+            let session = cookie(&parts.headers, COOKIE).and_then(|t| state.auth.verify(t));
+            return match session {
+                Some(_) if same_origin(&parts.headers) => Ok(ApiKey(None)),
+                Some(_) => Err(ApiError::invalid_api_key(
+                    "an API key is required (Authorization: Bearer KEY); the admin session is \
+                     accepted only from this server's own pages (cross-origin request refused)",
+                )),
+                None => Err(ApiError::invalid_api_key(
+                    "an API key is required (Authorization: Bearer KEY)",
+                )),
+            };
         };
+        // An admin JWT (three dot-separated parts; API keys have none): checked without the database.
+        if key.contains('.') && state.auth.verify(key).is_some() {
+            return if origin_ok(&parts.headers, true) {
+                Ok(ApiKey(None))
+            } else {
+                Err(ApiError::invalid_api_key(
+                    "cross-origin request refused: Origin must match the Host of this server",
+                ))
+            };
+        }
         match state.db.use_api_key(&hash_api_key(key)).await {
             Ok(Some(k)) => Ok(ApiKey(Some(k.id))),
             Ok(None) => Err(ApiError::invalid_api_key("invalid or revoked API key")),
@@ -425,8 +464,19 @@ mod tests {
         assert!(!origin_ok(&h, false));
         h.insert(header::ORIGIN, "http://127.0.0.1:8337".parse().unwrap());
         assert!(origin_ok(&h, false));
+        assert!(same_origin(&h));
         h.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
         assert!(!origin_ok(&h, true));
+        assert!(!same_origin(&h));
+        // No Origin: only the browser's own Sec-Fetch-Site says same-origin.
+        h.remove(header::ORIGIN);
+        assert!(!same_origin(&h), "neither header: not a page of ours");
+        h.insert("sec-fetch-site", "same-site".parse().unwrap());
+        assert!(!same_origin(&h), "another port of the same host");
+        h.insert("sec-fetch-site", "same-origin".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(header::ORIGIN, "http://localhost:9999".parse().unwrap());
+        assert!(!same_origin(&h), "an Origin, when sent, decides");
         h.insert(header::COOKIE, "a=b; ci_session=tok; c=d".parse().unwrap());
         assert_eq!(cookie(&h, COOKIE), Some("tok"));
         let (k, p) = generate_api_key();

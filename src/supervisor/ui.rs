@@ -950,7 +950,8 @@ async fn change_password(
 struct ChatPage {
     chrome: Chrome,
     models: Vec<ModelView>,
-    /// `/v1/*` needs an API key (`require_api_key`): the page asks for one (kept in the page only).
+    /// `/v1/*` needs an API key (`require_api_key`): the page says that it chats with the admin session
+    /// instead (see `auth::ApiKey`).
     require_api_key: bool,
 }
 

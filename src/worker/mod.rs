@@ -257,6 +257,13 @@ pub async fn serve(
             source,
         })?;
     let local = listener.local_addr()?;
+    // No Nagle: each streamed token is a small write made while the previous one may still be unacknowledged,
+    // so without TCP_NODELAY it would wait for the client's delayed ACK (up to 40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     if let Some(b) = bound {
         let _ = b.send(local);
     }
