@@ -21,7 +21,9 @@ use crate::engine::ggml_type::GgmlType;
 use crate::engine::quant::{self, QuantError};
 use thiserror::Error;
 
-pub use dispatch::{Isa, VecDot4Fn, VecDotFn, isa, scalar_vec_dot_fn, vec_dot_fn, vec_dot4_fn};
+pub use dispatch::{
+    Isa, VecDot4Fn, VecDotFn, isa, scalar_vec_dot_fn, scalar_vec_dot4_fn, vec_dot_fn, vec_dot4_fn,
+};
 pub use pool::ThreadPool;
 
 /// Errors of the kernel layer.
@@ -355,36 +357,75 @@ mod tests {
         }
     }
 
+    /// A weight row of `n` elements of `ty`: quantized random values where we can quantize to `ty`, random
+    /// quant bits with random finite f16 scales (at `scale_offsets` in each block) otherwise.
+    fn weight_row(ty: GgmlType, n: usize, seed: u64, scale_offsets: &[usize]) -> Vec<u8> {
+        let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
+        if quant::can_quantize(ty) {
+            quant::quantize_row(ty, &rand_vec(n, seed), &mut w).unwrap();
+            return w;
+        }
+        let bits = rand_vec(w.len(), seed);
+        for (b, r) in w.iter_mut().zip(&bits) {
+            *b = ((r + 1.0) * 127.9) as u8;
+        }
+        let scales = rand_vec(w.len() / ty.type_size() * scale_offsets.len(), seed + 1);
+        let mut s = scales.iter();
+        for blk in w.chunks_exact_mut(ty.type_size()) {
+            for &o in scale_offsets {
+                let v = quant::blocks::F16Le::from_f32(s.next().unwrap() * 0.05);
+                blk[o..o + 2].copy_from_slice(&v.0);
+            }
+        }
+        w
+    }
+
     #[test]
     fn four_token_kernels_equal_single_token_kernels_bit_for_bit() {
-        let n = 256;
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
+        let n = 768;
+        for (ty, offs) in [
+            (GgmlType::Q4_0, &[][..]),
+            (GgmlType::Q4_1, &[]),
+            (GgmlType::Q5_0, &[]),
+            (GgmlType::Q8_0, &[]),
+            (GgmlType::Q4_K, &[0, 2]),
+            (GgmlType::Q6_K, &[208]),
         ] {
-            let Some(dot4) = vec_dot4_fn(ty) else {
-                continue;
-            };
-            let dot = vec_dot_fn(ty).unwrap();
+            let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K);
             let vd = quant::vec_dot_type(ty).unwrap();
-            let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
-            quant::quantize_row(ty, &rand_vec(n, 7), &mut w).unwrap();
-            let acts: Vec<Vec<u8>> = (0..4)
-                .map(|s| {
-                    let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
-                    quant::quantize_row_activation(vd, &rand_vec(n, 100 + s), &mut a).unwrap();
-                    a
-                })
-                .collect();
-            let got = dot4(n, &w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
-            for t in 0..4 {
-                assert_eq!(
-                    got[t].to_bits(),
-                    dot(n, &w, &acts[t]).to_bits(),
-                    "{ty} token {t}"
-                );
+            for seed in 0..8 {
+                let w = weight_row(ty, n, 7 + seed, offs);
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|s| {
+                        let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
+                        let mut x = rand_vec(n, 100 + 4 * seed + s);
+                        x[(37 * s as usize + 11 * seed as usize) % n] *= 30.0; // an outlier per row
+                        quant::quantize_row_activation(vd, &x, &mut a).unwrap();
+                        a
+                    })
+                    .collect();
+                let refs = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                let mut pairs = vec![];
+                if let Some(dot4) = vec_dot4_fn(ty) {
+                    pairs.push(("dispatched", dot4, vec_dot_fn(ty).unwrap()));
+                } else {
+                    assert!(!k_quant, "{ty} has no four-token kernel");
+                }
+                if let Some(dot4) = scalar_vec_dot4_fn(ty) {
+                    pairs.push(("scalar", dot4, scalar_vec_dot_fn(ty).unwrap()));
+                } else {
+                    assert!(!k_quant, "{ty} has no scalar four-token kernel");
+                }
+                for (which, dot4, dot) in pairs {
+                    let got = dot4(n, &w, refs);
+                    for t in 0..4 {
+                        assert_eq!(
+                            got[t].to_bits(),
+                            dot(n, &w, &acts[t]).to_bits(),
+                            "{which} {ty} seed {seed} token {t}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -412,16 +412,21 @@ pub fn vec_dot4_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDot4Fn> {
         Q4_1 => q4_1_q8_1_x4,
         Q5_0 => q5_0_q8_0_x4,
         Q8_0 => q8_0_q8_0_x4,
+        Q4_K => q4_k_q8_k_x4,
+        Q6_K => q6_k_q8_k_x4,
         _ => return None,
     })
 }
 
 macro_rules! safe_wrapper4 {
     ($name:ident, $inner:ident, $wsize:expr, $asize:expr) => {
+        safe_wrapper4!($name, $inner, QK, $wsize, $asize);
+    };
+    ($name:ident, $inner:ident, $bs:expr, $wsize:expr, $asize:expr) => {
         fn $name(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-            let nb = n / QK;
+            let nb = n / $bs;
             assert!(
-                n.is_multiple_of(QK)
+                n.is_multiple_of($bs)
                     && w.len() >= nb * $wsize
                     && a.iter().all(|a| a.len() >= nb * $asize),
                 concat!(stringify!($name), ": bad row lengths")
@@ -437,6 +442,124 @@ safe_wrapper4!(q4_0_q8_0_x4, q4_0_q8_0_x4_avx2, 18, 34);
 safe_wrapper4!(q4_1_q8_1_x4, q4_1_q8_1_x4_avx2, 20, 36);
 safe_wrapper4!(q5_0_q8_0_x4, q5_0_q8_0_x4_avx2, 22, 34);
 safe_wrapper4!(q8_0_q8_0_x4, q8_0_q8_0_x4_avx2, 34, 34);
+safe_wrapper4!(q4_k_q8_k_x4, q4_k_q8_k_x4_avx2, QK_K, 144, 292);
+safe_wrapper4!(q6_k_q8_k_x4, q6_k_q8_k_x4_avx2, QK_K, 210, 292);
+
+/// [`q4_k_q8_k_avx2`] for four tokens: the nibbles, scales and mins of a super-block are decoded once; each
+/// token's integer sums are exact (so their grouping is free) and its float steps are the single-token
+/// kernel's, in the same order.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ4K] = bytemuck::cast_slice(w);
+    let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (mut acc, mut acc_min) = ([0f32; 4], [0f32; 4]);
+    for (i, xb) in x.iter().enumerate() {
+        let (sc, mn) = k4_scales_mins(&xb.scales);
+        // min[g / 2] for the 16 groups of 16, against the 16 bsums: Σ bsum·min in 8 exact i32 lanes.
+        let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
+        // SAFETY: 16 i16 are 32 bytes.
+        let mins = unsafe { _mm256_loadu_si256(mins.as_ptr() as *const __m256i) };
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for j in 0..4 {
+            // SAFETY: bytes 32j..32j+32 of the 128-byte `qs`.
+            let q4bits = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().add(32 * j) as *const __m256i) };
+            let q4l = _mm256_and_si256(q4bits, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+            let (sl, sh) = (
+                _mm256_set1_epi16(sc[2 * j] as i16),
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+            );
+            for t in 0..4 {
+                let yq = y[t][i].qs.as_ptr();
+                // SAFETY: bytes 64j..64j+64 of the 256-byte `qs` of token t's block.
+                let (q8l, q8h) = unsafe {
+                    (
+                        _mm256_loadu_si256(yq.add(64 * j) as *const __m256i),
+                        _mm256_loadu_si256(yq.add(64 * j + 32) as *const __m256i),
+                    )
+                };
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q4l, q8l));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q4h, q8h));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
+        }
+        let (dx, dmx) = (h2f(xb.d), h2f(xb.dmin));
+        for t in 0..4 {
+            let yb = &y[t][i];
+            // SAFETY: `bsums` is 16 i16 (32 bytes).
+            let bsums = unsafe { _mm256_loadu_si256(yb.bsums.as_ptr() as *const __m256i) };
+            let summs = hsum_i32x8(_mm256_madd_epi16(bsums, mins));
+            let isum = hsum_i32x8(sumi[t]);
+            acc[t] = (isum as f32).mul_add(dx * yb.d(), acc[t]);
+            acc_min[t] = (summs as f32).mul_add(dmx * yb.d(), acc_min[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| acc[t] - acc_min[t])
+}
+
+/// [`q6_k_q8_k_avx2`] for four tokens: the 6-bit quants and scales of a super-block are decoded once; each
+/// token's eight i32 lanes hold the same exact sums as in the single-token kernel and go through the same
+/// float lane accumulation and horizontal sum.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ6K] = bytemuck::cast_slice(w);
+    let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+    let m3 = _mm256_set1_epi8(3);
+    let m15 = _mm256_set1_epi8(15);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (i, xb) in x.iter().enumerate() {
+        // SAFETY: `scales` is 16 bytes.
+        let scales = unsafe { _mm_loadu_si128(xb.scales.as_ptr() as *const __m128i) };
+        let scales16 = _mm256_cvtepi8_epi16(scales);
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for h in 0..2 {
+            // SAFETY: `ql` has 128 bytes (64h..64h+64 read), `qh` 64 (32h..32h+32).
+            let (b1, b2, bh) = unsafe {
+                (
+                    _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h) as *const __m256i),
+                    _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h + 32) as *const __m256i),
+                    _mm256_loadu_si256(xb.qh.as_ptr().add(32 * h) as *const __m256i),
+                )
+            };
+            let qh0 = _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4);
+            let qh1 = _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2);
+            let qh2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
+            let qh3 = _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(-64)), 2);
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(b1, m15), qh0),
+                _mm256_or_si256(_mm256_and_si256(b2, m15), qh1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15), qh2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15), qh3),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let c = 4 * h + k;
+                let s0 = xb.scales[2 * c] as i16;
+                let s1 = xb.scales[2 * c + 1] as i16;
+                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                for t in 0..4 {
+                    // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of token t's block.
+                    let q8 = unsafe {
+                        _mm256_loadu_si256(y[t][i].qs.as_ptr().add(32 * c) as *const __m256i)
+                    };
+                    let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(qk, q8));
+                    sumi[t] = _mm256_add_epi32(sumi[t], p);
+                }
+            }
+        }
+        let dx = h2f(xb.d);
+        for t in 0..4 {
+            let yb = &y[t][i];
+            // SAFETY: `bsums` is 16 i16 (32 bytes).
+            let q8sums = unsafe { _mm256_loadu_si256(yb.bsums.as_ptr() as *const __m256i) };
+            let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales16), 5);
+            let d = _mm256_set1_ps(yb.d() * dx);
+            let lanes = _mm256_sub_epi32(sumi[t], q8sclsub);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
+}
 
 /// The shared body of the signed 32-block kernels: `decode(block)` gives the weight block's 32 signed
 /// quants; each token accumulates `fma(d_w·d_a, Σ pairs, acc)` as the single-token kernels do.
