@@ -22,7 +22,8 @@ use crate::engine::quant::{self, QuantError};
 use thiserror::Error;
 
 pub use dispatch::{
-    Isa, VecDot4Fn, VecDotFn, isa, scalar_vec_dot_fn, scalar_vec_dot4_fn, vec_dot_fn, vec_dot4_fn,
+    Isa, VecDot4Fn, VecDot4x4Fn, VecDotFn, isa, scalar_vec_dot_fn, scalar_vec_dot4_fn, vec_dot_fn,
+    vec_dot4_fn, vec_dot4x4_fn,
 };
 pub use pool::ThreadPool;
 
@@ -179,6 +180,8 @@ pub fn matmul(
     let dot = vec_dot_fn(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
     // Tokens in fours share each decoded weight block; the results equal `dot`'s bit for bit.
     let dot4 = vec_dot4_fn(w.ty);
+    // Four rows x four tokens share activation loads too, where a tile kernel exists (same bits again).
+    let dot4x4 = vec_dot4x4_fn(w.ty);
     let (n_rows, n_cols) = (w.n_rows, w.n_cols);
     if n_tokens.checked_mul(n_cols) != Some(x.len()) {
         return Err(shape(format!(
@@ -218,7 +221,35 @@ pub fn matmul(
             let r1 = (r0 + rows_per_task).min(n_rows);
             for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
                 let t1 = (t0 + TOKEN_TILE).min(n_tokens);
-                for r in r0..r1 {
+                let a = |t: usize| &act[t * arb..(t + 1) * arb];
+                let mut r_tiled = r0;
+                if let Some(dot4x4) = dot4x4.filter(|_| t1 - t0 >= 4) {
+                    while r_tiled + 4 <= r1 {
+                        let r = r_tiled;
+                        let wr = |k: usize| &data[(r + k) * wrb..(r + k + 1) * wrb];
+                        let w4 = [wr(0), wr(1), wr(2), wr(3)];
+                        let mut t = t0;
+                        while t + 4 <= t1 {
+                            let v = dot4x4(n_cols, w4, [a(t), a(t + 1), a(t + 2), a(t + 3)]);
+                            for (k, row) in v.iter().enumerate() {
+                                for (j, &v) in row.iter().enumerate() {
+                                    // SAFETY: as below, for token t + j < t1 and row r + k < r1.
+                                    unsafe { *out.get().add((t + j) * n_rows + r + k) = v };
+                                }
+                            }
+                            t += 4;
+                        }
+                        for t in t..t1 {
+                            for (k, wrow) in w4.iter().enumerate() {
+                                let v = dot(n_cols, wrow, a(t));
+                                // SAFETY: as below, for token t < t1 and row r + k < r1.
+                                unsafe { *out.get().add(t * n_rows + r + k) = v };
+                            }
+                        }
+                        r_tiled += 4;
+                    }
+                }
+                for r in r_tiled..r1 {
                     let wrow = &data[r * wrb..(r + 1) * wrb];
                     let mut t = t0;
                     if let Some(dot4) = dot4 {

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use crate::engine::ggml_type::GgmlType;
 use crate::engine::quant::blocks::*;
 
-use super::dispatch::{VecDot4Fn, VecDotFn};
+use super::dispatch::{VecDot4Fn, VecDot4x4Fn, VecDotFn};
 
 /// Proof that this CPU supports AVX2, FMA and F16C (only [`Avx2::detect`] makes one).
 #[derive(Clone, Copy, Debug)]
@@ -772,6 +772,161 @@ vnni_kernels!(
     |b| decode_q8_0(b)
 );
 
+// ---- 4 weight rows x 4 tokens tiles (VNNI) for prompt processing ---------------------------------------------
+
+/// The VNNI tile kernel for `ty` (Q4_0, Q4_1, Q5_0, Q8_0): four weight rows against four tokens, each of the
+/// 16 results bit-identical to the single-token kernel on that row and token.
+pub fn vec_dot4x4_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDot4x4Fn> {
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_q8_0_4x4_vnni,
+        Q4_1 => q4_1_q8_1_4x4_vnni,
+        Q5_0 => q5_0_q8_0_4x4_vnni,
+        Q8_0 => q8_0_q8_0_4x4_vnni,
+        _ => return None,
+    })
+}
+
+macro_rules! safe_wrapper4x4 {
+    ($name:ident, $inner:ident, $wsize:expr, $asize:expr) => {
+        fn $name(n: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+            let nb = n / QK;
+            assert!(
+                n.is_multiple_of(QK)
+                    && w.iter().all(|w| w.len() >= nb * $wsize)
+                    && a.iter().all(|a| a.len() >= nb * $asize),
+                concat!(stringify!($name), ": bad row lengths")
+            );
+            // SAFETY: handed out only by `vec_dot4x4_fn_vnni`, which needs a `Vnni` token; lengths checked
+            // above, and `$inner` reads only the first `nb` blocks of each slice.
+            unsafe { $inner(nb, w.map(|w| &w[..nb * $wsize]), a.map(|a| &a[..nb * $asize])) }
+        }
+    };
+}
+
+safe_wrapper4x4!(q4_0_q8_0_4x4_vnni, q4_0_4x4_vnni, 18, 34);
+safe_wrapper4x4!(q5_0_q8_0_4x4_vnni, q5_0_4x4_vnni, 22, 34);
+safe_wrapper4x4!(q8_0_q8_0_4x4_vnni, q8_0_4x4_vnni, 34, 34);
+safe_wrapper4x4!(q4_1_q8_1_4x4_vnni, q4_1_4x4_vnni, 20, 36);
+
+/// Four f16 scales as four f32 lanes (one F16C conversion; each lane is exactly [`h2f`] of its input).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h2f_x4(d: [F16Le; 4]) -> __m128 {
+    let bits = d.map(|d| u16::from_le_bytes(d.0) as u64);
+    let packed = bits[0] | bits[1] << 16 | bits[2] << 32 | bits[3] << 48;
+    _mm_cvtph_ps(_mm_set_epi64x(0, packed as i64))
+}
+
+/// The four lanes of `v` each broadcast to eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn splat_lanes(v: __m128) -> [__m256; 4] {
+    let v = _mm256_set_m128(v, v);
+    [
+        _mm256_shuffle_ps::<0x00>(v, v),
+        _mm256_shuffle_ps::<0x55>(v, v),
+        _mm256_shuffle_ps::<0xAA>(v, v),
+        _mm256_shuffle_ps::<0xFF>(v, v),
+    ]
+}
+
+/// The signed 32-block tile body: per block, each token's quants are loaded once and each row's decoded once;
+/// every (row, token) pair accumulates `fma(d_w·d_a, Σ pairs, acc)` in block order, as the single-token
+/// kernels do (the scale product is the same single f32 multiplication, done four lanes at a time).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn signed_4x4_vnni<B: bytemuck::Pod>(
+    nb: usize,
+    w: [&[u8]; 4],
+    a: [&[u8]; 4],
+    d_of: impl Fn(&B) -> F16Le,
+    decode: impl Fn(&B) -> __m256i,
+) -> [[f32; 4]; 4] {
+    let x: [&[B]; 4] = w.map(bytemuck::cast_slice);
+    let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    for i in 0..nb {
+        let dy = h2f_x4([0, 1, 2, 3].map(|t| y[t][i].d));
+        // SAFETY: the quant fields are 32 bytes long.
+        let qy = [0, 1, 2, 3].map(|t| unsafe { load32(&y[t][i].qs) });
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xb = &x[r][i];
+            let qx = decode(xb);
+            let ax = _mm256_sign_epi8(qx, qx);
+            let d = splat_lanes(_mm_mul_ps(_mm_set1_ps(h2f(d_of(xb))), dy));
+            for t in 0..4 {
+                let p = mul_sum_us8_vnni(ax, _mm256_sign_epi8(qy[t], qx));
+                acc[t] = _mm256_fmadd_ps(d[t], _mm256_cvtepi32_ps(p), acc[t]);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 4];
+    for (out, acc) in out.iter_mut().zip(&acc) {
+        for (o, &a) in out.iter_mut().zip(acc) {
+            *o = hsum_f32x8(a);
+        }
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q4_0_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
+    unsafe { signed_4x4_vnni::<BlockQ4_0>(nb, w, a, |x| x.d, |x| decode_q4_0(x)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q5_0_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
+    unsafe { signed_4x4_vnni::<BlockQ5_0>(nb, w, a, |x| x.d, |x| decode_q5_0(x)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q8_0_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
+    unsafe { signed_4x4_vnni::<BlockQ8_0>(nb, w, a, |x| x.d, |x| decode_q8_0(x)) }
+}
+
+/// The Q4_1 tile: unsigned nibbles against signed activations in one `vpdpbusd` (the integers of
+/// [`mul_sum_us8`]); per (row, token) the float steps of [`q4_1_q8_1_avx2`]: `fma(d_w·d_a, Σ, acc)` lanes and
+/// a separate `summs += m_w·s_a`, added after the horizontal sum.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+    let x: [&[BlockQ4_1]; 4] = w.map(bytemuck::cast_slice);
+    let y: [&[BlockQ8_1]; 4] = a.map(bytemuck::cast_slice);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    let mut summs = [_mm_setzero_ps(); 4];
+    for i in 0..nb {
+        let dy = h2f_x4([0, 1, 2, 3].map(|t| y[t][i].d));
+        let sy = h2f_x4([0, 1, 2, 3].map(|t| y[t][i].s));
+        // SAFETY: the quant fields are 32 bytes long.
+        let qy = [0, 1, 2, 3].map(|t| unsafe { load32(&y[t][i].qs) });
+        for r in 0..4 {
+            let xb = &x[r][i];
+            // Lane t: m_w·s_a then the add, the single-token kernel's two roundings.
+            summs[r] = _mm_add_ps(summs[r], _mm_mul_ps(_mm_set1_ps(h2f(xb.m)), sy));
+            // SAFETY: the nibble field is 16 bytes.
+            let qx = unsafe { nibbles32(&xb.qs) };
+            let d = splat_lanes(_mm_mul_ps(_mm_set1_ps(h2f(xb.d)), dy));
+            for t in 0..4 {
+                let p = mul_sum_us8_vnni(qx, qy[t]);
+                acc[r][t] = _mm256_fmadd_ps(d[t], _mm256_cvtepi32_ps(p), acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 4];
+    for r in 0..4 {
+        let mut s = [0f32; 4];
+        // SAFETY: `s` is 4 writable f32s; the store is unaligned.
+        unsafe { _mm_storeu_ps(s.as_mut_ptr(), summs[r]) };
+        for t in 0..4 {
+            out[r][t] = hsum_f32x8(acc[r][t]) + s[t];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,6 +981,51 @@ mod tests {
                 );
                 for a in &acts {
                     assert_eq!(v1(n, &w, a).to_bits(), a1(n, &w, a).to_bits(), "{ty}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vnni_tiles_equal_single_token_kernels_bit_for_bit() {
+        let (Some(vnni), Some(avx2)) = (Vnni::detect(), Avx2::detect()) else {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        };
+        let n = 512;
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+            let tile = vec_dot4x4_fn_vnni(vnni, ty).unwrap();
+            let single = vec_dot_fn(avx2, ty).unwrap();
+            let vd = quant::vec_dot_type(ty).unwrap();
+            for seed in 0..10u64 {
+                let rows: Vec<Vec<u8>> = (0..4)
+                    .map(|r| {
+                        let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
+                        let mut wf = rand_vec(n, 50 * seed + r);
+                        wf[(seed as usize * 7 + r as usize * 13) % n] *= 40.0;
+                        quant::quantize_row(ty, &wf, &mut w).unwrap();
+                        w
+                    })
+                    .collect();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|s| {
+                        let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
+                        let x = rand_vec(n, 1000 + 4 * seed + s);
+                        quant::quantize_row_activation(vd, &x, &mut a).unwrap();
+                        a
+                    })
+                    .collect();
+                let w4 = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+                let a4 = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                let got = tile(n, w4, a4);
+                for r in 0..4 {
+                    for t in 0..4 {
+                        assert_eq!(
+                            got[r][t].to_bits(),
+                            single(n, w4[r], a4[t]).to_bits(),
+                            "{ty} seed {seed} row {r} token {t}"
+                        );
+                    }
                 }
             }
         }
