@@ -495,7 +495,11 @@ unsafe fn q4_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
             acc_min[t] = (summs as f32).mul_add(dmx * yb.d(), acc_min[t]);
         }
     }
-    [0, 1, 2, 3].map(|t| acc[t] - acc_min[t])
+    let mut out = [0f32; 4];
+    for t in 0..4 {
+        out[t] = acc[t] - acc_min[t];
+    }
+    out
 }
 
 /// [`q6_k_q8_k_avx2`] for four tokens: the 6-bit quants and scales of a super-block are decoded once; each
@@ -558,7 +562,11 @@ unsafe fn q6_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
         }
     }
-    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
+    let mut out = [0f32; 4];
+    for t in 0..4 {
+        out[t] = hsum_f32x8(acc[t]);
+    }
+    out
 }
 
 /// The shared body of the signed 32-block kernels: `decode(block)` gives the weight block's 32 signed
@@ -813,8 +821,8 @@ safe_wrapper4x4!(q4_1_q8_1_4x4_vnni, q4_1_4x4_vnni, 20, 36);
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn h2f_x4(d: [F16Le; 4]) -> __m128 {
-    let bits = d.map(|d| u16::from_le_bytes(d.0) as u64);
-    let packed = bits[0] | bits[1] << 16 | bits[2] << 32 | bits[3] << 48;
+    let b = |k: usize| u16::from_le_bytes(d[k].0) as u64;
+    let packed = b(0) | b(1) << 16 | b(2) << 32 | b(3) << 48;
     _mm_cvtph_ps(_mm_set_epi64x(0, packed as i64))
 }
 
@@ -831,62 +839,60 @@ fn splat_lanes(v: __m128) -> [__m256; 4] {
     ]
 }
 
-/// The signed 32-block tile body: per block, each token's quants are loaded once and each row's decoded once;
-/// every (row, token) pair accumulates `fma(d_w·d_a, Σ pairs, acc)` in block order, as the single-token
-/// kernels do (the scale product is the same single f32 multiplication, done four lanes at a time).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn signed_4x4_vnni<B: bytemuck::Pod>(
-    nb: usize,
-    w: [&[u8]; 4],
-    a: [&[u8]; 4],
-    d_of: impl Fn(&B) -> F16Le,
-    decode: impl Fn(&B) -> __m256i,
-) -> [[f32; 4]; 4] {
-    let x: [&[B]; 4] = w.map(bytemuck::cast_slice);
-    let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
-    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
-    for i in 0..nb {
-        let dy = h2f_x4([0, 1, 2, 3].map(|t| y[t][i].d));
-        // SAFETY: the quant fields are 32 bytes long.
-        let qy = [0, 1, 2, 3].map(|t| unsafe { load32(&y[t][i].qs) });
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let xb = &x[r][i];
-            let qx = decode(xb);
-            let ax = _mm256_sign_epi8(qx, qx);
-            let d = splat_lanes(_mm_mul_ps(_mm_set1_ps(h2f(d_of(xb))), dy));
-            for t in 0..4 {
-                let p = mul_sum_us8_vnni(ax, _mm256_sign_epi8(qy[t], qx));
-                acc[t] = _mm256_fmadd_ps(d[t], _mm256_cvtepi32_ps(p), acc[t]);
+/// Defines the signed 32-block tile kernel `$name` for blocks `$block` whose 32 signed quants are `$decode`:
+/// per block, each token's quants are loaded once and each row's decoded once; every (row, token) pair
+/// accumulates `fma(d_w·d_a, Σ pairs, acc)` in block order, as the single-token kernels do (the scale product
+/// is the same single f32 multiplication, done four lanes at a time). A macro rather than a generic function
+/// with closures, so that the decoder is inlined into the AVX-512 VNNI code.
+macro_rules! signed_4x4_vnni {
+    ($name:ident, $block:ty, |$b:ident| $decode:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        unsafe fn $name(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+            let x: [&[$block]; 4] = w.map(bytemuck::cast_slice);
+            let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
+            assert!(x.iter().all(|x| x.len() >= nb) && y.iter().all(|y| y.len() >= nb));
+            // Raw pointers: indexing four slices per block costs more than the block's arithmetic.
+            let (xp, yp) = (x.map(|x| x.as_ptr()), y.map(|y| y.as_ptr()));
+            let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+            for i in 0..nb {
+                // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+                let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+                let dy = h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]);
+                // SAFETY: the quant fields are 32 bytes long.
+                let qy = unsafe {
+                    [
+                        load32(&yb[0].qs),
+                        load32(&yb[1].qs),
+                        load32(&yb[2].qs),
+                        load32(&yb[3].qs),
+                    ]
+                };
+                for r in 0..4 {
+                    // SAFETY: as for `yb`.
+                    let $b = unsafe { &*xp[r].add(i) };
+                    let qx = $decode;
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    let d = splat_lanes(_mm_mul_ps(_mm_set1_ps(h2f($b.d)), dy));
+                    for t in 0..4 {
+                        let p = mul_sum_us8_vnni(ax, _mm256_sign_epi8(qy[t], qx));
+                        acc[r][t] = _mm256_fmadd_ps(d[t], _mm256_cvtepi32_ps(p), acc[r][t]);
+                    }
+                }
             }
+            let mut out = [[0f32; 4]; 4];
+            for r in 0..4 {
+                for t in 0..4 {
+                    out[r][t] = hsum_f32x8(acc[r][t]);
+                }
+            }
+            out
         }
-    }
-    let mut out = [[0f32; 4]; 4];
-    for (out, acc) in out.iter_mut().zip(&acc) {
-        for (o, &a) in out.iter_mut().zip(acc) {
-            *o = hsum_f32x8(a);
-        }
-    }
-    out
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q4_0_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
-    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
-    unsafe { signed_4x4_vnni::<BlockQ4_0>(nb, w, a, |x| x.d, |x| decode_q4_0(x)) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q5_0_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
-    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
-    unsafe { signed_4x4_vnni::<BlockQ5_0>(nb, w, a, |x| x.d, |x| decode_q5_0(x)) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q8_0_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
-    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
-    unsafe { signed_4x4_vnni::<BlockQ8_0>(nb, w, a, |x| x.d, |x| decode_q8_0(x)) }
-}
+signed_4x4_vnni!(q4_0_4x4_vnni, BlockQ4_0, |b| decode_q4_0(b));
+signed_4x4_vnni!(q5_0_4x4_vnni, BlockQ5_0, |b| decode_q5_0(b));
+signed_4x4_vnni!(q8_0_4x4_vnni, BlockQ8_0, |b| decode_q8_0(b));
 
 /// The Q4_1 tile: unsigned nibbles against signed activations in one `vpdpbusd` (the integers of
 /// [`mul_sum_us8`]); per (row, token) the float steps of [`q4_1_q8_1_avx2`]: `fma(d_w·d_a, Σ, acc)` lanes and
@@ -895,15 +901,28 @@ unsafe fn q8_0_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
 unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
     let x: [&[BlockQ4_1]; 4] = w.map(bytemuck::cast_slice);
     let y: [&[BlockQ8_1]; 4] = a.map(bytemuck::cast_slice);
+    assert!(x.iter().all(|x| x.len() >= nb) && y.iter().all(|y| y.len() >= nb));
+    // Raw pointers: indexing four slices per block costs more than the block's arithmetic.
+    let (xp, yp) = (x.map(|x| x.as_ptr()), y.map(|y| y.as_ptr()));
     let mut acc = [[_mm256_setzero_ps(); 4]; 4];
     let mut summs = [_mm_setzero_ps(); 4];
     for i in 0..nb {
-        let dy = h2f_x4([0, 1, 2, 3].map(|t| y[t][i].d));
-        let sy = h2f_x4([0, 1, 2, 3].map(|t| y[t][i].s));
+        // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+        let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+        let dy = h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]);
+        let sy = h2f_x4([yb[0].s, yb[1].s, yb[2].s, yb[3].s]);
         // SAFETY: the quant fields are 32 bytes long.
-        let qy = [0, 1, 2, 3].map(|t| unsafe { load32(&y[t][i].qs) });
+        let qy = unsafe {
+            [
+                load32(&yb[0].qs),
+                load32(&yb[1].qs),
+                load32(&yb[2].qs),
+                load32(&yb[3].qs),
+            ]
+        };
         for r in 0..4 {
-            let xb = &x[r][i];
+            // SAFETY: as for `yb`.
+            let xb = unsafe { &*xp[r].add(i) };
             // Lane t: m_w·s_a then the add, the single-token kernel's two roundings.
             summs[r] = _mm_add_ps(summs[r], _mm_mul_ps(_mm_set1_ps(h2f(xb.m)), sy));
             // SAFETY: the nibble field is 16 bytes.
