@@ -109,8 +109,8 @@ fn hsum_i32x8(x: __m256i) -> i32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nibbles32(p: &[u8; 16]) -> __m256i {
-    // SAFETY: `p` is 16 readable bytes; the load is unaligned.
-    let tmp = unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
+    // SAFETY: both types are 16 plain bytes (a by-value copy, see `load32`).
+    let tmp = unsafe { std::mem::transmute::<[u8; 16], __m128i>(*p) };
     let bytes = _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
     _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
 }
@@ -150,8 +150,9 @@ fn mul_sum_i8_f32(x: __m256i, y: __m256i) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load32(p: &[i8; 32]) -> __m256i {
-    // SAFETY: `p` is 32 readable bytes; the load is unaligned.
-    unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+    // SAFETY: both types are 32 plain bytes. (A by-value copy rather than `_mm256_loadu_si256`, whose
+    // `copy_nonoverlapping` carries a run-time precondition check in debug-assertion builds.)
+    unsafe { std::mem::transmute::<[i8; 32], __m256i>(*p) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -839,13 +840,16 @@ fn splat_lanes(v: __m128) -> [__m256; 4] {
     ]
 }
 
-/// Defines the signed 32-block tile kernel `$name` for blocks `$block` whose 32 signed quants are `$decode`:
-/// per block, each token's quants are loaded once and each row's decoded once; every (row, token) pair
-/// accumulates `fma(d_w·d_a, Σ pairs, acc)` in block order, as the single-token kernels do (the scale product
-/// is the same single f32 multiplication, done four lanes at a time). A macro rather than a generic function
-/// with closures, so that the decoder is inlined into the AVX-512 VNNI code.
-macro_rules! signed_4x4_vnni {
-    ($name:ident, $block:ty, |$b:ident| $decode:expr) => {
+/// Defines the 32-block tile kernel `$name` for blocks `$block` of signed quants `x`, given as the unsigned
+/// bytes `x + $off` by `$decode`. Each (row, token) pair's lane sums are `Σ (x + off)·y − off·Σ y` over the
+/// lane's four elements in one `vpdpbusd` (started from `−off·Σ y`, computed once per token and block): the
+/// same exact integers as the single-token kernels' `Σ |x|·sign(y, x)`. Per block, each token's quants are
+/// loaded once and each row's decoded once; every pair accumulates `fma(d_w·d_a, Σ, acc)` in block order, as
+/// the single-token kernels do (the scale product is the same single f32 multiplication, done four lanes at
+/// a time). A macro rather than a generic function with closures, so that the decoder is inlined into the
+/// AVX-512 VNNI code.
+macro_rules! offset_4x4_vnni {
+    ($name:ident, $block:ty, $off:expr, |$b:ident| $decode:expr) => {
         #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
         unsafe fn $name(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
             let x: [&[$block]; 4] = w.map(bytemuck::cast_slice);
@@ -853,6 +857,7 @@ macro_rules! signed_4x4_vnni {
             assert!(x.iter().all(|x| x.len() >= nb) && y.iter().all(|y| y.len() >= nb));
             // Raw pointers: indexing four slices per block costs more than the block's arithmetic.
             let (xp, yp) = (x.map(|x| x.as_ptr()), y.map(|y| y.as_ptr()));
+            let off = _mm256_set1_epi8($off as u8 as i8);
             let mut acc = [[_mm256_setzero_ps(); 4]; 4];
             for i in 0..nb {
                 // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
@@ -867,14 +872,15 @@ macro_rules! signed_4x4_vnni {
                         load32(&yb[3].qs),
                     ]
                 };
+                let zero = _mm256_setzero_si256();
+                let bias = qy.map(|q| _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, q)));
                 for r in 0..4 {
                     // SAFETY: as for `yb`.
                     let $b = unsafe { &*xp[r].add(i) };
-                    let qx = $decode;
-                    let ax = _mm256_sign_epi8(qx, qx);
+                    let xu = $decode;
                     let d = splat_lanes(_mm_mul_ps(_mm_set1_ps(h2f($b.d)), dy));
                     for t in 0..4 {
-                        let p = mul_sum_us8_vnni(ax, _mm256_sign_epi8(qy[t], qx));
+                        let p = _mm256_dpbusd_epi32(bias[t], xu, qy[t]);
                         acc[r][t] = _mm256_fmadd_ps(d[t], _mm256_cvtepi32_ps(p), acc[r][t]);
                     }
                 }
@@ -890,9 +896,20 @@ macro_rules! signed_4x4_vnni {
     };
 }
 
-signed_4x4_vnni!(q4_0_4x4_vnni, BlockQ4_0, |b| decode_q4_0(b));
-signed_4x4_vnni!(q5_0_4x4_vnni, BlockQ5_0, |b| decode_q5_0(b));
-signed_4x4_vnni!(q8_0_4x4_vnni, BlockQ8_0, |b| decode_q8_0(b));
+// Q4_0: the nibble is x + 8. Q5_0: the 5-bit value is x + 16. Q8_0: x + 128 is x with its top bit flipped.
+offset_4x4_vnni!(q4_0_4x4_vnni, BlockQ4_0, 8, |b| {
+    // SAFETY: the nibble field is 16 bytes long.
+    unsafe { nibbles32(&b.qs) }
+});
+offset_4x4_vnni!(q5_0_4x4_vnni, BlockQ5_0, 16, |b| _mm256_or_si256(
+    // SAFETY: the nibble field is 16 bytes long.
+    unsafe { nibbles32(&b.qs) },
+    _mm256_and_si256(bits32(b.qh), _mm256_set1_epi8(0x10))
+));
+offset_4x4_vnni!(q8_0_4x4_vnni, BlockQ8_0, 128, |b| _mm256_xor_si256(
+    decode_q8_0(b),
+    _mm256_set1_epi8(-128)
+));
 
 /// The Q4_1 tile: unsigned nibbles against signed activations in one `vpdpbusd` (the integers of
 /// [`mul_sum_us8`]); per (row, token) the float steps of [`q4_1_q8_1_avx2`]: `fma(d_w·d_a, Σ, acc)` lanes and
