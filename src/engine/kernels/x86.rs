@@ -432,8 +432,9 @@ macro_rules! safe_wrapper4 {
                     && a.iter().all(|a| a.len() >= nb * $asize),
                 concat!(stringify!($name), ": bad row lengths")
             );
-            // SAFETY: handed out only by `vec_dot4_fn`, which needs an `Avx2` token; lengths checked above,
-            // and `$inner` reads only the first `nb` blocks of each slice.
+            // SAFETY: handed out only by `vec_dot4_fn` / `vec_dot4_fn_vnni`, which need an `Avx2` / `Vnni`
+            // token for `$inner`'s features; lengths checked above, and `$inner` reads only the first `nb`
+            // blocks of each slice.
             unsafe { $inner(&w[..nb * $wsize], a.map(|a| &a[..nb * $asize])) }
         }
     };
@@ -446,129 +447,181 @@ safe_wrapper4!(q8_0_q8_0_x4, q8_0_q8_0_x4_avx2, 34, 34);
 safe_wrapper4!(q4_k_q8_k_x4, q4_k_q8_k_x4_avx2, QK_K, 144, 292);
 safe_wrapper4!(q6_k_q8_k_x4, q6_k_q8_k_x4_avx2, QK_K, 210, 292);
 
-/// [`q4_k_q8_k_avx2`] for four tokens: the nibbles, scales and mins of a super-block are decoded once; each
-/// token's integer sums are exact (so their grouping is free) and its float steps are the single-token
-/// kernel's, in the same order.
+/// The four i32 sums of `v[0..4]` (lane t = Σ of the eight lanes of `v[t]`), exact.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let x: &[BlockQ4K] = bytemuck::cast_slice(w);
-    let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let (mut acc, mut acc_min) = ([0f32; 4], [0f32; 4]);
-    for (i, xb) in x.iter().enumerate() {
-        let (sc, mn) = k4_scales_mins(&xb.scales);
-        // min[g / 2] for the 16 groups of 16, against the 16 bsums: Σ bsum·min in 8 exact i32 lanes.
-        let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
-        // SAFETY: 16 i16 are 32 bytes.
-        let mins = unsafe { _mm256_loadu_si256(mins.as_ptr() as *const __m256i) };
-        let mut sumi = [_mm256_setzero_si256(); 4];
-        for j in 0..4 {
-            // SAFETY: bytes 32j..32j+32 of the 128-byte `qs`.
-            let q4bits = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().add(32 * j) as *const __m256i) };
-            let q4l = _mm256_and_si256(q4bits, m4);
-            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
-            let (sl, sh) = (
-                _mm256_set1_epi16(sc[2 * j] as i16),
-                _mm256_set1_epi16(sc[2 * j + 1] as i16),
-            );
-            for t in 0..4 {
-                let yq = y[t][i].qs.as_ptr();
-                // SAFETY: bytes 64j..64j+64 of the 256-byte `qs` of token t's block.
-                let (q8l, q8h) = unsafe {
-                    (
-                        _mm256_loadu_si256(yq.add(64 * j) as *const __m256i),
-                        _mm256_loadu_si256(yq.add(64 * j + 32) as *const __m256i),
-                    )
-                };
-                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q4l, q8l));
-                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q4h, q8h));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
-            }
-        }
-        let (dx, dmx) = (h2f(xb.d), h2f(xb.dmin));
-        for t in 0..4 {
-            let yb = &y[t][i];
-            // SAFETY: `bsums` is 16 i16 (32 bytes).
-            let bsums = unsafe { _mm256_loadu_si256(yb.bsums.as_ptr() as *const __m256i) };
-            let summs = hsum_i32x8(_mm256_madd_epi16(bsums, mins));
-            let isum = hsum_i32x8(sumi[t]);
-            acc[t] = (isum as f32).mul_add(dx * yb.d(), acc[t]);
-            acc_min[t] = (summs as f32).mul_add(dmx * yb.d(), acc_min[t]);
-        }
-    }
-    let mut out = [0f32; 4];
-    for t in 0..4 {
-        out[t] = acc[t] - acc_min[t];
-    }
-    out
+fn hsum4_i32x8(v: [__m256i; 4]) -> __m128i {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
 }
 
-/// [`q6_k_q8_k_avx2`] for four tokens: the 6-bit quants and scales of a super-block are decoded once; each
-/// token's eight i32 lanes hold the same exact sums as in the single-token kernel and go through the same
-/// float lane accumulation and horizontal sum.
+/// `acc + madd(a, b)` (sum of adjacent i16 products into i32 lanes, exact): AVX2.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let x: &[BlockQ6K] = bytemuck::cast_slice(w);
-    let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
-    let m3 = _mm256_set1_epi8(3);
-    let m15 = _mm256_set1_epi8(15);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (i, xb) in x.iter().enumerate() {
-        // SAFETY: `scales` is 16 bytes.
-        let scales = unsafe { _mm_loadu_si128(xb.scales.as_ptr() as *const __m128i) };
-        let scales16 = _mm256_cvtepi8_epi16(scales);
-        let mut sumi = [_mm256_setzero_si256(); 4];
-        for h in 0..2 {
-            // SAFETY: `ql` has 128 bytes (64h..64h+64 read), `qh` 64 (32h..32h+32).
-            let (b1, b2, bh) = unsafe {
-                (
-                    _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h) as *const __m256i),
-                    _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h + 32) as *const __m256i),
-                    _mm256_loadu_si256(xb.qh.as_ptr().add(32 * h) as *const __m256i),
-                )
-            };
-            let qh0 = _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4);
-            let qh1 = _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2);
-            let qh2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
-            let qh3 = _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(-64)), 2);
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(b1, m15), qh0),
-                _mm256_or_si256(_mm256_and_si256(b2, m15), qh1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15), qh2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15), qh3),
-            ];
-            for (k, &qk) in q.iter().enumerate() {
-                let c = 4 * h + k;
-                let s0 = xb.scales[2 * c] as i16;
-                let s1 = xb.scales[2 * c + 1] as i16;
-                let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                for t in 0..4 {
-                    // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of token t's block.
-                    let q8 = unsafe {
-                        _mm256_loadu_si256(y[t][i].qs.as_ptr().add(32 * c) as *const __m256i)
+fn madd_acc_avx2(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+}
+
+/// `acc + madd(a, b)` in one `vpdpwssd` (the same exact integers): AVX-512 VNNI.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn madd_acc_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, a, b)
+}
+
+/// Defines `$name`, [`q4_k_q8_k_avx2`] for four tokens with the features `$feat`: the nibbles, scales and mins
+/// of a super-block are decoded once; each token's integer sums are exact (so their grouping is free: they
+/// are reduced four tokens at a time) and its float steps are the single-token kernel's, in the same order,
+/// done in four f32 lanes (one per token).
+macro_rules! q4_k_x4 {
+    ($name:ident, $feat:literal, $madd_acc:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let x: &[BlockQ4K] = bytemuck::cast_slice(w);
+            let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+            assert!(y.iter().all(|y| y.len() >= x.len()));
+            let yp = y.map(|y| y.as_ptr());
+            let m4 = _mm256_set1_epi8(0x0F);
+            let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+            for (i, xb) in x.iter().enumerate() {
+                // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
+                let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+                let (sc, mn) = k4_scales_mins(&xb.scales);
+                // min[g / 2] for the 16 groups of 16, against the 16 bsums: Σ bsum·min in exact i32 lanes.
+                let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
+                // SAFETY: both are 32 plain bytes.
+                let mins = unsafe { std::mem::transmute::<[i16; 16], __m256i>(mins) };
+                let mut sumi = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
+                    // SAFETY: bytes 32j..32j+32 of the 128-byte `qs`.
+                    let q4bits =
+                        unsafe { _mm256_loadu_si256(xb.qs.as_ptr().add(32 * j) as *const __m256i) };
+                    let q4l = _mm256_and_si256(q4bits, m4);
+                    let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+                    let (sl, sh) = (
+                        _mm256_set1_epi16(sc[2 * j] as i16),
+                        _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                    );
+                    for t in 0..4 {
+                        let yq = yb[t].qs.as_ptr();
+                        // SAFETY: bytes 64j..64j+64 of the 256-byte `qs` of token t's block.
+                        let (q8l, q8h) = unsafe {
+                            (
+                                _mm256_loadu_si256(yq.add(64 * j) as *const __m256i),
+                                _mm256_loadu_si256(yq.add(64 * j + 32) as *const __m256i),
+                            )
+                        };
+                        sumi[t] = $madd_acc(sumi[t], sl, _mm256_maddubs_epi16(q4l, q8l));
+                        sumi[t] = $madd_acc(sumi[t], sh, _mm256_maddubs_epi16(q4h, q8h));
+                    }
+                }
+                let summs = hsum4_i32x8([0, 1, 2, 3].map(|t| {
+                    // SAFETY: `bsums` is 16 i16 (32 bytes).
+                    let bsums = unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
+                    _mm256_madd_epi16(bsums, mins)
+                }));
+                let isum = hsum4_i32x8(sumi);
+                let yd = _mm_setr_ps(yb[0].d(), yb[1].d(), yb[2].d(), yb[3].d());
+                // Lane t: the single-token kernel's `fma(isum, d·d8, acc)` and `fma(summs, dmin·d8, acc_min)`.
+                let d = _mm_mul_ps(_mm_set1_ps(h2f(xb.d)), yd);
+                let dmin = _mm_mul_ps(_mm_set1_ps(h2f(xb.dmin)), yd);
+                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), d, acc);
+                acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(summs), dmin, acc_min);
+            }
+            let mut out = [0f32; 4];
+            // SAFETY: `out` is 4 writable f32s; the store is unaligned.
+            unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+            out
+        }
+    };
+}
+
+q4_k_x4!(q4_k_q8_k_x4_avx2, "avx2,fma,f16c", madd_acc_avx2);
+q4_k_x4!(
+    q4_k_x4_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    madd_acc_vnni
+);
+
+/// Defines `$name`, [`q6_k_q8_k_avx2`] for four tokens with the features `$feat`: the 6-bit quants and scales
+/// of a super-block are decoded once; each token's eight i32 lanes hold the same exact sums as in the
+/// single-token kernel and go through the same float lane accumulation and horizontal sum.
+macro_rules! q6_k_x4 {
+    ($name:ident, $feat:literal, $madd_acc:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let x: &[BlockQ6K] = bytemuck::cast_slice(w);
+            let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+            assert!(y.iter().all(|y| y.len() >= x.len()));
+            let yp = y.map(|y| y.as_ptr());
+            let m3 = _mm256_set1_epi8(3);
+            let m15 = _mm256_set1_epi8(15);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (i, xb) in x.iter().enumerate() {
+                // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
+                let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+                // SAFETY: both are 16 plain bytes.
+                let scales = unsafe { std::mem::transmute::<[i8; 16], __m128i>(xb.scales) };
+                let scales16 = _mm256_cvtepi8_epi16(scales);
+                let mut sumi = [_mm256_setzero_si256(); 4];
+                for h in 0..2 {
+                    // SAFETY: `ql` has 128 bytes (64h..64h+64 read), `qh` 64 (32h..32h+32).
+                    let (b1, b2, bh) = unsafe {
+                        (
+                            _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h) as *const __m256i),
+                            _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h + 32) as *const __m256i),
+                            _mm256_loadu_si256(xb.qh.as_ptr().add(32 * h) as *const __m256i),
+                        )
                     };
-                    let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(qk, q8));
-                    sumi[t] = _mm256_add_epi32(sumi[t], p);
+                    let qh0 = _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4);
+                    let qh1 = _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2);
+                    let qh2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
+                    let qh3 = _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(-64)), 2);
+                    let q = [
+                        _mm256_or_si256(_mm256_and_si256(b1, m15), qh0),
+                        _mm256_or_si256(_mm256_and_si256(b2, m15), qh1),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15), qh2),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15), qh3),
+                    ];
+                    for (k, &qk) in q.iter().enumerate() {
+                        let c = 4 * h + k;
+                        let s0 = xb.scales[2 * c] as i16;
+                        let s1 = xb.scales[2 * c + 1] as i16;
+                        let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                        for t in 0..4 {
+                            // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of token t's block.
+                            let q8 = unsafe {
+                                _mm256_loadu_si256(yb[t].qs.as_ptr().add(32 * c) as *const __m256i)
+                            };
+                            sumi[t] = $madd_acc(sumi[t], scale, _mm256_maddubs_epi16(qk, q8));
+                        }
+                    }
+                }
+                let dx = h2f(xb.d);
+                for t in 0..4 {
+                    // SAFETY: both are 32 plain bytes.
+                    let q8sums = unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
+                    let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales16), 5);
+                    let d = _mm256_set1_ps(yb[t].d() * dx);
+                    let lanes = _mm256_sub_epi32(sumi[t], q8sclsub);
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
                 }
             }
+            let mut out = [0f32; 4];
+            for t in 0..4 {
+                out[t] = hsum_f32x8(acc[t]);
+            }
+            out
         }
-        let dx = h2f(xb.d);
-        for t in 0..4 {
-            let yb = &y[t][i];
-            // SAFETY: `bsums` is 16 i16 (32 bytes).
-            let q8sums = unsafe { _mm256_loadu_si256(yb.bsums.as_ptr() as *const __m256i) };
-            let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales16), 5);
-            let d = _mm256_set1_ps(yb.d() * dx);
-            let lanes = _mm256_sub_epi32(sumi[t], q8sclsub);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
-        }
-    }
-    let mut out = [0f32; 4];
-    for t in 0..4 {
-        out[t] = hsum_f32x8(acc[t]);
-    }
-    out
+    };
 }
+
+q6_k_x4!(q6_k_q8_k_x4_avx2, "avx2,fma,f16c", madd_acc_avx2);
+q6_k_x4!(
+    q6_k_x4_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    madd_acc_vnni
+);
 
 /// The shared body of the signed 32-block kernels: `decode(block)` gives the weight block's 32 signed
 /// quants; each token accumulates `fma(d_w·d_a, Σ pairs, acc)` as the single-token kernels do.
@@ -670,16 +723,21 @@ pub fn vec_dot_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDotFn> {
     })
 }
 
-/// The VNNI four-token kernel for `ty` (Q4_0, Q5_0, Q8_0), bit-identical to the AVX2 one.
+/// The VNNI four-token kernel for `ty` (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K), bit-identical to the AVX2 one.
 pub fn vec_dot4_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDot4Fn> {
     use GgmlType::*;
     Some(match ty {
         Q4_0 => q4_0_q8_0_x4_vnni,
         Q5_0 => q5_0_q8_0_x4_vnni,
         Q8_0 => q8_0_q8_0_x4_vnni,
+        Q4_K => q4_k_q8_k_x4_vnni,
+        Q6_K => q6_k_q8_k_x4_vnni,
         _ => return None,
     })
 }
+
+safe_wrapper4!(q4_k_q8_k_x4_vnni, q4_k_x4_vnni, QK_K, 144, 292);
+safe_wrapper4!(q6_k_q8_k_x4_vnni, q6_k_x4_vnni, QK_K, 210, 292);
 
 /// Σ of unsigned × signed byte pairs per 4-byte lane in one instruction: the same integers as
 /// [`mul_sum_us8`] (its 16-bit intermediate never saturates for these quant ranges: |pair| ≤ 2·128·127).
@@ -1017,6 +1075,60 @@ mod tests {
                 );
                 for a in &acts {
                     assert_eq!(v1(n, &w, a).to_bits(), a1(n, &w, a).to_bits(), "{ty}");
+                }
+            }
+        }
+    }
+
+    /// A row of `nb` random k-quant blocks of `ty` with small random f16 scales at `offs`.
+    fn random_k_row(ty: GgmlType, nb: usize, seed: u64, offs: &[usize]) -> Vec<u8> {
+        let ts = ty.type_size();
+        let r = rand_vec(nb * ts, seed);
+        let mut w: Vec<u8> = r.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for (b, blk) in w.chunks_exact_mut(ts).enumerate() {
+            for (k, &o) in offs.iter().enumerate() {
+                let v = F16Le::from_f32(r[(b * 7 + k * 3) % r.len()] * 0.03);
+                blk[o..o + 2].copy_from_slice(&v.0);
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn k_quant_four_token_kernels_equal_single_token_kernel_bit_for_bit() {
+        let Some(avx2) = Avx2::detect() else {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        };
+        let nb = 3;
+        let n = nb * QK_K;
+        for (ty, offs) in [(GgmlType::Q4_K, &[0, 2][..]), (GgmlType::Q6_K, &[208])] {
+            let single = vec_dot_fn(avx2, ty).unwrap();
+            let mut quads = vec![("avx2", vec_dot4_fn(avx2, ty).unwrap())];
+            if let Some(vnni) = Vnni::detect() {
+                quads.push(("vnni", vec_dot4_fn_vnni(vnni, ty).unwrap()));
+            }
+            for seed in 0..12u64 {
+                let w = random_k_row(ty, nb, seed, offs);
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|s| {
+                        let mut a = vec![0u8; quant::row_bytes(GgmlType::Q8_K, n).unwrap()];
+                        let mut x = rand_vec(n, 500 + 4 * seed + s);
+                        x[(seed as usize * 31 + s as usize * 5) % n] *= 25.0;
+                        quant::quantize_row_activation(GgmlType::Q8_K, &x, &mut a).unwrap();
+                        a
+                    })
+                    .collect();
+                let refs = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                for (which, quad) in &quads {
+                    let got = quad(n, &w, refs);
+                    for t in 0..4 {
+                        assert_eq!(
+                            got[t].to_bits(),
+                            single(n, &w, refs[t]).to_bits(),
+                            "{which} {ty} seed {seed} token {t}"
+                        );
+                    }
                 }
             }
         }
