@@ -28,8 +28,9 @@ pub fn vec_dot4x4_fn(ty: GgmlType) -> Option<VecDot4x4Fn> {
     match isa() {
         Isa::Scalar => None,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => super::x86::Vnni::detect()
-            .and_then(|proof| super::x86::vec_dot4x4_fn_vnni(proof, ty)),
+        Isa::Avx2 => {
+            super::x86::Vnni::detect().and_then(|proof| super::x86::vec_dot4x4_fn_vnni(proof, ty))
+        }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => None,
     }

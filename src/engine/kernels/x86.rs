@@ -485,7 +485,14 @@ macro_rules! q4_k_x4 {
             let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
             for (i, xb) in x.iter().enumerate() {
                 // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
-                let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+                let yb = unsafe {
+                    [
+                        &*yp[0].add(i),
+                        &*yp[1].add(i),
+                        &*yp[2].add(i),
+                        &*yp[3].add(i),
+                    ]
+                };
                 let (sc, mn) = k4_scales_mins(&xb.scales);
                 // min[g / 2] for the 16 groups of 16, against the 16 bsums: Σ bsum·min in exact i32 lanes.
                 let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
@@ -517,7 +524,8 @@ macro_rules! q4_k_x4 {
                 }
                 let summs = hsum4_i32x8([0, 1, 2, 3].map(|t| {
                     // SAFETY: `bsums` is 16 i16 (32 bytes).
-                    let bsums = unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
+                    let bsums =
+                        unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
                     _mm256_madd_epi16(bsums, mins)
                 }));
                 let isum = hsum4_i32x8(sumi);
@@ -559,7 +567,14 @@ macro_rules! q6_k_x4 {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (i, xb) in x.iter().enumerate() {
                 // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
-                let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+                let yb = unsafe {
+                    [
+                        &*yp[0].add(i),
+                        &*yp[1].add(i),
+                        &*yp[2].add(i),
+                        &*yp[3].add(i),
+                    ]
+                };
                 // SAFETY: both are 16 plain bytes.
                 let scales = unsafe { std::mem::transmute::<[i8; 16], __m128i>(xb.scales) };
                 let scales16 = _mm256_cvtepi8_epi16(scales);
@@ -600,7 +615,8 @@ macro_rules! q6_k_x4 {
                 let dx = h2f(xb.d);
                 for t in 0..4 {
                     // SAFETY: both are 32 plain bytes.
-                    let q8sums = unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
+                    let q8sums =
+                        unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
                     let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales16), 5);
                     let d = _mm256_set1_ps(yb[t].d() * dx);
                     let lanes = _mm256_sub_epi32(sumi[t], q8sclsub);
@@ -866,7 +882,13 @@ macro_rules! safe_wrapper4x4 {
             );
             // SAFETY: handed out only by `vec_dot4x4_fn_vnni`, which needs a `Vnni` token; lengths checked
             // above, and `$inner` reads only the first `nb` blocks of each slice.
-            unsafe { $inner(nb, w.map(|w| &w[..nb * $wsize]), a.map(|a| &a[..nb * $asize])) }
+            unsafe {
+                $inner(
+                    nb,
+                    w.map(|w| &w[..nb * $wsize]),
+                    a.map(|a| &a[..nb * $asize]),
+                )
+            }
         }
     };
 }
@@ -919,7 +941,14 @@ macro_rules! offset_4x4_vnni {
             let mut acc = [[_mm256_setzero_ps(); 4]; 4];
             for i in 0..nb {
                 // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
-                let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+                let yb = unsafe {
+                    [
+                        &*yp[0].add(i),
+                        &*yp[1].add(i),
+                        &*yp[2].add(i),
+                        &*yp[3].add(i),
+                    ]
+                };
                 let dy = h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]);
                 // SAFETY: the quant fields are 32 bytes long.
                 let qy = unsafe {
@@ -983,7 +1012,14 @@ unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
     let mut summs = [_mm_setzero_ps(); 4];
     for i in 0..nb {
         // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
-        let yb = unsafe { [&*yp[0].add(i), &*yp[1].add(i), &*yp[2].add(i), &*yp[3].add(i)] };
+        let yb = unsafe {
+            [
+                &*yp[0].add(i),
+                &*yp[1].add(i),
+                &*yp[2].add(i),
+                &*yp[3].add(i),
+            ]
+        };
         let dy = h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]);
         let sy = h2f_x4([yb[0].s, yb[1].s, yb[2].s, yb[3].s]);
         // SAFETY: the quant fields are 32 bytes long.
@@ -1141,7 +1177,12 @@ mod tests {
             return;
         };
         let n = 512;
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             let tile = vec_dot4x4_fn_vnni(vnni, ty).unwrap();
             let single = vec_dot_fn(avx2, ty).unwrap();
             let vd = quant::vec_dot_type(ty).unwrap();
