@@ -159,9 +159,10 @@ thread_local! {
 ///
 /// Each token of `x` is quantized alone to the weights' vec-dot type ([`quant::vec_dot_type`]: Q8_0, Q8_1
 /// or Q8_K for quantized weights; F16 for F16; BF16 for BF16; F32 stays F32), then every `y[t, r]` is one
-/// [`vec_dot_fn`] call on row `r` and token `t`. Rows are split over the pool's threads; tokens are tiled so
-/// a weight row is read from memory once per tile. The result for a token is bit-identical for any
-/// `n_tokens` and thread count.
+/// [`vec_dot_fn`] call on row `r` and token `t`, or an entry of a [`vec_dot4_fn`] (one row, four tokens) or
+/// [`vec_dot4x4_fn`] (four rows, four tokens) call, which are bit-identical to it. Rows are split over the
+/// pool's threads; tokens are tiled so a weight row is read from memory once per tile. The result for a
+/// token is bit-identical for any `n_tokens` and thread count.
 ///
 /// # Errors
 /// [`KernelError::UnsupportedType`] for a weight type without a dot product, [`KernelError::Shape`] when

@@ -9,8 +9,15 @@
 //! - The k-quants (Q4_K, Q6_K) compute each super-block's integer sum exactly in SIMD and then do the same
 //!   scalar float operations as the oracle, so they are **bit-identical** to it.
 //!
+//! - Prompt processing uses four-token kernels (one weight row, four activation rows: Q4_0, Q4_1, Q5_0,
+//!   Q8_0, Q4_K, Q6_K) and, with AVX-512 VNNI, 4-row x 4-token tiles (Q4_0, Q4_1, Q5_0, Q8_0). They decode a
+//!   weight block once for several tokens and may compute the exact integer sums differently (`vpdpbusd`,
+//!   `vpdpwssd`, an unsigned offset), but every float operation of a (row, token) result is the
+//!   single-token kernel's, in its order: each result is **bit-identical** to the single-token kernel's.
+//!
 //! Each `unsafe fn` here is only reachable through a safe wrapper that checks the slice lengths, and the
-//! wrappers are only handed out with an [`Avx2`] token, which proves the CPU has the features.
+//! wrappers are only handed out with an [`Avx2`] (or [`Vnni`]) token, which proves the CPU has the
+//! features.
 
 use std::arch::x86_64::*;
 
