@@ -717,17 +717,18 @@ unsafe fn q4_1_q8_1_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
 
 // ---- AVX-512 VNNI variants (`vpdpbusd` on 256-bit vectors) of the signed 32-block kernels -------------------
 
-/// Proof that this CPU also has AVX-512 VNNI with 256-bit vectors (`avx512vnni` + `avx512vl`).
+/// Proof that this CPU also has AVX-512 (`avx512f`) with VNNI (`avx512vnni`) and 256-bit forms (`avx512vl`).
 #[derive(Clone, Copy, Debug)]
 pub struct Vnni(());
 
 impl Vnni {
-    /// The token, when the CPU has AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
+    /// The token, when the CPU has AVX2, FMA, F16C, AVX512F, AVX512-VNNI and AVX512-VL.
     pub fn detect() -> Option<Self> {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         let has = *HAS.get_or_init(|| {
             Avx2::detect().is_some()
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl")
         });
@@ -914,38 +915,59 @@ fn h2f_x4(d: [F16Le; 4]) -> __m128 {
     _mm_cvtph_ps(_mm_set_epi64x(0, packed as i64))
 }
 
-/// The four lanes of `v` each broadcast to eight lanes.
+/// Two 256-bit vectors as the low and high halves of one 512-bit vector.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn splat_lanes(v: __m128) -> [__m256; 4] {
-    let v = _mm256_set_m128(v, v);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn join512(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// The low and high 256-bit halves of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn halves(v: __m512) -> [__m256; 2] {
     [
-        _mm256_shuffle_ps::<0x00>(v, v),
-        _mm256_shuffle_ps::<0x55>(v, v),
-        _mm256_shuffle_ps::<0xAA>(v, v),
-        _mm256_shuffle_ps::<0xFF>(v, v),
+        _mm512_castps512_ps256(v),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+    ]
+}
+
+/// Lanes 0, 1 of `v` broadcast to the low and high halves of one vector, and lanes 2, 3 to another.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn splat_pairs(v: __m128) -> [__m512; 2] {
+    let z = _mm512_castps128_ps512(v);
+    [
+        _mm512_permutexvar_ps(
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+            z,
+        ),
+        _mm512_permutexvar_ps(
+            _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+            z,
+        ),
     ]
 }
 
 /// Defines the 32-block tile kernel `$name` for blocks `$block` of signed quants `x`, given as the unsigned
 /// bytes `x + $off` by `$decode`. Each (row, token) pair's lane sums are `Σ (x + off)·y − off·Σ y` over the
 /// lane's four elements in one `vpdpbusd` (started from `−off·Σ y`, computed once per token and block): the
-/// same exact integers as the single-token kernels' `Σ |x|·sign(y, x)`. Per block, each token's quants are
-/// loaded once and each row's decoded once; every pair accumulates `fma(d_w·d_a, Σ, acc)` in block order, as
-/// the single-token kernels do (the scale product is the same single f32 multiplication, done four lanes at
-/// a time). A macro rather than a generic function with closures, so that the decoder is inlined into the
-/// AVX-512 VNNI code.
+/// same exact integers as the single-token kernels' `Σ |x|·sign(y, x)`. Two tokens share each 512-bit
+/// instruction (token `2p` in the low half, `2p + 1` in the high half), so each 32-bit lane does the
+/// single-token kernel's lane operations: per block `fma(d_w·d_a, Σ, acc)`, in block order, then the same
+/// horizontal sum of its eight lanes. Per block, each token's quants are loaded once and each row's decoded
+/// once. A macro rather than a generic function with closures, so that the decoder is inlined.
 macro_rules! offset_4x4_vnni {
     ($name:ident, $block:ty, $off:expr, |$b:ident| $decode:expr) => {
-        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
         unsafe fn $name(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
             let x: [&[$block]; 4] = w.map(bytemuck::cast_slice);
             let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
             assert!(x.iter().all(|x| x.len() >= nb) && y.iter().all(|y| y.len() >= nb));
             // Raw pointers: indexing four slices per block costs more than the block's arithmetic.
             let (xp, yp) = (x.map(|x| x.as_ptr()), y.map(|y| y.as_ptr()));
-            let off = _mm256_set1_epi8($off as u8 as i8);
-            let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+            let off = _mm512_set1_epi8($off as u8 as i8);
+            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
             for i in 0..nb {
                 // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
                 let yb = unsafe {
@@ -956,33 +978,34 @@ macro_rules! offset_4x4_vnni {
                         &*yp[3].add(i),
                     ]
                 };
-                let dy = h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]);
+                let dy = splat_pairs(h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]));
                 // SAFETY: the quant fields are 32 bytes long.
                 let qy = unsafe {
                     [
-                        load32(&yb[0].qs),
-                        load32(&yb[1].qs),
-                        load32(&yb[2].qs),
-                        load32(&yb[3].qs),
+                        join512(load32(&yb[0].qs), load32(&yb[1].qs)),
+                        join512(load32(&yb[2].qs), load32(&yb[3].qs)),
                     ]
                 };
-                let zero = _mm256_setzero_si256();
-                let bias = qy.map(|q| _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, q)));
+                let zero = _mm512_setzero_si512();
+                let bias = qy.map(|q| _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, q)));
                 for r in 0..4 {
                     // SAFETY: as for `yb`.
                     let $b = unsafe { &*xp[r].add(i) };
-                    let xu = $decode;
-                    let d = splat_lanes(_mm_mul_ps(_mm_set1_ps(h2f($b.d)), dy));
-                    for t in 0..4 {
-                        let p = _mm256_dpbusd_epi32(bias[t], xu, qy[t]);
-                        acc[r][t] = _mm256_fmadd_ps(d[t], _mm256_cvtepi32_ps(p), acc[r][t]);
+                    let xu = _mm512_broadcast_i64x4($decode);
+                    let dx = _mm512_set1_ps(h2f($b.d));
+                    for p in 0..2 {
+                        let sum = _mm512_dpbusd_epi32(bias[p], xu, qy[p]);
+                        let d = _mm512_mul_ps(dx, dy[p]);
+                        acc[r][p] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[r][p]);
                     }
                 }
             }
             let mut out = [[0f32; 4]; 4];
             for r in 0..4 {
-                for t in 0..4 {
-                    out[r][t] = hsum_f32x8(acc[r][t]);
+                for p in 0..2 {
+                    let [lo, hi] = halves(acc[r][p]);
+                    out[r][2 * p] = hsum_f32x8(lo);
+                    out[r][2 * p + 1] = hsum_f32x8(hi);
                 }
             }
             out
@@ -1006,16 +1029,17 @@ offset_4x4_vnni!(q8_0_4x4_vnni, BlockQ8_0, 128, |b| _mm256_xor_si256(
 ));
 
 /// The Q4_1 tile: unsigned nibbles against signed activations in one `vpdpbusd` (the integers of
-/// [`mul_sum_us8`]); per (row, token) the float steps of [`q4_1_q8_1_avx2`]: `fma(d_w·d_a, Σ, acc)` lanes and
-/// a separate `summs += m_w·s_a`, added after the horizontal sum.
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+/// [`mul_sum_us8`]), two tokens per 512-bit instruction as in `offset_4x4_vnni`; per (row, token) the float
+/// steps of [`q4_1_q8_1_avx2`]: `fma(d_w·d_a, Σ, acc)` lanes and a separate `summs += m_w·s_a`, added after
+/// the horizontal sum.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
 unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
     let x: [&[BlockQ4_1]; 4] = w.map(bytemuck::cast_slice);
     let y: [&[BlockQ8_1]; 4] = a.map(bytemuck::cast_slice);
     assert!(x.iter().all(|x| x.len() >= nb) && y.iter().all(|y| y.len() >= nb));
     // Raw pointers: indexing four slices per block costs more than the block's arithmetic.
     let (xp, yp) = (x.map(|x| x.as_ptr()), y.map(|y| y.as_ptr()));
-    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
     let mut summs = [_mm_setzero_ps(); 4];
     for i in 0..nb {
         // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
@@ -1027,15 +1051,13 @@ unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
                 &*yp[3].add(i),
             ]
         };
-        let dy = h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]);
+        let dy = splat_pairs(h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]));
         let sy = h2f_x4([yb[0].s, yb[1].s, yb[2].s, yb[3].s]);
         // SAFETY: the quant fields are 32 bytes long.
         let qy = unsafe {
             [
-                load32(&yb[0].qs),
-                load32(&yb[1].qs),
-                load32(&yb[2].qs),
-                load32(&yb[3].qs),
+                join512(load32(&yb[0].qs), load32(&yb[1].qs)),
+                join512(load32(&yb[2].qs), load32(&yb[3].qs)),
             ]
         };
         for r in 0..4 {
@@ -1044,11 +1066,12 @@ unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
             // Lane t: m_w·s_a then the add, the single-token kernel's two roundings.
             summs[r] = _mm_add_ps(summs[r], _mm_mul_ps(_mm_set1_ps(h2f(xb.m)), sy));
             // SAFETY: the nibble field is 16 bytes.
-            let qx = unsafe { nibbles32(&xb.qs) };
-            let d = splat_lanes(_mm_mul_ps(_mm_set1_ps(h2f(xb.d)), dy));
-            for t in 0..4 {
-                let p = mul_sum_us8_vnni(qx, qy[t]);
-                acc[r][t] = _mm256_fmadd_ps(d[t], _mm256_cvtepi32_ps(p), acc[r][t]);
+            let qx = _mm512_broadcast_i64x4(unsafe { nibbles32(&xb.qs) });
+            let dx = _mm512_set1_ps(h2f(xb.d));
+            for p in 0..2 {
+                let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qx, qy[p]);
+                let d = _mm512_mul_ps(dx, dy[p]);
+                acc[r][p] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[r][p]);
             }
         }
     }
@@ -1057,8 +1080,10 @@ unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
         let mut s = [0f32; 4];
         // SAFETY: `s` is 4 writable f32s; the store is unaligned.
         unsafe { _mm_storeu_ps(s.as_mut_ptr(), summs[r]) };
-        for t in 0..4 {
-            out[r][t] = hsum_f32x8(acc[r][t]) + s[t];
+        for p in 0..2 {
+            let [lo, hi] = halves(acc[r][p]);
+            out[r][2 * p] = hsum_f32x8(lo) + s[2 * p];
+            out[r][2 * p + 1] = hsum_f32x8(hi) + s[2 * p + 1];
         }
     }
     out
