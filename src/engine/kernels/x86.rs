@@ -932,21 +932,27 @@ fn halves(v: __m512) -> [__m256; 2] {
     ]
 }
 
-/// Lanes 0, 1 of `v` broadcast to the low and high halves of one vector, and lanes 2, 3 to another.
+/// The 16 scale products of a 4 x 4 tile, lane `4r + t` = `dx[r] · dy[t]` (one f32 multiplication each,
+/// as in the single-token kernels).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
-fn splat_pairs(v: __m128) -> [__m512; 2] {
-    let z = _mm512_castps128_ps512(v);
-    [
-        _mm512_permutexvar_ps(
-            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-            z,
-        ),
-        _mm512_permutexvar_ps(
-            _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
-            z,
-        ),
-    ]
+fn scale_products(dx: __m128, dy: __m128) -> __m512 {
+    let rows = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    _mm512_mul_ps(
+        _mm512_permutexvar_ps(rows, _mm512_castps128_ps512(dx)),
+        _mm512_broadcast_f32x4(dy),
+    )
+}
+
+/// Lane `k` of `v` broadcast to the low half and lane `k + 1` to the high half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn splat_pair(v: __m512, k: i32) -> __m512 {
+    let h = k + 1;
+    _mm512_permutexvar_ps(
+        _mm512_set_epi32(h, h, h, h, h, h, h, h, k, k, k, k, k, k, k, k),
+        v,
+    )
 }
 
 /// Defines the 32-block tile kernel `$name` for blocks `$block` of signed quants `x`, given as the unsigned
@@ -978,7 +984,19 @@ macro_rules! offset_4x4_vnni {
                         &*yp[3].add(i),
                     ]
                 };
-                let dy = splat_pairs(h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]));
+                // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+                let xb = unsafe {
+                    [
+                        &*xp[0].add(i),
+                        &*xp[1].add(i),
+                        &*xp[2].add(i),
+                        &*xp[3].add(i),
+                    ]
+                };
+                let dxy = scale_products(
+                    h2f_x4([xb[0].d, xb[1].d, xb[2].d, xb[3].d]),
+                    h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]),
+                );
                 // SAFETY: the quant fields are 32 bytes long.
                 let qy = unsafe {
                     [
@@ -989,13 +1007,11 @@ macro_rules! offset_4x4_vnni {
                 let zero = _mm512_setzero_si512();
                 let bias = qy.map(|q| _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, q)));
                 for r in 0..4 {
-                    // SAFETY: as for `yb`.
-                    let $b = unsafe { &*xp[r].add(i) };
+                    let $b = xb[r];
                     let xu = _mm512_broadcast_i64x4($decode);
-                    let dx = _mm512_set1_ps(h2f($b.d));
                     for p in 0..2 {
                         let sum = _mm512_dpbusd_epi32(bias[p], xu, qy[p]);
-                        let d = _mm512_mul_ps(dx, dy[p]);
+                        let d = splat_pair(dxy, 4 * r as i32 + 2 * p as i32);
                         acc[r][p] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[r][p]);
                     }
                 }
@@ -1051,7 +1067,19 @@ unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
                 &*yp[3].add(i),
             ]
         };
-        let dy = splat_pairs(h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]));
+        // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+        let xb = unsafe {
+            [
+                &*xp[0].add(i),
+                &*xp[1].add(i),
+                &*xp[2].add(i),
+                &*xp[3].add(i),
+            ]
+        };
+        let dxy = scale_products(
+            h2f_x4([xb[0].d, xb[1].d, xb[2].d, xb[3].d]),
+            h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]),
+        );
         let sy = h2f_x4([yb[0].s, yb[1].s, yb[2].s, yb[3].s]);
         // SAFETY: the quant fields are 32 bytes long.
         let qy = unsafe {
@@ -1061,16 +1089,14 @@ unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
             ]
         };
         for r in 0..4 {
-            // SAFETY: as for `yb`.
-            let xb = unsafe { &*xp[r].add(i) };
+            let xb = xb[r];
             // Lane t: m_w·s_a then the add, the single-token kernel's two roundings.
             summs[r] = _mm_add_ps(summs[r], _mm_mul_ps(_mm_set1_ps(h2f(xb.m)), sy));
             // SAFETY: the nibble field is 16 bytes.
             let qx = _mm512_broadcast_i64x4(unsafe { nibbles32(&xb.qs) });
-            let dx = _mm512_set1_ps(h2f(xb.d));
             for p in 0..2 {
                 let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qx, qy[p]);
-                let d = _mm512_mul_ps(dx, dy[p]);
+                let d = splat_pair(dxy, 4 * r as i32 + 2 * p as i32);
                 acc[r][p] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[r][p]);
             }
         }
