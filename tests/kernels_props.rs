@@ -134,6 +134,47 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The four-token kernels (dispatched and scalar) give, for each token, the bits of the single-token
+    /// kernel of the same ISA, and for the k-quants also of the scalar oracle.
+    #[test]
+    fn four_token_kernels_match_single_token_kernels_bit_for_bit(
+        seed in any::<u64>(), n_blocks in 1usize..6, ti in 0usize..15,
+    ) {
+        let ty = DOT_TYPES[ti];
+        let n = n_blocks * 256;
+        let w = random_rows(ty, 1, n, seed);
+        let acts: Vec<Vec<u8>> = (0..4u64).map(|t| activations(ty, n, seed.wrapping_add(t)).1).collect();
+        let refs = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+        let single = kernels::vec_dot_fn(ty).unwrap();
+        let oracle = kernels::scalar_vec_dot_fn(ty).unwrap();
+        let quads = [
+            (kernels::vec_dot4_fn(ty), single),
+            (kernels::scalar_vec_dot4_fn(ty), oracle),
+        ];
+        for (quad, single) in quads {
+            let Some(quad) = quad else { continue };
+            let got = quad(n, &w, refs);
+            for t in 0..4 {
+                prop_assert_eq!(got[t].to_bits(), single(n, &w, &acts[t]).to_bits(), "{} token {}", ty, t);
+                if bit_exact_twin(ty) {
+                    prop_assert_eq!(got[t].to_bits(), oracle(n, &w, &acts[t]).to_bits(), "{} token {}", ty, t);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn k_quants_have_four_token_kernels() {
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        assert!(kernels::vec_dot4_fn(ty).is_some(), "{ty}");
+        assert!(kernels::scalar_vec_dot4_fn(ty).is_some(), "{ty}");
+    }
+}
+
 #[test]
 fn the_default_build_uses_avx2_where_the_cpu_has_it() {
     #[cfg(target_arch = "x86_64")]

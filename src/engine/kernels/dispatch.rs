@@ -17,10 +17,29 @@ pub type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
 /// bit-identical to the [`VecDotFn`] of the same type (prompt processing decodes a weight block once).
 pub type VecDot4Fn = fn(usize, &[u8], [&[u8]; 4]) -> [f32; 4];
 
+/// `fn(n, [w0, w1, w2, w3], [a0, a1, a2, a3]) -> out` with `out[r][t] = Σ w_r·a_t`: a tile of four weight
+/// rows against four activation rows, each result bit-identical to the [`VecDotFn`] of the same type
+/// (activation blocks are loaded once for four rows, weight blocks decoded once for four tokens).
+pub type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4];
+
+/// The four-row, four-token tile kernel of the process's [`isa`] for weights of type `ty`, where one exists
+/// (x86 with AVX-512 VNNI: Q4_0, Q4_1, Q5_0, Q8_0).
+pub fn vec_dot4x4_fn(ty: GgmlType) -> Option<VecDot4x4Fn> {
+    match isa() {
+        Isa::Scalar => None,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            super::x86::Vnni::detect().and_then(|proof| super::x86::vec_dot4x4_fn_vnni(proof, ty))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 => None,
+    }
+}
+
 /// The four-token kernel of the process's [`isa`] for weights of type `ty`, where one exists.
 pub fn vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
     match isa() {
-        Isa::Scalar => None,
+        Isa::Scalar => scalar_vec_dot4_fn(ty),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => super::x86::Vnni::detect()
             .and_then(|proof| super::x86::vec_dot4_fn_vnni(proof, ty))
@@ -28,7 +47,17 @@ pub fn vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
                 super::x86::Avx2::detect().and_then(|proof| super::x86::vec_dot4_fn(proof, ty))
             }),
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 => None,
+        Isa::Avx2 => scalar_vec_dot4_fn(ty),
+    }
+}
+
+/// The scalar four-token kernel for weights of type `ty` (Q4_K, Q6_K), where one exists: each result is
+/// bit-identical to [`scalar_vec_dot_fn`]'s for that token.
+pub fn scalar_vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
+    match ty {
+        GgmlType::Q4_K => Some(scalar::q4_k_q8_k_x4),
+        GgmlType::Q6_K => Some(scalar::q6_k_q8_k_x4),
+        _ => None,
     }
 }
 

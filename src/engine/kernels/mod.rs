@@ -21,7 +21,10 @@ use crate::engine::ggml_type::GgmlType;
 use crate::engine::quant::{self, QuantError};
 use thiserror::Error;
 
-pub use dispatch::{Isa, VecDot4Fn, VecDotFn, isa, scalar_vec_dot_fn, vec_dot_fn, vec_dot4_fn};
+pub use dispatch::{
+    Isa, VecDot4Fn, VecDot4x4Fn, VecDotFn, isa, scalar_vec_dot_fn, scalar_vec_dot4_fn, vec_dot_fn,
+    vec_dot4_fn, vec_dot4x4_fn,
+};
 pub use pool::ThreadPool;
 
 /// Errors of the kernel layer.
@@ -156,9 +159,10 @@ thread_local! {
 ///
 /// Each token of `x` is quantized alone to the weights' vec-dot type ([`quant::vec_dot_type`]: Q8_0, Q8_1
 /// or Q8_K for quantized weights; F16 for F16; BF16 for BF16; F32 stays F32), then every `y[t, r]` is one
-/// [`vec_dot_fn`] call on row `r` and token `t`. Rows are split over the pool's threads; tokens are tiled so
-/// a weight row is read from memory once per tile. The result for a token is bit-identical for any
-/// `n_tokens` and thread count.
+/// [`vec_dot_fn`] call on row `r` and token `t`, or an entry of a [`vec_dot4_fn`] (one row, four tokens) or
+/// [`vec_dot4x4_fn`] (four rows, four tokens) call, which are bit-identical to it. Rows are split over the
+/// pool's threads; tokens are tiled so a weight row is read from memory once per tile. The result for a
+/// token is bit-identical for any `n_tokens` and thread count.
 ///
 /// # Errors
 /// [`KernelError::UnsupportedType`] for a weight type without a dot product, [`KernelError::Shape`] when
@@ -177,6 +181,8 @@ pub fn matmul(
     let dot = vec_dot_fn(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
     // Tokens in fours share each decoded weight block; the results equal `dot`'s bit for bit.
     let dot4 = vec_dot4_fn(w.ty);
+    // Four rows x four tokens share activation loads too, where a tile kernel exists (same bits again).
+    let dot4x4 = vec_dot4x4_fn(w.ty);
     let (n_rows, n_cols) = (w.n_rows, w.n_cols);
     if n_tokens.checked_mul(n_cols) != Some(x.len()) {
         return Err(shape(format!(
@@ -216,7 +222,35 @@ pub fn matmul(
             let r1 = (r0 + rows_per_task).min(n_rows);
             for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
                 let t1 = (t0 + TOKEN_TILE).min(n_tokens);
-                for r in r0..r1 {
+                let a = |t: usize| &act[t * arb..(t + 1) * arb];
+                let mut r_tiled = r0;
+                if let Some(dot4x4) = dot4x4.filter(|_| t1 - t0 >= 4) {
+                    while r_tiled + 4 <= r1 {
+                        let r = r_tiled;
+                        let wr = |k: usize| &data[(r + k) * wrb..(r + k + 1) * wrb];
+                        let w4 = [wr(0), wr(1), wr(2), wr(3)];
+                        let mut t = t0;
+                        while t + 4 <= t1 {
+                            let v = dot4x4(n_cols, w4, [a(t), a(t + 1), a(t + 2), a(t + 3)]);
+                            for (k, row) in v.iter().enumerate() {
+                                for (j, &v) in row.iter().enumerate() {
+                                    // SAFETY: as below, for token t + j < t1 and row r + k < r1.
+                                    unsafe { *out.get().add((t + j) * n_rows + r + k) = v };
+                                }
+                            }
+                            t += 4;
+                        }
+                        for t in t..t1 {
+                            for (k, wrow) in w4.iter().enumerate() {
+                                let v = dot(n_cols, wrow, a(t));
+                                // SAFETY: as below, for token t < t1 and row r + k < r1.
+                                unsafe { *out.get().add(t * n_rows + r + k) = v };
+                            }
+                        }
+                        r_tiled += 4;
+                    }
+                }
+                for r in r_tiled..r1 {
                     let wrow = &data[r * wrb..(r + 1) * wrb];
                     let mut t = t0;
                     if let Some(dot4) = dot4 {
@@ -355,36 +389,75 @@ mod tests {
         }
     }
 
+    /// A weight row of `n` elements of `ty`: quantized random values where we can quantize to `ty`, random
+    /// quant bits with random finite f16 scales (at `scale_offsets` in each block) otherwise.
+    fn weight_row(ty: GgmlType, n: usize, seed: u64, scale_offsets: &[usize]) -> Vec<u8> {
+        let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
+        if quant::can_quantize(ty) {
+            quant::quantize_row(ty, &rand_vec(n, seed), &mut w).unwrap();
+            return w;
+        }
+        let bits = rand_vec(w.len(), seed);
+        for (b, r) in w.iter_mut().zip(&bits) {
+            *b = ((r + 1.0) * 127.9) as u8;
+        }
+        let scales = rand_vec(w.len() / ty.type_size() * scale_offsets.len(), seed + 1);
+        let mut s = scales.iter();
+        for blk in w.chunks_exact_mut(ty.type_size()) {
+            for &o in scale_offsets {
+                let v = quant::blocks::F16Le::from_f32(s.next().unwrap() * 0.05);
+                blk[o..o + 2].copy_from_slice(&v.0);
+            }
+        }
+        w
+    }
+
     #[test]
     fn four_token_kernels_equal_single_token_kernels_bit_for_bit() {
-        let n = 256;
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
+        let n = 768;
+        for (ty, offs) in [
+            (GgmlType::Q4_0, &[][..]),
+            (GgmlType::Q4_1, &[]),
+            (GgmlType::Q5_0, &[]),
+            (GgmlType::Q8_0, &[]),
+            (GgmlType::Q4_K, &[0, 2]),
+            (GgmlType::Q6_K, &[208]),
         ] {
-            let Some(dot4) = vec_dot4_fn(ty) else {
-                continue;
-            };
-            let dot = vec_dot_fn(ty).unwrap();
+            let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K);
             let vd = quant::vec_dot_type(ty).unwrap();
-            let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
-            quant::quantize_row(ty, &rand_vec(n, 7), &mut w).unwrap();
-            let acts: Vec<Vec<u8>> = (0..4)
-                .map(|s| {
-                    let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
-                    quant::quantize_row_activation(vd, &rand_vec(n, 100 + s), &mut a).unwrap();
-                    a
-                })
-                .collect();
-            let got = dot4(n, &w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
-            for t in 0..4 {
-                assert_eq!(
-                    got[t].to_bits(),
-                    dot(n, &w, &acts[t]).to_bits(),
-                    "{ty} token {t}"
-                );
+            for seed in 0..8 {
+                let w = weight_row(ty, n, 7 + seed, offs);
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|s| {
+                        let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
+                        let mut x = rand_vec(n, 100 + 4 * seed + s);
+                        x[(37 * s as usize + 11 * seed as usize) % n] *= 30.0; // an outlier per row
+                        quant::quantize_row_activation(vd, &x, &mut a).unwrap();
+                        a
+                    })
+                    .collect();
+                let refs = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                let mut pairs = vec![];
+                if let Some(dot4) = vec_dot4_fn(ty) {
+                    pairs.push(("dispatched", dot4, vec_dot_fn(ty).unwrap()));
+                } else {
+                    assert!(!k_quant, "{ty} has no four-token kernel");
+                }
+                if let Some(dot4) = scalar_vec_dot4_fn(ty) {
+                    pairs.push(("scalar", dot4, scalar_vec_dot_fn(ty).unwrap()));
+                } else {
+                    assert!(!k_quant, "{ty} has no scalar four-token kernel");
+                }
+                for (which, dot4, dot) in pairs {
+                    let got = dot4(n, &w, refs);
+                    for t in 0..4 {
+                        assert_eq!(
+                            got[t].to_bits(),
+                            dot(n, &w, &acts[t]).to_bits(),
+                            "{which} {ty} seed {seed} token {t}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -264,6 +264,30 @@ pub fn q4_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     acc - acc_min
 }
 
+/// [`q4_k_q8_k`] for four tokens (one weight row, four activation rows): each super-block's quants are
+/// decoded once; every result is bit-identical to [`q4_k_q8_k`] on that token.
+pub fn q4_k_q8_k_x4(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ4K] = blocks(w, n, QK_K);
+    let y: [&[BlockQ8K]; 4] = a.map(|a| blocks(a, n, QK_K));
+    let (mut acc, mut acc_min) = ([0f32; 4], [0f32; 4]);
+    for (i, x) in x.iter().enumerate() {
+        let mut q = [0i32; 256];
+        for j in 0..4 {
+            for l in 0..32 {
+                q[64 * j + l] = (x.qs[32 * j + l] & 0xF) as i32;
+                q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32;
+            }
+        }
+        for t in 0..4 {
+            let y = &y[t][i];
+            let (isum, summs) = k4_ints(&q, &x.scales, y);
+            acc[t] = (isum as f32).mul_add(x.d.get() * y.d(), acc[t]);
+            acc_min[t] = (summs as f32).mul_add(x.dmin.get() * y.d(), acc_min[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| acc[t] - acc_min[t])
+}
+
 pub fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ5K] = blocks(w, n, QK_K);
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
@@ -302,26 +326,54 @@ pub fn q6_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
     let mut acc = [0f32; 8];
     for (x, y) in x.iter().zip(y) {
-        let mut lanes = [0i32; 8];
-        for c in 0..8 {
-            // Chunk c: elements 32c..32c+32, scales 2c (first 16) and 2c+1 (last 16).
-            for m in 0..32 {
-                let e = 32 * c + m;
-                let sc = x.scales[2 * c + m / 16] as i32;
-                lanes[m / 4] += sc * q6_u(x, e) * y.qs[e] as i32;
-            }
-        }
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            let s0 = x.scales[2 * l] as i32;
-            let s1 = x.scales[2 * l + 1] as i32;
-            *lane -= 32 * (y.bsum(2 * l) as i32 * s0 + y.bsum(2 * l + 1) as i32 * s1);
-        }
+        let q: [i32; 256] = std::array::from_fn(|e| q6_u(x, e));
+        let lanes = q6_k_lanes(&q, &x.scales, y);
         let d = y.d() * x.d.get();
         for (a, &l) in acc.iter_mut().zip(&lanes) {
             *a = d.mul_add(l as f32, *a);
         }
     }
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// The eight i32 lanes of one Q6_K super-block against Q8_K (`q[e]` the unsigned quant of element `e`), as
+/// in [`q6_k_q8_k`].
+#[inline(always)]
+fn q6_k_lanes(q: &[i32; 256], scales: &[i8; 16], y: &BlockQ8K) -> [i32; 8] {
+    let mut lanes = [0i32; 8];
+    for c in 0..8 {
+        // Chunk c: elements 32c..32c+32, scales 2c (first 16) and 2c+1 (last 16).
+        for m in 0..32 {
+            let e = 32 * c + m;
+            lanes[m / 4] += scales[2 * c + m / 16] as i32 * q[e] * y.qs[e] as i32;
+        }
+    }
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        let s0 = scales[2 * l] as i32;
+        let s1 = scales[2 * l + 1] as i32;
+        *lane -= 32 * (y.bsum(2 * l) as i32 * s0 + y.bsum(2 * l + 1) as i32 * s1);
+    }
+    lanes
+}
+
+/// [`q6_k_q8_k`] for four tokens (one weight row, four activation rows): each super-block's quants are
+/// decoded once; every result is bit-identical to [`q6_k_q8_k`] on that token.
+pub fn q6_k_q8_k_x4(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ6K] = blocks(w, n, QK_K);
+    let y: [&[BlockQ8K]; 4] = a.map(|a| blocks(a, n, QK_K));
+    let mut acc = [[0f32; 8]; 4];
+    for (i, x) in x.iter().enumerate() {
+        let q: [i32; 256] = std::array::from_fn(|e| q6_u(x, e));
+        for t in 0..4 {
+            let y = &y[t][i];
+            let lanes = q6_k_lanes(&q, &x.scales, y);
+            let d = y.d() * x.d.get();
+            for (a, &l) in acc[t].iter_mut().zip(&lanes) {
+                *a = d.mul_add(l as f32, *a);
+            }
+        }
+    }
+    acc.map(|acc| ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])))
 }
 
 pub fn iq4_xs_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {

@@ -9,15 +9,22 @@
 //! - The k-quants (Q4_K, Q6_K) compute each super-block's integer sum exactly in SIMD and then do the same
 //!   scalar float operations as the oracle, so they are **bit-identical** to it.
 //!
+//! - Prompt processing uses four-token kernels (one weight row, four activation rows: Q4_0, Q4_1, Q5_0,
+//!   Q8_0, Q4_K, Q6_K) and, with AVX-512 VNNI, 4-row x 4-token tiles (Q4_0, Q4_1, Q5_0, Q8_0). They decode a
+//!   weight block once for several tokens and may compute the exact integer sums differently (`vpdpbusd`,
+//!   `vpdpwssd`, an unsigned offset), but every float operation of a (row, token) result is the
+//!   single-token kernel's, in its order: each result is **bit-identical** to the single-token kernel's.
+//!
 //! Each `unsafe fn` here is only reachable through a safe wrapper that checks the slice lengths, and the
-//! wrappers are only handed out with an [`Avx2`] token, which proves the CPU has the features.
+//! wrappers are only handed out with an [`Avx2`] (or [`Vnni`]) token, which proves the CPU has the
+//! features.
 
 use std::arch::x86_64::*;
 
 use crate::engine::ggml_type::GgmlType;
 use crate::engine::quant::blocks::*;
 
-use super::dispatch::{VecDot4Fn, VecDotFn};
+use super::dispatch::{VecDot4Fn, VecDot4x4Fn, VecDotFn};
 
 /// Proof that this CPU supports AVX2, FMA and F16C (only [`Avx2::detect`] makes one).
 #[derive(Clone, Copy, Debug)]
@@ -109,8 +116,8 @@ fn hsum_i32x8(x: __m256i) -> i32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nibbles32(p: &[u8; 16]) -> __m256i {
-    // SAFETY: `p` is 16 readable bytes; the load is unaligned.
-    let tmp = unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
+    // SAFETY: both types are 16 plain bytes (a by-value copy, see `load32`).
+    let tmp = unsafe { std::mem::transmute::<[u8; 16], __m128i>(*p) };
     let bytes = _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
     _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
 }
@@ -150,8 +157,9 @@ fn mul_sum_i8_f32(x: __m256i, y: __m256i) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load32(p: &[i8; 32]) -> __m256i {
-    // SAFETY: `p` is 32 readable bytes; the load is unaligned.
-    unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+    // SAFETY: both types are 32 plain bytes. (A by-value copy rather than `_mm256_loadu_si256`, whose
+    // `copy_nonoverlapping` carries a run-time precondition check in debug-assertion builds.)
+    unsafe { std::mem::transmute::<[i8; 32], __m256i>(*p) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -412,22 +420,28 @@ pub fn vec_dot4_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDot4Fn> {
         Q4_1 => q4_1_q8_1_x4,
         Q5_0 => q5_0_q8_0_x4,
         Q8_0 => q8_0_q8_0_x4,
+        Q4_K => q4_k_q8_k_x4,
+        Q6_K => q6_k_q8_k_x4,
         _ => return None,
     })
 }
 
 macro_rules! safe_wrapper4 {
     ($name:ident, $inner:ident, $wsize:expr, $asize:expr) => {
+        safe_wrapper4!($name, $inner, QK, $wsize, $asize);
+    };
+    ($name:ident, $inner:ident, $bs:expr, $wsize:expr, $asize:expr) => {
         fn $name(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-            let nb = n / QK;
+            let nb = n / $bs;
             assert!(
-                n.is_multiple_of(QK)
+                n.is_multiple_of($bs)
                     && w.len() >= nb * $wsize
                     && a.iter().all(|a| a.len() >= nb * $asize),
                 concat!(stringify!($name), ": bad row lengths")
             );
-            // SAFETY: handed out only by `vec_dot4_fn`, which needs an `Avx2` token; lengths checked above,
-            // and `$inner` reads only the first `nb` blocks of each slice.
+            // SAFETY: handed out only by `vec_dot4_fn` / `vec_dot4_fn_vnni`, which need an `Avx2` / `Vnni`
+            // token for `$inner`'s features; lengths checked above, and `$inner` reads only the first `nb`
+            // blocks of each slice.
             unsafe { $inner(&w[..nb * $wsize], a.map(|a| &a[..nb * $asize])) }
         }
     };
@@ -437,6 +451,200 @@ safe_wrapper4!(q4_0_q8_0_x4, q4_0_q8_0_x4_avx2, 18, 34);
 safe_wrapper4!(q4_1_q8_1_x4, q4_1_q8_1_x4_avx2, 20, 36);
 safe_wrapper4!(q5_0_q8_0_x4, q5_0_q8_0_x4_avx2, 22, 34);
 safe_wrapper4!(q8_0_q8_0_x4, q8_0_q8_0_x4_avx2, 34, 34);
+safe_wrapper4!(q4_k_q8_k_x4, q4_k_q8_k_x4_avx2, QK_K, 144, 292);
+safe_wrapper4!(q6_k_q8_k_x4, q6_k_q8_k_x4_avx2, QK_K, 210, 292);
+
+/// The four i32 sums of `v[0..4]` (lane t = Σ of the eight lanes of `v[t]`), exact.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum4_i32x8(v: [__m256i; 4]) -> __m128i {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
+}
+
+/// `acc + madd(a, b)` (sum of adjacent i16 products into i32 lanes, exact): AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn madd_acc_avx2(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+}
+
+/// `acc + madd(a, b)` in one `vpdpwssd` (the same exact integers): AVX-512 VNNI.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn madd_acc_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, a, b)
+}
+
+/// Defines `$name`, [`q4_k_q8_k_avx2`] for four tokens with the features `$feat`: the nibbles, scales and mins
+/// of a super-block are decoded once; each token's integer sums are exact (so their grouping is free: they
+/// are reduced four tokens at a time) and its float steps are the single-token kernel's, in the same order,
+/// done in four f32 lanes (one per token).
+macro_rules! q4_k_x4 {
+    ($name:ident, $feat:literal, $madd_acc:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let x: &[BlockQ4K] = bytemuck::cast_slice(w);
+            let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+            assert!(y.iter().all(|y| y.len() >= x.len()));
+            let yp = y.map(|y| y.as_ptr());
+            let m4 = _mm256_set1_epi8(0x0F);
+            let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+            for (i, xb) in x.iter().enumerate() {
+                // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
+                let yb = unsafe {
+                    [
+                        &*yp[0].add(i),
+                        &*yp[1].add(i),
+                        &*yp[2].add(i),
+                        &*yp[3].add(i),
+                    ]
+                };
+                let (sc, mn) = k4_scales_mins(&xb.scales);
+                // min[g / 2] for the 16 groups of 16, against the 16 bsums: Σ bsum·min in exact i32 lanes.
+                let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
+                // SAFETY: both are 32 plain bytes.
+                let mins = unsafe { std::mem::transmute::<[i16; 16], __m256i>(mins) };
+                let mut sumi = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
+                    // SAFETY: bytes 32j..32j+32 of the 128-byte `qs`.
+                    let q4bits =
+                        unsafe { _mm256_loadu_si256(xb.qs.as_ptr().add(32 * j) as *const __m256i) };
+                    let q4l = _mm256_and_si256(q4bits, m4);
+                    let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+                    let (sl, sh) = (
+                        _mm256_set1_epi16(sc[2 * j] as i16),
+                        _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                    );
+                    for t in 0..4 {
+                        let yq = yb[t].qs.as_ptr();
+                        // SAFETY: bytes 64j..64j+64 of the 256-byte `qs` of token t's block.
+                        let (q8l, q8h) = unsafe {
+                            (
+                                _mm256_loadu_si256(yq.add(64 * j) as *const __m256i),
+                                _mm256_loadu_si256(yq.add(64 * j + 32) as *const __m256i),
+                            )
+                        };
+                        sumi[t] = $madd_acc(sumi[t], sl, _mm256_maddubs_epi16(q4l, q8l));
+                        sumi[t] = $madd_acc(sumi[t], sh, _mm256_maddubs_epi16(q4h, q8h));
+                    }
+                }
+                let summs = hsum4_i32x8([0, 1, 2, 3].map(|t| {
+                    // SAFETY: `bsums` is 16 i16 (32 bytes).
+                    let bsums =
+                        unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
+                    _mm256_madd_epi16(bsums, mins)
+                }));
+                let isum = hsum4_i32x8(sumi);
+                let yd = _mm_setr_ps(yb[0].d(), yb[1].d(), yb[2].d(), yb[3].d());
+                // Lane t: the single-token kernel's `fma(isum, d·d8, acc)` and `fma(summs, dmin·d8, acc_min)`.
+                let d = _mm_mul_ps(_mm_set1_ps(h2f(xb.d)), yd);
+                let dmin = _mm_mul_ps(_mm_set1_ps(h2f(xb.dmin)), yd);
+                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), d, acc);
+                acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(summs), dmin, acc_min);
+            }
+            let mut out = [0f32; 4];
+            // SAFETY: `out` is 4 writable f32s; the store is unaligned.
+            unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+            out
+        }
+    };
+}
+
+q4_k_x4!(q4_k_q8_k_x4_avx2, "avx2,fma,f16c", madd_acc_avx2);
+q4_k_x4!(
+    q4_k_x4_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    madd_acc_vnni
+);
+
+/// Defines `$name`, [`q6_k_q8_k_avx2`] for four tokens with the features `$feat`: the 6-bit quants and scales
+/// of a super-block are decoded once; each token's eight i32 lanes hold the same exact sums as in the
+/// single-token kernel and go through the same float lane accumulation and horizontal sum.
+macro_rules! q6_k_x4 {
+    ($name:ident, $feat:literal, $madd_acc:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let x: &[BlockQ6K] = bytemuck::cast_slice(w);
+            let y: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+            assert!(y.iter().all(|y| y.len() >= x.len()));
+            let yp = y.map(|y| y.as_ptr());
+            let m3 = _mm256_set1_epi8(3);
+            let m15 = _mm256_set1_epi8(15);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (i, xb) in x.iter().enumerate() {
+                // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
+                let yb = unsafe {
+                    [
+                        &*yp[0].add(i),
+                        &*yp[1].add(i),
+                        &*yp[2].add(i),
+                        &*yp[3].add(i),
+                    ]
+                };
+                // SAFETY: both are 16 plain bytes.
+                let scales = unsafe { std::mem::transmute::<[i8; 16], __m128i>(xb.scales) };
+                let scales16 = _mm256_cvtepi8_epi16(scales);
+                let mut sumi = [_mm256_setzero_si256(); 4];
+                for h in 0..2 {
+                    // SAFETY: `ql` has 128 bytes (64h..64h+64 read), `qh` 64 (32h..32h+32).
+                    let (b1, b2, bh) = unsafe {
+                        (
+                            _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h) as *const __m256i),
+                            _mm256_loadu_si256(xb.ql.as_ptr().add(64 * h + 32) as *const __m256i),
+                            _mm256_loadu_si256(xb.qh.as_ptr().add(32 * h) as *const __m256i),
+                        )
+                    };
+                    let qh0 = _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4);
+                    let qh1 = _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2);
+                    let qh2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
+                    let qh3 = _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(-64)), 2);
+                    let q = [
+                        _mm256_or_si256(_mm256_and_si256(b1, m15), qh0),
+                        _mm256_or_si256(_mm256_and_si256(b2, m15), qh1),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15), qh2),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15), qh3),
+                    ];
+                    for (k, &qk) in q.iter().enumerate() {
+                        let c = 4 * h + k;
+                        let s0 = xb.scales[2 * c] as i16;
+                        let s1 = xb.scales[2 * c + 1] as i16;
+                        let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                        for t in 0..4 {
+                            // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of token t's block.
+                            let q8 = unsafe {
+                                _mm256_loadu_si256(yb[t].qs.as_ptr().add(32 * c) as *const __m256i)
+                            };
+                            sumi[t] = $madd_acc(sumi[t], scale, _mm256_maddubs_epi16(qk, q8));
+                        }
+                    }
+                }
+                let dx = h2f(xb.d);
+                for t in 0..4 {
+                    // SAFETY: both are 32 plain bytes.
+                    let q8sums =
+                        unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(yb[t].bsums) };
+                    let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, scales16), 5);
+                    let d = _mm256_set1_ps(yb[t].d() * dx);
+                    let lanes = _mm256_sub_epi32(sumi[t], q8sclsub);
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
+                }
+            }
+            let mut out = [0f32; 4];
+            for t in 0..4 {
+                out[t] = hsum_f32x8(acc[t]);
+            }
+            out
+        }
+    };
+}
+
+q6_k_x4!(q6_k_q8_k_x4_avx2, "avx2,fma,f16c", madd_acc_avx2);
+q6_k_x4!(
+    q6_k_x4_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    madd_acc_vnni
+);
 
 /// The shared body of the signed 32-block kernels: `decode(block)` gives the weight block's 32 signed
 /// quants; each token accumulates `fma(d_w·d_a, Σ pairs, acc)` as the single-token kernels do.
@@ -509,17 +717,18 @@ unsafe fn q4_1_q8_1_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
 
 // ---- AVX-512 VNNI variants (`vpdpbusd` on 256-bit vectors) of the signed 32-block kernels -------------------
 
-/// Proof that this CPU also has AVX-512 VNNI with 256-bit vectors (`avx512vnni` + `avx512vl`).
+/// Proof that this CPU also has AVX-512 (`avx512f`) with VNNI (`avx512vnni`) and 256-bit forms (`avx512vl`).
 #[derive(Clone, Copy, Debug)]
 pub struct Vnni(());
 
 impl Vnni {
-    /// The token, when the CPU has AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
+    /// The token, when the CPU has AVX2, FMA, F16C, AVX512F, AVX512-VNNI and AVX512-VL.
     pub fn detect() -> Option<Self> {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         let has = *HAS.get_or_init(|| {
             Avx2::detect().is_some()
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl")
         });
@@ -538,16 +747,21 @@ pub fn vec_dot_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDotFn> {
     })
 }
 
-/// The VNNI four-token kernel for `ty` (Q4_0, Q5_0, Q8_0), bit-identical to the AVX2 one.
+/// The VNNI four-token kernel for `ty` (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K), bit-identical to the AVX2 one.
 pub fn vec_dot4_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDot4Fn> {
     use GgmlType::*;
     Some(match ty {
         Q4_0 => q4_0_q8_0_x4_vnni,
         Q5_0 => q5_0_q8_0_x4_vnni,
         Q8_0 => q8_0_q8_0_x4_vnni,
+        Q4_K => q4_k_q8_k_x4_vnni,
+        Q6_K => q6_k_q8_k_x4_vnni,
         _ => return None,
     })
 }
+
+safe_wrapper4!(q4_k_q8_k_x4_vnni, q4_k_x4_vnni, QK_K, 144, 292);
+safe_wrapper4!(q6_k_q8_k_x4_vnni, q6_k_x4_vnni, QK_K, 210, 292);
 
 /// Σ of unsigned × signed byte pairs per 4-byte lane in one instruction: the same integers as
 /// [`mul_sum_us8`] (its 16-bit intermediate never saturates for these quant ranges: |pair| ≤ 2·128·127).
@@ -649,6 +863,258 @@ vnni_kernels!(
     |b| decode_q8_0(b)
 );
 
+// ---- 4 weight rows x 4 tokens tiles (VNNI) for prompt processing ---------------------------------------------
+
+/// The VNNI tile kernel for `ty` (Q4_0, Q4_1, Q5_0, Q8_0): four weight rows against four tokens, each of the
+/// 16 results bit-identical to the single-token kernel on that row and token.
+pub fn vec_dot4x4_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDot4x4Fn> {
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_q8_0_4x4_vnni,
+        Q4_1 => q4_1_q8_1_4x4_vnni,
+        Q5_0 => q5_0_q8_0_4x4_vnni,
+        Q8_0 => q8_0_q8_0_4x4_vnni,
+        _ => return None,
+    })
+}
+
+macro_rules! safe_wrapper4x4 {
+    ($name:ident, $inner:ident, $wsize:expr, $asize:expr) => {
+        fn $name(n: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+            let nb = n / QK;
+            assert!(
+                n.is_multiple_of(QK)
+                    && w.iter().all(|w| w.len() >= nb * $wsize)
+                    && a.iter().all(|a| a.len() >= nb * $asize),
+                concat!(stringify!($name), ": bad row lengths")
+            );
+            // SAFETY: handed out only by `vec_dot4x4_fn_vnni`, which needs a `Vnni` token; lengths checked
+            // above, and `$inner` reads only the first `nb` blocks of each slice.
+            unsafe {
+                $inner(
+                    nb,
+                    w.map(|w| &w[..nb * $wsize]),
+                    a.map(|a| &a[..nb * $asize]),
+                )
+            }
+        }
+    };
+}
+
+safe_wrapper4x4!(q4_0_q8_0_4x4_vnni, q4_0_4x4_vnni, 18, 34);
+safe_wrapper4x4!(q5_0_q8_0_4x4_vnni, q5_0_4x4_vnni, 22, 34);
+safe_wrapper4x4!(q8_0_q8_0_4x4_vnni, q8_0_4x4_vnni, 34, 34);
+safe_wrapper4x4!(q4_1_q8_1_4x4_vnni, q4_1_4x4_vnni, 20, 36);
+
+/// Four f16 scales as four f32 lanes (one F16C conversion; each lane is exactly [`h2f`] of its input).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h2f_x4(d: [F16Le; 4]) -> __m128 {
+    let b = |k: usize| u16::from_le_bytes(d[k].0) as u64;
+    let packed = b(0) | b(1) << 16 | b(2) << 32 | b(3) << 48;
+    _mm_cvtph_ps(_mm_set_epi64x(0, packed as i64))
+}
+
+/// Two 256-bit vectors as the low and high halves of one 512-bit vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn join512(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// The low and high 256-bit halves of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn halves(v: __m512) -> [__m256; 2] {
+    [
+        _mm512_castps512_ps256(v),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+    ]
+}
+
+/// The 16 scale products of a 4 x 4 tile, lane `4r + t` = `dx[r] · dy[t]` (one f32 multiplication each,
+/// as in the single-token kernels).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn scale_products(dx: __m128, dy: __m128) -> __m512 {
+    let rows = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    _mm512_mul_ps(
+        _mm512_permutexvar_ps(rows, _mm512_castps128_ps512(dx)),
+        _mm512_broadcast_f32x4(dy),
+    )
+}
+
+/// Lane `k` of `v` broadcast to the low half and lane `k + 1` to the high half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn splat_pair(v: __m512, k: i32) -> __m512 {
+    let h = k + 1;
+    _mm512_permutexvar_ps(
+        _mm512_set_epi32(h, h, h, h, h, h, h, h, k, k, k, k, k, k, k, k),
+        v,
+    )
+}
+
+/// Defines the 32-block tile kernel `$name` for blocks `$block` of signed quants `x`, given as the unsigned
+/// bytes `x + $off` by `$decode`. Each (row, token) pair's lane sums are `Σ (x + off)·y − off·Σ y` over the
+/// lane's four elements in one `vpdpbusd` (started from `−off·Σ y`, computed once per token and block): the
+/// same exact integers as the single-token kernels' `Σ |x|·sign(y, x)`. Two tokens share each 512-bit
+/// instruction (token `2p` in the low half, `2p + 1` in the high half), so each 32-bit lane does the
+/// single-token kernel's lane operations: per block `fma(d_w·d_a, Σ, acc)`, in block order, then the same
+/// horizontal sum of its eight lanes. Per block, each token's quants are loaded once and each row's decoded
+/// once. A macro rather than a generic function with closures, so that the decoder is inlined.
+macro_rules! offset_4x4_vnni {
+    ($name:ident, $block:ty, $off:expr, |$b:ident| $decode:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+        unsafe fn $name(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+            let x: [&[$block]; 4] = w.map(bytemuck::cast_slice);
+            let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
+            assert!(x.iter().all(|x| x.len() >= nb) && y.iter().all(|y| y.len() >= nb));
+            // Raw pointers: indexing four slices per block costs more than the block's arithmetic.
+            let (xp, yp) = (x.map(|x| x.as_ptr()), y.map(|y| y.as_ptr()));
+            let off = _mm512_set1_epi8($off as u8 as i8);
+            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+            for i in 0..nb {
+                // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+                let yb = unsafe {
+                    [
+                        &*yp[0].add(i),
+                        &*yp[1].add(i),
+                        &*yp[2].add(i),
+                        &*yp[3].add(i),
+                    ]
+                };
+                // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+                let xb = unsafe {
+                    [
+                        &*xp[0].add(i),
+                        &*xp[1].add(i),
+                        &*xp[2].add(i),
+                        &*xp[3].add(i),
+                    ]
+                };
+                let dxy = scale_products(
+                    h2f_x4([xb[0].d, xb[1].d, xb[2].d, xb[3].d]),
+                    h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]),
+                );
+                // SAFETY: the quant fields are 32 bytes long.
+                let qy = unsafe {
+                    [
+                        join512(load32(&yb[0].qs), load32(&yb[1].qs)),
+                        join512(load32(&yb[2].qs), load32(&yb[3].qs)),
+                    ]
+                };
+                let zero = _mm512_setzero_si512();
+                let bias = qy.map(|q| _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, q)));
+                for r in 0..4 {
+                    let $b = xb[r];
+                    let xu = _mm512_broadcast_i64x4($decode);
+                    for p in 0..2 {
+                        let sum = _mm512_dpbusd_epi32(bias[p], xu, qy[p]);
+                        let d = splat_pair(dxy, 4 * r as i32 + 2 * p as i32);
+                        acc[r][p] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[r][p]);
+                    }
+                }
+            }
+            let mut out = [[0f32; 4]; 4];
+            for r in 0..4 {
+                for p in 0..2 {
+                    let [lo, hi] = halves(acc[r][p]);
+                    out[r][2 * p] = hsum_f32x8(lo);
+                    out[r][2 * p + 1] = hsum_f32x8(hi);
+                }
+            }
+            out
+        }
+    };
+}
+
+// Q4_0: the nibble is x + 8. Q5_0: the 5-bit value is x + 16. Q8_0: x + 128 is x with its top bit flipped.
+offset_4x4_vnni!(q4_0_4x4_vnni, BlockQ4_0, 8, |b| {
+    // SAFETY: the nibble field is 16 bytes long.
+    unsafe { nibbles32(&b.qs) }
+});
+offset_4x4_vnni!(q5_0_4x4_vnni, BlockQ5_0, 16, |b| _mm256_or_si256(
+    // SAFETY: the nibble field is 16 bytes long.
+    unsafe { nibbles32(&b.qs) },
+    _mm256_and_si256(bits32(b.qh), _mm256_set1_epi8(0x10))
+));
+offset_4x4_vnni!(q8_0_4x4_vnni, BlockQ8_0, 128, |b| _mm256_xor_si256(
+    decode_q8_0(b),
+    _mm256_set1_epi8(-128)
+));
+
+/// The Q4_1 tile: unsigned nibbles against signed activations in one `vpdpbusd` (the integers of
+/// [`mul_sum_us8`]), two tokens per 512-bit instruction as in `offset_4x4_vnni`; per (row, token) the float
+/// steps of [`q4_1_q8_1_avx2`]: `fma(d_w·d_a, Σ, acc)` lanes and a separate `summs += m_w·s_a`, added after
+/// the horizontal sum.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+    let x: [&[BlockQ4_1]; 4] = w.map(bytemuck::cast_slice);
+    let y: [&[BlockQ8_1]; 4] = a.map(bytemuck::cast_slice);
+    assert!(x.iter().all(|x| x.len() >= nb) && y.iter().all(|y| y.len() >= nb));
+    // Raw pointers: indexing four slices per block costs more than the block's arithmetic.
+    let (xp, yp) = (x.map(|x| x.as_ptr()), y.map(|y| y.as_ptr()));
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let mut summs = [_mm_setzero_ps(); 4];
+    for i in 0..nb {
+        // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+        let yb = unsafe {
+            [
+                &*yp[0].add(i),
+                &*yp[1].add(i),
+                &*yp[2].add(i),
+                &*yp[3].add(i),
+            ]
+        };
+        // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
+        let xb = unsafe {
+            [
+                &*xp[0].add(i),
+                &*xp[1].add(i),
+                &*xp[2].add(i),
+                &*xp[3].add(i),
+            ]
+        };
+        let dxy = scale_products(
+            h2f_x4([xb[0].d, xb[1].d, xb[2].d, xb[3].d]),
+            h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]),
+        );
+        let sy = h2f_x4([yb[0].s, yb[1].s, yb[2].s, yb[3].s]);
+        // SAFETY: the quant fields are 32 bytes long.
+        let qy = unsafe {
+            [
+                join512(load32(&yb[0].qs), load32(&yb[1].qs)),
+                join512(load32(&yb[2].qs), load32(&yb[3].qs)),
+            ]
+        };
+        for r in 0..4 {
+            let xb = xb[r];
+            // Lane t: m_w·s_a then the add, the single-token kernel's two roundings.
+            summs[r] = _mm_add_ps(summs[r], _mm_mul_ps(_mm_set1_ps(h2f(xb.m)), sy));
+            // SAFETY: the nibble field is 16 bytes.
+            let qx = _mm512_broadcast_i64x4(unsafe { nibbles32(&xb.qs) });
+            for p in 0..2 {
+                let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qx, qy[p]);
+                let d = splat_pair(dxy, 4 * r as i32 + 2 * p as i32);
+                acc[r][p] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[r][p]);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 4];
+    for r in 0..4 {
+        let mut s = [0f32; 4];
+        // SAFETY: `s` is 4 writable f32s; the store is unaligned.
+        unsafe { _mm_storeu_ps(s.as_mut_ptr(), summs[r]) };
+        for p in 0..2 {
+            let [lo, hi] = halves(acc[r][p]);
+            out[r][2 * p] = hsum_f32x8(lo) + s[2 * p];
+            out[r][2 * p + 1] = hsum_f32x8(hi) + s[2 * p + 1];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,6 +1169,110 @@ mod tests {
                 );
                 for a in &acts {
                     assert_eq!(v1(n, &w, a).to_bits(), a1(n, &w, a).to_bits(), "{ty}");
+                }
+            }
+        }
+    }
+
+    /// A row of `nb` random k-quant blocks of `ty` with small random f16 scales at `offs`.
+    fn random_k_row(ty: GgmlType, nb: usize, seed: u64, offs: &[usize]) -> Vec<u8> {
+        let ts = ty.type_size();
+        let r = rand_vec(nb * ts, seed);
+        let mut w: Vec<u8> = r.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for (b, blk) in w.chunks_exact_mut(ts).enumerate() {
+            for (k, &o) in offs.iter().enumerate() {
+                let v = F16Le::from_f32(r[(b * 7 + k * 3) % r.len()] * 0.03);
+                blk[o..o + 2].copy_from_slice(&v.0);
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn k_quant_four_token_kernels_equal_single_token_kernel_bit_for_bit() {
+        let Some(avx2) = Avx2::detect() else {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        };
+        let nb = 3;
+        let n = nb * QK_K;
+        for (ty, offs) in [(GgmlType::Q4_K, &[0, 2][..]), (GgmlType::Q6_K, &[208])] {
+            let single = vec_dot_fn(avx2, ty).unwrap();
+            let mut quads = vec![("avx2", vec_dot4_fn(avx2, ty).unwrap())];
+            if let Some(vnni) = Vnni::detect() {
+                quads.push(("vnni", vec_dot4_fn_vnni(vnni, ty).unwrap()));
+            }
+            for seed in 0..12u64 {
+                let w = random_k_row(ty, nb, seed, offs);
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|s| {
+                        let mut a = vec![0u8; quant::row_bytes(GgmlType::Q8_K, n).unwrap()];
+                        let mut x = rand_vec(n, 500 + 4 * seed + s);
+                        x[(seed as usize * 31 + s as usize * 5) % n] *= 25.0;
+                        quant::quantize_row_activation(GgmlType::Q8_K, &x, &mut a).unwrap();
+                        a
+                    })
+                    .collect();
+                let refs = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                for (which, quad) in &quads {
+                    let got = quad(n, &w, refs);
+                    for t in 0..4 {
+                        assert_eq!(
+                            got[t].to_bits(),
+                            single(n, &w, refs[t]).to_bits(),
+                            "{which} {ty} seed {seed} token {t}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vnni_tiles_equal_single_token_kernels_bit_for_bit() {
+        let (Some(vnni), Some(avx2)) = (Vnni::detect(), Avx2::detect()) else {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        };
+        let n = 512;
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
+            let tile = vec_dot4x4_fn_vnni(vnni, ty).unwrap();
+            let single = vec_dot_fn(avx2, ty).unwrap();
+            let vd = quant::vec_dot_type(ty).unwrap();
+            for seed in 0..10u64 {
+                let rows: Vec<Vec<u8>> = (0..4)
+                    .map(|r| {
+                        let mut w = vec![0u8; quant::row_bytes(ty, n).unwrap()];
+                        let mut wf = rand_vec(n, 50 * seed + r);
+                        wf[(seed as usize * 7 + r as usize * 13) % n] *= 40.0;
+                        quant::quantize_row(ty, &wf, &mut w).unwrap();
+                        w
+                    })
+                    .collect();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|s| {
+                        let mut a = vec![0u8; quant::row_bytes(vd, n).unwrap()];
+                        let x = rand_vec(n, 1000 + 4 * seed + s);
+                        quant::quantize_row_activation(vd, &x, &mut a).unwrap();
+                        a
+                    })
+                    .collect();
+                let w4 = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+                let a4 = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                let got = tile(n, w4, a4);
+                for r in 0..4 {
+                    for t in 0..4 {
+                        assert_eq!(
+                            got[r][t].to_bits(),
+                            single(n, w4[r], a4[t]).to_bits(),
+                            "{ty} seed {seed} row {r} token {t}"
+                        );
+                    }
                 }
             }
         }
