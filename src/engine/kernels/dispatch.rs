@@ -2,7 +2,8 @@
 //!
 //! The choice is made on first use from run-time CPU detection (`is_x86_feature_detected!`), so a default
 //! `cargo build` uses AVX2 on a machine that has it. `CYBER_INFERENCE_ISA=scalar` forces the scalar oracles
-//! (for debugging and for comparing against them).
+//! (for debugging and for comparing against them). On aarch64 NEON is always present, so the choice there is
+//! [`Isa::Neon`]; its kernels pick `sdot` or plain NEON by `is_aarch64_feature_detected!("dotprod")`.
 
 use super::scalar;
 use crate::engine::ggml_type::GgmlType;
@@ -24,6 +25,7 @@ pub type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4];
 
 /// The four-row, four-token tile kernel of the process's [`isa`] for weights of type `ty`, where one exists
 /// (x86 with AVX-512 VNNI: Q4_0, Q4_1, Q5_0, Q8_0).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn vec_dot4x4_fn(ty: GgmlType) -> Option<VecDot4x4Fn> {
     match isa() {
         Isa::Scalar => None,
@@ -33,6 +35,7 @@ pub fn vec_dot4x4_fn(ty: GgmlType) -> Option<VecDot4x4Fn> {
         }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => None,
+        Isa::Neon => None,
     }
 }
 
@@ -48,6 +51,9 @@ pub fn vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
             }),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => scalar_vec_dot4_fn(ty),
+        // The NEON Q4_K and Q6_K kernels are bit-identical to the scalar oracles, so the scalar four-token
+        // kernels stay bit-identical to the single-token kernels `vec_dot_fn` hands out.
+        Isa::Neon => scalar_vec_dot4_fn(ty),
     }
 }
 
@@ -68,14 +74,17 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// aarch64 NEON (with `sdot` where the CPU has the dot-product extension).
+    Neon,
 }
 
 impl Isa {
-    /// A short name for logs (`"scalar"`, `"avx2"`).
+    /// A short name for logs (`"scalar"`, `"avx2"`, `"neon"`).
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
         }
     }
 }
@@ -90,6 +99,11 @@ fn detect() -> Isa {
             return Isa::Avx2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return Isa::Neon;
+    }
+    #[allow(unreachable_code)]
     Isa::Scalar
 }
 
@@ -136,5 +150,9 @@ pub fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
             .or_else(|| scalar_vec_dot_fn(ty)),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => scalar_vec_dot_fn(ty),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => super::neon::vec_dot_fn(ty).or_else(|| scalar_vec_dot_fn(ty)),
+        #[cfg(not(target_arch = "aarch64"))]
+        Isa::Neon => scalar_vec_dot_fn(ty),
     }
 }

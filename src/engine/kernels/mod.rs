@@ -11,6 +11,8 @@
 //! so a token's result is bit-identical alone or in a batch.
 
 mod dispatch;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod ops;
 mod pool;
 pub mod scalar;
