@@ -99,11 +99,10 @@ fn detect() -> Isa {
             return Isa::Avx2;
         }
     }
+    // NEON is part of every aarch64 CPU (the dot-product extension is detected by the kernels themselves).
     #[cfg(target_arch = "aarch64")]
-    {
-        return Isa::Neon;
-    }
-    #[allow(unreachable_code)]
+    return Isa::Neon;
+    #[cfg(not(target_arch = "aarch64"))]
     Isa::Scalar
 }
 
