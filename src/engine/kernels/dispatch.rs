@@ -51,8 +51,9 @@ pub fn vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
             }),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => scalar_vec_dot4_fn(ty),
-        // The NEON Q4_K and Q6_K kernels are bit-identical to the scalar oracles, so the scalar four-token
-        // kernels stay bit-identical to the single-token kernels `vec_dot_fn` hands out.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => super::neon::vec_dot4_fn(ty),
+        #[cfg(not(target_arch = "aarch64"))]
         Isa::Neon => scalar_vec_dot4_fn(ty),
     }
 }

@@ -8,7 +8,7 @@
 //!   keeps per-lane float accumulators; here each block's integer sum (exact in any order) is computed in
 //!   NEON and then the oracle's float operations run in the oracle's order (for Q6_K the oracle's eight
 //!   integer lanes are NEON's two `int32x4_t`s, and its eight fused multiply-adds are two `vfmaq_f32`).
-//!   So the dispatched four-token kernels (the scalar Q4_K/Q6_K ones) stay bit-identical to these.
+//!   The four-token kernels (Q4_K, Q6_K) run these per token, so they are bit-identical too.
 //! - **F16 is not bit-identical**: the oracle adds the (exact) f32 products into one f64 in element order;
 //!   the NEON kernel adds them into eight f64 lanes and sums the lanes at the end. The f64 sums differ by at
 //!   most about `n · 2⁻⁵³ · Σ|w·a|`, so the f32 results differ by at most one rounding (tested).
@@ -30,7 +30,7 @@ use std::arch::asm;
 use crate::engine::ggml_type::GgmlType;
 use crate::engine::quant::blocks::*;
 
-use super::dispatch::VecDotFn;
+use super::dispatch::{VecDot4Fn, VecDotFn};
 
 /// Whether this CPU has the Armv8.2 dot-product instructions (`sdot`).
 pub fn has_dotprod() -> bool {
@@ -42,6 +42,35 @@ pub fn has_dotprod() -> bool {
 pub fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
     kernel(has_dotprod(), ty)
 }
+
+/// The four-token kernel for `ty` (Q4_K, Q6_K), where one exists: the [`vec_dot_fn`] kernel run per token,
+/// so each result is bit-identical to it (and to the scalar oracle). It exists so that prompt processing
+/// does not fall back to the scalar four-token kernels; a NEON version that decodes each weight block once
+/// for the four tokens is not written yet.
+pub fn vec_dot4_fn(ty: GgmlType) -> Option<VecDot4Fn> {
+    use GgmlType::*;
+    Some(match (ty, has_dotprod()) {
+        (Q4_K, true) => q4_k_q8_k_x4_dp,
+        (Q4_K, false) => q4_k_q8_k_x4,
+        (Q6_K, true) => q6_k_q8_k_x4_dp,
+        (Q6_K, false) => q6_k_q8_k_x4,
+        _ => return None,
+    })
+}
+
+/// Defines `$name`, the four-token form of the single-token kernel `$one`.
+macro_rules! per_token {
+    ($name:ident, $one:ident) => {
+        fn $name(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            a.map(|a| $one(n, w, a))
+        }
+    };
+}
+
+per_token!(q4_k_q8_k_x4_dp, q4_k_q8_k_dp);
+per_token!(q4_k_q8_k_x4, q4_k_q8_k);
+per_token!(q6_k_q8_k_x4_dp, q6_k_q8_k_dp);
+per_token!(q6_k_q8_k_x4, q6_k_q8_k);
 
 /// The kernel for `ty` of the `sdot` set (`dotprod` true; the caller has checked [`has_dotprod`]) or of the
 /// plain NEON set.
@@ -626,6 +655,25 @@ mod tests {
     }
 
     #[test]
+    fn four_token_kernels_equal_scalar_four_token_kernels_bit_for_bit() {
+        for (ty, offs) in [(GgmlType::Q4_K, &[0, 2][..]), (GgmlType::Q6_K, &[208])] {
+            let quad = vec_dot4_fn(ty).unwrap();
+            let oracle = crate::engine::kernels::scalar_vec_dot4_fn(ty).unwrap();
+            for seed in 0..6u64 {
+                let n = 3 * 256;
+                let w = random_row(ty, 3, seed, offs);
+                let acts: Vec<Vec<u8>> = (0..4).map(|t| activation(ty, n, 10 * seed + t)).collect();
+                let refs = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                assert_eq!(
+                    quad(n, &w, refs).map(f32::to_bits),
+                    oracle(n, &w, refs).map(f32::to_bits),
+                    "{ty} seed {seed}"
+                );
+            }
+        }
+    }
+
+    #[test]
     #[should_panic(expected = "bad row lengths")]
     fn short_rows_are_refused() {
         let k = kernel(false, GgmlType::Q8_0).unwrap();
@@ -642,6 +690,10 @@ mod tests {
             let got = crate::engine::kernels::vec_dot_fn(ty).unwrap() as usize;
             assert_eq!(got, vec_dot_fn(ty).unwrap() as usize, "{ty}");
             assert_ne!(got, scalar_vec_dot_fn(ty).unwrap() as usize, "{ty}");
+        }
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            let got = crate::engine::kernels::vec_dot4_fn(ty).unwrap() as usize;
+            assert_eq!(got, vec_dot4_fn(ty).unwrap() as usize, "{ty}");
         }
     }
 }
