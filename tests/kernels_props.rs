@@ -177,6 +177,11 @@ fn k_quants_have_four_token_kernels() {
 
 #[test]
 fn the_default_build_uses_avx2_where_the_cpu_has_it() {
+    // On aarch64, NEON is part of the base architecture.
+    #[cfg(target_arch = "aarch64")]
+    if std::env::var("CYBER_INFERENCE_ISA").is_err() {
+        assert_eq!(isa(), Isa::Neon);
+    }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
