@@ -171,6 +171,18 @@ unsafe fn load32_copy(p: &[i8; 32]) -> __m256i {
     unsafe { std::mem::transmute::<[i8; 32], __m256i>(*p) }
 }
 
+/// Element `i` of four slices given by their base pointers: `[&*p[0].add(i), …, &*p[3].add(i)]` (the
+/// kernels over four rows or tokens use raw pointers: indexing four slices per block costs more than the
+/// block's arithmetic).
+///
+/// # Safety
+/// Every `p[t]` points to a slice of more than `i` elements that lives for `'a`.
+#[inline(always)]
+unsafe fn nth4<'a, T>(p: [*const T; 4], i: usize) -> [&'a T; 4] {
+    // SAFETY: as the caller promises.
+    p.map(|p| unsafe { &*p.add(i) })
+}
+
 /// [`nibbles32`] with a by-value copy for the load (see [`load32_copy`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -511,14 +523,7 @@ macro_rules! q4_k_x4 {
             let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
             for (i, xb) in x.iter().enumerate() {
                 // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
-                let yb = unsafe {
-                    [
-                        &*yp[0].add(i),
-                        &*yp[1].add(i),
-                        &*yp[2].add(i),
-                        &*yp[3].add(i),
-                    ]
-                };
+                let yb = unsafe { nth4(yp, i) };
                 let (sc, mn) = k4_scales_mins(&xb.scales);
                 // min[g / 2] for the 16 groups of 16, against the 16 bsums: Σ bsum·min in exact i32 lanes.
                 let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
@@ -593,14 +598,7 @@ macro_rules! q6_k_x4 {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (i, xb) in x.iter().enumerate() {
                 // SAFETY: i < x.len() ≤ every y[t].len() (asserted above).
-                let yb = unsafe {
-                    [
-                        &*yp[0].add(i),
-                        &*yp[1].add(i),
-                        &*yp[2].add(i),
-                        &*yp[3].add(i),
-                    ]
-                };
+                let yb = unsafe { nth4(yp, i) };
                 // SAFETY: both are 16 plain bytes.
                 let scales = unsafe { std::mem::transmute::<[i8; 16], __m128i>(xb.scales) };
                 let scales16 = _mm256_cvtepi8_epi16(scales);
@@ -941,6 +939,15 @@ fn join512(lo: __m256i, hi: __m256i) -> __m512i {
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
+/// Four tokens' 32 activation quants as two 512-bit vectors: tokens 0 and 1, then 2 and 3.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+fn quants_pairs(qs: [&[i8; 32]; 4]) -> [__m512i; 2] {
+    // SAFETY: each field is 32 readable bytes.
+    let q = qs.map(|q| unsafe { load32_copy(q) });
+    [join512(q[0], q[1]), join512(q[2], q[3])]
+}
+
 /// The low and high 256-bit halves of `v`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
@@ -995,34 +1002,14 @@ macro_rules! offset_4x4_vnni {
             let mut acc = [[_mm512_setzero_ps(); 2]; 4];
             for i in 0..nb {
                 // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
-                let yb = unsafe {
-                    [
-                        &*yp[0].add(i),
-                        &*yp[1].add(i),
-                        &*yp[2].add(i),
-                        &*yp[3].add(i),
-                    ]
-                };
+                let yb = unsafe { nth4(yp, i) };
                 // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
-                let xb = unsafe {
-                    [
-                        &*xp[0].add(i),
-                        &*xp[1].add(i),
-                        &*xp[2].add(i),
-                        &*xp[3].add(i),
-                    ]
-                };
+                let xb = unsafe { nth4(xp, i) };
                 let dxy = scale_products(
                     h2f_x4([xb[0].d, xb[1].d, xb[2].d, xb[3].d]),
                     h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]),
                 );
-                // SAFETY: the quant fields are 32 bytes long.
-                let qy = unsafe {
-                    [
-                        join512(load32_copy(&yb[0].qs), load32_copy(&yb[1].qs)),
-                        join512(load32_copy(&yb[2].qs), load32_copy(&yb[3].qs)),
-                    ]
-                };
+                let qy = quants_pairs(yb.map(|b| &b.qs));
                 let zero = _mm512_setzero_si512();
                 let bias = qy.map(|q| _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, q)));
                 for r in 0..4 {
@@ -1078,35 +1065,15 @@ unsafe fn q4_1_4x4_vnni(nb: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4
     let mut summs = [_mm_setzero_ps(); 4];
     for i in 0..nb {
         // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
-        let yb = unsafe {
-            [
-                &*yp[0].add(i),
-                &*yp[1].add(i),
-                &*yp[2].add(i),
-                &*yp[3].add(i),
-            ]
-        };
+        let yb = unsafe { nth4(yp, i) };
         // SAFETY: i < nb and every slice holds at least nb blocks (asserted above).
-        let xb = unsafe {
-            [
-                &*xp[0].add(i),
-                &*xp[1].add(i),
-                &*xp[2].add(i),
-                &*xp[3].add(i),
-            ]
-        };
+        let xb = unsafe { nth4(xp, i) };
         let dxy = scale_products(
             h2f_x4([xb[0].d, xb[1].d, xb[2].d, xb[3].d]),
             h2f_x4([yb[0].d, yb[1].d, yb[2].d, yb[3].d]),
         );
         let sy = h2f_x4([yb[0].s, yb[1].s, yb[2].s, yb[3].s]);
-        // SAFETY: the quant fields are 32 bytes long.
-        let qy = unsafe {
-            [
-                join512(load32_copy(&yb[0].qs), load32_copy(&yb[1].qs)),
-                join512(load32_copy(&yb[2].qs), load32_copy(&yb[3].qs)),
-            ]
-        };
+        let qy = quants_pairs(yb.map(|b| &b.qs));
         for r in 0..4 {
             let xb = xb[r];
             // Lane t: m_w·s_a then the add, the single-token kernel's two roundings.
