@@ -16,48 +16,33 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
 }
 
-/// `cyber-inference gguf-split ARGS… INPUT PREFIX`; returns the parts it printed.
-fn split(input: &Path, prefix: &Path, args: &[&str]) -> Vec<PathBuf> {
-    let out = bin()
-        .arg("gguf-split")
-        .args(args)
-        .arg(input)
-        .arg(prefix)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(PathBuf::from)
-        .collect()
-}
-
-fn greedy(model: &Path) -> String {
-    let out = bin()
-        .args([
-            "run",
-            "-n",
-            "24",
-            "--temp",
-            "0",
-            "-p",
-            "The capital of France is",
-            "-m",
-        ])
-        .arg(model)
-        .output()
-        .unwrap();
+/// Runs `cmd`, checks that it succeeded, and returns its stdout.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `cyber-inference gguf-split ARGS… INPUT PREFIX`; returns the parts it printed.
+fn split(input: &Path, prefix: &Path, args: &[&str]) -> Vec<PathBuf> {
+    stdout_of(bin().arg("gguf-split").args(args).arg(input).arg(prefix))
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// 24 greedy tokens after a fixed prompt.
+fn greedy(model: &Path) -> String {
+    let prompt = "The capital of France is";
+    stdout_of(
+        bin()
+            .args(["run", "-n", "24", "--temp", "0", "-p", prompt, "-m"])
+            .arg(model),
+    )
 }
 
 #[test]
