@@ -112,6 +112,22 @@ async fn wait_download(
     }
 }
 
+/// Starts a download (`POST /admin/api/models/download`, answered 202) and returns its id.
+async fn start_download(s: &Server, token: &str, body: Value) -> u64 {
+    let (st, j) = post(s, token, "/admin/api/models/download", body).await;
+    assert_eq!(st, 202, "{j}");
+    j["id"].as_u64().unwrap()
+}
+
+/// Polls download `id` until it has ended (`done`, `failed` or `cancelled`) and returns it.
+async fn wait_ended(s: &Server, token: &str, id: u64, secs: u64) -> Value {
+    wait_download(s, token, id, secs, |d| {
+        matches!(d["state"].as_str(), Some("done" | "failed" | "cancelled"))
+    })
+    .await
+    .0
+}
+
 async fn catalogue(s: &Server, token: &str) -> Vec<Value> {
     let (st, j) = s.admin_get(token, "/admin/api/models").await;
     assert_eq!(st, 200, "{j}");
@@ -319,20 +335,14 @@ async fn download_through_the_admin_api_then_chat_with_the_model() {
 
     // Downloading the same model again finds it in place: done without a byte.
     let before = hf.state.file_requests().len();
-    let (st, j) = post(
+    let again = start_download(
         &s,
         &token,
-        "/admin/api/models/download",
         json!({"repo_id": REPO, "filename": Q4KM, "revision": "main"}),
     )
     .await;
-    assert_eq!(st, 202, "{j}");
-    let again = j["id"].as_u64().unwrap();
     assert_ne!(again, id);
-    let (d, _) = wait_download(&s, &token, again, 60, |d| {
-        matches!(d["state"].as_str(), Some("done" | "failed"))
-    })
-    .await;
+    let d = wait_ended(&s, &token, again, 60).await;
     assert_eq!(d["state"], "done", "{d}");
     assert_eq!(hf.state.file_requests().len(), before);
     // A finished download is removed from the list by DELETE.
@@ -367,15 +377,7 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
 
     // A slow transfer (≈ 6 MiB/s), cancelled once it is under way.
     *hf.state.faults.chunk_delay.lock().unwrap() = Some(Duration::from_millis(10));
-    let (st, j) = post(
-        &s,
-        &token,
-        "/admin/api/models/download",
-        json!({"repo_id": REPO, "filename": Q41}),
-    )
-    .await;
-    assert_eq!(st, 202, "{j}");
-    let id = j["id"].as_u64().unwrap();
+    let id = start_download(&s, &token, json!({"repo_id": REPO, "filename": Q41})).await;
     let (d, _) = wait_download(&s, &token, id, 60, |d| {
         d["state"] == "downloading" && d["downloaded"].as_u64().unwrap() > 1 << 20
     })
@@ -557,19 +559,8 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
 
     // A transfer that fails the checksum ends `failed`, with no file and no row.
     hf.state.faults.corrupt.store(true, Ordering::SeqCst);
-    let (st, j) = post(
-        &s,
-        &token,
-        "/admin/api/models/download",
-        json!({"repo_id": REPO, "filename": Q41}),
-    )
-    .await;
-    assert_eq!(st, 202, "{j}");
-    let id = j["id"].as_u64().unwrap();
-    let (d, _) = wait_download(&s, &token, id, 120, |d| {
-        matches!(d["state"].as_str(), Some("done" | "failed" | "cancelled"))
-    })
-    .await;
+    let id = start_download(&s, &token, json!({"repo_id": REPO, "filename": Q41})).await;
+    let d = wait_ended(&s, &token, id, 120).await;
     assert_eq!(d["state"], "failed", "{d}");
     assert_eq!(d["error_code"], "checksum_mismatch");
     assert!(
@@ -587,19 +578,13 @@ async fn a_split_gguf_downloads_whole_and_serves_as_one_model() {
     let parts = minilm_parts();
 
     // Naming part 2 downloads the whole split.
-    let (st, j) = post(
+    let id = start_download(
         &s,
         &token,
-        "/admin/api/models/download",
         json!({"repo_id": REPO, "filename": "split/minilm-F16-00002-of-00002.gguf"}),
     )
     .await;
-    assert_eq!(st, 202, "{j}");
-    let id = j["id"].as_u64().unwrap();
-    let (d, _) = wait_download(&s, &token, id, 120, |d| {
-        matches!(d["state"].as_str(), Some("done" | "failed" | "cancelled"))
-    })
-    .await;
+    let d = wait_ended(&s, &token, id, 120).await;
     assert_eq!(d["state"], "done", "{d}\n{}", s.log());
     assert_eq!(d["file_count"], 2);
     let name = d["model"].as_str().unwrap().to_string();
