@@ -174,6 +174,11 @@ fn inspect_json_shows_the_same_numbers() {
             assert_eq!(got[k], r[k], "{name}: {k}");
         }
         assert_eq!(got["tensors"], r["tensors"], "{name}: tensors");
+        assert_eq!(
+            got["runnable"], true,
+            "{name}: {}",
+            got["unsupported_reason"]
+        );
         let keys = |v: &Json| {
             v["metadata"]
                 .as_array()
@@ -220,6 +225,7 @@ fn inspect_json_shows_the_same_numbers() {
         "49152 tokens, tokenizer gpt2",
         "Q6_K",
         "chat template:   yes",
+        "runnable:        yes",
     ] {
         assert!(
             text.contains(want),

@@ -36,6 +36,7 @@ pub fn summary_json(f: &GgufFile, with_tensors: bool) -> Json {
     let arch = f.architecture().ok();
     let ctx = arch.and_then(|a| f.get_u64(&keys::context_length(a)).ok());
     let vocab = f.get_array(keys::TOKENIZER_TOKENS).map(|a| a.len()).ok();
+    let unsupported = unsupported_reason(f);
     let metadata: Vec<Json> = f
         .metadata()
         .iter()
@@ -66,6 +67,8 @@ pub fn summary_json(f: &GgufFile, with_tensors: bool) -> Json {
         "vocab_size": vocab,
         "tokenizer_model": f.get_str(keys::TOKENIZER_MODEL).ok(),
         "chat_template": f.get(keys::CHAT_TEMPLATE).is_some(),
+        "runnable": unsupported.is_none(),
+        "unsupported_reason": unsupported,
         "metadata": metadata,
     });
     if with_tensors {
@@ -79,6 +82,14 @@ pub fn summary_json(f: &GgufFile, with_tensors: bool) -> Json {
             .collect();
     }
     out
+}
+
+/// Why this engine cannot run `f` (the error its loader would give: architecture, a missing key or
+/// tensor, a tensor type without a kernel, the tokenizer), or `None` when it can.
+pub fn unsupported_reason(f: &GgufFile) -> Option<String> {
+    crate::engine::model::check_runnable(f)
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// Human-readable count: 134.52M, 1.10B.
@@ -144,6 +155,10 @@ pub fn run(args: &InspectArgs) -> Result<(), GgufError> {
             "no"
         }
     );
+    match s["unsupported_reason"].as_str() {
+        None => println!("runnable:        yes"),
+        Some(why) => println!("runnable:        no: {why}"),
+    }
     println!("tensors:         {}", f.tensors().len());
     println!("quantization mix:");
     for (t, (n, b)) in type_mix(&f) {

@@ -144,6 +144,7 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
         },
         embedding,
         architecture: arch,
+        unsupported_reason: crate::engine::inspect::unsupported_reason(&f),
     })
 }
 

@@ -72,6 +72,7 @@ enum Models {
     CreatedAt,
     UpdatedAt,
     LastUsedAt,
+    UnsupportedReason,
 }
 
 #[derive(Iden)]
@@ -167,6 +168,9 @@ pub struct ModelRow {
     pub created_at: i64,
     pub updated_at: i64,
     pub last_used_at: Option<i64>,
+    /// Why the engine cannot run this file (`engine::model::check_runnable`'s error at scan time);
+    /// `None` when it can. Requests for such a model are refused without starting a worker.
+    pub unsupported_reason: Option<String>,
 }
 
 /// What a scan of MODELS_DIR learns about a file (see `catalog`).
@@ -182,6 +186,8 @@ pub struct ScannedModel {
     pub n_layer: Option<i64>,
     pub n_embd_kv: Option<i64>,
     pub embedding: bool,
+    /// Why the engine cannot run the file, `None` when it can.
+    pub unsupported_reason: Option<String>,
 }
 
 /// A change of a model's settings from the admin API; `None` leaves a field as it is, `Some(None)` resets
@@ -344,6 +350,7 @@ impl Db {
                 Models::NLayer,
                 Models::NEmbdKv,
                 Models::Embedding,
+                Models::UnsupportedReason,
                 Models::CreatedAt,
                 Models::UpdatedAt,
             ])
@@ -358,6 +365,7 @@ impl Db {
                 m.n_layer.into(),
                 m.n_embd_kv.into(),
                 m.embedding.into(),
+                m.unsupported_reason.clone().into(),
                 now.into(),
                 now.into(),
             ])
@@ -372,6 +380,7 @@ impl Db {
                         Models::NLayer,
                         Models::NEmbdKv,
                         Models::Embedding,
+                        Models::UnsupportedReason,
                         Models::UpdatedAt,
                     ])
                     .to_owned(),

@@ -350,7 +350,11 @@ pub async fn list_models_command(s: &Settings) -> Result<(), ServeError> {
             m.context_length.map_or("?".into(), |c| c.to_string()),
             human_bytes(m.size_bytes),
             if m.pinned { "yes" } else { "no" },
-            if m.enabled { status } else { "disabled" },
+            match (&m.unsupported_reason, m.enabled) {
+                (Some(why), _) => format!("unsupported: {why}"),
+                (None, true) => status.to_owned(),
+                (None, false) => "disabled".to_owned(),
+            },
         );
     }
     for (path, why) in &report.skipped {

@@ -33,7 +33,8 @@ struct ModelField<'a> {
     model: std::borrow::Cow<'a, str>,
 }
 
-/// Maps a load failure to its HTTP answer (404 unknown, 403 disabled, 503 cannot fit / failed to load).
+/// Maps a load failure to its HTTP answer (404 unknown, 403 disabled, 400 a file the engine cannot run,
+/// 503 cannot fit / failed to load).
 pub fn load_error(e: LoadError) -> ApiError {
     let msg = e.to_string();
     match e {
@@ -43,6 +44,11 @@ pub fn load_error(e: LoadError) -> ApiError {
             ..ApiError::not_found(msg)
         },
         LoadError::Disabled(_) => ApiError::forbidden(msg),
+        LoadError::Unsupported { .. } => ApiError {
+            code: Some("model_not_supported"),
+            param: Some("model"),
+            ..ApiError::bad_request(msg)
+        },
         LoadError::InsufficientMemory { .. } => ApiError::unavailable("insufficient_memory", msg),
         LoadError::TooManyLoaded { .. } => ApiError::unavailable("model_capacity", msg),
         LoadError::Failed { .. } | LoadError::Backoff { .. } => {
@@ -284,8 +290,9 @@ impl AppState {
     }
 }
 
-/// `GET /v1/models`: the whole catalogue in OpenAI's list shape, each with `status`
-/// (`stopped|loading|ready|draining|failed`) and `loaded`.
+/// `GET /v1/models`: the catalogue's enabled models that the engine can run, in OpenAI's list shape, each
+/// with `status` (`stopped|loading|ready|draining|failed`) and `loaded`. Files it cannot run are listed
+/// with their reason on the admin pages only.
 async fn list_models(
     State(st): State<AppState>,
     _k: ApiKey,
@@ -295,7 +302,7 @@ async fn list_models(
         .list_models()
         .await?
         .into_iter()
-        .filter(|m| m.enabled)
+        .filter(|m| m.enabled && m.unsupported_reason.is_none())
         .map(|m| model_json(&st, &m))
         .collect();
     Ok(Json(serde_json::json!({"object": "list", "data": data})))

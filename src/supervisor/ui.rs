@@ -400,6 +400,8 @@ pub struct ModelView {
     pub pinned: bool,
     pub running: bool,
     pub enabled: bool,
+    /// Why the engine cannot run the file (empty when it can): shown instead of a Load button.
+    pub unsupported: String,
 }
 
 fn model_view(st: &AppState, m: &ModelRow) -> ModelView {
@@ -417,6 +419,7 @@ fn model_view(st: &AppState, m: &ModelRow) -> ModelView {
         pinned: m.pinned,
         running: state.has_process(),
         enabled: m.enabled,
+        unsupported: m.unsupported_reason.clone().unwrap_or_default(),
     }
 }
 

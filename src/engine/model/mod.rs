@@ -97,6 +97,60 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// What [`Model::from_gguf`] reads from a file before it builds the chat template.
+struct LoadedParts {
+    hp: HParams,
+    n_vocab: usize,
+    weights: Weights,
+    tokenizer: Tokenizer,
+}
+
+/// Every load-time check of [`Model::from_gguf`], in its order: hyper-parameters (architecture and keys),
+/// `token_embd.weight`'s shape, every weight (presence, shape, a kernel for its ggml type), the
+/// tokenizer and its size against the embedding rows. Cheap: matrices stay in the mmap, only norms and
+/// biases are copied.
+fn load_parts(file: &GgufFile) -> Result<LoadedParts, ModelError> {
+    let hp = HParams::from_gguf(file)?;
+    let te = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+    if te.dims.len() != 2 || te.dims[1] == 0 {
+        return Err(ModelError::BadTensorShape {
+            name: te.name.clone(),
+            dims: te.dims.clone(),
+            expected: format!("[{}, n_vocab]", hp.n_embd),
+        });
+    }
+    let n_vocab = te.dims[1] as usize;
+    let weights = Weights::load(file, &hp, n_vocab)?;
+    let tokenizer = Tokenizer::from_gguf(file)?;
+    if tokenizer.n_vocab() > n_vocab {
+        return Err(ModelError::BadTensorShape {
+            name: te.name.clone(),
+            dims: te.dims.clone(),
+            expected: format!(
+                "at least {} rows, one per token of the vocabulary",
+                tokenizer.n_vocab()
+            ),
+        });
+    }
+    Ok(LoadedParts {
+        hp,
+        n_vocab,
+        weights,
+        tokenizer,
+    })
+}
+
+/// Whether this engine can run `file`, decided by the same checks as [`Model::load`] (architecture,
+/// hyper-parameter keys, every tensor's presence, shape and ggml type, the tokenizer), without
+/// building the model: the catalogue and `inspect` use it to say *before* a load why a file cannot run.
+///
+/// Errors: the [`ModelError`] that [`Model::load`] would return for this file.
+pub fn check_runnable(file: &GgufFile) -> Result<(), ModelError> {
+    load_parts(file).map(|_| ())
+}
+
 impl Model {
     /// Opens `path` (mmap), reads hyper-parameters and finds every weight.
     ///
@@ -109,30 +163,12 @@ impl Model {
 
     /// Builds a model over an already opened file.
     pub fn from_gguf(file: Arc<GgufFile>, params: &ModelParams) -> Result<Arc<Model>, ModelError> {
-        let hp = HParams::from_gguf(&file)?;
-        let te = file
-            .tensor("token_embd.weight")
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        if te.dims.len() != 2 || te.dims[1] == 0 {
-            return Err(ModelError::BadTensorShape {
-                name: te.name.clone(),
-                dims: te.dims.clone(),
-                expected: format!("[{}, n_vocab]", hp.n_embd),
-            });
-        }
-        let n_vocab = te.dims[1] as usize;
-        let weights = Weights::load(&file, &hp, n_vocab)?;
-        let tokenizer = Tokenizer::from_gguf(&file)?;
-        if tokenizer.n_vocab() > n_vocab {
-            return Err(ModelError::BadTensorShape {
-                name: te.name.clone(),
-                dims: te.dims.clone(),
-                expected: format!(
-                    "at least {} rows, one per token of the vocabulary",
-                    tokenizer.n_vocab()
-                ),
-            });
-        }
+        let LoadedParts {
+            hp,
+            n_vocab,
+            weights,
+            tokenizer,
+        } = load_parts(&file)?;
         // A decoder's template (or llama-server's ChatML fallback); a broken one only disables chat.
         let chat_template = if hp.arch == Arch::Bert {
             None

@@ -45,6 +45,8 @@ pub enum LoadError {
     NotFound(String),
     #[error("model `{0}` is disabled")]
     Disabled(String),
+    #[error("model `{model}` cannot run on this engine: {reason}")]
+    Unsupported { model: String, reason: String },
     #[error(
         "cannot load `{model}`: it needs about {need_mib} MiB, {used_mib} MiB of {total_mib} MiB are in use and the limit is MAX_MEMORY_PERCENT={percent}% ({limit_mib} MiB); no idle model is left to unload"
     )]
@@ -602,6 +604,12 @@ impl Manager {
             .ok_or_else(|| LoadError::NotFound(model.to_owned()))?;
         if !m.enabled {
             return Err(LoadError::Disabled(model.to_owned()));
+        }
+        if let Some(reason) = &m.unsupported_reason {
+            return Err(LoadError::Unsupported {
+                model: model.to_owned(),
+                reason: reason.clone(),
+            });
         }
         self.refresh_model(&m);
         self.admit(&m).await?;
@@ -1189,6 +1197,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             last_used_at: None,
+            unsupported_reason: None,
         }
     }
 
