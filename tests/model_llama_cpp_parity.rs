@@ -1,6 +1,7 @@
-//! SmolLM2 (Q4_1 and Q4_K_M) against llama.cpp's answers in `../shared/vectors`: perplexity on ppl.txt
-//! within 0.5%, and greedy continuations identical for at least 3 in 4 prompts with every divergence at a
-//! near-tie (llama.cpp's two best log-probabilities within 0.1 in the first 16 steps, ours after).
+//! SmolLM2 (Q4_1 and Q4_K_M) and Gemma 3 270M (Q4_K_M) against llama.cpp's answers in
+//! `../shared/vectors`: perplexity on ppl.txt within 0.5%, and greedy continuations identical for at
+//! least 3 in 4 prompts with every divergence at a near-tie (llama.cpp's two best log-probabilities within
+//! 0.1 in the first 16 steps, ours after).
 
 mod model_common;
 
@@ -144,4 +145,14 @@ fn smollm2_q4_1_greedy_matches_llama_cpp() {
 #[test]
 fn smollm2_q4_k_m_greedy_matches_llama_cpp() {
     check_greedy(SMOL_Q4_K_M);
+}
+
+#[test]
+fn gemma3_perplexity_matches_llama_cpp() {
+    check_perplexity(GEMMA3);
+}
+
+#[test]
+fn gemma3_greedy_matches_llama_cpp() {
+    check_greedy(GEMMA3);
 }
