@@ -150,6 +150,16 @@ fn gemma3_truncation_within_and_past_the_window() {
     // 460-511+1 … that a token at 460 needs, so the cut is refused and nothing changes.
     assert!(!c.seq_truncate(0, N - 100));
     assert_eq!(c.seq_len(0), N);
+    // A batch that rewinds that far is refused the same way (the cache is unchanged).
+    let err = c
+        .decode(&Batch::single(
+            &tokens[N - 100..N - 99],
+            (N - 100) as u32,
+            0,
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("sliding window"), "{err}");
+    assert_eq!(c.seq_len(0), N);
     // One position back is always possible; the continuation equals a cold run bit for bit.
     assert!(c.seq_truncate(0, N - 1));
     assert_eq!(c.seq_len(0), N - 1);

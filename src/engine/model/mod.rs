@@ -469,6 +469,15 @@ impl Context {
                             "token {i}: position {pos} of sequence {seq} leaves a gap after its {start} cached positions"
                         )));
                     }
+                    // gemma: a rewind must not reach behind what a sliding-window ring still holds.
+                    if let Some(kv) = &self.kv
+                        && !kv.can_truncate(seq as usize, pos as usize)
+                    {
+                        return Err(ModelError::BadBatch(format!(
+                            "token {i}: position {pos} of sequence {seq} rewinds past the sliding window \
+                             still cached after {start} positions (clear the sequence and start again)"
+                        )));
+                    }
                     lens.push((seq, pos as usize));
                     lens.last_mut().expect("just pushed")
                 }
