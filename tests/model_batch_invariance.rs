@@ -1,6 +1,6 @@
 //! Batch invariance on the shared models: a token's logits (or a sequence's embedding) are bit-identical
 //! whether computed in one batch, in batches of 7, token by token, or beside another sequence, at 1 and 2
-//! threads.
+//! threads. (Gemma 3 past its sliding window: `tests/model_gemma.rs`.)
 
 mod model_common;
 
@@ -129,6 +129,11 @@ fn smollm2_q4_1_logits_are_batch_invariant() {
 #[test]
 fn smollm2_q4_k_m_logits_are_batch_invariant() {
     check_decoder(SMOL_Q4_K_M);
+}
+
+#[test]
+fn gemma3_logits_are_batch_invariant() {
+    check_decoder(GEMMA3);
 }
 
 #[test]

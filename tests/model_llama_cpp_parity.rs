@@ -1,6 +1,14 @@
-//! SmolLM2 (Q4_1 and Q4_K_M) against llama.cpp's answers in `../shared/vectors`: perplexity on ppl.txt
-//! within 0.5%, and greedy continuations identical for at least 3 in 4 prompts with every divergence at a
-//! near-tie (llama.cpp's two best log-probabilities within 0.1 in the first 16 steps, ours after).
+//! SmolLM2 (Q4_1 and Q4_K_M) and Gemma 3 270M (Q4_K_M) against llama.cpp's answers in
+//! `../shared/vectors`: perplexity on ppl.txt within 0.5%, and greedy continuations identical for at
+//! least 3 in 4 prompts with every divergence at a near-tie (llama.cpp's two best log-probabilities within
+//! 0.1 in the first 16 steps, ours after).
+//!
+//! Gemma 3's vectors were made by an AVX2 build of llama.cpp, whose f16 attention dot products (and
+//! possibly other reductions) round differently from the AVX-512 arithmetic the engine reproduces; this
+//! model is so sensitive to rounding (its Q8 activation blocks hold large outliers) that changing only the
+//! f16 dot-product order moves its first-step log-probabilities by up to 0.33. Its greedy check therefore
+//! allows divergences at gaps below 0.35 and asks for half of the prompts identical
+//! (`tests/model_gemma.rs` bounds the step-0 log-probability differences).
 
 mod model_common;
 
@@ -58,6 +66,12 @@ fn check_perplexity(name: &str) {
 }
 
 fn check_greedy(name: &str) {
+    check_greedy_within(name, 0.1, 3, 4);
+}
+
+/// Greedy continuations against the vectors: at least `num/den` of the prompts identical, every
+/// divergence at a gap (top-2 log-probabilities) below `near_tie`.
+fn check_greedy_within(name: &str, near_tie: f64, num: usize, den: usize) {
     let model = load(name);
     let v = vectors(name);
     let cases = v["greedy"].as_array().unwrap();
@@ -117,12 +131,12 @@ fn check_greedy(name: &str) {
         cases.len()
     );
     assert!(
-        identical * 4 >= cases.len() * 3,
+        identical * den >= cases.len() * num,
         "{name}: only {identical}/{} identical",
         cases.len()
     );
     for (line, gap) in report {
-        assert!(gap < 0.1, "divergence not at a near-tie: {line}");
+        assert!(gap < near_tie, "divergence not at a near-tie: {line}");
     }
 }
 
@@ -144,4 +158,14 @@ fn smollm2_q4_1_greedy_matches_llama_cpp() {
 #[test]
 fn smollm2_q4_k_m_greedy_matches_llama_cpp() {
     check_greedy(SMOL_Q4_K_M);
+}
+
+#[test]
+fn gemma3_perplexity_matches_llama_cpp() {
+    check_perplexity(GEMMA3);
+}
+
+#[test]
+fn gemma3_greedy_matches_llama_cpp() {
+    check_greedy_within(GEMMA3, 0.35, 1, 2);
 }

@@ -97,6 +97,16 @@ fn minilm_tokenize_vectors() {
 }
 
 #[test]
+fn gemma3_tokenize_vectors() {
+    check_model("gemma-3-270m.Q4_K_M.gguf");
+}
+
+#[test]
+fn gemma3_generated_text_and_pieces() {
+    check_generation_text("gemma-3-270m.Q4_K_M.gguf");
+}
+
+#[test]
 fn smollm2_special_tokens() {
     let (tok, _) = load("SmolLM2-135M-Instruct.Q4_K_M.gguf");
     assert_eq!(tok.n_vocab(), 49152);

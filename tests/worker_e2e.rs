@@ -642,3 +642,52 @@ fn python_openai_client_drives_the_worker() {
     );
     assert!(so.contains("ALL OK"), "{so}");
 }
+
+/// Gemma 3 (no chat template of its own): `/v1/chat/completions` renders llama.cpp's ChatML fallback and
+/// answers exactly as `/v1/completions` on that rendered prompt; a second prompt that shares a long prefix
+/// with the first but leaves it more than a sliding window (512) before its end cannot reuse the cached
+/// prefix (the window's ring has moved on), is re-evaluated, and answers as a fresh worker does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_chat_fallback_and_prefix_past_the_sliding_window() {
+    let m = model("gemma-3-270m.Q4_K_M.gguf");
+    let vectors: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/vectors/gemma-3-270m.Q4_K_M.gguf.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let case = &vectors["chat_template"][0];
+    let w = Worker::start(&m, &["-c", "2048", "-np", "1"]);
+    let (st, chat) = w
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": case["messages"], "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(st, 200, "{chat}");
+    let content = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    let plain = w.complete(case["prompt"].as_str().unwrap(), 8).await;
+    assert_eq!(content, plain["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(
+        chat["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"],
+        "{chat} {plain}"
+    );
+    // Prefix reuse past the window.
+    let long: String = (0..700).map(|i| format!("w{} ", i % 97)).collect();
+    let a = format!("{long} and so the story ends.");
+    let b = format!(
+        "{} but then something else happened.",
+        &long[..long.len() / 4]
+    );
+    let _ = w.complete(&a, 4).await;
+    let warm = w.complete(&b, 8).await;
+    let fresh_worker = Worker::start(&m, &["-c", "2048", "-np", "1"]);
+    let fresh = fresh_worker.complete(&b, 8).await;
+    assert_eq!(warm["choices"][0]["text"], fresh["choices"][0]["text"]);
+    assert_eq!(
+        warm["usage"]["prompt_tokens"],
+        fresh["usage"]["prompt_tokens"]
+    );
+}

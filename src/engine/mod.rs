@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod gguf_split;
 pub mod inspect;
 pub mod kernels;
+pub mod kv_layout;
 pub mod model;
 pub mod quant;
 pub mod sampling;

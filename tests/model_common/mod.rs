@@ -40,3 +40,4 @@ pub fn vectors(name: &str) -> serde_json::Value {
 pub const SMOL_Q4_1: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const SMOL_Q4_K_M: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
 pub const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
+pub const GEMMA3: &str = "gemma-3-270m.Q4_K_M.gguf";

@@ -283,6 +283,54 @@ pub fn gelu(x: &mut [f32]) {
     }
 }
 
+/// `ggml_gelu_f32` as GCC compiles it for ggml's CPU backend (`-ffp-contract=fast`, FMA available: the
+/// `1 + a·x·x` term becomes one fused multiply-add): `0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²)))`.
+pub fn gelu_ggml_f32(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const GELU_COEF_A: f32 = 0.044715;
+    let inner = (GELU_COEF_A * x).mul_add(x, 1.0);
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh())
+}
+
+/// ggml's `ggml_table_gelu_f16` (built in `ggml_cpu_init`): for every f16 bit pattern `h`,
+/// `f16(gelu(f32(h)))`. 65536 entries (128 KiB), computed once.
+fn gelu_table_f16() -> &'static [f16] {
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| f16::from_f32(gelu_ggml_f32(f16::from_bits(bits).to_f32())))
+            .collect()
+    })
+}
+
+/// GeGLU in place: `gate[i] = gelu(gate[i]) · up[i]` (the gated FFN of gemma, `ggml_vec_geglu_f32` with
+/// `GGML_GELU_FP16`, `ggml/src/ggml-cpu/vec.h`, commit 0c1e570): for `x ≤ -10` the GELU is 0, for
+/// `x ≥ 10` it is `x`, otherwise `x` is rounded to f16 and looked up in ggml's f16 GELU table. ggml runs
+/// this loop as scalar code, so there is no SIMD twin.
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
+    let table = gelu_table_f16();
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            table[f16::from_f32(x).to_bits() as usize].to_f32() * u
+        };
+    }
+}
+
+/// Soft-capping in place: `x = cap · tanh(x · (1/cap))` (gemma2/3's final logit soft-capping:
+/// `ggml_scale(1/cap)`, `ggml_tanh`, `ggml_scale(cap)`). `cap > 0`.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    for v in x.iter_mut() {
+        *v = (*v * inv).tanh() * cap;
+    }
+}
+
 /// Adds `bias` to every row of `x` (`[n_rows, bias.len()]`).
 pub fn add_bias(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {
@@ -740,6 +788,28 @@ pub fn attend_one_f16<'a>(
     scratch: &mut AttnScratch,
     out: &mut [f32],
 ) {
+    attend_one_f16_softcap(q, n_kv, scale, 0.0, k_row, v_row, scratch, out)
+}
+
+/// [`attend_one_f16`] with attention-logit soft-capping (gemma2's `attn_logit_softcapping`, the
+/// `logit_softcap` of `ggml_flash_attn_ext`): the scale is divided by `softcap` and each score becomes
+/// `softcap · tanh(s)`. A `softcap` of 0 is [`attend_one_f16`] exactly.
+#[allow(clippy::too_many_arguments)] // attend_one_f16's shape plus the cap
+pub fn attend_one_f16_softcap<'a>(
+    q: &[f32],
+    n_kv: usize,
+    scale: f32,
+    softcap: f32,
+    k_row: impl Fn(usize) -> &'a [f16],
+    v_row: impl Fn(usize) -> &'a [f16],
+    scratch: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    let scale = if softcap != 0.0 {
+        scale / softcap
+    } else {
+        scale
+    };
     let d = q.len();
     scratch.q16.resize(d, f16::ZERO);
     f32_to_f16(q, &mut scratch.q16);
@@ -747,7 +817,10 @@ pub fn attend_one_f16<'a>(
     scratch.acc16.resize(out.len(), f16::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
     for j in 0..n_kv {
-        let s = dot_f16(&scratch.q16, k_row(j)) * scale;
+        let mut s = dot_f16(&scratch.q16, k_row(j)) * scale;
+        if softcap != 0.0 {
+            s = softcap * s.tanh();
+        }
         let (mut ms, mut vs) = (1.0f32, 1.0f32);
         if s > m {
             let m_old = m;
@@ -796,9 +869,29 @@ pub fn attend_one<'a>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    attend_one_softcap(q, n_kv, scale, 0.0, k_row, v_row, scores, out)
+}
+
+/// [`attend_one`] with attention-logit soft-capping (`build_attn_mha`: `kq = cap · tanh(kq · (1/cap))`
+/// before the scaled softmax). A `softcap` of 0 is [`attend_one`] exactly.
+#[allow(clippy::too_many_arguments)] // attend_one's shape plus the cap
+pub fn attend_one_softcap<'a>(
+    q: &[f32],
+    n_kv: usize,
+    scale: f32,
+    softcap: f32,
+    k_row: impl Fn(usize) -> &'a [f32],
+    v_row: impl Fn(usize) -> &'a [f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let scores = &mut scores[..n_kv];
     for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot_f32(q, k_row(j)) * scale;
+        let mut kq = dot_f32(q, k_row(j));
+        if softcap != 0.0 {
+            kq = (kq * (1.0 / softcap)).tanh() * softcap;
+        }
+        *s = kq * scale;
     }
     softmax(scores);
     out.fill(0.0);
@@ -926,6 +1019,56 @@ mod tests {
         assert!((g[1] - 0.841_192).abs() < 1e-4, "{}", g[1]);
         assert!((g[2] + 0.158_808).abs() < 1e-4, "{}", g[2]);
         assert!((g[3] - 10.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn geglu_follows_ggml_table_and_limits() {
+        let mut g = vec![-11.0f32, 11.0, 0.0, 1.0, -1.0, 2.5];
+        geglu(&mut g, &[2.0; 6]);
+        assert_eq!(g[0], 0.0);
+        assert_eq!(g[1], 22.0);
+        assert_eq!(g[2], 0.0);
+        // gelu(1) ≈ 0.8412, rounded to f16 by the table, times 2.
+        assert_eq!(g[3], f16::from_f32(gelu_ggml_f32(1.0)).to_f32() * 2.0);
+        assert!((g[3] - 2.0 * 0.841_192).abs() < 2e-3, "{}", g[3]);
+        assert!((g[4] + 2.0 * 0.158_808).abs() < 1e-3, "{}", g[4]);
+        // The input itself is rounded to f16 before the lookup.
+        let x = 1.000_3f32;
+        let mut h = vec![x];
+        geglu(&mut h, &[1.0]);
+        assert_eq!(h[0], f16::from_f32(gelu_ggml_f32(1.0)).to_f32());
+    }
+
+    #[test]
+    fn softcap_bounds_values() {
+        let mut x = vec![0.0f32, 1.0, 1000.0, -1000.0];
+        softcap(&mut x, 30.0);
+        assert_eq!(x[0], 0.0);
+        assert!((x[1] - 30.0 * (1.0f32 / 30.0).tanh()).abs() < 1e-6);
+        assert_eq!(x[2], 30.0);
+        assert_eq!(x[3], -30.0);
+    }
+
+    #[test]
+    fn attention_softcap_zero_is_plain_attention() {
+        let q = vec![0.7f32; 8];
+        let k: Vec<Vec<f16>> = (0..5)
+            .map(|j| {
+                (0..8)
+                    .map(|i| f16::from_f32((i * j) as f32 * 0.1 - 1.0))
+                    .collect()
+            })
+            .collect();
+        let v = k.clone();
+        let (mut a, mut b, mut c) = (vec![0.0f32; 8], vec![0.0f32; 8], vec![0.0f32; 8]);
+        let mut sc = AttnScratch::default();
+        attend_one_f16(&q, 5, 0.3, |j| &k[j], |j| &v[j], &mut sc, &mut a);
+        attend_one_f16_softcap(&q, 5, 0.3, 0.0, |j| &k[j], |j| &v[j], &mut sc, &mut b);
+        assert_eq!(a, b);
+        // A tiny cap flattens the scores: the output tends to the mean of the values.
+        attend_one_f16_softcap(&q, 5, 0.3, 1e-6, |j| &k[j], |j| &v[j], &mut sc, &mut c);
+        let mean0: f32 = v.iter().map(|r| r[0].to_f32()).sum::<f32>() / 5.0;
+        assert!((c[0] - mean0).abs() < 1e-2, "{} vs {mean0}", c[0]);
     }
 
     #[test]

@@ -16,6 +16,10 @@ use super::{Batch, Context, ModelError};
 
 /// Runs the forward pass of `b` (already validated) and stores the outputs in `ctx`.
 pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
+    // gemma
+    if matches!(ctx.model.hp.arch, Arch::Gemma2 | Arch::Gemma3) {
+        return super::gemma::run(ctx, b);
+    }
     if ctx.model.is_encoder() {
         run_encoder(ctx, b)
     } else {
@@ -26,7 +30,7 @@ pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
 /// Debugging aid: with `CYBER_INFERENCE_DUMP_DIR` set, writes `data` as raw little-endian f32 to
 /// `DIR/NAME.f32` (names as llama.cpp's graph callback sees them), to compare against llama.cpp op by op.
 /// The name is formatted only when dumping is on, so the forward pass allocates nothing for it otherwise.
-fn dump(name: std::fmt::Arguments<'_>, data: &[f32]) {
+pub(super) fn dump(name: std::fmt::Arguments<'_>, data: &[f32]) {
     static DIR: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     if let Some(dir) = DIR.get_or_init(|| std::env::var("CYBER_INFERENCE_DUMP_DIR").ok()) {
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -34,7 +38,8 @@ fn dump(name: std::fmt::Arguments<'_>, data: &[f32]) {
     }
 }
 
-fn mm(
+/// `x · wᵀ` into a new `[n, w.n_rows]` buffer (see [`linalg::matmul`]).
+pub(super) fn mm(
     pool: &Pool,
     ctx_file: &crate::engine::gguf::GgufFile,
     w: &Linear,
@@ -47,7 +52,7 @@ fn mm(
 }
 
 /// Groups batch indices by sequence, in order of first appearance: `(seq, [token indices])`.
-fn group_by_seq(b: &Batch) -> Vec<(u32, Vec<usize>)> {
+pub(super) fn group_by_seq(b: &Batch) -> Vec<(u32, Vec<usize>)> {
     let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
     for (i, &s) in b.seq_id.iter().enumerate() {
         match groups.iter_mut().find(|(g, _)| *g == s) {

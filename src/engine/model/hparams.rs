@@ -19,6 +19,13 @@ pub enum Arch {
     Qwen3,
     /// BERT encoders (all-MiniLM…): absolute positions, token types, layer norm, GELU, pooling.
     Bert,
+    // gemma
+    /// gemma2: scaled embeddings, post-attention/post-FFN norms, GeGLU, interleaved sliding-window
+    /// layers, attention and final logit soft-capping, NeoX rope (`src/engine/model/gemma.rs`).
+    Gemma2,
+    /// gemma3: gemma2 plus per-head q/k RMS norm and a separate rope base for the sliding layers, without
+    /// attention soft-capping.
+    Gemma3,
 }
 
 impl Arch {
@@ -29,6 +36,8 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "bert" => Some(Arch::Bert),
+            "gemma2" => Some(Arch::Gemma2),
+            "gemma3" => Some(Arch::Gemma3),
             _ => None,
         }
     }
@@ -40,6 +49,8 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Bert => "bert",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -47,7 +58,7 @@ impl Arch {
     pub fn rope_mode(self) -> RopeMode {
         match self {
             Arch::Llama | Arch::Bert => RopeMode::Normal,
-            Arch::Qwen2 | Arch::Qwen3 => RopeMode::Neox,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 => RopeMode::Neox,
         }
     }
 }
@@ -97,12 +108,17 @@ pub struct HParams {
     pub pooling: Pooling,
     /// `{arch}.attention.causal` (BERT: false; decoders: true).
     pub causal: bool,
+    // gemma
+    /// Sliding-window attention and the per-layer-kind settings of gemma2/gemma3 (`None` for the other
+    /// architectures); read by [`super::gemma::load_hparams`].
+    pub gemma: Option<super::gemma::GemmaHParams>,
 }
 
 impl HParams {
     /// Reads the hyper-parameters of `f`.
     ///
-    /// Errors: [`ModelError::UnsupportedArch`] for an architecture other than llama/qwen2/qwen3/bert,
+    /// Errors: [`ModelError::UnsupportedArch`] for an architecture other than
+    /// llama/qwen2/qwen3/bert/gemma2/gemma3,
     /// [`ModelError::Gguf`] naming a missing or mistyped key, [`ModelError::BadHParams`] for values that
     /// contradict each other (zero sizes, heads not dividing, unknown rope scaling or pooling).
     pub fn from_gguf(f: &GgufFile) -> Result<HParams, ModelError> {
@@ -212,7 +228,7 @@ impl HParams {
                 "norm epsilon {norm_eps} or rope.freq_base {rope_freq_base} out of range"
             )));
         }
-        Ok(HParams {
+        let mut hp = HParams {
             arch,
             n_embd,
             n_layer,
@@ -227,7 +243,12 @@ impl HParams {
             rope_freq_scale,
             pooling,
             causal,
-        })
+            gemma: None,
+        };
+        if matches!(arch, Arch::Gemma2 | Arch::Gemma3) {
+            hp.gemma = Some(super::gemma::load_hparams(f, &hp)?);
+        }
+        Ok(hp)
     }
 
     /// Width of one token's K (or V) for all KV heads: `n_head_kv * head_dim`.

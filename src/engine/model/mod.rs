@@ -1,4 +1,5 @@
-//! Model hyper-parameters, weights and forward passes (llama, qwen2, qwen3, bert), and the KV cache: the
+//! Model hyper-parameters, weights and forward passes (llama, qwen2, qwen3, bert, gemma2, gemma3), and the
+//! KV cache (full or sliding-window): the
 //! engine API that the worker and the CLI drive (`Model::load`, `Context::decode`, logits, embeddings).
 //!
 //! Ported from llama.cpp commit 0c1e570: `src/llama-model.cpp` (hyper-parameters, tensors),
@@ -7,6 +8,7 @@
 
 pub mod cli;
 mod forward;
+mod gemma;
 pub mod hparams;
 mod kv_cache;
 mod linalg;
@@ -19,6 +21,7 @@ use crate::engine::chat::ChatTemplate;
 use crate::engine::gguf::{GgufError, GgufFile};
 use crate::engine::tokenizer::{Tokenizer, TokenizerError};
 
+pub use gemma::GemmaHParams;
 pub use hparams::{Arch, HParams, Pooling};
 use kv_cache::KvCache;
 pub use kv_cache::KvType;
@@ -32,7 +35,9 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("unsupported architecture {0:?} (supported: llama, qwen2, qwen3, bert)")]
+    #[error(
+        "unsupported architecture {0:?} (supported: llama, qwen2, qwen3, bert, gemma2, gemma3)"
+    )]
     UnsupportedArch(String),
     #[error("bad hyper-parameters: {0}")]
     BadHParams(String),
@@ -219,7 +224,7 @@ impl Model {
         &self.hp
     }
 
-    /// `general.architecture` (`"llama"`, `"qwen2"`, `"qwen3"`, `"bert"`).
+    /// `general.architecture` (`"llama"`, `"qwen2"`, `"qwen3"`, `"bert"`, `"gemma2"`, `"gemma3"`).
     pub fn arch(&self) -> &str {
         &self.arch_name
     }
@@ -387,8 +392,15 @@ impl Context {
                     params.n_seq_max, params.n_ctx
                 ));
             }
-            Some(KvCache::new(
-                hp.n_layer,
+            // gemma: sliding-window layers keep a ring of their window.
+            let windows: Vec<Option<usize>> = match &hp.gemma {
+                Some(g) if g.n_swa > 0 => {
+                    g.swa_layers.iter().map(|&s| s.then_some(g.n_swa)).collect()
+                }
+                _ => vec![None; hp.n_layer],
+            };
+            Some(KvCache::with_windows(
+                &windows,
                 params.n_seq_max,
                 params.n_ctx,
                 hp.n_embd_kv(),
@@ -493,6 +505,15 @@ impl Context {
                             "token {i}: position {pos} of sequence {seq} leaves a gap after its {start} cached positions"
                         )));
                     }
+                    // gemma: a rewind must not reach behind what a sliding-window ring still holds.
+                    if let Some(kv) = &self.kv
+                        && !kv.can_truncate(seq as usize, pos as usize)
+                    {
+                        return Err(ModelError::BadBatch(format!(
+                            "token {i}: position {pos} of sequence {seq} rewinds past the sliding window \
+                             still cached after {start} positions (clear the sequence and start again)"
+                        )));
+                    }
                     lens.push((seq, pos as usize));
                     lens.last_mut().expect("just pushed")
                 }
@@ -591,11 +612,20 @@ impl Context {
     /// `len`. A `len` at or past the cached length changes nothing; so does an unknown sequence or an
     /// encoder (no cache). The kept cells are untouched, so with the engine's batch invariance a
     /// continuation from them gives bit-identical logits to a cold run over the same tokens.
-    pub fn seq_truncate(&mut self, seq: u32, len: usize) {
+    ///
+    /// Returns false, leaving the sequence unchanged, when a sliding-window layer's ring no longer holds
+    /// the positions a token at `len` must attend to (the sequence went more than a window past `len`):
+    /// the caller then clears the sequence and evaluates the prompt again, as llama-server does for SWA
+    /// caches. True otherwise.
+    pub fn seq_truncate(&mut self, seq: u32, len: usize) -> bool {
         if let Some(kv) = self.kv.as_mut() {
             let cur = kv.seq_len(seq as usize);
+            if !kv.can_truncate(seq as usize, len) {
+                return false;
+            }
             kv.set_len(seq as usize, len.min(cur));
         }
+        true
     }
 
     /// Cached positions of `seq` (0 for encoders and unknown sequences).

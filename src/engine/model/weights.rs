@@ -54,6 +54,12 @@ pub struct Layer {
     pub ffn_down: Linear,
     pub ffn_up_b: Option<Vec<f32>>,
     pub ffn_down_b: Option<Vec<f32>>,
+    // gemma
+    /// gemma2/3: RMS norm of the attention output before the residual, `post_attention_norm.weight`
+    /// `[n_embd]`.
+    pub attn_post_norm: Option<Vec<f32>>,
+    /// gemma2/3: RMS norm of the FFN output before the residual, `post_ffw_norm.weight` `[n_embd]`.
+    pub ffn_post_norm: Option<Vec<f32>>,
 }
 
 /// All weights of a model.
@@ -158,10 +164,20 @@ impl Weights {
                     opt_vec(&n("attn_v.bias"), kv)?,
                 ),
             };
-            let (q_norm, k_norm) = if hp.arch == Arch::Qwen3 {
+            let (q_norm, k_norm) = if matches!(hp.arch, Arch::Qwen3 | Arch::Gemma3) {
                 (
                     Some(vector(f, &n("attn_q_norm.weight"), hp.head_dim)?),
                     Some(vector(f, &n("attn_k_norm.weight"), hp.head_dim)?),
+                )
+            } else {
+                (None, None)
+            };
+            // gemma
+            let gemma = matches!(hp.arch, Arch::Gemma2 | Arch::Gemma3);
+            let (attn_post_norm, ffn_post_norm) = if gemma {
+                (
+                    Some(vector(f, &n("post_attention_norm.weight"), e)?),
+                    Some(vector(f, &n("post_ffw_norm.weight"), e)?),
                 )
             } else {
                 (None, None)
@@ -202,6 +218,8 @@ impl Weights {
                 } else {
                     None
                 },
+                attn_post_norm,
+                ffn_post_norm,
             });
         }
         let (output_norm, output) = if bert {

@@ -19,6 +19,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
 use crate::config::Settings;
+use crate::engine::gguf::GgufFile;
+use crate::engine::kv_layout::{KvLayout, kv_layout};
 
 use super::state::{ModelState, check_transition};
 use super::sys;
@@ -188,6 +190,9 @@ pub struct Manager {
     http: reqwest::Client,
     sys: Mutex<sysinfo::System>,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// KV layouts read from GGUF metadata (sliding-window layers), per (file path, size); `None` when the
+    /// file could not be read.
+    kv_layouts: Mutex<HashMap<(String, i64), Option<KvLayout>>>,
 }
 
 impl Manager {
@@ -217,6 +222,7 @@ impl Manager {
                 .unwrap_or_default(),
             sys: Mutex::new(sysinfo::System::new()),
             shutting_down: false.into(),
+            kv_layouts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -424,21 +430,49 @@ impl Manager {
 
     /// Estimated resident memory of a worker for `m` (bytes): the measured peak RSS (+ 64 MiB) when known,
     /// else the file size + its f16 KV cache ([`kv_cache_bytes`] for the worker's total context, which the
-    /// worker splits over its slots as llama-server does) + a margin of 64 MiB and 10 % of the file.
+    /// worker splits over its slots as llama-server does; for a model with sliding-window layers
+    /// (gemma2/3) [`KvLayout::cache_bytes`] from the file's metadata: those layers keep only a window per
+    /// slot) + a margin of 64 MiB and 10 % of the file.
     pub fn estimate(&self, m: &ModelRow) -> u64 {
-        let (ctx, _, _) = self.worker_params(m);
+        let (ctx, _, parallel) = self.worker_params(m);
         let size = m.size_bytes.max(0) as u64;
         let margin = MARGIN_BYTES + size / 10;
         if let Some(peak) = m.peak_rss_bytes.filter(|p| *p > 0) {
             return peak as u64 + MARGIN_BYTES;
         }
-        let kv = match (m.n_layer, m.n_embd_kv) {
-            (Some(l), Some(e)) if !m.embedding => {
+        let sliding = if m.embedding {
+            None
+        } else {
+            self.sliding_kv_layout(m)
+        };
+        let kv = match (m.n_layer, m.n_embd_kv, sliding) {
+            _ if m.embedding => 0,
+            (_, _, Some(l)) => {
+                let slots = u64::from(parallel.max(1));
+                l.cache_bytes(u64::from(ctx) / slots, slots, 2)
+            }
+            (Some(l), Some(e), None) => {
                 kv_cache_bytes(l.max(0) as u64, e.max(0) as u64, u64::from(ctx))
             }
             _ => 0,
         };
         size + kv + margin
+    }
+
+    /// The KV layout of `m`'s file when some of its layers use a sliding window (read once per file
+    /// path and size through `engine::gguf`, then cached); `None` for other models or unreadable files.
+    fn sliding_kv_layout(&self, m: &ModelRow) -> Option<KvLayout> {
+        let key = (m.file_path.clone(), m.size_bytes);
+        let mut cache = self.kv_layouts.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| {
+                GgufFile::open(&m.file_path)
+                    .ok()
+                    .and_then(|f| kv_layout(&f).ok())
+            })
+            .clone()
+            .filter(|l| l.n_swa > 0)
     }
 
     /// (ctx, threads, parallel) a worker of `m` gets: the model's settings, else the globals; ctx is
@@ -1253,6 +1287,47 @@ mod tests {
             ..r
         };
         assert_eq!(m.estimate(&r), (300 << 20) + MARGIN_BYTES);
+    }
+
+    #[tokio::test]
+    async fn estimate_counts_a_window_for_sliding_layers() {
+        let (_d, m, _db) = manager().await;
+        let assets = std::env::var("CYBER_INFERENCE_ASSETS").expect(
+            "CYBER_INFERENCE_ASSETS must name the test assets (see ../shared/assets/fetch)",
+        );
+        let path = format!("{assets}/models/gemma-3-270m.Q4_K_M.gguf");
+        assert!(std::path::Path::new(&path).exists(), "{path} is missing");
+        let r = ModelRow {
+            file_path: path,
+            architecture: Some("gemma3".into()),
+            context_length: Some(32768),
+            n_layer: Some(18),
+            n_embd_kv: Some(256),
+            ctx_size: Some(32768),
+            parallel: Some(2),
+            ..row("g")
+        };
+        // gemma-3-270m: 18 layers, 3 global (5, 11, 17) with 16384 positions per slot, 15 sliding with a
+        // window of 512; 2 slots; K and V of 256 f16 elements.
+        let kv = 2 * 2 * 256 * 2 * (3 * 16384 + 15 * 512);
+        let full = kv_cache_bytes(18, 256, 32768);
+        assert_eq!(
+            m.estimate(&r),
+            (100 << 20) + kv + MARGIN_BYTES + (100 << 20) / 10
+        );
+        assert!(
+            kv * 5 < full,
+            "{kv} vs {full}: the window saves most of the cache"
+        );
+        // A file that cannot be read falls back to the full formula.
+        let bad = ModelRow {
+            file_path: "/nonexistent.gguf".into(),
+            ..r
+        };
+        assert_eq!(
+            m.estimate(&bad),
+            (100 << 20) + full + MARGIN_BYTES + (100 << 20) / 10
+        );
     }
 
     #[tokio::test]
