@@ -11,7 +11,10 @@ use super::ModelError;
 /// The architectures this engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
-    /// llama 2/3, mistral, TinyLlama, SmolLM: RMS norm, rope (normal), SwiGLU, GQA.
+    /// llama 2/3, mistral, TinyLlama, SmolLM: RMS norm, rope (normal), SwiGLU, GQA; Mixtral when the file
+    /// has experts (`llama.expert_count`). Mistral's `llama.attention.sliding_window` is ignored, as
+    /// llama.cpp 0c1e570 ignores it for this architecture (`llama_model_llama::load_arch_hparams` does not
+    /// read it): every layer attends to the whole context.
     Llama,
     /// qwen2: llama plus q/k/v biases, NeoX rope.
     Qwen2,
@@ -19,6 +22,15 @@ pub enum Arch {
     Qwen3,
     /// BERT encoders (all-MiniLM…): absolute positions, token types, layer norm, GELU, pooling.
     Bert,
+    // moe
+    /// qwen2moe: qwen2 attention, routed experts (softmax, top-k, no renormalisation) plus a shared expert
+    /// scaled by a sigmoid gate.
+    Qwen2Moe,
+    /// qwen3moe: qwen3 attention, routed experts (softmax, top-k, renormalised).
+    Qwen3Moe,
+    // phi3
+    /// phi3 / phi4-mini: fused `attn_qkv` and gate/up, NeoX rope (possibly partial), LongRoPE factors.
+    Phi3,
 }
 
 impl Arch {
@@ -29,6 +41,9 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "bert" => Some(Arch::Bert),
+            "qwen2moe" => Some(Arch::Qwen2Moe),
+            "qwen3moe" => Some(Arch::Qwen3Moe),
+            "phi3" => Some(Arch::Phi3),
             _ => None,
         }
     }
@@ -40,6 +55,9 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Bert => "bert",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -47,7 +65,9 @@ impl Arch {
     pub fn rope_mode(self) -> RopeMode {
         match self {
             Arch::Llama | Arch::Bert => RopeMode::Normal,
-            Arch::Qwen2 | Arch::Qwen3 => RopeMode::Neox,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Phi3 => {
+                RopeMode::Neox
+            }
         }
     }
 }
@@ -97,12 +117,30 @@ pub struct HParams {
     pub pooling: Pooling,
     /// `{arch}.attention.causal` (BERT: false; decoders: true).
     pub causal: bool,
+    // rope scaling
+    /// `{arch}.rope.scaling.attn_factor` (default 1): multiplies every rope cosine and sine (ggml's
+    /// `mscale`; phi3 LongRoPE files set it).
+    pub rope_attn_factor: f32,
+    /// `{arch}.rope.scaling.original_context_length` (default `n_ctx_train`): phi3 uses its long rope
+    /// factors for contexts above it (`llama_model::get_rope_factors`).
+    pub n_ctx_orig: usize,
+    // moe
+    /// `{arch}.expert_count` (0 for a dense model).
+    pub n_expert: usize,
+    /// `{arch}.expert_used_count`: experts each token is routed to (top-k).
+    pub n_expert_used: usize,
+    /// Hidden width of one expert: `{arch}.expert_feed_forward_length`, else `n_ff / n_expert_used`
+    /// (qwen2moe, qwen3moe) or `n_ff` (llama/Mixtral).
+    pub n_ff_exp: usize,
+    /// qwen2moe: hidden width of the shared expert, `{arch}.expert_shared_feed_forward_length` (else `n_ff`).
+    pub n_ff_shexp: usize,
 }
 
 impl HParams {
     /// Reads the hyper-parameters of `f`.
     ///
-    /// Errors: [`ModelError::UnsupportedArch`] for an architecture other than llama/qwen2/qwen3/bert,
+    /// Errors: [`ModelError::UnsupportedArch`] for an architecture other than llama, qwen2, qwen3, qwen2moe,
+    /// qwen3moe, phi3 or bert,
     /// [`ModelError::Gguf`] naming a missing or mistyped key, [`ModelError::BadHParams`] for values that
     /// contradict each other (zero sizes, heads not dividing, unknown rope scaling or pooling).
     pub fn from_gguf(f: &GgufFile) -> Result<HParams, ModelError> {
@@ -120,12 +158,23 @@ impl HParams {
         };
         let n_embd = req("embedding_length")?;
         let n_layer = req("block_count")?;
-        let n_ff = req("feed_forward_length")?;
+        // moe: experts, read as llama.cpp's `load_hparams` does (`expert_count`, `expert_used_count`).
+        let n_expert = opt("expert_count")?.unwrap_or(0);
+        let n_expert_used = opt("expert_used_count")?.unwrap_or(0);
+        let moe_arch = matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe);
+        // MoE files may leave out the dense width (llama.cpp reads it as optional); experts then need
+        // `expert_feed_forward_length`.
+        let n_ff = match opt("feed_forward_length")? {
+            Some(v) => v,
+            None if moe_arch => 0,
+            None => req("feed_forward_length")?,
+        };
         let n_head = req("attention.head_count")?;
         let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
         let n_ctx_train = req("context_length")?;
         let bad = |what: String| ModelError::BadHParams(what);
-        if n_embd == 0 || n_layer == 0 || n_ff == 0 || n_head == 0 || n_head_kv == 0 {
+        if n_embd == 0 || n_layer == 0 || (n_ff == 0 && !moe_arch) || n_head == 0 || n_head_kv == 0
+        {
             return Err(bad(format!(
                 "zero size: embedding_length {n_embd}, block_count {n_layer}, feed_forward_length {n_ff}, \
                  head_count {n_head}, head_count_kv {n_head_kv}"
@@ -171,8 +220,9 @@ impl HParams {
             None => 10000.0,
             Some(_) => f.get_f32(&format!("{a}.rope.freq_base"))?,
         };
+        // llama.cpp's default scaling type is "linear" (`load_hparams`): a factor without a type scales.
         let scaling_type = match f.get(&format!("{a}.rope.scaling.type")) {
-            None => "none".to_string(),
+            None => "linear".to_string(),
             Some(_) => f.get_str(&format!("{a}.rope.scaling.type"))?.to_string(),
         };
         let factor = match f.get(&format!("{a}.rope.scaling.factor")) {
@@ -181,14 +231,66 @@ impl HParams {
         };
         let rope_freq_scale = match scaling_type.as_str() {
             "none" => 1.0,
-            "linear" if factor > 0.0 && factor.is_finite() => 1.0 / factor,
-            "linear" => 1.0,
+            // LongRoPE (phi3) scales frequencies by its per-dimension factors, and linearly only when a
+            // factor is given.
+            "linear" | "longrope" if factor > 0.0 && factor.is_finite() => 1.0 / factor,
+            "linear" | "longrope" => 1.0,
             other => {
                 return Err(bad(format!(
-                    "{a}.rope.scaling.type {other:?} is not supported (none and linear are)"
+                    "{a}.rope.scaling.type {other:?} is not supported (none, linear and longrope are)"
                 )));
             }
         };
+        let rope_attn_factor = match f.get(&format!("{a}.rope.scaling.attn_factor")) {
+            None => 1.0,
+            Some(_) => f.get_f32(&format!("{a}.rope.scaling.attn_factor"))?,
+        };
+        if !(rope_attn_factor.is_finite() && rope_attn_factor > 0.0) {
+            return Err(bad(format!(
+                "{a}.rope.scaling.attn_factor {rope_attn_factor} out of range"
+            )));
+        }
+        let n_ctx_orig = opt("rope.scaling.original_context_length")?.unwrap_or(n_ctx_train);
+        // moe
+        let (n_ff_exp, n_ff_shexp) = if n_expert > 0 {
+            if n_expert_used == 0 || n_expert_used > n_expert || n_expert > 512 {
+                return Err(bad(format!(
+                    "{a}.expert_used_count {n_expert_used} must be in 1..={a}.expert_count {n_expert} (at most 512)"
+                )));
+            }
+            // llama (Mixtral) experts are n_ff wide (`llama_model_llama::load_arch_tensors`).
+            let n_ff_exp = match opt("expert_feed_forward_length")? {
+                _ if arch == Arch::Llama => n_ff,
+                Some(v) if v > 0 => v,
+                _ => n_ff / n_expert_used,
+            };
+            if n_ff_exp == 0 {
+                return Err(bad(format!(
+                    "{a}.expert_feed_forward_length is missing and feed_forward_length {n_ff} gives no expert width"
+                )));
+            }
+            let n_ff_shexp = match opt("expert_shared_feed_forward_length")? {
+                Some(v) if v > 0 => v,
+                _ => n_ff,
+            };
+            (n_ff_exp, n_ff_shexp)
+        } else if moe_arch {
+            return Err(bad(format!(
+                "{a}.expert_count is missing or 0 (the architecture is a mixture of experts)"
+            )));
+        } else {
+            (0, 0)
+        };
+        if arch == Arch::Qwen2Moe && n_ff_shexp == 0 {
+            return Err(bad(format!(
+                "{a}.expert_shared_feed_forward_length is missing and feed_forward_length is 0"
+            )));
+        }
+        if n_expert > 0 && !matches!(arch, Arch::Llama | Arch::Qwen2Moe | Arch::Qwen3Moe) {
+            return Err(bad(format!(
+                "{a}.expert_count {n_expert}: experts are supported for llama, qwen2moe and qwen3moe only"
+            )));
+        }
         let pooling = match opt("pooling_type")? {
             None if arch == Arch::Bert => Pooling::Mean,
             None | Some(0) => Pooling::None,
@@ -227,6 +329,12 @@ impl HParams {
             rope_freq_scale,
             pooling,
             causal,
+            rope_attn_factor,
+            n_ctx_orig,
+            n_expert,
+            n_expert_used,
+            n_ff_exp,
+            n_ff_shexp,
         })
     }
 

@@ -10,6 +10,8 @@ mod forward;
 pub mod hparams;
 mod kv_cache;
 mod linalg;
+pub mod moe;
+pub mod phi3;
 pub mod weights;
 
 use std::path::Path;
@@ -32,7 +34,9 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("unsupported architecture {0:?} (supported: llama, qwen2, qwen3, bert)")]
+    #[error(
+        "unsupported architecture {0:?} (supported: llama, qwen2, qwen3, qwen2moe, qwen3moe, phi3, bert)"
+    )]
     UnsupportedArch(String),
     #[error("bad hyper-parameters: {0}")]
     BadHParams(String),
