@@ -1,11 +1,11 @@
 //! Every architecture without a small real file (llama, Llama 3 rope scaling, Mixtral, qwen2, qwen3,
 //! qwen2moe, qwen3moe, phi3) on its synthetic model from `scripts/synth-models`, against llama.cpp's
 //! answers recorded in `tests/vectors/synth/` (README there):
-//! - logits of every position of fixed token sequences: the recorded ids' logits (48 fixed ids and the
-//!   top-20) within [`LOGIT_TOL`], and the same best token except at a near-tie;
+//! - logits of every position of fixed token sequences (F32 KV cache): the recorded ids' logits (48 fixed
+//!   ids and the top-20) within the tolerance below, and the same best token except at a near-tie;
 //! - greedy continuations identical, a divergence allowed only at a near-tie (llama.cpp's two best
 //!   log-probabilities less than 0.1 apart at the first differing step, as `model_llama_cpp_parity.rs`);
-//! - perplexity on ppl.txt within 0.5%.
+//! - perplexity on ppl.txt within 0.5% (default F16 KV cache; llama.cpp with flash attention).
 
 mod synth_common;
 
@@ -14,21 +14,33 @@ use cyber_inference::engine::model::{Batch, Context, ContextParams, KvType, Mode
 use std::sync::Arc;
 use synth_common::*;
 
-/// Largest allowed |ours − llama.cpp| of a logit, absolute plus relative to the logit's magnitude.
+/// Largest allowed |ours − llama.cpp| of any recorded logit: absolute plus relative to the logit.
 ///
-/// Why this size: the weights are F32/F16/Q8_0/Q4_0/Q4_1/Q5_0, whose dot products the engine computes with
-/// llama.cpp's per-block integer arithmetic, so a logit differs only where llama.cpp's float order differs
-/// from ours: its repacked Q4_0 GEMM for batches (per-block sums reassociated), its F32/F16 SIMD dot
-/// products and the order of the flash-attention accumulation over a 512-slot f16 cache. Each is an f32
-/// rounding difference (~1e-7 relative) that the layers amplify; the synthetic logits have a spread of
-/// about 4, so differences stay far below 1e-2 while a wrong graph (a missing norm, bias, scale or a
-/// wrong expert) moves logits by more than 0.1.
-const LOGIT_TOL_ABS: f64 = 5e-3;
-const LOGIT_TOL_REL: f64 = 1e-3;
+/// The logits cases run with an F32 KV cache and llama.cpp without flash attention (its f32 `mul_mat`,
+/// `soft_max`, `mul_mat`; ours the same softmax), so the only differences left are last-bit ones where
+/// llama.cpp's float order differs from ours (its AVX-512 F16 and Q4_0 dot products and repacked Q4_0 GEMM,
+/// `mul_mat_id`): measured ≤ 2e-6 on logits of magnitude up to ~20 (one f32 ulp at 16). Rarely such a
+/// last-bit difference moves an activation across a Q8_0 rounding boundary, which shifts that element by
+/// one quantization step (~1% of its block's maximum); measured up to 4e-2 on a logit, at one position of a
+/// model. Hence two limits: every logit within [`LOGIT_TOL_ABS`] + [`LOGIT_TOL_REL`]·|logit|, and at most
+/// [`MAX_LOOSE_SHARE`] of the positions with any logit further than [`LOGIT_TIGHT`] from llama.cpp's. A
+/// wrong graph (a missing norm, bias, scale, rope factor or a wrong expert weight) moves most logits by
+/// more than 0.1.
+const LOGIT_TOL_ABS: f64 = 0.1;
+const LOGIT_TOL_REL: f64 = 0.01;
+/// Bound of a position where no activation crossed a rounding boundary (a few f32 ulps of the logits).
+const LOGIT_TIGHT: f64 = 1e-4;
+/// Share of positions allowed above [`LOGIT_TIGHT`].
+const MAX_LOOSE_SHARE: f64 = 0.05;
 /// Two best log-probabilities closer than this are a near-tie.
 const NEAR_TIE: f64 = 0.1;
 
-fn context(model: &Arc<Model>, n_ctx: usize) -> Context {
+fn context(model: &Arc<Model>, n_ctx: usize, kv: &serde_json::Value) -> Context {
+    let kv_type = match kv.as_str() {
+        Some("f32") => KvType::F32,
+        Some("f16") => KvType::F16,
+        other => panic!("kv_type {other:?} in the vectors"),
+    };
     Context::new(
         model.clone(),
         ContextParams {
@@ -37,7 +49,7 @@ fn context(model: &Arc<Model>, n_ctx: usize) -> Context {
             n_batch: n_ctx,
             n_threads: 2,
             embeddings: false,
-            kv_type: KvType::F16,
+            kv_type,
         },
     )
     .expect("context")
@@ -61,11 +73,12 @@ fn check_logits(name: &str) {
     );
     let fixed = ids(&v["fixed_ids"]);
     let mut worst = (0.0f64, String::new());
+    let (mut n_pos, mut n_loose) = (0usize, 0usize);
     for case in v["logits"].as_array().unwrap() {
         let label = case["label"].as_str().unwrap();
         let n_ctx = case["n_ctx"].as_u64().unwrap() as usize;
         let tokens = ids(&case["tokens"]);
-        let mut ctx = context(&model, n_ctx);
+        let mut ctx = context(&model, n_ctx, &case["kv_type"]);
         let mut b = Batch::single(&tokens, 0, 0);
         b.logits.iter_mut().for_each(|l| *l = true);
         ctx.decode(&b).expect("decode");
@@ -81,8 +94,10 @@ fn check_logits(name: &str) {
                 top.iter()
                     .map(|t| (t[0].as_u64().unwrap() as usize, t[1].as_f64().unwrap())),
             );
+            let mut pos_max = 0.0f64;
             for (id, w) in pairs {
                 let d = (got[id] as f64 - w).abs();
+                pos_max = pos_max.max(d);
                 let tol = LOGIT_TOL_ABS + LOGIT_TOL_REL * w.abs();
                 if d / tol > worst.0 {
                     worst = (
@@ -99,6 +114,11 @@ fn check_logits(name: &str) {
                     got[id]
                 );
             }
+            n_pos += 1;
+            if pos_max > LOGIT_TIGHT {
+                n_loose += 1;
+                eprintln!("{name} {label:?} position {p}: largest |Δ| {pos_max:.2e}");
+            }
             let best = top[0][0].as_u64().unwrap() as usize;
             let ours = argmax(got);
             if ours != best {
@@ -111,18 +131,23 @@ fn check_logits(name: &str) {
         }
     }
     eprintln!(
-        "{name}: every recorded logit within tolerance; largest |Δ|/tol {:.3} at {}",
+        "{name}: every recorded logit within tolerance; largest |Δ|/tol {:.3} at {}; {n_loose}/{n_pos} positions above {LOGIT_TIGHT:e}",
         worst.0, worst.1
+    );
+    assert!(
+        n_loose as f64 <= MAX_LOOSE_SHARE * n_pos as f64,
+        "{name}: {n_loose} of {n_pos} positions have a logit more than {LOGIT_TIGHT:e} from llama.cpp's"
     );
 }
 
 fn check_greedy(name: &str) {
     let model = load(name);
     let v = vectors(name);
-    let mut ctx = context(&model, 256);
     let mut identical = 0;
     let cases = v["greedy"].as_array().unwrap();
     for case in cases {
+        let n_ctx = case["n_ctx"].as_u64().unwrap() as usize;
+        let mut ctx = context(&model, n_ctx, &case["kv_type"]);
         let prompt = case["prompt"].as_str().unwrap();
         let tokens = ids(&case["tokens"]);
         let ours_tok = model.tokenizer().encode(prompt, true, false);
@@ -133,7 +158,6 @@ fn check_greedy(name: &str) {
         }
         let want = ids(&case["ids"]);
         let top2 = case["top2_logprobs"].as_array().unwrap();
-        ctx.seq_clear(0);
         ctx.decode(&Batch::single(&tokens, 0, 0)).expect("prompt");
         let mut got = Vec::new();
         for step in 0..want.len() {
@@ -189,7 +213,7 @@ fn check_perplexity(name: &str) {
         p["add_bos"].as_bool().unwrap(),
         "{name}: add_bos"
     );
-    let mut ctx = context(&model, n_ctx);
+    let mut ctx = context(&model, n_ctx, &p["kv_type"]);
     let r = perplexity(&mut ctx, &tokens, n_ctx, n_batch, add_bos, |_, _| {}).unwrap();
     assert_eq!(
         r.n_chunks as u64,
