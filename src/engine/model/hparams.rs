@@ -375,3 +375,154 @@ fn get_uint(f: &GgufFile, key: &str) -> Result<usize, GgufError> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF holding only metadata: `(key, value)` with u32, f32 or string values.
+    fn gguf(kv: &[(&str, Value)]) -> GgufFile {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend((kv.len() as u64).to_le_bytes());
+        let s = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        for (k, v) in kv {
+            s(&mut b, k);
+            match v {
+                Value::U32(x) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                Value::F32(x) => {
+                    b.extend(6u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                Value::String(x) => {
+                    b.extend(8u32.to_le_bytes());
+                    s(&mut b, x);
+                }
+                other => panic!("unsupported in this test: {other:?}"),
+            }
+        }
+        while !b.len().is_multiple_of(32) {
+            b.push(0);
+        }
+        GgufFile::from_bytes(b).expect("a valid GGUF")
+    }
+
+    fn base(arch: &str) -> Vec<(String, Value)> {
+        let k = |s: &str| format!("{arch}.{s}");
+        vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (k("embedding_length"), Value::U32(64)),
+            (k("block_count"), Value::U32(2)),
+            (k("feed_forward_length"), Value::U32(128)),
+            (k("attention.head_count"), Value::U32(4)),
+            (k("context_length"), Value::U32(4096)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        ]
+    }
+
+    /// Sets `key` (replacing an earlier value: a GGUF key appears once).
+    fn set(kv: &mut Vec<(String, Value)>, key: &str, v: Value) {
+        kv.retain(|(k, _)| k != key);
+        kv.push((key.to_string(), v));
+    }
+
+    fn parse(kv: &[(String, Value)]) -> Result<HParams, ModelError> {
+        let kv: Vec<(&str, Value)> = kv.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        HParams::from_gguf(&gguf(&kv))
+    }
+
+    #[test]
+    fn moe_keys_are_read_and_their_absence_is_named() {
+        let mut kv = base("qwen2moe");
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("qwen2moe.expert_count"), "{err}");
+        set(&mut kv, "qwen2moe.expert_count", Value::U32(8));
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("qwen2moe.expert_used_count"), "{err}");
+        set(&mut kv, "qwen2moe.expert_used_count", Value::U32(2));
+        let hp = parse(&kv).unwrap();
+        assert_eq!((hp.n_expert, hp.n_expert_used), (8, 2));
+        // Defaults of load_arch_tensors: n_ff / n_expert_used and n_ff.
+        assert_eq!((hp.n_ff_exp, hp.n_ff_shexp), (64, 128));
+        set(
+            &mut kv,
+            "qwen2moe.expert_feed_forward_length",
+            Value::U32(32),
+        );
+        set(
+            &mut kv,
+            "qwen2moe.expert_shared_feed_forward_length",
+            Value::U32(96),
+        );
+        let hp = parse(&kv).unwrap();
+        assert_eq!((hp.n_ff_exp, hp.n_ff_shexp), (32, 96));
+        assert_eq!(hp.arch.rope_mode(), RopeMode::Neox);
+    }
+
+    #[test]
+    fn mixtral_experts_are_n_ff_wide() {
+        let mut kv = base("llama");
+        set(&mut kv, "llama.expert_count", Value::U32(8));
+        set(&mut kv, "llama.expert_used_count", Value::U32(2));
+        set(&mut kv, "llama.expert_feed_forward_length", Value::U32(32));
+        let hp = parse(&kv).unwrap();
+        assert_eq!(hp.n_ff_exp, 128);
+        set(&mut kv, "llama.expert_used_count", Value::U32(9));
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("expert_used_count 9"), "{err}");
+    }
+
+    #[test]
+    fn missing_rms_epsilon_is_named() {
+        let kv: Vec<_> = base("phi3")
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("layer_norm_rms_epsilon"))
+            .collect();
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(
+            err.contains("phi3.attention.layer_norm_rms_epsilon"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rope_scaling_keys() {
+        let mut kv = base("phi3");
+        let hp = parse(&kv).unwrap();
+        assert_eq!(
+            (hp.rope_attn_factor, hp.n_ctx_orig, hp.rope_freq_scale),
+            (1.0, 4096, 1.0)
+        );
+        set(&mut kv, "phi3.rope.scaling.attn_factor", Value::F32(1.19));
+        set(
+            &mut kv,
+            "phi3.rope.scaling.original_context_length",
+            Value::U32(256),
+        );
+        let hp = parse(&kv).unwrap();
+        assert_eq!((hp.rope_attn_factor, hp.n_ctx_orig), (1.19, 256));
+        // A factor without a type scales linearly, as llama.cpp's default "linear".
+        set(&mut kv, "phi3.rope.scaling.factor", Value::F32(4.0));
+        assert_eq!(parse(&kv).unwrap().rope_freq_scale, 0.25);
+        set(
+            &mut kv,
+            "phi3.rope.scaling.type",
+            Value::String("none".into()),
+        );
+        assert_eq!(parse(&kv).unwrap().rope_freq_scale, 1.0);
+        set(
+            &mut kv,
+            "phi3.rope.scaling.type",
+            Value::String("yarn".into()),
+        );
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("\"yarn\" is not supported"), "{err}");
+    }
+}

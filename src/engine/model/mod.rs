@@ -1,9 +1,11 @@
-//! Model hyper-parameters, weights and forward passes (llama, qwen2, qwen3, bert), and the KV cache: the
-//! engine API that the worker and the CLI drive (`Model::load`, `Context::decode`, logits, embeddings).
+//! Model hyper-parameters, weights and forward passes (llama and Mixtral, qwen2, qwen3, qwen2moe, qwen3moe,
+//! phi3, bert), and the KV cache: the engine API that the worker and the CLI drive (`Model::load`,
+//! `Context::decode`, logits, embeddings).
 //!
 //! Ported from llama.cpp commit 0c1e570: `src/llama-model.cpp` (hyper-parameters, tensors),
-//! `src/models/llama.cpp`, `qwen2.cpp`, `qwen3.cpp`, `bert.cpp` (graphs), `src/llama-graph.cpp`
-//! (attention, FFN, pooling) and `src/llama-context.cpp` (batches, outputs).
+//! `src/models/llama.cpp`, `qwen2.cpp`, `qwen3.cpp`, `qwen2moe.cpp`, `qwen3moe.cpp`, `phi3.cpp`, `bert.cpp`
+//! (graphs), `src/llama-graph.cpp` (attention, FFN, MoE FFN, pooling) and `src/llama-context.cpp` (batches,
+//! outputs).
 
 pub mod cli;
 mod forward;
@@ -187,7 +189,8 @@ impl Model {
         &self.hp
     }
 
-    /// `general.architecture` (`"llama"`, `"qwen2"`, `"qwen3"`, `"bert"`).
+    /// `general.architecture` (`"llama"`, `"qwen2"`, `"qwen3"`, `"qwen2moe"`, `"qwen3moe"`, `"phi3"`,
+    /// `"bert"`).
     pub fn arch(&self) -> &str {
         &self.arch_name
     }
