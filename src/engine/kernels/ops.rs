@@ -98,6 +98,24 @@ pub fn rope_cache(p: &RopeParams, pos: u32, freq_factors: Option<&[f32]>) -> (Ve
     (cos, sin)
 }
 
+/// [`rope_cache`] times ggml's `mscale` (the rope attention factor, `{arch}.rope.scaling.attn_factor`):
+/// `cos(θ)·mscale`, `sin(θ)·mscale` as `rope_yarn` computes them without YaRN extrapolation
+/// (`ext_factor` 0: linear, LongRoPE and Llama 3 scaling). `mscale` 1 gives [`rope_cache`]'s values.
+pub fn rope_cache_scaled(
+    p: &RopeParams,
+    pos: u32,
+    freq_factors: Option<&[f32]>,
+    mscale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut cos, mut sin) = rope_cache(p, pos, freq_factors);
+    if mscale != 1.0 {
+        cos.iter_mut()
+            .chain(sin.iter_mut())
+            .for_each(|v| *v *= mscale);
+    }
+    (cos, sin)
+}
+
 /// Rotates every head of one token in place: `x` is `[n_heads, head_dim]` (ggml order: `head_dim` fastest),
 /// `cos`/`sin` come from [`rope_cache`] for this token's position.
 pub fn rope(

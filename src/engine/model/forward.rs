@@ -1,10 +1,10 @@
-//! The forward passes: the llama family (llama, qwen2, qwen3) over the KV cache, and BERT encoders over
+//! The forward passes: the llama family (llama, qwen2, qwen3, phi3, and the MoE models through `moe`) over the KV cache, and BERT encoders over
 //! whole sequences. Every step works per token row (matmul rows, norms, rope) or per token over its own
 //! sequence in position order (attention), so outputs do not depend on batch composition.
 //!
 //! Graphs ported from llama.cpp commit 0c1e570: `src/models/llama.cpp`, `src/models/qwen2.cpp`,
-//! `src/models/qwen3.cpp`, `src/models/bert.cpp`, and `src/llama-graph.cpp` (`build_attn_mha`,
-//! `build_ffn`, `build_pooling`).
+//! `src/models/qwen3.cpp`, `src/models/phi3.cpp`, `src/models/bert.cpp`, and `src/llama-graph.cpp`
+//! (`build_attn_mha`, `build_ffn`, `build_moe_ffn`, `build_pooling`).
 
 use crate::engine::kernels::ops::{self, RopeParams};
 
@@ -13,6 +13,7 @@ use super::kv_cache::KvView;
 use super::linalg::{self, Pool};
 use super::weights::Linear;
 use super::{Batch, Context, ModelError};
+use super::{moe, phi3};
 
 /// Runs the forward pass of `b` (already validated) and stores the outputs in `ctx`.
 pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
@@ -74,18 +75,26 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
     let nq = hp.n_embd_q();
     let nkv = hp.n_embd_kv();
     let gqa = hp.n_head / hp.n_head_kv;
-    let kq_scale = 1.0 / (hd as f32).sqrt();
+    // phi3 scales Q before attention and attends with scale 1.
+    let q_prescale = phi3::prescales_q(hp.arch).then(|| 1.0 / (hd as f32).sqrt());
+    let kq_scale = if q_prescale.is_some() {
+        1.0
+    } else {
+        1.0 / (hd as f32).sqrt()
+    };
     let rope = RopeParams {
         n_dims: hp.rope_n_dims,
         freq_base: hp.rope_freq_base,
         freq_scale: hp.rope_freq_scale,
         mode: hp.arch.rope_mode(),
     };
-    // Rope tables per token (each depends only on its position).
+    // Rope tables per token (each depends only on its position); frequency factors: rope_freqs
+    // (Llama 3.x) or phi3's long/short LongRoPE factors for this context size.
+    let rope_factors = phi3::rope_factors(w, hp, ctx.params.n_ctx);
     let rope_tables: Vec<(Vec<f32>, Vec<f32>)> = b
         .pos
         .iter()
-        .map(|&p| ops::rope_cache(&rope, p, w.rope_freqs.as_deref()))
+        .map(|&p| ops::rope_cache_scaled(&rope, p, rope_factors, hp.rope_attn_factor))
         .collect();
     let groups = group_by_seq(b);
     let shape = AttnShape {
@@ -166,6 +175,9 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 &v[i * nkv..(i + 1) * nkv],
             );
         }
+        if let Some(scale) = q_prescale {
+            q.iter_mut().for_each(|v| *v *= scale);
+        }
         dump(format_args!("Qcur-{il}.2"), &q);
         dump(format_args!("Kcur-{il}.2"), &k);
         let mut attn = vec![0.0f32; n * nq];
@@ -191,10 +203,18 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         ops::add_in_place(&mut x, &o);
         dump(format_args!("ffn_inp-{il}"), &x);
 
-        // FFN block: norm → silu(gate)·up → down, residual.
+        // FFN block: norm → silu(gate)·up → down (or the routed experts), residual.
         h.copy_from_slice(&x);
         for row in h.chunks_exact_mut(e) {
             ops::rms_norm(row, &layer.ffn_norm, hp.norm_eps);
+        }
+        if let Some(m) = &layer.moe {
+            dump(format_args!("ffn_norm-{il}"), &h);
+            let d = moe::ffn(&ctx.pool, file, layer, m, &h, n, e)?;
+            dump(format_args!("ffn_moe_out-{il}"), &d);
+            ops::add_in_place(&mut x, &d);
+            dump(format_args!("l_out-{il}"), &x);
+            continue;
         }
         let gate_w = layer
             .ffn_gate

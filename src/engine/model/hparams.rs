@@ -11,7 +11,10 @@ use super::ModelError;
 /// The architectures this engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
-    /// llama 2/3, mistral, TinyLlama, SmolLM: RMS norm, rope (normal), SwiGLU, GQA.
+    /// llama 2/3, mistral, TinyLlama, SmolLM: RMS norm, rope (normal), SwiGLU, GQA; Mixtral when the file
+    /// has experts (`llama.expert_count`). Mistral's `llama.attention.sliding_window` is ignored, as
+    /// llama.cpp 0c1e570 ignores it for this architecture (`llama_model_llama::load_arch_hparams` does not
+    /// read it): every layer attends to the whole context.
     Llama,
     /// qwen2: llama plus q/k/v biases, NeoX rope.
     Qwen2,
@@ -26,20 +29,39 @@ pub enum Arch {
     /// gemma3: gemma2 plus per-head q/k RMS norm and a separate rope base for the sliding layers, without
     /// attention soft-capping.
     Gemma3,
+    // moe
+    /// qwen2moe: qwen2 attention, routed experts (softmax, top-k, no renormalisation) plus a shared expert
+    /// scaled by a sigmoid gate.
+    Qwen2Moe,
+    /// qwen3moe: qwen3 attention, routed experts (softmax, top-k, renormalised).
+    Qwen3Moe,
+    // phi3
+    /// phi3 / phi4-mini: fused `attn_qkv` and gate/up, NeoX rope (possibly partial), LongRoPE factors.
+    Phi3,
 }
 
 impl Arch {
+    /// Every architecture this engine runs, in the order error messages list them.
+    pub const ALL: [Arch; 9] = [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Qwen2Moe,
+        Arch::Qwen3Moe,
+        Arch::Phi3,
+        Arch::Gemma2,
+        Arch::Gemma3,
+        Arch::Bert,
+    ];
+
     /// Parses `general.architecture`; `None` for an architecture we do not run.
     pub fn from_name(name: &str) -> Option<Arch> {
-        match name {
-            "llama" => Some(Arch::Llama),
-            "qwen2" => Some(Arch::Qwen2),
-            "qwen3" => Some(Arch::Qwen3),
-            "bert" => Some(Arch::Bert),
-            "gemma2" => Some(Arch::Gemma2),
-            "gemma3" => Some(Arch::Gemma3),
-            _ => None,
-        }
+        Arch::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The names of [`Arch::ALL`], comma-separated (for error messages).
+    pub fn names() -> String {
+        Arch::ALL.map(Arch::name).join(", ")
     }
 
     /// The GGUF key prefix (`general.architecture`).
@@ -51,6 +73,9 @@ impl Arch {
             Arch::Bert => "bert",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -58,7 +83,13 @@ impl Arch {
     pub fn rope_mode(self) -> RopeMode {
         match self {
             Arch::Llama | Arch::Bert => RopeMode::Normal,
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 => RopeMode::Neox,
+            Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Qwen2Moe
+            | Arch::Qwen3Moe
+            | Arch::Phi3
+            | Arch::Gemma2
+            | Arch::Gemma3 => RopeMode::Neox,
         }
     }
 }
@@ -112,13 +143,29 @@ pub struct HParams {
     /// Sliding-window attention and the per-layer-kind settings of gemma2/gemma3 (`None` for the other
     /// architectures); read by [`super::gemma::load_hparams`].
     pub gemma: Option<super::gemma::GemmaHParams>,
+    // rope scaling
+    /// `{arch}.rope.scaling.attn_factor` (default 1): multiplies every rope cosine and sine (ggml's
+    /// `mscale`; phi3 LongRoPE files set it).
+    pub rope_attn_factor: f32,
+    /// `{arch}.rope.scaling.original_context_length` (default `n_ctx_train`): phi3 uses its long rope
+    /// factors for contexts above it (`llama_model::get_rope_factors`).
+    pub n_ctx_orig: usize,
+    // moe
+    /// `{arch}.expert_count` (0 for a dense model).
+    pub n_expert: usize,
+    /// `{arch}.expert_used_count`: experts each token is routed to (top-k).
+    pub n_expert_used: usize,
+    /// Hidden width of one expert: `{arch}.expert_feed_forward_length`, else `n_ff / n_expert_used`
+    /// (qwen2moe, qwen3moe) or `n_ff` (llama/Mixtral).
+    pub n_ff_exp: usize,
+    /// qwen2moe: hidden width of the shared expert, `{arch}.expert_shared_feed_forward_length` (else `n_ff`).
+    pub n_ff_shexp: usize,
 }
 
 impl HParams {
     /// Reads the hyper-parameters of `f`.
     ///
-    /// Errors: [`ModelError::UnsupportedArch`] for an architecture other than
-    /// llama/qwen2/qwen3/bert/gemma2/gemma3,
+    /// Errors: [`ModelError::UnsupportedArch`] for an architecture not in [`Arch::ALL`],
     /// [`ModelError::Gguf`] naming a missing or mistyped key, [`ModelError::BadHParams`] for values that
     /// contradict each other (zero sizes, heads not dividing, unknown rope scaling or pooling).
     pub fn from_gguf(f: &GgufFile) -> Result<HParams, ModelError> {
@@ -136,12 +183,23 @@ impl HParams {
         };
         let n_embd = req("embedding_length")?;
         let n_layer = req("block_count")?;
-        let n_ff = req("feed_forward_length")?;
+        // moe: experts, read as llama.cpp's `load_hparams` does (`expert_count`, `expert_used_count`).
+        let n_expert = opt("expert_count")?.unwrap_or(0);
+        let n_expert_used = opt("expert_used_count")?.unwrap_or(0);
+        let moe_arch = matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe);
+        // MoE files may leave out the dense width (llama.cpp reads it as optional); experts then need
+        // `expert_feed_forward_length`.
+        let n_ff = match opt("feed_forward_length")? {
+            Some(v) => v,
+            None if moe_arch => 0,
+            None => req("feed_forward_length")?,
+        };
         let n_head = req("attention.head_count")?;
         let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
         let n_ctx_train = req("context_length")?;
         let bad = |what: String| ModelError::BadHParams(what);
-        if n_embd == 0 || n_layer == 0 || n_ff == 0 || n_head == 0 || n_head_kv == 0 {
+        if n_embd == 0 || n_layer == 0 || (n_ff == 0 && !moe_arch) || n_head == 0 || n_head_kv == 0
+        {
             return Err(bad(format!(
                 "zero size: embedding_length {n_embd}, block_count {n_layer}, feed_forward_length {n_ff}, \
                  head_count {n_head}, head_count_kv {n_head_kv}"
@@ -187,8 +245,9 @@ impl HParams {
             None => 10000.0,
             Some(_) => f.get_f32(&format!("{a}.rope.freq_base"))?,
         };
+        // llama.cpp's default scaling type is "linear" (`load_hparams`): a factor without a type scales.
         let scaling_type = match f.get(&format!("{a}.rope.scaling.type")) {
-            None => "none".to_string(),
+            None => "linear".to_string(),
             Some(_) => f.get_str(&format!("{a}.rope.scaling.type"))?.to_string(),
         };
         let factor = match f.get(&format!("{a}.rope.scaling.factor")) {
@@ -197,14 +256,66 @@ impl HParams {
         };
         let rope_freq_scale = match scaling_type.as_str() {
             "none" => 1.0,
-            "linear" if factor > 0.0 && factor.is_finite() => 1.0 / factor,
-            "linear" => 1.0,
+            // LongRoPE (phi3) scales frequencies by its per-dimension factors, and linearly only when a
+            // factor is given.
+            "linear" | "longrope" if factor > 0.0 && factor.is_finite() => 1.0 / factor,
+            "linear" | "longrope" => 1.0,
             other => {
                 return Err(bad(format!(
-                    "{a}.rope.scaling.type {other:?} is not supported (none and linear are)"
+                    "{a}.rope.scaling.type {other:?} is not supported (none, linear and longrope are)"
                 )));
             }
         };
+        let rope_attn_factor = match f.get(&format!("{a}.rope.scaling.attn_factor")) {
+            None => 1.0,
+            Some(_) => f.get_f32(&format!("{a}.rope.scaling.attn_factor"))?,
+        };
+        if !(rope_attn_factor.is_finite() && rope_attn_factor > 0.0) {
+            return Err(bad(format!(
+                "{a}.rope.scaling.attn_factor {rope_attn_factor} out of range"
+            )));
+        }
+        let n_ctx_orig = opt("rope.scaling.original_context_length")?.unwrap_or(n_ctx_train);
+        // moe
+        let (n_ff_exp, n_ff_shexp) = if n_expert > 0 {
+            if n_expert_used == 0 || n_expert_used > n_expert || n_expert > 512 {
+                return Err(bad(format!(
+                    "{a}.expert_used_count {n_expert_used} must be in 1..={a}.expert_count {n_expert} (at most 512)"
+                )));
+            }
+            // llama (Mixtral) experts are n_ff wide (`llama_model_llama::load_arch_tensors`).
+            let n_ff_exp = match opt("expert_feed_forward_length")? {
+                _ if arch == Arch::Llama => n_ff,
+                Some(v) if v > 0 => v,
+                _ => n_ff / n_expert_used,
+            };
+            if n_ff_exp == 0 {
+                return Err(bad(format!(
+                    "{a}.expert_feed_forward_length is missing and feed_forward_length {n_ff} gives no expert width"
+                )));
+            }
+            let n_ff_shexp = match opt("expert_shared_feed_forward_length")? {
+                Some(v) if v > 0 => v,
+                _ => n_ff,
+            };
+            (n_ff_exp, n_ff_shexp)
+        } else if moe_arch {
+            return Err(bad(format!(
+                "{a}.expert_count is missing or 0 (the architecture is a mixture of experts)"
+            )));
+        } else {
+            (0, 0)
+        };
+        if arch == Arch::Qwen2Moe && n_ff_shexp == 0 {
+            return Err(bad(format!(
+                "{a}.expert_shared_feed_forward_length is missing and feed_forward_length is 0"
+            )));
+        }
+        if n_expert > 0 && !matches!(arch, Arch::Llama | Arch::Qwen2Moe | Arch::Qwen3Moe) {
+            return Err(bad(format!(
+                "{a}.expert_count {n_expert}: experts are supported for llama, qwen2moe and qwen3moe only"
+            )));
+        }
         let pooling = match opt("pooling_type")? {
             None if arch == Arch::Bert => Pooling::Mean,
             None | Some(0) => Pooling::None,
@@ -243,6 +354,12 @@ impl HParams {
             rope_freq_scale,
             pooling,
             causal,
+            rope_attn_factor,
+            n_ctx_orig,
+            n_expert,
+            n_expert_used,
+            n_ff_exp,
+            n_ff_shexp,
             gemma: None,
         };
         if matches!(arch, Arch::Gemma2 | Arch::Gemma3) {
@@ -286,5 +403,156 @@ fn get_uint(f: &GgufFile, key: &str) -> Result<usize, GgufError> {
                     found: v.describe(),
                 }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF holding only metadata: `(key, value)` with u32, f32 or string values.
+    fn gguf(kv: &[(&str, Value)]) -> GgufFile {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend((kv.len() as u64).to_le_bytes());
+        let s = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        for (k, v) in kv {
+            s(&mut b, k);
+            match v {
+                Value::U32(x) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                Value::F32(x) => {
+                    b.extend(6u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                Value::String(x) => {
+                    b.extend(8u32.to_le_bytes());
+                    s(&mut b, x);
+                }
+                other => panic!("unsupported in this test: {other:?}"),
+            }
+        }
+        while !b.len().is_multiple_of(32) {
+            b.push(0);
+        }
+        GgufFile::from_bytes(b).expect("a valid GGUF")
+    }
+
+    fn base(arch: &str) -> Vec<(String, Value)> {
+        let k = |s: &str| format!("{arch}.{s}");
+        vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (k("embedding_length"), Value::U32(64)),
+            (k("block_count"), Value::U32(2)),
+            (k("feed_forward_length"), Value::U32(128)),
+            (k("attention.head_count"), Value::U32(4)),
+            (k("context_length"), Value::U32(4096)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        ]
+    }
+
+    /// Sets `key` (replacing an earlier value: a GGUF key appears once).
+    fn set(kv: &mut Vec<(String, Value)>, key: &str, v: Value) {
+        kv.retain(|(k, _)| k != key);
+        kv.push((key.to_string(), v));
+    }
+
+    fn parse(kv: &[(String, Value)]) -> Result<HParams, ModelError> {
+        let kv: Vec<(&str, Value)> = kv.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        HParams::from_gguf(&gguf(&kv))
+    }
+
+    #[test]
+    fn moe_keys_are_read_and_their_absence_is_named() {
+        let mut kv = base("qwen2moe");
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("qwen2moe.expert_count"), "{err}");
+        set(&mut kv, "qwen2moe.expert_count", Value::U32(8));
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("qwen2moe.expert_used_count"), "{err}");
+        set(&mut kv, "qwen2moe.expert_used_count", Value::U32(2));
+        let hp = parse(&kv).unwrap();
+        assert_eq!((hp.n_expert, hp.n_expert_used), (8, 2));
+        // Defaults of load_arch_tensors: n_ff / n_expert_used and n_ff.
+        assert_eq!((hp.n_ff_exp, hp.n_ff_shexp), (64, 128));
+        set(
+            &mut kv,
+            "qwen2moe.expert_feed_forward_length",
+            Value::U32(32),
+        );
+        set(
+            &mut kv,
+            "qwen2moe.expert_shared_feed_forward_length",
+            Value::U32(96),
+        );
+        let hp = parse(&kv).unwrap();
+        assert_eq!((hp.n_ff_exp, hp.n_ff_shexp), (32, 96));
+        assert_eq!(hp.arch.rope_mode(), RopeMode::Neox);
+    }
+
+    #[test]
+    fn mixtral_experts_are_n_ff_wide() {
+        let mut kv = base("llama");
+        set(&mut kv, "llama.expert_count", Value::U32(8));
+        set(&mut kv, "llama.expert_used_count", Value::U32(2));
+        set(&mut kv, "llama.expert_feed_forward_length", Value::U32(32));
+        let hp = parse(&kv).unwrap();
+        assert_eq!(hp.n_ff_exp, 128);
+        set(&mut kv, "llama.expert_used_count", Value::U32(9));
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("expert_used_count 9"), "{err}");
+    }
+
+    #[test]
+    fn missing_rms_epsilon_is_named() {
+        let kv: Vec<_> = base("phi3")
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("layer_norm_rms_epsilon"))
+            .collect();
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(
+            err.contains("phi3.attention.layer_norm_rms_epsilon"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rope_scaling_keys() {
+        let mut kv = base("phi3");
+        let hp = parse(&kv).unwrap();
+        assert_eq!(
+            (hp.rope_attn_factor, hp.n_ctx_orig, hp.rope_freq_scale),
+            (1.0, 4096, 1.0)
+        );
+        set(&mut kv, "phi3.rope.scaling.attn_factor", Value::F32(1.19));
+        set(
+            &mut kv,
+            "phi3.rope.scaling.original_context_length",
+            Value::U32(256),
+        );
+        let hp = parse(&kv).unwrap();
+        assert_eq!((hp.rope_attn_factor, hp.n_ctx_orig), (1.19, 256));
+        // A factor without a type scales linearly, as llama.cpp's default "linear".
+        set(&mut kv, "phi3.rope.scaling.factor", Value::F32(4.0));
+        assert_eq!(parse(&kv).unwrap().rope_freq_scale, 0.25);
+        set(
+            &mut kv,
+            "phi3.rope.scaling.type",
+            Value::String("none".into()),
+        );
+        assert_eq!(parse(&kv).unwrap().rope_freq_scale, 1.0);
+        set(
+            &mut kv,
+            "phi3.rope.scaling.type",
+            Value::String("yarn".into()),
+        );
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("\"yarn\" is not supported"), "{err}");
     }
 }

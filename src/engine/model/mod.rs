@@ -1,10 +1,12 @@
-//! Model hyper-parameters, weights and forward passes (llama, qwen2, qwen3, bert, gemma2, gemma3), and the
-//! KV cache (full or sliding-window): the
-//! engine API that the worker and the CLI drive (`Model::load`, `Context::decode`, logits, embeddings).
+//! Model hyper-parameters, weights and forward passes (llama and Mixtral, qwen2, qwen3, qwen2moe, qwen3moe,
+//! phi3, gemma2, gemma3, bert), and the KV cache (full or sliding-window): the engine API that the worker and
+//! the CLI drive (`Model::load`, `Context::decode`, logits, embeddings).
 //!
 //! Ported from llama.cpp commit 0c1e570: `src/llama-model.cpp` (hyper-parameters, tensors),
-//! `src/models/llama.cpp`, `qwen2.cpp`, `qwen3.cpp`, `bert.cpp` (graphs), `src/llama-graph.cpp`
-//! (attention, FFN, pooling) and `src/llama-context.cpp` (batches, outputs).
+//! `src/models/llama.cpp`, `qwen2.cpp`, `qwen3.cpp`, `qwen2moe.cpp`, `qwen3moe.cpp`, `phi3.cpp`, `gemma2.cpp`,
+//! `gemma3.cpp`, `bert.cpp`
+//! (graphs), `src/llama-graph.cpp` (attention, FFN, MoE FFN, pooling) and `src/llama-context.cpp` (batches,
+//! outputs).
 
 pub mod cli;
 mod forward;
@@ -12,6 +14,8 @@ mod gemma;
 pub mod hparams;
 mod kv_cache;
 mod linalg;
+pub mod moe;
+pub mod phi3;
 pub mod weights;
 
 use std::path::Path;
@@ -36,7 +40,9 @@ pub enum ModelError {
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(
-        "unsupported architecture {0:?} (supported: llama, qwen2, qwen3, bert, gemma2, gemma3)"
+        "unsupported architecture {name:?} (supported: {list})",
+        name = .0,
+        list = hparams::Arch::names()
     )]
     UnsupportedArch(String),
     #[error("bad hyper-parameters: {0}")]
@@ -224,7 +230,7 @@ impl Model {
         &self.hp
     }
 
-    /// `general.architecture` (`"llama"`, `"qwen2"`, `"qwen3"`, `"bert"`, `"gemma2"`, `"gemma3"`).
+    /// `general.architecture`: one of [`Arch::ALL`]'s names (`"llama"`, `"qwen3moe"`, `"gemma3"`…).
     pub fn arch(&self) -> &str {
         &self.arch_name
     }

@@ -10,6 +10,7 @@ use crate::engine::{kernels, quant};
 
 use super::ModelError;
 use super::hparams::{Arch, HParams};
+use super::moe::MoeFfn;
 
 /// A weight matrix in the mmap: `n_rows` rows of `n_cols` elements of type `ty` (ggml dims `[n_cols, n_rows]`).
 #[derive(Clone, Debug)]
@@ -24,6 +25,37 @@ pub struct Linear {
     pub n_cols: usize,
     /// Byte range of the data inside the file's mapping.
     pub info: TensorInfo,
+}
+
+impl Linear {
+    /// The view of rows `r0..r0 + n` (ggml dims `[n_cols, n]`): a slice of a fused matrix (phi3's
+    /// `attn_qkv` and gate/up `ffn_up`) or one expert of a stacked `ffn_*_exps` tensor. A row's dot products
+    /// are the same through the view as through the whole matrix.
+    ///
+    /// Errors: [`ModelError::BadTensorShape`] when the rows are out of range or `n_cols` is not a multiple of
+    /// the type's block size.
+    pub fn rows(&self, r0: usize, n: usize, name: String) -> Result<Linear, ModelError> {
+        let bad = || ModelError::BadTensorShape {
+            name: self.name.clone(),
+            dims: self.info.dims.clone(),
+            expected: format!("rows {r0}..{} of {} whole blocks", r0 + n, self.n_rows),
+        };
+        if r0.checked_add(n).is_none_or(|end| end > self.n_rows) {
+            return Err(bad());
+        }
+        let rb = quant::row_bytes(self.ty, self.n_cols).map_err(|_| bad())? as u64;
+        let mut info = self.info.clone();
+        info.offset += r0 as u64 * rb;
+        info.n_bytes = n as u64 * rb;
+        info.dims = vec![self.n_cols as u64, n as u64];
+        Ok(Linear {
+            name,
+            ty: self.ty,
+            n_rows: n,
+            n_cols: self.n_cols,
+            info,
+        })
+    }
 }
 
 /// One transformer block's weights. Optional items exist only for some architectures.
@@ -48,9 +80,13 @@ pub struct Layer {
     pub ffn_norm: Vec<f32>,
     /// BERT: `layer_output_norm.bias`.
     pub ffn_norm_b: Option<Vec<f32>>,
-    /// SwiGLU gate (llama family); absent for BERT.
+    /// SwiGLU gate (llama family); absent for BERT. MoE layers: every expert's gate rows stacked,
+    /// `[n_expert · n_ff_exp, n_embd]` (ggml `ffn_gate_exps` `[n_embd, n_ff_exp, n_expert]`).
     pub ffn_gate: Option<Linear>,
+    /// FFN up projection. MoE layers: every expert's rows stacked (`ffn_up_exps`), as `ffn_gate`.
     pub ffn_up: Linear,
+    /// FFN down projection. MoE layers: every expert's rows stacked, `[n_expert · n_embd, n_ff_exp]`
+    /// (ggml `ffn_down_exps` `[n_ff_exp, n_embd, n_expert]`).
     pub ffn_down: Linear,
     pub ffn_up_b: Option<Vec<f32>>,
     pub ffn_down_b: Option<Vec<f32>>,
@@ -60,6 +96,10 @@ pub struct Layer {
     pub attn_post_norm: Option<Vec<f32>>,
     /// gemma2/3: RMS norm of the FFN output before the residual, `post_ffw_norm.weight` `[n_embd]`.
     pub ffn_post_norm: Option<Vec<f32>>,
+    // moe
+    /// Router and expert layout of a mixture-of-experts FFN (Mixtral, qwen2moe, qwen3moe); the experts'
+    /// matrices are `ffn_gate`/`ffn_up`/`ffn_down` above. `None` for a dense FFN.
+    pub moe: Option<MoeFfn>,
 }
 
 /// All weights of a model.
@@ -80,6 +120,12 @@ pub struct Weights {
     pub output: Option<Linear>,
     /// `rope_freqs.weight`: per-dimension rope frequency divisors, `[rope_n_dims / 2]`.
     pub rope_freqs: Option<Vec<f32>>,
+    // phi3
+    /// `rope_factors_long.weight` / `rope_factors_short.weight` (phi3 LongRoPE): the frequency divisors
+    /// used when a sequence's context is above / at most `rope.scaling.original_context_length`,
+    /// `[rope_n_dims / 2]` each.
+    pub rope_long: Option<Vec<f32>>,
+    pub rope_short: Option<Vec<f32>>,
 }
 
 impl Weights {
@@ -164,7 +210,8 @@ impl Weights {
                     opt_vec(&n("attn_v.bias"), kv)?,
                 ),
             };
-            let (q_norm, k_norm) = if matches!(hp.arch, Arch::Qwen3 | Arch::Gemma3) {
+            let (q_norm, k_norm) = if matches!(hp.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3)
+            {
                 (
                     Some(vector(f, &n("attn_q_norm.weight"), hp.head_dim)?),
                     Some(vector(f, &n("attn_k_norm.weight"), hp.head_dim)?),
@@ -182,12 +229,44 @@ impl Weights {
             } else {
                 (None, None)
             };
+            let (wq, wk, wv) = if hp.arch == Arch::Phi3 {
+                super::phi3::qkv(f, hp, i)?
+            } else {
+                (
+                    linear(f, &n("attn_q.weight"), q, e)?,
+                    linear(f, &n("attn_k.weight"), kv, e)?,
+                    linear(f, &n("attn_v.weight"), kv, e)?,
+                )
+            };
+            let (ffn_gate, ffn_up, ffn_down, moe) = if hp.n_expert > 0 {
+                let (g, u, d, m) = super::moe::load(f, hp, i)?;
+                (Some(g), u, d, Some(m))
+            } else if hp.arch == Arch::Phi3 {
+                let (g, u) = super::phi3::gate_up(f, hp, i)?;
+                (
+                    Some(g),
+                    u,
+                    linear(f, &n("ffn_down.weight"), e, hp.n_ff)?,
+                    None,
+                )
+            } else {
+                (
+                    if bert {
+                        None
+                    } else {
+                        Some(linear(f, &n("ffn_gate.weight"), hp.n_ff, e)?)
+                    },
+                    linear(f, &n("ffn_up.weight"), hp.n_ff, e)?,
+                    linear(f, &n("ffn_down.weight"), e, hp.n_ff)?,
+                    None,
+                )
+            };
             layers.push(Layer {
                 attn_norm,
                 attn_norm_b,
-                wq: linear(f, &n("attn_q.weight"), q, e)?,
-                wk: linear(f, &n("attn_k.weight"), kv, e)?,
-                wv: linear(f, &n("attn_v.weight"), kv, e)?,
+                wq,
+                wk,
+                wv,
                 wo: linear(f, &n("attn_output.weight"), e, q)?,
                 bq,
                 bk,
@@ -201,13 +280,9 @@ impl Weights {
                 k_norm,
                 ffn_norm,
                 ffn_norm_b,
-                ffn_gate: if bert {
-                    None
-                } else {
-                    Some(linear(f, &n("ffn_gate.weight"), hp.n_ff, e)?)
-                },
-                ffn_up: linear(f, &n("ffn_up.weight"), hp.n_ff, e)?,
-                ffn_down: linear(f, &n("ffn_down.weight"), e, hp.n_ff)?,
+                ffn_gate,
+                ffn_up,
+                ffn_down,
                 ffn_up_b: if bert {
                     need_bias(&n("ffn_up.bias"), hp.n_ff)?
                 } else {
@@ -220,6 +295,7 @@ impl Weights {
                 },
                 attn_post_norm,
                 ffn_post_norm,
+                moe,
             });
         }
         let (output_norm, output) = if bert {
@@ -232,11 +308,16 @@ impl Weights {
             };
             (Some(vector(f, "output_norm.weight", e)?), Some(out))
         };
-        let rope_freqs = if f.tensor("rope_freqs.weight").is_some() {
-            Some(vector(f, "rope_freqs.weight", hp.rope_n_dims / 2)?)
-        } else {
-            None
+        let opt_rope = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+            if f.tensor(name).is_some() {
+                Ok(Some(vector(f, name, hp.rope_n_dims / 2)?))
+            } else {
+                Ok(None)
+            }
         };
+        let rope_freqs = opt_rope("rope_freqs.weight")?;
+        let rope_long = opt_rope("rope_factors_long.weight")?;
+        let rope_short = opt_rope("rope_factors_short.weight")?;
         Ok(Weights {
             tok_embd,
             pos_embd,
@@ -246,15 +327,17 @@ impl Weights {
             output_norm,
             output,
             rope_freqs,
+            rope_long,
+            rope_short,
         })
     }
 }
 
-fn missing(name: &str) -> ModelError {
+pub(super) fn missing(name: &str) -> ModelError {
     ModelError::MissingTensor(name.to_string())
 }
 
-fn shape(t: &TensorInfo, expected: &str) -> ModelError {
+pub(super) fn shape(t: &TensorInfo, expected: &str) -> ModelError {
     ModelError::BadTensorShape {
         name: t.name.clone(),
         dims: t.dims.clone(),
@@ -263,7 +346,12 @@ fn shape(t: &TensorInfo, expected: &str) -> ModelError {
 }
 
 /// A matrix of `n_rows` rows of `n_cols` (ggml dims `[n_cols, n_rows]`) that the kernels can multiply.
-fn linear(f: &GgufFile, name: &str, n_rows: usize, n_cols: usize) -> Result<Linear, ModelError> {
+pub(super) fn linear(
+    f: &GgufFile,
+    name: &str,
+    n_rows: usize,
+    n_cols: usize,
+) -> Result<Linear, ModelError> {
     let m = matrix(f, name, n_rows, n_cols)?;
     if kernels::vec_dot_fn(m.ty).is_none() {
         return Err(ModelError::UnsupportedTensorType {
@@ -291,7 +379,7 @@ fn matrix(f: &GgufFile, name: &str, n_rows: usize, n_cols: usize) -> Result<Line
 }
 
 /// A 1-D tensor of exactly `len` elements, as f32.
-fn vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+pub(super) fn vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
     let t = f.tensor(name).ok_or_else(|| missing(name))?;
     if t.n_elements() != len as u64 {
         return Err(shape(t, &format!("[{len}]")));
