@@ -149,6 +149,31 @@ pub fn iq4_nl_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sumf
 }
 
+/// MXFP4 × Q8_0 (`ggml_vec_dot_mxfp4_q8_0_generic`, `ggml-cpu/quants.c`): per block
+/// `sumf += (d8 · e8m0_half(e)) · (Σ lo + Σ hi)`, in block order.
+pub fn mxfp4_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockMxfp4] = blocks(w, n, QK);
+    let y: &[BlockQ8_0] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        sumf += mxfp4_block(x, y);
+    }
+    sumf
+}
+
+/// One MXFP4 block against one Q8_0 block: `(d8 · e8m0_half(e)) · Σ`, the term both the generic and the
+/// AVX2 tail of ggml add per block.
+#[inline(always)]
+pub(crate) fn mxfp4_block(x: &BlockMxfp4, y: &BlockQ8_0) -> f32 {
+    let d = y.d.get() * e8m0_to_fp32_half(x.e);
+    let (mut sumi1, mut sumi2) = (0i32, 0i32);
+    for j in 0..16 {
+        sumi1 += y.qs[j] as i32 * KVALUES_MXFP4[(x.qs[j] & 0xF) as usize] as i32;
+        sumi2 += y.qs[j + 16] as i32 * KVALUES_MXFP4[(x.qs[j] >> 4) as usize] as i32;
+    }
+    d * (sumi1 + sumi2) as f32
+}
+
 /// Σ over 16 consecutive elements of `q[k] * y[k]`.
 #[inline(always)]
 fn dot16(q: &[i32; 16], y: &[i8]) -> i32 {

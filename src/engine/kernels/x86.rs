@@ -46,12 +46,20 @@ pub fn vec_dot_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDotFn> {
     Some(match ty {
         F32 => f32_f32,
         F16 => f16_f16,
+        BF16 => bf16_bf16,
         Q4_0 => q4_0_q8_0,
         Q4_1 => q4_1_q8_1,
         Q5_0 => q5_0_q8_0,
+        Q5_1 => q5_1_q8_1,
         Q8_0 => q8_0_q8_0,
+        IQ4_NL => iq4_nl_q8_0,
+        MXFP4 => mxfp4_q8_0,
+        Q2_K => q2_k_q8_k,
+        Q3_K => q3_k_q8_k,
         Q4_K => q4_k_q8_k,
+        Q5_K => q5_k_q8_k,
         Q6_K => q6_k_q8_k,
+        IQ4_XS => iq4_xs_q8_k,
         _ => return None,
     })
 }
@@ -82,6 +90,14 @@ safe_wrapper!(q5_0_q8_0, q5_0_q8_0_avx2, QK, 22, 34);
 safe_wrapper!(q8_0_q8_0, q8_0_q8_0_avx2, QK, 34, 34);
 safe_wrapper!(q4_k_q8_k, q4_k_q8_k_avx2, QK_K, 144, 292);
 safe_wrapper!(q6_k_q8_k, q6_k_q8_k_avx2, QK_K, 210, 292);
+safe_wrapper!(bf16_bf16, bf16_bf16_avx2, 1, 2, 2);
+safe_wrapper!(q5_1_q8_1, q5_1_q8_1_avx2, QK, 24, 36);
+safe_wrapper!(iq4_nl_q8_0, iq4_nl_q8_0_avx2, QK, 18, 34);
+safe_wrapper!(mxfp4_q8_0, mxfp4_q8_0_avx2, QK, 17, 34);
+safe_wrapper!(q2_k_q8_k, q2_k_q8_k_avx2, QK_K, 84, 292);
+safe_wrapper!(q3_k_q8_k, q3_k_q8_k_avx2, QK_K, 110, 292);
+safe_wrapper!(q5_k_q8_k, q5_k_q8_k_avx2, QK_K, 176, 292);
+safe_wrapper!(iq4_xs_q8_k, iq4_xs_q8_k_avx2, QK_K, 136, 292);
 
 /// An f16 as f32 with the F16C instruction, inlined (the `half` crate's conversion detects the CPU on
 /// every call).
@@ -438,6 +454,313 @@ unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_f32x8(acc)
+}
+
+/// Eight bf16 values as f32 (the bits shifted left by 16: exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_bf16x8(p: *const u8) -> __m256 {
+    // SAFETY: the caller passes a pointer to 16 readable bytes; the load is unaligned.
+    let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16_bf16_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    // ggml_vec_dot_bf16's AVX2 path (vec.cpp): four 8-lane accumulators of `mul` then `add`, combined as
+    // (c1 + c3) + (c2 + c4), a horizontal sum, then the tail.
+    let mut c = [_mm256_setzero_ps(); 4];
+    let n32 = n / 32 * 32;
+    let (pw, pa) = (w.as_ptr(), a.as_ptr());
+    let mut i = 0;
+    while i < n32 {
+        for (k, c) in c.iter_mut().enumerate() {
+            let off = 2 * (i + 8 * k);
+            // SAFETY: elements i + 8k .. i + 8k + 8 are inside the n bf16s (2n bytes) of each slice.
+            let (x, y) = unsafe { (load_bf16x8(pw.add(off)), load_bf16x8(pa.add(off))) };
+            *c = _mm256_add_ps(_mm256_mul_ps(x, y), *c);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
+    let mut sum = hsum_f32x8(s);
+    let (w16, a16): (&[Bf16Le], &[Bf16Le]) = (bytemuck::cast_slice(w), bytemuck::cast_slice(a));
+    for j in n32..n {
+        sum += w16[j].get() * a16[j].get();
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1_q8_1_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    // ggml's AVX2 `ggml_vec_dot_q5_1_q8_1`: unsigned 5-bit quants, `fma(Σ, d_w·d_a, acc)` per block, the min
+    // terms summed apart and added after the horizontal sum.
+    let x: &[BlockQ5_1] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8_1] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let dx = _mm256_set1_ps(h2f(x.d));
+        summs += h2f(x.m) * h2f(y.s);
+        let hi = _mm256_and_si256(bits32(x.qh), _mm256_set1_epi8(0x10));
+        // SAFETY: the block fields are 16 and 32 bytes long.
+        let (qx, qy) = unsafe { (_mm256_or_si256(nibbles32(&x.qs), hi), load32(&y.qs)) };
+        let dy = _mm256_set1_ps(h2f(y.d));
+        let q = _mm256_cvtepi32_ps(mul_sum_us8(qx, qy));
+        acc = _mm256_fmadd_ps(q, _mm256_mul_ps(dx, dy), acc);
+    }
+    hsum_f32x8(acc) + summs
+}
+
+/// The 32 code-book values of a 16-byte nibble field: low nibbles (elements 0..16) in the low half, high
+/// nibbles (16..32) in the high half, looked up with one `pshufb` each in `table`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lookup_nibbles(table: __m128i, qs: &[u8; 16]) -> __m256i {
+    // SAFETY: `qs` is 16 readable bytes; the load is unaligned.
+    let q = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+    let m4 = _mm_set1_epi8(0x0F);
+    let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m4));
+    let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Defines the AVX2 kernel `$name` of a 4-bit code-book type against Q8_0 (ggml's AVX2
+/// `ggml_vec_dot_iq4_nl_q8_0` / `ggml_vec_dot_mxfp4_q8_0`): blocks in pairs, the even block into `accum1`,
+/// the odd into `accum2` (`fma(d, Σ, acc)`), `hsum(accum1 + accum2)`, then a last odd block with the scalar
+/// per-block term `$tail`.
+macro_rules! codebook_q8_0 {
+    ($name:ident, $block:ty, $table:expr, |$x:ident, $y:ident| $scale:expr, $tail:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(nb: usize, w: &[u8], a: &[u8]) -> f32 {
+            let xs: &[$block] = bytemuck::cast_slice(w);
+            let ys: &[BlockQ8_0] = bytemuck::cast_slice(a);
+            // SAFETY: the table is 16 bytes.
+            let table = unsafe { _mm_loadu_si128($table.as_ptr() as *const __m128i) };
+            let (mut accum1, mut accum2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut ib = 0;
+            while ib + 1 < nb {
+                let mut p = [_mm256_setzero_ps(); 2];
+                let mut d = [0f32; 2];
+                for k in 0..2 {
+                    let ($x, $y) = (&xs[ib + k], &ys[ib + k]);
+                    // SAFETY: the nibble and quant fields are 16 and 32 bytes long.
+                    let (qx, qy) = unsafe { (lookup_nibbles(table, &$x.qs), load32(&$y.qs)) };
+                    p[k] = mul_sum_i8_f32(qx, qy);
+                    d[k] = $scale;
+                }
+                accum1 = _mm256_fmadd_ps(_mm256_set1_ps(d[0]), p[0], accum1);
+                accum2 = _mm256_fmadd_ps(_mm256_set1_ps(d[1]), p[1], accum2);
+                ib += 2;
+            }
+            let mut sumf = hsum_f32x8(_mm256_add_ps(accum1, accum2));
+            if ib < nb {
+                sumf += $tail(&xs[ib], &ys[ib]);
+            }
+            sumf
+        }
+    };
+}
+
+codebook_q8_0!(
+    iq4_nl_q8_0_avx2,
+    BlockIq4Nl,
+    KVALUES_IQ4NL,
+    |x, y| h2f(y.d) * h2f(x.d),
+    |x: &BlockIq4Nl, y: &BlockQ8_0| {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += y.qs[j] as i32 * KVALUES_IQ4NL[(x.qs[j] & 0xF) as usize] as i32
+                + y.qs[j + 16] as i32 * KVALUES_IQ4NL[(x.qs[j] >> 4) as usize] as i32;
+        }
+        (y.d.get() * x.d.get()) * sumi as f32
+    }
+);
+codebook_q8_0!(
+    mxfp4_q8_0_avx2,
+    BlockMxfp4,
+    KVALUES_MXFP4,
+    |x, y| h2f(y.d) * e8m0_to_fp32_half(x.e),
+    super::scalar::mxfp4_block
+);
+
+/// `v >> count` on 16-bit lanes (a run-time count).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn srl16(v: __m256i, count: usize) -> __m256i {
+    _mm256_srl_epi16(v, _mm_cvtsi32_si128(count as i32))
+}
+
+/// A 256-bit vector whose low half is `lo` and high half `hi` in every 16-bit lane (the scales of two
+/// consecutive 16-element groups).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_pair(lo: i16, hi: i16) -> __m256i {
+    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
+}
+
+/// Σ over 8 i32 lanes of `madd(bsums, m)`: Σ_g bsum[g]·m[g] for 16 i16 `m`, exact.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bsum_dot(y: &BlockQ8K, m: __m256i) -> i32 {
+    // SAFETY: `bsums` is 16 i16 (32 bytes).
+    let bsums = unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(y.bsums) };
+    hsum_i32x8(_mm256_madd_epi16(bsums, m))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    // Exact integer sums in SIMD, then the float steps of `scalar::q2_k_q8_k`: bit-identical to it.
+    let x: &[BlockQ2K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let m3 = _mm256_set1_epi8(3);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        // SAFETY: `scales` is 16 plain bytes.
+        let sc = unsafe { std::mem::transmute::<[u8; 16], __m128i>(x.scales) };
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0xF)));
+        let summs = bsum_dot(y, mins);
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            // SAFETY: bytes 32h..32h+32 of the 64-byte `qs`.
+            let q2bits = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * h) as *const __m256i) };
+            for j in 0..4 {
+                let q2 = _mm256_and_si256(srl16(q2bits, 2 * j), m3);
+                // SAFETY: bytes 128h + 32j .. +32 of the 256-byte `qs` of y.
+                let q8 = unsafe {
+                    _mm256_loadu_si256(y.qs.as_ptr().add(128 * h + 32 * j) as *const __m256i)
+                };
+                let g = 8 * h + 2 * j;
+                let scale = scale_pair((x.scales[g] & 0xF) as i16, (x.scales[g + 1] & 0xF) as i16);
+                let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q2, q8));
+                sumi = _mm256_add_epi32(sumi, p);
+            }
+        }
+        let isum = hsum_i32x8(sumi);
+        let dall = y.d() * h2f(x.d);
+        let dmin = y.d() * h2f(x.dmin);
+        sumf += dall * isum as f32 - dmin * summs as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    // Exact integer sums in SIMD (the quant as `low 2 bits − 4·(high bit clear)`), then the float steps of
+    // `scalar::q3_k_q8_k`: bit-identical to it.
+    let x: &[BlockQ3K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let m3 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let scales = q3k_scales(&x.scales);
+        // SAFETY: `hmask` is 32 plain bytes.
+        let hbits = unsafe { std::mem::transmute::<[u8; 32], __m256i>(x.hmask) };
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            // SAFETY: bytes 32h..32h+32 of the 64-byte `qs`.
+            let q3bits = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * h) as *const __m256i) };
+            for j in 0..4 {
+                let ql = _mm256_and_si256(srl16(q3bits, 2 * j), m3);
+                let bit = _mm256_set1_epi8((1u8 << (4 * h + j)) as i8);
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), _mm256_setzero_si256());
+                let h4 = _mm256_and_si256(clear, four);
+                // SAFETY: bytes 128h + 32j .. +32 of the 256-byte `qs` of y.
+                let q8 = unsafe {
+                    _mm256_loadu_si256(y.qs.as_ptr().add(128 * h + 32 * j) as *const __m256i)
+                };
+                let p =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(ql, q8), _mm256_maddubs_epi16(h4, q8));
+                let g = 8 * h + 2 * j;
+                let scale = scale_pair(scales[g] as i16 - 32, scales[g + 1] as i16 - 32);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p));
+            }
+        }
+        let isum = hsum_i32x8(sumi);
+        sumf += h2f(x.d) * y.d() * isum as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    // Exact integer sums in SIMD, then the float steps of `scalar::q5_k_q8_k`: bit-identical to it.
+    let x: &[BlockQ5K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let (sc, mn) = k4_scales_mins(&x.scales);
+        let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
+        // SAFETY: both are 32 plain bytes.
+        let summs = bsum_dot(y, unsafe {
+            std::mem::transmute::<[i16; 16], __m256i>(mins)
+        });
+        // SAFETY: `qh` is 32 plain bytes.
+        let qh = unsafe { std::mem::transmute::<[u8; 32], __m256i>(x.qh) };
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            // SAFETY: bytes 32j..32j+32 of the 128-byte `qs`, 64j..64j+64 of the 256-byte `qs` of y.
+            let (q4bits, q8l, q8h) = unsafe {
+                (
+                    _mm256_loadu_si256(x.qs.as_ptr().add(32 * j) as *const __m256i),
+                    _mm256_loadu_si256(y.qs.as_ptr().add(64 * j) as *const __m256i),
+                    _mm256_loadu_si256(y.qs.as_ptr().add(64 * j + 32) as *const __m256i),
+                )
+            };
+            let hl = _mm256_slli_epi16(_mm256_and_si256(srl16(qh, 2 * j), one), 4);
+            let hh = _mm256_slli_epi16(_mm256_and_si256(srl16(qh, 2 * j + 1), one), 4);
+            let ql = _mm256_or_si256(_mm256_and_si256(q4bits, m4), hl);
+            let qhi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4), hh);
+            let pl = _mm256_madd_epi16(
+                _mm256_set1_epi16(sc[2 * j] as i16),
+                _mm256_maddubs_epi16(ql, q8l),
+            );
+            let ph = _mm256_madd_epi16(
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                _mm256_maddubs_epi16(qhi, q8h),
+            );
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        let isum = hsum_i32x8(sumi);
+        let (d, dmin) = (h2f(x.d), h2f(x.dmin));
+        sumf += d * y.d() * isum as f32 - dmin * y.d() * summs as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn iq4_xs_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    // Exact integer sums in SIMD (code-book values by `pshufb`, signed products by the sign trick), then the
+    // float steps of `scalar::iq4_xs_q8_k`: bit-identical to it.
+    let x: &[BlockIq4Xs] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    // SAFETY: the table is 16 bytes.
+    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let sh = u16::from_le_bytes(x.scales_h);
+        let mut sumi = _mm256_setzero_si256();
+        for ib in 0..8 {
+            let ls = ((x.scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) as i16
+                | ((((sh >> (2 * ib)) & 3) as i16) << 4);
+            let qs: &[u8; 16] = x.qs[16 * ib..16 * ib + 16].try_into().expect("16 bytes");
+            // SAFETY: `qs` is 16 bytes; bytes 32ib..32ib+32 of the 256-byte `qs` of y.
+            let (qx, q8) = unsafe {
+                (
+                    lookup_nibbles(table, qs),
+                    _mm256_loadu_si256(y.qs.as_ptr().add(32 * ib) as *const __m256i),
+                )
+            };
+            let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(q8, qx));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_set1_epi16(ls - 32)));
+        }
+        let isum = hsum_i32x8(sumi);
+        sumf += h2f(x.d) * y.d() * isum as f32;
+    }
+    sumf
 }
 
 /// Four-token kernels for prompt processing: one weight row against four activation rows, each weight block

@@ -109,6 +109,14 @@ impl Model {
 
     /// Builds a model over an already opened file.
     pub fn from_gguf(file: Arc<GgufFile>, params: &ModelParams) -> Result<Arc<Model>, ModelError> {
+        // A bad CYBER_INFERENCE_ISA, and a tensor type without a kernel, refuse the model up front.
+        crate::engine::kernels::check_isa().map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        if let Some((name, ty)) = crate::engine::kernels::unsupported_tensor_types(&file).first() {
+            return Err(ModelError::UnsupportedTensorType {
+                name: name.clone(),
+                ty: ty.name().to_string(),
+            });
+        }
         let hp = HParams::from_gguf(&file)?;
         let te = file
             .tensor("token_embd.weight")
