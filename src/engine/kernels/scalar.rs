@@ -204,11 +204,41 @@ pub fn q2_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 }
             }
         }
-        let dall = y.d() * x.d.get();
-        let dmin = y.d() * x.dmin.get();
-        sumf += dall * isum as f32 - dmin * summs as f32;
+        sumf = q2_k_finish(x, y, isum, summs, sumf);
     }
     sumf
+}
+
+/// Q2_K's float step per super-block (`ggml_vec_dot_q2_K_q8_K_generic`): `sumf + (d8·d)·isum − (d8·dmin)·summs`.
+#[inline(always)]
+pub(crate) fn q2_k_finish(x: &BlockQ2K, y: &BlockQ8K, isum: i32, summs: i32, sumf: f32) -> f32 {
+    let dall = y.d() * x.d.get();
+    let dmin = y.d() * x.dmin.get();
+    sumf + (dall * isum as f32 - dmin * summs as f32)
+}
+
+/// Q3_K's float step per super-block: `sumf + (d·d8)·isum`.
+#[inline(always)]
+pub(crate) fn q3_k_finish(x: &BlockQ3K, y: &BlockQ8K, isum: i32, _summs: i32, sumf: f32) -> f32 {
+    sumf + x.d.get() * y.d() * isum as f32
+}
+
+/// Q5_K's float step per super-block: `sumf + (d·d8)·isum − (dmin·d8)·summs`.
+#[inline(always)]
+pub(crate) fn q5_k_finish(x: &BlockQ5K, y: &BlockQ8K, isum: i32, summs: i32, sumf: f32) -> f32 {
+    sumf + (x.d.get() * y.d() * isum as f32 - x.dmin.get() * y.d() * summs as f32)
+}
+
+/// IQ4_XS's float step per super-block: `sumf + (d·d8)·isum`.
+#[inline(always)]
+pub(crate) fn iq4_xs_finish(
+    x: &BlockIq4Xs,
+    y: &BlockQ8K,
+    isum: i32,
+    _summs: i32,
+    sumf: f32,
+) -> f32 {
+    sumf + x.d.get() * y.d() * isum as f32
 }
 
 pub fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -236,16 +266,9 @@ pub fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 m <<= 1;
             }
         }
-        sumf += x.d.get() * y.d() * isum as f32;
+        sumf = q3_k_finish(x, y, isum, 0, sumf);
     }
     sumf
-}
-
-/// Shared by Q4_K and Q5_K: `q` holds the 256 unsigned quants in element order.
-#[inline(always)]
-fn k4_block(q: &[i32; 256], scales: &[u8; 12], d: f32, dmin: f32, y: &BlockQ8K) -> f32 {
-    let (isum, summs) = k4_ints(q, scales, y);
-    d * y.d() * isum as f32 - dmin * y.d() * summs as f32
 }
 
 /// The exact integer sums of one Q4_K/Q5_K super-block against Q8_K: `(Σ scale·q·q8, Σ min·bsum)`.
@@ -327,7 +350,8 @@ pub fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32 + h2;
             }
         }
-        sumf += k4_block(&q, &x.scales, x.d.get(), x.dmin.get(), y);
+        let (isum, summs) = k4_ints(&q, &x.scales, y);
+        sumf = q5_k_finish(x, y, isum, summs, sumf);
     }
     sumf
 }
@@ -420,7 +444,7 @@ pub fn iq4_xs_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
             }
             isum += (ls - 32) * acc;
         }
-        sumf += x.d.get() * y.d() * isum as f32;
+        sumf = iq4_xs_finish(x, y, isum, 0, sumf);
     }
     sumf
 }
