@@ -179,6 +179,48 @@ proptest! {
     }
 }
 
+/// Every type, 24 fixed seeds each (the property tests above draw the type at random): the dispatched kernel
+/// against the oracle (bit-identical where [`bit_exact_twin`], else within 1e-5 · Σ|w·a|), and the
+/// four-token kernel against the single-token one, bit for bit.
+#[test]
+fn every_type_matches_its_scalar_twin_on_fixed_seeds() {
+    for ty in DOT_TYPES {
+        for seed in 0..24u64 {
+            let n = (1 + seed as usize % 5) * 256;
+            let w = random_rows(ty, 1, n, seed * 7919 + ty.id() as u64);
+            let acts: Vec<Vec<u8>> = (0..4u64)
+                .map(|t| activations(ty, n, seed * 31 + t).1)
+                .collect();
+            let s = vec_dot_scalar(ty, n, &w, &acts[0]).unwrap();
+            let v = vec_dot(ty, n, &w, &acts[0]).unwrap();
+            if bit_exact_twin(ty) {
+                assert_eq!(
+                    s.to_bits(),
+                    v.to_bits(),
+                    "{ty} seed {seed}: scalar {s} simd {v}"
+                );
+            } else {
+                let scale = abs_dot(ty, n, &w, &acts[0]);
+                assert!(
+                    ((s - v) as f64).abs() <= 1e-5 * scale + 1e-5,
+                    "{ty} seed {seed}: scalar {s} simd {v} (scale {scale})"
+                );
+            }
+            if let Some(quad) = kernels::vec_dot4_fn(ty) {
+                let single = kernels::vec_dot_fn(ty).unwrap();
+                let got = quad(n, &w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                for t in 0..4 {
+                    assert_eq!(
+                        got[t].to_bits(),
+                        single(n, &w, &acts[t]).to_bits(),
+                        "{ty} seed {seed} token {t}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn k_quants_have_four_token_kernels() {
     for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
