@@ -1,10 +1,10 @@
 //! Kernel benchmark (not a test): matmul GFLOP/s per weight type, for decode (1 token) and prefill
 //! (64 tokens), at 1 and 2 threads, on a 576 x 1536 matrix (SmolLM2-135M's FFN shape).
 //! Run with `scripts/bench-kernels` (dev profile, opt-level 3). `CYBER_INFERENCE_ISA=scalar` measures the
-//! scalar oracles instead of the SIMD kernels.
+//! scalar oracles instead of the SIMD kernels, `CYBER_INFERENCE_ISA=avx2` the AVX2 kernels without AVX-512.
 
 use cyber_inference::engine::ggml_type::GgmlType;
-use cyber_inference::engine::kernels::{QMatrix, ThreadPool, isa, matmul};
+use cyber_inference::engine::kernels::{QMatrix, ThreadPool, check_isa, matmul};
 use cyber_inference::engine::quant::{self, blocks::F16Le};
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,14 @@ fn weights(ty: GgmlType, n_rows: usize, n_cols: usize) -> Vec<u8> {
             GgmlType::Q2_K => &[80, 82],
             GgmlType::Q3_K => &[108],
             GgmlType::Q6_K => &[208],
+            GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
             _ => &[0, 2],
         };
         for blk in out.chunks_exact_mut(ts) {
+            if ty == GgmlType::MXFP4 {
+                blk[0] = 120; // the E8M0 scale 2^-7
+                continue;
+            }
             for &o in offs {
                 blk[o..o + 2].copy_from_slice(&F16Le::from_f32(0.01).0);
             }
@@ -64,10 +69,18 @@ fn main() {
         GgmlType::Q6_K,
         GgmlType::IQ4_NL,
         GgmlType::IQ4_XS,
+        GgmlType::MXFP4,
     ];
+    let isa = match check_isa() {
+        Ok(isa) => isa,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     println!(
         "isa: {}   matrix: {n_rows} rows x {n_cols} cols",
-        isa().name()
+        isa.name()
     );
     println!(
         "{:<7} {:>8} {:>14} {:>14} {:>14} {:>14}",

@@ -10,7 +10,7 @@ use cyber_inference::engine::quant::{self, blocks::F16Le};
 use proptest::prelude::*;
 
 /// Every weight type with a dot product.
-const DOT_TYPES: [GgmlType; 15] = [
+const DOT_TYPES: [GgmlType; 16] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -26,6 +26,7 @@ const DOT_TYPES: [GgmlType; 15] = [
     GgmlType::Q6_K,
     GgmlType::IQ4_NL,
     GgmlType::IQ4_XS,
+    GgmlType::MXFP4,
 ];
 
 /// Byte offsets of the f16 scale fields inside one block of `ty`.
@@ -79,6 +80,13 @@ fn random_rows(ty: GgmlType, n_rows: usize, n: usize, seed: u64) -> Vec<u8> {
                     let v = F16Le::from_f32(g.f32(-0.05, 0.05));
                     blk[off..off + 2].copy_from_slice(&v.0);
                 }
+                if ty == GgmlType::MXFP4 {
+                    // The E8M0 scale: 2^-12 .. 2^3 (half of it is used), or the subnormal 0 and 1.
+                    blk[0] = match g.next() % 8 {
+                        0 => (g.next() % 2) as u8,
+                        _ => 115 + (g.next() % 16) as u8,
+                    };
+                }
             }
         }
     }
@@ -107,16 +115,20 @@ fn abs_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f64 {
         .sum()
 }
 
-/// Types whose SIMD kernel does the oracle's float operations in the oracle's order.
+/// Types whose SIMD kernel does the oracle's float operations in the oracle's order (the k-quants and
+/// IQ4_XS: exact integer sums per super-block, then the oracle's float steps). The others (F32, F16, BF16
+/// and the 32-element block types) follow ggml's SIMD scheme of eight float lanes summed at the end, so
+/// they differ from the oracle by float rounding only: ≤ 1e-5 · Σ|w·a|.
 fn bit_exact_twin(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+    use GgmlType::*;
+    matches!(ty, Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS)
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn simd_vec_dot_matches_scalar_twin(seed in any::<u64>(), n_blocks in 1usize..6, ti in 0usize..15) {
+    fn simd_vec_dot_matches_scalar_twin(seed in any::<u64>(), n_blocks in 1usize..6, ti in 0usize..16) {
         let ty = DOT_TYPES[ti];
         let n = n_blocks * 256;
         let w = random_rows(ty, 1, n, seed);
@@ -141,7 +153,7 @@ proptest! {
     /// kernel of the same ISA, and for the k-quants also of the scalar oracle.
     #[test]
     fn four_token_kernels_match_single_token_kernels_bit_for_bit(
-        seed in any::<u64>(), n_blocks in 1usize..6, ti in 0usize..15,
+        seed in any::<u64>(), n_blocks in 1usize..6, ti in 0usize..16,
     ) {
         let ty = DOT_TYPES[ti];
         let n = n_blocks * 256;
@@ -161,6 +173,48 @@ proptest! {
                 prop_assert_eq!(got[t].to_bits(), single(n, &w, &acts[t]).to_bits(), "{} token {}", ty, t);
                 if bit_exact_twin(ty) {
                     prop_assert_eq!(got[t].to_bits(), oracle(n, &w, &acts[t]).to_bits(), "{} token {}", ty, t);
+                }
+            }
+        }
+    }
+}
+
+/// Every type, 24 fixed seeds each (the property tests above draw the type at random): the dispatched kernel
+/// against the oracle (bit-identical where [`bit_exact_twin`], else within 1e-5 · Σ|w·a|), and the
+/// four-token kernel against the single-token one, bit for bit.
+#[test]
+fn every_type_matches_its_scalar_twin_on_fixed_seeds() {
+    for ty in DOT_TYPES {
+        for seed in 0..24u64 {
+            let n = (1 + seed as usize % 5) * 256;
+            let w = random_rows(ty, 1, n, seed * 7919 + ty.id() as u64);
+            let acts: Vec<Vec<u8>> = (0..4u64)
+                .map(|t| activations(ty, n, seed * 31 + t).1)
+                .collect();
+            let s = vec_dot_scalar(ty, n, &w, &acts[0]).unwrap();
+            let v = vec_dot(ty, n, &w, &acts[0]).unwrap();
+            if bit_exact_twin(ty) {
+                assert_eq!(
+                    s.to_bits(),
+                    v.to_bits(),
+                    "{ty} seed {seed}: scalar {s} simd {v}"
+                );
+            } else {
+                let scale = abs_dot(ty, n, &w, &acts[0]);
+                assert!(
+                    ((s - v) as f64).abs() <= 1e-5 * scale + 1e-5,
+                    "{ty} seed {seed}: scalar {s} simd {v} (scale {scale})"
+                );
+            }
+            if let Some(quad) = kernels::vec_dot4_fn(ty) {
+                let single = kernels::vec_dot_fn(ty).unwrap();
+                let got = quad(n, &w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                for t in 0..4 {
+                    assert_eq!(
+                        got[t].to_bits(),
+                        single(n, &w, &acts[t]).to_bits(),
+                        "{ty} seed {seed} token {t}"
+                    );
                 }
             }
         }
@@ -188,17 +242,27 @@ fn the_default_build_uses_avx2_where_the_cpu_has_it() {
         && is_x86_feature_detected!("f16c")
         && std::env::var("CYBER_INFERENCE_ISA").is_err()
     {
-        assert_eq!(isa(), Isa::Avx2);
-        for ty in [
-            GgmlType::Q8_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q4_K,
-            GgmlType::Q6_K,
-        ] {
+        let vnni = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl");
+        assert_eq!(isa(), if vnni { Isa::Avx512 } else { Isa::Avx2 });
+        for ty in DOT_TYPES {
             let simd = kernels::vec_dot_fn(ty).unwrap() as usize;
             let scalar = kernels::scalar_vec_dot_fn(ty).unwrap() as usize;
             assert_ne!(simd, scalar, "{ty} has no SIMD kernel");
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var("CYBER_INFERENCE_ISA").is_ok_and(|v| v == "avx2") {
+        assert_eq!(isa(), Isa::Avx2);
+        assert!(
+            kernels::vec_dot4x4_fn(GgmlType::Q8_0).is_none(),
+            "no VNNI tiles under avx2"
+        );
+        for ty in DOT_TYPES {
+            let simd = kernels::vec_dot_fn(ty).unwrap() as usize;
+            let scalar = kernels::scalar_vec_dot_fn(ty).unwrap() as usize;
+            assert_ne!(simd, scalar, "{ty} has no AVX2 kernel");
         }
     }
     eprintln!("kernel ISA: {}", isa().name());

@@ -46,9 +46,9 @@ fn hex(s: &str) -> Vec<u8> {
 }
 
 /// Types whose dequantizer must be bit-exact (issue 4).
-const DEQUANT_REQUIRED: [&str; 14] = [
+const DEQUANT_REQUIRED: [&str; 15] = [
     "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "IQ4_NL", "IQ4_XS",
+    "IQ4_NL", "IQ4_XS", "MXFP4",
 ];
 /// Types whose reference quantizer must be byte-identical.
 const QUANT_REQUIRED: [&str; 5] = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"];

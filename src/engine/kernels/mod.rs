@@ -24,13 +24,14 @@ use crate::engine::quant::{self, QuantError};
 use thiserror::Error;
 
 pub use dispatch::{
-    Isa, VecDot4Fn, VecDot4x4Fn, VecDotFn, isa, scalar_vec_dot_fn, scalar_vec_dot4_fn, vec_dot_fn,
-    vec_dot4_fn, vec_dot4x4_fn,
+    ISA_ENV, Isa, VecDot4Fn, VecDot4x4Fn, VecDotFn, check_isa, isa, isa_from_env_value,
+    scalar_vec_dot_fn, scalar_vec_dot4_fn, tensor_type_supported, unsupported_tensor_types,
+    vec_dot_fn, vec_dot4_fn, vec_dot4x4_fn,
 };
 pub use pool::ThreadPool;
 
 /// Errors of the kernel layer.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum KernelError {
     /// No dot product exists for this weight type.
     #[error("no matmul kernel for tensor type {0}")]
@@ -46,6 +47,14 @@ pub enum KernelError {
     /// Quantizing the activations failed (a row length that is not a block multiple).
     #[error(transparent)]
     Quant(#[from] QuantError),
+    /// `CYBER_INFERENCE_ISA` names an instruction set that is unknown or that this CPU cannot run.
+    #[error("CYBER_INFERENCE_ISA={value:?}: {why}")]
+    BadIsa {
+        /// The variable's value.
+        value: String,
+        /// Why it cannot be used.
+        why: String,
+    },
 }
 
 /// A weight matrix borrowed from the GGUF mmap: `n_rows` rows of `n_cols` elements (ggml order:

@@ -149,6 +149,31 @@ pub fn iq4_nl_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sumf
 }
 
+/// MXFP4 × Q8_0 (`ggml_vec_dot_mxfp4_q8_0_generic`, `ggml-cpu/quants.c`): per block
+/// `sumf += (d8 · e8m0_half(e)) · (Σ lo + Σ hi)`, in block order.
+pub fn mxfp4_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockMxfp4] = blocks(w, n, QK);
+    let y: &[BlockQ8_0] = blocks(a, n, QK);
+    let mut sumf = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        sumf += mxfp4_block(x, y);
+    }
+    sumf
+}
+
+/// One MXFP4 block against one Q8_0 block: `(d8 · e8m0_half(e)) · Σ`, the term both the generic and the
+/// AVX2 tail of ggml add per block.
+#[inline(always)]
+pub(crate) fn mxfp4_block(x: &BlockMxfp4, y: &BlockQ8_0) -> f32 {
+    let d = y.d.get() * e8m0_to_fp32_half(x.e);
+    let (mut sumi1, mut sumi2) = (0i32, 0i32);
+    for j in 0..16 {
+        sumi1 += y.qs[j] as i32 * KVALUES_MXFP4[(x.qs[j] & 0xF) as usize] as i32;
+        sumi2 += y.qs[j + 16] as i32 * KVALUES_MXFP4[(x.qs[j] >> 4) as usize] as i32;
+    }
+    d * (sumi1 + sumi2) as f32
+}
+
 /// Σ over 16 consecutive elements of `q[k] * y[k]`.
 #[inline(always)]
 fn dot16(q: &[i32; 16], y: &[i8]) -> i32 {
@@ -179,11 +204,41 @@ pub fn q2_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 }
             }
         }
-        let dall = y.d() * x.d.get();
-        let dmin = y.d() * x.dmin.get();
-        sumf += dall * isum as f32 - dmin * summs as f32;
+        sumf = q2_k_finish(x, y, isum, summs, sumf);
     }
     sumf
+}
+
+/// Q2_K's float step per super-block (`ggml_vec_dot_q2_K_q8_K_generic`): `sumf + (d8·d)·isum − (d8·dmin)·summs`.
+#[inline(always)]
+pub(crate) fn q2_k_finish(x: &BlockQ2K, y: &BlockQ8K, isum: i32, summs: i32, sumf: f32) -> f32 {
+    let dall = y.d() * x.d.get();
+    let dmin = y.d() * x.dmin.get();
+    sumf + (dall * isum as f32 - dmin * summs as f32)
+}
+
+/// Q3_K's float step per super-block: `sumf + (d·d8)·isum`.
+#[inline(always)]
+pub(crate) fn q3_k_finish(x: &BlockQ3K, y: &BlockQ8K, isum: i32, _summs: i32, sumf: f32) -> f32 {
+    sumf + x.d.get() * y.d() * isum as f32
+}
+
+/// Q5_K's float step per super-block: `sumf + (d·d8)·isum − (dmin·d8)·summs`.
+#[inline(always)]
+pub(crate) fn q5_k_finish(x: &BlockQ5K, y: &BlockQ8K, isum: i32, summs: i32, sumf: f32) -> f32 {
+    sumf + (x.d.get() * y.d() * isum as f32 - x.dmin.get() * y.d() * summs as f32)
+}
+
+/// IQ4_XS's float step per super-block: `sumf + (d·d8)·isum`.
+#[inline(always)]
+pub(crate) fn iq4_xs_finish(
+    x: &BlockIq4Xs,
+    y: &BlockQ8K,
+    isum: i32,
+    _summs: i32,
+    sumf: f32,
+) -> f32 {
+    sumf + x.d.get() * y.d() * isum as f32
 }
 
 pub fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -211,16 +266,9 @@ pub fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 m <<= 1;
             }
         }
-        sumf += x.d.get() * y.d() * isum as f32;
+        sumf = q3_k_finish(x, y, isum, 0, sumf);
     }
     sumf
-}
-
-/// Shared by Q4_K and Q5_K: `q` holds the 256 unsigned quants in element order.
-#[inline(always)]
-fn k4_block(q: &[i32; 256], scales: &[u8; 12], d: f32, dmin: f32, y: &BlockQ8K) -> f32 {
-    let (isum, summs) = k4_ints(q, scales, y);
-    d * y.d() * isum as f32 - dmin * y.d() * summs as f32
 }
 
 /// The exact integer sums of one Q4_K/Q5_K super-block against Q8_K: `(Σ scale·q·q8, Σ min·bsum)`.
@@ -302,7 +350,8 @@ pub fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32 + h2;
             }
         }
-        sumf += k4_block(&q, &x.scales, x.d.get(), x.dmin.get(), y);
+        let (isum, summs) = k4_ints(&q, &x.scales, y);
+        sumf = q5_k_finish(x, y, isum, summs, sumf);
     }
     sumf
 }
@@ -395,7 +444,7 @@ pub fn iq4_xs_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
             }
             isum += (ls - 32) * acc;
         }
-        sumf += x.d.get() * y.d() * isum as f32;
+        sumf = iq4_xs_finish(x, y, isum, 0, sumf);
     }
     sumf
 }

@@ -6,11 +6,12 @@
 //! - The 32-element-block types (Q4_0, Q4_1, Q5_0, Q8_0) keep ggml's scheme: an exact integer sum per
 //!   block, scaled and accumulated into 8 float lanes with FMA, summed horizontally at the end. Their
 //!   results differ from the scalar oracle by float rounding only.
-//! - The k-quants (Q4_K, Q6_K) compute each super-block's integer sum exactly in SIMD and then do the same
-//!   scalar float operations as the oracle, so they are **bit-identical** to it.
+//!   So do F32, F16, BF16, Q5_1, IQ4_NL and MXFP4 (the last two with ggml's two accumulators over block pairs).
+//! - The k-quants (Q2_K … Q6_K) and IQ4_XS compute each super-block's integer sum exactly in SIMD and then do
+//!   the same float operations as the oracle, so they are **bit-identical** to it.
 //!
 //! - Prompt processing uses four-token kernels (one weight row, four activation rows: Q4_0, Q4_1, Q5_0,
-//!   Q8_0, Q4_K, Q6_K) and, with AVX-512 VNNI, 4-row x 4-token tiles (Q4_0, Q4_1, Q5_0, Q8_0). They decode a
+//!   Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) and, with AVX-512 VNNI, 4-row x 4-token tiles (Q4_0, Q4_1, Q5_0, Q8_0). They decode a
 //!   weight block once for several tokens and may compute the exact integer sums differently (`vpdpbusd`,
 //!   `vpdpwssd`, an unsigned offset), but every float operation of a (row, token) result is the
 //!   single-token kernel's, in its order: each result is **bit-identical** to the single-token kernel's.
@@ -46,12 +47,20 @@ pub fn vec_dot_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDotFn> {
     Some(match ty {
         F32 => f32_f32,
         F16 => f16_f16,
+        BF16 => bf16_bf16,
         Q4_0 => q4_0_q8_0,
         Q4_1 => q4_1_q8_1,
         Q5_0 => q5_0_q8_0,
+        Q5_1 => q5_1_q8_1,
         Q8_0 => q8_0_q8_0,
+        IQ4_NL => iq4_nl_q8_0,
+        MXFP4 => mxfp4_q8_0,
+        Q2_K => q2_k_q8_k,
+        Q3_K => q3_k_q8_k,
         Q4_K => q4_k_q8_k,
+        Q5_K => q5_k_q8_k,
         Q6_K => q6_k_q8_k,
+        IQ4_XS => iq4_xs_q8_k,
         _ => return None,
     })
 }
@@ -82,6 +91,14 @@ safe_wrapper!(q5_0_q8_0, q5_0_q8_0_avx2, QK, 22, 34);
 safe_wrapper!(q8_0_q8_0, q8_0_q8_0_avx2, QK, 34, 34);
 safe_wrapper!(q4_k_q8_k, q4_k_q8_k_avx2, QK_K, 144, 292);
 safe_wrapper!(q6_k_q8_k, q6_k_q8_k_avx2, QK_K, 210, 292);
+safe_wrapper!(bf16_bf16, bf16_bf16_avx2, 1, 2, 2);
+safe_wrapper!(q5_1_q8_1, q5_1_q8_1_avx2, QK, 24, 36);
+safe_wrapper!(iq4_nl_q8_0, iq4_nl_q8_0_avx2, QK, 18, 34);
+safe_wrapper!(mxfp4_q8_0, mxfp4_q8_0_avx2, QK, 17, 34);
+safe_wrapper!(q2_k_q8_k, q2_k_q8_k_avx2, QK_K, 84, 292);
+safe_wrapper!(q3_k_q8_k, q3_k_q8_k_avx2, QK_K, 110, 292);
+safe_wrapper!(q5_k_q8_k, q5_k_q8_k_avx2, QK_K, 176, 292);
+safe_wrapper!(iq4_xs_q8_k, iq4_xs_q8_k_avx2, QK_K, 136, 292);
 
 /// An f16 as f32 with the F16C instruction, inlined (the `half` crate's conversion detects the CPU on
 /// every call).
@@ -440,6 +457,392 @@ unsafe fn q6_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     hsum_f32x8(acc)
 }
 
+/// Eight bf16 values as f32 (the bits shifted left by 16: exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_bf16x8(p: *const u8) -> __m256 {
+    // SAFETY: the caller passes a pointer to 16 readable bytes; the load is unaligned.
+    let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16_bf16_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    // ggml_vec_dot_bf16's AVX2 path (vec.cpp): four 8-lane accumulators of `mul` then `add`, combined as
+    // (c1 + c3) + (c2 + c4), a horizontal sum, then the tail.
+    let mut c = [_mm256_setzero_ps(); 4];
+    let n32 = n / 32 * 32;
+    let (pw, pa) = (w.as_ptr(), a.as_ptr());
+    let mut i = 0;
+    while i < n32 {
+        for (k, c) in c.iter_mut().enumerate() {
+            let off = 2 * (i + 8 * k);
+            // SAFETY: elements i + 8k .. i + 8k + 8 are inside the n bf16s (2n bytes) of each slice.
+            let (x, y) = unsafe { (load_bf16x8(pw.add(off)), load_bf16x8(pa.add(off))) };
+            *c = _mm256_add_ps(_mm256_mul_ps(x, y), *c);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
+    let mut sum = hsum_f32x8(s);
+    let (w16, a16): (&[Bf16Le], &[Bf16Le]) = (bytemuck::cast_slice(w), bytemuck::cast_slice(a));
+    for j in n32..n {
+        sum += w16[j].get() * a16[j].get();
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1_q8_1_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    // ggml's AVX2 `ggml_vec_dot_q5_1_q8_1`: unsigned 5-bit quants, `fma(Σ, d_w·d_a, acc)` per block, the min
+    // terms summed apart and added after the horizontal sum.
+    let x: &[BlockQ5_1] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8_1] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (x, y) in x.iter().zip(y) {
+        let dx = _mm256_set1_ps(h2f(x.d));
+        summs += h2f(x.m) * h2f(y.s);
+        let hi = _mm256_and_si256(bits32(x.qh), _mm256_set1_epi8(0x10));
+        // SAFETY: the block fields are 16 and 32 bytes long.
+        let (qx, qy) = unsafe { (_mm256_or_si256(nibbles32(&x.qs), hi), load32(&y.qs)) };
+        let dy = _mm256_set1_ps(h2f(y.d));
+        let q = _mm256_cvtepi32_ps(mul_sum_us8(qx, qy));
+        acc = _mm256_fmadd_ps(q, _mm256_mul_ps(dx, dy), acc);
+    }
+    hsum_f32x8(acc) + summs
+}
+
+/// The 32 code-book values of a 16-byte nibble field: low nibbles (elements 0..16) in the low half, high
+/// nibbles (16..32) in the high half, looked up with one `pshufb` each in `table`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lookup_nibbles(table: __m128i, qs: &[u8; 16]) -> __m256i {
+    // SAFETY: `qs` is 16 readable bytes; the load is unaligned.
+    let q = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+    let m4 = _mm_set1_epi8(0x0F);
+    let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m4));
+    let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Defines the AVX2 kernel `$name` of a 4-bit code-book type against Q8_0 (ggml's AVX2
+/// `ggml_vec_dot_iq4_nl_q8_0` / `ggml_vec_dot_mxfp4_q8_0`): blocks in pairs, the even block into `accum1`,
+/// the odd into `accum2` (`fma(d, Σ, acc)`), `hsum(accum1 + accum2)`, then a last odd block with the scalar
+/// per-block term `$tail`.
+macro_rules! codebook_q8_0 {
+    ($name:ident, $block:ty, $table:expr, |$x:ident, $y:ident| $scale:expr, $tail:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(nb: usize, w: &[u8], a: &[u8]) -> f32 {
+            let xs: &[$block] = bytemuck::cast_slice(w);
+            let ys: &[BlockQ8_0] = bytemuck::cast_slice(a);
+            // SAFETY: the table is 16 bytes.
+            let table = unsafe { _mm_loadu_si128($table.as_ptr() as *const __m128i) };
+            let (mut accum1, mut accum2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut ib = 0;
+            while ib + 1 < nb {
+                let mut p = [_mm256_setzero_ps(); 2];
+                let mut d = [0f32; 2];
+                for k in 0..2 {
+                    let ($x, $y) = (&xs[ib + k], &ys[ib + k]);
+                    // SAFETY: the nibble and quant fields are 16 and 32 bytes long.
+                    let (qx, qy) = unsafe { (lookup_nibbles(table, &$x.qs), load32(&$y.qs)) };
+                    p[k] = mul_sum_i8_f32(qx, qy);
+                    d[k] = $scale;
+                }
+                accum1 = _mm256_fmadd_ps(_mm256_set1_ps(d[0]), p[0], accum1);
+                accum2 = _mm256_fmadd_ps(_mm256_set1_ps(d[1]), p[1], accum2);
+                ib += 2;
+            }
+            let mut sumf = hsum_f32x8(_mm256_add_ps(accum1, accum2));
+            if ib < nb {
+                sumf += $tail(&xs[ib], &ys[ib]);
+            }
+            sumf
+        }
+    };
+}
+
+codebook_q8_0!(
+    iq4_nl_q8_0_avx2,
+    BlockIq4Nl,
+    KVALUES_IQ4NL,
+    |x, y| h2f(y.d) * h2f(x.d),
+    |x: &BlockIq4Nl, y: &BlockQ8_0| {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += y.qs[j] as i32 * KVALUES_IQ4NL[(x.qs[j] & 0xF) as usize] as i32
+                + y.qs[j + 16] as i32 * KVALUES_IQ4NL[(x.qs[j] >> 4) as usize] as i32;
+        }
+        (y.d.get() * x.d.get()) * sumi as f32
+    }
+);
+codebook_q8_0!(
+    mxfp4_q8_0_avx2,
+    BlockMxfp4,
+    KVALUES_MXFP4,
+    |x, y| h2f(y.d) * e8m0_to_fp32_half(x.e),
+    super::scalar::mxfp4_block
+);
+
+/// `v >> count` on 16-bit lanes (a run-time count).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn srl16(v: __m256i, count: usize) -> __m256i {
+    _mm256_srl_epi16(v, _mm_cvtsi32_si128(count as i32))
+}
+
+/// A 256-bit vector whose low half is `lo` and high half `hi` in every 16-bit lane (the scales of two
+/// consecutive 16-element groups).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_pair(lo: i16, hi: i16) -> __m256i {
+    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
+}
+
+/// Σ over 8 i32 lanes of `madd(bsums, m)`: Σ_g bsum[g]·m[g] for 16 i16 `m`, exact.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bsum_dot(y: &BlockQ8K, m: __m256i) -> i32 {
+    // SAFETY: `bsums` is 16 i16 (32 bytes).
+    let bsums = unsafe { std::mem::transmute::<[[u8; 2]; 16], __m256i>(y.bsums) };
+    hsum_i32x8(_mm256_madd_epi16(bsums, m))
+}
+
+/// One super-block's weights decoded for the integer dot products of the k-quant kernels below: eight
+/// 32-byte quant vectors `q` (element chunk `c` = elements 32c..32c+32, each byte unsigned, or for IQ4_XS the
+/// signed code-book value), per chunk a second vector `h` (Q3_K: the `4` to subtract where the high bit is
+/// clear; IQ4_XS: |q|), per chunk the i16 scales of its two 16-element halves `sc`, and the 16 i16 `mins`
+/// against the bsums (Q2_K, Q5_K).
+#[derive(Clone, Copy)]
+struct KBlock {
+    q: [__m256i; 8],
+    h: [__m256i; 8],
+    sc: [__m256i; 8],
+    mins: __m256i,
+}
+
+/// `Σ_c madd(sc[c], maddubs(q[c], y_c))`, summed over the eight i32 lanes: exact (no i16 pair saturates for
+/// these quant ranges: |pair| ≤ 2·31·128).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn kblock_dot_unsigned(k: &KBlock, y: &BlockQ8K, minus_h: bool) -> i32 {
+    let mut sumi = _mm256_setzero_si256();
+    for c in 0..8 {
+        // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of y.
+        let q8 = unsafe { _mm256_loadu_si256(y.qs.as_ptr().add(32 * c) as *const __m256i) };
+        let mut p = _mm256_maddubs_epi16(k.q[c], q8);
+        if minus_h {
+            p = _mm256_sub_epi16(p, _mm256_maddubs_epi16(k.h[c], q8));
+        }
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(k.sc[c], p));
+    }
+    hsum_i32x8(sumi)
+}
+
+/// Q2_K: `q` the 2-bit quants, `sc` the low scale nibbles, `mins` the high ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn decode_q2_k(x: &BlockQ2K) -> KBlock {
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY: `scales` is 16 plain bytes.
+    let sc16 = unsafe { std::mem::transmute::<[u8; 16], __m128i>(x.scales) };
+    let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc16, 4), _mm_set1_epi8(0xF)));
+    let mut k = KBlock {
+        q: [_mm256_setzero_si256(); 8],
+        h: [_mm256_setzero_si256(); 8],
+        sc: [_mm256_setzero_si256(); 8],
+        mins,
+    };
+    for h in 0..2 {
+        // SAFETY: bytes 32h..32h+32 of the 64-byte `qs`.
+        let q2bits = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * h) as *const __m256i) };
+        for j in 0..4 {
+            let (c, g) = (4 * h + j, 8 * h + 2 * j);
+            k.q[c] = _mm256_and_si256(srl16(q2bits, 2 * j), m3);
+            k.sc[c] = scale_pair((x.scales[g] & 0xF) as i16, (x.scales[g + 1] & 0xF) as i16);
+        }
+    }
+    k
+}
+
+/// Q3_K: `q` the low 2 bits, `h` 4 where the high bit is clear, `sc` the 6-bit scales minus 32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn decode_q3_k(x: &BlockQ3K) -> KBlock {
+    let m3 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    let scales = q3k_scales(&x.scales);
+    // SAFETY: `hmask` is 32 plain bytes.
+    let hbits = unsafe { std::mem::transmute::<[u8; 32], __m256i>(x.hmask) };
+    let mut k = KBlock {
+        q: [_mm256_setzero_si256(); 8],
+        h: [_mm256_setzero_si256(); 8],
+        sc: [_mm256_setzero_si256(); 8],
+        mins: _mm256_setzero_si256(),
+    };
+    for h in 0..2 {
+        // SAFETY: bytes 32h..32h+32 of the 64-byte `qs`.
+        let q3bits = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * h) as *const __m256i) };
+        for j in 0..4 {
+            let (c, g) = (4 * h + j, 8 * h + 2 * j);
+            k.q[c] = _mm256_and_si256(srl16(q3bits, 2 * j), m3);
+            let bit = _mm256_set1_epi8((1u8 << c) as i8);
+            let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), _mm256_setzero_si256());
+            k.h[c] = _mm256_and_si256(clear, four);
+            k.sc[c] = scale_pair(scales[g] as i16 - 32, scales[g + 1] as i16 - 32);
+        }
+    }
+    k
+}
+
+/// Q5_K: `q` the 5-bit quants, `sc` the 6-bit scale of each 32-element chunk, `mins` per 16-group.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn decode_q5_k(x: &BlockQ5K) -> KBlock {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let (sc, mn) = k4_scales_mins(&x.scales);
+    let mins: [i16; 16] = std::array::from_fn(|g| mn[g / 2] as i16);
+    // SAFETY: `qh` is 32 plain bytes; `mins` 32 plain bytes.
+    let (qh, mins) = unsafe {
+        (
+            std::mem::transmute::<[u8; 32], __m256i>(x.qh),
+            std::mem::transmute::<[i16; 16], __m256i>(mins),
+        )
+    };
+    let mut k = KBlock {
+        q: [_mm256_setzero_si256(); 8],
+        h: [_mm256_setzero_si256(); 8],
+        sc: [_mm256_setzero_si256(); 8],
+        mins,
+    };
+    for j in 0..4 {
+        // SAFETY: bytes 32j..32j+32 of the 128-byte `qs`.
+        let q4bits = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * j) as *const __m256i) };
+        let hl = _mm256_slli_epi16(_mm256_and_si256(srl16(qh, 2 * j), one), 4);
+        let hh = _mm256_slli_epi16(_mm256_and_si256(srl16(qh, 2 * j + 1), one), 4);
+        k.q[2 * j] = _mm256_or_si256(_mm256_and_si256(q4bits, m4), hl);
+        k.q[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4), hh);
+        k.sc[2 * j] = _mm256_set1_epi16(sc[2 * j] as i16);
+        k.sc[2 * j + 1] = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+    }
+    k
+}
+
+/// IQ4_XS: `q` the signed code-book values, `h` their absolute values, `sc` the 6-bit scales minus 32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn decode_iq4_xs(x: &BlockIq4Xs) -> KBlock {
+    // SAFETY: the table is 16 bytes.
+    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+    let sh = u16::from_le_bytes(x.scales_h);
+    let mut k = KBlock {
+        q: [_mm256_setzero_si256(); 8],
+        h: [_mm256_setzero_si256(); 8],
+        sc: [_mm256_setzero_si256(); 8],
+        mins: _mm256_setzero_si256(),
+    };
+    for ib in 0..8 {
+        let ls = ((x.scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) as i16
+            | ((((sh >> (2 * ib)) & 3) as i16) << 4);
+        let qs: &[u8; 16] = x.qs[16 * ib..16 * ib + 16].try_into().expect("16 bytes");
+        // SAFETY: `qs` is 16 bytes.
+        let qx = unsafe { lookup_nibbles(table, qs) };
+        k.q[ib] = qx;
+        k.h[ib] = _mm256_sign_epi8(qx, qx);
+        k.sc[ib] = _mm256_set1_epi16(ls - 32);
+    }
+    k
+}
+
+/// IQ4_XS's exact integer sum: `Σ madd(maddubs(|q|, sign(y, q)), sc)` (no pair saturates: 2·127·127).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn iq4_xs_dot(k: &KBlock, y: &BlockQ8K) -> i32 {
+    let mut sumi = _mm256_setzero_si256();
+    for c in 0..8 {
+        // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of y.
+        let q8 = unsafe { _mm256_loadu_si256(y.qs.as_ptr().add(32 * c) as *const __m256i) };
+        let p16 = _mm256_maddubs_epi16(k.h[c], _mm256_sign_epi8(q8, k.q[c]));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, k.sc[c]));
+    }
+    hsum_i32x8(sumi)
+}
+
+/// Defines the single-token kernel `$x1` and the four-token kernel `$x4` of a k-quant type: the exact integer
+/// sums of `$decode` + `$dot` in SIMD, then per super-block the oracle's float step `$finish(x, y, isum,
+/// summs, sumf)` (from `scalar`), so both are **bit-identical** to the scalar oracle. The four-token kernel
+/// decodes each super-block once for the four tokens.
+macro_rules! k_quant_kernels {
+    ($x1:ident, $x4:ident, $block:ty, $decode:ident, |$k:ident, $y:ident| $dot:expr, $finish:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $x1(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+            let x: &[$block] = bytemuck::cast_slice(w);
+            let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+            let mut sumf = 0f32;
+            for (xb, yb) in x.iter().zip(y) {
+                let $k = $decode(xb);
+                let $y = yb;
+                let (isum, summs) = $dot;
+                sumf = $finish(xb, yb, isum, summs, sumf);
+            }
+            sumf
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let x: &[$block] = bytemuck::cast_slice(w);
+            let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+            assert!(ys.iter().all(|y| y.len() >= x.len()));
+            let mut sumf = [0f32; 4];
+            for (i, xb) in x.iter().enumerate() {
+                let $k = $decode(xb);
+                for t in 0..4 {
+                    let yb = &ys[t][i];
+                    let $y = yb;
+                    let (isum, summs) = $dot;
+                    sumf[t] = $finish(xb, yb, isum, summs, sumf[t]);
+                }
+            }
+            sumf
+        }
+    };
+}
+
+k_quant_kernels!(
+    q2_k_q8_k_avx2,
+    q2_k_q8_k_x4_avx2,
+    BlockQ2K,
+    decode_q2_k,
+    |k, y| (kblock_dot_unsigned(&k, y, false), bsum_dot(y, k.mins)),
+    super::scalar::q2_k_finish
+);
+k_quant_kernels!(
+    q3_k_q8_k_avx2,
+    q3_k_q8_k_x4_avx2,
+    BlockQ3K,
+    decode_q3_k,
+    |k, y| (kblock_dot_unsigned(&k, y, true), 0),
+    super::scalar::q3_k_finish
+);
+k_quant_kernels!(
+    q5_k_q8_k_avx2,
+    q5_k_q8_k_x4_avx2,
+    BlockQ5K,
+    decode_q5_k,
+    |k, y| (kblock_dot_unsigned(&k, y, false), bsum_dot(y, k.mins)),
+    super::scalar::q5_k_finish
+);
+k_quant_kernels!(
+    iq4_xs_q8_k_avx2,
+    iq4_xs_q8_k_x4_avx2,
+    BlockIq4Xs,
+    decode_iq4_xs,
+    |k, y| (iq4_xs_dot(&k, y), 0),
+    super::scalar::iq4_xs_finish
+);
+
 /// Four-token kernels for prompt processing: one weight row against four activation rows, each weight block
 /// decoded once. Every output is computed with exactly the operations of the single-token kernel of the same
 /// type (same per-block products, same lane accumulation, same horizontal sum), so results are bit-identical
@@ -453,6 +856,10 @@ pub fn vec_dot4_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDot4Fn> {
         Q8_0 => q8_0_q8_0_x4,
         Q4_K => q4_k_q8_k_x4,
         Q6_K => q6_k_q8_k_x4,
+        Q2_K => q2_k_q8_k_x4,
+        Q3_K => q3_k_q8_k_x4,
+        Q5_K => q5_k_q8_k_x4,
+        IQ4_XS => iq4_xs_q8_k_x4,
         _ => return None,
     })
 }
@@ -484,6 +891,10 @@ safe_wrapper4!(q5_0_q8_0_x4, q5_0_q8_0_x4_avx2, 22, 34);
 safe_wrapper4!(q8_0_q8_0_x4, q8_0_q8_0_x4_avx2, 34, 34);
 safe_wrapper4!(q4_k_q8_k_x4, q4_k_q8_k_x4_avx2, QK_K, 144, 292);
 safe_wrapper4!(q6_k_q8_k_x4, q6_k_q8_k_x4_avx2, QK_K, 210, 292);
+safe_wrapper4!(q2_k_q8_k_x4, q2_k_q8_k_x4_avx2, QK_K, 84, 292);
+safe_wrapper4!(q3_k_q8_k_x4, q3_k_q8_k_x4_avx2, QK_K, 110, 292);
+safe_wrapper4!(q5_k_q8_k_x4, q5_k_q8_k_x4_avx2, QK_K, 176, 292);
+safe_wrapper4!(iq4_xs_q8_k_x4, iq4_xs_q8_k_x4_avx2, QK_K, 136, 292);
 
 /// The four i32 sums of `v[0..4]` (lane t = Σ of the eight lanes of `v[t]`), exact.
 #[inline]

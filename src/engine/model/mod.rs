@@ -116,11 +116,19 @@ struct LoadedParts {
     tokenizer: Tokenizer,
 }
 
-/// Every load-time check of [`Model::from_gguf`], in its order: hyper-parameters (architecture and keys),
+/// Every load-time check of [`Model::from_gguf`] about the file, in its order: a kernel for every
+/// tensor's ggml type, hyper-parameters (architecture and keys),
 /// `token_embd.weight`'s shape, every weight (presence, shape, a kernel for its ggml type), the
 /// tokenizer and its size against the embedding rows. Cheap: matrices stay in the mmap, only norms and
 /// biases are copied.
 fn load_parts(file: &GgufFile) -> Result<LoadedParts, ModelError> {
+    // A tensor type without a kernel refuses the file before anything else is read.
+    if let Some((name, ty)) = crate::engine::kernels::unsupported_tensor_types(file).first() {
+        return Err(ModelError::UnsupportedTensorType {
+            name: name.clone(),
+            ty: ty.name().to_string(),
+        });
+    }
     let hp = HParams::from_gguf(file)?;
     let te = file
         .tensor("token_embd.weight")
@@ -174,6 +182,8 @@ impl Model {
 
     /// Builds a model over an already opened file.
     pub fn from_gguf(file: Arc<GgufFile>, params: &ModelParams) -> Result<Arc<Model>, ModelError> {
+        // A bad CYBER_INFERENCE_ISA refuses every model up front (a process setting, not a file's).
+        crate::engine::kernels::check_isa().map_err(|e| ModelError::Unsupported(e.to_string()))?;
         let LoadedParts {
             hp,
             n_vocab,

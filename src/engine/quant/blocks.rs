@@ -101,6 +101,10 @@ block!(
     /// `block_iq4_xs`: 256 weights in 8 groups of 32, `d * (ls - 32) * KVALUES_IQ4NL[q]`, ls 6 bits (low 4 in
     /// `scales_l`, high 2 in `scales_h`).
     BlockIq4Xs, 136, { d: F16Le, scales_h: [u8; 2], scales_l: [u8; 4], qs: [u8; 128] });
+block!(
+    /// `block_mxfp4` (OCP microscaling FP4, gpt-oss): 32 weights `e8m0_to_fp32_half(e) * KVALUES_MXFP4[q]`,
+    /// `e` a power-of-two scale (E8M0), q a 4-bit E2M1 code, nibbles as in Q4_0.
+    BlockMxfp4, 17, { e: u8, qs: [u8; 16] });
 
 impl BlockQ8K {
     /// The scale `d`.
@@ -119,6 +123,22 @@ impl BlockQ8K {
 pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
+
+/// MXFP4 code book: the E2M1 values doubled (`kvalues_mxfp4` = `kvalues_fp4`, ggml-common.h), so the block
+/// scale is taken at half its value ([`e8m0_to_fp32_half`]).
+pub const KVALUES_MXFP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half the value of an E8M0 scale, `2^(x - 128)` (`ggml_e8m0_to_fp32_half`, ggml-impl.h): exact, with the
+/// subnormal bit patterns for `x < 2`.
+#[inline(always)]
+pub fn e8m0_to_fp32_half(x: u8) -> f32 {
+    let bits = if x < 2 {
+        0x0020_0000u32 << x
+    } else {
+        ((x as u32) - 1) << 23
+    };
+    f32::from_bits(bits)
+}
 
 /// Unpacks the 6-bit scale and min of group `j` (0..8) of a Q4_K/Q5_K block (`get_scale_min_k4`,
 /// ggml-quants.c).
@@ -178,7 +198,7 @@ mod tests {
 
     #[test]
     fn sizes_match_ggml_type_sizes() {
-        let pairs: [(GgmlType, usize); 14] = [
+        let pairs: [(GgmlType, usize); 15] = [
             (GgmlType::Q4_0, size_of::<BlockQ4_0>()),
             (GgmlType::Q4_1, size_of::<BlockQ4_1>()),
             (GgmlType::Q5_0, size_of::<BlockQ5_0>()),
@@ -193,10 +213,21 @@ mod tests {
             (GgmlType::Q8_K, size_of::<BlockQ8K>()),
             (GgmlType::IQ4_NL, size_of::<BlockIq4Nl>()),
             (GgmlType::IQ4_XS, size_of::<BlockIq4Xs>()),
+            (GgmlType::MXFP4, size_of::<BlockMxfp4>()),
         ];
         for (t, s) in pairs {
             assert_eq!(t.type_size(), s, "{t}");
         }
+    }
+
+    #[test]
+    fn e8m0_half_is_a_power_of_two_halved() {
+        assert_eq!(e8m0_to_fp32_half(127), 0.5);
+        assert_eq!(e8m0_to_fp32_half(128), 1.0);
+        assert_eq!(e8m0_to_fp32_half(130), 4.0);
+        assert_eq!(e8m0_to_fp32_half(1), 2f32.powi(-127));
+        assert_eq!(e8m0_to_fp32_half(0), 2f32.powi(-128));
+        assert_eq!(e8m0_to_fp32_half(254), 2f32.powi(126));
     }
 
     #[test]

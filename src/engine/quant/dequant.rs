@@ -273,3 +273,15 @@ pub(super) fn iq4_xs(src: &[u8], dst: &mut [f32]) {
         }
     }
 }
+
+/// `dequantize_row_mxfp4`: `x * d` with `x` the code-book value and `d = e8m0_to_fp32_half(e)`.
+pub(super) fn mxfp4(src: &[u8], dst: &mut [f32]) {
+    let blocks: &[BlockMxfp4] = bytemuck::cast_slice(src);
+    for (b, y) in blocks.iter().zip(dst.chunks_exact_mut(QK)) {
+        let d = e8m0_to_fp32_half(b.e);
+        for j in 0..16 {
+            y[j] = KVALUES_MXFP4[(b.qs[j] & 0x0F) as usize] as f32 * d;
+            y[j + 16] = KVALUES_MXFP4[(b.qs[j] >> 4) as usize] as f32 * d;
+        }
+    }
+}

@@ -14,7 +14,7 @@ use thiserror::Error;
 pub use blocks::{QK, QK_K};
 
 /// Errors of the quantization layer.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum QuantError {
     /// The operation is not implemented for this tensor type.
     #[error("{op} is not supported for tensor type {ty}")]
@@ -102,6 +102,7 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
             | Q8_K
             | IQ4_NL
             | IQ4_XS
+            | MXFP4
     )
 }
 
@@ -139,6 +140,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
         Q8_K => dequant::q8_k(src, dst),
         IQ4_NL => dequant::iq4_nl(src, dst),
         IQ4_XS => dequant::iq4_xs(src, dst),
+        MXFP4 => dequant::mxfp4(src, dst),
         _ => unreachable!("can_dequantize checked the type"),
     }
     Ok(())
@@ -235,7 +237,7 @@ pub fn fp32_to_bf16_bits(v: f32) -> u16 {
 /// The type that activations are quantized to for an integer (or float) dot product with weights of type
 /// `ty` (ggml's `vec_dot_type` in `ggml-cpu.c` type traits), or `None` when there is no dot product for `ty`.
 ///
-/// Q4_0, Q5_0, Q8_0, IQ4_NL → Q8_0; Q4_1, Q5_1 → Q8_1; Q2_K…Q6_K, IQ4_XS → Q8_K; F32 → F32; F16 → F16;
+/// Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4 → Q8_0; Q4_1, Q5_1 → Q8_1; Q2_K…Q6_K, IQ4_XS → Q8_K; F32 → F32; F16 → F16;
 /// BF16 → BF16.
 pub fn vec_dot_type(ty: GgmlType) -> Option<GgmlType> {
     use GgmlType::*;
@@ -243,7 +245,7 @@ pub fn vec_dot_type(ty: GgmlType) -> Option<GgmlType> {
         F32 => F32,
         F16 => F16,
         BF16 => BF16,
-        Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Q8_0,
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | MXFP4 => Q8_0,
         Q4_1 | Q5_1 => Q8_1,
         Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => Q8_K,
         _ => return None,
