@@ -441,6 +441,24 @@ mod tests {
     }
 
     #[test]
+    fn llama_cpp_json_gbnf_compiles_and_accepts_json() {
+        let json_gbnf = r#"root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+        let mut c = compiler()
+            .compile(&GrammarSpec::Gbnf(json_gbnf.into()))
+            .unwrap();
+        assert!(!feed(&mut c.clone(), "[1]"), "root is an object");
+        assert!(feed(&mut c, "{\"a\": [1.5, true, \"x\\u00e9\"]}"));
+        assert!(c.compute_mask().unwrap().is_allowed(256));
+    }
+
+    #[test]
     fn bad_grammars_and_schemas_carry_the_compiler_message() {
         let g = compiler();
         let e = g

@@ -598,12 +598,116 @@ num ::= [0-9]{1,4}
 ws ::= [ \t\n]*
 "#;
         let lark = gbnf_to_lark(g).unwrap();
+        // What llguidance's gbnf_to_lark.py prints: `item` only reaches terminals, so it is one.
         assert_eq!(
             lark,
-            "%llguidance {}\n\n// a list of items\nstart: item (\",\" item){0,3} WS?\n\n\
-             item: /[a-z]/+\n     | \"x\\\"y\"\n     | NUM\n\n\
+            "%llguidance {}\n\n// a list of items\nstart: ITEM (\",\" ITEM){0,3} WS?\n\n\
+             ITEM: /[a-z]/+\n     | \"x\\\"y\"\n     | NUM\n\n\
              NUM: /[0-9]/{1,4}\nWS: /[ \\t\\n]/*\n"
         );
+    }
+
+    /// llama.cpp's grammars/*.gbnf (commit 0c1e570) and what the Python converter prints for them.
+    const LLAMA_CPP_GRAMMARS: [(&str, &str, &str); 3] = [
+        (
+            "json",
+            r##"root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+"##,
+            r##"%llguidance {}
+
+start: object
+
+value: object
+     | array
+     | STRING
+     | NUMBER
+     | ("true" | "false" | "null") WS
+
+object: "{" WS (STRING ":" WS value ("," WS STRING ":" WS value)*)? "}" WS
+array: "[" WS (value ("," WS value)*)? "]" WS
+
+// escapes
+STRING: "\"" ((/[^"\\\x7F\x00-\x1F]/ | "\\" (/["\\bfnrt]/ | "u" /[0-9a-fA-F]/{4,4})))* "\"" WS
+
+NUMBER: "-"? (/[0-9]/ | /[1-9]/ /[0-9]/{0,15}) ("." /[0-9]/+)? (/[eE]/ /[-+]/? /[0-9]/ /[1-9]/{0,15})? WS
+
+// Optional space: by convention, applied in this grammar after literal chars when allowed
+WS: ""
+     | " "
+     | "\n" /[ \t]/{0,20}
+
+"##,
+        ),
+        (
+            "arithmetic",
+            r##"root  ::= (expr "=" ws term "\n")+
+expr  ::= term ([-+*/] term)*
+term  ::= ident | num | "(" ws expr ")" ws
+ident ::= [a-z] [a-z0-9_]* ws
+num   ::= [0-9]+ ws
+ws    ::= [ \t\n]*
+"##,
+            r##"%llguidance {}
+
+start: (expr "=" WS term "\n")+
+expr: term (/[-+*\/]/ term)*
+
+term: IDENT
+     | NUM
+     | "(" WS expr ")" WS
+
+IDENT: /[a-z]/ /[a-z0-9_]/* WS
+NUM: /[0-9]/+ WS
+WS: /[ \t\n]/*
+"##,
+        ),
+        (
+            "list",
+            r##"root ::= item+
+
+# Excludes various line break characters
+item ::= "- " [^\r\n\x0b\x0c\x85\u2028\u2029]+ "\n"
+"##,
+            r##"%llguidance {}
+
+start: ITEM+
+
+// Excludes various line break characters
+ITEM: "- " /[^\r\n\x0b\x0c\x85\u2028\u2029]/+ "\n"
+
+"##,
+        ),
+    ];
+
+    #[test]
+    fn llama_cpp_grammars_convert_as_the_python_converter_does() {
+        for (name, gbnf, lark) in LLAMA_CPP_GRAMMARS {
+            assert_eq!(gbnf_to_lark(gbnf).unwrap(), lark, "{name}.gbnf");
+        }
     }
 
     #[test]
