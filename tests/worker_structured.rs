@@ -34,7 +34,7 @@ impl Worker {
             .arg("-m")
             .arg(model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-t", "2", "-np", "2", "-c", "4096", "-a", "smol"])
+            .args(["-t", "2", "-np", "4", "-c", "4096", "-a", "smol"])
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .spawn()

@@ -221,7 +221,7 @@ impl GrammarCompiler {
         let compile_err = |message: String| ConstraintError::Compile { kind, message };
         let grammar = match spec {
             GrammarSpec::JsonObject => {
-                TopLevelGrammar::from_json_schema(json_options(json!({"type": "object"}), true))
+                TopLevelGrammar::from_json_schema(json_options(any_object_schema(), true))
             }
             GrammarSpec::JsonSchema { schema, strict } => {
                 TopLevelGrammar::from_json_schema(json_options(schema.clone(), *strict))
@@ -245,6 +245,26 @@ impl GrammarCompiler {
             n_vocab: self.n_vocab,
         })
     }
+}
+
+/// Any JSON object, with numbers kept to the magnitude llama.cpp's JSON grammar allows (an integral
+/// part of at most 16 digits: `INTEGRAL_PART` in common/json-schema-to-grammar.cpp, commit 0c1e570),
+/// so that a model repeating a digit cannot fill its budget with one number. A bounded number is written
+/// without an exponent (llguidance's numeric ranges do not produce one).
+fn any_object_schema() -> Value {
+    let value = json!({"anyOf": [
+        {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+        {"type": "array", "items": {"$ref": "#/$defs/value"}},
+        {"type": "string"},
+        {"type": "number", "minimum": -1e16, "maximum": 1e16},
+        {"type": "boolean"},
+        {"type": "null"}
+    ]});
+    json!({
+        "type": "object",
+        "additionalProperties": {"$ref": "#/$defs/value"},
+        "$defs": {"value": value}
+    })
 }
 
 /// The schema with llguidance options: our whitespace rule and `lenient` unless strict, unless the
@@ -410,6 +430,20 @@ mod tests {
         );
         assert!(feed(&mut c, "{\"a\": [1, \"x\"]}"));
         assert!(c.compute_mask().unwrap().is_allowed(256));
+    }
+
+    #[test]
+    fn json_object_numbers_are_bounded() {
+        let g = compiler();
+        let mut c = g.compile(&GrammarSpec::JsonObject).unwrap();
+        assert!(feed(&mut c, "{\"a\": {\"b\": [null, true, \"s\", -2.5]}}"));
+        let mut c = g.compile(&GrammarSpec::JsonObject).unwrap();
+        assert!(feed(&mut c, "{\"n\": 1234567890123456"));
+        assert!(
+            !c.compute_mask().unwrap().is_allowed(u32::from(b'7')),
+            "a 17th digit"
+        );
+        assert!(feed(&mut c, "}"));
     }
 
     #[test]
