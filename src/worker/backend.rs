@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::engine::constraint::GrammarCompiler;
+
 /// Facts about the loaded model the worker reports and plans with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
@@ -140,6 +142,11 @@ pub trait Codec: Send + Sync + 'static {
     ///
     /// Errors: [`BackendError::NoTemplate`], [`BackendError::Template`].
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError>;
+    /// The compiler of structured-output grammars over this vocabulary; `None` when the model offers
+    /// no constrained decoding (then a request asking for it is a 400).
+    fn grammar_compiler(&self) -> Option<&GrammarCompiler> {
+        None
+    }
 }
 
 /// The single-threaded side: a context holding one KV sequence per slot. Owned by the scheduler thread.

@@ -11,6 +11,7 @@ use super::backend::{
 };
 use super::{LoadParams, Loaded, plan_context};
 use crate::engine::chat::RenderOptions;
+use crate::engine::constraint::{GrammarCompiler, TokenizeFn};
 use crate::engine::model::{Batch, Context, ContextParams, KvType, Model, ModelParams};
 use crate::engine::sampling::{Sampler, SamplerParams};
 use crate::engine::tokenizer::Tokenizer;
@@ -19,6 +20,9 @@ struct EngineCodec {
     /// Owns the tokenizer and the chat template.
     model: Arc<Model>,
     info: ModelInfo,
+    /// Structured-output grammars over the vocabulary (`None` for encoders, or when llguidance
+    /// refused the vocabulary: logged at load).
+    grammar: Option<GrammarCompiler>,
 }
 
 impl EngineCodec {
@@ -51,6 +55,30 @@ impl Codec for EngineCodec {
         };
         t.render(messages, &opts)
             .map_err(|e| BackendError::Template(e.to_string()))
+    }
+    fn grammar_compiler(&self) -> Option<&GrammarCompiler> {
+        self.grammar.as_ref()
+    }
+}
+
+/// The grammar compiler over `model`'s vocabulary, tokenizing forced text as llama.cpp's llguidance
+/// glue does (`llama_tokenize(add_special = false, parse_special = true)`).
+fn grammar_compiler(model: &Arc<Model>) -> Option<GrammarCompiler> {
+    let t = std::time::Instant::now();
+    let m = model.clone();
+    let tokenize: TokenizeFn = Arc::new(move |s: &str| m.tokenizer().encode(s, false, true));
+    match GrammarCompiler::for_tokenizer(model.tokenizer(), tokenize) {
+        Ok(g) => {
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "grammar token environment built"
+            );
+            Some(g)
+        }
+        Err(e) => {
+            tracing::warn!("constrained decoding is off for this model: {e}");
+            None
+        }
     }
 }
 
@@ -168,6 +196,7 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
     };
     Ok(Loaded {
         codec: Arc::new(EngineCodec {
+            grammar: (!is_encoder).then(|| grammar_compiler(&model)).flatten(),
             model: model.clone(),
             info,
         }),

@@ -28,6 +28,8 @@ use super::backend::{Codec, SamplingParams};
 use super::error::{ApiError, parse_json};
 use super::metrics::{Endpoint, Metrics};
 use super::scheduler::{Command, EmbedRequest, GenEvent, GenerateRequest, TokenOut};
+use super::structured;
+use crate::engine::constraint::Constraint;
 use crate::openai::*;
 
 /// Fixed facts of this worker, known before the model is loaded.
@@ -317,6 +319,9 @@ struct GenSpec {
     n_probs: Option<usize>,
     stream: bool,
     include_usage: bool,
+    /// The compiled structured-output constraint (cloned into every choice), from
+    /// [`super::structured::constraint_of`].
+    constraint: Option<Constraint>,
 }
 
 fn in_range(v: Option<f32>, lo: f32, hi: f32, name: &'static str) -> Result<(), ApiError> {
@@ -400,6 +405,7 @@ fn gen_spec(
         n_probs,
         stream: f.stream.unwrap_or(false),
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        constraint: None,
     })
 }
 
@@ -453,6 +459,7 @@ fn submit(
             sampling,
             stops: spec.stops.clone(),
             n_probs: spec.n_probs,
+            constraint: spec.constraint.clone(),
             events: tx,
             cancel: cancel.clone(),
         }))
@@ -653,12 +660,13 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
     } else {
         None
     };
-    let spec = gen_spec(
+    let mut spec = gen_spec(
         &req.sampling,
         req.max_completion_tokens.or(req.max_tokens),
         n_probs,
         ready.codec.info().n_vocab,
     )?;
+    spec.constraint = structured::constraint_of(&ready.codec, &req.structured).await?;
     let prompt_text = render_prompt(ready, &req.messages)?;
     let prompt = ready.codec.encode(&prompt_text, true, true);
     check_prompt_fits(prompt.len(), ready, st.info.n_slots, "messages")?;
@@ -819,12 +827,13 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         tracing::warn!("'suffix' is not supported and was ignored");
     }
     let n_probs = req.logprobs.map(|k| k as usize);
-    let spec = gen_spec(
+    let mut spec = gen_spec(
         &req.sampling,
         req.max_tokens.or(Some(16)),
         n_probs,
         ready.codec.info().n_vocab,
     )?;
+    spec.constraint = structured::constraint_of(&ready.codec, &req.structured).await?;
     let echo = req.echo.unwrap_or(false);
     let mut prompts = Vec::new();
     for p in req.prompt.into_prompts() {

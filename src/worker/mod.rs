@@ -18,6 +18,7 @@ pub mod scheduler;
 #[cfg(test)]
 mod serve_tests;
 pub mod slot;
+pub mod structured;
 pub mod text;
 
 use std::ffi::OsString;
