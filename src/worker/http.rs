@@ -47,6 +47,8 @@ pub struct ServerInfo {
     pub n_batch: usize,
     /// `--embedding` was given.
     pub embedding: bool,
+    /// `--reasoning-format`: the default of a chat request's `reasoning_format`.
+    pub reasoning_format: crate::engine::chat::reasoning::ReasoningFormat,
     /// Unix time (s) of the start.
     pub created: u64,
 }
@@ -249,47 +251,12 @@ async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Resp
     Ok(Json(json!({ "content": content })).into_response())
 }
 
-/// Messages as the chat template sees them: role, content as one string, name/tool fields passed through.
-fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::bad(
-            "'messages' must contain at least one message",
-            Some("messages"),
-        ));
-    }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let text = m
-                .text(i)
-                .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-            let mut v = json!({"role": m.role.template_name(), "content": text});
-            if let Some(n) = &m.name {
-                v["name"] = json!(n);
-            }
-            if let Some(id) = &m.tool_call_id {
-                v["tool_call_id"] = json!(id);
-            }
-            if let Some(tc) = &m.tool_calls {
-                v["tool_calls"] = tc.clone();
-            }
-            Ok(v)
-        })
-        .collect()
-}
-
 fn render_prompt(ready: &Ready, messages: &[ChatMessage]) -> Result<String, ApiError> {
-    let msgs = template_messages(messages)?;
-    ready.codec.render_chat(&msgs).map_err(|e| match e {
-        super::backend::BackendError::Template(m) => {
-            ApiError::bad(format!("chat template: {m}"), Some("messages"))
-        }
-        super::backend::BackendError::NoTemplate => {
-            ApiError::bad("this model has no chat template; use /v1/completions", None)
-        }
-        other => ApiError::Internal(other.to_string()),
-    })
+    let msgs = super::chat::template_messages(messages)?;
+    ready
+        .codec
+        .render_chat(&msgs)
+        .map_err(super::chat::render_error)
 }
 
 #[derive(serde::Deserialize)]
@@ -659,8 +626,12 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         n_probs,
         ready.codec.info().n_vocab,
     )?;
-    let prompt_text = render_prompt(ready, &req.messages)?;
-    let prompt = ready.codec.encode(&prompt_text, true, true);
+    let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
+    if plan.grammar.is_some() {
+        tracing::debug!("tool_choice forces a call: {:?}", plan.grammar);
+    }
+    let syntax = plan.syntax;
+    let prompt = ready.codec.encode(&plan.prompt, true, true);
     check_prompt_fits(prompt.len(), ready, st.info.n_slots, "messages")?;
     let n_prompt = prompt.len() as u32;
     let subs = (0..spec.n)
@@ -682,14 +653,12 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 cached = c.n_cached as u32;
             }
             debug_assert_eq!(c.n_prompt as u32, n_prompt);
+            let (message, finish_reason) = super::chat::message(&c.text, &syntax, c.finish);
             choices.push(ChatChoice {
                 index: i as u32,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: c.text,
-                },
+                message,
                 logprobs: spec.n_probs.map(|_| chat_logprobs(&c.tokens)),
-                finish_reason: c.finish,
+                finish_reason,
             });
         }
         return Ok(Json(ChatCompletion {
@@ -723,6 +692,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                     delta: ChatDelta {
                         role: Some("assistant".into()),
                         content: Some(String::new()),
+                        ..ChatDelta::default()
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -735,6 +705,9 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
     let include_usage = spec.include_usage;
     let mut completion = 0u32;
     let mut cached = 0u32;
+    let mut replies: Vec<super::chat::ReplyStream> = (0..spec.n)
+        .map(|_| super::chat::ReplyStream::new(syntax))
+        .collect();
     Ok(sse_stream(subs, first, move |i, ev, out| {
         if i == usize::MAX {
             if include_usage {
@@ -747,18 +720,18 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         }
         match ev {
             GenEvent::Delta { text, tokens } => {
-                out.push_back(sse_json(&chunk(
-                    vec![ChatChunkChoice {
-                        index: i as u32,
-                        delta: ChatDelta {
-                            role: None,
-                            content: Some(text),
-                        },
-                        logprobs: want_logprobs.then(|| chat_logprobs(&tokens)),
-                        finish_reason: None,
-                    }],
-                    None,
-                )));
+                let parts = replies[i].push(&text);
+                if !parts.is_empty() || (want_logprobs && !tokens.is_empty()) {
+                    out.push_back(sse_json(&chunk(
+                        vec![ChatChunkChoice {
+                            index: i as u32,
+                            delta: chat_delta(parts),
+                            logprobs: want_logprobs.then(|| chat_logprobs(&tokens)),
+                            finish_reason: None,
+                        }],
+                        None,
+                    )));
+                }
                 Step::Continue
             }
             GenEvent::Done {
@@ -771,6 +744,23 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 if i == 0 {
                     cached = n_cached as u32;
                 }
+                let parts = replies[i].finish();
+                if !parts.is_empty() {
+                    out.push_back(sse_json(&chunk(
+                        vec![ChatChunkChoice {
+                            index: i as u32,
+                            delta: chat_delta(parts),
+                            logprobs: None,
+                            finish_reason: None,
+                        }],
+                        None,
+                    )));
+                }
+                let finish = if replies[i].has_calls() && finish == FinishReason::Stop {
+                    FinishReason::ToolCalls
+                } else {
+                    finish
+                };
                 out.push_back(sse_json(&chunk(
                     vec![ChatChunkChoice {
                         index: i as u32,
@@ -788,6 +778,16 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             }
         }
     }))
+}
+
+/// A streamed chat delta from the parsed parts of the reply.
+fn chat_delta(p: super::chat::DeltaParts) -> ChatDelta {
+    ChatDelta {
+        role: None,
+        content: p.content,
+        reasoning_content: p.reasoning_content,
+        tool_calls: p.tool_calls,
+    }
 }
 
 /// Legacy completion logprobs for `tokens`, whose text starts at byte `offset` of the choice's text.
@@ -821,7 +821,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
     let n_probs = req.logprobs.map(|k| k as usize);
     let spec = gen_spec(
         &req.sampling,
-        req.max_tokens.or(Some(16)),
+        req.max_tokens,
         n_probs,
         ready.codec.info().n_vocab,
     )?;
