@@ -1,6 +1,7 @@
 //! The inference engine: synchronous compute over GGUF files, with no async runtime, HTTP or SQL.
 
 pub mod chat;
+pub mod constraint;
 pub mod ggml_type;
 pub mod gguf;
 pub mod gguf_split;

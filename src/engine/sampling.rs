@@ -278,6 +278,24 @@ fn typical(cands: &mut Vec<Cand>, p: f32) {
         .collect();
 }
 
+/// Sets the logit of every token that `allowed` does not allow to `-inf`, before the samplers run: the
+/// grammar step of llama.cpp's `llama_sampler_llg_apply` (common/llguidance.cpp, commit 0c1e570).
+/// `allowed` is a bitset, bit `t % 32` of word `t / 32` set when token `t` is allowed; logits past its
+/// end (a model whose output row is wider than its vocabulary) are disallowed too.
+pub fn mask_logits(logits: &mut [f32], allowed: &[u32]) {
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = allowed.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// Natural-log softmax over the full row: `logits[i] - max - ln Σ exp(logits - max)` (sum in f64).
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -477,6 +495,26 @@ mod tests {
         assert!(!c.is_empty() && c.len() < 6);
         let mass: f32 = c.iter().map(|x| x.p).sum();
         assert!(mass > 0.5);
+    }
+
+    #[test]
+    fn mask_logits_bans_disallowed_and_out_of_mask_tokens() {
+        let mut l: Vec<f32> = (0..40).map(|i| i as f32).collect();
+        // Allowed: 1, 31, 33; the mask has two words, the row 40 logits.
+        mask_logits(&mut l, &[(1 << 1) | (1 << 31), 1 << 1]);
+        for (i, &x) in l.iter().enumerate() {
+            if [1, 31, 33].contains(&i) {
+                assert_eq!(x, i as f32);
+            } else {
+                assert_eq!(x, f32::NEG_INFINITY, "token {i}");
+            }
+        }
+        let mut s = Sampler::new(SamplerParams::default());
+        assert!([1, 31, 33].contains(&s.sample(&l, &[])));
+        assert_eq!(Sampler::new(SamplerParams::greedy()).sample(&l, &[]), 33);
+        let mut short = vec![0.5f32; 3];
+        mask_logits(&mut short, &[]);
+        assert!(short.iter().all(|x| *x == f32::NEG_INFINITY));
     }
 
     #[test]

@@ -151,6 +151,51 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
 }
 
+/// Structured-output fields shared by chat and text completions: OpenAI's `response_format` and
+/// llama-server's `json_schema` and `grammar` (GBNF). At most one of them may constrain a request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StructuredFields {
+    /// `{"type":"text"}` (no constraint), `{"type":"json_object"}` (optionally with llama-server's
+    /// `schema`) or `{"type":"json_schema","json_schema":{...}}`.
+    pub response_format: Option<ResponseFormat>,
+    /// llama-server: a JSON schema the output must follow.
+    pub json_schema: Option<serde_json::Value>,
+    /// llama-server: a GBNF grammar (or llguidance Lark, starting with `%llguidance`) the output must
+    /// follow; empty = none.
+    pub grammar: Option<String>,
+}
+
+/// `response_format`. The type is kept as a string so that an unknown one is our 400, not serde's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFormat {
+    /// `text`, `json_object` or `json_schema`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For `json_schema`: the schema and its options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<JsonSchemaFormat>,
+    /// llama-server extension: the schema of a `json_object` format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+}
+
+/// `response_format.json_schema`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (OpenAI requires one; not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What the format is for (not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The JSON schema (absent = any JSON value, as llama-server takes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+    /// Enforce the schema exactly, refusing keywords that cannot be (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
 /// Text content of a message: a string or an array of parts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -372,6 +417,9 @@ pub struct ChatCompletionRequest {
     /// The sampling fields.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// The structured-output fields.
+    #[serde(flatten)]
+    pub structured: StructuredFields,
 }
 
 /// `prompt` of a text completion: a string, strings, a token array or token arrays.
@@ -429,6 +477,9 @@ pub struct CompletionRequest {
     /// The sampling fields.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// The structured-output fields.
+    #[serde(flatten)]
+    pub structured: StructuredFields,
 }
 
 /// `input` of an embeddings request.

@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::engine::constraint::GrammarCompiler;
+
 /// Facts about the loaded model the worker reports and plans with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
@@ -151,6 +153,11 @@ pub trait Codec: Send + Sync + 'static {
     ) -> Result<String, BackendError> {
         let _ = opts;
         self.render_chat(messages)
+    }
+    /// The compiler of structured-output grammars over this vocabulary; `None` when the model offers
+    /// no constrained decoding (then a request asking for it is a 400).
+    fn grammar_compiler(&self) -> Option<&GrammarCompiler> {
+        None
     }
 }
 

@@ -11,6 +11,7 @@ use super::backend::{
 };
 use super::{LoadParams, Loaded, plan_context};
 use crate::engine::chat::{ChatTemplate, RenderOptions};
+use crate::engine::constraint::{GrammarCompiler, TokenizeFn};
 use crate::engine::model::{Batch, Context, ContextParams, KvType, Model, ModelParams};
 use crate::engine::sampling::{Sampler, SamplerParams};
 use crate::engine::tokenizer::Tokenizer;
@@ -21,6 +22,9 @@ struct EngineCodec {
     /// The template of `--chat-template-file` / `--chat-template`, replacing the model's.
     template: Option<ChatTemplate>,
     info: ModelInfo,
+    /// Structured-output grammars over the vocabulary (`None` for encoders, or when llguidance
+    /// refused the vocabulary: logged at load).
+    grammar: Option<GrammarCompiler>,
 }
 
 impl EngineCodec {
@@ -67,6 +71,30 @@ impl Codec for EngineCodec {
         };
         t.render(messages, &opts)
             .map_err(|e| BackendError::Template(e.to_string()))
+    }
+    fn grammar_compiler(&self) -> Option<&GrammarCompiler> {
+        self.grammar.as_ref()
+    }
+}
+
+/// The grammar compiler over `model`'s vocabulary, tokenizing forced text as llama.cpp's llguidance
+/// glue does (`llama_tokenize(add_special = false, parse_special = true)`).
+fn grammar_compiler(model: &Arc<Model>) -> Option<GrammarCompiler> {
+    let t = std::time::Instant::now();
+    let m = model.clone();
+    let tokenize: TokenizeFn = Arc::new(move |s: &str| m.tokenizer().encode(s, false, true));
+    match GrammarCompiler::for_tokenizer(model.tokenizer(), tokenize) {
+        Ok(g) => {
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "grammar token environment built"
+            );
+            Some(g)
+        }
+        Err(e) => {
+            tracing::warn!("constrained decoding is off for this model: {e}");
+            None
+        }
     }
 }
 
@@ -194,6 +222,7 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
     };
     Ok(Loaded {
         codec: Arc::new(EngineCodec {
+            grammar: (!is_encoder).then(|| grammar_compiler(&model)).flatten(),
             model: model.clone(),
             template,
             info,

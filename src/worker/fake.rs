@@ -5,6 +5,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::engine::constraint::{GrammarCompiler, TokenizeFn};
+
 use super::backend::{
     BackendError, BatchPlan, Codec, Compute, ModelInfo, SamplingParams, TokenSampler,
 };
@@ -30,10 +32,12 @@ pub fn next_token(seq: &[u32]) -> u32 {
     u32::from(b'a') + (h % 26) as u32
 }
 
-/// Byte-level codec: token = byte, plus EOG and BOS.
+/// Byte-level codec: token = byte, plus EOG and BOS; its grammar compiler is llguidance over those
+/// tokens (EOG and BOS special).
 #[derive(Debug)]
 pub struct FakeCodec {
     info: ModelInfo,
+    grammar: GrammarCompiler,
 }
 
 impl Default for FakeCodec {
@@ -48,8 +52,17 @@ impl Default for FakeCodec {
                 chat_template: Some("{{ fake }}".into()),
                 eog_tokens: vec![EOG],
             },
+            grammar: fake_grammar(),
         }
     }
+}
+
+fn fake_grammar() -> GrammarCompiler {
+    let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    tokens.push(b"\xff</s>".to_vec());
+    tokens.push(b"\xff<s>".to_vec());
+    let tokenize: TokenizeFn = Arc::new(|s: &str| s.bytes().map(u32::from).collect());
+    GrammarCompiler::new(tokens, &[EOG], tokenize).expect("the fake vocabulary is valid")
 }
 
 impl FakeCodec {
@@ -110,6 +123,9 @@ impl Codec for FakeCodec {
         }
         s.push_str("assistant: ");
         Ok(s)
+    }
+    fn grammar_compiler(&self) -> Option<&GrammarCompiler> {
+        Some(&self.grammar)
     }
 }
 

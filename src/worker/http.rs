@@ -28,6 +28,8 @@ use super::backend::{Codec, SamplingParams};
 use super::error::{ApiError, parse_json};
 use super::metrics::{Endpoint, Metrics};
 use super::scheduler::{Command, EmbedRequest, GenEvent, GenerateRequest, TokenOut};
+use super::structured;
+use crate::engine::constraint::{Constraint, GrammarSpec};
 use crate::openai::*;
 
 /// Fixed facts of this worker, known before the model is loaded.
@@ -284,6 +286,9 @@ struct GenSpec {
     n_probs: Option<usize>,
     stream: bool,
     include_usage: bool,
+    /// The compiled structured-output constraint (cloned into every choice), from
+    /// [`super::structured::constraint_of`].
+    constraint: Option<Constraint>,
 }
 
 fn in_range(v: Option<f32>, lo: f32, hi: f32, name: &'static str) -> Result<(), ApiError> {
@@ -367,6 +372,7 @@ fn gen_spec(
         n_probs,
         stream: f.stream.unwrap_or(false),
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        constraint: None,
     })
 }
 
@@ -420,6 +426,7 @@ fn submit(
             sampling,
             stops: spec.stops.clone(),
             n_probs: spec.n_probs,
+            constraint: spec.constraint.clone(),
             events: tx,
             cancel: cancel.clone(),
         }))
@@ -620,16 +627,27 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
     } else {
         None
     };
-    let spec = gen_spec(
+    let mut spec = gen_spec(
         &req.sampling,
         req.max_completion_tokens.or(req.max_tokens),
         n_probs,
         ready.codec.info().n_vocab,
     )?;
     let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
-    if plan.grammar.is_some() {
-        tracing::debug!("tool_choice forces a call: {:?}", plan.grammar);
-    }
+    spec.constraint = match &plan.grammar {
+        // tool_choice "required" or a named function: the reply is a call, by grammar.
+        Some(g) => {
+            if structured::grammar_spec(&req.structured)?.is_some() {
+                return Err(ApiError::bad(
+                    "'tool_choice' forcing a tool call cannot be combined with 'response_format', \
+                     'json_schema' or 'grammar'",
+                    Some("tool_choice"),
+                ));
+            }
+            Some(structured::compile(&ready.codec, GrammarSpec::Lark(g.clone())).await?)
+        }
+        None => structured::constraint_of(&ready.codec, &req.structured).await?,
+    };
     let syntax = plan.syntax;
     let prompt = ready.codec.encode(&plan.prompt, true, true);
     check_prompt_fits(prompt.len(), ready, st.info.n_slots, "messages")?;
@@ -819,12 +837,13 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         tracing::warn!("'suffix' is not supported and was ignored");
     }
     let n_probs = req.logprobs.map(|k| k as usize);
-    let spec = gen_spec(
+    let mut spec = gen_spec(
         &req.sampling,
         req.max_tokens,
         n_probs,
         ready.codec.info().n_vocab,
     )?;
+    spec.constraint = structured::constraint_of(&ready.codec, &req.structured).await?;
     let echo = req.echo.unwrap_or(false);
     let mut prompts = Vec::new();
     for p in req.prompt.into_prompts() {

@@ -19,6 +19,7 @@ pub mod scheduler;
 #[cfg(test)]
 mod serve_tests;
 pub mod slot;
+pub mod structured;
 pub mod text;
 
 use std::ffi::OsString;

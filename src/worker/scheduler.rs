@@ -30,6 +30,8 @@ use super::backend::{
 use super::metrics::Metrics;
 use super::slot::{SlotEvent, SlotState, transition};
 use super::text::TextAssembler;
+use crate::engine::constraint::{Constraint, ConstraintError, TokenMask};
+use crate::engine::sampling::mask_logits;
 use crate::openai::FinishReason;
 
 /// One generated token as reported to the client.
@@ -83,6 +85,9 @@ pub struct GenerateRequest {
     pub stops: Vec<String>,
     /// `Some(k)`: report each token's log-probability and its `k` best alternatives.
     pub n_probs: Option<usize>,
+    /// The grammar the output must follow, compiled before queueing (each choice has its own); the
+    /// slot stops with `stop` once it is complete.
+    pub constraint: Option<Constraint>,
     /// Where events go.
     pub events: UnboundedSender<GenEvent>,
     /// Cancelled when the client goes away.
@@ -133,6 +138,10 @@ struct Job {
     sampler: Box<dyn TokenSampler>,
     text: TextAssembler<TokenOut>,
     admitted: u64,
+    /// The request's grammar (taken from the request at admission).
+    constraint: Option<Constraint>,
+    /// The allowed tokens for the next sample, computed beside the forward pass that produces its logits.
+    mask: Option<Result<TokenMask, ConstraintError>>,
 }
 
 struct Slot {
@@ -349,7 +358,7 @@ impl Scheduler {
             let Some(i) = pick_slot(&self.slots, &front.prompt) else {
                 break;
             };
-            let Some(req) = self.queue.pop_front() else {
+            let Some(mut req) = self.queue.pop_front() else {
                 break;
             };
             if req.prompt.is_empty() || req.prompt.len() >= self.cfg.n_ctx_seq {
@@ -379,6 +388,8 @@ impl Scheduler {
             let sampler = self.compute.sampler(&req.sampling);
             self.admissions += 1;
             let job = Job {
+                constraint: req.constraint.take(),
+                mask: None,
                 history: req.prompt.clone(),
                 text: TextAssembler::new(req.stops.clone()),
                 n_done: n_cached,
@@ -451,8 +462,53 @@ impl Scheduler {
         let generating = plan
             .iter()
             .any(|&(i, _, _)| self.slots[i].state == SlotState::Generating);
+        // The grammars of the slots sampling after this pass: their masks are computed on their own
+        // threads while the forward pass runs (a matcher's state changes only when a token is committed,
+        // after sampling), so a constrained slot costs the batch max(forward, mask), not the sum.
+        let mut grammars: Vec<(usize, Constraint)> = plan
+            .iter()
+            .filter(|&&(_, _, out)| out)
+            .filter_map(|&(i, _, _)| {
+                let job = self.slots[i].job.as_mut()?;
+                job.constraint.take().map(|c| (i, c))
+            })
+            .collect();
         let t0 = Instant::now();
-        let result = self.compute.decode(&batch);
+        let result = if grammars.is_empty() {
+            self.compute.decode(&batch)
+        } else {
+            let compute = &mut self.compute;
+            let (result, masks) = std::thread::scope(|s| {
+                let handles: Vec<_> = grammars
+                    .iter_mut()
+                    .map(|(_, c)| {
+                        std::thread::Builder::new()
+                            .name("grammar-mask".into())
+                            .spawn_scoped(s, move || c.compute_mask())
+                    })
+                    .collect();
+                let result = compute.decode(&batch);
+                let masks: Vec<Result<TokenMask, ConstraintError>> = handles
+                    .into_iter()
+                    .map(|h| match h {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            Err(ConstraintError::Matcher("the mask thread panicked".into()))
+                        }),
+                        Err(e) => Err(ConstraintError::Matcher(format!(
+                            "cannot start the mask thread: {e}"
+                        ))),
+                    })
+                    .collect();
+                (result, masks)
+            });
+            for ((i, c), m) in grammars.into_iter().zip(masks) {
+                if let Some(job) = self.slots[i].job.as_mut() {
+                    job.constraint = Some(c);
+                    job.mask = Some(m);
+                }
+            }
+            result
+        };
         self.metrics.add_step_time(t0.elapsed(), generating);
         if let Err(e) = result {
             self.fail_batch(&plan, &e);
@@ -496,6 +552,16 @@ impl Scheduler {
         }
     }
 
+    /// Ends slot `i`'s request with `message` (a grammar failure), keeping its KV cache for reuse.
+    fn fail_slot(&mut self, i: usize, message: &str) {
+        tracing::warn!(slot = i, "request failed: {message}");
+        if let Some(job) = &self.slots[i].job {
+            let _ = job.req.events.send(GenEvent::Failed(message.to_string()));
+        }
+        self.release(i, SlotEvent::Fail);
+        self.update_gauges();
+    }
+
     /// Samples slot `i`'s next token from output `oi` of the last forward pass, streams it and decides
     /// whether the slot goes on.
     fn on_output(&mut self, i: usize, oi: usize) {
@@ -505,7 +571,22 @@ impl Scheduler {
         let logits = self.compute.logits(oi);
         let slot = &mut self.slots[i];
         let Some(job) = slot.job.as_mut() else { return };
-        let id = job.sampler.sample(logits, &job.history);
+        // A constrained slot samples from a copy of its logits with the disallowed tokens at -inf;
+        // reported log-probabilities stay those of the raw model (llama-server's `n_probs` too are
+        // taken before its grammar sampler).
+        let masked = match (job.constraint.is_some(), job.mask.take()) {
+            (false, _) => None,
+            (true, Some(Ok(mask))) => {
+                let mut l = logits.to_vec();
+                mask_logits(&mut l, mask.words());
+                Some(l)
+            }
+            (true, Some(Err(e))) => return self.fail_slot(i, &e.to_string()),
+            (true, None) => return self.fail_slot(i, "grammar mask missing for a sampling step"),
+        };
+        let id = job
+            .sampler
+            .sample(masked.as_deref().unwrap_or(logits), &job.history);
         let (logprob, top) = match job.req.n_probs {
             Some(k) => {
                 let (lp, top) = logprobs(logits, id, k);
@@ -526,6 +607,15 @@ impl Scheduler {
         let slot = &mut self.slots[i];
         let Some(job) = slot.job.as_mut() else { return };
         let mut finish = None;
+        let mut grammar_done = false;
+        if let Some(c) = job.constraint.as_mut()
+            && !codec.is_eog(id)
+        {
+            if let Err(e) = c.commit(id) {
+                return self.fail_slot(i, &e.to_string());
+            }
+            grammar_done = c.is_stopped();
+        }
         if codec.is_eog(id) {
             finish = Some(FinishReason::Stop);
         } else {
@@ -546,7 +636,7 @@ impl Scheduler {
                     tokens: r.tokens,
                 });
             }
-            if r.stopped {
+            if r.stopped || grammar_done {
                 finish = Some(FinishReason::Stop);
             } else if job.n_generated >= job.req.max_tokens || slot.cache.len() + 1 >= n_ctx_seq {
                 // The cache holds the prompt and all generated tokens but this one: prompt +
@@ -584,6 +674,7 @@ impl Scheduler {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::engine::constraint::GrammarSpec;
     use crate::worker::fake::{FakeCodec, FakeCompute, FakeLog};
 
     pub(crate) fn start(
@@ -640,6 +731,7 @@ pub(crate) mod tests {
             sampling: greedy(),
             stops: stops.iter().map(|s| s.to_string()).collect(),
             n_probs: Some(2),
+            constraint: None,
             events: etx,
             cancel: cancel.clone(),
         }))
@@ -882,6 +974,7 @@ pub(crate) mod tests {
                 sampling: greedy(),
                 stops: Vec::new(),
                 n_probs: None,
+                constraint: None,
                 events: etx,
                 cancel: CancellationToken::new(),
             },
@@ -893,9 +986,112 @@ pub(crate) mod tests {
             sampler: compute.sampler(&greedy()),
             text: TextAssembler::new(Vec::new()),
             admitted: 1,
+            constraint: None,
+            mask: None,
         });
         assert_eq!(pick_slot(&slots, &p), Some(1));
         assert_eq!(pick_slot(&slots[..1], &p), None, "the only slot is busy");
+    }
+
+    fn submit_with(
+        tx: &mpsc::Sender<Command>,
+        codec: &FakeCodec,
+        prompt: &str,
+        max_tokens: usize,
+        constraint: Option<Constraint>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<GenEvent> {
+        let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Command::Generate(GenerateRequest {
+            prompt: codec.encode(prompt, true, false),
+            max_tokens,
+            sampling: greedy(),
+            stops: Vec::new(),
+            n_probs: Some(2),
+            constraint,
+            events: etx,
+            cancel: CancellationToken::new(),
+        }))
+        .unwrap();
+        erx
+    }
+
+    fn grammar(codec: &FakeCodec, spec: GrammarSpec) -> Constraint {
+        codec.grammar_compiler().unwrap().compile(&spec).unwrap()
+    }
+
+    #[test]
+    fn constrained_slot_follows_its_grammar_and_stops_when_complete() {
+        let (tx, h, _m, _log, codec) = start(1, 256, 8);
+        // The fake model writes letters; the grammar allows three digits and then only EOS. Greedy on
+        // the masked logits (all allowed ones equal) takes the lowest id: '0'.
+        let c = grammar(&codec, GrammarSpec::Regex("[0-9]{3}".into()));
+        let rx = submit_with(&tx, &codec, "abc", 50, Some(c));
+        let (text, finish, n, _) = collect(rx);
+        assert_eq!(text, "000");
+        assert_eq!(finish, Some(FinishReason::Stop));
+        assert_eq!(n, 3);
+        // Where the model's own choice is allowed, it is kept: a grammar of any lowercase letters gives
+        // the unconstrained answer, up to max_tokens.
+        let c = grammar(&codec, GrammarSpec::Lark("start: /[a-z]*/".into()));
+        let rx = submit_with(&tx, &codec, "abc", 7, Some(c));
+        let (text, finish, ..) = collect(rx);
+        assert_eq!(text, codec.expected("abc", 7));
+        assert_eq!(finish, Some(FinishReason::Length));
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn constrained_and_free_slots_share_passes_and_free_ones_are_unchanged() {
+        let (tx, h, _m, log, codec) = start(4, 256, 64);
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"a": {"type": "boolean"}},
+            "required": ["a"],
+            "additionalProperties": false
+        });
+        let spec = GrammarSpec::JsonSchema {
+            schema,
+            strict: true,
+        };
+        let mut rxs = Vec::new();
+        for (k, p) in ["one", "two", "three", "four"].iter().enumerate() {
+            let c = (k % 2 == 0).then(|| grammar(&codec, spec.clone()));
+            rxs.push((k, *p, submit_with(&tx, &codec, p, 200, c)));
+        }
+        for (k, p, rx) in rxs {
+            let (text, finish, ..) = collect(rx);
+            if k % 2 == 0 {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                assert!(v["a"].is_boolean(), "{text}");
+                assert_eq!(finish, Some(FinishReason::Stop));
+            } else {
+                assert_eq!(text, codec.expected(p, 200), "free slot {p}");
+                assert_eq!(finish, Some(FinishReason::Length));
+            }
+        }
+        assert_eq!(log.max_seqs_per_decode(), 4);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn matcher_error_fails_only_that_request() {
+        let (tx, h, _m, _log, codec) = start(2, 256, 8);
+        let mut broken = grammar(&codec, GrammarSpec::JsonObject);
+        // Committing a token the grammar refuses leaves the matcher in its error state.
+        assert!(broken.commit(u32::from(b'x')).is_err());
+        let rx_bad = submit_with(&tx, &codec, "abc", 5, Some(broken));
+        let rx_ok = submit_with(&tx, &codec, "abc", 5, None);
+        let mut rx_bad = rx_bad;
+        match rx_bad.blocking_recv() {
+            Some(GenEvent::Failed(m)) => assert!(m.starts_with("grammar matcher: "), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let (text, ..) = collect(rx_ok);
+        assert_eq!(text, codec.expected("abc", 5));
+        drop(tx);
+        h.join().unwrap();
     }
 
     #[test]

@@ -1,0 +1,328 @@
+"""Structured output through the official `openai` package against a running worker (issue 16 acceptance).
+
+Usage: test_worker_structured.py BASE_URL
+  BASE_URL  a worker on SmolLM2-135M-Instruct.Q4_1.gguf (a weak model: only the constraint makes the
+            replies valid)
+Called by tests/worker_structured.rs; prints "ALL OK" at the end, and the time each part took.
+
+Checks: `chat.completions.parse(response_format=<pydantic model>)` returns a valid instance for 20
+different schemas, not streamed and streamed (`chat.completions.stream`); 20/20 `json_object` replies
+parse with json.loads; llama-server's `json_schema` and `grammar` fields constrain /v1/completions and
+chat; an invalid GBNF grammar, an invalid schema and an unknown response_format type each give 400,
+the first two quoting the compiler's message.
+"""
+
+import enum
+import json
+import re
+import sys
+import time
+from typing import List, Literal, Optional, Union
+
+import openai
+from pydantic import BaseModel, Field
+
+BASE = sys.argv[1]
+client = openai.OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0)
+# Greedy and bounded: a weak model under a schema can ramble inside an unbounded string, so the budget
+# must be large enough for the longest reply below (they take 20-120 tokens).
+MAX_TOKENS = 300
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print("FAIL:", what, flush=True)
+    else:
+        print("ok:", what.split("\n")[0][:120], flush=True)
+
+
+# --- 20 schemas: nested objects, arrays, enums, optional fields, string patterns, number ranges ---
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=40)
+    age: int = Field(ge=0, le=120)
+
+
+class Color(BaseModel):
+    color: Literal["red", "green", "blue"]
+
+
+class Address(BaseModel):
+    street: str = Field(max_length=60)
+    city: str = Field(max_length=40)
+
+
+class User(BaseModel):
+    username: str = Field(pattern=r"^[a-z][a-z0-9_]{2,15}$")
+    address: Address
+
+
+class Tags(BaseModel):
+    tags: List[str] = Field(min_length=1, max_length=4)
+
+
+class Profile(BaseModel):
+    name: str = Field(max_length=40)
+    nickname: Optional[str] = Field(max_length=20)
+
+
+class ZipCode(BaseModel):
+    zip: str = Field(pattern=r"^[0-9]{5}$")
+
+
+class Answer(BaseModel):
+    is_true: bool
+
+
+class Item(BaseModel):
+    name: str = Field(max_length=30)
+    price: float = Field(ge=0, le=1000)
+
+
+class Order(BaseModel):
+    items: List[Item] = Field(min_length=1, max_length=3)
+
+
+class Mood(str, enum.Enum):
+    happy = "happy"
+    sad = "sad"
+    neutral = "neutral"
+
+
+class Feeling(BaseModel):
+    mood: Mood
+
+
+class Rating(BaseModel):
+    stars: int = Field(ge=1, le=5)
+    comment: str = Field(max_length=80)
+
+
+class Event(BaseModel):
+    title: str = Field(max_length=50)
+    date: str = Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+class Country(BaseModel):
+    name: str = Field(max_length=40)
+
+
+class City(BaseModel):
+    name: str = Field(max_length=40)
+    country: Country
+
+
+class Trip(BaseModel):
+    origin: City
+    destination: City
+
+
+class Numbers(BaseModel):
+    values: List[int] = Field(min_length=2, max_length=5)
+
+
+class Task(BaseModel):
+    priority: Literal["low", "medium", "high"]
+    done: bool
+    minutes: int = Field(ge=1, le=600)
+
+
+class IdOrName(BaseModel):
+    key: Union[int, str]
+
+
+class Contact(BaseModel):
+    email: str = Field(pattern=r"^[a-z]{1,12}@[a-z]{1,12}\.(com|org|net)$")
+
+
+class Ingredient(BaseModel):
+    name: str = Field(max_length=30)
+    grams: int = Field(ge=1, le=2000)
+
+
+class Recipe(BaseModel):
+    title: str = Field(max_length=50)
+    ingredients: List[Ingredient] = Field(min_length=1, max_length=3)
+
+
+class Weather(BaseModel):
+    city: str = Field(max_length=40)
+    celsius: float = Field(ge=-50, le=60)
+    sky: Literal["sunny", "cloudy", "rainy"]
+
+
+class Book(BaseModel):
+    # An unbounded string: the grammar alone has to end it (the closing quote and brace).
+    title: str
+    year: int = Field(ge=1000, le=2100)
+
+
+CASES = [
+    (Person, "Describe a person named Alice who is 30 years old."),
+    (Color, "What color is the sky?"),
+    (User, "Create a user alice_01 living at 1 Main Street, Paris."),
+    (Tags, "Give tags for a blog post about cooking pasta."),
+    (Profile, "Make a profile for Robert, nicknamed Bob."),
+    (ZipCode, "Give a US zip code."),
+    (Answer, "Is water wet?"),
+    (Order, "An order of two apples and a pear."),
+    (Feeling, "How does a person feel after winning a prize?"),
+    (Rating, "Rate a good pizza restaurant."),
+    (Event, "A concert on the 5th of May 2025."),
+    (Trip, "A trip from Paris, France to Rome, Italy."),
+    (Numbers, "List a few small even numbers."),
+    (Task, "An urgent task: fix the bug, not done, takes an hour."),
+    (IdOrName, "Give the key of user number 42."),
+    (Contact, "The email of bob at example dot com."),
+    (Recipe, "A recipe for pancakes."),
+    (Weather, "The weather in London today."),
+    (Book, "A famous book and the year it was published."),
+    (City, "Name a big city and its country."),
+]
+assert len({m for m, _ in CASES}) == 20
+
+
+def messages(prompt):
+    return [
+        {"role": "system", "content": "You answer in JSON."},
+        {"role": "user", "content": prompt},
+    ]
+
+
+t0 = time.time()
+for model, prompt in CASES:
+    try:
+        r = client.chat.completions.parse(
+            model="smol",
+            messages=messages(prompt),
+            response_format=model,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        parsed = r.choices[0].message.parsed
+        check(
+            isinstance(parsed, model) and r.choices[0].finish_reason == "stop",
+            f"parse {model.__name__}: {r.choices[0].message.content!r} ({r.usage.completion_tokens} tokens)",
+        )
+    except Exception as e:  # a validation error or a length cut-off is a failure of this case
+        check(False, f"parse {model.__name__}: {type(e).__name__}: {e}")
+t_parse = time.time() - t0
+
+t0 = time.time()
+for model, prompt in CASES:
+    try:
+        with client.chat.completions.stream(
+            model="smol",
+            messages=messages(prompt),
+            response_format=model,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        ) as stream:
+            n_chunks = sum(1 for ev in stream if ev.type == "content.delta")
+            final = stream.get_final_completion()
+        parsed = final.choices[0].message.parsed
+        check(
+            isinstance(parsed, model) and n_chunks > 1,
+            f"stream {model.__name__}: {n_chunks} deltas, {final.choices[0].message.content!r}",
+        )
+    except Exception as e:
+        check(False, f"stream {model.__name__}: {type(e).__name__}: {e}")
+t_stream = time.time() - t0
+
+# --- json_object: 20 different prompts, each reply must parse ---
+TOPICS = [
+    "a cat", "a car", "the moon", "a laptop", "a tree", "a song", "a city", "a river", "a phone",
+    "a movie", "a dog", "a house", "a planet", "a book", "a chair", "a computer game", "a bird",
+    "a mountain", "a sandwich", "a bicycle",
+]
+t0 = time.time()
+n_ok = 0
+for topic in TOPICS:
+    r = client.chat.completions.create(
+        model="smol",
+        messages=messages(f"Describe {topic} as a small JSON object."),
+        response_format={"type": "json_object"},
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    text = r.choices[0].message.content
+    try:
+        ok = isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        ok = False
+    n_ok += ok
+    check(ok, f"json_object {topic}: {text!r}")
+check(n_ok == 20, f"{n_ok}/20 json_object replies parse")
+t_object = time.time() - t0
+
+# --- llama-server's fields: json_schema and grammar, on /v1/completions and chat ---
+r = client.completions.create(
+    model="smol",
+    prompt="The answer is",
+    max_tokens=50,
+    temperature=0,
+    extra_body={"json_schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}},
+)
+v = json.loads(r.choices[0].text)
+check(isinstance(v.get("n"), int), f"completions json_schema: {r.choices[0].text!r}")
+r = client.completions.create(
+    model="smol",
+    prompt="Say yes or no:",
+    max_tokens=10,
+    temperature=0,
+    extra_body={"grammar": 'root ::= ("yes" | "no") "."'},
+)
+check(r.choices[0].text in ("yes.", "no.") and r.choices[0].finish_reason == "stop",
+      f"completions GBNF grammar: {r.choices[0].text!r}")
+r = client.chat.completions.create(
+    model="smol",
+    messages=messages("Pick a number."),
+    max_tokens=10,
+    temperature=0,
+    extra_body={"grammar": "root ::= [0-9]{3}"},
+)
+check(re.fullmatch(r"[0-9]{3}", r.choices[0].message.content) is not None,
+      f"chat GBNF grammar: {r.choices[0].message.content!r}")
+r = client.chat.completions.create(
+    model="smol",
+    messages=messages("Pick a letter."),
+    max_tokens=10,
+    temperature=0,
+    response_format={"type": "text"},
+)
+check(r.choices[0].message.content != "", "response_format text is unconstrained")
+
+
+# --- errors: 400 with the compiler's message ---
+def bad_request(what, **kw):
+    try:
+        client.chat.completions.create(model="smol", messages=messages("Hi"), max_tokens=5, **kw)
+    except openai.BadRequestError as e:
+        return e.status_code, e.body.get("message", "") if isinstance(e.body, dict) else str(e.body)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+    return 200, ""
+
+
+status, msg = bad_request("gbnf", extra_body={"grammar": 'root ::= "a" missing-rule'})
+check(status == 400 and "Rule 'missing-rule' not found" in msg, f"invalid GBNF grammar → {status}: {msg}")
+status, msg = bad_request("gbnf syntax", extra_body={"grammar": 'root ::= ("a" | "b"'})
+check(status == 400 and "Expected ')'" in msg, f"GBNF syntax error → {status}: {msg}")
+bad_schema = {"type": "object", "properties": {"a": {"type": "strnig"}}}
+status, msg = bad_request(
+    "schema",
+    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad_schema, "strict": True}},
+)
+check(status == 400 and "strnig" in msg and msg.startswith("invalid json_schema"),
+      f"invalid schema → {status}: {msg}")
+status, msg = bad_request("type", response_format={"type": "yaml"})
+check(status == 400 and "'yaml'" in msg, f"unknown response_format type → {status}: {msg}")
+
+print(f"time: parse {t_parse:.1f} s, stream {t_stream:.1f} s, json_object {t_object:.1f} s", flush=True)
+if failures:
+    print(f"{len(failures)} FAILED:\n" + "\n".join(failures))
+    sys.exit(1)
+print("ALL OK")
