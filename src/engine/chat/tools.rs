@@ -990,12 +990,26 @@ fn call_schema(tool: &Value, name_key: &str, args_key: &str) -> Option<Value> {
         .get("parameters")
         .cloned()
         .unwrap_or_else(|| json!({"type": "object"}));
-    Some(json!({
+    Some(with_guidance(json!({
         "type": "object",
         "properties": {name_key: {"const": name}, args_key: params},
         "required": [name_key, args_key],
         "additionalProperties": false,
-    }))
+    })))
+}
+
+/// llguidance's JSON options for a forced call: fixed separators (`", "`, `": "`), so the model
+/// cannot spend its tokens on whitespace, and lenient about schema keywords llguidance lacks.
+fn with_guidance(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut()
+        && !o.contains_key("x-guidance")
+    {
+        o.insert(
+            "x-guidance".into(),
+            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ", "lenient": true}),
+        );
+    }
+    schema
 }
 
 /// Why a forced-call grammar cannot be built.
@@ -1047,7 +1061,7 @@ pub fn forced_call_grammar(
                     .get("parameters")
                     .cloned()
                     .unwrap_or_else(|| json!({"type": "object"}));
-                (name.to_string(), p)
+                (name.to_string(), with_guidance(p))
             }
             _ => (
                 name.to_string(),
@@ -1074,7 +1088,7 @@ pub fn forced_call_grammar(
             ToolFormat::CommandR7B => format!("call{i}"),
             ToolFormat::DeepSeekR1 => {
                 // DeepSeek's schema is the arguments alone.
-                let p = schema["properties"][args_key].clone();
+                let p = with_guidance(schema["properties"][args_key].clone());
                 rules.push(format!("args{i}: %json {p}"));
                 format!(
                     "{} args{i} {}",

@@ -395,3 +395,82 @@ fn forced_call_grammars_name_every_tool() {
     .unwrap();
     assert!(g.starts_with("start: \"</think>\" WS calls"), "{g}");
 }
+
+/// A byte-level vocabulary (tokens 0..=255 are the bytes, 256 is EOS) for llguidance.
+fn byte_compiler() -> crate::engine::constraint::GrammarCompiler {
+    let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    tokens.push(b"\xff</s>".to_vec());
+    let tokenize: crate::engine::constraint::TokenizeFn =
+        std::sync::Arc::new(|s: &str| s.bytes().map(u32::from).collect());
+    crate::engine::constraint::GrammarCompiler::new(tokens, &[256], tokenize).unwrap()
+}
+
+/// Whether the constraint accepts `text` byte by byte and may end after it.
+fn accepts(c: &mut crate::engine::constraint::Constraint, text: &str) -> bool {
+    for b in text.bytes() {
+        if !c.compute_mask().unwrap().is_allowed(u32::from(b)) {
+            return false;
+        }
+        c.commit(u32::from(b)).unwrap();
+    }
+    c.compute_mask().unwrap().is_allowed(256)
+}
+
+#[test]
+fn forced_grammars_compile_accept_the_format_and_refuse_other_text() {
+    use crate::engine::constraint::GrammarSpec;
+    let tools = vec![
+        serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"]}}}),
+    ];
+    let g = byte_compiler();
+    let hermes_call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 3}}\n</tool_call>";
+    for (format, good, bad) in [
+        (ToolFormat::Hermes, hermes_call.to_string(), "Sure! <tool_call>"),
+        (
+            ToolFormat::Generic,
+            "{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 3}}]}".to_string(),
+            "{\"response\": \"hi\"}",
+        ),
+        (
+            ToolFormat::Llama3,
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\", \"days\": 3}}".to_string(),
+            "{\"name\": \"other\"",
+        ),
+        (
+            ToolFormat::Mistral,
+            "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 3}}]".to_string(),
+            "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 9}}]",
+        ),
+        (
+            ToolFormat::FunctionaryV31,
+            "<function=get_weather>{\"city\": \"Paris\", \"days\": 3}</function>".to_string(),
+            "<function=get_weather>{\"days\": 3}</function>",
+        ),
+    ] {
+        let lark = forced_call_grammar(format, &tools, None, true, None).unwrap();
+        let c = g
+            .compile(&GrammarSpec::Lark(lark.clone()))
+            .unwrap_or_else(|e| panic!("{}: {e}\n{lark}", format.name()));
+        assert!(accepts(&mut c.clone(), &good), "{}: {good}\n{lark}", format.name());
+        assert!(!accepts(&mut c.clone(), bad), "{}: {bad}", format.name());
+        let r = parse_reply(&good, &syntax(format), false);
+        assert_eq!(r.tool_calls.len(), 1, "{}", format.name());
+        assert_eq!(r.tool_calls[0].name, "get_weather");
+        let args: serde_json::Value = serde_json::from_str(&r.tool_calls[0].arguments).unwrap();
+        assert_eq!(args, serde_json::json!({"city": "Paris", "days": 3}));
+    }
+    // Parallel calls repeat; a single call does not.
+    let two = format!("{hermes_call}\n{hermes_call}");
+    let par = forced_call_grammar(ToolFormat::Hermes, &tools, None, true, None).unwrap();
+    let one = forced_call_grammar(ToolFormat::Hermes, &tools, None, false, None).unwrap();
+    assert!(accepts(
+        &mut g.compile(&GrammarSpec::Lark(par)).unwrap(),
+        &two
+    ));
+    assert!(!accepts(
+        &mut g.compile(&GrammarSpec::Lark(one)).unwrap(),
+        &two
+    ));
+}
