@@ -241,7 +241,7 @@ impl GrammarCompiler {
             return Err(compile_err(e));
         }
         Ok(Constraint {
-            matcher,
+            matcher: Box::new(matcher),
             n_vocab: self.n_vocab,
         })
     }
@@ -284,7 +284,8 @@ impl TokenMask {
 /// One request's grammar state; `Send`, so its mask can be computed on another thread.
 #[derive(Clone)]
 pub struct Constraint {
-    matcher: Matcher,
+    /// Boxed: llguidance's parser state is large and requests are moved through channels.
+    matcher: Box<Matcher>,
     n_vocab: usize,
 }
 
