@@ -192,11 +192,17 @@ validate_calls(message_calls(r.choices[0].message), ["get_weather"], "parallel_t
 # The agent loop: call -> tool result -> final answer, all through the client.
 messages = [{"role": "user", "content": "What is the weather in Paris?"}]
 r = client.chat.completions.create(
-    model="smol", messages=messages, tools=[TOOLS["get_weather"]], tool_choice="required", temperature=0, max_tokens=160
+    model="smol",
+    messages=messages,
+    tools=[TOOLS["get_weather"]],
+    tool_choice="required",
+    parallel_tool_calls=False,
+    temperature=0,
+    max_tokens=160,
 )
 msg = r.choices[0].message
 validate_calls(message_calls(msg), ["get_weather"], "loop step 1")
-check(msg.content is None, "a reply of only tool calls has content null")
+check(msg.content is None, f"a reply of only tool calls has content null: {msg.content!r}")
 messages.append(msg.model_dump(exclude_none=True))
 for c in msg.tool_calls:
     messages.append({"role": "tool", "tool_call_id": c.id, "content": json.dumps({"temperature": 18, "sky": "clear"})})
