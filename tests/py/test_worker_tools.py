@@ -11,6 +11,7 @@ constrains the reply by a grammar built from the tools' parameter schemas.
 
 import json
 import sys
+import urllib.request
 
 import jsonschema
 import openai
@@ -213,8 +214,18 @@ final = r2.choices[0]
 check(isinstance(final.message.content, str) and final.message.content.strip(), f"loop step 2: a final answer {final.message.content!r}")
 check(not final.message.tool_calls, "loop step 2: tool_choice none gives no calls")
 check(final.finish_reason in ("stop", "length"), f"loop step 2 finish {final.finish_reason}")
-# The tool result reached the prompt: usage grew by more than the result's text alone.
-check(r2.usage.prompt_tokens > r.usage.prompt_tokens + r.usage.completion_tokens, "the tool message is rendered into the prompt")
+# The assistant's call and the tool result render back through the template.
+req = urllib.request.Request(
+    BASE + "/apply-template",
+    data=json.dumps({"messages": messages}).encode(),
+    headers={"Content-Type": "application/json"},
+)
+with urllib.request.urlopen(req) as resp:
+    rendered = json.loads(resp.read())["prompt"]
+check(
+    '<tool_call>\n{"name": "get_weather"' in rendered and "<tool_response>" in rendered and '"temperature": 18' in rendered,
+    f"the call and the tool message are rendered into the prompt:\n{rendered}",
+)
 # With tool_choice auto the same conversation is still served.
 r3 = client.chat.completions.create(model="smol", messages=messages, tools=[TOOLS["get_weather"]], temperature=0, max_tokens=40)
 check(r3.choices[0].finish_reason in ("stop", "length", "tool_calls"), "loop with tool_choice auto")
