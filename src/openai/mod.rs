@@ -262,6 +262,85 @@ pub struct ChatMessage {
     /// For `assistant` messages: tool calls made, passed to the template unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<serde_json::Value>,
+    /// For `assistant` messages: the reasoning of an earlier reply (llama-server's field), passed
+    /// to the template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+}
+
+/// `tool_choice`: `"auto"`, `"none"`, `"required"`, or `{"type":"function","function":{"name"}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    /// `auto` (the model decides), `none` (no calls) or `required` (at least one call).
+    Mode(String),
+    /// Call this function.
+    Named(NamedToolChoice),
+}
+
+/// `tool_choice` naming one function.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedToolChoice {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function to call.
+    pub function: FunctionName,
+}
+
+/// `{"name": …}` of a named tool choice.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionName {
+    /// The function's name.
+    pub name: String,
+}
+
+/// A tool call of a reply: `{"id", "type": "function", "function": {"name", "arguments"}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// `call_…`, unique within the reply.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The call.
+    pub function: FunctionCall,
+}
+
+/// The function part of a tool call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// The arguments as a JSON string (as the model wrote them).
+    pub arguments: String,
+}
+
+/// One entry of a streamed `delta.tool_calls`: the first for a call carries `id`, `type` and
+/// `function.name`, later ones only `function.arguments` fragments to append.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallChunk {
+    /// Position of the call in the reply.
+    pub index: u32,
+    /// The call's id (first chunk only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first chunk only).
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Name and/or argument text.
+    pub function: FunctionCallChunk,
+}
+
+/// The function part of a streamed tool-call entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCallChunk {
+    /// The function's name (first chunk only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Argument text to append.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 /// Why text content of a message cannot be used.
@@ -319,6 +398,22 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// Also return this many most likely alternatives per position (0–20; needs `logprobs`).
     pub top_logprobs: Option<u32>,
+    /// OpenAI function tools `[{"type":"function","function":{"name","description","parameters"}}]`,
+    /// given to the chat template as they are.
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Whether and which tool to call (default `auto` with tools).
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    /// Allow several calls in one reply (default true, as OpenAI).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// llama-server's `reasoning_format`: `none`, `deepseek`, `deepseek-legacy` or `auto`.
+    #[serde(default)]
+    pub reasoning_format: Option<String>,
+    /// llama-server's extra template variables, e.g. `{"enable_thinking": false}`.
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// The sampling fields.
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -370,7 +465,8 @@ pub struct CompletionRequest {
     pub model: Option<String>,
     /// The prompt(s).
     pub prompt: PromptInput,
-    /// Most tokens to generate (OpenAI default 16).
+    /// Most tokens to generate; absent = until a stop or the end of the slot's context (as
+    /// llama-server; OpenAI's default is 16).
     pub max_tokens: Option<u32>,
     /// Prepend the prompt to the returned text.
     pub echo: Option<bool>,
@@ -466,6 +562,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the end of the slot's context.
     Length,
+    /// The reply is tool calls (`message.tool_calls`).
+    ToolCalls,
 }
 
 /// A most-likely alternative of a chat token.
@@ -504,8 +602,14 @@ pub struct ChatLogprobs {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: String,
-    /// The generated text.
-    pub content: String,
+    /// The generated text (`null` when the reply is only tool calls, as OpenAI).
+    pub content: Option<String>,
+    /// The model's thinking, when extracted (llama-server's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The calls the reply makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// One choice of a chat completion.
@@ -549,6 +653,12 @@ pub struct ChatDelta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// New reasoning text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// New calls and argument fragments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallChunk>>,
 }
 
 /// One choice of a streamed chat chunk.
@@ -811,7 +921,7 @@ mod tests {
                 index: 0,
                 delta: ChatDelta {
                     role: Some("assistant".into()),
-                    content: None,
+                    ..ChatDelta::default()
                 },
                 logprobs: None,
                 finish_reason: None,

@@ -142,11 +142,32 @@ pub trait Codec: Send + Sync + 'static {
     ///
     /// Errors: [`BackendError::NoTemplate`], [`BackendError::Template`].
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError>;
+    /// [`Codec::render_chat`] with a request's `tools` and template variables
+    /// (`chat_template_kwargs`, e.g. `enable_thinking`). The default ignores the options.
+    ///
+    /// Errors: as [`Codec::render_chat`].
+    fn render_chat_with(
+        &self,
+        messages: &[serde_json::Value],
+        opts: &ChatOptions,
+    ) -> Result<String, BackendError> {
+        let _ = opts;
+        self.render_chat(messages)
+    }
     /// The compiler of structured-output grammars over this vocabulary; `None` when the model offers
     /// no constrained decoding (then a request asking for it is a 400).
     fn grammar_compiler(&self) -> Option<&GrammarCompiler> {
         None
     }
+}
+
+/// Per-request options of a chat rendering.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatOptions {
+    /// OpenAI `tools` (an array), given to the template as `tools`.
+    pub tools: Option<serde_json::Value>,
+    /// Extra template variables (llama-server's `chat_template_kwargs`).
+    pub extra_context: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The single-threaded side: a context holding one KV sequence per slot. Owned by the scheduler thread.

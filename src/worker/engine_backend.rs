@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use super::backend::{
-    BackendError, BatchPlan, Codec, Compute, ModelInfo, SamplingParams, TokenSampler,
+    BackendError, BatchPlan, ChatOptions, Codec, Compute, ModelInfo, SamplingParams, TokenSampler,
 };
 use super::{LoadParams, Loaded, plan_context};
-use crate::engine::chat::RenderOptions;
+use crate::engine::chat::{ChatTemplate, RenderOptions};
 use crate::engine::constraint::{GrammarCompiler, TokenizeFn};
 use crate::engine::model::{Batch, Context, ContextParams, KvType, Model, ModelParams};
 use crate::engine::sampling::{Sampler, SamplerParams};
@@ -19,6 +19,8 @@ use crate::engine::tokenizer::Tokenizer;
 struct EngineCodec {
     /// Owns the tokenizer and the chat template.
     model: Arc<Model>,
+    /// The template of `--chat-template-file` / `--chat-template`, replacing the model's.
+    template: Option<ChatTemplate>,
     info: ModelInfo,
     /// Structured-output grammars over the vocabulary (`None` for encoders, or when llguidance
     /// refused the vocabulary: logged at load).
@@ -28,6 +30,11 @@ struct EngineCodec {
 impl EngineCodec {
     fn tokenizer(&self) -> &Tokenizer {
         self.model.tokenizer()
+    }
+    fn template(&self) -> Option<&ChatTemplate> {
+        self.template
+            .as_ref()
+            .or_else(|| self.model.chat_template())
     }
 }
 
@@ -48,9 +55,18 @@ impl Codec for EngineCodec {
         self.tokenizer().is_eog(id)
     }
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError> {
-        let t = self.model.chat_template().ok_or(BackendError::NoTemplate)?;
+        self.render_chat_with(messages, &ChatOptions::default())
+    }
+    fn render_chat_with(
+        &self,
+        messages: &[serde_json::Value],
+        o: &ChatOptions,
+    ) -> Result<String, BackendError> {
+        let t = self.template().ok_or(BackendError::NoTemplate)?;
         let opts = RenderOptions {
             add_generation_prompt: true,
+            tools: o.tools.clone(),
+            extra_context: o.extra_context.clone(),
             ..RenderOptions::default()
         };
         t.render(messages, &opts)
@@ -157,7 +173,14 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    if model.chat_template().is_none() && !model.is_encoder() {
+    let template = match &p.chat_template {
+        Some(src) if !model.is_encoder() => Some(
+            ChatTemplate::from_gguf_with(model.gguf(), Some(src))
+                .map_err(|e| format!("--chat-template: {e}"))?,
+        ),
+        _ => None,
+    };
+    if template.is_none() && model.chat_template().is_none() && !model.is_encoder() {
         tracing::warn!(
             "the model has no usable chat template; /v1/chat/completions will answer 400"
         );
@@ -187,17 +210,21 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
         n_embd: model.n_embd(),
         n_ctx_train: model.n_ctx_train(),
         is_encoder,
-        chat_template: model
-            .gguf()
-            .get_str("tokenizer.chat_template")
-            .ok()
-            .map(str::to_string),
+        chat_template: match &p.chat_template {
+            Some(src) => Some(src.clone()),
+            None => model
+                .gguf()
+                .get_str("tokenizer.chat_template")
+                .ok()
+                .map(str::to_string),
+        },
         eog_tokens,
     };
     Ok(Loaded {
         codec: Arc::new(EngineCodec {
             grammar: (!is_encoder).then(|| grammar_compiler(&model)).flatten(),
             model: model.clone(),
+            template,
             info,
         }),
         compute: Box::new(EngineCompute {

@@ -29,7 +29,7 @@ use super::error::{ApiError, parse_json};
 use super::metrics::{Endpoint, Metrics};
 use super::scheduler::{Command, EmbedRequest, GenEvent, GenerateRequest, TokenOut};
 use super::structured;
-use crate::engine::constraint::Constraint;
+use crate::engine::constraint::{Constraint, GrammarSpec};
 use crate::openai::*;
 
 /// Fixed facts of this worker, known before the model is loaded.
@@ -49,6 +49,8 @@ pub struct ServerInfo {
     pub n_batch: usize,
     /// `--embedding` was given.
     pub embedding: bool,
+    /// `--reasoning-format`: the default of a chat request's `reasoning_format`.
+    pub reasoning_format: crate::engine::chat::reasoning::ReasoningFormat,
     /// Unix time (s) of the start.
     pub created: u64,
 }
@@ -251,47 +253,12 @@ async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Resp
     Ok(Json(json!({ "content": content })).into_response())
 }
 
-/// Messages as the chat template sees them: role, content as one string, name/tool fields passed through.
-fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::bad(
-            "'messages' must contain at least one message",
-            Some("messages"),
-        ));
-    }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let text = m
-                .text(i)
-                .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-            let mut v = json!({"role": m.role.template_name(), "content": text});
-            if let Some(n) = &m.name {
-                v["name"] = json!(n);
-            }
-            if let Some(id) = &m.tool_call_id {
-                v["tool_call_id"] = json!(id);
-            }
-            if let Some(tc) = &m.tool_calls {
-                v["tool_calls"] = tc.clone();
-            }
-            Ok(v)
-        })
-        .collect()
-}
-
 fn render_prompt(ready: &Ready, messages: &[ChatMessage]) -> Result<String, ApiError> {
-    let msgs = template_messages(messages)?;
-    ready.codec.render_chat(&msgs).map_err(|e| match e {
-        super::backend::BackendError::Template(m) => {
-            ApiError::bad(format!("chat template: {m}"), Some("messages"))
-        }
-        super::backend::BackendError::NoTemplate => {
-            ApiError::bad("this model has no chat template; use /v1/completions", None)
-        }
-        other => ApiError::Internal(other.to_string()),
-    })
+    let msgs = super::chat::template_messages(messages)?;
+    ready
+        .codec
+        .render_chat(&msgs)
+        .map_err(super::chat::render_error)
 }
 
 #[derive(serde::Deserialize)]
@@ -666,9 +633,23 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         n_probs,
         ready.codec.info().n_vocab,
     )?;
-    spec.constraint = structured::constraint_of(&ready.codec, &req.structured).await?;
-    let prompt_text = render_prompt(ready, &req.messages)?;
-    let prompt = ready.codec.encode(&prompt_text, true, true);
+    let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
+    spec.constraint = match &plan.grammar {
+        // tool_choice "required" or a named function: the reply is a call, by grammar.
+        Some(g) => {
+            if structured::grammar_spec(&req.structured)?.is_some() {
+                return Err(ApiError::bad(
+                    "'tool_choice' forcing a tool call cannot be combined with 'response_format', \
+                     'json_schema' or 'grammar'",
+                    Some("tool_choice"),
+                ));
+            }
+            Some(structured::compile(&ready.codec, GrammarSpec::Lark(g.clone())).await?)
+        }
+        None => structured::constraint_of(&ready.codec, &req.structured).await?,
+    };
+    let syntax = plan.syntax;
+    let prompt = ready.codec.encode(&plan.prompt, true, true);
     check_prompt_fits(prompt.len(), ready, st.info.n_slots, "messages")?;
     let n_prompt = prompt.len() as u32;
     let subs = (0..spec.n)
@@ -690,14 +671,12 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 cached = c.n_cached as u32;
             }
             debug_assert_eq!(c.n_prompt as u32, n_prompt);
+            let (message, finish_reason) = super::chat::message(&c.text, &syntax, c.finish);
             choices.push(ChatChoice {
                 index: i as u32,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: c.text,
-                },
+                message,
                 logprobs: spec.n_probs.map(|_| chat_logprobs(&c.tokens)),
-                finish_reason: c.finish,
+                finish_reason,
             });
         }
         return Ok(Json(ChatCompletion {
@@ -731,6 +710,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                     delta: ChatDelta {
                         role: Some("assistant".into()),
                         content: Some(String::new()),
+                        ..ChatDelta::default()
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -743,6 +723,9 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
     let include_usage = spec.include_usage;
     let mut completion = 0u32;
     let mut cached = 0u32;
+    let mut replies: Vec<super::chat::ReplyStream> = (0..spec.n)
+        .map(|_| super::chat::ReplyStream::new(syntax))
+        .collect();
     Ok(sse_stream(subs, first, move |i, ev, out| {
         if i == usize::MAX {
             if include_usage {
@@ -755,18 +738,18 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         }
         match ev {
             GenEvent::Delta { text, tokens } => {
-                out.push_back(sse_json(&chunk(
-                    vec![ChatChunkChoice {
-                        index: i as u32,
-                        delta: ChatDelta {
-                            role: None,
-                            content: Some(text),
-                        },
-                        logprobs: want_logprobs.then(|| chat_logprobs(&tokens)),
-                        finish_reason: None,
-                    }],
-                    None,
-                )));
+                let parts = replies[i].push(&text);
+                if !parts.is_empty() || (want_logprobs && !tokens.is_empty()) {
+                    out.push_back(sse_json(&chunk(
+                        vec![ChatChunkChoice {
+                            index: i as u32,
+                            delta: chat_delta(parts),
+                            logprobs: want_logprobs.then(|| chat_logprobs(&tokens)),
+                            finish_reason: None,
+                        }],
+                        None,
+                    )));
+                }
                 Step::Continue
             }
             GenEvent::Done {
@@ -779,6 +762,23 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 if i == 0 {
                     cached = n_cached as u32;
                 }
+                let parts = replies[i].finish();
+                if !parts.is_empty() {
+                    out.push_back(sse_json(&chunk(
+                        vec![ChatChunkChoice {
+                            index: i as u32,
+                            delta: chat_delta(parts),
+                            logprobs: None,
+                            finish_reason: None,
+                        }],
+                        None,
+                    )));
+                }
+                let finish = if replies[i].has_calls() && finish == FinishReason::Stop {
+                    FinishReason::ToolCalls
+                } else {
+                    finish
+                };
                 out.push_back(sse_json(&chunk(
                     vec![ChatChunkChoice {
                         index: i as u32,
@@ -796,6 +796,16 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             }
         }
     }))
+}
+
+/// A streamed chat delta from the parsed parts of the reply.
+fn chat_delta(p: super::chat::DeltaParts) -> ChatDelta {
+    ChatDelta {
+        role: None,
+        content: p.content,
+        reasoning_content: p.reasoning_content,
+        tool_calls: p.tool_calls,
+    }
 }
 
 /// Legacy completion logprobs for `tokens`, whose text starts at byte `offset` of the choice's text.
@@ -829,7 +839,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
     let n_probs = req.logprobs.map(|k| k as usize);
     let mut spec = gen_spec(
         &req.sampling,
-        req.max_tokens.or(Some(16)),
+        req.max_tokens,
         n_probs,
         ready.codec.info().n_vocab,
     )?;

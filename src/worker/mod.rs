@@ -9,6 +9,7 @@
 //! (`n_ctx_seq = n_ctx / n_slots`); a prompt must leave room for at least one generated token.
 
 pub mod backend;
+pub mod chat;
 mod error;
 #[cfg(test)]
 pub(crate) mod fake;
@@ -80,6 +81,27 @@ pub struct WorkerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long = "grace-period", default_value_t = 30)]
     pub grace_period: u64,
+    /// A Jinja chat template file that replaces the model's (llama-server's flag).
+    #[arg(long = "chat-template-file", value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// A chat template given inline: a built-in name (`chatml`, `llama3`, …) or Jinja source.
+    #[arg(
+        long = "chat-template",
+        value_name = "NAME|JINJA",
+        conflicts_with = "chat_template_file"
+    )]
+    pub chat_template: Option<String>,
+    /// Where the model's thinking goes: `none` (left in content), `deepseek` (always extracted to
+    /// `reasoning_content`), `auto` (extracted when the template has thinking markers); a request's
+    /// `reasoning_format` overrides it.
+    #[arg(long = "reasoning-format", default_value = "auto", value_parser = parse_reasoning_format)]
+    pub reasoning_format: crate::engine::chat::reasoning::ReasoningFormat,
+}
+
+fn parse_reasoning_format(
+    s: &str,
+) -> Result<crate::engine::chat::reasoning::ReasoningFormat, String> {
+    s.parse()
 }
 
 /// Rewrites llama.cpp's multi-letter single-dash flags (`-np`, `-ngl`) to their long forms so clap can
@@ -136,6 +158,8 @@ pub struct LoadParams {
     pub n_threads: usize,
     /// Embeddings enabled for a generation model.
     pub embedding: bool,
+    /// A chat template (Jinja source or built-in name) replacing the model's.
+    pub chat_template: Option<String>,
 }
 
 /// A loaded engine, split into its shared and its single-threaded halves.
@@ -250,6 +274,12 @@ pub async fn serve(
     {
         tracing::warn!("-ngl {ngl}: this build has no GPU backend; all layers run on the CPU");
     }
+    let chat_template = match (&args.chat_template_file, &args.chat_template) {
+        (Some(f), _) => Some(std::fs::read_to_string(f).map_err(|e| {
+            WorkerError::Args(format!("--chat-template-file {}: {e}", f.display()))
+        })?),
+        (None, t) => t.clone(),
+    };
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -286,6 +316,7 @@ pub async fn serve(
             n_slots: args.parallel,
             n_batch,
             embedding: args.embedding,
+            reasoning_format: args.reasoning_format,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -308,6 +339,7 @@ pub async fn serve(
         n_batch,
         n_threads: args.threads.unwrap_or_else(default_threads).max(1),
         embedding: args.embedding,
+        chat_template,
     };
     let load = tokio::task::spawn_blocking(move || loader(&params));
     let loaded = tokio::select! {

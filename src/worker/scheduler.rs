@@ -638,7 +638,10 @@ impl Scheduler {
             }
             if r.stopped || grammar_done {
                 finish = Some(FinishReason::Stop);
-            } else if job.n_generated >= job.req.max_tokens || slot.cache.len() >= n_ctx_seq {
+            } else if job.n_generated >= job.req.max_tokens || slot.cache.len() + 1 >= n_ctx_seq {
+                // The cache holds the prompt and all generated tokens but this one: prompt +
+                // generated has reached the slot's context, and evaluating this token would
+                // exceed it.
                 finish = Some(FinishReason::Length);
             } else {
                 job.pending = Some(id);
@@ -835,8 +838,9 @@ pub(crate) mod tests {
         let (rx, _c) = submit(&tx, &codec, "0123456789", 100, &[]);
         let (_, finish, n, _) = collect(rx);
         assert_eq!(finish, Some(FinishReason::Length));
-        // BOS + 10 prompt tokens; generation stops when the 16-cell context is full.
-        assert_eq!(n, 16 - 11 + 1);
+        // BOS + 10 prompt tokens; generation stops when prompt + generated fill the 16-cell
+        // context, never past it.
+        assert_eq!(n, 16 - 11);
         drop(tx);
         h.join().unwrap();
     }

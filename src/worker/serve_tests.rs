@@ -34,6 +34,9 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         api_key: api_key.map(str::to_string),
         instance: Some("nonce-1".into()),
         grace_period: 5,
+        chat_template_file: None,
+        chat_template: None,
+        reasoning_format: Default::default(),
     }
 }
 

@@ -13,6 +13,9 @@
 pub mod builtin;
 mod caps;
 mod jinja;
+mod json_scan;
+pub mod reasoning;
+pub mod tools;
 
 use std::path::PathBuf;
 
@@ -191,6 +194,34 @@ impl ChatTemplate {
     /// out of range; [`ChatError::Syntax`] when the template is not valid Jinja and is not one of
     /// llama.cpp's recognisable built-in formats either.
     pub fn from_gguf(f: &GgufFile) -> Result<ChatTemplate, ChatError> {
+        Self::from_gguf_with(f, None)
+    }
+
+    /// [`ChatTemplate::from_gguf`] with the template source replaced by `source` when given
+    /// (llama-server's `--chat-template-file` / `--chat-template`: a Jinja source or a built-in
+    /// name), keeping the file's `bos_token` / `eos_token` and BOS/EOS stripping.
+    ///
+    /// Errors: as [`ChatTemplate::from_gguf`]; [`ChatError::Syntax`] when `source` is neither
+    /// valid Jinja nor a built-in name.
+    pub fn from_gguf_with(f: &GgufFile, source: Option<&str>) -> Result<ChatTemplate, ChatError> {
+        if let Some(src) = source {
+            let vocab = VocabInfo::read(f)?;
+            let mut t =
+                if src.is_empty() || src == "chatml" || BuiltinTemplate::from_name(src).is_some() {
+                    ChatTemplate::new(src, &vocab.bos, &vocab.eos)?
+                } else {
+                    ChatTemplate {
+                        kind: jinja_kind(&apply_llama_cpp_source_patches(src))?,
+                        bos_token: vocab.bos.clone(),
+                        eos_token: vocab.eos.clone(),
+                        strip_bos: false,
+                        strip_eos: false,
+                    }
+                };
+            t.strip_bos = vocab.add_bos;
+            t.strip_eos = vocab.add_eos;
+            return Ok(t);
+        }
         let meta_str = |key: &str| -> Result<Option<&str>, ChatError> {
             match f.get(key) {
                 None => Ok(None),
@@ -233,6 +264,14 @@ impl ChatTemplate {
             strip_bos: vocab.add_bos,
             strip_eos: vocab.add_eos,
         })
+    }
+
+    /// The Jinja source in use (`None` for a built-in format).
+    pub fn source(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Jinja { source, .. } => Some(source),
+            Kind::Builtin(_) => None,
+        }
     }
 
     /// The capabilities detected for a Jinja template (`None` for a built-in format).

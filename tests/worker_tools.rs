@@ -1,0 +1,317 @@
+//! Issue 16 (tool calling, reasoning, correct edges) end to end: the real worker binary on
+//! SmolLM2 Q4_1, with a tool-calling template from `$CYBER_INFERENCE_ASSETS/templates` given by
+//! `--chat-template-file`, driven over HTTP and by the official `openai` Python client
+//! (`tests/py/test_worker_tools.py`).
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn template(name: &str) -> PathBuf {
+    let p = common::assets().join("templates").join(name);
+    assert!(p.is_file(), "missing test template {}", p.display());
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running worker process; killed on drop.
+struct Worker {
+    child: Child,
+    base: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl Worker {
+    fn start(model: &Path, extra: &[&str]) -> Worker {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(BIN)
+            .arg("worker")
+            .arg("-m")
+            .arg(model)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "-t",
+                "2",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let mut w = Worker {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        w.wait_ready();
+        w
+    }
+
+    fn stderr(&self) -> String {
+        let mut s = String::new();
+        let _ = self.log.reopen().unwrap().read_to_string(&mut s);
+        s
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("worker exited with {st} before ready:\n{}", self.stderr());
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(self.base.trim_start_matches("http://"))
+            {
+                use std::io::Write;
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut r = String::new();
+                let _ = s.read_to_string(&mut r);
+                if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("worker not ready in 120 s:\n{}", self.stderr());
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `logit_bias` banning every end-of-generation token (so a generation runs to its limit).
+    async fn ban_eog(&self) -> Value {
+        let p: Value = reqwest::get(format!("{}/props", self.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut bias = serde_json::Map::new();
+        for id in p["eog_token_ids"]
+            .as_array()
+            .expect("eog_token_ids in /props")
+        {
+            bias.insert(id.to_string(), json!(-100));
+        }
+        Value::Object(bias)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn usage_never_exceeds_the_slot_context_and_completions_run_to_it() {
+    let w = Worker::start(&common::model(SMOL), &["-c", "48"]);
+    let bias = w.ban_eog().await;
+    // Chat: no max_tokens, end-of-generation banned: the reply runs to the end of the context.
+    let (st, v) = w
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Count to one hundred."}],
+                    "temperature": 0, "logit_bias": bias}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let u = &v["usage"];
+    let total = u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        total, 48,
+        "prompt + completion fill the context exactly: {u}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // Completions without max_tokens: not 16 tokens, but until the context ends.
+    let (st, v) = w
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "One, two, three,", "temperature": 0, "logit_bias": bias}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let u = &v["usage"];
+    let p = u["prompt_tokens"].as_u64().unwrap();
+    let c = u["completion_tokens"].as_u64().unwrap();
+    assert!(c > 16, "max_tokens absent must not mean 16: {u}");
+    assert_eq!(p + c, 48, "{u}");
+    // Streamed, the usage chunk obeys the same bound.
+    let body = reqwest::Client::new()
+        .post(format!("{}/v1/completions", w.base))
+        .json(
+            &json!({"prompt": "One, two, three,", "temperature": 0, "logit_bias": bias,
+                      "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let usage: Value = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .find(|v| v.get("usage").is_some())
+        .expect("a usage chunk")["usage"]
+        .clone();
+    assert_eq!(usage["total_tokens"], 48, "{usage}");
+}
+
+#[tokio::test]
+async fn roles_out_of_order_are_a_400_with_the_templates_message() {
+    let w = Worker::start(
+        &common::model(SMOL),
+        &[
+            "--chat-template-file",
+            template("mistralai-Mistral-Nemo-Instruct-2407.jinja")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let (st, v) = w
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "assistant", "content": "Anything else?"}],
+                "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("conversation roles must alternate user/assistant"),
+        "the template's own message: {msg}"
+    );
+    // In order, the same template answers.
+    let (st, v) = w
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test]
+async fn bad_tool_fields_are_400s() {
+    let hermes = template("NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja");
+    let w = Worker::start(
+        &common::model(SMOL),
+        &["--chat-template-file", hermes.to_str().unwrap()],
+    );
+    let user = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    let tool = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    for (body, param) in [
+        (
+            json!({"messages": user, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": user, "tools": [tool], "tool_choice": "sometimes"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": user, "tools": [tool],
+                   "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": user, "tools": [{"type": "function"}]}),
+            "tools",
+        ),
+        (
+            json!({"messages": user, "reasoning_format": "verbose"}),
+            "reasoning_format",
+        ),
+    ] {
+        let (st, v) = w.post("/v1/chat/completions", &body).await;
+        assert_eq!(st, 400, "{body} -> {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // tool_choice "none": the reply is plain content, whatever it says.
+    let (st, v) = w
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": user, "tools": [tool], "tool_choice": "none",
+                    "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+}
+
+#[test]
+fn python_openai_client_tool_calls_and_agent_loop() {
+    let python = std::env::var("CYBER_INFERENCE_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/cyber-inference-venv/bin/python")
+    });
+    assert!(
+        Path::new(&python).exists(),
+        "no Python with the openai and jsonschema packages at {python}: set CYBER_INFERENCE_PYTHON (.ci/run does)"
+    );
+    let hermes = template("NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja");
+    let w = Worker::start(
+        &common::model(SMOL),
+        &[
+            "-np",
+            "2",
+            "-a",
+            "smol",
+            "--chat-template-file",
+            hermes.to_str().unwrap(),
+        ],
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/test_worker_tools.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(&w.base)
+        .output()
+        .unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python failed\nstdout:\n{so}\nstderr:\n{se}\nworker:\n{}",
+        w.stderr()
+    );
+    assert!(so.contains("ALL OK"), "{so}");
+}
