@@ -4,121 +4,16 @@
 //! is the check that per-expert batches (tokens grouped by the expert they are routed to) do not change
 //! any token's float order.
 
+mod batch_invariance_common;
 mod synth_common;
 
-use std::sync::Arc;
-
-use cyber_inference::engine::model::{Batch, Context, ContextParams, KvType, Model};
+use batch_invariance_common::check_decoder;
 use synth_common::*;
 
 const N: usize = 48;
 
-fn prompt(model: &Model, salt: usize) -> Vec<u32> {
-    (0..N)
-        .map(|i| ((i * 7919 + salt * 104_729 + 1000) % (model.n_vocab() - 1000)) as u32 + 500)
-        .collect()
-}
-
-fn ctx(model: &Arc<Model>, threads: usize, n_seq: usize) -> Context {
-    Context::new(
-        model.clone(),
-        ContextParams {
-            n_ctx: 128,
-            n_seq_max: n_seq,
-            n_batch: 128,
-            n_threads: threads,
-            embeddings: false,
-            kv_type: KvType::F16,
-        },
-    )
-    .expect("context")
-}
-
-/// Logits of every position, processing `tokens` (sequence 0) in chunks of `chunk`.
-fn logits_chunked(
-    model: &Arc<Model>,
-    threads: usize,
-    tokens: &[u32],
-    chunk: usize,
-) -> Vec<Vec<f32>> {
-    let mut c = ctx(model, threads, 1);
-    let mut out = Vec::new();
-    for (k, part) in tokens.chunks(chunk).enumerate() {
-        let mut b = Batch::single(part, (k * chunk) as u32, 0);
-        b.logits.iter_mut().for_each(|l| *l = true);
-        c.decode(&b).expect("decode");
-        for i in 0..part.len() {
-            out.push(c.logits(i).to_vec());
-        }
-    }
-    out
-}
-
-/// Logits of every position of sequence 1 when its tokens are interleaved with another sequence's.
-fn logits_interleaved(
-    model: &Arc<Model>,
-    threads: usize,
-    tokens: &[u32],
-    other: &[u32],
-) -> Vec<Vec<f32>> {
-    let mut c = ctx(model, threads, 3);
-    let mut b = Batch::default();
-    for i in 0..N {
-        b.push(other[i], i as u32, 2, i % 3 == 0);
-        b.push(tokens[i], i as u32, 1, true);
-    }
-    c.decode(&b).expect("decode");
-    let mut out = Vec::new();
-    let mut k = 0;
-    for i in 0..N {
-        if i % 3 == 0 {
-            k += 1;
-        }
-        out.push(c.logits(k).to_vec());
-        k += 1;
-    }
-    out
-}
-
-fn assert_bits_equal(what: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
-    assert_eq!(a.len(), b.len(), "{what}: output count");
-    for (pos, (x, y)) in a.iter().zip(b).enumerate() {
-        if let Some(j) = (0..x.len()).find(|&j| x[j].to_bits() != y[j].to_bits()) {
-            panic!("{what}: position {pos}, logit {j}: {} vs {}", x[j], y[j]);
-        }
-    }
-}
-
 fn check(name: &str) {
-    let model = load(name);
-    let tokens = prompt(&model, 0);
-    let other = prompt(&model, 1);
-    let reference = logits_chunked(&model, 1, &tokens, N);
-    assert!(reference.iter().flatten().all(|v| v.is_finite()));
-    for threads in [1, 2] {
-        if threads != 1 {
-            assert_bits_equal(
-                &format!("{name} one batch, {threads} threads"),
-                &reference,
-                &logits_chunked(&model, threads, &tokens, N),
-            );
-        }
-        assert_bits_equal(
-            &format!("{name} batches of 7, {threads} threads"),
-            &reference,
-            &logits_chunked(&model, threads, &tokens, 7),
-        );
-        assert_bits_equal(
-            &format!("{name} token by token, {threads} threads"),
-            &reference,
-            &logits_chunked(&model, threads, &tokens, 1),
-        );
-        assert_bits_equal(
-            &format!("{name} beside another sequence, {threads} threads"),
-            &reference,
-            &logits_interleaved(&model, threads, &tokens, &other),
-        );
-    }
+    check_decoder(&load(name), name, N);
 }
 
 #[test]
