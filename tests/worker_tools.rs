@@ -4,131 +4,21 @@
 //! (`tests/py/test_worker_tools.py`).
 
 mod common;
+mod worker_common;
 
-use std::io::Read;
-use std::net::TcpListener;
+use worker_common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn template(name: &str) -> PathBuf {
     let p = common::assets().join("templates").join(name);
     assert!(p.is_file(), "missing test template {}", p.display());
     p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running worker process; killed on drop.
-struct Worker {
-    child: Child,
-    base: String,
-    log: tempfile::NamedTempFile,
-}
-
-impl Worker {
-    fn start(model: &Path, extra: &[&str]) -> Worker {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(BIN)
-            .arg("worker")
-            .arg("-m")
-            .arg(model)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "-t",
-                "2",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let mut w = Worker {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        w.wait_ready();
-        w
-    }
-
-    fn stderr(&self) -> String {
-        let mut s = String::new();
-        let _ = self.log.reopen().unwrap().read_to_string(&mut s);
-        s
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                panic!("worker exited with {st} before ready:\n{}", self.stderr());
-            }
-            if let Ok(mut s) = std::net::TcpStream::connect(self.base.trim_start_matches("http://"))
-            {
-                use std::io::Write;
-                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
-                let mut r = String::new();
-                let _ = s.read_to_string(&mut r);
-                if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("worker not ready in 120 s:\n{}", self.stderr());
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// `logit_bias` banning every end-of-generation token (so a generation runs to its limit).
-    async fn ban_eog(&self) -> Value {
-        let p: Value = reqwest::get(format!("{}/props", self.base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut bias = serde_json::Map::new();
-        for id in p["eog_token_ids"]
-            .as_array()
-            .expect("eog_token_ids in /props")
-        {
-            bias.insert(id.to_string(), json!(-100));
-        }
-        Value::Object(bias)
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]
