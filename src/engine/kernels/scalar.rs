@@ -223,12 +223,6 @@ pub(crate) fn q3_k_finish(x: &BlockQ3K, y: &BlockQ8K, isum: i32, _summs: i32, su
     sumf + x.d.get() * y.d() * isum as f32
 }
 
-/// Q5_K's float step per super-block: `sumf + (d·d8)·isum − (dmin·d8)·summs`.
-#[inline(always)]
-pub(crate) fn q5_k_finish(x: &BlockQ5K, y: &BlockQ8K, isum: i32, summs: i32, sumf: f32) -> f32 {
-    sumf + (x.d.get() * y.d() * isum as f32 - x.dmin.get() * y.d() * summs as f32)
-}
-
 /// IQ4_XS's float step per super-block: `sumf + (d·d8)·isum`.
 #[inline(always)]
 pub(crate) fn iq4_xs_finish(
@@ -336,24 +330,80 @@ pub fn q4_k_q8_k_x4(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     [0, 1, 2, 3].map(|t| acc[t] - acc_min[t])
 }
 
+/// Q5_K × Q8_K with the float arithmetic of ggml's AVX2 `ggml_vec_dot_q5_K_q8_K` (`arch/x86/quants.c`,
+/// commit 0c1e570; llama.cpp does not repack Q5_K on x86): per super-block eight i32 lanes (lane `l` holds
+/// elements `4l..4l+4` of every 32-element chunk times the chunk's scale), each accumulated into its own f32
+/// lane with `fma(d8·d, lane, acc)`; the mins as `summs += (−d8·dmin)·Σ min·bsum` (GCC contracts it into an
+/// FMA); the result is the lanes' `hsum_float_8` plus `summs`.
 pub fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ5K] = blocks(w, n, QK_K);
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
-    let mut sumf = 0f32;
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
     for (x, y) in x.iter().zip(y) {
-        let mut q = [0i32; 256];
-        for j in 0..4 {
-            for l in 0..32 {
-                let h1 = ((x.qh[l] >> (2 * j)) & 1) as i32 * 16;
-                let h2 = ((x.qh[l] >> (2 * j + 1)) & 1) as i32 * 16;
-                q[64 * j + l] = (x.qs[32 * j + l] & 0xF) as i32 + h1;
-                q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32 + h2;
-            }
-        }
-        let (isum, summs) = k4_ints(&q, &x.scales, y);
-        sumf = q5_k_finish(x, y, isum, summs, sumf);
+        let q = q5_k_quants(x);
+        let (lanes, mins) = k4_lanes(&q, &x.scales, y);
+        q5_k_step(x, y, &lanes, mins, &mut acc, &mut summs);
     }
-    sumf
+    hsum8(&acc) + summs
+}
+
+/// The 5-bit quants (0..31) of a Q5_K super-block in element order.
+#[inline(always)]
+fn q5_k_quants(x: &BlockQ5K) -> [i32; 256] {
+    let mut q = [0i32; 256];
+    for j in 0..4 {
+        for l in 0..32 {
+            let h1 = ((x.qh[l] >> (2 * j)) & 1) as i32 * 16;
+            let h2 = ((x.qh[l] >> (2 * j + 1)) & 1) as i32 * 16;
+            q[64 * j + l] = (x.qs[32 * j + l] & 0xF) as i32 + h1;
+            q[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i32 + h2;
+        }
+    }
+    q
+}
+
+/// The eight i32 lanes of a Q4_K/Q5_K super-block against Q8_K as ggml's AVX2 code forms them (lane `l`:
+/// `Σ_c sc[c]·Σ_{k<4} q[32c+4l+k]·q8[32c+4l+k]`) and the exact `Σ min·bsum`.
+#[inline(always)]
+fn k4_lanes(q: &[i32; 256], scales: &[u8; 12], y: &BlockQ8K) -> ([i32; 8], i32) {
+    let (sc, mn) = k4_scales_mins(scales);
+    let mut lanes = [0i32; 8];
+    for c in 0..8 {
+        for m in 0..32 {
+            let e = 32 * c + m;
+            lanes[m / 4] += sc[c] as i32 * q[e] * y.qs[e] as i32;
+        }
+    }
+    let mut mins = 0i32;
+    for g in 0..16 {
+        mins += y.bsum(g) as i32 * mn[g / 2] as i32;
+    }
+    (lanes, mins)
+}
+
+/// One Q5_K super-block's float step (see [`q5_k_q8_k`]), shared with the SIMD twins.
+#[inline(always)]
+pub(crate) fn q5_k_step(
+    x: &BlockQ5K,
+    y: &BlockQ8K,
+    lanes: &[i32; 8],
+    mins: i32,
+    acc: &mut [f32; 8],
+    summs: &mut f32,
+) {
+    let d = y.d() * x.d.get();
+    let dmin = -y.d() * x.dmin.get();
+    for (a, &l) in acc.iter_mut().zip(lanes) {
+        *a = d.mul_add(l as f32, *a);
+    }
+    *summs = dmin.mul_add(mins as f32, *summs);
+}
+
+/// ggml's `hsum_float_8` order: lanes `l` and `l+4`, then pairs `0+2`, `1+3`, then their sum.
+#[inline(always)]
+pub(crate) fn hsum8(acc: &[f32; 8]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
 /// The unsigned 6-bit quant (0..63) of element `e` (0..256) of a Q6_K block.

@@ -622,11 +622,11 @@ struct KBlock {
     mins: __m256i,
 }
 
-/// `Σ_c madd(sc[c], maddubs(q[c], y_c))`, summed over the eight i32 lanes: exact (no i16 pair saturates for
-/// these quant ranges: |pair| ≤ 2·31·128).
+/// `Σ_c madd(sc[c], maddubs(q[c], y_c))` as eight i32 lanes (lane `l` holds bytes `4l..4l+4` of every
+/// chunk), exact (no i16 pair saturates for these quant ranges: |pair| ≤ 2·31·128).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn kblock_dot_unsigned(k: &KBlock, y: &BlockQ8K, minus_h: bool) -> i32 {
+fn kblock_lanes_unsigned(k: &KBlock, y: &BlockQ8K, minus_h: bool) -> __m256i {
     let mut sumi = _mm256_setzero_si256();
     for c in 0..8 {
         // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of y.
@@ -637,7 +637,14 @@ fn kblock_dot_unsigned(k: &KBlock, y: &BlockQ8K, minus_h: bool) -> i32 {
         }
         sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(k.sc[c], p));
     }
-    hsum_i32x8(sumi)
+    sumi
+}
+
+/// [`kblock_lanes_unsigned`] summed over the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn kblock_dot_unsigned(k: &KBlock, y: &BlockQ8K, minus_h: bool) -> i32 {
+    hsum_i32x8(kblock_lanes_unsigned(k, y, minus_h))
 }
 
 /// Q2_K: `q` the 2-bit quants, `sc` the low scale nibbles, `mins` the high ones.
@@ -826,14 +833,48 @@ k_quant_kernels!(
     |k, y| (kblock_dot_unsigned(&k, y, true), 0),
     super::scalar::q3_k_finish
 );
-k_quant_kernels!(
-    q5_k_q8_k_avx2,
-    q5_k_q8_k_x4_avx2,
-    BlockQ5K,
-    decode_q5_k,
-    |k, y| (kblock_dot_unsigned(&k, y, false), bsum_dot(y, k.mins)),
-    super::scalar::q5_k_finish
-);
+/// Q5_K × Q8_K with ggml's AVX2 arithmetic (see `scalar::q5_k_q8_k`): eight f32 lanes, one fused
+/// multiply-add per super-block, the mins in a scalar FMA chain.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ5K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (xb, yb) in x.iter().zip(y) {
+        let k = decode_q5_k(xb);
+        let lanes = kblock_lanes_unsigned(&k, yb, false);
+        let mins = bsum_dot(yb, k.mins);
+        let d = yb.d() * h2f(xb.d);
+        let dmin = -yb.d() * h2f(xb.dmin);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
+        summs = dmin.mul_add(mins as f32, summs);
+    }
+    hsum_f32x8(acc) + summs
+}
+
+/// [`q5_k_q8_k_avx2`] for four tokens, each super-block decoded once; bit-identical per token.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ5K] = bytemuck::cast_slice(w);
+    let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+    assert!(ys.iter().all(|y| y.len() >= x.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
+    for (i, xb) in x.iter().enumerate() {
+        let k = decode_q5_k(xb);
+        for t in 0..4 {
+            let yb = &ys[t][i];
+            let lanes = kblock_lanes_unsigned(&k, yb, false);
+            let mins = bsum_dot(yb, k.mins);
+            let d = yb.d() * h2f(xb.d);
+            let dmin = -yb.d() * h2f(xb.dmin);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc[t]);
+            summs[t] = dmin.mul_add(mins as f32, summs[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]) + summs[t])
+}
 k_quant_kernels!(
     iq4_xs_q8_k_avx2,
     iq4_xs_q8_k_x4_avx2,
