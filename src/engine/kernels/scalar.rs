@@ -134,6 +134,9 @@ pub fn q8_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sumf
 }
 
+/// IQ4_NL × Q8_0 with the float arithmetic of ggml's repacked x86 GEMV (`gemv_q4_b32_8x8_q8_0_lut_avx`,
+/// `arch/x86/repack.cpp`, commit 0c1e570; llama.cpp repacks IQ4_NL weights on AVX2): per block
+/// `sumf = fma(Σ, d·d8, sumf)`.
 pub fn iq4_nl_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockIq4Nl] = blocks(w, n, QK);
     let y: &[BlockQ8_0] = blocks(a, n, QK);
@@ -144,34 +147,26 @@ pub fn iq4_nl_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
             sumi += KVALUES_IQ4NL[(x.qs[j] & 0xF) as usize] as i32 * y.qs[j] as i32
                 + KVALUES_IQ4NL[(x.qs[j] >> 4) as usize] as i32 * y.qs[j + 16] as i32;
         }
-        sumf += sumi as f32 * (x.d.get() * y.d.get());
+        sumf = (sumi as f32).mul_add(x.d.get() * y.d.get(), sumf);
     }
     sumf
 }
 
-/// MXFP4 × Q8_0 (`ggml_vec_dot_mxfp4_q8_0_generic`, `ggml-cpu/quants.c`): per block
-/// `sumf += (d8 · e8m0_half(e)) · (Σ lo + Σ hi)`, in block order.
+/// MXFP4 × Q8_0 with the float arithmetic of ggml's repacked x86 GEMV (as [`iq4_nl_q8_0`], the scale
+/// `e8m0_half(e)·d8`): per block `sumf = fma(Σ lo + Σ hi, e8m0_half(e)·d8, sumf)`.
 pub fn mxfp4_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockMxfp4] = blocks(w, n, QK);
     let y: &[BlockQ8_0] = blocks(a, n, QK);
     let mut sumf = 0f32;
     for (x, y) in x.iter().zip(y) {
-        sumf += mxfp4_block(x, y);
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += y.qs[j] as i32 * KVALUES_MXFP4[(x.qs[j] & 0xF) as usize] as i32
+                + y.qs[j + 16] as i32 * KVALUES_MXFP4[(x.qs[j] >> 4) as usize] as i32;
+        }
+        sumf = (sumi as f32).mul_add(e8m0_to_fp32_half(x.e) * y.d.get(), sumf);
     }
     sumf
-}
-
-/// One MXFP4 block against one Q8_0 block: `(d8 · e8m0_half(e)) · Σ`, the term both the generic and the
-/// AVX2 tail of ggml add per block.
-#[inline(always)]
-pub(crate) fn mxfp4_block(x: &BlockMxfp4, y: &BlockQ8_0) -> f32 {
-    let d = y.d.get() * e8m0_to_fp32_half(x.e);
-    let (mut sumi1, mut sumi2) = (0i32, 0i32);
-    for j in 0..16 {
-        sumi1 += y.qs[j] as i32 * KVALUES_MXFP4[(x.qs[j] & 0xF) as usize] as i32;
-        sumi2 += y.qs[j + 16] as i32 * KVALUES_MXFP4[(x.qs[j] >> 4) as usize] as i32;
-    }
-    d * (sumi1 + sumi2) as f32
 }
 
 /// Σ over 16 consecutive elements of `q[k] * y[k]`.
@@ -220,18 +215,6 @@ pub(crate) fn q2_k_finish(x: &BlockQ2K, y: &BlockQ8K, isum: i32, summs: i32, sum
 /// Q3_K's float step per super-block: `sumf + (d·d8)·isum`.
 #[inline(always)]
 pub(crate) fn q3_k_finish(x: &BlockQ3K, y: &BlockQ8K, isum: i32, _summs: i32, sumf: f32) -> f32 {
-    sumf + x.d.get() * y.d() * isum as f32
-}
-
-/// IQ4_XS's float step per super-block: `sumf + (d·d8)·isum`.
-#[inline(always)]
-pub(crate) fn iq4_xs_finish(
-    x: &BlockIq4Xs,
-    y: &BlockQ8K,
-    isum: i32,
-    _summs: i32,
-    sumf: f32,
-) -> f32 {
     sumf + x.d.get() * y.d() * isum as f32
 }
 
@@ -475,26 +458,31 @@ pub fn q6_k_q8_k_x4(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     acc.map(|acc| ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])))
 }
 
+/// IQ4_XS × Q8_K with the float arithmetic of ggml's AVX2 `ggml_vec_dot_iq4_xs_q8_K` (`arch/x86/quants.c`,
+/// commit 0c1e570): per super-block eight i32 lanes (lane `l` holds elements `4l..4l+4` of every 32-element
+/// chunk times the chunk's scale − 32), each accumulated into its own f32 lane with `fma(d·d8, lane, acc)`,
+/// then `hsum_float_8`.
 pub fn iq4_xs_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockIq4Xs] = blocks(w, n, QK_K);
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
-    let mut sumf = 0f32;
+    let mut acc = [0f32; 8];
     for (x, y) in x.iter().zip(y) {
         let sh = u16::from_le_bytes(x.scales_h);
-        let mut isum = 0i32;
+        let mut lanes = [0i32; 8];
         for ib in 0..8 {
             let ls = ((x.scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) as i32
                 | ((((sh >> (2 * ib)) & 3) as i32) << 4);
             let qs = &x.qs[16 * ib..16 * ib + 16];
             let yq = &y.qs[32 * ib..32 * ib + 32];
-            let mut acc = 0i32;
-            for j in 0..16 {
-                acc += KVALUES_IQ4NL[(qs[j] & 0xF) as usize] as i32 * yq[j] as i32
-                    + KVALUES_IQ4NL[(qs[j] >> 4) as usize] as i32 * yq[j + 16] as i32;
+            for m in 0..32 {
+                let nib = if m < 16 { qs[m] & 0xF } else { qs[m - 16] >> 4 };
+                lanes[m / 4] += (ls - 32) * KVALUES_IQ4NL[nib as usize] as i32 * yq[m] as i32;
             }
-            isum += (ls - 32) * acc;
         }
-        sumf = iq4_xs_finish(x, y, isum, 0, sumf);
+        let d = x.d.get() * y.d();
+        for (a, &l) in acc.iter_mut().zip(&lanes) {
+            *a = d.mul_add(l as f32, *a);
+        }
     }
-    sumf
+    hsum8(&acc)
 }

@@ -526,63 +526,40 @@ unsafe fn lookup_nibbles(table: __m128i, qs: &[u8; 16]) -> __m256i {
     _mm256_set_m128i(hi, lo)
 }
 
-/// Defines the AVX2 kernel `$name` of a 4-bit code-book type against Q8_0 (ggml's AVX2
-/// `ggml_vec_dot_iq4_nl_q8_0` / `ggml_vec_dot_mxfp4_q8_0`): blocks in pairs, the even block into `accum1`,
-/// the odd into `accum2` (`fma(d, Σ, acc)`), `hsum(accum1 + accum2)`, then a last odd block with the scalar
-/// per-block term `$tail`.
+/// Defines the AVX2 kernel `$name` of a 4-bit code-book type against Q8_0 with the float arithmetic of
+/// ggml's repacked x86 GEMV (`gemv_q4_b32_8x8_q8_0_lut_avx`, `arch/x86/repack.cpp`, commit 0c1e570), which
+/// llama.cpp uses for IQ4_NL and MXFP4 weights on AVX2 machines: per block the exact integer sum `Σ`, then
+/// `acc = fma(Σ, d_w·d_a, acc)` in block order (one f32 chain per output, as each lane of ggml's GEMV).
 macro_rules! codebook_q8_0 {
-    ($name:ident, $block:ty, $table:expr, |$x:ident, $y:ident| $scale:expr, $tail:expr) => {
+    ($name:ident, $block:ty, $table:expr, |$x:ident, $y:ident| $scale:expr) => {
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name(nb: usize, w: &[u8], a: &[u8]) -> f32 {
+        unsafe fn $name(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
             let xs: &[$block] = bytemuck::cast_slice(w);
             let ys: &[BlockQ8_0] = bytemuck::cast_slice(a);
             // SAFETY: the table is 16 bytes.
             let table = unsafe { _mm_loadu_si128($table.as_ptr() as *const __m128i) };
-            let (mut accum1, mut accum2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut ib = 0;
-            while ib + 1 < nb {
-                let mut p = [_mm256_setzero_ps(); 2];
-                let mut d = [0f32; 2];
-                for k in 0..2 {
-                    let ($x, $y) = (&xs[ib + k], &ys[ib + k]);
-                    // SAFETY: the nibble and quant fields are 16 and 32 bytes long.
-                    let (qx, qy) = unsafe { (lookup_nibbles(table, &$x.qs), load32(&$y.qs)) };
-                    p[k] = mul_sum_i8_f32(qx, qy);
-                    d[k] = $scale;
-                }
-                accum1 = _mm256_fmadd_ps(_mm256_set1_ps(d[0]), p[0], accum1);
-                accum2 = _mm256_fmadd_ps(_mm256_set1_ps(d[1]), p[1], accum2);
-                ib += 2;
+            let mut acc = 0f32;
+            for ($x, $y) in xs.iter().zip(ys) {
+                // SAFETY: the nibble and quant fields are 16 and 32 bytes long.
+                let (qx, qy) = unsafe { (lookup_nibbles(table, &$x.qs), load32(&$y.qs)) };
+                let sum = hsum_i32x8(mul_sum_us8(
+                    _mm256_sign_epi8(qx, qx),
+                    _mm256_sign_epi8(qy, qx),
+                ));
+                acc = (sum as f32).mul_add($scale, acc);
             }
-            let mut sumf = hsum_f32x8(_mm256_add_ps(accum1, accum2));
-            if ib < nb {
-                sumf += $tail(&xs[ib], &ys[ib]);
-            }
-            sumf
+            acc
         }
     };
 }
 
-codebook_q8_0!(
-    iq4_nl_q8_0_avx2,
-    BlockIq4Nl,
-    KVALUES_IQ4NL,
-    |x, y| h2f(y.d) * h2f(x.d),
-    |x: &BlockIq4Nl, y: &BlockQ8_0| {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += y.qs[j] as i32 * KVALUES_IQ4NL[(x.qs[j] & 0xF) as usize] as i32
-                + y.qs[j + 16] as i32 * KVALUES_IQ4NL[(x.qs[j] >> 4) as usize] as i32;
-        }
-        (y.d.get() * x.d.get()) * sumi as f32
-    }
-);
+codebook_q8_0!(iq4_nl_q8_0_avx2, BlockIq4Nl, KVALUES_IQ4NL, |x, y| h2f(x.d)
+    * h2f(y.d));
 codebook_q8_0!(
     mxfp4_q8_0_avx2,
     BlockMxfp4,
     KVALUES_MXFP4,
-    |x, y| h2f(y.d) * e8m0_to_fp32_half(x.e),
-    super::scalar::mxfp4_block
+    |x, y| e8m0_to_fp32_half(x.e) * h2f(y.d)
 );
 
 /// `v >> count` on 16-bit lanes (a run-time count).
@@ -766,7 +743,7 @@ fn decode_iq4_xs(x: &BlockIq4Xs) -> KBlock {
 /// IQ4_XS's exact integer sum: `Σ madd(maddubs(|q|, sign(y, q)), sc)` (no pair saturates: 2·127·127).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn iq4_xs_dot(k: &KBlock, y: &BlockQ8K) -> i32 {
+fn iq4_xs_lanes(k: &KBlock, y: &BlockQ8K) -> __m256i {
     let mut sumi = _mm256_setzero_si256();
     for c in 0..8 {
         // SAFETY: bytes 32c..32c+32 of the 256-byte `qs` of y.
@@ -774,7 +751,7 @@ fn iq4_xs_dot(k: &KBlock, y: &BlockQ8K) -> i32 {
         let p16 = _mm256_maddubs_epi16(k.h[c], _mm256_sign_epi8(q8, k.q[c]));
         sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, k.sc[c]));
     }
-    hsum_i32x8(sumi)
+    sumi
 }
 
 /// Defines the single-token kernel `$x1` and the four-token kernel `$x4` of a k-quant type: the exact integer
@@ -875,14 +852,39 @@ unsafe fn q5_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     }
     [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]) + summs[t])
 }
-k_quant_kernels!(
-    iq4_xs_q8_k_avx2,
-    iq4_xs_q8_k_x4_avx2,
-    BlockIq4Xs,
-    decode_iq4_xs,
-    |k, y| (iq4_xs_dot(&k, y), 0),
-    super::scalar::iq4_xs_finish
-);
+/// IQ4_XS × Q8_K with ggml's AVX2 arithmetic (see `scalar::iq4_xs_q8_k`): eight f32 lanes, one fused
+/// multiply-add per super-block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn iq4_xs_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockIq4Xs] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    for (xb, yb) in x.iter().zip(y) {
+        let lanes = iq4_xs_lanes(&decode_iq4_xs(xb), yb);
+        let d = _mm256_set1_ps(h2f(xb.d) * yb.d());
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
+    }
+    hsum_f32x8(acc)
+}
+
+/// [`iq4_xs_q8_k_avx2`] for four tokens, each super-block decoded once; bit-identical per token.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn iq4_xs_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockIq4Xs] = bytemuck::cast_slice(w);
+    let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+    assert!(ys.iter().all(|y| y.len() >= x.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (i, xb) in x.iter().enumerate() {
+        let k = decode_iq4_xs(xb);
+        for t in 0..4 {
+            let yb = &ys[t][i];
+            let lanes = iq4_xs_lanes(&k, yb);
+            let d = _mm256_set1_ps(h2f(xb.d) * yb.d());
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
+}
 
 /// Four-token kernels for prompt processing: one weight row against four activation rows, each weight block
 /// decoded once. Every output is computed with exactly the operations of the single-token kernel of the same
