@@ -257,7 +257,7 @@ unsafe fn q8_0_q8_0_body<D: Dot4>(nb: usize, w: &[u8], a: &[u8]) -> f32 {
     sumf
 }
 
-/// [`super::scalar::q4_0_q8_0`] (`ggml_vec_dot_q4_0_q8_0`, arm).
+/// [`super::scalar::q4_0_q8_0`] (one fma chain per output, as ggml's repacked Q4_0 GEMV on x86).
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn q4_0_q8_0_body<D: Dot4>(nb: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -268,7 +268,7 @@ unsafe fn q4_0_q8_0_body<D: Dot4>(nb: usize, w: &[u8], a: &[u8]) -> f32 {
         let q = nibbles(&x.qs).map(|v| vsubq_s8(as_s8(v), vdupq_n_s8(8)));
         // SAFETY: forwarded from the caller.
         let sumi = unsafe { dot32::<D>(q, i8x32(&y.qs)) };
-        sumf += sumi as f32 * (x.d.get() * y.d.get());
+        sumf = (sumi as f32).mul_add(x.d.get() * y.d.get(), sumf);
     }
     sumf
 }

@@ -46,6 +46,10 @@ fn blocks<T: bytemuck::Pod>(b: &[u8], n: usize, per: usize) -> &[T] {
     bytemuck::cast_slice(&b[..n / per * size_of::<T>()])
 }
 
+/// Q4_0 × Q8_0 with the float arithmetic of ggml's repacked x86 GEMV and GEMM (`gemv_q4_b32_8x8_q8_0_lut_avx`,
+/// `gemm_q4_b32_8x8_q8_0_lut_avx`, `arch/x86/repack.cpp`, commit 0c1e570; llama.cpp repacks Q4_0 weights on
+/// AVX2): per block the exact integer sum, then `sumf = fma(Σ, d·d8, sumf)` in block order, for one token
+/// or many alike.
 pub fn q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ4_0] = blocks(w, n, QK);
     let y: &[BlockQ8_0] = blocks(a, n, QK);
@@ -57,7 +61,7 @@ pub fn q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
             let v1 = (x.qs[j] >> 4) as i32 - 8;
             sumi += v0 * y.qs[j] as i32 + v1 * y.qs[j + 16] as i32;
         }
-        sumf += sumi as f32 * (x.d.get() * y.d.get());
+        sumf = (sumi as f32).mul_add(x.d.get() * y.d.get(), sumf);
     }
     sumf
 }

@@ -3,15 +3,18 @@
 //! Ported from `ggml/src/ggml-cpu/arch/x86/quants.c` (`ggml_vec_dot_*_q8_*`, AVX2 paths) and
 //! `ggml/src/ggml-cpu/simd-mappings.h` (f16/f32 dot products) of llama.cpp commit 0c1e570.
 //!
-//! - The 32-element-block types (Q4_0, Q4_1, Q5_0, Q8_0) keep ggml's scheme: an exact integer sum per
+//! - The 32-element-block types Q4_1, Q5_0, Q8_0 keep ggml's `ggml_vec_dot` scheme: an exact integer sum per
 //!   block, scaled and accumulated into 8 float lanes with FMA, summed horizontally at the end. Their
-//!   results differ from the scalar oracle by float rounding only.
-//!   So do F32, F16, BF16, Q5_1, IQ4_NL and MXFP4 (the last two with ggml's two accumulators over block pairs).
+//!   results differ from the scalar oracle by float rounding only. So do F32, F16, BF16 and Q5_1.
+//! - The types llama.cpp repacks on x86 (Q4_0, IQ4_NL, MXFP4: `arch/x86/repack.cpp`) follow its repacked
+//!   GEMV/GEMM instead: the exact integer sum of each block, then one f32 fma chain per output, bit-identical
+//!   to the scalar oracle (Q4_K: the GEMV's chain per super-block).
 //! - The k-quants (Q2_K … Q6_K) and IQ4_XS compute each super-block's integer sum exactly in SIMD and then do
-//!   the same float operations as the oracle, so they are **bit-identical** to it.
+//!   the same float operations as the oracle (Q5_K, Q6_K, IQ4_XS: ggml's eight AVX2 lanes), so they are
+//!   **bit-identical** to it.
 //!
 //! - Prompt processing uses four-token kernels (one weight row, four activation rows: Q4_0, Q4_1, Q5_0,
-//!   Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) and, with AVX-512 VNNI, 4-row x 4-token tiles (Q4_0, Q4_1, Q5_0, Q8_0). They decode a
+//!   Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) and, with AVX-512 VNNI, 4-row x 4-token tiles (Q4_1, Q5_0, Q8_0). They decode a
 //!   weight block once for several tokens and may compute the exact integer sums differently (`vpdpbusd`,
 //!   `vpdpwssd`, an unsigned offset), but every float operation of a (row, token) result is the
 //!   single-token kernel's, in its order: each result is **bit-identical** to the single-token kernel's.
@@ -294,18 +297,23 @@ fn decode_q8_0(x: &BlockQ8_0) -> __m256i {
     unsafe { load32(&x.qs) }
 }
 
+/// Q4_0 with the arithmetic of ggml's repacked GEMV (see `scalar::q4_0_q8_0`): the exact integer sum of
+/// each block, then one f32 fma chain.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_q8_0_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
     let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = 0f32;
     for (x, y) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(h2f(x.d) * h2f(y.d));
         // SAFETY: the block fields are 16 and 32 bytes long.
         let (qx, qy) = (decode_q4_0(x), unsafe { load32(&y.qs) });
-        acc = _mm256_fmadd_ps(d, mul_sum_i8_f32(qx, qy), acc);
+        let sum = hsum_i32x8(mul_sum_us8(
+            _mm256_sign_epi8(qx, qx),
+            _mm256_sign_epi8(qy, qx),
+        ));
+        acc = (sum as f32).mul_add(h2f(x.d) * h2f(y.d), acc);
     }
-    hsum_f32x8(acc)
+    acc
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1146,10 +1154,45 @@ unsafe fn signed_x4<B: bytemuck::Pod>(
     [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
 }
 
+/// [`q4_0_q8_0_avx2`] for four tokens: per block the four exact sums at once, then four lanes of one
+/// 128-bit fma (each lane the single-token kernel's scalar fma).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
-    unsafe { signed_x4::<BlockQ4_0>(w, a, |x| x.d, |x| decode_q4_0(x)) }
+    unsafe { q4_0_chain_x4(w, a, |ax, sy| mul_sum_us8(ax, sy)) }
+}
+
+/// The body of the four-token Q4_0 kernels, `dot(|x|, sign(y, x))` giving a block's eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_chain_x4(
+    w: &[u8],
+    a: [&[u8]; 4],
+    dot: impl Fn(__m256i, __m256i) -> __m256i,
+) -> [f32; 4] {
+    let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
+    let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
+    assert!(y.iter().all(|y| y.len() >= x.len()));
+    let mut acc = _mm_setzero_ps();
+    for (i, xb) in x.iter().enumerate() {
+        let qx = decode_q4_0(xb);
+        let ax = _mm256_sign_epi8(qx, qx);
+        let lanes = [0, 1, 2, 3].map(|t| {
+            // SAFETY: the field is 32 bytes long.
+            let qy = unsafe { load32(&y[t][i].qs) };
+            dot(ax, _mm256_sign_epi8(qy, qx))
+        });
+        let sums = _mm_cvtepi32_ps(hsum4_i32x8(lanes));
+        let d = _mm_mul_ps(
+            _mm_set1_ps(h2f(xb.d)),
+            h2f_x4([y[0][i].d, y[1][i].d, y[2][i].d, y[3][i].d]),
+        );
+        acc = _mm_fmadd_ps(sums, d, acc);
+    }
+    let mut out = [0f32; 4];
+    // SAFETY: `out` is 16 writable bytes.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1306,15 +1349,42 @@ macro_rules! vnni_kernels {
     };
 }
 
-vnni_kernels!(
-    q4_0_q8_0_vnni,
-    q4_0_x1_vnni,
-    q4_0_q8_0_x4_vnni,
-    q4_0_x4_vnni,
-    BlockQ4_0,
-    18,
-    |b| decode_q4_0(b)
-);
+/// Q4_0 with VNNI: [`q4_0_q8_0_avx2`]'s exact sums in one `vpdpbusd`, the same fma chain.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q4_0_x1_vnni(w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
+    let mut acc = 0f32;
+    for (xb, yb) in x.iter().zip(y) {
+        // SAFETY: the activation block's quant field is 32 bytes long.
+        let (qx, qy) = (decode_q4_0(xb), unsafe { load32(&yb.qs) });
+        let sum = hsum_i32x8(mul_sum_us8_vnni(
+            _mm256_sign_epi8(qx, qx),
+            _mm256_sign_epi8(qy, qx),
+        ));
+        acc = (sum as f32).mul_add(h2f(xb.d) * h2f(yb.d), acc);
+    }
+    acc
+}
+
+/// [`q4_0_q8_0_x4_avx2`] with VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q4_0_x4_vnni(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
+    unsafe { q4_0_chain_x4(w, a, |ax, sy| mul_sum_us8_vnni(ax, sy)) }
+}
+
+fn q4_0_q8_0_vnni(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = n / QK;
+    assert!(
+        n.is_multiple_of(QK) && w.len() >= nb * 18 && a.len() >= nb * 34,
+        "q4_0_q8_0_vnni: bad row lengths"
+    );
+    // SAFETY: handed out only by `vec_dot_fn_vnni`, which needs a `Vnni` token; lengths checked.
+    unsafe { q4_0_x1_vnni(&w[..nb * 18], &a[..nb * 34]) }
+}
+
+safe_wrapper4!(q4_0_q8_0_x4_vnni, q4_0_x4_vnni, 18, 34);
 vnni_kernels!(
     q5_0_q8_0_vnni,
     q5_0_x1_vnni,
@@ -1336,12 +1406,11 @@ vnni_kernels!(
 
 // ---- 4 weight rows x 4 tokens tiles (VNNI) for prompt processing ---------------------------------------------
 
-/// The VNNI tile kernel for `ty` (Q4_0, Q4_1, Q5_0, Q8_0): four weight rows against four tokens, each of the
+/// The VNNI tile kernel for `ty` (Q4_1, Q5_0, Q8_0; Q4_0 uses the four-token kernel, whose fma chain a tile does not pay for): four weight rows against four tokens, each of the
 /// 16 results bit-identical to the single-token kernel on that row and token.
 pub fn vec_dot4x4_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDot4x4Fn> {
     use GgmlType::*;
     Some(match ty {
-        Q4_0 => q4_0_q8_0_4x4_vnni,
         Q4_1 => q4_1_q8_1_4x4_vnni,
         Q5_0 => q5_0_q8_0_4x4_vnni,
         Q8_0 => q8_0_q8_0_4x4_vnni,
@@ -1372,7 +1441,6 @@ macro_rules! safe_wrapper4x4 {
     };
 }
 
-safe_wrapper4x4!(q4_0_q8_0_4x4_vnni, q4_0_4x4_vnni, 18, 34);
 safe_wrapper4x4!(q5_0_q8_0_4x4_vnni, q5_0_4x4_vnni, 22, 34);
 safe_wrapper4x4!(q8_0_q8_0_4x4_vnni, q8_0_4x4_vnni, 34, 34);
 safe_wrapper4x4!(q4_1_q8_1_4x4_vnni, q4_1_4x4_vnni, 20, 36);
@@ -1489,11 +1557,7 @@ macro_rules! offset_4x4_vnni {
     };
 }
 
-// Q4_0: the nibble is x + 8. Q5_0: the 5-bit value is x + 16. Q8_0: x + 128 is x with its top bit flipped.
-offset_4x4_vnni!(q4_0_4x4_vnni, BlockQ4_0, 8, |b| {
-    // SAFETY: the nibble field is 16 bytes long.
-    unsafe { nibbles32_copy(&b.qs) }
-});
+// Q5_0: the 5-bit value is x + 16. Q8_0: x + 128 is x with its top bit flipped.
 offset_4x4_vnni!(q5_0_4x4_vnni, BlockQ5_0, 16, |b| _mm256_or_si256(
     // SAFETY: the nibble field is 16 bytes long.
     unsafe { nibbles32_copy(&b.qs) },
@@ -1675,12 +1739,8 @@ mod tests {
             return;
         };
         let n = 512;
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ] {
+        assert!(vec_dot4x4_fn_vnni(vnni, GgmlType::Q4_0).is_none());
+        for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
             let tile = vec_dot4x4_fn_vnni(vnni, ty).unwrap();
             let single = vec_dot_fn(avx2, ty).unwrap();
             let vd = quant::vec_dot_type(ty).unwrap();
