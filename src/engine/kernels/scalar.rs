@@ -179,10 +179,15 @@ fn dot16(q: &[i32; 16], y: &[i8]) -> i32 {
     q.iter().zip(y).map(|(&a, &b)| a * b as i32).sum()
 }
 
+/// Q2_K × Q8_K with the float arithmetic of ggml's repacked GEMV (`ggml_gemv_q2_K_8x8_q8_K`,
+/// `arch/x86/repack.cpp`, commit 0c1e570), which llama.cpp uses for Q2_K weights on AVX-512 machines: per
+/// super-block `acc = fma(Σ scale·q·q8, d·d8, acc)` and `acc_min = fma(Σ min·bsum, dmin·d8, acc_min)`, the
+/// result `acc − acc_min`. (An AVX2-only build of llama.cpp uses `ggml_vec_dot_q2_K_q8_K` instead, whose
+/// eight-lane rounding this does not reproduce.)
 pub fn q2_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ2K] = blocks(w, n, QK_K);
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
-    let mut sumf = 0f32;
+    let (mut acc, mut acc_min) = (0f32, 0f32);
     for (x, y) in x.iter().zip(y) {
         let mut summs = 0i32;
         for g in 0..16 {
@@ -203,53 +208,50 @@ pub fn q2_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 }
             }
         }
-        sumf = q2_k_finish(x, y, isum, summs, sumf);
+        acc = (isum as f32).mul_add(x.d.get() * y.d(), acc);
+        acc_min = (summs as f32).mul_add(x.dmin.get() * y.d(), acc_min);
     }
-    sumf
+    acc - acc_min
 }
 
-/// Q2_K's float step per super-block (`ggml_vec_dot_q2_K_q8_K_generic`): `sumf + (d8·d)·isum − (d8·dmin)·summs`.
-#[inline(always)]
-pub(crate) fn q2_k_finish(x: &BlockQ2K, y: &BlockQ8K, isum: i32, summs: i32, sumf: f32) -> f32 {
-    let dall = y.d() * x.d.get();
-    let dmin = y.d() * x.dmin.get();
-    sumf + (dall * isum as f32 - dmin * summs as f32)
-}
-
-/// Q3_K's float step per super-block: `sumf + (d·d8)·isum`.
-#[inline(always)]
-pub(crate) fn q3_k_finish(x: &BlockQ3K, y: &BlockQ8K, isum: i32, _summs: i32, sumf: f32) -> f32 {
-    sumf + x.d.get() * y.d() * isum as f32
-}
-
+/// Q3_K × Q8_K with the float arithmetic of ggml's AVX2 `ggml_vec_dot_q3_K_q8_K` (`arch/x86/quants.c`,
+/// commit 0c1e570; llama.cpp does not repack Q3_K on x86): per super-block eight i32 lanes (lane `l` holds
+/// elements `4l..4l+4` of every 32-element chunk times its 16-group scale − 32), each accumulated into its
+/// own f32 lane with `fma(d8·d, lane, acc)`, then `hsum_float_8`.
 pub fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let x: &[BlockQ3K] = blocks(w, n, QK_K);
     let y: &[BlockQ8K] = blocks(a, n, QK_K);
-    let mut sumf = 0f32;
+    let mut acc = [0f32; 8];
     for (x, y) in x.iter().zip(y) {
         let scales = q3k_scales(&x.scales);
-        let mut isum = 0i32;
+        // q[e]: the signed 3-bit quant of element e (group g = elements 16g..16g+16).
+        let mut q = [0i32; 256];
         let mut g = 0;
         let mut m = 1u8;
         for half in 0..2 {
             let q3 = &x.qs[32 * half..32 * half + 32];
             for shift in [0, 2, 4, 6] {
                 for sub in 0..2 {
-                    let mut q = [0i32; 16];
                     for l in 0..16 {
                         let k = 16 * sub + l;
                         let hi = if x.hmask[k] & m != 0 { 0 } else { 4 };
-                        q[l] = ((q3[k] >> shift) & 3) as i32 - hi;
+                        q[16 * g + l] = ((q3[k] >> shift) & 3) as i32 - hi;
                     }
-                    isum += (scales[g] as i32 - 32) * dot16(&q, &y.qs[16 * g..16 * g + 16]);
                     g += 1;
                 }
                 m <<= 1;
             }
         }
-        sumf = q3_k_finish(x, y, isum, 0, sumf);
+        let mut lanes = [0i32; 8];
+        for (e, &qe) in q.iter().enumerate() {
+            lanes[(e % 32) / 4] += (scales[e / 16] as i32 - 32) * qe * y.qs[e] as i32;
+        }
+        let d = y.d() * x.d.get();
+        for (a, &l) in acc.iter_mut().zip(&lanes) {
+            *a = d.mul_add(l as f32, *a);
+        }
     }
-    sumf
+    hsum8(&acc)
 }
 
 /// The exact integer sums of one Q4_K/Q5_K super-block against Q8_K: `(Σ scale·q·q8, Σ min·bsum)`.

@@ -762,62 +762,75 @@ fn iq4_xs_lanes(k: &KBlock, y: &BlockQ8K) -> __m256i {
     sumi
 }
 
-/// Defines the single-token kernel `$x1` and the four-token kernel `$x4` of a k-quant type: the exact integer
-/// sums of `$decode` + `$dot` in SIMD, then per super-block the oracle's float step `$finish(x, y, isum,
-/// summs, sumf)` (from `scalar`), so both are **bit-identical** to the scalar oracle. The four-token kernel
-/// decodes each super-block once for the four tokens.
-macro_rules! k_quant_kernels {
-    ($x1:ident, $x4:ident, $block:ty, $decode:ident, |$k:ident, $y:ident| $dot:expr, $finish:expr) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $x1(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
-            let x: &[$block] = bytemuck::cast_slice(w);
-            let y: &[BlockQ8K] = bytemuck::cast_slice(a);
-            let mut sumf = 0f32;
-            for (xb, yb) in x.iter().zip(y) {
-                let $k = $decode(xb);
-                let $y = yb;
-                let (isum, summs) = $dot;
-                sumf = $finish(xb, yb, isum, summs, sumf);
-            }
-            sumf
-        }
-
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-            let x: &[$block] = bytemuck::cast_slice(w);
-            let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
-            assert!(ys.iter().all(|y| y.len() >= x.len()));
-            let mut sumf = [0f32; 4];
-            for (i, xb) in x.iter().enumerate() {
-                let $k = $decode(xb);
-                for t in 0..4 {
-                    let yb = &ys[t][i];
-                    let $y = yb;
-                    let (isum, summs) = $dot;
-                    sumf[t] = $finish(xb, yb, isum, summs, sumf[t]);
-                }
-            }
-            sumf
-        }
-    };
+/// Q2_K × Q8_K with the arithmetic of ggml's repacked GEMV (see `scalar::q2_k_q8_k`): exact super-block
+/// sums, two f32 fma chains.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ2K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (xb, yb) in x.iter().zip(y) {
+        let k = decode_q2_k(xb);
+        let isum = kblock_dot_unsigned(&k, yb, false);
+        let summs = bsum_dot(yb, k.mins);
+        acc = (isum as f32).mul_add(h2f(xb.d) * yb.d(), acc);
+        acc_min = (summs as f32).mul_add(h2f(xb.dmin) * yb.d(), acc_min);
+    }
+    acc - acc_min
 }
 
-k_quant_kernels!(
-    q2_k_q8_k_avx2,
-    q2_k_q8_k_x4_avx2,
-    BlockQ2K,
-    decode_q2_k,
-    |k, y| (kblock_dot_unsigned(&k, y, false), bsum_dot(y, k.mins)),
-    super::scalar::q2_k_finish
-);
-k_quant_kernels!(
-    q3_k_q8_k_avx2,
-    q3_k_q8_k_x4_avx2,
-    BlockQ3K,
-    decode_q3_k,
-    |k, y| (kblock_dot_unsigned(&k, y, true), 0),
-    super::scalar::q3_k_finish
-);
+/// [`q2_k_q8_k_avx2`] for four tokens, each super-block decoded once; bit-identical per token.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ2K] = bytemuck::cast_slice(w);
+    let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+    assert!(ys.iter().all(|y| y.len() >= x.len()));
+    let (mut acc, mut acc_min) = ([0f32; 4], [0f32; 4]);
+    for (i, xb) in x.iter().enumerate() {
+        let k = decode_q2_k(xb);
+        for t in 0..4 {
+            let yb = &ys[t][i];
+            let isum = kblock_dot_unsigned(&k, yb, false);
+            let summs = bsum_dot(yb, k.mins);
+            acc[t] = (isum as f32).mul_add(h2f(xb.d) * yb.d(), acc[t]);
+            acc_min[t] = (summs as f32).mul_add(h2f(xb.dmin) * yb.d(), acc_min[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| acc[t] - acc_min[t])
+}
+/// Q3_K × Q8_K with ggml's AVX2 arithmetic (see `scalar::q3_k_q8_k`): eight f32 lanes, one fused
+/// multiply-add per super-block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+    let x: &[BlockQ3K] = bytemuck::cast_slice(w);
+    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+    let mut acc = _mm256_setzero_ps();
+    for (xb, yb) in x.iter().zip(y) {
+        let lanes = kblock_lanes_unsigned(&decode_q3_k(xb), yb, true);
+        let d = _mm256_set1_ps(yb.d() * h2f(xb.d));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
+    }
+    hsum_f32x8(acc)
+}
+
+/// [`q3_k_q8_k_avx2`] for four tokens, each super-block decoded once; bit-identical per token.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ3K] = bytemuck::cast_slice(w);
+    let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+    assert!(ys.iter().all(|y| y.len() >= x.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (i, xb) in x.iter().enumerate() {
+        let k = decode_q3_k(xb);
+        for t in 0..4 {
+            let yb = &ys[t][i];
+            let lanes = kblock_lanes_unsigned(&k, yb, true);
+            let d = _mm256_set1_ps(yb.d() * h2f(xb.d));
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
+}
 /// Q5_K × Q8_K with ggml's AVX2 arithmetic (see `scalar::q5_k_q8_k`): eight f32 lanes, one fused
 /// multiply-add per super-block, the mins in a scalar FMA chain.
 #[target_feature(enable = "avx2,fma,f16c")]
