@@ -48,7 +48,8 @@ pub struct Settings {
     /// Password of the `admin` user, applied at init. Unset = generated and printed once.
     #[serde(default, deserialize_with = "opt_string")]
     pub admin_password: Option<String>,
-    /// Secret for signing JWTs (HS256). Unset = a random 256-bit secret kept in DATA_DIR/jwt_secret.
+    /// Secret for signing JWTs (HS256), at least [`MIN_JWT_SECRET_BYTES`] bytes. Unset = a random
+    /// 256-bit secret kept in DATA_DIR/jwt_secret.
     #[serde(default, deserialize_with = "opt_string")]
     pub jwt_secret: Option<String>,
     /// Lifetime of a login (hours). Default 24.
@@ -58,6 +59,10 @@ pub struct Settings {
     pub hf_token: Option<String>,
     /// Base URL of the Hugging Face hub API. Default `https://huggingface.co`.
     pub hf_endpoint: String,
+    /// Host names (comma-separated) that requests may name in their `Host` header, against DNS
+    /// rebinding; IP addresses and `localhost` are always accepted. Unset = any.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub allowed_hosts: Option<String>,
 }
 
 impl Default for Settings {
@@ -81,6 +86,7 @@ impl Default for Settings {
             jwt_expiry_hours: 24,
             hf_token: None,
             hf_endpoint: "https://huggingface.co".into(),
+            allowed_hosts: None,
         }
     }
 }
@@ -151,7 +157,7 @@ fn opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error>
 }
 
 /// The names of all settings (lower case, as TOML keys), in declaration order.
-pub const SETTING_NAMES: [&str; 18] = [
+pub const SETTING_NAMES: [&str; 19] = [
     "host",
     "port",
     "data_dir",
@@ -170,7 +176,12 @@ pub const SETTING_NAMES: [&str; 18] = [
     "jwt_expiry_hours",
     "hf_token",
     "hf_endpoint",
+    "allowed_hosts",
 ];
+
+/// Shortest JWT_SECRET accepted (bytes): HS256 with a shorter key can be brute-forced offline from one
+/// token.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
 
 /// Settings that hold secrets: never shown or logged.
 pub const SECRET_SETTINGS: [&str; 3] = ["admin_password", "jwt_secret", "hf_token"];
@@ -310,6 +321,17 @@ impl Settings {
                 "must be -1 (all), 0 or a layer count",
             ));
         }
+        if let Some(k) = &self.jwt_secret
+            && k.len() < MIN_JWT_SECRET_BYTES
+        {
+            return Err(bad(
+                "jwt_secret",
+                format!("(hidden, {} bytes)", k.len()),
+                &format!(
+                    "must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`), or unset for a generated one"
+                ),
+            ));
+        }
         if self.jwt_expiry_hours == 0 {
             return Err(bad("jwt_expiry_hours", "0".into(), "must be at least 1"));
         }
@@ -334,7 +356,32 @@ impl Settings {
                 "must be an http:// or https:// URL",
             ));
         }
+        for h in self.allowed_host_list() {
+            if h.is_empty()
+                || !h
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            {
+                return Err(bad(
+                    "allowed_hosts",
+                    self.allowed_hosts.clone().unwrap_or_default(),
+                    "must be host names separated by commas (no scheme, port or path)",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// ALLOWED_HOSTS as lower-case names (empty = any host).
+    pub fn allowed_host_list(&self) -> Vec<String> {
+        self.allowed_hosts
+            .as_deref()
+            .map(|l| {
+                l.split(',')
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Whether HOST is a loopback address (only then may the supervisor run without an admin password).
@@ -413,12 +460,12 @@ mod tests {
     fn env_overrides_and_strings_may_look_like_numbers() {
         let s = check(&[
             ("CYBER_INFERENCE_PORT", "9000"),
-            ("CYBER_INFERENCE_JWT_SECRET", "12345"),
+            ("CYBER_INFERENCE_ADMIN_PASSWORD", "12345"),
             ("CYBER_INFERENCE_THREADS", "3"),
         ])
         .unwrap();
         assert_eq!(s.port, 9000);
-        assert_eq!(s.jwt_secret.as_deref(), Some("12345"));
+        assert_eq!(s.admin_password.as_deref(), Some("12345"));
         assert_eq!(s.threads, Some(3));
     }
 
@@ -444,6 +491,19 @@ mod tests {
             e.contains("CYBER_INFERENCE_THREADS") && e.contains("many"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_short_jwt_secret_is_refused_without_showing_it() {
+        let e = check(&[("CYBER_INFERENCE_JWT_SECRET", "short-secret")]).unwrap_err();
+        assert!(
+            e.contains("CYBER_INFERENCE_JWT_SECRET") && e.contains("at least 32 bytes"),
+            "{e}"
+        );
+        assert!(!e.contains("short-secret"), "the secret is not echoed: {e}");
+        let ok = "0123456789abcdef0123456789abcdef";
+        let s = check(&[("CYBER_INFERENCE_JWT_SECRET", ok)]).unwrap();
+        assert_eq!(s.jwt_secret.as_deref(), Some(ok));
     }
 
     #[test]

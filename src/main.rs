@@ -76,14 +76,27 @@ fn init_tracing(level: &str, serve: bool) {
     };
 }
 
+/// `worker`: reads no settings file (the supervisor's may hold secrets) and no CYBER_INFERENCE_* setting
+/// but its log level; it is configured by its flags.
+fn run_worker(args: &cyber_inference::worker::WorkerArgs) -> anyhow::Result<()> {
+    let level = std::env::var("CYBER_INFERENCE_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    init_tracing(&level, false);
+    cyber_inference::worker::run(args)?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        Command::Worker(args) => return run_worker(&args),
+        c => c,
+    };
     let loaded = Settings::load(cli.config.as_deref())?;
     init_tracing(
         &loaded.settings.log_level,
-        matches!(cli.command, Command::Serve),
+        matches!(command, Command::Serve),
     );
     use cyber_inference::supervisor;
-    match cli.command {
+    match command {
         Command::Inspect(args) => cyber_inference::engine::inspect::run(&args)?,
         Command::GgufSplit(args) => cyber_inference::engine::gguf_split::run(&args)?,
         Command::Tokenize(args) => cyber_inference::engine::tokenizer::cli::run(&args)?,
@@ -103,7 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cyber_inference::supervisor::healthcheck::run(&args, &loaded.settings)?
         }
         Command::DownloadModel(args) => cyber_inference::supervisor::hub::run_cli(&loaded, &args)?,
-        Command::Worker(args) => cyber_inference::worker::run(&args)?,
+        Command::Worker(args) => run_worker(&args)?,
     }
     Ok(())
 }

@@ -175,6 +175,7 @@ async fn api_keys_gate_v1_when_required_and_unknown_models_get_404() {
     // A body without `model` is a 400.
     let r = h
         .post(format!("{}/v1/completions", s.base))
+        .header("content-type", "application/json")
         .body("{\"prompt\": 1}")
         .send()
         .await
@@ -293,7 +294,7 @@ async fn api_keys_gate_v1_when_required_and_unknown_models_get_404() {
         .await
         .unwrap();
     assert!(
-        m.contains("cyber_inference_requests_total{model=\"nope\",status=\"404\"} 1"),
+        m.contains("cyber_inference_requests_total{model=\"(unknown)\",status=\"404\"} 1"),
         "{m}"
     );
 }

@@ -17,15 +17,6 @@ const SMOL_K_ID: &str = "SmolLM2-135M-Instruct.Q4_K_M";
 /// (model, endpoint, status, prompt_tokens, completion_tokens) of a `requests` row.
 type LoggedRequest = (String, String, i64, Option<i64>, Option<i64>);
 
-async fn worker_of(s: &Server, token: &str, model: &str) -> Option<Value> {
-    let (_, w) = s.admin_get(token, "/admin/api/workers").await;
-    w["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["model"] == model && w["pid"].is_u64())
-        .cloned()
-}
-
 async fn state(s: &Server, token: &str, model: &str) -> (String, usize) {
     let (_, m) = s
         .admin_get(token, &format!("/admin/api/models/{model}"))
@@ -83,6 +74,7 @@ print("S:" + repr(text))
     let h: Value = s
         .http
         .get(format!("http://127.0.0.1:{port}/props"))
+        .bearer_auth(worker_key(pid))
         .send()
         .await
         .unwrap()

@@ -162,8 +162,7 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
         let r = c.get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(r.status(), status, "{path}");
     }
-    // Logout clears the cookie; afterwards the old cookie is refused? (JWTs stay valid until expiry, but
-    // the browser drops the cookie: Max-Age=0.)
+    // Logout clears the cookie (Max-Age=0) and revokes the token (its version is bumped).
     let r = c
         .post(format!("{base}/admin/api/logout"))
         .header("cookie", format!("ci_session={token}"))
@@ -177,6 +176,13 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
         cleared.contains("Max-Age=0") && cleared.contains("HttpOnly"),
         "{cleared}"
     );
+    let r = c
+        .get(format!("{base}/admin/api/me"))
+        .header("cookie", format!("ci_session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the logged-out token is refused");
 }
 
 #[tokio::test]

@@ -572,7 +572,8 @@ async fn put_settings(
         };
         if k == REQUIRE_API_KEY {
             let b = match text.as_deref() {
-                None => false,
+                // Reset: back to the default for this HOST (required on a network address).
+                None => super::auth::default_require_api_key(&st.base_settings),
                 Some("true") => true,
                 Some("false") => false,
                 Some(x) => {
@@ -677,7 +678,22 @@ async fn revoke_key(
     }
 }
 
-async fn events(State(st): State<AppState>, _u: AdminUser, ws: WebSocketUpgrade) -> Response {
+/// `GET /admin/api/events`: the WebSocket. Its upgrade is a GET, which [`AdminUser`] does not check for
+/// CSRF, and a browser attaches the session cookie to a WebSocket any page opens (SameSite treats every
+/// port of a host as the same site), so the `Origin` a browser always sends must name this server: 403
+/// otherwise.
+async fn events(
+    State(st): State<AppState>,
+    _u: AdminUser,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !super::auth::origin_ok(&headers, true) {
+        return ApiError::forbidden(
+            "cross-origin WebSocket refused: Origin must match the Host of this server",
+        )
+        .into_response();
+    }
     let rx = st.events.subscribe();
     ws.on_upgrade(move |socket| pump(socket, rx))
 }

@@ -31,6 +31,13 @@ pub const MAX_FAILED_LOGINS: u32 = 5;
 pub const LOGIN_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Name of the admin user created by `init`.
 pub const ADMIN_USER: &str = "admin";
+/// Most argon2 verifications (or hashes) running at once: each takes 19 MiB and a core for ~50 ms.
+pub const MAX_CONCURRENT_ARGON2: usize = 2;
+/// Longest a login waits for an argon2 slot before 503.
+pub const ARGON2_WAIT: Duration = Duration::from_secs(10);
+/// Most client addresses the login limiter tracks; past it, an address it does not know yet is refused
+/// (429) until entries age out of [`LOGIN_WINDOW`].
+pub const MAX_TRACKED_ADDRESSES: usize = 10_000;
 
 /// An auth helper that failed (hashing; never a wrong password, which is `Ok(false)`).
 #[derive(Debug, thiserror::Error)]
@@ -81,15 +88,26 @@ pub struct Claims {
     pub iat: u64,
     /// Expiry (Unix seconds).
     pub exp: u64,
+    /// The user's token version when issued (`users.token_version`): logout and a password change bump
+    /// it, which rejects every token issued before.
+    #[serde(default)]
+    pub ver: i64,
 }
 
-/// Signing keys and the login limiter, shared by the handlers.
+/// Signing keys, the login limiter, the argon2 slots and the users' token versions, shared by the
+/// handlers.
 pub struct AuthState {
     enc: EncodingKey,
     dec: DecodingKey,
+    /// Login attempts without a success per address, since the first one of the window.
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    argon2: tokio::sync::Semaphore,
+    /// Current token version per user (a copy of `users.token_version`).
+    versions: Mutex<HashMap<String, i64>>,
     /// Whether `/v1/*` needs an API key (the `require_api_key` override in `configurations`).
     pub require_api_key: AtomicBool,
+    /// ALLOWED_HOSTS (lower case; empty = any), see [`host_allowed`].
+    pub allowed_hosts: Vec<String>,
 }
 
 impl AuthState {
@@ -99,8 +117,52 @@ impl AuthState {
             enc: EncodingKey::from_secret(secret),
             dec: DecodingKey::from_secret(secret),
             failures: Mutex::new(HashMap::new()),
+            argon2: tokio::sync::Semaphore::new(MAX_CONCURRENT_ARGON2),
+            versions: Mutex::new(HashMap::new()),
             require_api_key: AtomicBool::new(require_api_key),
+            allowed_hosts: Vec::new(),
         }
+    }
+
+    /// Records `user`'s current token version (from the database): tokens with another one are refused.
+    pub fn set_token_version(&self, user: &str, version: i64) {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user.to_owned(), version);
+    }
+
+    fn token_version(&self, user: &str) -> i64 {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Runs `f` (an argon2 hash or verification) on a blocking thread once one of the
+    /// [`MAX_CONCURRENT_ARGON2`] slots is free.
+    ///
+    /// Errors: 503 (`Retry-After`) when no slot frees within [`ARGON2_WAIT`]; 500 when `f` panicked.
+    pub async fn argon2<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let busy = || {
+            ApiError::unavailable(
+                "busy",
+                "too many password checks at once; try again in a few seconds",
+            )
+            .retry_after(2)
+        };
+        let _permit = tokio::time::timeout(ARGON2_WAIT, self.argon2.acquire())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| busy())?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ApiError::internal(format!("password check failed: {e}")))
     }
 
     /// A token for `user` valid for `hours`; returns it with its expiry (Unix seconds).
@@ -112,44 +174,47 @@ impl AuthState {
             sub: user.to_owned(),
             iat: now,
             exp: now + u64::from(hours) * 3600,
+            ver: self.token_version(user),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc)
             .map(|t| (t, claims.exp))
             .map_err(|e| AuthError::Sign(e.to_string()))
     }
 
-    /// The claims of a valid, unexpired HS256 token signed with our secret.
+    /// The claims of a valid, unexpired HS256 token signed with our secret, carrying its user's current
+    /// token version.
     pub fn verify(&self, token: &str) -> Option<Claims> {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 0;
         v.set_required_spec_claims(&["exp", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &self.dec, &v)
-            .ok()
-            .map(|d| d.claims)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.dec, &v)
+            .ok()?
+            .claims;
+        (claims.ver == self.token_version(&claims.sub)).then_some(claims)
     }
 
-    /// Seconds until `ip` may try again, when it is over the limit.
-    fn limited(&self, ip: IpAddr) -> Option<u64> {
+    /// Counts a login attempt from `ip` *before* its password is checked, so parallel guesses cannot
+    /// all slip under the limit. `Err(seconds)` when `ip` has used its [`MAX_FAILED_LOGINS`] attempts of
+    /// the window (or the table is full and `ip` is not in it).
+    fn begin_attempt(&self, ip: IpAddr) -> Result<(), u64> {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        match f.get(&ip) {
-            Some((n, since)) if since.elapsed() < LOGIN_WINDOW && *n >= MAX_FAILED_LOGINS => {
-                Some((LOGIN_WINDOW - since.elapsed()).as_secs().max(1))
-            }
-            Some((_, since)) if since.elapsed() >= LOGIN_WINDOW => {
-                f.remove(&ip);
-                None
-            }
-            _ => None,
-        }
-    }
-
-    fn fail(&self, ip: IpAddr) {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if f.len() > 10_000 {
+        if f.len() >= MAX_TRACKED_ADDRESSES && !f.contains_key(&ip) {
             f.retain(|_, (_, since)| since.elapsed() < LOGIN_WINDOW);
+            if f.len() >= MAX_TRACKED_ADDRESSES {
+                return Err(60);
+            }
         }
         let e = f.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= LOGIN_WINDOW {
+            *e = (0, Instant::now());
+        }
+        if e.0 >= MAX_FAILED_LOGINS {
+            return Err((LOGIN_WINDOW.saturating_sub(e.1.elapsed()))
+                .as_secs()
+                .max(1));
+        }
         e.0 += 1;
+        Ok(())
     }
 
     fn succeed(&self, ip: IpAddr) {
@@ -158,6 +223,12 @@ impl AuthState {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&ip);
     }
+}
+
+/// Whether `/v1/*` needs an API key when the admin has not chosen (no `require_api_key` override): yes
+/// on a non-loopback HOST (the API is reachable from the network), no on loopback.
+pub fn default_require_api_key(s: &crate::config::Settings) -> bool {
+    !s.host_is_loopback()
 }
 
 fn unix_now() -> u64 {
@@ -215,6 +286,78 @@ pub fn origin_ok(headers: &HeaderMap, allow_missing: bool) -> bool {
         return false;
     };
     origin == format!("http://{host}") || origin == format!("https://{host}")
+}
+
+/// Whether a request's `Host` header value passes the ALLOWED_HOSTS list: always when the list is empty;
+/// otherwise an IP address (a DNS-rebinding page has a name of its own) or `localhost` (ports ignored),
+/// or a listed name. A request without Host does not pass a non-empty list.
+pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(host) = host else { return false };
+    let name = match host.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => {
+            return rest
+                .split(']')
+                .next()
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || allowed.contains(&name)
+}
+
+/// Whether a request declares a JSON body (`Content-Type: application/json`, parameters allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Middleware over the whole application:
+/// - a `Host` not in ALLOWED_HOSTS (when set) is refused with 403, except on `/health` (DNS rebinding:
+///   a page of another site that resolves its name to this machine);
+/// - a POST to `/v1/*` without `Content-Type: application/json` is refused with 415: a cross-site HTML
+///   form can only send `text/plain`, form or multipart bodies without a CORS preflight, so this keeps
+///   other sites from loading, evicting or using models through the visitor's browser.
+pub async fn request_guard(
+    State(st): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if req.uri().path() != "/health" && !host_allowed(host, &st.auth.allowed_hosts) {
+        return ApiError::forbidden(format!(
+            "host `{}` is not in ALLOWED_HOSTS",
+            host.unwrap_or("")
+        ))
+        .into_response();
+    }
+    if req.method() == Method::POST
+        && req.uri().path().starts_with("/v1/")
+        && !is_json(req.headers())
+    {
+        return ApiError {
+            code: Some("unsupported_media_type"),
+            ..ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "the body must be JSON sent with `Content-Type: application/json`",
+            )
+        }
+        .into_response();
+    }
+    next.run(req).await
 }
 
 fn state_changing(m: &Method) -> bool {
@@ -329,7 +472,10 @@ async fn login(
     body: Result<Json<LoginBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let ip = addr.ip();
-    if let Some(wait) = st.auth.limited(ip) {
+    if !origin_ok(&headers, true) {
+        return Err(ApiError::forbidden("cross-origin login refused"));
+    }
+    if let Err(wait) = st.auth.begin_attempt(ip) {
         let mut r = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_exceeded",
@@ -338,9 +484,6 @@ async fn login(
         .into_response();
         r.headers_mut().insert(header::RETRY_AFTER, wait.into());
         return Ok(r);
-    }
-    if !origin_ok(&headers, true) {
-        return Err(ApiError::forbidden("cross-origin login refused"));
     }
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let user = st
@@ -353,12 +496,8 @@ async fn login(
         .as_ref()
         .map_or_else(|| DUMMY_HASH.to_owned(), |u| u.password_hash.clone());
     let pw = body.password;
-    let ok = tokio::task::spawn_blocking(move || verify_password(&pw, &hash))
-        .await
-        .unwrap_or(false)
-        && user.is_some();
+    let ok = st.auth.argon2(move || verify_password(&pw, &hash)).await? && user.is_some();
     if !ok {
-        st.auth.fail(ip);
         tracing::warn!(%ip, user = %body.username, "failed admin login");
         return Err(ApiError::unauthorized("invalid username or password"));
     }
@@ -368,10 +507,7 @@ async fn login(
         .auth
         .issue(&body.username, hours)
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let cookie = format!(
-        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        u64::from(hours) * 3600
-    );
+    let cookie = session_cookie(&token, hours);
     let mut r =
         Json(serde_json::json!({"token": token, "expires_at": exp, "username": body.username}))
             .into_response();
@@ -381,17 +517,38 @@ async fn login(
     Ok(r)
 }
 
+/// The `Set-Cookie` value of a session holding `token` for `hours`.
+pub fn session_cookie(token: &str, hours: u32) -> String {
+    format!(
+        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        u64::from(hours) * 3600
+    )
+}
+
 /// An argon2id hash of a random password, verified against for unknown users.
 static DUMMY_HASH: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| hash_password(&generate_password()).unwrap_or_default());
 
-/// `POST /admin/api/logout`: clears the cookie.
-async fn logout(_u: AdminUser) -> Response {
+/// Rejects every token issued to `user` so far (logout, password change): bumps `users.token_version`.
+///
+/// Errors: a database error (500).
+pub async fn revoke_tokens(st: &AppState, user: &str) -> Result<(), ApiError> {
+    if let Some(v) = st.db.bump_token_version(user).await? {
+        st.auth.set_token_version(user, v);
+    }
+    Ok(())
+}
+
+/// `POST /admin/api/logout`: ends every session of the user (the token version is bumped, so this token
+/// and any copy of it stop working) and clears the cookie.
+async fn logout(State(st): State<AppState>, AdminUser(u): AdminUser) -> Result<Response, ApiError> {
+    revoke_tokens(&st, &u).await?;
+    tracing::info!(user = %u, "logged out; earlier tokens revoked");
     let mut r = Json(serde_json::json!({"ok": true})).into_response();
     if let Ok(v) = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0").parse() {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
-    r
+    Ok(r)
 }
 
 /// `GET /admin/api/me`: the logged-in user.
@@ -410,6 +567,78 @@ pub fn router() -> Router<AppState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_attempts_are_counted_before_the_check() {
+        let a = std::sync::Arc::new(AuthState::new(b"k", false));
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        // 32 guesses at once, none finished: only MAX_FAILED_LOGINS get to the password check.
+        let passed: u32 = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..32)
+                .map(|_| {
+                    let a = a.clone();
+                    sc.spawn(move || u32::from(a.begin_attempt(ip).is_ok()))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(passed, MAX_FAILED_LOGINS);
+        let wait = a.begin_attempt(ip).unwrap_err();
+        assert!(wait > 0 && wait <= LOGIN_WINDOW.as_secs());
+    }
+
+    #[test]
+    fn the_limiter_table_is_bounded() {
+        let a = AuthState::new(b"k", false);
+        for i in 0..MAX_TRACKED_ADDRESSES as u32 {
+            assert!(a.begin_attempt(IpAddr::from(i.to_be_bytes())).is_ok());
+        }
+        let new: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(
+            a.begin_attempt(new).is_err(),
+            "a full table refuses a new address"
+        );
+        assert!(
+            a.begin_attempt(IpAddr::from(5u32.to_be_bytes())).is_ok(),
+            "a known one keeps its count"
+        );
+        assert!(a.failures.lock().unwrap().len() <= MAX_TRACKED_ADDRESSES);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn at_most_a_few_argon2_checks_run_at_once() {
+        use std::sync::atomic::AtomicUsize;
+        let a = std::sync::Arc::new(AuthState::new(b"k", false));
+        let now = std::sync::Arc::new(AtomicUsize::new(0));
+        let max = std::sync::Arc::new(AtomicUsize::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..4 * MAX_CONCURRENT_ARGON2 {
+            let (a, now, max) = (a.clone(), now.clone(), max.clone());
+            set.spawn(async move {
+                a.argon2(move || {
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    max.fetch_max(n, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(40));
+                    now.fetch_sub(1, Ordering::SeqCst);
+                })
+                .await
+                .unwrap()
+            });
+        }
+        while set.join_next().await.is_some() {}
+        assert_eq!(max.load(Ordering::SeqCst), MAX_CONCURRENT_ARGON2);
+    }
+
+    #[test]
+    fn a_bumped_token_version_rejects_earlier_tokens() {
+        let a = AuthState::new(b"secret-a", false);
+        let (old, _) = a.issue("admin", 1).unwrap();
+        assert!(a.verify(&old).is_some());
+        a.set_token_version("admin", 1);
+        assert!(a.verify(&old).is_none(), "issued before the bump");
+        let (new, _) = a.issue("admin", 1).unwrap();
+        assert_eq!(a.verify(&new).unwrap().ver, 1);
+    }
 
     #[test]
     fn passwords_hash_and_verify() {
@@ -436,6 +665,7 @@ mod tests {
                 sub: "admin".into(),
                 iat: 1,
                 exp: unix_now() - 10,
+                ver: 0,
             },
             &EncodingKey::from_secret(b"secret-a"),
         )
@@ -451,12 +681,11 @@ mod tests {
         let a = AuthState::new(b"k", false);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..MAX_FAILED_LOGINS {
-            assert!(a.limited(ip).is_none());
-            a.fail(ip);
+            assert!(a.begin_attempt(ip).is_ok());
         }
-        assert!(a.limited(ip).is_some());
+        assert!(a.begin_attempt(ip).is_err());
         a.succeed(ip);
-        assert!(a.limited(ip).is_none());
+        assert!(a.begin_attempt(ip).is_ok());
 
         let mut h = HeaderMap::new();
         h.insert(header::HOST, "127.0.0.1:8337".parse().unwrap());
@@ -479,6 +708,28 @@ mod tests {
         assert!(!same_origin(&h), "an Origin, when sent, decides");
         h.insert(header::COOKIE, "a=b; ci_session=tok; c=d".parse().unwrap());
         assert_eq!(cookie(&h, COOKIE), Some("tok"));
+        let allowed = vec!["ci.example".to_string()];
+        assert!(host_allowed(Some("anything"), &[]));
+        assert!(host_allowed(Some("ci.example:8337"), &allowed));
+        assert!(host_allowed(Some("CI.example."), &allowed));
+        assert!(host_allowed(Some("127.0.0.1:8337"), &allowed));
+        assert!(host_allowed(Some("[::1]:8337"), &allowed));
+        assert!(host_allowed(Some("localhost"), &allowed));
+        assert!(!host_allowed(
+            Some("rebind.attacker.example:8337"),
+            &allowed
+        ));
+        assert!(!host_allowed(Some("ci.example.attacker.example"), &allowed));
+        assert!(!host_allowed(None, &allowed));
+        let mut j = HeaderMap::new();
+        assert!(!is_json(&j));
+        j.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert!(!is_json(&j));
+        j.insert(
+            header::CONTENT_TYPE,
+            "Application/JSON; charset=utf-8".parse().unwrap(),
+        );
+        assert!(is_json(&j));
         let (k, p) = generate_api_key();
         assert!(k.starts_with(&p) && k.len() == 46);
         assert_eq!(hash_api_key(&k).len(), 64);

@@ -105,6 +105,7 @@ enum Users {
     Id,
     Username,
     PasswordHash,
+    TokenVersion,
     CreatedAt,
     UpdatedAt,
 }
@@ -774,6 +775,34 @@ impl Db {
             .await
             .map_err(q("writing a user"))?;
         Ok(())
+    }
+
+    /// Every user's token version (`users.token_version`).
+    pub async fn token_versions(&self) -> Result<Vec<(String, i64)>> {
+        let (sql, values) = Query::select()
+            .columns([Users::Username, Users::TokenVersion])
+            .from(Users::Table)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_as_with::<_, (String, i64), _>(&sql, values)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("reading token versions"))
+    }
+
+    /// Bumps `username`'s token version (rejecting every token issued before); returns the new one, or
+    /// `None` for an unknown user.
+    pub async fn bump_token_version(&self, username: &str) -> Result<Option<i64>> {
+        let (sql, values) = Query::update()
+            .table(Users::Table)
+            .value(Users::TokenVersion, Expr::col(Users::TokenVersion).add(1))
+            .value(Users::UpdatedAt, now_ms())
+            .and_where(Expr::col(Users::Username).eq(username))
+            .returning_col(Users::TokenVersion)
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_scalar_with::<_, i64, _>(&sql, values)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("bumping a token version"))
     }
 
     // ---- api keys -----------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     pub param: Option<&'static str>,
     pub message: String,
+    /// Seconds for a `Retry-After` header (503 and 429 answers that will clear).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -55,6 +57,7 @@ impl ApiError {
             code: None,
             param: None,
             message: message.into(),
+            retry_after: None,
         }
     }
     pub fn bad_request(m: impl Into<String>) -> ApiError {
@@ -91,6 +94,14 @@ impl ApiError {
         }
     }
 
+    /// The same error with a `Retry-After` of `secs`.
+    pub fn retry_after(self, secs: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(secs.max(1)),
+            ..self
+        }
+    }
+
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({"error": {
@@ -101,7 +112,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

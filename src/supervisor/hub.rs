@@ -38,6 +38,46 @@ pub const DEFAULT_MAX_DOWNLOADS: usize = 2;
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Sub-folder of MODELS_DIR holding downloads in progress (`*.part`); never scanned for models.
 pub const PARTIAL_DIR: &str = ".partial";
+/// Age after which a partial download that no download is writing is removed when the supervisor
+/// starts (a fresher one is kept: the same download started again resumes from it).
+pub const STALE_PARTIAL_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Removes the partial downloads (`MODELS_DIR/.partial/*.part`) not written for `max_age` that no
+/// running download holds locked; returns the files removed. Unreadable entries are skipped (logged).
+pub fn remove_stale_partials(models_dir: &Path, max_age: Duration) -> Vec<PathBuf> {
+    let dir = models_dir.join(PARTIAL_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "part") {
+            continue;
+        }
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_none_or(|a| a < max_age) {
+            continue;
+        }
+        // A download in progress (another process: `download-model`) holds its file locked.
+        let free = std::fs::File::open(&path).is_ok_and(|f| f.try_lock().is_ok());
+        if !free {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), "cannot remove a stale partial download: {err}")
+            }
+        }
+    }
+    removed
+}
+
 /// The largest model-info JSON accepted from the API (bytes); repos with thousands of files stay far below.
 const MAX_API_BODY: usize = 32 << 20;
 /// How often the progress callback is called at most while bytes flow.

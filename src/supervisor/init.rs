@@ -4,7 +4,7 @@
 //! and printed once).
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -36,6 +36,32 @@ fn mkdir(what: &'static str, p: &Path) -> Result<(), ServeError> {
         path: p.display().to_string(),
         source,
     })
+}
+
+/// Creates `p` (and missing parents) with mode 0700: DATA_DIR holds the database (password hash, API key
+/// hashes, request log), the JWT secret and the logs. An existing folder readable by others gets 0700 with a
+/// warning.
+fn mkdir_private(what: &'static str, p: &Path) -> Result<(), ServeError> {
+    let io = |source| ServeError::Io {
+        what,
+        path: p.display().to_string(),
+        source,
+    };
+    if let Some(parent) = p.parent().filter(|q| !q.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {
+            let mode = std::fs::metadata(p).map_err(io)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %p.display(), "data folder is open to other users (mode {:o}); setting 0700", mode & 0o777);
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(io(e)),
+    }
 }
 
 /// Reads DATA_DIR/jwt_secret, creating it (0600, 32 random bytes as hex) when missing.
@@ -90,7 +116,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ServeError> {
 ///
 /// Errors: [`ServeError`] naming the folder, file or database that failed.
 pub async fn run(s: &Settings) -> Result<Initialized, ServeError> {
-    mkdir("data folder", &s.data_dir)?;
+    mkdir_private("data folder", &s.data_dir)?;
     mkdir("models folder", &s.models_dir)?;
     mkdir("log folder", &s.data_dir.join("logs"))?;
     let db_path = s.data_dir.join(DB_FILE);
@@ -124,6 +150,8 @@ pub async fn run(s: &Settings) -> Result<Initialized, ServeError> {
             .map_err(|e| ServeError::Other(e.to_string()))?;
             if let Some(h) = h {
                 db.upsert_user(ADMIN_USER, &h?).await?;
+                // A new password ends the sessions made with the old one.
+                db.bump_token_version(ADMIN_USER).await?;
                 tracing::info!("admin password updated from CYBER_INFERENCE_ADMIN_PASSWORD");
             }
         }

@@ -20,7 +20,6 @@ pub mod process;
 pub mod proxy;
 pub mod ui;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -81,27 +80,33 @@ async fn metrics_handler(State(st): State<AppState>) -> impl IntoResponse {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
         .merge(proxy::router())
         .merge(auth::router())
         .merge(admin::router())
         .merge(ui::router())
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::request_guard,
+        ))
+        .with_state(state);
+    crate::http_server::with_body_limit(app)
 }
 
 /// Applies the `configurations` overrides to `s` (invalid ones are logged and skipped); returns the
-/// names applied and the `require_api_key` flag.
+/// names applied and the `require_api_key` override (`None` when the admin has not chosen: then
+/// [`auth::default_require_api_key`] decides).
 async fn apply_db_overrides(
     db: &db::Db,
     s: &mut Settings,
-) -> Result<(Vec<String>, bool), ServeError> {
+) -> Result<(Vec<String>, Option<bool>), ServeError> {
     let mut applied = Vec::new();
-    let mut require_key = false;
+    let mut require_key = None;
     for (k, v) in db.configurations().await? {
         if k == admin::REQUIRE_API_KEY {
-            require_key = v == "true";
+            require_key = Some(v == "true");
             continue;
         }
         match admin::apply_override(s, &k, &v) {
@@ -179,6 +184,10 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     if !reaped.is_empty() {
         tracing::warn!(?reaped, "killed workers left by an earlier supervisor");
     }
+    let stale = hub::remove_stale_partials(&base.models_dir, hub::STALE_PARTIAL_AGE);
+    if !stale.is_empty() {
+        tracing::info!(files = ?stale, "removed stale partial downloads");
+    }
     let report = catalog::scan(&db, &base.models_dir).await?;
     tracing::info!(models = ?report.models, skipped = report.skipped.len(), dir = %base.models_dir.display(), "catalogue scanned");
     let rows = db.list_models().await?;
@@ -228,6 +237,15 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             }
         });
     }
+    let mut auth = auth::AuthState::new(
+        &ini.secret,
+        require_key.unwrap_or_else(|| auth::default_require_api_key(&base)),
+    );
+    auth.allowed_hosts = base.allowed_host_list();
+    let auth = Arc::new(auth);
+    for (user, version) in db.token_versions().await? {
+        auth.set_token_version(&user, version);
+    }
     let state = AppState {
         db: db.clone(),
         settings,
@@ -237,7 +255,7 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         events,
         metrics,
         monitor,
-        auth: Arc::new(auth::AuthState::new(&ini.secret, require_key)),
+        auth,
         proxy_http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -254,23 +272,17 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             addr: addr.clone(),
             source,
         })?;
-    // No Nagle: a streamed chunk written right after the headers (or the previous chunk) would otherwise
-    // wait for the client's delayed ACK (up to 40 ms on Linux) — time to first token is what users see.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
     tracing::info!(%addr, db = %ini.db_path.display(), "supervisor listening");
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(
+    // Header-read timeout, connection limit, TCP_NODELAY (time to first token is what users see).
+    let server = crate::http_server::serve(
         listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|v| *v).await;
-    });
-    let server = std::future::IntoFuture::into_future(server);
+        router(state),
+        crate::http_server::Limits::SUPERVISOR,
+        async move {
+            let _ = stop_rx.wait_for(|v| *v).await;
+        },
+    );
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r.map_err(|e| ServeError::Other(e.to_string()))?,

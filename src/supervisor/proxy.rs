@@ -22,10 +22,27 @@ use super::db::{RequestRow, now_ms};
 use super::error::ApiError;
 use super::process::{Lease, LoadError};
 
-/// Largest request body accepted (bytes): images and long prompts fit.
-pub const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Bytes of the response tail kept to find `usage`.
 const TAIL: usize = 16 * 1024;
+/// Longest model name looked up (bytes); a longer one is unknown without a database query.
+pub const MAX_MODEL_NAME: usize = 256;
+/// The one label requests for a model that is not in the catalogue (or whose name is over
+/// [`MAX_MODEL_NAME`]) are counted under in `/metrics` and the request log: names a client made up are
+/// never stored, so neither can grow with them.
+pub const UNKNOWN_MODEL: &str = "(unknown)";
+
+/// At most `max` bytes of `s` (cut at a character boundary), with `…` when cut: for echoing a
+/// client's string in an error message.
+fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
+}
 
 #[derive(Deserialize)]
 struct ModelField<'a> {
@@ -79,7 +96,8 @@ async fn proxy(
             });
         }
     };
-    if st.db.get_model(&model).await?.is_none() {
+    let known = model.len() <= MAX_MODEL_NAME && st.db.get_model(&model).await?.is_some();
+    if !known {
         let names: Vec<String> = st
             .db
             .list_models()
@@ -91,7 +109,8 @@ async fn proxy(
             code: Some("model_not_found"),
             param: Some("model"),
             ..ApiError::not_found(format!(
-                "model `{model}` not found; available models: {}",
+                "model `{}` not found; available models: {}",
+                clip(&model, 64),
                 if names.is_empty() {
                     "(none)".into()
                 } else {
@@ -99,7 +118,7 @@ async fn proxy(
                 }
             ))
         };
-        st.log_request(&model, &endpoint, 404, None, t0, key_id);
+        st.log_request(UNKNOWN_MODEL, &endpoint, 404, None, t0, key_id);
         return Err(e);
     }
     let lease = match st.manager.acquire(&model).await {
@@ -113,6 +132,7 @@ async fn proxy(
     let mut req = st
         .proxy_http
         .post(format!("http://127.0.0.1:{}{endpoint}", lease.port))
+        .bearer_auth(&*lease.key)
         .body(body);
     for h in [header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(v) = headers.get(&h) {
@@ -342,7 +362,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/embeddings", post(proxy))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(crate::http_server::MAX_BODY_BYTES))
 }
 
 #[cfg(test)]
@@ -360,6 +380,14 @@ mod tests {
         assert_eq!(find_usage(b"\"usage\":{\"prompt_tok"), None);
         assert_eq!(find_usage(br#"{"text":"the \"usage\" word"}"#), None);
         assert_eq!(find_usage(b""), None);
+    }
+
+    #[test]
+    fn long_names_are_clipped_for_messages() {
+        assert_eq!(clip("short", 64), "short");
+        let long = "é".repeat(100);
+        let c = clip(&long, 63);
+        assert!(c.len() <= 63 + "…".len() && c.ends_with('…'), "{c}");
     }
 
     #[test]

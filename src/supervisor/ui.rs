@@ -301,6 +301,9 @@ struct DashboardPage {
     catalogue_size: usize,
     /// The global idle timeout (s) the live table counts down from.
     idle_timeout: u64,
+    /// The HOST when it is a network address and the admin chose `require_api_key = false`: `/v1/*` is
+    /// open to anyone who can reach it, and the page says so.
+    api_open_on: Option<String>,
 }
 
 /// The running workers, with the time left until each is unloaded for idleness (the model's own
@@ -382,6 +385,12 @@ async fn dashboard(State(st): State<AppState>, PageUser(u): PageUser) -> Result<
             recent: recent.iter().map(request_view).collect(),
             catalogue_size: models.len(),
             idle_timeout: st.settings().model_idle_timeout,
+            api_open_on: (!st.base_settings.host_is_loopback()
+                && !st
+                    .auth
+                    .require_api_key
+                    .load(std::sync::atomic::Ordering::Relaxed))
+            .then(|| st.base_settings.host.clone()),
         },
     )
 }
@@ -918,9 +927,7 @@ async fn change_password(
         .await?
         .ok_or_else(|| ApiError::unauthorized(format!("user `{user}` no longer exists")))?;
     let (cur, hash) = (b.current.clone(), row.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || verify_password(&cur, &hash))
-        .await
-        .unwrap_or(false);
+    let ok = st.auth.argon2(move || verify_password(&cur, &hash)).await?;
     if !ok {
         errors.insert("current".into(), json!("wrong password"));
     }
@@ -932,18 +939,30 @@ async fn change_password(
             .into_response());
     }
     let new = b.new;
-    let hash = tokio::task::spawn_blocking(move || hash_password(&new))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+    let hash = st
+        .auth
+        .argon2(move || hash_password(&new))
+        .await?
         .map_err(|e| ApiError::internal(e.to_string()))?;
     st.db.upsert_user(&user, &hash).await?;
-    tracing::info!(user = %user, "admin password changed");
+    // Every session made with the old password ends; this one continues with a new token.
+    super::auth::revoke_tokens(&st, &user).await?;
+    tracing::info!(user = %user, "admin password changed; earlier tokens revoked");
+    let hours = st.settings().jwt_expiry_hours;
+    let (token, _) = st
+        .auth
+        .issue(&user, hours)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let note = if user == ADMIN_USER && st.settings().admin_password.is_some() {
         "changed; note CYBER_INFERENCE_ADMIN_PASSWORD is set and may reset it at the next start"
     } else {
         "changed"
     };
-    Ok(Json(json!({"ok": true, "note": note})).into_response())
+    let mut r = Json(json!({"ok": true, "note": note})).into_response();
+    if let Ok(v) = super::auth::session_cookie(&token, hours).parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(r)
 }
 
 // ---------------------------------------------------------------- chat

@@ -32,6 +32,9 @@ pub enum ApiError {
     /// The scheduler is gone (shutting down) (503).
     #[error("the worker is shutting down")]
     ShuttingDown,
+    /// Every slot is busy and the queue is full (503 with `Retry-After`).
+    #[error("the worker is busy: {0} requests are running or waiting")]
+    Busy(usize),
     /// A failure on our side (500); the detail is logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -74,6 +77,14 @@ impl ApiError {
                 None,
                 None,
             ),
+            ApiError::Busy(n) => (
+                ErrorKind::Unavailable,
+                format!(
+                    "the worker is busy: {n} requests are running or waiting for a slot; retry shortly"
+                ),
+                None,
+                Some("queue_full"),
+            ),
             ApiError::Internal(detail) => {
                 tracing::error!("internal error: {detail}");
                 (
@@ -93,7 +104,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = self.envelope();
-        (status, Json(body)).into_response()
+        let mut r = (status, Json(body)).into_response();
+        if let ApiError::Busy(_) = self {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        r
     }
 }
 

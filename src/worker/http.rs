@@ -45,6 +45,8 @@ pub struct ServerInfo {
     pub api_key: Option<String>,
     /// Slots.
     pub n_slots: usize,
+    /// `--max-queue`: requests that may wait for a slot.
+    pub max_queue: usize,
     /// Tokens per forward pass.
     pub n_batch: usize,
     /// `--embedding` was given.
@@ -75,11 +77,19 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once the model is loaded.
     pub ready: OnceLock<Ready>,
+    /// One permit per generation or embedding request running or waiting for a slot (`-np` +
+    /// `--max-queue`): none left = 503.
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     fn ready(&self) -> Result<&Ready, ApiError> {
         self.ready.get().ok_or(ApiError::Loading)
+    }
+
+    /// The queue length this worker was started with (`--max-queue`).
+    fn max_queue(&self) -> usize {
+        self.info.max_queue
     }
 }
 
@@ -96,16 +106,19 @@ fn now_secs() -> u64 {
 
 /// The worker's router over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/v1/models", get(models))
-        .route("/models", get(models))
+    let queued = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/embeddings", post(embeddings))
+        .route_layer(middleware::from_fn_with_state(state.clone(), bounded_queue));
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/models", get(models))
+        .merge(queued)
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/apply-template", post(apply_template))
@@ -113,8 +126,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
+        .layer(DefaultBodyLimit::max(crate::http_server::MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The bounded queue: a generation or embedding request takes one admission permit for as long as its
+/// response lives (a stream holds it to its end), or is refused with 503 + `Retry-After` when the slots
+/// and the queue are full.
+async fn bounded_queue(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Ok(permit) = st.admission.clone().try_acquire_owned() else {
+        let n = st.info.n_slots + st.max_queue();
+        return ApiError::Busy(n).into_response();
+    };
+    let (parts, body) = next.run(req).await.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _held = &permit;
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(body))
 }
 
 /// Bearer check and failure counting (both skip `/health`, whose 503 while loading is not a failure).

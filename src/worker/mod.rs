@@ -37,6 +37,9 @@ use http::{AppState, Ready, ServerInfo};
 use metrics::Metrics;
 use scheduler::{Command, SchedulerConfig};
 
+/// The environment variable that carries a worker's key (`--api-key`).
+pub const WORKER_API_KEY_ENV: &str = "CYBER_INFERENCE_WORKER_API_KEY";
+
 /// Command-line flags of `cyber-inference worker` (llama-server's names; `-np` and `-ngl` are accepted
 /// through [`llama_style_args`]).
 #[derive(clap::Args, Clone, Debug)]
@@ -63,6 +66,10 @@ pub struct WorkerArgs {
     /// Parallel slots (`-np`).
     #[arg(long = "parallel", default_value_t = 1)]
     pub parallel: usize,
+    /// Generation and embedding requests that may wait for a free slot; past the slots and these, a
+    /// request is refused with 503 and `Retry-After` instead of queueing without bound.
+    #[arg(long = "max-queue", default_value_t = 64)]
+    pub max_queue: usize,
     /// Most tokens per forward pass (prompt chunk size).
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
@@ -72,8 +79,11 @@ pub struct WorkerArgs {
     /// Serve `/v1/embeddings` with a generation model.
     #[arg(long)]
     pub embedding: bool,
-    /// Require `Authorization: Bearer KEY` on every route but `/health`.
-    #[arg(long = "api-key")]
+    /// Require `Authorization: Bearer KEY` on every route but `/health`. Also read from
+    /// `CYBER_INFERENCE_WORKER_API_KEY` (how the supervisor passes each worker its key: the environment
+    /// is private to the process's user, argv is readable by everyone). Without either the worker is
+    /// open, as llama-server is.
+    #[arg(long = "api-key", env = WORKER_API_KEY_ENV, hide_env_values = true)]
     pub api_key: Option<String>,
     /// Nonce echoed by `/props` (the supervisor's check that it talks to its own worker).
     #[arg(long)]
@@ -288,13 +298,6 @@ pub async fn serve(
             source,
         })?;
     let local = listener.local_addr()?;
-    // No Nagle: each streamed token is a small write made while the previous one may still be unacknowledged,
-    // so without TCP_NODELAY it would wait for the client's delayed ACK (up to 40 ms on Linux).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
     if let Some(b) = bound {
         let _ = b.send(local);
     }
@@ -314,6 +317,7 @@ pub async fn serve(
             instance: args.instance.clone(),
             api_key: args.api_key.clone(),
             n_slots: args.parallel,
+            max_queue: args.max_queue,
             n_batch,
             embedding: args.embedding,
             reasoning_format: args.reasoning_format,
@@ -323,13 +327,19 @@ pub async fn serve(
         },
         metrics: metrics.clone(),
         ready: OnceLock::new(),
+        admission: Arc::new(tokio::sync::Semaphore::new(
+            args.parallel.saturating_add(args.max_queue),
+        )),
     });
-    let app = http::router(state.clone());
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    // Header-read timeout, connection limit, body limit, TCP_NODELAY (each streamed token is a small
+    // write that must not wait for the client's delayed ACK): the same server loop as the supervisor's.
+    let app = crate::http_server::with_body_limit(http::router(state.clone()));
+    let server = tokio::spawn(crate::http_server::serve(
+        listener,
+        app,
+        crate::http_server::Limits::WORKER,
+        shutdown.clone().cancelled_owned(),
+    ));
     tracing::info!(%local, model = %args.model.display(), "listening; loading the model");
 
     let params = LoadParams {

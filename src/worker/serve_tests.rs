@@ -28,6 +28,7 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         ctx_size: Some(ctx),
         threads: Some(1),
         parallel: np,
+        max_queue: 64,
         batch_size: 8,
         gpu_layers: None,
         embedding: true,
@@ -562,4 +563,57 @@ async fn shutdown_lets_in_flight_request_finish() {
     let v = req.await.unwrap();
     assert_eq!(v["choices"][0]["text"], s.codec.expected("z", 200));
     s.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn past_the_slots_and_the_queue_requests_get_503_with_retry_after() {
+    let mut a = args(1, 4096, None);
+    a.max_queue = 1;
+    let s = start_with(a, Duration::ZERO).await;
+    wait_ready(&s).await;
+    let c = reqwest::Client::new();
+    let long = |p: &str| {
+        c.post(format!("{}/v1/completions", s.base))
+            .json(&json!({"prompt": p, "max_tokens": 3000, "temperature": 0, "stream": true}))
+            .send()
+    };
+    // One running (its stream open), one waiting: the slot and the queue are full.
+    let running = long("a").await.unwrap();
+    assert_eq!(running.status(), 200);
+    let mut running = running.bytes_stream();
+    running.next().await.unwrap().unwrap();
+    let waiting = long("b").await.unwrap();
+    assert_eq!(waiting.status(), 200);
+    let r = c
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"messages": [{"role": "user", "content": "c"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "queue_full", "{b}");
+    let (st, _) = post(&s, "/v1/embeddings", json!({"input": "d"})).await;
+    assert_eq!(st, 503, "embeddings share the bound");
+    // A request that ends (its stream dropped) gives its place back.
+    drop(running);
+    drop(waiting);
+    let mut ok = false;
+    for _ in 0..100 {
+        let (st, v) = post(
+            &s,
+            "/v1/completions",
+            json!({"prompt": "e", "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+        if st == 200 {
+            assert_eq!(v["choices"][0]["text"], s.codec.expected("e", 2));
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the places were never given back");
+    stop(s).await;
 }

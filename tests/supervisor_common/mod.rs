@@ -262,3 +262,87 @@ pub fn run_python(base_url: &str, code: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+impl Server {
+    /// Creates an API key named `name` with an admin token; returns the key (shown once).
+    pub async fn create_key(&self, token: &str, name: &str) -> String {
+        let r = self
+            .http
+            .post(format!("{}/admin/api/keys", self.base))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<serde_json::Value>().await.unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// `PUT /admin/api/settings` with `body`; returns the status.
+    pub async fn put_settings(&self, token: &str, body: serde_json::Value) -> u16 {
+        self.http
+            .put(format!("{}/admin/api/settings", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// A UI page (HTML) fetched with the admin session cookie.
+    pub async fn page(&self, token: &str, path: &str) -> String {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", format!("ci_session={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.text().await.unwrap()
+    }
+}
+
+/// The environment of a process as (name, value) pairs, from `/proc/<pid>/environ`.
+pub fn proc_environ(pid: u32) -> Vec<(String, String)> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=').unwrap_or((&kv, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// The command line of a process, arguments joined by spaces, from `/proc/<pid>/cmdline`.
+pub fn proc_cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}
+
+/// The key a worker started by the supervisor requires (`CYBER_INFERENCE_WORKER_API_KEY` in its
+/// environment).
+pub fn worker_key(pid: u32) -> String {
+    proc_environ(pid)
+        .into_iter()
+        .find(|(k, _)| k == "CYBER_INFERENCE_WORKER_API_KEY")
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("worker {pid} has no CYBER_INFERENCE_WORKER_API_KEY"))
+}
+
+/// The admin API's view of `model`'s worker (`/admin/api/workers`), when it has a process.
+pub async fn worker_of(s: &Server, token: &str, model: &str) -> Option<serde_json::Value> {
+    let (_, w) = s.admin_get(token, "/admin/api/workers").await;
+    w["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["model"] == model && w["pid"].is_u64())
+        .cloned()
+}

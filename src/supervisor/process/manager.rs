@@ -7,7 +7,7 @@
 //! same section that checks `Ready`, so eviction (which checks in-flight = 0 under that lock) can never
 //! cut a request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
@@ -39,6 +39,33 @@ pub const ADMISSION_WAIT: Duration = Duration::from_secs(120);
 pub const MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 /// Default number of slots (`-np`) per worker.
 pub const DEFAULT_PARALLEL: u32 = 4;
+/// The only variables of the supervisor's environment a worker inherits (when set): locale, paths,
+/// Rust's own knobs and the engine's. Everything else — ADMIN_PASSWORD, JWT_SECRET, HF_TOKEN, cloud
+/// credentials — stays in the supervisor. The worker also gets `CYBER_INFERENCE_LOG_LEVEL` and its key
+/// ([`crate::worker::WORKER_API_KEY_ENV`]).
+pub const WORKER_ENV_ALLOW: [&str; 12] = [
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    crate::engine::kernels::ISA_ENV,
+    "CYBER_INFERENCE_DUMP_DIR",
+];
+
+/// A fresh random key for one worker process (256 bits, URL-safe base64).
+fn worker_key() -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
 
 /// Why a model could not be made ready. Each maps to an HTTP status in `proxy`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,6 +117,8 @@ type ExitInfo = String;
 struct Worker {
     pid: u32,
     port: u16,
+    /// The Bearer key this process requires (given through its environment, never argv).
+    key: Arc<str>,
     instance: String,
     session_id: i64,
     model_id: i64,
@@ -159,6 +188,8 @@ pub struct Lease {
     model: String,
     /// The worker's port on 127.0.0.1.
     pub port: u16,
+    /// The worker's key, sent as `Authorization: Bearer` (the worker refuses requests without it).
+    pub key: Arc<str>,
     /// Whether this request had to wait for a load (cold start).
     pub cold: bool,
 }
@@ -193,6 +224,26 @@ pub struct Manager {
     /// KV layouts read from GGUF metadata (sliding-window layers), per (file path, size); `None` when the
     /// file could not be read.
     kv_layouts: Mutex<HashMap<(String, i64), Option<KvLayout>>>,
+    /// Ports picked for loads whose worker is not in its slot yet (see [`PortReservation`]).
+    reserved_ports: Mutex<HashSet<u16>>,
+}
+
+/// A worker port picked for one load: no other load can pick it while this lives (the load holds it
+/// until its worker is in the slot, whose port then counts as used, or until it failed).
+pub struct PortReservation {
+    mgr: Arc<Manager>,
+    /// The port.
+    pub port: u16,
+}
+
+impl Drop for PortReservation {
+    fn drop(&mut self) {
+        self.mgr
+            .reserved_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.port);
+    }
 }
 
 impl Manager {
@@ -223,6 +274,7 @@ impl Manager {
             sys: Mutex::new(sysinfo::System::new()),
             shutting_down: false.into(),
             kv_layouts: Mutex::new(HashMap::new()),
+            reserved_ports: Mutex::new(HashSet::new()),
         })
     }
 
@@ -417,13 +469,15 @@ impl Manager {
         if s.state != ModelState::Ready {
             return None;
         }
-        let port = s.worker.as_ref()?.port;
+        let w = s.worker.as_ref()?;
+        let (port, key) = (w.port, w.key.clone());
         s.inflight += 1;
         s.last_used = Instant::now();
         Some(Lease {
             mgr: self.clone(),
             model: model.to_owned(),
             port,
+            key,
             cold,
         })
     }
@@ -615,17 +669,29 @@ impl Manager {
         o
     }
 
-    /// Picks a free port from WORKER_BASE_PORT up: not used by another worker and bindable now.
-    fn pick_port(&self) -> Option<u16> {
+    /// Picks and reserves a free port from WORKER_BASE_PORT up: not used by another worker, not reserved
+    /// by another load, and bindable now. Two loads at once never get the same port.
+    pub fn reserve_port(self: &Arc<Self>) -> Option<PortReservation> {
         let base = self.settings().worker_base_port;
         let used: Vec<u16> = self
             .slots()
             .values()
             .filter_map(|s| s.worker.as_ref().map(|w| w.port))
             .collect();
-        (base..=u16::MAX)
-            .take(1000)
-            .find(|p| !used.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        let mut reserved = self
+            .reserved_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let port = (base..=u16::MAX).take(1000).find(|p| {
+            !used.contains(p)
+                && !reserved.contains(p)
+                && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+        })?;
+        reserved.insert(port);
+        Some(PortReservation {
+            mgr: self.clone(),
+            port,
+        })
     }
 
     /// Starts a worker for `model` and waits until it is ready (or failed).
@@ -651,9 +717,10 @@ impl Manager {
             model: model.to_owned(),
             reason,
         };
-        let port = self
-            .pick_port()
+        let reservation = self
+            .reserve_port()
             .ok_or_else(|| fail("no free port for a worker".into()))?;
+        let port = reservation.port;
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let (ctx, threads, parallel) = self.worker_params(&m);
         let session_id = self
@@ -679,12 +746,19 @@ impl Manager {
         if m.embedding {
             cmd.arg("--embedding");
         }
+        let key: Arc<str> = worker_key().into();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false)
-            .env_remove("CYBER_INFERENCE_PORT")
-            .env_remove("CYBER_INFERENCE_HOST");
+            .env_clear();
+        for name in WORKER_ENV_ALLOW {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+        cmd.env("CYBER_INFERENCE_LOG_LEVEL", self.settings().log_level)
+            .env(crate::worker::WORKER_API_KEY_ENV, &*key);
         sys::configure_worker_command(&mut cmd);
         let logs = self.logs(model);
         logs.push("supervisor", format!(
@@ -719,6 +793,7 @@ impl Manager {
         let worker = Arc::new(Worker {
             pid,
             port,
+            key: key.clone(),
             instance: instance.clone(),
             session_id,
             model_id: m.id,
@@ -803,7 +878,8 @@ impl Manager {
             }
             match self.http.get(format!("{base}/health")).send().await {
                 Ok(r) if r.status() == reqwest::StatusCode::OK => {
-                    match self.http.get(format!("{base}/props")).send().await {
+                    let props = self.http.get(format!("{base}/props")).bearer_auth(&*key);
+                    match props.send().await {
                         Ok(r) => match r.json::<serde_json::Value>().await {
                             Ok(p)
                                 if p.get("instance").and_then(|v| v.as_str())
@@ -1181,6 +1257,18 @@ mod tests {
         assert_eq!(backoff(3), Duration::from_secs(4));
         assert_eq!(backoff(50), Duration::from_secs(60));
         assert_eq!(sanitize("a/b c.gguf"), "a_b_c.gguf");
+    }
+
+    #[tokio::test]
+    async fn two_loads_at_once_never_get_the_same_port() {
+        let (_d, m, _db) = manager().await;
+        let a = m.reserve_port().unwrap();
+        let b = m.reserve_port().unwrap();
+        assert_ne!(a.port, b.port, "a port reserved by a load in progress");
+        let pa = a.port;
+        drop(a);
+        let c = m.reserve_port().unwrap();
+        assert_eq!(c.port, pa, "a released port is free again");
     }
 
     async fn manager() -> (tempfile::TempDir, Arc<Manager>, Db) {

@@ -1,0 +1,254 @@
+//! The HTTP/1 server loop both the supervisor and the worker run, with the same bounds: a header-read
+//! timeout (a client that opens a connection and trickles its headers is cut), a connection limit (past
+//! it the next connection waits in the kernel's accept queue until one closes), a request body limit
+//! (tower-http, the same on both servers so a body the supervisor accepts is never refused by the worker
+//! behind it) and a cap on the header buffer. `axum::serve` sets none of these: it has no timer, so
+//! hyper's header-read timeout is off, and it accepts connections without limit.
+//!
+//! Graceful shutdown: when `shutdown` completes, the listener closes, every connection finishes its
+//! request in progress (hyper's graceful shutdown) and [`serve`] returns once all have closed.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// Largest request body either server accepts (bytes): images and long prompts fit.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Longest a client may take to send a request's headers (also between requests of a kept-alive
+/// connection), before the connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest header block hyper buffers for one request (bytes).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The bounds of one server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// See [`HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Duration,
+}
+
+impl Limits {
+    /// The supervisor's: many clients, each cheap.
+    pub const SUPERVISOR: Limits = Limits {
+        max_connections: 512,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+    };
+    /// A worker's: its clients are the supervisor and a few direct ones.
+    pub const WORKER: Limits = Limits {
+        max_connections: 256,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+    };
+}
+
+/// `router` with the body limit every server applies: 413 for a body over [`MAX_BODY_BYTES`], however
+/// it is read. (Extractors keep axum's 2 MB default unless a router raises it with
+/// `DefaultBodyLimit::max(MAX_BODY_BYTES)`, as the inference routes do.)
+pub fn with_body_limit(router: Router) -> Router {
+    router.layer(tower_http::limit::RequestBodyLimitLayer::new(
+        MAX_BODY_BYTES,
+    ))
+}
+
+/// Serves `app` on `listener` within `limits` until `shutdown` completes, then drains (see the module
+/// doc). Each request carries the peer address as [`ConnectInfo<SocketAddr>`]; every accepted socket gets
+/// TCP_NODELAY (streamed tokens are small writes that must not wait for delayed ACKs).
+///
+/// Errors: none once listening (accept errors are logged and retried after a pause, as `axum::serve`
+/// does); the `Result` is for callers that `?` it.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        // A free connection slot first: past the limit, connections wait in the accept queue.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    app.clone().oneshot(req)
+                });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_HEADER_BYTES);
+            let conn = builder
+                .serve_connection(TokioIo::new(tcp), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let stopping = tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                    false
+                }
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => true,
+            };
+            if stopping {
+                // Finish the request in progress, then close.
+                conn.as_mut().graceful_shutdown();
+                if let Err(e) = conn.as_mut().await {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection holds a slot: all slots back = all connections closed.
+    let _ = slots
+        .acquire_many(u32::try_from(limits.max_connections).unwrap_or(u32::MAX))
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(limits: Limits) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = with_body_limit(
+            Router::new()
+                .route(
+                    "/",
+                    axum::routing::post(|b: axum::body::Bytes| async move { b.len().to_string() }),
+                )
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, app, limits, async move {
+            let _ = rx.await;
+        }));
+        (addr, tx)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_cut() {
+        let (addr, _stop) = start(Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_millis(300),
+        })
+        .await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let t0 = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "the connection was kept open past the timeout");
+        assert!(t0.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_for_a_free_slot() {
+        let (addr, _stop) = start(Limits {
+            max_connections: 2,
+            header_read_timeout: Duration::from_secs(30),
+        })
+        .await;
+        let idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/");
+        let r = tokio::time::timeout(
+            Duration::from_millis(500),
+            http.post(&url).body("abc").send(),
+        )
+        .await;
+        assert!(
+            r.is_err(),
+            "a third connection was served while two were open"
+        );
+        drop(idle1);
+        let r = tokio::time::timeout(Duration::from_secs(5), http.post(&url).body("abc").send())
+            .await
+            .expect("served once a slot is free")
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), "3");
+        drop(idle2);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413() {
+        let (addr, _stop) = start(Limits::WORKER).await;
+        let r = reqwest::Client::new()
+            .post(format!("http://{addr}/"))
+            .body(vec![b'x'; MAX_BODY_BYTES + 1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_the_request_in_progress_finish() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "done"
+            }),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, Limits::WORKER, async move {
+            let _ = rx.await;
+        }));
+        let req = tokio::spawn(reqwest::get(format!("http://{addr}/")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = tx.send(());
+        let r = req.await.unwrap().unwrap();
+        assert_eq!(r.text().await.unwrap(), "done");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns after the drain")
+            .unwrap()
+            .unwrap();
+    }
+}
