@@ -48,6 +48,13 @@ pub enum GrammarSpec {
     Lark(String),
     /// A regular expression (Rust `regex` syntax) the whole output must match.
     Regex(String),
+    /// A chat reply in a JSON response format ([`GrammarSpec::JsonObject`] or
+    /// [`GrammarSpec::JsonSchema`] inside), shaped as llama.cpp's chat parser allows it
+    /// (`common/chat-auto-parser-generator.cpp`, the `response-format` rule): optional whitespace, then
+    /// the JSON either bare or in a `` ```json `` … `` ``` `` fence, then optional whitespace. The
+    /// reply's content is the JSON alone ([`crate::engine::chat::tools::json_reply_content`]). Made by
+    /// [`GrammarSpec::for_chat_reply`]; any other spec inside compiles as itself.
+    ChatReply(Box<GrammarSpec>),
 }
 
 impl GrammarSpec {
@@ -59,7 +66,28 @@ impl GrammarSpec {
             GrammarSpec::Gbnf(_) => "gbnf",
             GrammarSpec::Lark(_) => "lark",
             GrammarSpec::Regex(_) => "regex",
+            GrammarSpec::ChatReply(inner) => inner.kind(),
         }
+    }
+
+    /// The spec for a chat reply: a JSON kind becomes [`GrammarSpec::ChatReply`] (llama.cpp's chat
+    /// `response-format` shape), any other kind (a user's grammar) stays as it is.
+    pub fn for_chat_reply(self) -> GrammarSpec {
+        match self {
+            GrammarSpec::JsonObject | GrammarSpec::JsonSchema { .. } => {
+                GrammarSpec::ChatReply(Box::new(self))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the reply is a JSON value possibly wrapped as [`GrammarSpec::ChatReply`] describes.
+    pub fn is_chat_json_reply(&self) -> bool {
+        matches!(
+            self,
+            GrammarSpec::ChatReply(inner)
+                if matches!(**inner, GrammarSpec::JsonObject | GrammarSpec::JsonSchema { .. })
+        )
     }
 }
 
@@ -226,16 +254,33 @@ impl GrammarCompiler {
             GrammarSpec::JsonSchema { schema, strict } => {
                 TopLevelGrammar::from_json_schema(json_options(schema.clone(), *strict))
             }
+            GrammarSpec::ChatReply(inner) => match &**inner {
+                GrammarSpec::JsonObject => TopLevelGrammar::from_lark(chat_reply_lark(
+                    &json_options(any_object_schema(), true),
+                )),
+                GrammarSpec::JsonSchema { schema, strict } => TopLevelGrammar::from_lark(
+                    chat_reply_lark(&json_options(schema.clone(), *strict)),
+                ),
+                other => return self.compile(other),
+            },
             GrammarSpec::Gbnf(text) => {
                 TopLevelGrammar::from_lark(any_to_lark(text).map_err(|e| compile_err(e.0))?)
             }
             GrammarSpec::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
             GrammarSpec::Regex(rx) => TopLevelGrammar::from_regex(rx),
         };
-        let parser = self
-            .factory
-            .create_parser(grammar)
-            .map_err(|e| compile_err(e.to_string()))?;
+        let parser = match self.factory.create_parser(grammar) {
+            Ok(p) => p,
+            // The schema inside a chat reply's grammar: its own message, without the position in
+            // the wrapping Lark text.
+            Err(e) => match spec {
+                GrammarSpec::ChatReply(inner) => {
+                    self.compile(inner)?;
+                    return Err(compile_err(e.to_string()));
+                }
+                _ => return Err(compile_err(e.to_string())),
+            },
+        };
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(compile_err(e));
@@ -279,6 +324,17 @@ fn json_options(mut schema: Value, strict: bool) -> Value {
         );
     }
     schema
+}
+
+/// llama.cpp's chat `response-format` grammar (`autoparser::build_parser`, with its `space` rule
+/// [`JSON_WHITESPACE`]) around `schema` (llguidance options already in it): the generation prompt's
+/// `space`, the parser's, then `` ```json `` space JSON space `` ``` `` or space JSON space.
+fn chat_reply_lark(schema: &Value) -> String {
+    format!(
+        "start: sp sp (\"```json\" sp reply sp \"```\" | sp reply sp)\n\
+         sp: (/{JSON_WHITESPACE}/)?\n\
+         reply: %json {schema}\n"
+    )
 }
 
 /// The tokens allowed at one step: a bitset over the vocabulary, bit `t % 32` of word `t / 32` set when
@@ -452,6 +508,75 @@ mod tests {
         assert!(feed(&mut c, "{\n\n"));
         assert!(!c.compute_mask().unwrap().is_allowed(u32::from(b'\n')));
         assert!(feed(&mut c, "  \"a\": 1}"));
+    }
+
+    #[test]
+    fn chat_reply_is_json_bare_or_fenced_as_llama_cpp_allows() {
+        let g = compiler();
+        let spec = GrammarSpec::JsonObject.for_chat_reply();
+        assert!(spec.is_chat_json_reply());
+        assert_eq!(spec.kind(), "json_object");
+        let mut c = g.compile(&spec).unwrap();
+        assert!(feed(&mut c, "{\"a\": [1, \"x\"]}"));
+        assert!(
+            c.compute_mask().unwrap().is_allowed(256),
+            "bare JSON may end"
+        );
+        let mut c = g.compile(&spec).unwrap();
+        assert!(feed(&mut c, "\n```json\n{\n    \"a\": 1\n}\n"));
+        assert!(
+            !c.compute_mask().unwrap().is_allowed(256),
+            "an open fence must close"
+        );
+        assert!(feed(&mut c, "```"));
+        let m = c.compute_mask().unwrap();
+        assert_eq!(m.count(), 1, "only EOS after the closing fence");
+        assert!(m.is_allowed(256));
+        let mut c = g.compile(&spec).unwrap();
+        assert!(!feed(&mut c.clone(), "Here"), "no prose before the JSON");
+        assert!(!feed(&mut c.clone(), "[1]"), "json_object is an object");
+        assert!(!feed(&mut c.clone(), "```python"), "only a json fence");
+        assert!(feed(&mut c, "{\n\n"));
+        assert!(
+            !c.compute_mask().unwrap().is_allowed(u32::from(b'\n')),
+            "the JSON's whitespace stays bounded"
+        );
+        // A schema keeps its constraints inside the fence; other kinds are not wrapped.
+        let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}},
+                            "required": ["n"], "additionalProperties": false});
+        let spec = GrammarSpec::JsonSchema {
+            schema,
+            strict: true,
+        }
+        .for_chat_reply();
+        let mut c = g.compile(&spec).unwrap();
+        assert!(!feed(&mut c.clone(), "```json {\"m\""));
+        assert!(feed(&mut c, "```json {\"n\": 5} ```"));
+        let gbnf = GrammarSpec::Gbnf("root ::= \"x\"".into()).for_chat_reply();
+        assert!(!gbnf.is_chat_json_reply());
+        let mut c = g.compile(&gbnf).unwrap();
+        assert!(!feed(&mut c.clone(), " x"));
+        assert!(feed(&mut c, "x"));
+        let e = g
+            .compile(
+                &GrammarSpec::JsonSchema {
+                    schema: json!({"type": "strnig"}),
+                    strict: true,
+                }
+                .for_chat_reply(),
+            )
+            .unwrap_err();
+        let alone = g
+            .compile(&GrammarSpec::JsonSchema {
+                schema: json!({"type": "strnig"}),
+                strict: true,
+            })
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            alone.to_string(),
+            "the schema compiler's message"
+        );
     }
 
     #[test]

@@ -224,6 +224,8 @@ pub fn plan(
         parse_tool_calls: use_tools,
         reasoning: markers,
         thinking_forced_open: forced_open,
+        // Set by the caller once it knows the request's constraint (a JSON response format).
+        json_reply: false,
     };
     let parallel = req.parallel_tool_calls.unwrap_or(true);
     let grammar = match &choice {
@@ -416,6 +418,7 @@ mod tests {
             parse_tool_calls: true,
             reasoning: Some(KNOWN_MARKERS[0]),
             thinking_forced_open: false,
+            json_reply: false,
         }
     }
 

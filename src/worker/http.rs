@@ -663,6 +663,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         ready.codec.info().n_vocab,
     )?;
     let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
+    let mut syntax = plan.syntax;
     spec.constraint = match &plan.grammar {
         // tool_choice "required" or a named function: the reply is a call, by grammar.
         Some(g) => {
@@ -675,9 +676,17 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             }
             Some(structured::compile(&ready.codec, GrammarSpec::Lark(g.clone())).await?)
         }
-        None => structured::constraint_of(&ready.codec, &req.structured).await?,
+        // A JSON response format takes llama.cpp's chat shape (optional ```json fence), and the
+        // reply's content is then the JSON alone.
+        None => match structured::grammar_spec(&req.structured)? {
+            Some(g) => {
+                let g = g.for_chat_reply();
+                syntax.json_reply = g.is_chat_json_reply();
+                Some(structured::compile(&ready.codec, g).await?)
+            }
+            None => None,
+        },
     };
-    let syntax = plan.syntax;
     let prompt = ready.codec.encode(&plan.prompt, true, true);
     check_prompt_fits(prompt.len(), ready, st.info.n_slots, "messages")?;
     let n_prompt = prompt.len() as u32;

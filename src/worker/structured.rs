@@ -84,6 +84,7 @@ fn param_of(spec: &GrammarSpec) -> &'static str {
     match spec {
         GrammarSpec::Gbnf(_) | GrammarSpec::Lark(_) | GrammarSpec::Regex(_) => "grammar",
         GrammarSpec::JsonObject | GrammarSpec::JsonSchema { .. } => "response_format",
+        GrammarSpec::ChatReply(inner) => param_of(inner),
     }
 }
 

@@ -155,6 +155,11 @@ pub struct ReplySyntax {
     pub reasoning: Option<ThinkMarkers>,
     /// The prompt ends inside an open thinking block.
     pub thinking_forced_open: bool,
+    /// The reply is a JSON response format (`response_format` / `json_schema` on chat, constrained
+    /// by [`crate::engine::constraint::GrammarSpec::ChatReply`]): its content is the JSON alone,
+    /// without the whitespace or `` ```json `` fence around it ([`json_reply_content`]); no tool
+    /// calls are looked for (llama.cpp's response format takes precedence over tools too).
+    pub json_reply: bool,
 }
 
 /// Parses a reply. `partial`: the reply is still being generated (see the module docs).
@@ -168,7 +173,9 @@ pub fn parse_reply(text: &str, syntax: &ReplySyntax, partial: bool) -> ParsedRep
         reasoning = s.reasoning;
         rest = s.rest;
     }
-    let (mut content, tool_calls) = if syntax.parse_tool_calls {
+    let (mut content, tool_calls) = if syntax.json_reply {
+        (json_reply_content(rest, partial), Vec::new())
+    } else if syntax.parse_tool_calls {
         parse_calls(syntax.format, rest, partial)
     } else {
         let mut c = rest.to_string();
@@ -186,6 +193,32 @@ pub fn parse_reply(text: &str, syntax: &ReplySyntax, partial: bool) -> ParsedRep
         reasoning_content: reasoning,
         tool_calls,
     }
+}
+
+/// The JSON of a response-format reply (see [`ReplySyntax::json_reply`]): `text` without its leading
+/// whitespace, its `` ```json `` fence and the whitespace and closing fence after the JSON, as
+/// llama.cpp's `response-format` parser tags the content. With `partial`, a start that may still
+/// become the fence and a trailing run of whitespace and backticks (which may be the closing fence)
+/// are held back, so consecutive parses only extend each other.
+pub fn json_reply_content(text: &str, partial: bool) -> String {
+    const FENCE: &str = "```json";
+    const WS: [char; 4] = [' ', '\t', '\n', '\r'];
+    let t = text.trim_start_matches(WS);
+    let (body, fenced) = match t.strip_prefix(FENCE) {
+        Some(b) => (b.trim_start_matches(WS), true),
+        None if partial && FENCE.starts_with(t) => return String::new(),
+        None => (t, false),
+    };
+    if partial {
+        return body
+            .trim_end_matches(|c| WS.contains(&c) || c == '`')
+            .to_string();
+    }
+    let mut b = body.trim_end_matches(WS);
+    if fenced && let Some(x) = b.strip_suffix("```") {
+        b = x.trim_end_matches(WS);
+    }
+    b.to_string()
 }
 
 fn reasoning_markers(m: Option<ThinkMarkers>) -> Vec<&'static str> {

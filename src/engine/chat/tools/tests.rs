@@ -11,6 +11,7 @@ fn syntax(format: ToolFormat) -> ReplySyntax {
         parse_tool_calls: true,
         reasoning: None,
         thinking_forced_open: false,
+        json_reply: false,
     }
 }
 
@@ -351,6 +352,7 @@ fn reasoning_without_tools_and_format_none() {
         parse_tool_calls: false,
         reasoning: Some(KNOWN_MARKERS[0]),
         thinking_forced_open: false,
+        json_reply: false,
     };
     let r = streamed(&syn, "<think>2+2 is 4</think>The answer is 4.");
     assert_eq!(r.reasoning_content, "2+2 is 4");
@@ -361,6 +363,38 @@ fn reasoning_without_tools_and_format_none() {
     };
     let r = parse_reply("<think>x</think>y", &none, false);
     assert_eq!(r.content, "<think>x</think>y");
+}
+
+#[test]
+fn json_reply_content_is_the_json_without_fence_or_whitespace() {
+    let syn = ReplySyntax {
+        parse_tool_calls: true,
+        json_reply: true,
+        ..syntax(ToolFormat::Hermes)
+    };
+    // Replies recorded from SmolLM2 under llama.cpp's response-format grammar.
+    let fenced = "```json\n{\n    \"city\": {\n        \"name\": \"New York\"\n    }\n}\n```";
+    let r = streamed(&syn, fenced);
+    assert_eq!(
+        r.content,
+        "{\n    \"city\": {\n        \"name\": \"New York\"\n    }\n}"
+    );
+    assert!(r.tool_calls.is_empty());
+    let r = streamed(&syn, "{\"title\": \"Feline\", \"size\": \"small\"}");
+    assert_eq!(r.content, "{\"title\": \"Feline\", \"size\": \"small\"}");
+    let r = streamed(&syn, "\n {\"code\": \"a ``` b\"} ");
+    assert_eq!(r.content, "{\"code\": \"a ``` b\"}");
+    // Backticks at the end of a reply cut inside a string stay content (no closing fence there).
+    assert_eq!(
+        json_reply_content("{\"a\": \"x ``", false),
+        "{\"a\": \"x ``"
+    );
+    assert_eq!(json_reply_content("```js", true), "");
+    assert_eq!(json_reply_content("``", false), "``");
+    // A `<tool_call>` inside the JSON is not a call.
+    let r = streamed(&syn, "{\"t\": \"<tool_call>\"}");
+    assert_eq!(r.content, "{\"t\": \"<tool_call>\"}");
+    assert!(r.tool_calls.is_empty());
 }
 
 #[test]
