@@ -11,11 +11,13 @@ pub mod catalog;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod foreign;
 pub mod gpu;
 pub mod init;
 pub mod logs;
 pub mod metrics;
 pub mod monitor;
+pub mod ollama;
 pub mod process;
 pub mod proxy;
 pub mod ui;
@@ -85,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
         .merge(proxy::router())
+        .merge(ollama::router())
         .merge(auth::router())
         .merge(admin::router())
         .merge(ui::router())

@@ -68,7 +68,7 @@ async fn proxy(
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let endpoint = uri.path().to_owned();
-    let model = match serde_json::from_slice::<ModelField>(&body) {
+    let mut model = match serde_json::from_slice::<ModelField>(&body) {
         Ok(m) => m.model.into_owned(),
         Err(e) => {
             return Err(ApiError {
@@ -79,6 +79,12 @@ async fn proxy(
             });
         }
     };
+    // Another name of a model (Ollama's /api/copy, a pulled hf.co/… name) stands for it.
+    if st.db.get_model(&model).await?.is_none()
+        && let Some(real) = st.db.resolve_alias(&model).await?
+    {
+        model = real;
+    }
     if st.db.get_model(&model).await?.is_none() {
         let names: Vec<String> = st
             .db
