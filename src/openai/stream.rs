@@ -48,11 +48,7 @@ impl SseDecoder {
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<SseItem>, StreamError> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        loop {
-            let Some(end) = find_event_end(&self.buf) else {
-                break;
-            };
-            let (ev_len, sep_len) = end;
+        while let Some((ev_len, sep_len)) = find_event_end(&self.buf) {
             let ev: Vec<u8> = self.buf.drain(..ev_len + sep_len).take(ev_len).collect();
             let text = String::from_utf8_lossy(&ev);
             let mut data = String::new();

@@ -39,6 +39,14 @@ impl Failure {
     pub fn bad(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, m)
     }
+    /// 499: the client went away before the end.
+    pub fn client_closed() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "client closed the request",
+        )
+    }
+
     /// 404 for a model name that is not in the catalogue.
     pub fn not_found(name: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("model '{name}' not found"))

@@ -6,6 +6,7 @@
 //! stop every worker (SIGTERM, then SIGKILL), exit 0.
 
 pub mod admin;
+pub mod anthropic;
 pub mod auth;
 pub mod catalog;
 pub mod db;
@@ -88,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_handler))
         .merge(proxy::router())
         .merge(ollama::router())
+        .merge(anthropic::router())
         .merge(auth::router())
         .merge(admin::router())
         .merge(ui::router())

@@ -130,10 +130,7 @@ where
 
 /// The client closed the stream.
 fn gone() -> Failure {
-    Failure::new(
-        StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        "client closed",
-    )
+    Failure::client_closed()
 }
 
 async fn send(tx: Option<&mpsc::Sender<Bytes>>, v: &Value) -> Res<()> {
@@ -951,12 +948,12 @@ mod tests {
 
     #[test]
     fn errors_are_ollamas_envelope() {
-        let r = Failure::not_found("nope").into_response();
+        let r = OllamaError(Failure::not_found("nope")).into_response();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         let e: OllamaError = ApiError::invalid_api_key("an API key is required").into();
-        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(e.0.status, StatusCode::UNAUTHORIZED);
         let e: OllamaError = TranslateError("bad format".into()).into();
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.0.status, StatusCode::BAD_REQUEST);
         assert!(ms_rfc3339(1_700_000_000_123).starts_with("2023-11-14T22:13:20.123"));
     }
 }
