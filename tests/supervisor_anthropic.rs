@@ -29,6 +29,7 @@ fn script(args: &[&str]) {
         out.status.success() && so.contains("ALL OK"),
         "python failed\nstdout:\n{so}\nstderr:\n{se}"
     );
+    println!("{so}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,7 @@ async fn ollama_python_client_against_the_supervisor() {
         "python failed\nstdout:\n{so}\nstderr:\n{se}\nserve log:\n{}",
         s.log()
     );
+    println!("{so}");
 
     // Every Ollama request is in the request log under its own endpoint.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -88,8 +89,26 @@ async fn ollama_python_client_against_the_supervisor() {
         "the unknown model's 404 is logged: {rows:?}"
     );
 
-    // Keys required: /api/* says 401 in Ollama's envelope without one, and works with one.
+    // The dashboard's request log names the API each request came through.
     let token = s.login().await;
+    let page = s
+        .http
+        .get(format!("{}/", s.base))
+        .header("cookie", format!("ci_session={token}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(
+            "<td data-label=\"API\">Ollama</td><td data-label=\"Endpoint\">/api/chat</td>"
+        ),
+        "dashboard rows show the API"
+    );
+
+    // Keys required: /api/* says 401 in Ollama's envelope without one, and works with one.
     let k: Value = s
         .http
         .post(format!("{}/admin/api/keys", s.base))

@@ -96,6 +96,20 @@ impl From<HubError> for Failure {
     }
 }
 
+/// Which API a request came in through, from its logged endpoint: `Ollama` (`/api/*`), `Anthropic`
+/// (`/v1/messages*`), `OpenAI Responses` (`/v1/responses*`), `OpenAI` (the rest of `/v1/*`).
+pub fn api_of(endpoint: &str) -> &'static str {
+    if endpoint.starts_with("/api/") {
+        "Ollama"
+    } else if endpoint.starts_with("/v1/messages") {
+        "Anthropic"
+    } else if endpoint.starts_with("/v1/responses") {
+        "OpenAI Responses"
+    } else {
+        "OpenAI"
+    }
+}
+
 /// The result of the shared steps.
 pub type Res<T> = Result<T, Failure>;
 
@@ -308,5 +322,18 @@ impl SseReader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_of_an_endpoint() {
+        assert_eq!(api_of("/api/chat"), "Ollama");
+        assert_eq!(api_of("/v1/messages/count_tokens"), "Anthropic");
+        assert_eq!(api_of("/v1/chat/completions"), "OpenAI");
+        assert_eq!(api_of("/v1/responses"), "OpenAI Responses");
     }
 }

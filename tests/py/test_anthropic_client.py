@@ -61,14 +61,14 @@ if KEY:
 c = anthropic.Anthropic(base_url=BASE, api_key="unused", max_retries=0)
 
 # --- messages.create, not streamed and streamed ----------------------------------------------------
-r = c.messages.create(model=SMOL, max_tokens=24, temperature=0, system=SYSTEM, messages=Q)
+r = c.messages.create(model=SMOL, max_tokens=24, extra_body={"temperature": 0}, system=SYSTEM, messages=Q)
 check(r.type == "message" and r.role == "assistant" and r.id.startswith("msg_"), f"message {r.id}")
 check(r.content[0].type == "text" and any(ch.isalpha() for ch in r.content[0].text), f"text: {r.content[0].text!r}")
 check(r.stop_reason in ("end_turn", "max_tokens"), f"stop_reason {r.stop_reason}")
 check(r.usage.input_tokens > 0 and 0 < r.usage.output_tokens <= 24, f"usage {r.usage}")
 check(r.model == SMOL, "model echoed")
 
-with c.messages.stream(model=SMOL, max_tokens=24, temperature=0, system=SYSTEM, messages=Q) as s:
+with c.messages.stream(model=SMOL, max_tokens=24, extra_body={"temperature": 0}, system=SYSTEM, messages=Q) as s:
     text = "".join(s.text_stream)
     final = s.get_final_message()
 check(text == r.content[0].text, "greedy: streamed and non-streamed text agree")
@@ -79,7 +79,7 @@ events = [e.type for e in c.messages.create(model=SMOL, max_tokens=8, messages=Q
 check(events[0] == "message_start" and events[-1] == "message_stop" and events[-2] == "message_delta", f"events {events[:3]}…{events[-3:]}")
 check("content_block_start" in events and "content_block_delta" in events and "content_block_stop" in events, "block events")
 
-r2 = c.messages.create(model=SMOL, max_tokens=24, temperature=0, stop_sequences=["Paris"], messages=Q)
+r2 = c.messages.create(model=SMOL, max_tokens=24, extra_body={"temperature": 0}, stop_sequences=["Paris"], messages=Q)
 check("Paris" not in r2.content[0].text, f"stop_sequences: {r2.content[0].text!r}")
 
 # --- count_tokens ----------------------------------------------------------------------------------
@@ -88,13 +88,13 @@ check(n.input_tokens == r.usage.input_tokens, f"count_tokens {n.input_tokens} = 
 
 # --- tool use round trip ---------------------------------------------------------------------------
 ask = [{"role": "user", "content": "What is the weather like in Paris?"}]
-t = c.messages.create(model=SMOL, max_tokens=100, temperature=0, tools=[WEATHER], tool_choice={"type": "any"}, messages=ask)
+t = c.messages.create(model=SMOL, max_tokens=100, extra_body={"temperature": 0}, tools=[WEATHER], tool_choice={"type": "any"}, messages=ask)
 uses = [b for b in t.content if b.type == "tool_use"]
 check(t.stop_reason == "tool_use" and uses and uses[0].name == "get_weather", f"tool_use: {t.content}")
 check(isinstance(uses[0].input, dict) and isinstance(uses[0].input.get("location"), str), f"tool input {uses[0].input}")
 nt = c.messages.count_tokens(model=SMOL, tools=[WEATHER], tool_choice={"type": "any"}, messages=ask)
 check(nt.input_tokens == t.usage.input_tokens, f"count_tokens with tools {nt.input_tokens} = {t.usage.input_tokens}")
-with c.messages.stream(model=SMOL, max_tokens=100, temperature=0, tools=[WEATHER], tool_choice={"type": "any"}, messages=ask) as s:
+with c.messages.stream(model=SMOL, max_tokens=100, extra_body={"temperature": 0}, tools=[WEATHER], tool_choice={"type": "any"}, messages=ask) as s:
     ft = s.get_final_message()
 su = [b for b in ft.content if b.type == "tool_use"]
 check(su and su[0].input == uses[0].input and ft.stop_reason == "tool_use", f"streamed tool_use (input_json_delta): {su}")
@@ -102,7 +102,7 @@ follow = ask + [
     {"role": "assistant", "content": [b.model_dump() for b in t.content]},
     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "18 degrees and sunny"}]},
 ]
-f = c.messages.create(model=SMOL, max_tokens=40, temperature=0, tools=[WEATHER], messages=follow)
+f = c.messages.create(model=SMOL, max_tokens=40, extra_body={"temperature": 0}, tools=[WEATHER], messages=follow)
 check(f.content and f.stop_reason in ("end_turn", "max_tokens", "tool_use") and f.usage.input_tokens > t.usage.input_tokens,
       f"after the tool_result: {f.content}")
 
