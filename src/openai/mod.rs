@@ -7,6 +7,7 @@
 
 pub mod anthropic;
 pub mod ollama;
+pub mod responses;
 pub mod stream;
 
 use std::collections::BTreeMap;

@@ -2,6 +2,9 @@
 //! run with sqlx; the schema lives in `migrations/` and is applied at start-up (WAL, foreign keys on).
 
 mod aliases;
+mod responses;
+
+pub use responses::StoredResponse;
 
 use std::path::Path;
 use std::time::Duration;

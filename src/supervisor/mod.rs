@@ -21,6 +21,7 @@ pub mod monitor;
 pub mod ollama;
 pub mod process;
 pub mod proxy;
+pub mod responses;
 pub mod ui;
 
 use std::net::SocketAddr;
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .merge(proxy::router())
         .merge(ollama::router())
         .merge(anthropic::router())
+        .merge(responses::router())
         .merge(auth::router())
         .merge(admin::router())
         .merge(ui::router())
