@@ -89,6 +89,25 @@ async fn ollama_python_client_against_the_supervisor() {
         "the unknown model's 404 is logged: {rows:?}"
     );
 
+    // A name made by /api/copy is a name on /v1 too.
+    let r = s
+        .http
+        .post(format!("{}/api/copy", s.base))
+        .json(&json!({"source": "SmolLM2-135M-Instruct.Q4_1", "destination": "smol-alias"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"model": "smol-alias", "max_tokens": 4,
+                      "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
     // The dashboard's request log names the API each request came through.
     let token = s.login().await;
     let page = s
@@ -163,7 +182,10 @@ async fn ollama_python_client_against_the_supervisor() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let b: Value = r.json().await.unwrap();
-    assert!(b["models"].as_array().is_some_and(|m| m.len() == 2), "{b}");
+    assert!(
+        b["models"].as_array().is_some_and(|m| m.len() == 3),
+        "two models and the alias: {b}"
+    );
     // The Python client with the key in OLLAMA_API_KEY.
     let out = Command::new(python())
         .arg("-c")
