@@ -1,6 +1,8 @@
 //! Every weight type the engine has kernels for, on real SmolLM2-135M files made by llama.cpp's own quantizer
 //! (`scripts/quantize`: `llama-quantize --allow-requantize --pure` from the shared Q4_1 file): our perplexity on
-//! `../shared/vectors/ppl.txt` within 0.5% of llama.cpp's on the same file (`tests/vectors/quant-ppl.json`).
+//! `../shared/vectors/ppl.txt` equal to llama.cpp's on the same file run one token per forward pass (`-ub 1`,
+//! the arithmetic of llama.cpp's decode, which our batch-invariant engine uses for every batch size), and
+//! its distance to llama.cpp's default batched run printed (`tests/vectors/quant-ppl.json`).
 //!
 //! The files live in `$CYBER_INFERENCE_ASSETS/quant/`. When one is missing, the test makes them with
 //! `scripts/quantize --files`, which needs llama.cpp's `llama-quantize` (built by `../shared/tools/llama-cpp`,
@@ -82,7 +84,21 @@ fn file_for(e: &serde_json::Value) -> PathBuf {
     path
 }
 
-/// Our perplexity on the record's text with its parameters, against llama.cpp's: within 0.5%.
+/// How far our perplexity may be from llama.cpp's token-by-token one (`ppl_ub1`, relative). The quantized
+/// types reproduce the float arithmetic of llama.cpp's decode kernels (its repacked GEMV for Q4_0, Q4_K, Q2_K,
+/// IQ4_NL, MXFP4; its AVX2 `ggml_vec_dot_*` for the others), so their perplexity is llama.cpp's to the four
+/// decimals it prints. F32, F16 and BF16 sum their dot products in another order than ggml's, within 0.1%.
+fn tolerance(ty: &str) -> f64 {
+    match ty {
+        "F32" | "F16" | "BF16" => 1e-3,
+        _ => 1e-5,
+    }
+}
+
+/// Our perplexity on the record's text with its parameters, against llama.cpp's token by token (`ppl_ub1`,
+/// `-ub 1`: one token per forward pass, the arithmetic of its decode) within [`tolerance`]; the distance to
+/// llama.cpp's batched perplexity (`ppl`, its prompt kernels, which round differently from its own decode)
+/// is printed beside llama.cpp's own distance between the two.
 fn check(ty: &str) {
     let e = entry(ty);
     let path = file_for(e);
@@ -113,16 +129,22 @@ fn check(ty: &str) {
     )
     .expect("context");
     let r = perplexity(&mut ctx, &tokens, n_ctx, n_batch, add_bos, |_, _| {}).unwrap();
-    let want = e["ppl"].as_f64().unwrap();
+    let batched = e["ppl"].as_f64().unwrap();
+    let want = e["ppl_ub1"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{ty}: no ppl_ub1 in the record (rerun scripts/quantize)"));
     let rel = (r.ppl - want).abs() / want;
     eprintln!(
-        "{ty} ({n} {ty} tensors): PPL {:.4}, llama.cpp {want}, {:.4}% apart",
+        "{ty} ({n} {ty} tensors): PPL {:.4}; llama.cpp token by token {want} ({:.4}% apart), batched \
+         {batched} ({:.3}% apart; llama.cpp's own two {:.3}% apart)",
         r.ppl,
-        rel * 100.0
+        rel * 100.0,
+        (r.ppl - batched).abs() / batched * 100.0,
+        (want - batched).abs() / batched * 100.0
     );
     assert!(
-        rel <= 0.005,
-        "{ty}: PPL {} vs llama.cpp {want}: {:.3}% apart",
+        rel <= tolerance(ty),
+        "{ty}: PPL {} vs llama.cpp's token-by-token {want}: {:.4}% apart",
         r.ppl,
         rel * 100.0
     );
@@ -166,18 +188,14 @@ ppl_tests! {
     bf16_perplexity_matches_llama_cpp => "BF16",
     q8_0_perplexity_matches_llama_cpp => "Q8_0",
     q6_k_perplexity_matches_llama_cpp => "Q6_K",
-    #[ignore = "known gap: 0.63% from llama.cpp (the file is mostly Q5_1, see q5_1); run with --ignored"]
     q5_k_perplexity_matches_llama_cpp => "Q5_K",
     q4_k_perplexity_matches_llama_cpp => "Q4_K",
     q3_k_perplexity_matches_llama_cpp => "Q3_K",
-    #[ignore = "known gap: 0.90% from llama.cpp (its AVX-512 repacked Q2_K GEMM); run with --ignored"]
     q2_k_perplexity_matches_llama_cpp => "Q2_K",
     q5_0_perplexity_matches_llama_cpp => "Q5_0",
-    #[ignore = "known gap: 0.79% from llama.cpp (Q8_1-activation types; the shared Q4_1 file is 0.45% apart on main too); run with --ignored"]
     q5_1_perplexity_matches_llama_cpp => "Q5_1",
     q4_0_perplexity_matches_llama_cpp => "Q4_0",
     q4_1_perplexity_matches_llama_cpp => "Q4_1",
-    #[ignore = "known gap: 0.85% from llama.cpp (its AVX2 repacked IQ4_NL GEMM); run with --ignored"]
     iq4_nl_perplexity_matches_llama_cpp => "IQ4_NL",
     iq4_xs_perplexity_matches_llama_cpp => "IQ4_XS",
     mxfp4_perplexity_matches_llama_cpp => "MXFP4",

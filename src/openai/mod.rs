@@ -5,6 +5,11 @@
 //! `/tokenize` / `/detokenize`. Unknown request fields are ignored (clients send many we do not use);
 //! a field of the wrong type is a deserialisation error that the server maps to a 400 envelope.
 
+pub mod anthropic;
+pub mod ollama;
+pub mod responses;
+pub mod stream;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,11 @@
 //! The supervisor's SQLite storage: the only module that touches SQL. Queries are built with sea-query and
 //! run with sqlx; the schema lives in `migrations/` and is applied at start-up (WAL, foreign keys on).
 
+mod aliases;
+mod responses;
+
+pub use responses::StoredResponse;
+
 use std::path::Path;
 use std::time::Duration;
 

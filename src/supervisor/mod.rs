@@ -6,18 +6,22 @@
 //! stop every worker (SIGTERM, then SIGKILL), exit 0.
 
 pub mod admin;
+pub mod anthropic;
 pub mod auth;
 pub mod catalog;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod foreign;
 pub mod gpu;
 pub mod init;
 pub mod logs;
 pub mod metrics;
 pub mod monitor;
+pub mod ollama;
 pub mod process;
 pub mod proxy;
+pub mod responses;
 pub mod ui;
 
 use std::path::PathBuf;
@@ -84,6 +88,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
         .merge(proxy::router())
+        .merge(ollama::router())
+        .merge(anthropic::router())
+        .merge(responses::router())
         .merge(auth::router())
         .merge(admin::router())
         .merge(ui::router())

@@ -85,7 +85,7 @@ async fn proxy(
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let endpoint = uri.path().to_owned();
-    let model = match serde_json::from_slice::<ModelField>(&body) {
+    let mut model = match serde_json::from_slice::<ModelField>(&body) {
         Ok(m) => m.model.into_owned(),
         Err(e) => {
             return Err(ApiError {
@@ -96,6 +96,13 @@ async fn proxy(
             });
         }
     };
+    // Another name of a model (Ollama's /api/copy, a pulled hf.co/… name) stands for it.
+    if model.len() <= MAX_MODEL_NAME
+        && st.db.get_model(&model).await?.is_none()
+        && let Some(real) = st.db.resolve_alias(&model).await?
+    {
+        model = real;
+    }
     let known = model.len() <= MAX_MODEL_NAME && st.db.get_model(&model).await?.is_some();
     if !known {
         let names: Vec<String> = st

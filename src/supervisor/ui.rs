@@ -284,6 +284,8 @@ pub struct LoadedRow {
 pub struct RequestView {
     pub at: String,
     pub model: String,
+    /// Which API the request came in through (OpenAI, Ollama, Anthropic).
+    pub api: &'static str,
     pub endpoint: String,
     pub status: i64,
     pub tokens: String,
@@ -355,6 +357,7 @@ fn request_view(r: &super::db::RequestRow) -> RequestView {
     RequestView {
         at: utc(r.created_at),
         model: r.model.clone(),
+        api: super::foreign::api_of(&r.endpoint),
         endpoint: r.endpoint.clone(),
         status: r.status,
         tokens: format!("{} / {}", opt(r.prompt_tokens), opt(r.completion_tokens)),

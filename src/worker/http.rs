@@ -282,27 +282,18 @@ async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Resp
     Ok(Json(json!({ "content": content })).into_response())
 }
 
-fn render_prompt(ready: &Ready, messages: &[ChatMessage]) -> Result<String, ApiError> {
-    let msgs = super::chat::template_messages(messages)?;
-    ready
-        .codec
-        .render_chat(&msgs)
-        .map_err(super::chat::render_error)
-}
-
-#[derive(serde::Deserialize)]
-struct ApplyTemplateRequest {
-    messages: Vec<ChatMessage>,
-}
-
+/// `POST /apply-template`: the prompt a chat request renders to (llama-server's route). The body is
+/// `{"messages": [...]}` or a whole chat request: its `tools`, `tool_choice` and
+/// `chat_template_kwargs` are rendered exactly as `/v1/chat/completions` renders them, so the prompt's
+/// tokens are the ones a chat request would evaluate.
 async fn apply_template(
     State(st): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let ready = st.ready()?;
-    let req: ApplyTemplateRequest = parse_json(&body)?;
-    let prompt = render_prompt(ready, &req.messages)?;
-    Ok(Json(json!({ "prompt": prompt })).into_response())
+    let req: ChatCompletionRequest = parse_json(&body)?;
+    let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
+    Ok(Json(json!({ "prompt": plan.prompt })).into_response())
 }
 
 /// Generation settings common to chat and text completions, validated.

@@ -139,6 +139,10 @@ struct Slot {
     retry_at: Option<Instant>,
     pinned: bool,
     idle_timeout: Option<u64>,
+    /// A per-request keep-alive (Ollama's `keep_alive`) overriding the idle timeout until the next
+    /// load: `Some(None)` = never unloaded for idleness, `Some(Some(d))` = unloaded `d` after the last
+    /// request.
+    keep_alive: Option<Option<Duration>>,
     rss: u64,
     cpu: f32,
 }
@@ -155,6 +159,7 @@ impl Slot {
             retry_at: None,
             pinned: false,
             idle_timeout: None,
+            keep_alive: None,
             rss: 0,
             cpu: 0.0,
         }
@@ -807,6 +812,7 @@ impl Manager {
             let s = slots.entry(model.to_owned()).or_insert_with(Slot::new);
             s.worker = Some(worker.clone());
             s.rss = 0;
+            s.keep_alive = None;
             self.transition(model, s, ModelState::Loading, None);
         }
 
@@ -1061,28 +1067,64 @@ impl Manager {
         }
     }
 
-    /// Unloads models idle longer than their timeout (the model's, else MODEL_IDLE_TIMEOUT; 0 = never).
-    /// Pinned, loading and busy models are never touched. Returns the models unloaded.
+    /// Unloads models idle longer than their timeout (a request's keep-alive, else the model's, else
+    /// MODEL_IDLE_TIMEOUT; 0 = never). Pinned, loading and busy models are never touched. Returns the
+    /// models unloaded.
     pub fn evict_idle(self: &Arc<Self>) -> Vec<String> {
         let global = self.settings().model_idle_timeout;
-        let victims: Vec<(String, u64)> = self
+        let victims: Vec<(String, Duration)> = self
             .slots()
             .iter()
             .filter_map(|(n, s)| {
-                let t = s.idle_timeout.unwrap_or(global);
+                let t = Self::idle_limit(s, global)?;
                 (s.state == ModelState::Ready
                     && s.inflight == 0
                     && !s.pinned
-                    && t > 0
-                    && s.last_used.elapsed() >= Duration::from_secs(t))
-                .then(|| (n.clone(), t))
+                    && s.last_used.elapsed() >= t)
+                    .then(|| (n.clone(), t))
             })
             .collect();
         victims
             .into_iter()
-            .filter(|(n, t)| self.unload(n, &format!("idle for {t} s")))
+            .filter(|(n, t)| self.unload(n, &format!("idle for {:.1} s", t.as_secs_f64())))
             .map(|(n, _)| n)
             .collect()
+    }
+
+    /// How long `s` may stay idle (`None` = forever).
+    fn idle_limit(s: &Slot, global: u64) -> Option<Duration> {
+        match s.keep_alive {
+            Some(k) => k,
+            None => {
+                let t = s.idle_timeout.unwrap_or(global);
+                (t > 0).then(|| Duration::from_secs(t))
+            }
+        }
+    }
+
+    /// Sets a loaded model's keep-alive until its next load (Ollama's per-request `keep_alive`):
+    /// `None` = never unloaded for idleness, `Some(d)` = unloaded once idle for `d`.
+    pub fn set_keep_alive(&self, model: &str, keep: Option<Duration>) {
+        if let Some(s) = self.slots().get_mut(model) {
+            s.keep_alive = Some(keep);
+        }
+    }
+
+    /// Time left before a ready, idle model is unloaded for idleness (zero while a request runs it is
+    /// not counted down: the full limit is returned); `None` when it never is (pinned, no timeout) or
+    /// has no worker.
+    pub fn expires_in(&self, model: &str) -> Option<Duration> {
+        let global = self.settings().model_idle_timeout;
+        let slots = self.slots();
+        let s = slots.get(model)?;
+        if !s.state.has_process() || s.pinned {
+            return None;
+        }
+        let t = Self::idle_limit(s, global)?;
+        if s.inflight > 0 {
+            return Some(t);
+        }
+        Some(t.saturating_sub(s.last_used.elapsed()))
     }
 
     /// Waits until `model` has no worker process (or `timeout` passes). Returns whether it stopped.

@@ -1,0 +1,337 @@
+//! What the foreign APIs (Ollama's, Anthropic's) share on the supervisor: a request's model resolved
+//! (catalogue name or alias), loaded through the manager and leased ([`Run`]), the worker called over
+//! HTTP, its SSE stream read back ([`SseReader`]), the request logged, and [`Failure`], the error each
+//! API then writes in its own envelope.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::db::ModelRow;
+use super::error::ApiError;
+use super::hub::HubError;
+use super::process::Lease;
+use crate::openai::ollama::{self as tr, KeepAlive, TranslateError};
+use crate::openai::stream::{SseDecoder, SseItem, StreamError, error_message};
+
+/// A failed request, before it is written in the envelope of the API it came through.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The message.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with a status and a message.
+    pub fn new(status: StatusCode, m: impl Into<String>) -> Self {
+        Failure {
+            status,
+            message: m.into(),
+        }
+    }
+    /// 400.
+    pub fn bad(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+    /// 499: the client went away before the end.
+    pub fn client_closed() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "client closed the request",
+        )
+    }
+
+    /// 404 for a model name that is not in the catalogue.
+    pub fn not_found(name: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("model '{name}' not found"))
+    }
+    /// 502: the worker failed.
+    pub fn bad_gateway(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, m)
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure::new(e.status, e.message)
+    }
+}
+
+impl From<TranslateError> for Failure {
+    fn from(e: TranslateError) -> Self {
+        Failure::bad(e.0)
+    }
+}
+
+impl From<crate::openai::anthropic::TranslateError> for Failure {
+    fn from(e: crate::openai::anthropic::TranslateError) -> Self {
+        Failure::bad(e.0)
+    }
+}
+
+impl From<super::db::DbError> for Failure {
+    fn from(e: super::db::DbError) -> Self {
+        Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl From<StreamError> for Failure {
+    fn from(e: StreamError) -> Self {
+        Failure::bad_gateway(e.to_string())
+    }
+}
+
+impl From<HubError> for Failure {
+    fn from(e: HubError) -> Self {
+        Failure::new(
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            e.to_string(),
+        )
+    }
+}
+
+/// Which API a request came in through, from its logged endpoint: `Ollama` (`/api/*`), `Anthropic`
+/// (`/v1/messages*`), `OpenAI Responses` (`/v1/responses*`), `OpenAI` (the rest of `/v1/*`).
+pub fn api_of(endpoint: &str) -> &'static str {
+    if endpoint.starts_with("/api/") {
+        "Ollama"
+    } else if endpoint.starts_with("/v1/messages") {
+        "Anthropic"
+    } else if endpoint.starts_with("/v1/responses") {
+        "OpenAI Responses"
+    } else {
+        "OpenAI"
+    }
+}
+
+/// The result of the shared steps.
+pub type Res<T> = Result<T, Failure>;
+
+/// The catalogue row a name means: the name (without Ollama's `:latest`), else an alias.
+pub async fn find_model(st: &AppState, name: &str) -> Res<Option<ModelRow>> {
+    let n = tr::strip_latest(name);
+    if let Some(m) = st.db.get_model(n).await? {
+        return Ok(Some(m));
+    }
+    for a in [name, n] {
+        if let Some(real) = st.db.resolve_alias(a).await? {
+            return Ok(st.db.get_model(&real).await?);
+        }
+    }
+    Ok(None)
+}
+
+/// A model loaded for one request: the lease on its worker and what the reply and the log need.
+pub struct Run {
+    pub st: AppState,
+    pub row: ModelRow,
+    /// The name as the client wrote it (echoed in replies).
+    pub shown: String,
+    pub endpoint: &'static str,
+    pub t0: Instant,
+    pub key: Option<i64>,
+    pub load: Duration,
+    pub keep: Option<KeepAlive>,
+    pub lease: Option<Lease>,
+}
+
+impl Run {
+    /// Resolves `name`, loads the model (the manager's single-flight acquire) and holds a lease.
+    pub async fn start(
+        st: &AppState,
+        name: &str,
+        endpoint: &'static str,
+        key: Option<i64>,
+        keep_alive: Option<&Value>,
+    ) -> Res<Run> {
+        let t0 = Instant::now();
+        let keep = keep_alive.map(tr::parse_keep_alive).transpose()?;
+        let Some(row) = find_model(st, name).await? else {
+            st.log_request(name, endpoint, 404, None, t0, key);
+            return Err(Failure::not_found(name));
+        };
+        let lease = match st.manager.acquire(&row.name).await {
+            Ok(l) => l,
+            Err(e) => {
+                let e = super::proxy::load_error(e);
+                st.log_request(&row.name, endpoint, e.status.as_u16(), None, t0, key);
+                return Err(e.into());
+            }
+        };
+        let load = if lease.cold {
+            t0.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        Ok(Run {
+            st: st.clone(),
+            row,
+            shown: name.to_owned(),
+            endpoint,
+            t0,
+            key,
+            load,
+            keep,
+            lease: Some(lease),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        let port = self.lease.as_ref().map_or(0, |l| l.port);
+        format!("http://127.0.0.1:{port}{path}")
+    }
+
+    /// POSTs `body` to the worker (with its per-spawn key); a non-2xx answer becomes its error with the
+    /// worker's status.
+    pub async fn post(&self, path: &str, body: &impl serde::Serialize) -> Res<reqwest::Response> {
+        let mut req = self.st.proxy_http.post(self.url(path)).json(body);
+        if let Some(lease) = &self.lease {
+            req = req.bearer_auth(&*lease.key);
+        }
+        let r = req.send().await.map_err(|e| {
+            Failure::bad_gateway(format!(
+                "the worker of '{}' failed during the request: {e}",
+                self.row.name
+            ))
+        })?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let text = r.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| error_message(&v))
+            .unwrap_or(text);
+        Err(Failure::new(status, msg))
+    }
+
+    pub async fn post_json(&self, path: &str, body: &impl serde::Serialize) -> Res<Value> {
+        self.post(path, body)
+            .await?
+            .json()
+            .await
+            .map_err(|e| Failure::bad_gateway(format!("the worker's answer is not JSON: {e}")))
+    }
+
+    /// Token ids of `text` (the worker's tokenizer).
+    pub async fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Res<Vec<u32>> {
+        let v = self
+            .post_json(
+                "/tokenize",
+                &json!({"content": text, "add_special": add_special, "parse_special": parse_special}),
+            )
+            .await?;
+        serde_json::from_value(v["tokens"].clone())
+            .map_err(|e| Failure::bad_gateway(format!("bad /tokenize answer: {e}")))
+    }
+
+    /// Ends the request: logs it, releases the lease and applies `keep_alive` (a duration or forever
+    /// from now on; `0` unloads the model now, draining first).
+    pub fn finish(&mut self, status: u16, usage: Option<(Option<i64>, Option<i64>)>) {
+        self.st.log_request(
+            &self.row.name,
+            self.endpoint,
+            status,
+            usage,
+            self.t0,
+            self.key,
+        );
+        self.lease = None;
+        self.apply_keep_alive();
+    }
+
+    /// Ends the request with an error (logged with its status).
+    pub fn fail(&mut self, e: Failure) -> Failure {
+        self.finish(e.status.as_u16(), None);
+        e
+    }
+
+    fn apply_keep_alive(&mut self) {
+        match self.keep.take() {
+            Some(KeepAlive::For(d)) => self.st.manager.set_keep_alive(&self.row.name, Some(d)),
+            Some(KeepAlive::Forever) => self.st.manager.set_keep_alive(&self.row.name, None),
+            Some(KeepAlive::Unload) => {
+                self.st.manager.unload(&self.row.name, "keep_alive 0");
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if self.lease.is_some() {
+            // Ended without `finish`: the client went away (or an error already answered).
+            self.finish(499, None);
+        }
+    }
+}
+
+/// The `data:` payloads of a worker's SSE stream, until `[DONE]` or its end.
+pub struct SseReader {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    dec: SseDecoder,
+    pending: std::collections::VecDeque<String>,
+    done: bool,
+}
+
+impl SseReader {
+    /// Reads `resp`'s body.
+    pub fn new(resp: reqwest::Response) -> Self {
+        SseReader {
+            body: Box::pin(resp.bytes_stream()),
+            dec: SseDecoder::new(),
+            pending: Default::default(),
+            done: false,
+        }
+    }
+
+    /// The next payload; `None` at `[DONE]` or the end.
+    pub async fn next(&mut self) -> Res<Option<String>> {
+        loop {
+            if let Some(d) = self.pending.pop_front() {
+                return Ok(Some(d));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let Some(chunk) = self.body.next().await else {
+                return Ok(None);
+            };
+            let chunk = chunk
+                .map_err(|e| Failure::bad_gateway(format!("the worker failed mid-stream: {e}")))?;
+            for item in self.dec.push(&chunk)? {
+                match item {
+                    SseItem::Done => self.done = true,
+                    SseItem::Data(d) if !self.done => self.pending.push_back(d),
+                    SseItem::Data(_) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_of_an_endpoint() {
+        assert_eq!(api_of("/api/chat"), "Ollama");
+        assert_eq!(api_of("/v1/messages/count_tokens"), "Anthropic");
+        assert_eq!(api_of("/v1/chat/completions"), "OpenAI");
+        assert_eq!(api_of("/v1/responses"), "OpenAI Responses");
+    }
+}

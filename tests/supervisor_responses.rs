@@ -1,0 +1,55 @@
+//! OpenAI's Responses API end to end (issue 19): the real `cyber-inference serve` with a real worker on
+//! the shared SmolLM2-135M, driven by the official `openai` Python client
+//! (`tests/py/test_responses_client.py`): `responses.create` streamed and not, `previous_response_id`
+//! continuing a conversation (stored in SQLite), GET/DELETE of a stored response, a function-call round
+//! trip, `text.format` json_schema, errors in OpenAI's envelope; then with API keys required, 401.
+
+mod supervisor_common;
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use supervisor_common::*;
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_client_against_the_supervisor() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/py/test_responses_client.py"
+        ))
+        .arg(&s.base)
+        .output()
+        .unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && so.contains("ALL OK"),
+        "python failed\nstdout:\n{so}\nstderr:\n{se}"
+    );
+    println!("{so}");
+
+    let token = s.login().await;
+    let r = s
+        .http
+        .put(format!("{}/admin/api/settings", s.base))
+        .bearer_auth(&token)
+        .json(&json!({"require_api_key": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .http
+        .post(format!("{}/v1/responses", s.base))
+        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_1", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "invalid_api_key", "{b}");
+}
