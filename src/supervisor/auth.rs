@@ -307,9 +307,7 @@ pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
         None => host.rsplit_once(':').map_or(host, |(n, _)| n),
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    name.parse::<std::net::Ipv4Addr>().is_ok()
-        || name == "localhost"
-        || allowed.contains(&name)
+    name.parse::<std::net::Ipv4Addr>().is_ok() || name == "localhost" || allowed.contains(&name)
 }
 
 /// Whether a request declares a JSON body (`Content-Type: application/json`, parameters allowed).

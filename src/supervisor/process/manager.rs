@@ -104,6 +104,14 @@ pub enum LoadError {
         reason: String,
         retry_s: u64,
     },
+    #[error(
+        "model `{model}` is being unloaded and did not stop within {waited_s} s; retry in {retry_s} s"
+    )]
+    Draining {
+        model: String,
+        waited_s: u64,
+        retry_s: u64,
+    },
     #[error("the supervisor is shutting down")]
     ShuttingDown,
     #[error("database: {0}")]
@@ -127,6 +135,9 @@ struct Worker {
     /// Set when the supervisor asked it to stop (so its exit is not a crash), with the reason.
     stop_reason: Mutex<Option<String>>,
     exited: watch::Receiver<Option<ExitInfo>>,
+    /// Set (with the reason) when the supervisor cuts this worker's in-flight requests: every
+    /// [`Lease`] holder ends its stream with an error.
+    cut: watch::Sender<Option<String>>,
 }
 
 struct Slot {
@@ -192,12 +203,21 @@ pub struct Lease {
     pub key: Arc<str>,
     /// Whether this request had to wait for a load (cold start).
     pub cold: bool,
+    /// Becomes `Some(reason)` when the supervisor cuts the request (drain deadline, worker gone): the
+    /// holder must end its response with an error then.
+    pub cut: watch::Receiver<Option<String>>,
+    /// The worker session this lease counts against.
+    session_id: i64,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut slots = self.mgr.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = slots.get_mut(&self.model) {
+        if let Some(s) = slots.get_mut(&self.model)
+            && s.worker
+                .as_ref()
+                .is_some_and(|w| w.session_id == self.session_id)
+        {
             s.inflight = s.inflight.saturating_sub(1);
             s.last_used = Instant::now();
         }
@@ -419,6 +439,8 @@ impl Manager {
     /// Errors: every [`LoadError`] variant.
     pub async fn acquire(self: &Arc<Self>, model: &str) -> Result<Lease, LoadError> {
         let mut cold = false;
+        let drain_wait = Duration::from_secs(self.settings().drain_timeout);
+        let mut draining_since: Option<Instant> = None;
         loop {
             if self.shutting_down.load(Ordering::Relaxed) {
                 return Err(LoadError::ShuttingDown);
@@ -444,6 +466,16 @@ impl Manager {
             };
             match st {
                 Some((ModelState::Ready, _, _)) => continue,
+                Some((ModelState::Draining, _, _))
+                    if draining_since.get_or_insert_with(Instant::now).elapsed() >= drain_wait =>
+                {
+                    // The drain deadline cuts its requests, then the worker gets STOP_GRACE to exit.
+                    return Err(LoadError::Draining {
+                        model: model.to_owned(),
+                        waited_s: drain_wait.as_secs(),
+                        retry_s: super::STOP_GRACE_SECS,
+                    });
+                }
                 Some((ModelState::Draining | ModelState::Loading, _, _)) => {
                     drop(guard);
                     let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
@@ -470,7 +502,7 @@ impl Manager {
             return None;
         }
         let w = s.worker.as_ref()?;
-        let (port, key) = (w.port, w.key.clone());
+        let (port, key, cut, session_id) = (w.port, w.key.clone(), w.cut.subscribe(), w.session_id);
         s.inflight += 1;
         s.last_used = Instant::now();
         Some(Lease {
@@ -479,6 +511,8 @@ impl Manager {
             port,
             key,
             cold,
+            cut,
+            session_id,
         })
     }
 
@@ -801,6 +835,7 @@ impl Manager {
             started_ms: now_ms(),
             stop_reason: Mutex::new(None),
             exited: exit_rx.clone(),
+            cut: watch::channel(None).0,
         });
         {
             let mut slots = self.slots();
@@ -988,7 +1023,12 @@ impl Manager {
             s.retry_at = Some(Instant::now() + backoff(s.failures));
         }
         tracing::info!(model, pid = worker.pid, "worker exited: {exit}");
-        self.transition(model, s, to, Some(reason));
+        self.transition(model, s, to, Some(reason.clone()));
+        // Requests still holding a lease on this worker are over (their counts went with it).
+        worker
+            .cut
+            .send_replace(Some(format!("the worker of `{model}` ended: {reason}")));
+        s.inflight = 0;
         s.worker = None;
         s.rss = 0;
         s.cpu = 0.0;
@@ -1027,15 +1067,35 @@ impl Manager {
         };
         let mgr = self.clone();
         let model = model.to_owned();
+        let why = why.to_owned();
+        let drain = Duration::from_secs(self.settings().drain_timeout);
         tokio::spawn(async move {
-            // Drain: wait for in-flight requests (never cut one).
+            // Drain: wait for in-flight requests, at most DRAIN_TIMEOUT; then cut them.
             let mut rx = mgr.changed.subscribe();
+            let deadline = tokio::time::Instant::now() + drain;
             loop {
                 let busy = mgr.slots().get(&model).map_or(0, |s| s.inflight);
                 if busy == 0 {
                     break;
                 }
-                let _ = rx.changed().await;
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    let reason = format!(
+                        "`{model}` is being unloaded ({why}) and its request(s) did not finish within DRAIN_TIMEOUT={} s",
+                        drain.as_secs()
+                    );
+                    tracing::warn!(
+                        model,
+                        in_flight = busy,
+                        "drain deadline passed: cutting {busy} request(s): {reason}"
+                    );
+                    mgr.logs(&model)
+                        .push("supervisor", format!("cutting {busy} request(s): {reason}"));
+                    worker.cut.send_replace(Some(reason));
+                    break;
+                }
             }
             mgr.terminate(&worker).await;
         });
