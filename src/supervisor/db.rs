@@ -519,6 +519,22 @@ impl Db {
         Ok(())
     }
 
+    /// Sets (or clears) why a model cannot run — e.g. its file became unreadable — keeping its row and
+    /// settings.
+    pub async fn set_unsupported_reason(&self, name: &str, reason: Option<&str>) -> Result<()> {
+        let (sql, values) = Query::update()
+            .table(Models::Table)
+            .value(Models::UnsupportedReason, reason.map(str::to_owned))
+            .value(Models::UpdatedAt, now_ms())
+            .and_where(Expr::col(Models::Name).eq(name))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("marking a model"))?;
+        Ok(())
+    }
+
     /// Records that a model served a request now.
     pub async fn touch_model(&self, name: &str) -> Result<()> {
         let (sql, values) = Query::update()
