@@ -67,6 +67,9 @@ pub struct Settings {
     /// error event, the reason is logged) and stops the worker; also the longest a request waits for a
     /// draining model before it is answered 503 with `Retry-After`. Default 60.
     pub drain_timeout: u64,
+    /// Days the request log (`requests`) and ended worker sessions (`model_sessions`) are kept; older
+    /// rows are pruned at start-up and hourly (0 = keep forever). Default 30.
+    pub retention_days: u32,
 }
 
 impl Default for Settings {
@@ -92,6 +95,7 @@ impl Default for Settings {
             hf_endpoint: "https://huggingface.co".into(),
             allowed_hosts: None,
             drain_timeout: 60,
+            retention_days: 30,
         }
     }
 }
@@ -162,7 +166,7 @@ fn opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error>
 }
 
 /// The names of all settings (lower case, as TOML keys), in declaration order.
-pub const SETTING_NAMES: [&str; 20] = [
+pub const SETTING_NAMES: [&str; 21] = [
     "host",
     "port",
     "data_dir",
@@ -183,6 +187,7 @@ pub const SETTING_NAMES: [&str; 20] = [
     "hf_endpoint",
     "allowed_hosts",
     "drain_timeout",
+    "retention_days",
 ];
 
 /// Shortest JWT_SECRET accepted (bytes): HS256 with a shorter key can be brute-forced offline from one

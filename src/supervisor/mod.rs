@@ -215,6 +215,23 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         &base.models_dir,
         &base.data_dir,
     );
+    if base.retention_days > 0 {
+        let db = db.clone();
+        let days = i64::from(base.retention_days);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                match db.prune_history(db::now_ms() - days * 86_400_000).await {
+                    Ok((0, 0)) => {}
+                    Ok((r, s)) => tracing::info!(
+                        "RETENTION_DAYS={days}: pruned {r} request(s) and {s} worker session(s)"
+                    ),
+                    Err(e) => tracing::warn!("pruning history: {e}"),
+                }
+            }
+        });
+    }
     {
         let m = manager.clone();
         tokio::spawn(async move {
