@@ -177,3 +177,84 @@ async fn a_request_for_a_model_stuck_draining_gets_503_with_retry_after() {
     let _ = h.await;
     assert_eq!(chat_status(&s).await.0, 200);
 }
+
+/// A worker that hangs while ready (SIGSTOP) is found by the health probes and killed; the next request
+/// loads the model again and is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_worker_is_detected_and_replaced() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let token = s.login().await;
+    assert_eq!(chat_status(&s).await.0, 200);
+    let pid = worker_of(&s, &token, SMOL_ID).await.unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let t0 = Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // 3 probes 5 s apart, each waiting 5 s: found within about 20 s.
+    while pid_alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the hung worker {pid} is still there:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        s.log().contains("hung:"),
+        "the reason is logged:\n{}",
+        s.log()
+    );
+    let (st, _, body) = chat_status(&s).await;
+    assert_eq!(st, 200, "{body}");
+    let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
+    assert_ne!(w["pid"].as_u64(), Some(u64::from(pid)));
+    assert_eq!(s.workers().len(), 1, "no orphan: one worker");
+}
+
+/// A worker SIGKILLed mid-stream: the client's stream ends with an error event, and the next request
+/// loads the model again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_is_reloaded() {
+    let s = Server::start(&[SMOL], &[]).await;
+    let token = s.login().await;
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&endless_stream())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let stream = tokio::spawn(async move { r.text().await.unwrap_or_default() });
+    let pid = wait_inflight(&s, &token, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let text = tokio::time::timeout(Duration::from_secs(10), stream)
+        .await
+        .expect("the stream ends when its worker dies")
+        .unwrap();
+    let last = text
+        .lines()
+        .rfind(|l| l.starts_with("data: "))
+        .unwrap_or_default();
+    assert!(
+        last.contains("\"error\""),
+        "the last event is an error: {last}"
+    );
+    let (st, _, body) = chat_status(&s).await;
+    assert_eq!(st, 200, "{body}");
+    let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
+    assert_ne!(w["pid"].as_u64(), Some(u64::from(pid)));
+}

@@ -215,6 +215,17 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         &base.models_dir,
         &base.data_dir,
     );
+    {
+        let m = manager.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(process::manager::HEALTH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                m.check_health().await;
+            }
+        });
+    }
     if base.retention_days > 0 {
         let db = db.clone();
         let days = i64::from(base.retention_days);

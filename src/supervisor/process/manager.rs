@@ -35,6 +35,13 @@ pub const STOP_GRACE: Duration = Duration::from_secs(super::STOP_GRACE_SECS);
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a load waits for other models to drain before answering 503.
 pub const ADMISSION_WAIT: Duration = Duration::from_secs(120);
+/// Interval between health probes of ready workers ([`Manager::check_health`]).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest a ready worker may take to answer one `/health` probe.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Probes in a row without an answer after which a ready worker counts as hung and is killed (the next
+/// request loads the model again).
+pub const HEALTH_FAILURES: u32 = 3;
 /// Fixed part of the memory margin added to every estimate (bytes).
 pub const MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 /// Default number of slots (`-np`) per worker.
@@ -138,6 +145,8 @@ struct Worker {
     /// Set (with the reason) when the supervisor cuts this worker's in-flight requests: every
     /// [`Lease`] holder ends its stream with an error.
     cut: watch::Sender<Option<String>>,
+    /// Health probes in a row that got no answer.
+    health_failures: std::sync::atomic::AtomicU32,
 }
 
 struct Slot {
@@ -836,6 +845,7 @@ impl Manager {
             stop_reason: Mutex::new(None),
             exited: exit_rx.clone(),
             cut: watch::channel(None).0,
+            health_failures: 0.into(),
         });
         {
             let mut slots = self.slots();
@@ -1119,6 +1129,47 @@ impl Manager {
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|e| e.is_some())).await;
         }
+    }
+
+    /// Probes every ready worker's `/health` once (all at once, each at most [`HEALTH_TIMEOUT`]); a
+    /// worker that left [`HEALTH_FAILURES`] probes in a row unanswered is hung (stopped, deadlocked):
+    /// it is killed with the reason logged, its streams end with an error, and the next request loads
+    /// the model again. Any HTTP answer counts as alive. Returns the models whose worker was killed.
+    pub async fn check_health(self: &Arc<Self>) -> Vec<String> {
+        let ready: Vec<(String, Arc<Worker>)> = self
+            .slots()
+            .iter()
+            .filter(|(_, s)| s.state == ModelState::Ready)
+            .filter_map(|(n, s)| s.worker.clone().map(|w| (n.clone(), w)))
+            .collect();
+        let probes = ready.into_iter().map(|(name, w)| {
+            let rq = self
+                .http
+                .get(format!("http://127.0.0.1:{}/health", w.port))
+                .timeout(HEALTH_TIMEOUT);
+            async move { (name, w, rq.send().await.is_ok()) }
+        });
+        let mut killed = Vec::new();
+        for (name, w, ok) in futures_util::future::join_all(probes).await {
+            if ok {
+                w.health_failures.store(0, Ordering::Relaxed);
+                continue;
+            }
+            let n = w.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if n < HEALTH_FAILURES || self.state_of(&name) != ModelState::Ready {
+                continue;
+            }
+            let why = format!(
+                "hung: {n} health probes in a row got no answer within {} s; killed",
+                HEALTH_TIMEOUT.as_secs()
+            );
+            tracing::warn!(model = %name, pid = w.pid, "{why}");
+            self.logs(&name).push("supervisor", why.clone());
+            *w.stop_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            self.kill_now(&w).await;
+            killed.push(name);
+        }
+        killed
     }
 
     /// Unloads models idle longer than their timeout (the model's, else MODEL_IDLE_TIMEOUT; 0 = never).
