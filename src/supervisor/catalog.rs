@@ -402,8 +402,8 @@ mod tests {
         };
         let src = Path::new(&assets).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         let dir = tempfile::tempdir().unwrap();
-        // `x/x.gguf`'s relative-path name (`x--x`) clashes with the file `x--x.gguf`, and `x.gguf`'s stem
-        // with `x/x.gguf`'s.
+        // Scanned in path order `x/x.gguf` (`x`), `x--x.gguf` (`x--x`), `x.gguf`: its stem and its
+        // relative-path name are both `x`, taken — it gets a suffix.
         std::fs::create_dir(dir.path().join("x")).unwrap();
         for f in ["x.gguf", "x/x.gguf", "x--x.gguf"] {
             std::os::unix::fs::symlink(&src, dir.path().join(f)).unwrap();
@@ -411,7 +411,15 @@ mod tests {
         let db = Db::open(&dir.path().join("t.db")).await.unwrap();
         let mut r = scan(&db, dir.path()).await.unwrap();
         r.models.sort();
-        assert_eq!(r.models, ["x", "x--x", "x--x-2"], "{:?}", r.skipped);
+        assert_eq!(r.models, ["x", "x--x", "x-2"], "{:?}", r.skipped);
+        assert!(
+            db.get_model("x")
+                .await
+                .unwrap()
+                .unwrap()
+                .file_path
+                .ends_with("x/x.gguf")
+        );
         // A registered file that turns unreadable keeps its row and settings, marked with the reason.
         let patch: crate::supervisor::db::ModelSettingsPatch =
             serde_json::from_str(r#"{"ctx_size": 512, "pinned": true}"#).unwrap();

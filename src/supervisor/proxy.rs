@@ -123,30 +123,46 @@ async fn proxy(
         st.log_request(UNKNOWN_MODEL, &endpoint, 404, None, t0, key_id);
         return Err(e);
     }
-    let lease = match st.manager.acquire(&model).await {
-        Ok(l) => l,
-        Err(e) => {
-            let e = load_error(e);
-            st.log_request(&model, &endpoint, e.status.as_u16(), None, t0, key_id);
-            return Err(e);
+    // A worker that died a moment ago may still look ready (its exit is being processed): a request
+    // refused at connect waits for the manager to see the exit, then goes to a fresh worker, once.
+    let mut retried = false;
+    let (lease, upstream) = loop {
+        let lease = match st.manager.acquire(&model).await {
+            Ok(l) => l,
+            Err(e) => {
+                let e = load_error(e);
+                st.log_request(&model, &endpoint, e.status.as_u16(), None, t0, key_id);
+                return Err(e);
+            }
+        };
+        let mut req = st
+            .proxy_http
+            .post(format!("http://127.0.0.1:{}{endpoint}", lease.port))
+            .bearer_auth(&*lease.key)
+            .body(body.clone());
+        for h in [header::CONTENT_TYPE, header::ACCEPT] {
+            if let Some(v) = headers.get(&h) {
+                req = req.header(h, v);
+            }
         }
-    };
-    let mut req = st
-        .proxy_http
-        .post(format!("http://127.0.0.1:{}{endpoint}", lease.port))
-        .bearer_auth(&*lease.key)
-        .body(body);
-    for h in [header::CONTENT_TYPE, header::ACCEPT] {
-        if let Some(v) = headers.get(&h) {
-            req = req.header(h, v);
-        }
-    }
-    let upstream = match req.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = format!("the worker of `{model}` failed during the request: {e}");
-            st.log_request(&model, &endpoint, 502, None, t0, key_id);
-            return Err(ApiError::bad_gateway(msg));
+        match req.send().await {
+            Ok(r) => break (lease, r),
+            Err(e) => {
+                let mut cut = lease.cut.clone();
+                if !retried
+                    && e.is_connect()
+                    && tokio::time::timeout(Duration::from_secs(2), cut.wait_for(|c| c.is_some()))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                {
+                    retried = true;
+                    drop(lease);
+                    continue;
+                }
+                let msg = format!("the worker of `{model}` failed during the request: {e}");
+                st.log_request(&model, &endpoint, 502, None, t0, key_id);
+                return Err(ApiError::bad_gateway(msg));
+            }
         }
     };
     if !lease.cold {
