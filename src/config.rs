@@ -63,6 +63,13 @@ pub struct Settings {
     /// rebinding; IP addresses and `localhost` are always accepted. Unset = any.
     #[serde(default, deserialize_with = "opt_string")]
     pub allowed_hosts: Option<String>,
+    /// Seconds an unload waits for in-flight requests to end before it cuts them (each stream gets an
+    /// error event, the reason is logged) and stops the worker; also the longest a request waits for a
+    /// draining model before it is answered 503 with `Retry-After`. Default 60.
+    pub drain_timeout: u64,
+    /// Days the request log (`requests`) and ended worker sessions (`model_sessions`) are kept; older
+    /// rows are pruned at start-up and hourly (0 = keep forever). Default 30.
+    pub retention_days: u32,
 }
 
 impl Default for Settings {
@@ -87,6 +94,8 @@ impl Default for Settings {
             hf_token: None,
             hf_endpoint: "https://huggingface.co".into(),
             allowed_hosts: None,
+            drain_timeout: 60,
+            retention_days: 30,
         }
     }
 }
@@ -157,7 +166,7 @@ fn opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error>
 }
 
 /// The names of all settings (lower case, as TOML keys), in declaration order.
-pub const SETTING_NAMES: [&str; 19] = [
+pub const SETTING_NAMES: [&str; 21] = [
     "host",
     "port",
     "data_dir",
@@ -177,6 +186,8 @@ pub const SETTING_NAMES: [&str; 19] = [
     "hf_token",
     "hf_endpoint",
     "allowed_hosts",
+    "drain_timeout",
+    "retention_days",
 ];
 
 /// Shortest JWT_SECRET accepted (bytes): HS256 with a shorter key can be brute-forced offline from one
@@ -331,6 +342,9 @@ impl Settings {
                     "must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`), or unset for a generated one"
                 ),
             ));
+        }
+        if self.drain_timeout == 0 {
+            return Err(bad("drain_timeout", "0".into(), "must be at least 1"));
         }
         if self.jwt_expiry_hours == 0 {
             return Err(bad("jwt_expiry_hours", "0".into(), "must be at least 1"));

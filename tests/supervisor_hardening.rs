@@ -595,3 +595,54 @@ async fn stale_partial_downloads_are_removed_at_start_up() {
     assert!(!stale.exists(), "the stale partial is removed");
     assert!(fresh.exists(), "the fresh partial is kept");
 }
+
+/// Per-request caps: prompts × `n` on `/v1/completions` and the number of embedding inputs are bounded
+/// (400 naming the limit, before anything is tokenized); requests at the limit still work.
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_times_n_and_embedding_inputs_are_capped() {
+    const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
+    let s = Server::start(&[SMOL, MINILM], &[]).await;
+    let post = |path: &'static str, body: Value| {
+        let rq = s.http.post(format!("{}{path}", s.base)).json(&body);
+        async move {
+            let r = rq.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let prompts: Vec<String> = (0..9).map(|i| format!("Number {i}:")).collect();
+    let (st, b) = post(
+        "/v1/completions",
+        json!({"model": SMOL_ID, "prompt": prompts, "n": 8, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(st, 400, "{b}");
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("72 completions") && msg.contains("64"),
+        "{msg}"
+    );
+    let (st, b) = post(
+        "/v1/completions",
+        json!({"model": SMOL_ID, "prompt": &prompts[..8], "n": 8, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["choices"].as_array().unwrap().len(), 64);
+
+    let inputs: Vec<&str> = vec!["hi"; 513];
+    let (st, b) = post(
+        "/v1/embeddings",
+        json!({"model": "all-MiniLM-L6-v2.F16", "input": inputs}),
+    )
+    .await;
+    assert_eq!(st, 400, "{b}");
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("513 entries") && msg.contains("512"), "{msg}");
+    let (st, b) = post(
+        "/v1/embeddings",
+        json!({"model": "all-MiniLM-L6-v2.F16", "input": &inputs[..4]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["data"].as_array().unwrap().len(), 4);
+}

@@ -51,7 +51,7 @@ use super::process::STOP_GRACE_SECS;
 use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings};
 
 /// Settings that can be changed at run time through `PUT /admin/api/settings` (plus `require_api_key`).
-pub const LIVE_SETTINGS: [&str; 8] = [
+pub const LIVE_SETTINGS: [&str; 9] = [
     "model_idle_timeout",
     "max_loaded_models",
     "max_memory_percent",
@@ -60,6 +60,7 @@ pub const LIVE_SETTINGS: [&str; 8] = [
     "threads",
     "gpu_layers",
     "jwt_expiry_hours",
+    "drain_timeout",
 ];
 
 /// The extra (non-`Settings`) override: whether `/v1/*` needs an API key (`true`/`false`).

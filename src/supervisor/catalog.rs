@@ -230,8 +230,10 @@ pub fn delete_model_files(path: &Path, models_dir: &Path) -> Result<Vec<PathBuf>
 }
 
 /// Scans `models_dir`, registers every readable GGUF (the id is the file stem, without the
-/// `-00001-of-0000N` of a split; a clash gets the relative path with `/` → `--`), and removes rows
-/// whose file is gone. Parts 2.. of a split are read with their first part, not registered alone.
+/// `-00001-of-0000N` of a split; a clash gets the relative path with `/` → `--`, and a clash left
+/// after that a `-2`, `-3` … suffix), and removes rows whose file is gone. A registered file that can
+/// no longer be read keeps its row and settings, marked unreadable with the reason (it cannot load);
+/// a file that cannot be registered is reported, never an error of the whole scan. Parts 2.. of a split are read with their first part, not registered alone.
 /// Blocking file reads run off the runtime.
 ///
 /// Errors: [`CatalogError::Dir`] when the folder cannot be listed, [`CatalogError::Db`].
@@ -286,26 +288,66 @@ pub async fn scan(db: &Db, models_dir: &Path) -> Result<ScanReport, CatalogError
         source: std::io::Error::other(e.to_string()),
     })??;
     let mut report = ScanReport::default();
-    let mut present = Vec::new();
     let existing = db.list_models().await?;
+    // Rows whose file is still there stay — an unreadable one too, with its settings — so the rows of
+    // files that are gone can go first and free their names.
+    let present: Vec<String> = found
+        .iter()
+        .filter(|(path, r)| r.is_ok() || existing.iter().any(|e| &e.file_path == path))
+        .map(|(path, _)| path.clone())
+        .collect();
+    report.removed = db.remove_missing(&present).await?;
+    let mut taken: std::collections::HashSet<String> = existing
+        .iter()
+        .filter(|e| present.contains(&e.file_path))
+        .map(|e| e.name.clone())
+        .collect();
     for (path, r) in found {
-        match r {
-            Ok(mut m) => {
-                // A file already registered keeps its (possibly renamed) id.
-                if let Some(old) = existing.iter().find(|e| e.file_path == path) {
-                    m.name = old.name.clone();
+        let old = existing.iter().find(|e| e.file_path == path);
+        match (r, old) {
+            (Ok(mut m), old) => {
+                match old {
+                    // A file already registered keeps its (possibly renamed) id.
+                    Some(old) => m.name = old.name.clone(),
+                    None => {
+                        m.name = unique_name(&m.name, &taken);
+                        taken.insert(m.name.clone());
+                    }
                 }
-                present.push(path);
-                report.models.push(db.upsert_scanned(&m).await?.name);
+                match db.upsert_scanned(&m).await {
+                    Ok(row) => report.models.push(row.name),
+                    Err(e) => {
+                        tracing::warn!(file = %path, error = %e, "cannot register GGUF");
+                        report.skipped.push((path, e.to_string()));
+                    }
+                }
             }
-            Err(e) => {
+            (Err(e), Some(old)) => {
+                let reason = format!("unreadable: {e}");
+                tracing::warn!(file = %path, model = %old.name, "{reason}");
+                if let Err(e) = db.set_unsupported_reason(&old.name, Some(&reason)).await {
+                    tracing::warn!(file = %path, error = %e, "cannot mark model unreadable");
+                }
+                report.skipped.push((path, e));
+            }
+            (Err(e), None) => {
                 tracing::warn!(file = %path, error = %e, "skipping unreadable GGUF");
                 report.skipped.push((path, e));
             }
         }
     }
-    report.removed = db.remove_missing(&present).await?;
     Ok(report)
+}
+
+/// `name`, or `name-2`, `name-3` … : the first not in `taken`.
+fn unique_name(name: &str, taken: &std::collections::HashSet<String>) -> String {
+    if !taken.contains(name) {
+        return name.to_owned();
+    }
+    (2u32..)
+        .map(|i| format!("{name}-{i}"))
+        .find(|n| !taken.contains(n))
+        .expect("a free suffix exists")
 }
 
 #[cfg(test)]
@@ -351,6 +393,58 @@ mod tests {
         let r = scan(&db, dir.path()).await.unwrap();
         assert_eq!(r.removed, vec!["smol".to_string()]);
         assert!(scan(&db, &dir.path().join("missing")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn name_clashes_get_a_suffix_and_unreadable_files_keep_their_row() {
+        let Ok(assets) = std::env::var("CYBER_INFERENCE_ASSETS") else {
+            panic!("CYBER_INFERENCE_ASSETS is not set (see ../shared/assets/fetch)");
+        };
+        let src = Path::new(&assets).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let dir = tempfile::tempdir().unwrap();
+        // Scanned in path order `x/x.gguf` (`x`), `x--x.gguf` (`x--x`), `x.gguf`: its stem and its
+        // relative-path name are both `x`, taken — it gets a suffix.
+        std::fs::create_dir(dir.path().join("x")).unwrap();
+        for f in ["x.gguf", "x/x.gguf", "x--x.gguf"] {
+            std::os::unix::fs::symlink(&src, dir.path().join(f)).unwrap();
+        }
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let mut r = scan(&db, dir.path()).await.unwrap();
+        r.models.sort();
+        assert_eq!(r.models, ["x", "x--x", "x-2"], "{:?}", r.skipped);
+        assert!(
+            db.get_model("x")
+                .await
+                .unwrap()
+                .unwrap()
+                .file_path
+                .ends_with("x/x.gguf")
+        );
+        // A registered file that turns unreadable keeps its row and settings, marked with the reason.
+        let patch: crate::supervisor::db::ModelSettingsPatch =
+            serde_json::from_str(r#"{"ctx_size": 512, "pinned": true}"#).unwrap();
+        db.update_model_settings("x", &patch)
+            .await
+            .unwrap()
+            .unwrap();
+        let x = db.get_model("x").await.unwrap().unwrap();
+        std::fs::remove_file(&x.file_path).unwrap();
+        std::fs::write(&x.file_path, b"GGUF\x03\0\0\0garbage").unwrap();
+        let r = scan(&db, dir.path()).await.unwrap();
+        assert!(r.removed.is_empty(), "{:?}", r.removed);
+        assert_eq!(r.skipped.len(), 1, "{:?}", r.skipped);
+        let m = db.get_model("x").await.unwrap().unwrap();
+        assert_eq!((m.ctx_size, m.pinned, m.id), (Some(512), true, x.id));
+        let why = m.unsupported_reason.unwrap_or_default();
+        assert!(why.starts_with("unreadable: "), "{why}");
+        // Readable again: the mark goes.
+        std::fs::remove_file(&x.file_path).unwrap();
+        std::os::unix::fs::symlink(&src, &x.file_path).unwrap();
+        scan(&db, dir.path()).await.unwrap();
+        assert_eq!(
+            db.get_model("x").await.unwrap().unwrap().unsupported_reason,
+            None
+        );
     }
 
     #[tokio::test]

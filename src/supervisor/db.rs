@@ -524,6 +524,22 @@ impl Db {
         Ok(())
     }
 
+    /// Sets (or clears) why a model cannot run — e.g. its file became unreadable — keeping its row and
+    /// settings.
+    pub async fn set_unsupported_reason(&self, name: &str, reason: Option<&str>) -> Result<()> {
+        let (sql, values) = Query::update()
+            .table(Models::Table)
+            .value(Models::UnsupportedReason, reason.map(str::to_owned))
+            .value(Models::UpdatedAt, now_ms())
+            .and_where(Expr::col(Models::Name).eq(name))
+            .build_sqlx(SqliteQueryBuilder);
+        sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("marking a model"))?;
+        Ok(())
+    }
+
     /// Records that a model served a request now.
     pub async fn touch_model(&self, name: &str) -> Result<()> {
         let (sql, values) = Query::update()
@@ -915,6 +931,33 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
+    // ---- retention ----------------------------------------------------------------------------------
+
+    /// Deletes request-log rows created before `before_ms` and ended worker sessions (not loading,
+    /// ready or draining) that started before it. Returns (requests, sessions) deleted.
+    pub async fn prune_history(&self, before_ms: i64) -> Result<(u64, u64)> {
+        let (sql, values) = Query::delete()
+            .from_table(Requests::Table)
+            .and_where(Expr::col(Requests::CreatedAt).lt(before_ms))
+            .build_sqlx(SqliteQueryBuilder);
+        let requests = sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning the request log"))?
+            .rows_affected();
+        let (sql, values) = Query::delete()
+            .from_table(ModelSessions::Table)
+            .and_where(Expr::col(ModelSessions::StartedAt).lt(before_ms))
+            .and_where(Expr::col(ModelSessions::Status).is_not_in(["loading", "ready", "draining"]))
+            .build_sqlx(SqliteQueryBuilder);
+        let sessions = sqlx::query_with(&sql, values)
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning worker sessions"))?
+            .rows_affected();
+        Ok((requests, sessions))
+    }
+
     // ---- requests -----------------------------------------------------------------------------------
 
     /// Logs one finished proxied request.
@@ -1011,6 +1054,68 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn history_older_than_the_retention_is_pruned() {
+        let (_d, db) = db().await;
+        let m = db
+            .upsert_scanned(&ScannedModel {
+                name: "a".into(),
+                file_path: "/m/a.gguf".into(),
+                size_bytes: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let req = |created_at| RequestRow {
+            model: "a".into(),
+            endpoint: "/v1/completions".into(),
+            status: 200,
+            prompt_tokens: None,
+            completion_tokens: None,
+            duration_ms: 1,
+            api_key_id: None,
+            created_at,
+        };
+        let now = now_ms();
+        let day = 86_400_000;
+        db.insert_request(&req(now - 10 * day)).await.unwrap();
+        db.insert_request(&req(now)).await.unwrap();
+        let old = db.insert_session(m.id, 1, "old", "loading").await.unwrap();
+        db.set_session_status(old, "stopped", None).await.unwrap();
+        let live = db.insert_session(m.id, 2, "live", "ready").await.unwrap();
+        let recent = db
+            .insert_session(m.id, 3, "recent", "loading")
+            .await
+            .unwrap();
+        db.set_session_status(recent, "failed", Some("x"))
+            .await
+            .unwrap();
+        // Age the first two sessions.
+        sqlx::query("UPDATE model_sessions SET started_at = ? WHERE id IN (?, ?)")
+            .bind(now - 10 * day)
+            .bind(old)
+            .bind(live)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let (r, s) = db.prune_history(now - 7 * day).await.unwrap();
+        assert_eq!((r, s), (1, 1), "one old request, one ended old session");
+        let left = db.recent_requests(10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].created_at, now);
+        let ids: Vec<i64> = db
+            .model_sessions(m.id, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        assert!(
+            ids.contains(&live) && ids.contains(&recent) && !ids.contains(&old),
+            "{ids:?}"
+        );
+    }
 
     async fn db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();

@@ -225,6 +225,34 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     {
         let m = manager.clone();
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(process::manager::HEALTH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                m.check_health().await;
+            }
+        });
+    }
+    if base.retention_days > 0 {
+        let db = db.clone();
+        let days = i64::from(base.retention_days);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                match db.prune_history(db::now_ms() - days * 86_400_000).await {
+                    Ok((0, 0)) => {}
+                    Ok((r, s)) => tracing::info!(
+                        "RETENTION_DAYS={days}: pruned {r} request(s) and {s} worker session(s)"
+                    ),
+                    Err(e) => tracing::warn!("pruning history: {e}"),
+                }
+            }
+        });
+    }
+    {
+        let m = manager.clone();
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;

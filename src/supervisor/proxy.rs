@@ -4,8 +4,7 @@
 //! Usage is read from the tail of the response (the last SSE chunk or the JSON body) without buffering.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -13,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 
 use super::AppState;
@@ -70,6 +69,9 @@ pub fn load_error(e: LoadError) -> ApiError {
         LoadError::TooManyLoaded { .. } => ApiError::unavailable("model_capacity", msg),
         LoadError::Failed { .. } | LoadError::Backoff { .. } => {
             ApiError::unavailable("model_load_failed", msg)
+        }
+        LoadError::Draining { retry_s, .. } => {
+            ApiError::unavailable("model_unloading", msg).retry_after(retry_s)
         }
         LoadError::ShuttingDown => ApiError::unavailable("shutting_down", msg),
         LoadError::Db(_) => ApiError::internal(msg),
@@ -128,30 +130,46 @@ async fn proxy(
         st.log_request(UNKNOWN_MODEL, &endpoint, 404, None, t0, key_id);
         return Err(e);
     }
-    let lease = match st.manager.acquire(&model).await {
-        Ok(l) => l,
-        Err(e) => {
-            let e = load_error(e);
-            st.log_request(&model, &endpoint, e.status.as_u16(), None, t0, key_id);
-            return Err(e);
+    // A worker that died a moment ago may still look ready (its exit is being processed): a request
+    // refused at connect waits for the manager to see the exit, then goes to a fresh worker, once.
+    let mut retried = false;
+    let (lease, upstream) = loop {
+        let lease = match st.manager.acquire(&model).await {
+            Ok(l) => l,
+            Err(e) => {
+                let e = load_error(e);
+                st.log_request(&model, &endpoint, e.status.as_u16(), None, t0, key_id);
+                return Err(e);
+            }
+        };
+        let mut req = st
+            .proxy_http
+            .post(format!("http://127.0.0.1:{}{endpoint}", lease.port))
+            .bearer_auth(&*lease.key)
+            .body(body.clone());
+        for h in [header::CONTENT_TYPE, header::ACCEPT] {
+            if let Some(v) = headers.get(&h) {
+                req = req.header(h, v);
+            }
         }
-    };
-    let mut req = st
-        .proxy_http
-        .post(format!("http://127.0.0.1:{}{endpoint}", lease.port))
-        .bearer_auth(&*lease.key)
-        .body(body);
-    for h in [header::CONTENT_TYPE, header::ACCEPT] {
-        if let Some(v) = headers.get(&h) {
-            req = req.header(h, v);
-        }
-    }
-    let upstream = match req.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = format!("the worker of `{model}` failed during the request: {e}");
-            st.log_request(&model, &endpoint, 502, None, t0, key_id);
-            return Err(ApiError::bad_gateway(msg));
+        match req.send().await {
+            Ok(r) => break (lease, r),
+            Err(e) => {
+                let mut cut = lease.cut.clone();
+                if !retried
+                    && e.is_connect()
+                    && tokio::time::timeout(Duration::from_secs(2), cut.wait_for(|c| c.is_some()))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                {
+                    retried = true;
+                    drop(lease);
+                    continue;
+                }
+                let msg = format!("the worker of `{model}` failed during the request: {e}");
+                st.log_request(&model, &endpoint, 502, None, t0, key_id);
+                return Err(ApiError::bad_gateway(msg));
+            }
         }
     };
     if !lease.cold {
@@ -172,87 +190,125 @@ async fn proxy(
     if sse {
         resp = resp.header("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    let relay = Relay {
-        inner: Box::pin(upstream.bytes_stream()),
-        tail: Vec::new(),
-        sse,
-        status: status.as_u16(),
-        done: false,
-        log: Some((st.clone(), model, endpoint, t0, key_id)),
-        _lease: lease,
-    };
-    resp.body(Body::from_stream(relay))
+    let log = (st.clone(), model, endpoint, t0, key_id);
+    let body = relay(upstream, sse, status.as_u16(), log, lease);
+    resp.body(body)
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 type LogCtx = (AppState, String, String, Instant, Option<i64>);
 
-/// The response body: passes upstream chunks through as they come, keeps the last [`TAIL`] bytes to read
-/// `usage` at the end, holds the in-flight lease until the body ends or the client goes away (dropping
-/// it closes the upstream connection), and logs the request once.
-struct Relay {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    tail: Vec<u8>,
+/// Longest the proxy waits for a client to take the next chunk of a response (it stopped reading)
+/// before it gives up on it: the request is logged as 499 and its worker slot is released, so an
+/// unload is never held up by such a client.
+pub const IDLE_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Chunks buffered between the worker and a slow client.
+const RELAY_CHUNKS: usize = 16;
+
+/// The response body: a task passes upstream chunks through a bounded channel as they come, keeps the
+/// last [`TAIL`] bytes to read `usage` at the end, and holds the in-flight lease until the body ends,
+/// the client goes away or stops reading for [`IDLE_WRITE_TIMEOUT`], or the supervisor cuts the request
+/// (drain deadline, worker gone: an SSE stream then gets an error event). Dropping the upstream response
+/// closes the worker connection. The request is logged once.
+fn relay(upstream: reqwest::Response, sse: bool, status: u16, log: LogCtx, lease: Lease) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(RELAY_CHUNKS);
+    tokio::spawn(pump(
+        Box::pin(upstream.bytes_stream()),
+        tx,
+        sse,
+        status,
+        log,
+        lease,
+    ));
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+/// Waits until the lease's request is cut; returns the reason.
+async fn cut_reason(rx: &mut tokio::sync::watch::Receiver<Option<String>>) -> String {
+    let reason = rx
+        .wait_for(|c| c.is_some())
+        .await
+        .map(|r| r.clone().unwrap_or_default());
+    match reason {
+        Ok(r) => r,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Ends a response early with `err`: in-band as an SSE error event (the headers are gone already), else
+/// by aborting the body. Never waits for a client that is not reading.
+fn end_with(
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    sse: bool,
+    err: ApiError,
+) {
+    let item = if sse {
+        Ok(Bytes::from(format!("data: {}\n\n", err.body())))
+    } else {
+        Err(std::io::Error::other(err.message))
+    };
+    let _ = tx.try_send(item);
+}
+
+async fn pump(
+    mut upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
     sse: bool,
     status: u16,
-    done: bool,
-    log: Option<LogCtx>,
-    _lease: Lease,
-}
-
-impl Relay {
-    fn finish(&mut self, status: u16) {
-        if let Some((st, model, endpoint, t0, key)) = self.log.take() {
-            let usage = find_usage(&self.tail);
-            st.log_request(&model, &endpoint, status, usage, t0, key);
-        }
-    }
-}
-
-impl Stream for Relay {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.inner.as_mut().poll_next(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(b))) => {
-                self.tail.extend_from_slice(&b);
-                if self.tail.len() > TAIL {
-                    let cut = self.tail.len() - TAIL;
-                    self.tail.drain(..cut);
-                }
-                Poll::Ready(Some(Ok(b)))
+    log: LogCtx,
+    lease: Lease,
+) {
+    let mut tail: Vec<u8> = Vec::new();
+    let mut cut = lease.cut.clone();
+    let end: u16 = loop {
+        let next = tokio::select! {
+            n = upstream.next() => n,
+            why = cut_reason(&mut cut) => {
+                end_with(&tx, sse, ApiError::unavailable("request_cut", why));
+                break 503;
             }
-            Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                self.finish(502);
-                if self.sse {
-                    // Headers are gone already: tell the client in-band, in OpenAI's error shape.
-                    let err = ApiError::bad_gateway(format!("the worker failed mid-stream: {e}"));
-                    let chunk = format!("data: {}\n\n", err.body());
-                    Poll::Ready(Some(Ok(Bytes::from(chunk))))
-                } else {
-                    Poll::Ready(Some(Err(std::io::Error::other(e))))
+            _ = tx.closed() => break 499,
+        };
+        match next {
+            Some(Ok(b)) => {
+                tail.extend_from_slice(&b);
+                if tail.len() > TAIL {
+                    let cut = tail.len() - TAIL;
+                    tail.drain(..cut);
+                }
+                tokio::select! {
+                    r = tokio::time::timeout(IDLE_WRITE_TIMEOUT, tx.send(Ok(b))) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break 499,
+                        Err(_) => {
+                            tracing::warn!(
+                                model = %log.1,
+                                "the client took no data for {} s; the request is dropped",
+                                IDLE_WRITE_TIMEOUT.as_secs()
+                            );
+                            break 499;
+                        }
+                    },
+                    why = cut_reason(&mut cut) => {
+                        end_with(&tx, sse, ApiError::unavailable("request_cut", why));
+                        break 503;
+                    }
                 }
             }
-            Poll::Ready(None) => {
-                self.done = true;
-                let s = self.status;
-                self.finish(s);
-                Poll::Ready(None)
+            Some(Err(e)) => {
+                let err = ApiError::bad_gateway(format!("the worker failed mid-stream: {e}"));
+                end_with(&tx, sse, err);
+                break 502;
             }
+            None => break status,
         }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // The client went away before the end: 499 (client closed request).
-        self.finish(499);
-    }
+    };
+    drop(upstream);
+    drop(lease);
+    let (st, model, endpoint, t0, key) = log;
+    st.log_request(&model, &endpoint, end, find_usage(&tail), t0, key);
 }
 
 /// (prompt_tokens, completion_tokens) of the last `"usage": {…}` object in `tail`, if complete.

@@ -852,6 +852,25 @@ fn completion_logprobs(tokens: &[TokenOut], offset: &mut u32, lp: &mut Completio
     }
 }
 
+/// Most completions one `/v1/completions` request may ask for: prompts × `n`.
+pub const MAX_CHOICES: usize = 64;
+/// Most inputs one `/v1/embeddings` request may carry.
+pub const MAX_EMBEDDING_INPUTS: usize = 512;
+
+/// 400 when `prompts` × `n` exceeds [`MAX_CHOICES`] (checked before anything is tokenized).
+fn check_choices(prompts: usize, n: usize) -> Result<(), ApiError> {
+    if prompts.saturating_mul(n) > MAX_CHOICES {
+        return Err(ApiError::bad(
+            format!(
+                "{prompts} prompt(s) × n = {n} asks for {} completions; at most {MAX_CHOICES} per request",
+                prompts.saturating_mul(n)
+            ),
+            Some("prompt"),
+        ));
+    }
+    Ok(())
+}
+
 async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     st.metrics.count_request(Endpoint::Completions);
     let ready = st.ready()?;
@@ -872,10 +891,12 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         n_probs,
         ready.codec.info().n_vocab,
     )?;
+    let raw_prompts = req.prompt.into_prompts();
+    check_choices(raw_prompts.len(), spec.n)?;
     spec.constraint = structured::constraint_of(&ready.codec, &req.structured).await?;
     let echo = req.echo.unwrap_or(false);
     let mut prompts = Vec::new();
-    for p in req.prompt.into_prompts() {
+    for p in raw_prompts {
         let (ids, text) = match p {
             OnePrompt::Text(t) => (ready.codec.encode(&t, true, true), t),
             OnePrompt::Tokens(ids) => {
@@ -1031,8 +1052,18 @@ async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Resp
             None,
         ));
     }
+    let raw_inputs = req.input.into_prompts();
+    if raw_inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(ApiError::bad(
+            format!(
+                "'input' has {} entries; at most {MAX_EMBEDDING_INPUTS} per request",
+                raw_inputs.len()
+            ),
+            Some("input"),
+        ));
+    }
     let mut inputs = Vec::new();
-    for p in req.input.into_prompts() {
+    for p in raw_inputs {
         let ids = match p {
             OnePrompt::Text(t) => ready.codec.encode(&t, true, true),
             OnePrompt::Tokens(ids) => {

@@ -35,6 +35,13 @@ pub const STOP_GRACE: Duration = Duration::from_secs(super::STOP_GRACE_SECS);
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a load waits for other models to drain before answering 503.
 pub const ADMISSION_WAIT: Duration = Duration::from_secs(120);
+/// Interval between health probes of ready workers ([`Manager::check_health`]).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest a ready worker may take to answer one `/health` probe.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Probes in a row without an answer after which a ready worker counts as hung and is killed (the next
+/// request loads the model again).
+pub const HEALTH_FAILURES: u32 = 3;
 /// Fixed part of the memory margin added to every estimate (bytes).
 pub const MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 /// Default number of slots (`-np`) per worker.
@@ -104,6 +111,14 @@ pub enum LoadError {
         reason: String,
         retry_s: u64,
     },
+    #[error(
+        "model `{model}` is being unloaded and did not stop within {waited_s} s; retry in {retry_s} s"
+    )]
+    Draining {
+        model: String,
+        waited_s: u64,
+        retry_s: u64,
+    },
     #[error("the supervisor is shutting down")]
     ShuttingDown,
     #[error("database: {0}")]
@@ -127,6 +142,11 @@ struct Worker {
     /// Set when the supervisor asked it to stop (so its exit is not a crash), with the reason.
     stop_reason: Mutex<Option<String>>,
     exited: watch::Receiver<Option<ExitInfo>>,
+    /// Set (with the reason) when the supervisor cuts this worker's in-flight requests: every
+    /// [`Lease`] holder ends its stream with an error.
+    cut: watch::Sender<Option<String>>,
+    /// Health probes in a row that got no answer.
+    health_failures: std::sync::atomic::AtomicU32,
 }
 
 struct Slot {
@@ -197,12 +217,21 @@ pub struct Lease {
     pub key: Arc<str>,
     /// Whether this request had to wait for a load (cold start).
     pub cold: bool,
+    /// Becomes `Some(reason)` when the supervisor cuts the request (drain deadline, worker gone): the
+    /// holder must end its response with an error then.
+    pub cut: watch::Receiver<Option<String>>,
+    /// The worker session this lease counts against.
+    session_id: i64,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut slots = self.mgr.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = slots.get_mut(&self.model) {
+        if let Some(s) = slots.get_mut(&self.model)
+            && s.worker
+                .as_ref()
+                .is_some_and(|w| w.session_id == self.session_id)
+        {
             s.inflight = s.inflight.saturating_sub(1);
             s.last_used = Instant::now();
         }
@@ -424,6 +453,8 @@ impl Manager {
     /// Errors: every [`LoadError`] variant.
     pub async fn acquire(self: &Arc<Self>, model: &str) -> Result<Lease, LoadError> {
         let mut cold = false;
+        let drain_wait = Duration::from_secs(self.settings().drain_timeout);
+        let mut draining_since: Option<Instant> = None;
         loop {
             if self.shutting_down.load(Ordering::Relaxed) {
                 return Err(LoadError::ShuttingDown);
@@ -449,6 +480,16 @@ impl Manager {
             };
             match st {
                 Some((ModelState::Ready, _, _)) => continue,
+                Some((ModelState::Draining, _, _))
+                    if draining_since.get_or_insert_with(Instant::now).elapsed() >= drain_wait =>
+                {
+                    // The drain deadline cuts its requests, then the worker gets STOP_GRACE to exit.
+                    return Err(LoadError::Draining {
+                        model: model.to_owned(),
+                        waited_s: drain_wait.as_secs(),
+                        retry_s: super::STOP_GRACE_SECS,
+                    });
+                }
                 Some((ModelState::Draining | ModelState::Loading, _, _)) => {
                     drop(guard);
                     let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
@@ -475,7 +516,7 @@ impl Manager {
             return None;
         }
         let w = s.worker.as_ref()?;
-        let (port, key) = (w.port, w.key.clone());
+        let (port, key, cut, session_id) = (w.port, w.key.clone(), w.cut.subscribe(), w.session_id);
         s.inflight += 1;
         s.last_used = Instant::now();
         Some(Lease {
@@ -484,6 +525,8 @@ impl Manager {
             port,
             key,
             cold,
+            cut,
+            session_id,
         })
     }
 
@@ -806,6 +849,8 @@ impl Manager {
             started_ms: now_ms(),
             stop_reason: Mutex::new(None),
             exited: exit_rx.clone(),
+            cut: watch::channel(None).0,
+            health_failures: 0.into(),
         });
         {
             let mut slots = self.slots();
@@ -994,7 +1039,12 @@ impl Manager {
             s.retry_at = Some(Instant::now() + backoff(s.failures));
         }
         tracing::info!(model, pid = worker.pid, "worker exited: {exit}");
-        self.transition(model, s, to, Some(reason));
+        self.transition(model, s, to, Some(reason.clone()));
+        // Requests still holding a lease on this worker are over (their counts went with it).
+        worker
+            .cut
+            .send_replace(Some(format!("the worker of `{model}` ended: {reason}")));
+        s.inflight = 0;
         s.worker = None;
         s.rss = 0;
         s.cpu = 0.0;
@@ -1033,15 +1083,35 @@ impl Manager {
         };
         let mgr = self.clone();
         let model = model.to_owned();
+        let why = why.to_owned();
+        let drain = Duration::from_secs(self.settings().drain_timeout);
         tokio::spawn(async move {
-            // Drain: wait for in-flight requests (never cut one).
+            // Drain: wait for in-flight requests, at most DRAIN_TIMEOUT; then cut them.
             let mut rx = mgr.changed.subscribe();
+            let deadline = tokio::time::Instant::now() + drain;
             loop {
                 let busy = mgr.slots().get(&model).map_or(0, |s| s.inflight);
                 if busy == 0 {
                     break;
                 }
-                let _ = rx.changed().await;
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    let reason = format!(
+                        "`{model}` is being unloaded ({why}) and its request(s) did not finish within DRAIN_TIMEOUT={} s",
+                        drain.as_secs()
+                    );
+                    tracing::warn!(
+                        model,
+                        in_flight = busy,
+                        "drain deadline passed: cutting {busy} request(s): {reason}"
+                    );
+                    mgr.logs(&model)
+                        .push("supervisor", format!("cutting {busy} request(s): {reason}"));
+                    worker.cut.send_replace(Some(reason));
+                    break;
+                }
             }
             mgr.terminate(&worker).await;
         });
@@ -1065,6 +1135,47 @@ impl Manager {
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|e| e.is_some())).await;
         }
+    }
+
+    /// Probes every ready worker's `/health` once (all at once, each at most [`HEALTH_TIMEOUT`]); a
+    /// worker that left [`HEALTH_FAILURES`] probes in a row unanswered is hung (stopped, deadlocked):
+    /// it is killed with the reason logged, its streams end with an error, and the next request loads
+    /// the model again. Any HTTP answer counts as alive. Returns the models whose worker was killed.
+    pub async fn check_health(self: &Arc<Self>) -> Vec<String> {
+        let ready: Vec<(String, Arc<Worker>)> = self
+            .slots()
+            .iter()
+            .filter(|(_, s)| s.state == ModelState::Ready)
+            .filter_map(|(n, s)| s.worker.clone().map(|w| (n.clone(), w)))
+            .collect();
+        let probes = ready.into_iter().map(|(name, w)| {
+            let rq = self
+                .http
+                .get(format!("http://127.0.0.1:{}/health", w.port))
+                .timeout(HEALTH_TIMEOUT);
+            async move { (name, w, rq.send().await.is_ok()) }
+        });
+        let mut killed = Vec::new();
+        for (name, w, ok) in futures_util::future::join_all(probes).await {
+            if ok {
+                w.health_failures.store(0, Ordering::Relaxed);
+                continue;
+            }
+            let n = w.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if n < HEALTH_FAILURES || self.state_of(&name) != ModelState::Ready {
+                continue;
+            }
+            let why = format!(
+                "hung: {n} health probes in a row got no answer within {} s; killed",
+                HEALTH_TIMEOUT.as_secs()
+            );
+            tracing::warn!(model = %name, pid = w.pid, "{why}");
+            self.logs(&name).push("supervisor", why.clone());
+            *w.stop_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            self.kill_now(&w).await;
+            killed.push(name);
+        }
+        killed
     }
 
     /// Unloads models idle longer than their timeout (a request's keep-alive, else the model's, else
