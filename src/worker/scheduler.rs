@@ -688,9 +688,27 @@ pub(crate) mod tests {
         FakeLog,
         Arc<FakeCodec>,
     ) {
+        start_with_step_delay(n_slots, n_ctx_seq, n_batch, std::time::Duration::ZERO)
+    }
+
+    /// [`start`] with every forward pass taking at least `delay` (so that requests submitted one after
+    /// another are all in flight together even on a loaded machine).
+    #[allow(clippy::type_complexity)] // the test harness's handles
+    pub(crate) fn start_with_step_delay(
+        n_slots: usize,
+        n_ctx_seq: usize,
+        n_batch: usize,
+        delay: std::time::Duration,
+    ) -> (
+        mpsc::Sender<Command>,
+        JoinHandle<()>,
+        Arc<Metrics>,
+        FakeLog,
+        Arc<FakeCodec>,
+    ) {
         let codec = Arc::new(FakeCodec::default());
         let log = FakeLog::default();
-        let compute = FakeCompute::new(n_slots, n_ctx_seq, log.clone());
+        let compute = FakeCompute::new(n_slots, n_ctx_seq, log.clone()).with_step_delay(delay);
         let metrics = Arc::new(Metrics::default());
         let (tx, h) = spawn(
             codec.clone(),
@@ -788,7 +806,9 @@ pub(crate) mod tests {
             "zz",
             "q",
         ];
-        let (tx, h, m, log, codec) = start(4, 64, 6);
+        // 20 ms a pass: the six submissions land while the first ones are still generating.
+        let (tx, h, m, log, codec) =
+            start_with_step_delay(4, 64, 6, std::time::Duration::from_millis(20));
         let rxs: Vec<_> = prompts
             .iter()
             .map(|p| submit(&tx, &codec, p, 12, &[]))
