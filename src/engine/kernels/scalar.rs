@@ -371,9 +371,9 @@ fn k4_lanes(q: &[i32; 256], scales: &[u8; 12], y: &BlockQ8K) -> ([i32; 8], i32) 
     (lanes, mins)
 }
 
-/// One Q5_K super-block's float step (see [`q5_k_q8_k`]), shared with the SIMD twins.
+/// One Q5_K super-block's float step (see [`q5_k_q8_k`]).
 #[inline(always)]
-pub(crate) fn q5_k_step(
+fn q5_k_step(
     x: &BlockQ5K,
     y: &BlockQ8K,
     lanes: &[i32; 8],
@@ -391,7 +391,7 @@ pub(crate) fn q5_k_step(
 
 /// ggml's `hsum_float_8` order: lanes `l` and `l+4`, then pairs `0+2`, `1+3`, then their sum.
 #[inline(always)]
-pub(crate) fn hsum8(acc: &[f32; 8]) -> f32 {
+fn hsum8(acc: &[f32; 8]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
@@ -421,7 +421,7 @@ pub fn q6_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
             *a = d.mul_add(l as f32, *a);
         }
     }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    hsum8(&acc)
 }
 
 /// The eight i32 lanes of one Q6_K super-block against Q8_K (`q[e]` the unsigned quant of element `e`), as
@@ -461,7 +461,7 @@ pub fn q6_k_q8_k_x4(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
             }
         }
     }
-    acc.map(|acc| ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])))
+    acc.map(|acc| hsum8(&acc))
 }
 
 /// IQ4_XS × Q8_K with the float arithmetic of ggml's AVX2 `ggml_vec_dot_iq4_xs_q8_K` (`arch/x86/quants.c`,

@@ -748,7 +748,8 @@ fn decode_iq4_xs(x: &BlockIq4Xs) -> KBlock {
     k
 }
 
-/// IQ4_XS's exact integer sum: `Σ madd(maddubs(|q|, sign(y, q)), sc)` (no pair saturates: 2·127·127).
+/// IQ4_XS's exact integer sums as eight i32 lanes: `madd(maddubs(|q|, sign(y, q)), sc)` summed over the
+/// chunks (no pair saturates: 2·127·127).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn iq4_xs_lanes(k: &KBlock, y: &BlockQ8K) -> __m256i {
@@ -798,39 +799,52 @@ unsafe fn q2_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     }
     [0, 1, 2, 3].map(|t| acc[t] - acc_min[t])
 }
-/// Q3_K × Q8_K with ggml's AVX2 arithmetic (see `scalar::q3_k_q8_k`): eight f32 lanes, one fused
-/// multiply-add per super-block.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q3_k_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
-    let x: &[BlockQ3K] = bytemuck::cast_slice(w);
-    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
-    let mut acc = _mm256_setzero_ps();
-    for (xb, yb) in x.iter().zip(y) {
-        let lanes = kblock_lanes_unsigned(&decode_q3_k(xb), yb, true);
-        let d = _mm256_set1_ps(yb.d() * h2f(xb.d));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
-    }
-    hsum_f32x8(acc)
+/// Defines the single-token kernel `$x1` and the four-token kernel `$x4` of a k-quant type whose float step is
+/// ggml's AVX2 eight-lane one (Q3_K, IQ4_XS: see their scalar twins): per super-block the eight exact i32
+/// lanes of `$lanes`, `acc = fma(d·d8, lanes, acc)`, then `hsum_float_8`. The four-token kernel decodes each
+/// super-block once; every result is bit-identical to the single-token kernel's.
+macro_rules! lane_kernels {
+    ($x1:ident, $x4:ident, $block:ty, $decode:ident, |$k:ident, $y:ident| $lanes:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $x1(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
+            let x: &[$block] = bytemuck::cast_slice(w);
+            let y: &[BlockQ8K] = bytemuck::cast_slice(a);
+            let mut acc = _mm256_setzero_ps();
+            for (xb, yb) in x.iter().zip(y) {
+                let ($k, $y) = (&$decode(xb), yb);
+                let d = _mm256_set1_ps(h2f(xb.d) * $y.d());
+                acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps($lanes), acc);
+            }
+            hsum_f32x8(acc)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let x: &[$block] = bytemuck::cast_slice(w);
+            let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
+            assert!(ys.iter().all(|y| y.len() >= x.len()));
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (i, xb) in x.iter().enumerate() {
+                let kb = $decode(xb);
+                for t in 0..4 {
+                    let ($k, $y) = (&kb, &ys[t][i]);
+                    let d = _mm256_set1_ps(h2f(xb.d) * $y.d());
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps($lanes), acc[t]);
+                }
+            }
+            [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
+        }
+    };
 }
 
-/// [`q3_k_q8_k_avx2`] for four tokens, each super-block decoded once; bit-identical per token.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q3_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let x: &[BlockQ3K] = bytemuck::cast_slice(w);
-    let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
-    assert!(ys.iter().all(|y| y.len() >= x.len()));
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (i, xb) in x.iter().enumerate() {
-        let k = decode_q3_k(xb);
-        for t in 0..4 {
-            let yb = &ys[t][i];
-            let lanes = kblock_lanes_unsigned(&k, yb, true);
-            let d = _mm256_set1_ps(yb.d() * h2f(xb.d));
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
-        }
-    }
-    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
-}
+lane_kernels!(
+    q3_k_q8_k_avx2,
+    q3_k_q8_k_x4_avx2,
+    BlockQ3K,
+    decode_q3_k,
+    |k, y| kblock_lanes_unsigned(k, y, true)
+);
+
 /// Q5_K × Q8_K with ggml's AVX2 arithmetic (see `scalar::q5_k_q8_k`): eight f32 lanes, one fused
 /// multiply-add per super-block, the mins in a scalar FMA chain.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -873,39 +887,13 @@ unsafe fn q5_k_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     }
     [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]) + summs[t])
 }
-/// IQ4_XS × Q8_K with ggml's AVX2 arithmetic (see `scalar::iq4_xs_q8_k`): eight f32 lanes, one fused
-/// multiply-add per super-block.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn iq4_xs_q8_k_avx2(_nb: usize, w: &[u8], a: &[u8]) -> f32 {
-    let x: &[BlockIq4Xs] = bytemuck::cast_slice(w);
-    let y: &[BlockQ8K] = bytemuck::cast_slice(a);
-    let mut acc = _mm256_setzero_ps();
-    for (xb, yb) in x.iter().zip(y) {
-        let lanes = iq4_xs_lanes(&decode_iq4_xs(xb), yb);
-        let d = _mm256_set1_ps(h2f(xb.d) * yb.d());
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
-    }
-    hsum_f32x8(acc)
-}
-
-/// [`iq4_xs_q8_k_avx2`] for four tokens, each super-block decoded once; bit-identical per token.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn iq4_xs_q8_k_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let x: &[BlockIq4Xs] = bytemuck::cast_slice(w);
-    let ys: [&[BlockQ8K]; 4] = a.map(bytemuck::cast_slice);
-    assert!(ys.iter().all(|y| y.len() >= x.len()));
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (i, xb) in x.iter().enumerate() {
-        let k = decode_iq4_xs(xb);
-        for t in 0..4 {
-            let yb = &ys[t][i];
-            let lanes = iq4_xs_lanes(&k, yb);
-            let d = _mm256_set1_ps(h2f(xb.d) * yb.d());
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[t]);
-        }
-    }
-    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
-}
+lane_kernels!(
+    iq4_xs_q8_k_avx2,
+    iq4_xs_q8_k_x4_avx2,
+    BlockIq4Xs,
+    decode_iq4_xs,
+    |k, y| iq4_xs_lanes(k, y)
+);
 
 /// Four-token kernels for prompt processing: one weight row against four activation rows, each weight block
 /// decoded once. Every output is computed with exactly the operations of the single-token kernel of the same
