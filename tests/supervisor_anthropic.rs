@@ -7,57 +7,23 @@
 
 mod supervisor_common;
 
-use std::process::Command;
-
-use serde_json::{Value, json};
+use serde_json::json;
 use supervisor_common::*;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-fn script(args: &[&str]) {
-    let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/py/test_anthropic_client.py"
-        ))
-        .args(args)
-        .output()
-        .unwrap();
-    let so = String::from_utf8_lossy(&out.stdout);
-    let se = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && so.contains("ALL OK"),
-        "python failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    println!("{so}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_python_client_against_the_supervisor() {
     let s = Server::start(&[SMOL], &[]).await;
-    script(&[&s.base]);
+    let script = "test_anthropic_client.py";
+    s.run_client_script(script, &[&s.base]);
 
     let token = s.login().await;
-    let k: Value = s
-        .http
-        .post(format!("{}/admin/api/keys", s.base))
-        .bearer_auth(&token)
-        .json(&json!({"name": "anthropic"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = k["key"].as_str().unwrap().to_string();
-    let r = s
-        .http
-        .put(format!("{}/admin/api/settings", s.base))
-        .bearer_auth(&token)
-        .json(&json!({"require_api_key": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    script(&[&s.base, &key]);
+    let key = s.create_key(&token, "anthropic").await;
+    assert_eq!(
+        s.put_settings(&token, json!({"require_api_key": true}))
+            .await,
+        200
+    );
+    s.run_client_script(script, &[&s.base, &key]);
 }

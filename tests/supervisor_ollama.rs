@@ -43,25 +43,11 @@ async fn ollama_python_client_against_the_supervisor() {
         parts.into_iter().map(|(n, d)| Served::new(&n, d)).collect(),
     );
     let s = Server::start(&[SMOL, MINILM], &[("HF_ENDPOINT", &hf.url)]).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/py/test_ollama_client.py"
+    let (pid, models) = (s.pid().to_string(), s.models_dir());
+    s.run_client_script(
+        "test_ollama_client.py",
+        &[&s.base, &pid, models.to_str().unwrap()],
     );
-    let out = Command::new(python())
-        .arg(script)
-        .arg(&s.base)
-        .arg(s.pid().to_string())
-        .arg(s.models_dir())
-        .output()
-        .unwrap();
-    let so = String::from_utf8_lossy(&out.stdout);
-    let se = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && so.contains("ALL OK"),
-        "python failed\nstdout:\n{so}\nstderr:\n{se}\nserve log:\n{}",
-        s.log()
-    );
-    println!("{so}");
 
     // Every Ollama request is in the request log under its own endpoint.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -110,16 +96,7 @@ async fn ollama_python_client_against_the_supervisor() {
 
     // The dashboard's request log names the API each request came through.
     let token = s.login().await;
-    let page = s
-        .http
-        .get(format!("{}/", s.base))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = s.page(&token, "/").await;
     assert!(
         page.contains(
             "<td data-label=\"API\">Ollama</td><td data-label=\"Endpoint\">/api/chat</td>"
@@ -128,27 +105,12 @@ async fn ollama_python_client_against_the_supervisor() {
     );
 
     // Keys required: /api/* says 401 in Ollama's envelope without one, and works with one.
-    let k: Value = s
-        .http
-        .post(format!("{}/admin/api/keys", s.base))
-        .bearer_auth(&token)
-        .json(&json!({"name": "ollama"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = k["key"].as_str().unwrap().to_string();
-    let r = s
-        .http
-        .put(format!("{}/admin/api/settings", s.base))
-        .bearer_auth(&token)
-        .json(&json!({"require_api_key": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let key = s.create_key(&token, "ollama").await;
+    assert_eq!(
+        s.put_settings(&token, json!({"require_api_key": true}))
+            .await,
+        200
+    );
     for (method, path, body) in [
         ("GET", "/api/tags", None),
         ("GET", "/api/ps", None),

@@ -6,8 +6,6 @@
 
 mod supervisor_common;
 
-use std::process::Command;
-
 use serde_json::{Value, json};
 use supervisor_common::*;
 
@@ -16,32 +14,14 @@ const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_responses_client_against_the_supervisor() {
     let s = Server::start(&[SMOL], &[]).await;
-    let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/py/test_responses_client.py"
-        ))
-        .arg(&s.base)
-        .output()
-        .unwrap();
-    let so = String::from_utf8_lossy(&out.stdout);
-    let se = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && so.contains("ALL OK"),
-        "python failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    println!("{so}");
+    s.run_client_script("test_responses_client.py", &[&s.base]);
 
     let token = s.login().await;
-    let r = s
-        .http
-        .put(format!("{}/admin/api/settings", s.base))
-        .bearer_auth(&token)
-        .json(&json!({"require_api_key": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.put_settings(&token, json!({"require_api_key": true}))
+            .await,
+        200
+    );
     let r = s
         .http
         .post(format!("{}/v1/responses", s.base))

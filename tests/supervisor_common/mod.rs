@@ -264,6 +264,29 @@ pub fn run_python(base_url: &str, code: &str) -> String {
 }
 
 impl Server {
+    /// Runs `tests/py/NAME` with `args` (the official client tests); panics unless it exits 0 and prints
+    /// `ALL OK`, showing its output and the supervisor's log. Returns its stdout.
+    pub fn run_client_script(&self, name: &str, args: &[&str]) -> String {
+        let out = Command::new(python())
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/py")
+                    .join(name),
+            )
+            .args(args)
+            .output()
+            .unwrap();
+        let so = String::from_utf8_lossy(&out.stdout).into_owned();
+        let se = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && so.contains("ALL OK"),
+            "{name} failed\nstdout:\n{so}\nstderr:\n{se}\nserve log:\n{}",
+            self.log()
+        );
+        println!("{so}");
+        so
+    }
+
     /// Creates an API key named `name` with an admin token; returns the key (shown once).
     pub async fn create_key(&self, token: &str, name: &str) -> String {
         let r = self
