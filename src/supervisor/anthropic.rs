@@ -102,13 +102,7 @@ async fn fold(
         return Err(run.fail(e));
     }
     let u = acc.usage.unwrap_or_default();
-    run.finish(
-        200,
-        Some((
-            Some(i64::from(u.prompt_tokens)),
-            Some(i64::from(u.completion_tokens)),
-        )),
-    );
+    run.finish_ok(&u);
     Ok(acc)
 }
 

@@ -237,6 +237,17 @@ impl Run {
             .map_err(|e| Failure::bad_gateway(format!("bad /tokenize answer: {e}")))
     }
 
+    /// [`Run::finish`] of a completed chat or completion: 200 with the worker's token counts.
+    pub fn finish_ok(&mut self, u: &crate::openai::Usage) {
+        self.finish(
+            200,
+            Some((
+                Some(i64::from(u.prompt_tokens)),
+                Some(i64::from(u.completion_tokens)),
+            )),
+        );
+    }
+
     /// Ends the request: logs it, releases the lease and applies `keep_alive` (a duration or forever
     /// from now on; `0` unloads the model now, draining first).
     pub fn finish(&mut self, status: u16, usage: Option<(Option<i64>, Option<i64>)>) {

@@ -252,13 +252,7 @@ async fn chat_loop(
             Some((acc.finish, &s)),
         )
     };
-    run.finish(
-        200,
-        Some((
-            Some(i64::from(u.prompt_tokens)),
-            Some(i64::from(u.completion_tokens)),
-        )),
-    );
+    run.finish_ok(&u);
     Ok(last)
 }
 
@@ -385,13 +379,7 @@ async fn generate_loop(
     let s = stats(&run, sent, first, u.prompt_tokens, u.completion_tokens);
     let shown_text = if tx.is_some() { "" } else { text.as_str() };
     let last = tr::generate_object(&shown, &now_rfc3339(), shown_text, Some((finish, &s, &ids)));
-    run.finish(
-        200,
-        Some((
-            Some(i64::from(u.prompt_tokens)),
-            Some(i64::from(u.completion_tokens)),
-        )),
-    );
+    run.finish_ok(&u);
     Ok(last)
 }
 
