@@ -111,30 +111,12 @@ async fn an_unsupported_model_is_listed_with_its_reason_and_refused_without_a_wo
     );
 
     // The admin pages say so, and offer no Load button that could work.
-    let page = s
-        .http
-        .get(format!("{}/models", s.base))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = s.page(&token, "/models").await;
     assert!(
         page.contains(&format!("data-unsupported-of=\"{RWKV_ID}\"")),
         "models page lacks the unsupported badge:\n{page}"
     );
-    let detail = s
-        .http
-        .get(format!("{}/models/{RWKV_ID}", s.base))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let detail = s.page(&token, &format!("/models/{RWKV_ID}")).await;
     assert!(
         detail.contains("This engine cannot run this file: unsupported architecture"),
         "model page lacks the reason:\n{detail}"
