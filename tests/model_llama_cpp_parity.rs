@@ -172,6 +172,13 @@ fn gemma3_greedy_matches_llama_cpp() {
     check_greedy_within(GEMMA3, 0.35, 1, 2);
 }
 
+/// `tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json` parsed.
+fn token_by_token_record() -> serde_json::Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
 /// Gemma 3 against llama.cpp run one token per forward pass (`tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json`,
 /// made by `scripts/parity/record_token_by_token.py`: n_ubatch 1, so llama.cpp's prompt goes through its decode
 /// kernels too): every greedy continuation of the shared vectors' prompts identical, token for token, with the
@@ -181,9 +188,7 @@ fn gemma3_greedy_matches_llama_cpp() {
 #[test]
 fn gemma3_greedy_equals_llama_cpp_token_by_token() {
     let model = load(GEMMA3);
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let v = token_by_token_record();
     let tok = model.tokenizer();
     let mut ctx = context(&model, 256);
     let cases = v["greedy"].as_array().unwrap();
@@ -223,9 +228,7 @@ fn gemma3_greedy_equals_llama_cpp_token_by_token() {
 #[test]
 fn gemma3_perplexity_equals_llama_cpp_token_by_token() {
     let model = load(GEMMA3);
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let v = token_by_token_record();
     let want = v["ppl_ub1"].as_f64().expect("ppl_ub1");
     let text = std::fs::read_to_string(vectors_dir().join("ppl.txt")).unwrap();
     let tok = model.tokenizer();
