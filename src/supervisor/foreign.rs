@@ -182,24 +182,34 @@ impl Run {
         })
     }
 
-    fn url(&self, path: &str) -> String {
-        let port = self.lease.as_ref().map_or(0, |l| l.port);
-        format!("http://127.0.0.1:{port}{path}")
-    }
-
-    /// POSTs `body` to the worker (with its per-spawn key); a non-2xx answer becomes its error with the
-    /// worker's status.
-    pub async fn post(&self, path: &str, body: &impl serde::Serialize) -> Res<reqwest::Response> {
-        let mut req = self.st.proxy_http.post(self.url(path)).json(body);
-        if let Some(lease) = &self.lease {
-            req = req.bearer_auth(&*lease.key);
-        }
-        let r = req.send().await.map_err(|e| {
-            Failure::bad_gateway(format!(
-                "the worker of '{}' failed during the request: {e}",
+    /// POSTs `body` to the worker (with its per-spawn key; once more to a fresh worker when this one
+    /// turns out to be gone, [`super::proxy::send_to_worker`]); a non-2xx answer becomes its error with
+    /// the worker's status.
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Res<reqwest::Response> {
+        let Some(lease) = self.lease.take() else {
+            return Err(Failure::bad_gateway(format!(
+                "the request for '{}' is over",
                 self.row.name
-            ))
-        })?;
+            )));
+        };
+        let http = &self.st.proxy_http;
+        let sent = super::proxy::send_to_worker(&self.st, &self.row.name, lease, |l| {
+            http.post(format!("http://127.0.0.1:{}{path}", l.port))
+                .bearer_auth(&*l.key)
+                .json(body)
+        })
+        .await;
+        let r = match sent {
+            Ok((lease, r)) => {
+                self.lease = Some(lease);
+                r
+            }
+            Err(e) => return Err(e.into_api_error(&self.row.name).into()),
+        };
         if r.status().is_success() {
             return Ok(r);
         }
@@ -212,7 +222,7 @@ impl Run {
         Err(Failure::new(status, msg))
     }
 
-    pub async fn post_json(&self, path: &str, body: &impl serde::Serialize) -> Res<Value> {
+    pub async fn post_json(&mut self, path: &str, body: &impl serde::Serialize) -> Res<Value> {
         self.post(path, body)
             .await?
             .json()
@@ -222,7 +232,7 @@ impl Run {
 
     /// Token ids of `text` (the worker's tokenizer).
     pub async fn tokenize(
-        &self,
+        &mut self,
         text: &str,
         add_special: bool,
         parse_special: bool,

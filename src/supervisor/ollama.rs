@@ -282,7 +282,7 @@ async fn generate(
         return Ok(Json(load_only(run, false).await?).into_response());
     }
     let mut run = run;
-    let (resp, ids, sent) = match generate_start(&run, &req, prompt, context).await {
+    let (resp, ids, sent) = match generate_start(&mut run, &req, prompt, context).await {
         Ok(x) => x,
         Err(e) => return Err(run.fail(e).into()),
     };
@@ -297,7 +297,7 @@ async fn generate(
 
 /// Renders (unless `raw`) and tokenizes the prompt after the context, and starts the worker's stream.
 async fn generate_start(
-    run: &Run,
+    run: &mut Run,
     req: &OllamaGenerateRequest,
     prompt: String,
     context: Vec<u32>,
@@ -384,7 +384,7 @@ async fn generate_loop(
 }
 
 /// Embeddings of `inputs` from the worker.
-async fn embed_texts(run: &Run, inputs: Vec<String>) -> Res<(Vec<Vec<f32>>, u32)> {
+async fn embed_texts(run: &mut Run, inputs: Vec<String>) -> Res<(Vec<Vec<f32>>, u32)> {
     let v = run
         .post_json(
             "/v1/embeddings",
@@ -423,7 +423,7 @@ async fn embed(
         run.finish(200, None);
         return Ok(Json(json!({"model": shown, "embeddings": []})));
     }
-    let (mut vecs, pt) = embed_texts(&run, inputs).await?;
+    let (mut vecs, pt) = embed_texts(&mut run, inputs).await?;
     if let Some(d) = req.dimensions {
         tr::truncate_dims(&mut vecs, d)?;
     }
@@ -457,7 +457,7 @@ async fn embeddings(
         run.finish(200, None);
         return Ok(Json(json!({"embedding": []})));
     }
-    let (mut vecs, pt) = embed_texts(&run, vec![req.prompt]).await?;
+    let (mut vecs, pt) = embed_texts(&mut run, vec![req.prompt]).await?;
     run.finish(200, Some((Some(i64::from(pt)), None)));
     Ok(Json(json!({"embedding": vecs.pop().unwrap_or_default()})))
 }

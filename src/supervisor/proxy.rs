@@ -130,18 +130,15 @@ async fn proxy(
         st.log_request(UNKNOWN_MODEL, &endpoint, 404, None, t0, key_id);
         return Err(e);
     }
-    // A worker that died a moment ago may still look ready (its exit is being processed): a request
-    // refused at connect waits for the manager to see the exit, then goes to a fresh worker, once.
-    let mut retried = false;
-    let (lease, upstream) = loop {
-        let lease = match st.manager.acquire(&model).await {
-            Ok(l) => l,
-            Err(e) => {
-                let e = load_error(e);
-                st.log_request(&model, &endpoint, e.status.as_u16(), None, t0, key_id);
-                return Err(e);
-            }
-        };
+    let lease = match st.manager.acquire(&model).await {
+        Ok(l) => l,
+        Err(e) => {
+            let e = load_error(e);
+            st.log_request(&model, &endpoint, e.status.as_u16(), None, t0, key_id);
+            return Err(e);
+        }
+    };
+    let send = send_to_worker(&st, &model, lease, |lease| {
         let mut req = st
             .proxy_http
             .post(format!("http://127.0.0.1:{}{endpoint}", lease.port))
@@ -152,24 +149,15 @@ async fn proxy(
                 req = req.header(h, v);
             }
         }
-        match req.send().await {
-            Ok(r) => break (lease, r),
-            Err(e) => {
-                let mut cut = lease.cut.clone();
-                if !retried
-                    && e.is_connect()
-                    && tokio::time::timeout(Duration::from_secs(2), cut.wait_for(|c| c.is_some()))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                {
-                    retried = true;
-                    drop(lease);
-                    continue;
-                }
-                let msg = format!("the worker of `{model}` failed during the request: {e}");
-                st.log_request(&model, &endpoint, 502, None, t0, key_id);
-                return Err(ApiError::bad_gateway(msg));
-            }
+        req
+    })
+    .await;
+    let (lease, upstream) = match send {
+        Ok(ok) => ok,
+        Err(e) => {
+            let e = e.into_api_error(&model);
+            st.log_request(&model, &endpoint, e.status.as_u16(), None, t0, key_id);
+            return Err(e);
         }
     };
     if !lease.cold {
@@ -194,6 +182,63 @@ async fn proxy(
     let body = relay(upstream, sse, status.as_u16(), log, lease);
     resp.body(body)
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Why [`send_to_worker`] got no answer.
+pub enum SendError {
+    /// The model could not be loaded again for the retry.
+    Load(LoadError),
+    /// The worker did not answer (and was not found gone, or the retry failed too).
+    Http(reqwest::Error),
+}
+
+impl SendError {
+    /// The client's error: the load error's own status, else 502 `worker_failed`.
+    pub fn into_api_error(self, model: &str) -> ApiError {
+        match self {
+            SendError::Load(e) => load_error(e),
+            SendError::Http(e) => ApiError::bad_gateway(format!(
+                "the worker of `{model}` failed during the request: {e}"
+            )),
+        }
+    }
+}
+
+/// How long a request that got no answer waits to learn whether its worker is gone.
+const GONE_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends the request `build` makes for `lease`'s worker and returns the answer's head with the lease.
+///
+/// A worker that died a moment ago may still look ready while its exit is processed: a request that
+/// got no answer from it — refused at connect, or sent on a pooled connection the dead worker reset —
+/// waits up to [`GONE_WAIT`] for the manager to cut the lease (the worker's end), then goes once to a
+/// fresh worker (`model` loaded again). Nothing has reached the client yet, so the retry is invisible
+/// to it. Every worker-bound request (OpenAI proxy, Ollama, Anthropic, Responses) goes through here.
+pub async fn send_to_worker(
+    st: &AppState,
+    model: &str,
+    mut lease: Lease,
+    build: impl Fn(&Lease) -> reqwest::RequestBuilder,
+) -> Result<(Lease, reqwest::Response), SendError> {
+    let mut retried = false;
+    loop {
+        match build(&lease).send().await {
+            Ok(r) => return Ok((lease, r)),
+            Err(e) => {
+                let mut cut = lease.cut.clone();
+                let gone = tokio::time::timeout(GONE_WAIT, cut.wait_for(|c| c.is_some()))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if retried || !gone {
+                    return Err(SendError::Http(e));
+                }
+                retried = true;
+                drop(lease);
+                tracing::info!(model, "worker gone before answering ({e}); sending again");
+                lease = st.manager.acquire(model).await.map_err(SendError::Load)?;
+            }
+        }
+    }
 }
 
 type LogCtx = (AppState, String, String, Instant, Option<i64>);
