@@ -50,19 +50,6 @@ async fn setup() -> (HfServer, Server, String) {
     (hf, s, token)
 }
 
-async fn post(s: &Server, token: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = s
-        .http
-        .post(format!("{}{path}", s.base))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn delete(s: &Server, token: &str, path: &str) -> (u16, Value) {
     let r = s
         .http
@@ -73,59 +60,6 @@ async fn delete(s: &Server, token: &str, path: &str) -> (u16, Value) {
         .unwrap();
     let st = r.status().as_u16();
     (st, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn download(s: &Server, token: &str, id: u64) -> Value {
-    let (st, j) = s.admin_get(token, "/admin/api/downloads").await;
-    assert_eq!(st, 200, "{j}");
-    j["downloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("download {id} not listed: {j}"))
-}
-
-/// Polls `/admin/api/downloads` until download `id` satisfies `pred`; returns every state seen.
-async fn wait_download(
-    s: &Server,
-    token: &str,
-    id: u64,
-    secs: u64,
-    pred: impl Fn(&Value) -> bool,
-) -> (Value, Vec<Value>) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut seen = Vec::new();
-    loop {
-        let d = download(s, token, id).await;
-        seen.push(d.clone());
-        if pred(&d) {
-            return (d, seen);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "download {id} not there in {secs} s: {d}\n{}",
-            s.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Starts a download (`POST /admin/api/models/download`, answered 202) and returns its id.
-async fn start_download(s: &Server, token: &str, body: Value) -> u64 {
-    let (st, j) = post(s, token, "/admin/api/models/download", body).await;
-    assert_eq!(st, 202, "{j}");
-    j["id"].as_u64().unwrap()
-}
-
-/// Polls download `id` until it has ended (`done`, `failed` or `cancelled`) and returns it.
-async fn wait_ended(s: &Server, token: &str, id: u64, secs: u64) -> Value {
-    wait_download(s, token, id, secs, |d| {
-        matches!(d["state"].as_str(), Some("done" | "failed" | "cancelled"))
-    })
-    .await
-    .0
 }
 
 async fn catalogue(s: &Server, token: &str) -> Vec<Value> {
@@ -243,21 +177,22 @@ async fn download_through_the_admin_api_then_chat_with_the_model() {
 
     // Download with the automatic choice (Q4_K_M), watching the event stream.
     let events = download_events(&s, &token).await;
-    let (st, j) = post(
-        &s,
-        &token,
-        "/admin/api/models/download",
-        json!({"repo_id": REPO}),
-    )
-    .await;
+    let (st, j) = s
+        .admin_post(
+            &token,
+            "/admin/api/models/download",
+            json!({"repo_id": REPO}),
+        )
+        .await;
     assert_eq!(st, 202, "{j}");
     let id = j["id"].as_u64().unwrap();
     assert_eq!(j["download"]["filename"], Q4KM);
     assert_eq!(j["download"]["total"], asset(Q4KM).0.len() as u64);
-    let (d, seen) = wait_download(&s, &token, id, 180, |d| {
-        d["state"] != "queued" && d["state"] != "downloading" && d["state"] != "verifying"
-    })
-    .await;
+    let (d, seen) = s
+        .wait_download(&token, id, 180, |d| {
+            d["state"] != "queued" && d["state"] != "downloading" && d["state"] != "verifying"
+        })
+        .await;
     assert_eq!(d["state"], "done", "{d}\n{}", s.log());
     assert_eq!(d["downloaded"], d["total"]);
     assert_eq!(d["error"], Value::Null);
@@ -335,14 +270,14 @@ async fn download_through_the_admin_api_then_chat_with_the_model() {
 
     // Downloading the same model again finds it in place: done without a byte.
     let before = hf.state.file_requests().len();
-    let again = start_download(
-        &s,
-        &token,
-        json!({"repo_id": REPO, "filename": Q4KM, "revision": "main"}),
-    )
-    .await;
+    let again = s
+        .start_download(
+            &token,
+            json!({"repo_id": REPO, "filename": Q4KM, "revision": "main"}),
+        )
+        .await;
     assert_ne!(again, id);
-    let d = wait_ended(&s, &token, again, 60).await;
+    let d = s.wait_download_ended(&token, again, 60).await;
     assert_eq!(d["state"], "done", "{d}");
     assert_eq!(hf.state.file_requests().len(), before);
     // A finished download is removed from the list by DELETE.
@@ -377,11 +312,14 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
 
     // A slow transfer (≈ 6 MiB/s), cancelled once it is under way.
     *hf.state.faults.chunk_delay.lock().unwrap() = Some(Duration::from_millis(10));
-    let id = start_download(&s, &token, json!({"repo_id": REPO, "filename": Q41})).await;
-    let (d, _) = wait_download(&s, &token, id, 60, |d| {
-        d["state"] == "downloading" && d["downloaded"].as_u64().unwrap() > 1 << 20
-    })
-    .await;
+    let id = s
+        .start_download(&token, json!({"repo_id": REPO, "filename": Q41}))
+        .await;
+    let (d, _) = s
+        .wait_download(&token, id, 60, |d| {
+            d["state"] == "downloading" && d["downloaded"].as_u64().unwrap() > 1 << 20
+        })
+        .await;
     assert!(d["downloaded"].as_u64() < d["total"].as_u64());
     assert!(d["bytes_per_sec"].as_f64().unwrap() > 0.0, "{d}");
     assert!(
@@ -390,13 +328,13 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
         files_in(&mdir)
     );
     // The same file cannot be downloaded twice at once.
-    let (st, j) = post(
-        &s,
-        &token,
-        "/admin/api/models/download",
-        json!({"repo_id": REPO, "filename": Q41}),
-    )
-    .await;
+    let (st, j) = s
+        .admin_post(
+            &token,
+            "/admin/api/models/download",
+            json!({"repo_id": REPO, "filename": Q41}),
+        )
+        .await;
     assert_eq!(st, 409, "{j}");
     let (code, msg) = error_of(&j);
     assert_eq!(code, "download_in_progress");
@@ -408,13 +346,15 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
     assert_eq!(j["download"]["state"], "cancelled");
     assert!(files_in(&mdir).is_empty(), "{:?}", files_in(&mdir));
     assert!(catalogue(&s, &token).await.is_empty());
-    let (st, j) = post(&s, &token, "/admin/api/models/scan", json!({})).await;
+    let (st, j) = s
+        .admin_post(&token, "/admin/api/models/scan", json!({}))
+        .await;
     assert_eq!(st, 200, "{j}");
     assert!(
         catalogue(&s, &token).await.is_empty(),
         "a rescan finds nothing either"
     );
-    assert_eq!(download(&s, &token, id).await["state"], "cancelled");
+    assert_eq!(s.download(&token, id).await["state"], "cancelled");
     let (st, _) = delete(&s, &token, "/admin/api/downloads/999").await;
     assert_eq!(st, 404);
     let (st, _) = delete(&s, &token, "/admin/api/downloads/abc").await;
@@ -423,18 +363,19 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
     // At most two transfer at once: a third waits queued, and can be cancelled there.
     let mut ids = Vec::new();
     for f in [Q41, Q4KM, "split/minilm-F16-00001-of-00002.gguf"] {
-        let (st, j) = post(
-            &s,
-            &token,
-            "/admin/api/models/download",
-            json!({"repo_id": REPO, "filename": f}),
-        )
-        .await;
+        let (st, j) = s
+            .admin_post(
+                &token,
+                "/admin/api/models/download",
+                json!({"repo_id": REPO, "filename": f}),
+            )
+            .await;
         assert_eq!(st, 202, "{j}");
         ids.push(j["id"].as_u64().unwrap());
     }
     for &id in &ids[..2] {
-        wait_download(&s, &token, id, 60, |d| d["state"] == "downloading").await;
+        s.wait_download(&token, id, 60, |d| d["state"] == "downloading")
+            .await;
     }
     // Count from now (the cancelled transfer above has ended on the server too), until both bodies
     // flow; then the third must still wait.
@@ -448,7 +389,7 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let third = download(&s, &token, ids[2]).await;
+    let third = s.download(&token, ids[2]).await;
     assert_eq!(third["state"], "queued", "{third}");
     assert_eq!(third["file_count"], 2);
     assert_eq!(hf.state.max_active_bodies.load(Ordering::SeqCst), 2);
@@ -501,7 +442,9 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
         (json!({"repo": REPO}), 400, "", &["repo_id"]),
     ];
     for (body, status, code, words) in cases {
-        let (st, j) = post(&s, &token, "/admin/api/models/download", body.clone()).await;
+        let (st, j) = s
+            .admin_post(&token, "/admin/api/models/download", body.clone())
+            .await;
         assert_eq!(st, status, "{body} → {j}");
         let (c, msg) = error_of(&j);
         if !code.is_empty() {
@@ -524,13 +467,13 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
 
     // A gated repo: the hub wants a token the supervisor does not have.
     *hf.state.faults.require_token.lock().unwrap() = Some("hf_secret".into());
-    let (st, j) = post(
-        &s,
-        &token,
-        "/admin/api/models/download",
-        json!({"repo_id": REPO}),
-    )
-    .await;
+    let (st, j) = s
+        .admin_post(
+            &token,
+            "/admin/api/models/download",
+            json!({"repo_id": REPO}),
+        )
+        .await;
     let (code, msg) = error_of(&j);
     assert_eq!((st, code.as_str()), (403, "hf_token_required"), "{j}");
     assert!(msg.contains("HF_TOKEN") && msg.contains(REPO), "{msg}");
@@ -542,13 +485,13 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
     huge.advertised_size = Some(1 << 60);
     hf.state.add_repo("test/huge", vec![huge]);
     let before = hf.state.file_requests().len();
-    let (st, j) = post(
-        &s,
-        &token,
-        "/admin/api/models/download",
-        json!({"repo_id": "test/huge"}),
-    )
-    .await;
+    let (st, j) = s
+        .admin_post(
+            &token,
+            "/admin/api/models/download",
+            json!({"repo_id": "test/huge"}),
+        )
+        .await;
     let (code, msg) = error_of(&j);
     assert_eq!((st, code.as_str()), (507, "insufficient_disk"), "{j}");
     assert!(
@@ -559,8 +502,10 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
 
     // A transfer that fails the checksum ends `failed`, with no file and no row.
     hf.state.faults.corrupt.store(true, Ordering::SeqCst);
-    let id = start_download(&s, &token, json!({"repo_id": REPO, "filename": Q41})).await;
-    let d = wait_ended(&s, &token, id, 120).await;
+    let id = s
+        .start_download(&token, json!({"repo_id": REPO, "filename": Q41}))
+        .await;
+    let d = s.wait_download_ended(&token, id, 120).await;
     assert_eq!(d["state"], "failed", "{d}");
     assert_eq!(d["error_code"], "checksum_mismatch");
     assert!(
@@ -578,13 +523,13 @@ async fn a_split_gguf_downloads_whole_and_serves_as_one_model() {
     let parts = minilm_parts();
 
     // Naming part 2 downloads the whole split.
-    let id = start_download(
-        &s,
-        &token,
-        json!({"repo_id": REPO, "filename": "split/minilm-F16-00002-of-00002.gguf"}),
-    )
-    .await;
-    let d = wait_ended(&s, &token, id, 120).await;
+    let id = s
+        .start_download(
+            &token,
+            json!({"repo_id": REPO, "filename": "split/minilm-F16-00002-of-00002.gguf"}),
+        )
+        .await;
+    let d = s.wait_download_ended(&token, id, 120).await;
     assert_eq!(d["state"], "done", "{d}\n{}", s.log());
     assert_eq!(d["file_count"], 2);
     let name = d["model"].as_str().unwrap().to_string();
@@ -614,7 +559,9 @@ async fn a_split_gguf_downloads_whole_and_serves_as_one_model() {
         "{row}"
     );
     // A rescan keeps it one model.
-    let (st, j) = post(&s, &token, "/admin/api/models/scan", json!({})).await;
+    let (st, j) = s
+        .admin_post(&token, "/admin/api/models/scan", json!({}))
+        .await;
     assert_eq!(st, 200, "{j}");
     assert_eq!(catalogue(&s, &token).await.len(), 1);
 

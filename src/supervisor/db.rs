@@ -31,6 +31,24 @@ pub enum DbError {
     },
 }
 
+impl DbError {
+    /// The database file is locked by another connection or process (SQLite `SQLITE_BUSY` or
+    /// `SQLITE_LOCKED`, extended codes included) after the busy timeout.
+    pub fn is_busy(&self) -> bool {
+        let e = match self {
+            DbError::Open { source, .. } | DbError::Query { source, .. } => source,
+            DbError::Migrate { .. } => return false,
+        };
+        let Some(db) = e.as_database_error() else {
+            return false;
+        };
+        // Primary result codes 5 (BUSY) and 6 (LOCKED); extended codes keep them in the low byte.
+        db.code()
+            .and_then(|c| c.parse::<u32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+    }
+}
+
 type Result<T> = std::result::Result<T, DbError>;
 
 fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {

@@ -121,8 +121,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Seconds a client is told to wait when the database is locked.
+const DB_BUSY_RETRY_S: u64 = 5;
+
 impl From<super::db::DbError> for ApiError {
+    /// A database locked by another process (SQLITE_BUSY / SQLITE_LOCKED past the busy timeout) is a
+    /// 503 `database_busy` with `Retry-After`: nothing was written and the same request can succeed
+    /// later. Anything else is a 500.
     fn from(e: super::db::DbError) -> ApiError {
+        if e.is_busy() {
+            return ApiError {
+                code: Some("database_busy"),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    format!(
+                        "{e} (another process holds a lock on the database file; nothing was changed, \
+                         retry later)"
+                    ),
+                )
+            }
+            .retry_after(DB_BUSY_RETRY_S);
+        }
         ApiError::internal(e.to_string())
     }
 }

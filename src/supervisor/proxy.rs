@@ -165,7 +165,12 @@ async fn proxy(
     }
     let status = upstream.status();
     let mut resp = Response::builder().status(status.as_u16());
-    for h in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+    // Retry-After: the worker's 503 when its queue is full says when to come back.
+    for h in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::RETRY_AFTER,
+    ] {
         if let Some(v) = upstream.headers().get(&h) {
             resp = resp.header(h, v);
         }

@@ -51,6 +51,8 @@ pub struct Server {
     pub port: u16,
     pub base: String,
     pub http: reqwest::Client,
+    /// The environment `serve` was started with (for [`Server::restart`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -119,6 +121,7 @@ impl Server {
             port,
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
+            env,
         };
         s.wait_healthy().await;
         s
@@ -173,9 +176,116 @@ impl Server {
         (st, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// POST `body` to an admin route with a token; returns (status, JSON).
+    pub async fn admin_post(
+        &self,
+        token: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Download `id` as `/admin/api/downloads` lists it.
+    pub async fn download(&self, token: &str, id: u64) -> serde_json::Value {
+        let (st, j) = self.admin_get(token, "/admin/api/downloads").await;
+        assert_eq!(st, 200, "{j}");
+        j["downloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("download {id} not listed: {j}"))
+    }
+
+    /// Polls `/admin/api/downloads` until download `id` satisfies `pred`; returns it and every state
+    /// seen.
+    pub async fn wait_download(
+        &self,
+        token: &str,
+        id: u64,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> (serde_json::Value, Vec<serde_json::Value>) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut seen = Vec::new();
+        loop {
+            let d = self.download(token, id).await;
+            seen.push(d.clone());
+            if pred(&d) {
+                return (d, seen);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "download {id} not there in {secs} s: {d}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts a download (`POST /admin/api/models/download`, answered 202) and returns its id.
+    pub async fn start_download(&self, token: &str, body: serde_json::Value) -> u64 {
+        let (st, j) = self
+            .admin_post(token, "/admin/api/models/download", body)
+            .await;
+        assert_eq!(st, 202, "{j}");
+        j["id"].as_u64().unwrap()
+    }
+
+    /// Polls download `id` until it has ended (`done`, `failed` or `cancelled`) and returns it.
+    pub async fn wait_download_ended(&self, token: &str, id: u64, secs: u64) -> serde_json::Value {
+        self.wait_download(token, id, secs, |d| {
+            matches!(d["state"].as_str(), Some("done" | "failed" | "cancelled"))
+        })
+        .await
+        .0
+    }
+
     /// Worker processes (children of the supervisor).
     pub fn workers(&self) -> Vec<u32> {
         children_of(self.pid())
+    }
+
+    /// SIGKILLs `serve` (no cleanup of its own) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts `serve` again on the same directories and environment (after [`Server::kill`] or
+    /// [`Server::stop`]); waits for `/health` 200. The log goes on in the same file.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart: serve is still running");
+        let log = self.dir.path().join("serve.log");
+        let before = std::fs::read_to_string(&log).unwrap_or_default();
+        let child = spawn_serve(self.dir.path(), &self.env);
+        std::fs::write(self.dir.path().join("serve.before-restart.log"), before).unwrap();
+        self.child = Some(child);
+        self.wait_healthy().await;
+    }
+
+    /// The supervisor's peak resident memory so far (`VmHWM`, bytes).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kb * 1024
     }
 
     /// SIGTERM and wait (SIGKILL after 20 s).
