@@ -1159,18 +1159,6 @@ unsafe fn signed_x4<B: bytemuck::Pod>(
 /// 128-bit fma (each lane the single-token kernel's scalar fma).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
-    unsafe { q4_0_chain_x4(w, a, |ax, sy| mul_sum_us8(ax, sy)) }
-}
-
-/// The body of the four-token Q4_0 kernels, `dot(|x|, sign(y, x))` giving a block's eight i32 lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_chain_x4(
-    w: &[u8],
-    a: [&[u8]; 4],
-    dot: impl Fn(__m256i, __m256i) -> __m256i,
-) -> [f32; 4] {
     let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
     let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
     assert!(y.iter().all(|y| y.len() >= x.len()));
@@ -1178,11 +1166,12 @@ unsafe fn q4_0_chain_x4(
     for (i, xb) in x.iter().enumerate() {
         let qx = decode_q4_0(xb);
         let ax = _mm256_sign_epi8(qx, qx);
-        let lanes = [0, 1, 2, 3].map(|t| {
+        let mut lanes = [_mm256_setzero_si256(); 4];
+        for t in 0..4 {
             // SAFETY: the field is 32 bytes long.
             let qy = unsafe { load32(&y[t][i].qs) };
-            dot(ax, _mm256_sign_epi8(qy, qx))
-        });
+            lanes[t] = mul_sum_us8(ax, _mm256_sign_epi8(qy, qx));
+        }
         let sums = _mm_cvtepi32_ps(hsum4_i32x8(lanes));
         let d = _mm_mul_ps(
             _mm_set1_ps(h2f(xb.d)),
@@ -1251,22 +1240,21 @@ impl Vnni {
     }
 }
 
-/// The VNNI single-token kernel for `ty` (Q4_0, Q5_0, Q8_0), bit-identical to the AVX2 one.
+/// The VNNI single-token kernel for `ty` (Q5_0, Q8_0), bit-identical to the AVX2 one.
 pub fn vec_dot_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDotFn> {
     use GgmlType::*;
     Some(match ty {
-        Q4_0 => q4_0_q8_0_vnni,
         Q5_0 => q5_0_q8_0_vnni,
         Q8_0 => q8_0_q8_0_vnni,
         _ => return None,
     })
 }
 
-/// The VNNI four-token kernel for `ty` (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K), bit-identical to the AVX2 one.
+/// The VNNI four-token kernel for `ty` (Q5_0, Q8_0, Q4_K, Q6_K), bit-identical to the AVX2 one. (Q4_0's fma
+/// chain needs a horizontal sum per block, which `vpdpbusd` does not shorten: its AVX2 kernels run.)
 pub fn vec_dot4_fn_vnni(_proof: Vnni, ty: GgmlType) -> Option<VecDot4Fn> {
     use GgmlType::*;
     Some(match ty {
-        Q4_0 => q4_0_q8_0_x4_vnni,
         Q5_0 => q5_0_q8_0_x4_vnni,
         Q8_0 => q8_0_q8_0_x4_vnni,
         Q4_K => q4_k_q8_k_x4_vnni,
@@ -1350,42 +1338,6 @@ macro_rules! vnni_kernels {
     };
 }
 
-/// Q4_0 with VNNI: [`q4_0_q8_0_avx2`]'s exact sums in one `vpdpbusd`, the same fma chain.
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q4_0_x1_vnni(w: &[u8], a: &[u8]) -> f32 {
-    let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
-    let y: &[BlockQ8_0] = bytemuck::cast_slice(a);
-    let mut acc = 0f32;
-    for (xb, yb) in x.iter().zip(y) {
-        // SAFETY: the activation block's quant field is 32 bytes long.
-        let (qx, qy) = (decode_q4_0(xb), unsafe { load32(&yb.qs) });
-        let sum = hsum_i32x8(mul_sum_us8_vnni(
-            _mm256_sign_epi8(qx, qx),
-            _mm256_sign_epi8(qy, qx),
-        ));
-        acc = (sum as f32).mul_add(h2f(xb.d) * h2f(yb.d), acc);
-    }
-    acc
-}
-
-/// [`q4_0_q8_0_x4_avx2`] with VNNI.
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q4_0_x4_vnni(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    // SAFETY: forwarded from the checked wrapper (row lengths checked, CPU features proven).
-    unsafe { q4_0_chain_x4(w, a, |ax, sy| mul_sum_us8_vnni(ax, sy)) }
-}
-
-fn q4_0_q8_0_vnni(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let nb = n / QK;
-    assert!(
-        n.is_multiple_of(QK) && w.len() >= nb * 18 && a.len() >= nb * 34,
-        "q4_0_q8_0_vnni: bad row lengths"
-    );
-    // SAFETY: handed out only by `vec_dot_fn_vnni`, which needs a `Vnni` token; lengths checked.
-    unsafe { q4_0_x1_vnni(&w[..nb * 18], &a[..nb * 34]) }
-}
-
-safe_wrapper4!(q4_0_q8_0_x4_vnni, q4_0_x4_vnni, 18, 34);
 vnni_kernels!(
     q5_0_q8_0_vnni,
     q5_0_x1_vnni,
@@ -1644,7 +1596,9 @@ mod tests {
             return;
         };
         let n = 512;
-        for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+        assert!(vec_dot_fn_vnni(vnni, GgmlType::Q4_0).is_none());
+        assert!(vec_dot4_fn_vnni(vnni, GgmlType::Q4_0).is_none());
+        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
             let (v1, a1) = (
                 vec_dot_fn_vnni(vnni, ty).unwrap(),
                 vec_dot_fn(avx2, ty).unwrap(),
