@@ -570,6 +570,50 @@ codebook_q8_0!(
     |x, y| e8m0_to_fp32_half(x.e) * h2f(y.d)
 );
 
+/// Defines `$name`, [`codebook_q8_0`]'s kernel for four tokens: per block the code-book lookup once and
+/// the four exact sums at once, then four lanes of one 128-bit fma, each lane the single-token kernel's
+/// scalar `fma(Σ, scale_w·d_a, acc)` in block order (bit-identical to it). `$wscale` is the block's
+/// weight scale as f32.
+macro_rules! codebook_q8_0_x4 {
+    ($name:ident, $block:ty, $table:expr, |$x:ident| $wscale:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let xs: &[$block] = bytemuck::cast_slice(w);
+            let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
+            assert!(y.iter().all(|y| y.len() >= xs.len()));
+            // SAFETY: the table is 16 bytes.
+            let table = unsafe { _mm_loadu_si128($table.as_ptr() as *const __m128i) };
+            let mut acc = _mm_setzero_ps();
+            for (i, $x) in xs.iter().enumerate() {
+                // SAFETY: the nibble field is 16 bytes long.
+                let qx = unsafe { lookup_nibbles(table, &$x.qs) };
+                let ax = _mm256_sign_epi8(qx, qx);
+                let mut lanes = [_mm256_setzero_si256(); 4];
+                for t in 0..4 {
+                    // SAFETY: the field is 32 bytes long.
+                    let qy = unsafe { load32(&y[t][i].qs) };
+                    lanes[t] = mul_sum_us8(ax, _mm256_sign_epi8(qy, qx));
+                }
+                let sums = _mm_cvtepi32_ps(hsum4_i32x8(lanes));
+                let d = _mm_mul_ps(
+                    _mm_set1_ps($wscale),
+                    h2f_x4([y[0][i].d, y[1][i].d, y[2][i].d, y[3][i].d]),
+                );
+                acc = _mm_fmadd_ps(sums, d, acc);
+            }
+            let mut out = [0f32; 4];
+            // SAFETY: `out` is 16 writable bytes.
+            unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+            out
+        }
+    };
+}
+
+codebook_q8_0_x4!(iq4_nl_q8_0_x4_avx2, BlockIq4Nl, KVALUES_IQ4NL, |x| h2f(x.d));
+codebook_q8_0_x4!(mxfp4_q8_0_x4_avx2, BlockMxfp4, KVALUES_MXFP4, |x| {
+    e8m0_to_fp32_half(x.e)
+});
+
 /// `v >> count` on 16-bit lanes (a run-time count).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -912,6 +956,8 @@ pub fn vec_dot4_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDot4Fn> {
         Q3_K => q3_k_q8_k_x4,
         Q5_K => q5_k_q8_k_x4,
         IQ4_XS => iq4_xs_q8_k_x4,
+        IQ4_NL => iq4_nl_q8_0_x4,
+        MXFP4 => mxfp4_q8_0_x4,
         _ => return None,
     })
 }
@@ -947,6 +993,8 @@ safe_wrapper4!(q2_k_q8_k_x4, q2_k_q8_k_x4_avx2, QK_K, 84, 292);
 safe_wrapper4!(q3_k_q8_k_x4, q3_k_q8_k_x4_avx2, QK_K, 110, 292);
 safe_wrapper4!(q5_k_q8_k_x4, q5_k_q8_k_x4_avx2, QK_K, 176, 292);
 safe_wrapper4!(iq4_xs_q8_k_x4, iq4_xs_q8_k_x4_avx2, QK_K, 136, 292);
+safe_wrapper4!(iq4_nl_q8_0_x4, iq4_nl_q8_0_x4_avx2, 18, 34);
+safe_wrapper4!(mxfp4_q8_0_x4, mxfp4_q8_0_x4_avx2, 17, 34);
 
 /// The four i32 sums of `v[0..4]` (lane t = Σ of the eight lanes of `v[t]`), exact.
 #[inline]
