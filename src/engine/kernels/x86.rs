@@ -956,6 +956,7 @@ pub fn vec_dot4_fn(_proof: Avx2, ty: GgmlType) -> Option<VecDot4Fn> {
         Q3_K => q3_k_q8_k_x4,
         Q5_K => q5_k_q8_k_x4,
         IQ4_XS => iq4_xs_q8_k_x4,
+        Q5_1 => q5_1_q8_1_x4,
         IQ4_NL => iq4_nl_q8_0_x4,
         MXFP4 => mxfp4_q8_0_x4,
         _ => return None,
@@ -993,6 +994,7 @@ safe_wrapper4!(q2_k_q8_k_x4, q2_k_q8_k_x4_avx2, QK_K, 84, 292);
 safe_wrapper4!(q3_k_q8_k_x4, q3_k_q8_k_x4_avx2, QK_K, 110, 292);
 safe_wrapper4!(q5_k_q8_k_x4, q5_k_q8_k_x4_avx2, QK_K, 176, 292);
 safe_wrapper4!(iq4_xs_q8_k_x4, iq4_xs_q8_k_x4_avx2, QK_K, 136, 292);
+safe_wrapper4!(q5_1_q8_1_x4, q5_1_q8_1_x4_avx2, 24, 36);
 safe_wrapper4!(iq4_nl_q8_0_x4, iq4_nl_q8_0_x4_avx2, 18, 34);
 safe_wrapper4!(mxfp4_q8_0_x4, mxfp4_q8_0_x4_avx2, 17, 34);
 
@@ -1262,6 +1264,32 @@ unsafe fn q4_1_q8_1_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
             // SAFETY: the field is 32 bytes long.
             let qy = unsafe { load32(&yb.qs) };
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(mul_sum_us8(qx, qy)), acc[t]);
+        }
+    }
+    [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]) + summs[t])
+}
+
+/// [`q5_1_q8_1_avx2`] for four tokens: the block's 5-bit quants decoded once, each token's lane the
+/// single-token kernel's arithmetic (bit-identical).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1_q8_1_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let x: &[BlockQ5_1] = bytemuck::cast_slice(w);
+    let y: [&[BlockQ8_1]; 4] = a.map(bytemuck::cast_slice);
+    assert!(y.iter().all(|y| y.len() >= x.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
+    for (i, xb) in x.iter().enumerate() {
+        let hi = _mm256_and_si256(bits32(xb.qh), _mm256_set1_epi8(0x10));
+        // SAFETY: the nibble field is 16 bytes.
+        let qx = _mm256_or_si256(unsafe { nibbles32(&xb.qs) }, hi);
+        let (dx, mx) = (h2f(xb.d), h2f(xb.m));
+        for t in 0..4 {
+            let yb = &y[t][i];
+            summs[t] += mx * h2f(yb.s);
+            let d = _mm256_set1_ps(dx * h2f(yb.d));
+            // SAFETY: the field is 32 bytes long.
+            let qy = unsafe { load32(&yb.qs) };
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mul_sum_us8(qx, qy)), d, acc[t]);
         }
     }
     [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]) + summs[t])
