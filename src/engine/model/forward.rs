@@ -494,15 +494,50 @@ fn attention(
         }
     };
     let n_groups = s.n_head / s.gqa;
-    let pairs = items.len() * n_groups;
     let work: usize = items.iter().map(|&(_, n_kv)| n_kv).sum::<usize>() * s.n_head * hd;
+    for_each_head_group(
+        pool,
+        items,
+        n_groups,
+        width,
+        s.nq,
+        work,
+        |&(i, _)| i,
+        |&(i, n_kv), g, (scores, scratch), out| one(i, n_kv, g, scores, scratch, out),
+        attn,
+    );
+}
+
+/// Scratch space of one attention task: a score buffer and the flash-attention accumulators.
+pub(super) type AttnTaskScratch = (Vec<f32>, ops::AttnScratch);
+
+/// Runs `one(item, g, scratch, out)` for every (item, KV group `g`) pair, writing the group's `width`
+/// values of the item's row `row_of(item)` of `attn` (`[n_tokens, nq]`): on this thread when `work`
+/// (multiply-adds) is small or there is one thread, else split over the pool in contiguous runs of
+/// pairs (`min(4·threads, pairs)` tasks). Each pair is computed by the same code whatever the split, so
+/// results do not depend on threads or batching. The one place the attention of every architecture is
+/// scheduled.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn for_each_head_group<T: Sync>(
+    pool: &Pool,
+    items: &[T],
+    n_groups: usize,
+    width: usize,
+    nq: usize,
+    work: usize,
+    row_of: impl Fn(&T) -> usize + Sync,
+    one: impl Fn(&T, usize, &mut AttnTaskScratch, &mut [f32]) + Sync,
+    attn: &mut [f32],
+) {
+    let pairs = items.len() * n_groups;
+    let cols = |g: usize| g * width..(g + 1) * width;
     if pool.n_threads() == 1 || pairs < 2 || work < 1 << 16 {
-        let mut scores = Vec::new();
-        let mut scratch = ops::AttnScratch::default();
-        for &(i, n_kv) in items {
+        let mut scratch = AttnTaskScratch::default();
+        for item in items {
+            let r = row_of(item) * nq;
             for g in 0..n_groups {
-                let out = &mut attn[i * s.nq + g * width..i * s.nq + (g + 1) * width];
-                one(i, n_kv, g, &mut scores, &mut scratch, out);
+                let c = cols(g);
+                one(item, g, &mut scratch, &mut attn[r + c.start..r + c.end]);
             }
         }
         return;
@@ -515,30 +550,19 @@ fn attention(
     pool.parallel_for(n_tasks, |t| {
         let (p0, p1) = (t * per, ((t + 1) * per).min(pairs));
         let mut local = vec![0.0f32; p1.saturating_sub(p0) * width];
-        let mut scores = Vec::new();
-        let mut scratch = ops::AttnScratch::default();
+        let mut scratch = AttnTaskScratch::default();
         for p in p0..p1 {
-            let (i, n_kv) = items[p / n_groups];
-            let g = p % n_groups;
-            one(
-                i,
-                n_kv,
-                g,
-                &mut scores,
-                &mut scratch,
-                &mut local[(p - p0) * width..(p - p0 + 1) * width],
-            );
+            let out = &mut local[(p - p0) * width..(p - p0 + 1) * width];
+            one(&items[p / n_groups], p % n_groups, &mut scratch, out);
         }
         *results[t].lock().unwrap_or_else(|e| e.into_inner()) = local;
     });
     for (t, r) in results.into_iter().enumerate() {
         let local = r.into_inner().unwrap_or_else(|e| e.into_inner());
-        let p0 = t * per;
         for (off, chunk) in local.chunks_exact(width).enumerate() {
-            let p = p0 + off;
-            let (i, _) = items[p / n_groups];
-            let g = p % n_groups;
-            attn[i * s.nq + g * width..i * s.nq + (g + 1) * width].copy_from_slice(chunk);
+            let p = t * per + off;
+            let (r, c) = (row_of(&items[p / n_groups]) * nq, cols(p % n_groups));
+            attn[r + c.start..r + c.end].copy_from_slice(chunk);
         }
     }
 }

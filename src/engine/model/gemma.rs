@@ -25,7 +25,7 @@ use crate::engine::gguf::GgufFile;
 use crate::engine::kernels::ops::{self, RopeMode, RopeParams};
 use crate::engine::kv_layout;
 
-use super::forward::{dump, group_by_seq, mm};
+use super::forward::{dump, for_each_head_group, group_by_seq, mm};
 use super::hparams::{Arch, HParams};
 use super::kv_cache::{KvCache, KvView};
 use super::linalg::{self, Pool};
@@ -250,50 +250,22 @@ fn attention(
             }
         }
     };
-    let pairs = items.len() * s.n_groups;
     let work: usize = items
         .iter()
         .map(|&(_, lo, pos)| pos + 1 - lo)
         .sum::<usize>()
         * s.nq;
-    if pool.n_threads() == 1 || pairs < 2 || work < 1 << 16 {
-        let mut scores = Vec::new();
-        let mut scratch = ops::AttnScratch::default();
-        for &(i, lo, pos) in items {
-            for g in 0..s.n_groups {
-                let out = &mut attn[i * s.nq + g * width..i * s.nq + (g + 1) * width];
-                one(i, lo, pos, g, &mut scores, &mut scratch, out);
-            }
-        }
-        return;
-    }
-    let n_tasks = (pool.n_threads() * 4).min(pairs);
-    let per = pairs.div_ceil(n_tasks);
-    let results: Vec<std::sync::Mutex<Vec<f32>>> = (0..n_tasks)
-        .map(|_| std::sync::Mutex::new(Vec::new()))
-        .collect();
-    pool.parallel_for(n_tasks, |t| {
-        let (p0, p1) = (t * per, ((t + 1) * per).min(pairs));
-        let mut local = vec![0.0f32; p1.saturating_sub(p0) * width];
-        let mut scores = Vec::new();
-        let mut scratch = ops::AttnScratch::default();
-        for p in p0..p1 {
-            let (i, lo, pos) = items[p / s.n_groups];
-            let g = p % s.n_groups;
-            let out = &mut local[(p - p0) * width..(p - p0 + 1) * width];
-            one(i, lo, pos, g, &mut scores, &mut scratch, out);
-        }
-        *results[t].lock().unwrap_or_else(|e| e.into_inner()) = local;
-    });
-    for (t, r) in results.into_iter().enumerate() {
-        let local = r.into_inner().unwrap_or_else(|e| e.into_inner());
-        for (off, chunk) in local.chunks_exact(width).enumerate() {
-            let p = t * per + off;
-            let (i, _, _) = items[p / s.n_groups];
-            let g = p % s.n_groups;
-            attn[i * s.nq + g * width..i * s.nq + (g + 1) * width].copy_from_slice(chunk);
-        }
-    }
+    for_each_head_group(
+        pool,
+        items,
+        s.n_groups,
+        width,
+        s.nq,
+        work,
+        |&(i, _, _)| i,
+        |&(i, lo, pos), g, (scores, scratch), out| one(i, lo, pos, g, scores, scratch, out),
+        attn,
+    );
 }
 
 /// Attention of one layer for every sequence of the batch, then the batch's keys and values stored in
