@@ -4,9 +4,9 @@
 //! rules of `/v1` with `x-api-key` accepted as the key, the request log). Errors are Anthropic's
 //! `{"type": "error", "error": {"type", "message"}}` with the right status.
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::AppState;
 use super::auth::ApiKey;
 use super::error::ApiError;
-use super::foreign::{Failure, Res, Run, SseReader};
+use super::foreign::{Failure, Res, Run, SseReader, channel_response, sse_event};
 use crate::openai::anthropic::{self as an, EventWriter, MessagesRequest, TranslateError};
 use crate::openai::stream::{ChatAccumulator, parse_chat_chunk};
 
@@ -66,10 +66,6 @@ async fn x_api_key(mut req: Request, next: Next) -> Response {
 
 fn parse(body: &[u8]) -> Res<MessagesRequest> {
     serde_json::from_slice(body).map_err(|e| Failure::bad(format!("invalid request body: {e}")))
-}
-
-fn sse_event(name: &str, data: &Value) -> Bytes {
-    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
 fn new_id() -> String {
@@ -148,15 +144,7 @@ async fn messages(
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(stream))
+    channel_response(rx, "text/event-stream")
         .map_err(|e| AnthropicError(Failure::bad_gateway(e.to_string())))
 }
 
@@ -202,6 +190,7 @@ pub fn router() -> Router<AppState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn errors_are_anthropics_envelope() {

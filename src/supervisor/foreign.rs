@@ -5,10 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::Response;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 use super::AppState;
 use super::db::ModelRow;
@@ -342,6 +344,30 @@ impl SseReader {
             }
         }
     }
+}
+
+/// One server-sent event: `event: NAME` and its JSON `data` (Anthropic's and the Responses API's form).
+pub fn sse_event(name: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+/// A 200 streamed response of `content_type` (`text/event-stream`, `application/x-ndjson`) whose body is
+/// the chunks sent into `rx`, each passed on as it comes (no caching, no buffering by a proxy between).
+///
+/// Errors: the response builder's, which only a bad header value could cause.
+pub fn channel_response(
+    rx: mpsc::Receiver<Bytes>,
+    content_type: &'static str,
+) -> Result<Response, axum::http::Error> {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -102,14 +102,7 @@ fn ndjson_line(v: &Value) -> Bytes {
 }
 
 fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(stream))
+    super::foreign::channel_response(rx, "application/x-ndjson")
         .unwrap_or_else(|e| OllamaError(Failure::bad_gateway(e.to_string())).into_response())
 }
 

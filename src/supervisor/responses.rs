@@ -4,9 +4,9 @@
 //! Responses are stored in SQLite (unless `store: false`) for [`RETENTION_MS`] so that
 //! `previous_response_id` continues their conversation. Errors are OpenAI's envelope.
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::AppState;
 use super::auth::ApiKey;
 use super::error::ApiError;
-use super::foreign::{Failure, Res, Run, SseReader};
+use super::foreign::{Failure, Res, Run, SseReader, channel_response, sse_event};
 use crate::openai::ChatMessage;
 use crate::openai::responses::{self as rs, EventWriter, Ids, ResponsesRequest};
 use crate::openai::stream::{ChatAccumulator, parse_chat_chunk};
@@ -41,10 +41,6 @@ fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn sse_event(name: &str, data: &Value) -> Bytes {
-    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
 /// The conversation of a stored response (what `previous_response_id` continues).
@@ -186,16 +182,7 @@ async fn create(
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(stream))
-        .map_err(|e| ApiError::internal(e.to_string()))
+    channel_response(rx, "text/event-stream").map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn not_found(id: &str) -> ApiError {
