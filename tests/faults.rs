@@ -1,6 +1,7 @@
 //! Fault tests of the supervisor (issue 17): clients and workers that misbehave must not hold up
 //! unloads or requests without bound.
 
+mod hub_common;
 mod supervisor_common;
 
 use std::io::Write;
@@ -176,6 +177,7 @@ async fn a_request_for_a_model_stuck_draining_gets_503_with_retry_after() {
     wait_no_worker(&s, &token, Duration::from_secs(20)).await;
     let _ = h.await;
     assert_eq!(chat_status(&s).await.0, 200);
+    assert_bounded_rss(&s);
 }
 
 /// A worker that hangs while ready (SIGSTOP) is found by the health probes and killed; the next request
@@ -215,6 +217,7 @@ async fn a_hung_worker_is_detected_and_replaced() {
     let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
     assert_ne!(w["pid"].as_u64(), Some(u64::from(pid)));
     assert_eq!(s.workers().len(), 1, "no orphan: one worker");
+    assert_bounded_rss(&s);
 }
 
 /// A worker SIGKILLed mid-stream: the client's stream ends with an error event, and the next request
@@ -257,4 +260,328 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_is_reloade
     assert_eq!(st, 200, "{body}");
     let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
     assert_ne!(w["pid"].as_u64(), Some(u64::from(pid)));
+}
+
+/// Peak resident memory the supervisor may reach in any fault test (issue 17: under 100 MB).
+const SUPERVISOR_RSS_LIMIT: u64 = 100 << 20;
+
+fn assert_bounded_rss(s: &Server) {
+    let peak = s.peak_rss();
+    assert!(
+        peak < SUPERVISOR_RSS_LIMIT,
+        "supervisor peak RSS {} MiB (limit {} MiB)",
+        peak >> 20,
+        SUPERVISOR_RSS_LIMIT >> 20
+    );
+}
+
+/// 500 clients at once on the supervisor: each gets an answer (200, or 503 with Retry-After when the
+/// worker's queue is full), none is dropped or left hanging, the supervisor's memory stays bounded and
+/// it serves normally afterwards with one worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn five_hundred_concurrent_connections_are_answered_with_bounded_memory() {
+    let s = Server::start(&[SMOL], &[]).await;
+    assert_eq!(chat_status(&s).await.0, 200, "warm-up");
+    let url = format!("{}/v1/chat/completions", s.base);
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..500)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                // One client each: 500 connections, not a pool of a few.
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(240))
+                    .build()
+                    .unwrap();
+                let r = http
+                    .post(url)
+                    .json(&json!({
+                        "model": SMOL_ID,
+                        "messages": [{"role": "user", "content": format!("Say the number {i}.")}],
+                        "max_tokens": 2,
+                    }))
+                    .send()
+                    .await
+                    .map_err(|e| format!("client {i}: {e}"))?;
+                let st = r.status().as_u16();
+                let retry = r.headers().contains_key("retry-after");
+                let body = r.text().await.map_err(|e| format!("client {i}: {e}"))?;
+                Ok::<_, String>((st, retry, body))
+            })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for c in clients {
+        let (st, retry, body) = c.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        match st {
+            200 => {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert!(v["choices"][0]["message"].is_object(), "{body}");
+                ok += 1;
+            }
+            503 => {
+                assert!(retry, "a 503 says when to retry: {body}");
+                busy += 1;
+            }
+            _ => panic!("status {st}: {body}"),
+        }
+    }
+    eprintln!(
+        "500 clients: {ok} served, {busy} told to retry, in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(ok > 0, "some requests are served");
+    assert_eq!(chat_status(&s).await.0, 200, "served normally afterwards");
+    assert_eq!(s.workers().len(), 1, "one worker");
+    assert_bounded_rss(&s);
+}
+
+/// The supervisor SIGKILLed while a model loads: its worker does not outlive it (no orphan holding the
+/// model's memory and port), and the next start recovers: the model loads again and is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_supervisor_killed_during_a_load_leaves_no_orphan_and_the_next_start_recovers() {
+    let mut s = Server::start(&[SMOL], &[]).await;
+    let http = s.http.clone();
+    let url = format!("{}/v1/chat/completions", s.base);
+    let cold = tokio::spawn(async move {
+        http.post(url)
+            .json(&json!({"model": SMOL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))
+            .send()
+            .await
+    });
+    // Kill as soon as the worker process exists: it is still loading the model then.
+    let t0 = Instant::now();
+    let workers = loop {
+        let w = s.workers();
+        if !w.is_empty() {
+            break w;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no worker spawned:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let token_before = s.login().await;
+    let state = worker_of(&s, &token_before, SMOL_ID).await;
+    eprintln!("killing the supervisor with worker {workers:?} in state {state:?}");
+    s.kill();
+    let _ = cold.await;
+    let t0 = Instant::now();
+    while workers.iter().any(|&p| pid_alive(p)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "worker {workers:?} outlived its supervisor"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.restart().await;
+    let (st, _, body) = chat_status(&s).await;
+    assert_eq!(st, 200, "{body}\n{}", s.log());
+    assert_eq!(s.workers().len(), 1, "one worker after the restart");
+    let token = s.login().await;
+    let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
+    assert!(!workers.contains(&(w["pid"].as_u64().unwrap() as u32)));
+    assert_bounded_rss(&s);
+}
+
+/// The database locked by another process (a backup tool, an sqlite3 shell in a transaction): a
+/// change the admin makes is refused with a clear 503 naming the lock, within the busy timeout, not a
+/// hang or a crash; inference goes on; once the lock is gone the change goes through and nothing stored
+/// before is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_locked_by_another_process_is_a_clear_error_and_loses_nothing() {
+    const OTHER: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
+    let s = Server::start(&[SMOL, OTHER], &[]).await;
+    let token = s.login().await;
+    s.create_key(&token, "before-the-lock").await;
+    assert_eq!(chat_status(&s).await.0, 200, "loaded before the lock");
+    let db = s.data_dir().join("cyber-inference.db");
+    assert!(db.exists(), "no database at {}", db.display());
+    let mut locker = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN EXCLUSIVE')\n\
+             print('locked', flush=True)\n\
+             sys.stdin.read()\n\
+             c.execute('ROLLBACK')\n",
+        )
+        .arg(&db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(locker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+
+    let t0 = Instant::now();
+    let r = s
+        .http
+        .post(format!("{}/admin/api/keys", s.base))
+        .bearer_auth(&token)
+        .json(&json!({"name": "during-the-lock"}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    let (st, retry) = (r.status().as_u16(), r.headers().contains_key("retry-after"));
+    let body = r.text().await.unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(retry, "a 503 says when to retry");
+    assert!(
+        body.contains("database") && body.contains("locked"),
+        "the error names the lock: {body}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    let (st, _, body) = chat_status(&s).await;
+    assert_eq!(st, 200, "inference on a loaded model goes on: {body}");
+    // A load cannot record its worker (for reaping after a crash): refused clearly, until the lock goes.
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_K_M",
+                      "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let (st, retry) = (r.status().as_u16(), r.headers().contains_key("retry-after"));
+    let body = r.text().await.unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(
+        retry && body.contains("database_busy") && body.contains("locked"),
+        "{body}"
+    );
+
+    drop(locker.stdin.take());
+    assert!(locker.wait().unwrap().success());
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_K_M",
+                      "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the load goes through once the lock is gone"
+    );
+    s.create_key(&token, "after-the-lock").await;
+    let (st, j) = s.admin_get(&token, "/admin/api/keys").await;
+    assert_eq!(st, 200, "{j}");
+    let names: Vec<&str> = j["keys"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{j}"))
+        .iter()
+        .filter_map(|k| k["name"].as_str())
+        .collect();
+    assert!(names.contains(&"before-the-lock"), "{names:?}");
+    assert!(names.contains(&"after-the-lock"), "{names:?}");
+    assert!(!names.contains(&"during-the-lock"), "{names:?}");
+    assert_bounded_rss(&s);
+}
+
+/// A tmpfs of `bytes` mounted on `dir` for one test (needs root, as CI has), unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, bytes: u64) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "cannot mount a {bytes}-byte tmpfs on {} (this test needs root)",
+            dir.display()
+        );
+        SmallDisk(dir.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A download whose disk fills up while it transfers: it fails with an error that says the disk is
+/// full, leaves no partial file and no catalogue row, and the supervisor carries on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_whose_disk_fills_fails_clearly_and_leaves_nothing() {
+    const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
+    let hf = hub_common::HfServer::start().await;
+    hf.state.add_repo(
+        "test/minilm",
+        vec![hub_common::Served::asset(MINILM, MINILM)],
+    );
+    // About 6 MiB/s, so the disk can be filled while the transfer runs.
+    *hf.state.faults.chunk_delay.lock().unwrap() = Some(Duration::from_millis(10));
+    let outer = tempfile::tempdir().unwrap();
+    let mdir = outer.path().join("models");
+    let size = std::fs::metadata(model_file(MINILM)).unwrap().len();
+    let _disk = SmallDisk::mount(&mdir, size + (16 << 20));
+    let mdir_s = mdir.display().to_string();
+    let s = Server::start(&[], &[("HF_ENDPOINT", &hf.url), ("MODELS_DIR", &mdir_s)]).await;
+    let token = s.login().await;
+    let id = s
+        .start_download(
+            &token,
+            json!({"repo_id": "test/minilm", "filename": MINILM}),
+        )
+        .await;
+    s.wait_download(&token, id, 60, |d| {
+        d["state"] == "downloading" && d["downloaded"].as_u64().unwrap_or(0) > 1 << 20
+    })
+    .await;
+    // Another program takes the rest of the disk.
+    let filler = mdir.join("filler.bin");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let d = s.wait_download_ended(&token, id, 120).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    let msg = d["error"].to_string();
+    assert!(
+        msg.contains("No space left") || msg.contains("disk is full"),
+        "the error says the disk is full: {d}"
+    );
+    let left: Vec<String> = hub_common::files_in(&mdir)
+        .into_iter()
+        .filter(|f| f != "filler.bin")
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+    let (st, j) = s.admin_get(&token, "/admin/api/models").await;
+    assert_eq!(st, 200, "{j}");
+    assert!(
+        !j.to_string().contains("all-MiniLM"),
+        "no catalogue row: {j}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(
+        s.http
+            .get(format!("{}/health", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_bounded_rss(&s);
 }

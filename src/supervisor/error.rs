@@ -122,7 +122,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Seconds a client is told to wait when the database is locked.
-const DB_BUSY_RETRY_S: u64 = 5;
+pub const DB_BUSY_RETRY_S: u64 = 5;
 
 impl From<super::db::DbError> for ApiError {
     /// A database locked by another process (SQLITE_BUSY / SQLITE_LOCKED past the busy timeout) is a

@@ -210,6 +210,15 @@ pub enum HubError {
     Cancelled,
     #[error("downloaded {path} but the catalogue cannot register it: {reason}")]
     Catalogue { path: PathBuf, reason: String },
+    #[error(
+        "the disk is full: cannot write {path}: {source}; the partial download was removed (free some \
+         space or set MODELS_DIR elsewhere)"
+    )]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -241,7 +250,7 @@ impl HubError {
             | HubError::Http { .. }
             | HubError::BadResponse { .. }
             | HubError::ChecksumMismatch { .. } => 502,
-            HubError::InsufficientDisk { .. } => 507,
+            HubError::InsufficientDisk { .. } | HubError::DiskFull { .. } => 507,
             HubError::Io { .. } | HubError::Catalogue { .. } => 500,
         }
     }
@@ -265,6 +274,7 @@ impl HubError {
             HubError::BadResponse { .. } => "bad_upstream_response",
             HubError::ChecksumMismatch { .. } => "checksum_mismatch",
             HubError::InsufficientDisk { .. } => "insufficient_disk",
+            HubError::DiskFull { .. } => "disk_full",
             HubError::Conflict { .. } => "file_conflict",
             HubError::AlreadyDownloading { .. } | HubError::DownloadInProgress { .. } => {
                 "download_in_progress"
@@ -272,6 +282,24 @@ impl HubError {
             HubError::Cancelled => "cancelled",
             HubError::Catalogue { .. } => "catalogue_error",
             HubError::Io { .. } => "io_error",
+        }
+    }
+}
+
+impl HubError {
+    /// An I/O error that says the disk (or the user's quota) is full becomes [`HubError::DiskFull`];
+    /// anything else is returned as it is.
+    fn disk_full_or_self(self) -> HubError {
+        match self {
+            HubError::Io { path, source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                HubError::DiskFull { path, source }
+            }
+            other => other,
         }
     }
 }
@@ -1039,7 +1067,10 @@ impl Hub {
             match outcome {
                 Ok(()) => {}
                 Err(Attempt::Fatal(e)) => {
-                    if matches!(e, HubError::BadResponse { .. }) {
+                    // A bad body cannot be resumed, and a partial file on a full disk only keeps it
+                    // full: both go.
+                    let e = e.disk_full_or_self();
+                    if matches!(e, HubError::BadResponse { .. } | HubError::DiskFull { .. }) {
                         drop(file);
                         let _ = tokio::fs::remove_file(partial).await;
                     }
@@ -1062,13 +1093,21 @@ impl Hub {
                 }
             }
         }
-        file.flush()
-            .await
-            .map_err(io_err("cannot write", partial))?;
-        file.sync_all()
-            .await
-            .map_err(io_err("cannot sync", partial))?;
+        let synced = match file.flush().await {
+            Ok(()) => file
+                .sync_all()
+                .await
+                .map_err(io_err("cannot sync", partial)),
+            Err(e) => Err(io_err("cannot write", partial)(e)),
+        };
         drop(file);
+        if let Err(e) = synced {
+            let e = e.disk_full_or_self();
+            if matches!(e, HubError::DiskFull { .. }) {
+                let _ = tokio::fs::remove_file(partial).await;
+            }
+            return Err(e);
+        }
 
         report.downloaded = done_before + f.size;
         report.emit(Phase::Verifying, &f.filename, index, true);

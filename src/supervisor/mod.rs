@@ -52,7 +52,10 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     pub monitor: Arc<monitor::Monitor>,
     pub auth: Arc<auth::AuthState>,
-    /// Client for forwarding to workers (no overall timeout: streams may be long).
+    /// Client for forwarding to workers (no overall timeout: streams may be long). No idle connection
+    /// is kept: each request opens its own loopback connection (tens of µs), so a worker that died is
+    /// always a refused connect, which [`proxy::send_to_worker`] can safely send again, never a stale
+    /// pooled connection that fails like a request the worker took and died on.
     pub proxy_http: reqwest::Client,
     pub models_dir: PathBuf,
     /// Model downloads started through the admin API (same code as `download-model`).
@@ -294,7 +297,7 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         proxy_http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| ServeError::Other(e.to_string()))?,
         models_dir: base.models_dir.clone(),

@@ -75,6 +75,9 @@ pub fn load_error(e: LoadError) -> ApiError {
         }
         LoadError::ShuttingDown => ApiError::unavailable("shutting_down", msg),
         LoadError::Db(_) => ApiError::internal(msg),
+        LoadError::DatabaseBusy { .. } => {
+            ApiError::unavailable("database_busy", msg).retry_after(super::error::DB_BUSY_RETRY_S)
+        }
     }
 }
 
@@ -214,11 +217,12 @@ const GONE_WAIT: Duration = Duration::from_secs(2);
 
 /// Sends the request `build` makes for `lease`'s worker and returns the answer's head with the lease.
 ///
-/// A worker that died a moment ago may still look ready while its exit is processed: a request that
-/// got no answer from it — refused at connect, or sent on a pooled connection the dead worker reset —
-/// waits up to [`GONE_WAIT`] for the manager to cut the lease (the worker's end), then goes once to a
-/// fresh worker (`model` loaded again). Nothing has reached the client yet, so the retry is invisible
-/// to it. Every worker-bound request (OpenAI proxy, Ollama, Anthropic, Responses) goes through here.
+/// A worker that died a moment ago may hold a lease handed out just before its death: a request
+/// refused at connect (it never reached a process) waits up to [`GONE_WAIT`] for the manager to cut
+/// the lease (the worker's end), then goes once to a fresh worker (`model` loaded again); nothing has
+/// reached the client, so the retry is invisible to it. A request the worker took and then died on is
+/// not sent again (502): it may be what killed the worker. Every worker-bound request (OpenAI proxy,
+/// Ollama, Anthropic, Responses) goes through here.
 pub async fn send_to_worker(
     st: &AppState,
     model: &str,
@@ -230,11 +234,14 @@ pub async fn send_to_worker(
         match build(&lease).send().await {
             Ok(r) => return Ok((lease, r)),
             Err(e) => {
+                if retried || !e.is_connect() {
+                    return Err(SendError::Http(e));
+                }
                 let mut cut = lease.cut.clone();
                 let gone = tokio::time::timeout(GONE_WAIT, cut.wait_for(|c| c.is_some()))
                     .await
                     .is_ok_and(|r| r.is_ok());
-                if retried || !gone {
+                if !gone {
                     return Err(SendError::Http(e));
                 }
                 retried = true;

@@ -123,6 +123,10 @@ pub enum LoadError {
     ShuttingDown,
     #[error("database: {0}")]
     Db(String),
+    /// The database is locked by another process, so the worker cannot be recorded (and reaped
+    /// after a crash of the supervisor): the load is refused until the lock is gone.
+    #[error("model `{model}` cannot be loaded now: {reason}")]
+    DatabaseBusy { model: String, reason: String },
 }
 
 /// How a worker process ended (exit status or signal, as text).
@@ -147,6 +151,9 @@ struct Worker {
     cut: watch::Sender<Option<String>>,
     /// Health probes in a row that got no answer.
     health_failures: std::sync::atomic::AtomicU32,
+    /// Set the moment the process is reaped, before its exit is processed ([`Manager::on_exit`] runs
+    /// after the last output lines are read): no new lease goes to a worker that is gone.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 struct Slot {
@@ -479,7 +486,12 @@ impl Manager {
                     .map(|s| (s.state, s.retry_at, s.reason.clone()))
             };
             match st {
-                Some((ModelState::Ready, _, _)) => continue,
+                // Ready but its process is gone: wait for the exit to be processed.
+                Some((ModelState::Ready, _, _)) => {
+                    drop(guard);
+                    let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+                    continue;
+                }
                 Some((ModelState::Draining, _, _))
                     if draining_since.get_or_insert_with(Instant::now).elapsed() >= drain_wait =>
                 {
@@ -516,6 +528,9 @@ impl Manager {
             return None;
         }
         let w = s.worker.as_ref()?;
+        if w.gone.load(Ordering::Acquire) {
+            return None;
+        }
         let (port, key, cut, session_id) = (w.port, w.key.clone(), w.cut.subscribe(), w.session_id);
         s.inflight += 1;
         s.last_used = Instant::now();
@@ -775,7 +790,16 @@ impl Manager {
             .db
             .insert_session(m.id, port, &instance, "loading")
             .await
-            .map_err(|e| LoadError::Db(e.to_string()))?;
+            .map_err(|e| {
+                if e.is_busy() {
+                    LoadError::DatabaseBusy {
+                        model: model.to_owned(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    LoadError::Db(e.to_string())
+                }
+            })?;
 
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.arg("worker")
@@ -851,6 +875,7 @@ impl Manager {
             exited: exit_rx.clone(),
             cut: watch::channel(None).0,
             health_failures: 0.into(),
+            gone: false.into(),
         });
         {
             let mut slots = self.slots();
@@ -905,6 +930,7 @@ impl Manager {
             let worker = worker.clone();
             tokio::spawn(async move {
                 let status = child.wait().await;
+                worker.gone.store(true, Ordering::Release);
                 // Give the pipe readers a moment to capture the last lines.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let text = match status {
