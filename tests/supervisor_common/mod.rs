@@ -317,6 +317,38 @@ impl Server {
             .as_u16()
     }
 
+    /// `PATCH /admin/api/models/{model}` (per-model settings) with `body`; returns (status, JSON).
+    pub async fn patch_model(
+        &self,
+        token: &str,
+        model: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .patch(format!("{}/admin/api/models/{model}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POST `body` as JSON to `path` (no key: `/v1` is open on loopback); returns (status, JSON).
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     /// A UI page (HTML) fetched with the admin session cookie.
     pub async fn page(&self, token: &str, path: &str) -> String {
         let r = self
