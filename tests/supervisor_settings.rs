@@ -6,11 +6,9 @@
 
 mod supervisor_common;
 
-use std::time::{Duration, Instant};
-
 use cyber_inference::supervisor::settings::{Kind, MODEL_SETTINGS};
 use serde_json::{Value, json};
-use supervisor_common::{Server, spawn_serve};
+use supervisor_common::{Server, spawn_serve, wait_exit};
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
@@ -267,17 +265,7 @@ async fn a_global_setting_is_refused_at_run_time_as_at_start_up() {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let mut child = spawn_serve(dir.path(), &env);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve did not refuse DRAIN_TIMEOUT=0"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut child, "with DRAIN_TIMEOUT=0");
     assert!(!status.success());
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(

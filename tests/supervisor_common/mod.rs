@@ -169,8 +169,7 @@ impl Server {
             .send()
             .await
             .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+        status_json(r).await
     }
 
     /// Worker processes (children of the supervisor).
@@ -202,6 +201,24 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A response's status and JSON body (`null` when it has none).
+pub async fn status_json(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Waits up to 30 s for `c` (a `serve` expected to refuse to start) to exit; returns its status.
+pub fn wait_exit(c: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "serve kept running {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -332,8 +349,7 @@ impl Server {
             .send()
             .await
             .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+        status_json(r).await
     }
 
     /// POST `body` as JSON to `path` (no key: `/v1` is open on loopback); returns (status, JSON).
@@ -345,8 +361,7 @@ impl Server {
             .send()
             .await
             .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+        status_json(r).await
     }
 
     /// A UI page (HTML) fetched with the admin session cookie.
