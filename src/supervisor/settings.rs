@@ -202,7 +202,7 @@ pub const MODEL_SETTINGS: &[ModelSetting] = &[
             ollama: "temperature",
         }),
         label: "Temperature",
-        help: "default for requests that do not set it; 0 = greedy",
+        help: "0 = greedy",
         unset: unset_request,
     },
     ModelSetting {
@@ -215,7 +215,7 @@ pub const MODEL_SETTINGS: &[ModelSetting] = &[
             ollama: "top_p",
         }),
         label: "Top-p",
-        help: "default nucleus sampling mass for requests that do not set it",
+        help: "nucleus sampling mass",
         unset: unset_request,
     },
     ModelSetting {
@@ -231,7 +231,7 @@ pub const MODEL_SETTINGS: &[ModelSetting] = &[
             ollama: "top_k",
         }),
         label: "Top-k",
-        help: "default for requests that do not set it; 0 = off",
+        help: "0 = off",
         unset: unset_request,
     },
     ModelSetting {
@@ -247,7 +247,7 @@ pub const MODEL_SETTINGS: &[ModelSetting] = &[
             ollama: "num_predict",
         }),
         label: "Max tokens",
-        help: "default cap on generated tokens for requests that set none",
+        help: "cap on generated tokens (Ollama's num_predict)",
         unset: unset_request,
     },
     ModelSetting {
@@ -258,7 +258,7 @@ pub const MODEL_SETTINGS: &[ModelSetting] = &[
         },
         applies: Applies::PerRequest(RequestField::SystemMessage),
         label: "System prompt",
-        help: "put first in chats that have no system message",
+        help: "the first message of chats that have no system message (Ollama's SYSTEM)",
         unset: unset_none,
     },
 ];

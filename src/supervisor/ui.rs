@@ -507,7 +507,7 @@ fn fields_of(values: &SettingValues, st: &AppState) -> Vec<FieldView> {
             let when = match d.applies {
                 Applies::NextLoad => "applies at the next load",
                 Applies::Now => "applies at once",
-                Applies::PerRequest(_) => "applies to requests that do not set it",
+                Applies::PerRequest(_) => "a default: a request's own value wins",
             };
             FieldView {
                 name: d.name,
@@ -518,7 +518,10 @@ fn fields_of(values: &SettingValues, st: &AppState) -> Vec<FieldView> {
                     x => x.to_string(),
                 },
                 placeholder: (d.unset)(&s),
-                help: format!("{} ({}); {when}", d.help, d.range(&s)),
+                help: match d.kind {
+                    Kind::Bool { .. } => format!("{}; {when}", d.help),
+                    _ => format!("{} ({}); {when}", d.help, d.range(&s)),
+                },
                 input: match d.kind {
                     Kind::Bool { .. } => "checkbox",
                     Kind::Text { .. } => "textarea",
