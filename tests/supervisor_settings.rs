@@ -242,6 +242,27 @@ async fn a_global_setting_is_refused_at_run_time_as_at_start_up() {
         s.put_settings(&token, json!({"drain_timeout": 7})).await,
         200
     );
+    // The API and the settings page show the same list, values and sources.
+    let (_, j) = s.admin_get(&token, "/admin/api/settings").await;
+    let page = s.page(&token, "/settings").await;
+    for g in j["settings"].as_array().unwrap() {
+        let name = g["name"].as_str().unwrap();
+        assert!(
+            page.contains(&format!(r#"id="s-{name}""#)),
+            "{name} not on the page"
+        );
+    }
+    let drain = j["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "drain_timeout")
+        .unwrap();
+    assert_eq!(
+        (&drain["value"], &drain["source"]),
+        (&json!(7), &json!("db"))
+    );
+    assert!(page.contains(r#"id="s-drain_timeout" name="drain_timeout" value="7""#));
 
     // The same value at start-up stops `serve` with the same reason.
     let dir = tempfile::tempdir().unwrap();

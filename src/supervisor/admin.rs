@@ -48,7 +48,7 @@ use super::hub::{DownloadRequest, HubError, choose_model};
 use super::logs::{LogLine, SUPERVISOR_LOG};
 use super::process::STOP_GRACE_SECS;
 use super::settings::{ModelSettingsPatch, SettingValue, describe};
-use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings};
+use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings, Source};
 
 /// Settings that can be changed at run time through `PUT /admin/api/settings` (plus `require_api_key`).
 pub const LIVE_SETTINGS: [&str; 9] = [
@@ -514,11 +514,27 @@ async fn resources_history(
     Json(json!({"samples": st.monitor.history(q.since.unwrap_or(0))}))
 }
 
-async fn get_settings(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
-    let s = serde_json::to_value(st.settings()).map_err(|e| ApiError::internal(e.to_string()))?;
+/// One global setting as the admin API and the settings page show it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GlobalSetting {
+    pub name: &'static str,
+    /// The live value; a secret only as `"(set)"` or `""`.
+    pub value: Value,
+    /// `default`, `file`, `env` or `db` (a database override).
+    pub source: &'static str,
+    /// Changeable at run time (`PUT /admin/api/settings`) rather than at a restart.
+    pub live: bool,
+    pub secret: bool,
+}
+
+/// Every global setting (the `Settings` fields, then [`REQUIRE_API_KEY`]) with its live value and
+/// where it came from.
+pub async fn global_settings(st: &AppState) -> Result<Vec<GlobalSetting>, super::db::DbError> {
+    let s = serde_json::to_value(st.settings()).unwrap_or(Value::Null);
     let overrides = st.db.configurations().await?;
     let sources = st.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut out: Vec<Value> = SETTING_NAMES
+    let overridden = |name: &str| overrides.iter().any(|(k, _)| k == name);
+    let mut out: Vec<GlobalSetting> = SETTING_NAMES
         .iter()
         .map(|&name| {
             let secret = SECRET_SETTINGS.contains(&name);
@@ -527,20 +543,41 @@ async fn get_settings(State(st): State<AppState>, _u: AdminUser) -> Result<Json<
             } else {
                 s[name].clone()
             };
-            let source = if overrides.iter().any(|(k, _)| k == name) {
-                json!("db")
+            let source = if overridden(name) {
+                "db"
             } else {
-                json!(sources.iter().find(|(n, _)| *n == name).map(|(_, s)| *s))
+                match sources.iter().find(|(n, _)| *n == name).map(|(_, s)| *s) {
+                    Some(Source::File) => "file",
+                    Some(Source::Env) => "env",
+                    Some(Source::Db) => "db",
+                    Some(Source::Default) | None => "default",
+                }
             };
-            json!({"name": name, "value": value, "source": source, "live": LIVE_SETTINGS.contains(&name), "secret": secret})
+            GlobalSetting {
+                name,
+                value,
+                source,
+                live: LIVE_SETTINGS.contains(&name),
+                secret,
+            }
         })
         .collect();
-    out.push(json!({
-        "name": REQUIRE_API_KEY, "value": st.auth.require_api_key.load(Ordering::Relaxed),
-        "source": if overrides.iter().any(|(k, _)| k == REQUIRE_API_KEY) { "db" } else { "default" },
-        "live": true, "secret": false,
-    }));
-    Ok(Json(json!({"settings": out})))
+    out.push(GlobalSetting {
+        name: REQUIRE_API_KEY,
+        value: json!(st.auth.require_api_key.load(Ordering::Relaxed)),
+        source: if overridden(REQUIRE_API_KEY) {
+            "db"
+        } else {
+            "default"
+        },
+        live: true,
+        secret: false,
+    });
+    Ok(out)
+}
+
+async fn get_settings(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"settings": global_settings(&st).await?})))
 }
 
 async fn put_settings(

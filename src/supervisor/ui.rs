@@ -30,12 +30,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use super::admin::{LIVE_SETTINGS, REQUIRE_API_KEY};
 use super::auth::{ADMIN_USER, AdminUser, COOKIE, hash_password, verify_password};
 use super::db::ModelRow;
 use super::error::ApiError;
 use super::settings::{Applies, Kind, ModelSettingsPatch, SettingValues};
-use crate::config::{SECRET_SETTINGS, SETTING_NAMES};
 
 /// When the UI router was built (at supervisor start): the origin of the uptime shown on the dashboard.
 static STARTED: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -699,64 +697,28 @@ async fn settings_page(
         page: "settings",
         source,
     };
-    let s = serde_json::to_value(st.settings()).unwrap_or(Value::Null);
-    let overrides = st.db.configurations().await.map_err(err)?;
-    let sources = st.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut settings: Vec<SettingView> = SETTING_NAMES
-        .iter()
-        .map(|&name| {
-            let secret = SECRET_SETTINGS.contains(&name);
-            let v = &s[name];
-            let value = if secret {
-                if v.is_null() { "" } else { "(set)" }.to_owned()
-            } else {
-                match v {
-                    Value::Null => String::new(),
-                    Value::String(x) => x.clone(),
-                    x => x.to_string(),
-                }
-            };
-            let source = if overrides.iter().any(|(k, _)| k == name) {
-                "db".to_owned()
-            } else {
-                sources
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map_or("default".to_owned(), |(_, s)| {
-                        format!("{s:?}").to_ascii_lowercase()
-                    })
-            };
-            SettingView {
-                name: name.to_owned(),
-                value,
-                source,
-                live: LIVE_SETTINGS.contains(&name),
-                secret,
-                kind: if v.is_number() || name == "threads" {
-                    "number"
-                } else {
-                    "text"
-                },
-            }
+    let settings: Vec<SettingView> = super::admin::global_settings(&st)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .map(|g| SettingView {
+            name: g.name.to_owned(),
+            kind: match &g.value {
+                Value::Bool(_) => "bool",
+                Value::Number(_) => "number",
+                _ if g.name == "threads" => "number",
+                _ => "text",
+            },
+            value: match g.value {
+                Value::Null => String::new(),
+                Value::String(x) => x,
+                x => x.to_string(),
+            },
+            source: g.source.to_owned(),
+            live: g.live,
+            secret: g.secret,
         })
         .collect();
-    settings.push(SettingView {
-        name: REQUIRE_API_KEY.to_owned(),
-        value: st
-            .auth
-            .require_api_key
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .to_string(),
-        source: if overrides.iter().any(|(k, _)| k == REQUIRE_API_KEY) {
-            "db"
-        } else {
-            "default"
-        }
-        .to_owned(),
-        live: true,
-        secret: false,
-        kind: "bool",
-    });
     let keys = st
         .db
         .list_api_keys()
