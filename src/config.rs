@@ -123,6 +123,14 @@ pub enum ConfigError {
     Read(String),
 }
 
+/// A setting [`Settings::check`] refused: its (lower-case) name, the value as shown, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidSetting {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
 /// Strings may arrive from the environment as numbers or booleans (figment parses `123` as an integer).
 fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
@@ -278,8 +286,21 @@ impl Settings {
     }
 
     fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
-        let bad = |name: &str, value: String, reason: &str| ConfigError::Invalid {
-            name: origin(figment, name),
+        self.check().map_err(|e| ConfigError::Invalid {
+            name: origin(figment, e.name),
+            value: e.value,
+            reason: e.reason,
+        })
+    }
+
+    /// Checks every range and format rule of the settings: the one check of a start-up (defaults <
+    /// file < environment) and of every run-time change (the admin API's overrides, the database's at
+    /// start-up), so a value refused at one is refused at the other.
+    ///
+    /// Errors: the first bad setting, its value (a secret's only as its length) and why.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        let bad = |name: &'static str, value: String, reason: &str| InvalidSetting {
+            name,
             value,
             reason: reason.into(),
         };

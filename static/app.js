@@ -640,7 +640,9 @@ function initModelSettings() {
   form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
     const body = {};
-    for (const input of $$('input[name]', form)) body[input.name] = input.value.trim();
+    for (const input of $$('input[name], textarea[name]', form)) {
+      body[input.name] = input.type === 'checkbox' ? input.checked : input.value.trim();
+    }
     const status = $('#settings-status');
     status.textContent = 'saving…';
     status.classList.remove('error');

@@ -383,17 +383,7 @@ async fn docker_environment_needs_an_admin_password_on_a_network_host() {
         e
     };
     let mut c = spawn_serve(dir.path(), &env(None));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve kept running without a password"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let st = wait_exit(&mut c, "without a password");
     assert!(!st.success());
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(

@@ -5,8 +5,8 @@
 //! | --- | --- |
 //! | `GET /admin/api/models` | catalogue rows + worker state |
 //! | `POST /admin/api/models/scan` | rescan MODELS_DIR → `{models, removed, skipped}` |
-//! | `GET /admin/api/models/{name}` | one model, its worker and its last 20 sessions |
-//! | `PATCH /admin/api/models/{name}` | per-model settings (`ctx_size`, `threads`, `parallel`, `gpu_layers`, `idle_timeout`, `pinned`, `enabled`, sampling defaults; `null` resets) |
+//! | `GET /admin/api/models/{name}` | one model, its settings (value, type, range, when each applies), its worker and its last 20 sessions |
+//! | `PATCH /admin/api/models/{name}` | per-model settings (the names of `settings::MODEL_SETTINGS`; `null` resets), validated |
 //! | `POST /admin/api/models/{name}/load` / `unload` / `pin` / `unpin` | control |
 //! | `DELETE /admin/api/models/{name}` | unload, delete the file and the row |
 //! | `GET /admin/api/workers` | state, port, pid, RSS, CPU, uptime, in-flight of every worker |
@@ -43,12 +43,12 @@ use tokio::sync::broadcast;
 
 use super::AppState;
 use super::auth::{AdminUser, generate_api_key, hash_api_key};
-use super::db::ModelSettingsPatch;
 use super::error::ApiError;
 use super::hub::{DownloadRequest, HubError, choose_model};
 use super::logs::{LogLine, SUPERVISOR_LOG};
 use super::process::STOP_GRACE_SECS;
-use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings};
+use super::settings::{ModelSettingsPatch, SettingValue, describe};
+use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings, Source};
 
 /// Settings that can be changed at run time through `PUT /admin/api/settings` (plus `require_api_key`).
 pub const LIVE_SETTINGS: [&str; 9] = [
@@ -81,22 +81,17 @@ pub fn apply_override(s: &Settings, key: &str, value: &str) -> Result<Settings, 
     j[key] = v;
     let n: Settings = serde_json::from_value(j)
         .map_err(|e| format!("invalid value {value:?} for `{key}`: {e}"))?;
-    let bad = |why: &str| Err(format!("invalid value {value:?} for `{key}`: {why}"));
-    if !(1..=100).contains(&n.max_memory_percent) {
-        return bad("must be between 1 and 100");
-    }
-    if n.max_loaded_models == 0 || n.jwt_expiry_hours == 0 {
-        return bad("must be at least 1");
-    }
-    if n.default_context_size == 0 || n.max_context_size == 0 {
-        return bad("must be at least 1");
-    }
-    if n.default_context_size > n.max_context_size {
-        return bad("DEFAULT_CONTEXT_SIZE must not exceed MAX_CONTEXT_SIZE");
-    }
-    if n.gpu_layers < -1 {
-        return bad("must be -1 (all), 0 or a layer count");
-    }
+    // The check of a start-up, on the settings this change leads to.
+    n.check().map_err(|e| {
+        if e.name == key {
+            format!("invalid value {value:?} for `{key}`: {}", e.reason)
+        } else {
+            format!(
+                "invalid value {value:?} for `{key}`: then `{}` = {} {}",
+                e.name, e.value, e.reason
+            )
+        }
+    })?;
     Ok(n)
 }
 
@@ -138,7 +133,7 @@ async fn model(
     let w = st.manager.views().into_iter().find(|v| v.model == name);
     Ok(Json(json!({
         "model": m, "state": st.manager.state_of(&name), "worker": w, "sessions": sessions,
-        "memory_estimate_bytes": st.manager.estimate(&m),
+        "memory_estimate_bytes": st.manager.estimate(&m), "settings": settings_of(&st, &name).await?,
     })))
 }
 
@@ -146,56 +141,49 @@ fn no_model(name: &str) -> ApiError {
     ApiError::not_found(format!("model `{name}` not found"))
 }
 
-fn validate_patch(p: &ModelSettingsPatch, s: &Settings) -> Result<(), ApiError> {
-    let check = |name: &str, v: Option<Option<i64>>, lo: i64, hi: i64| match v {
-        Some(Some(x)) if x < lo || x > hi => Err(ApiError::bad_request(format!(
-            "`{name}` = {x} is out of range {lo}..={hi}"
-        ))),
-        _ => Ok(()),
-    };
-    check("ctx_size", p.ctx_size, 1, i64::from(s.max_context_size))?;
-    check("threads", p.threads, 1, 1024)?;
-    check("parallel", p.parallel, 1, 256)?;
-    check("gpu_layers", p.gpu_layers, -1, 100_000)?;
-    check("idle_timeout", p.idle_timeout, 0, 365 * 86400)?;
-    check("top_k", p.top_k, 0, 1_000_000)?;
-    check("max_tokens", p.max_tokens, 1, 10_000_000)?;
-    for (name, v, hi) in [("temperature", p.temperature, 5.0), ("top_p", p.top_p, 1.0)] {
-        if let Some(Some(x)) = v
-            && !(0.0..=hi).contains(&x)
-        {
-            return Err(ApiError::bad_request(format!(
-                "`{name}` = {x} is out of range 0..={hi}"
-            )));
-        }
-    }
-    Ok(())
-}
-
+/// `PATCH /admin/api/models/{name}` with `{setting: value | null}` (the names of
+/// [`MODEL_SETTINGS`](super::settings::MODEL_SETTINGS); `null` resets): every field is validated
+/// against its type and range, then all are saved. 200 `{"model", "settings", "note"}`; 400 naming each
+/// bad setting and its range; 404 for an unknown model.
 async fn patch_model(
     State(st): State<AppState>,
     _u: AdminUser,
     Path(name): Path<String>,
-    body: Result<Json<ModelSettingsPatch>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Json(p) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    validate_patch(&p, &st.settings())?;
+    let Json(fields) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let s = st.settings();
+    let p = ModelSettingsPatch::parse(&fields, &s).map_err(|errors| {
+        let msgs: Vec<String> = errors
+            .iter()
+            .map(|(k, m)| format!("`{k}` {}", m.as_str().unwrap_or_default()))
+            .collect();
+        ApiError::bad_request(format!("invalid model settings: {}", msgs.join("; ")))
+    })?;
     let m = st
         .db
         .update_model_settings(&name, &p)
         .await?
         .ok_or_else(|| no_model(&name))?;
     st.manager.refresh_model(&m);
+    let settings = settings_of(&st, &name).await?;
     Ok(Json(
-        json!({"model": m, "note": "ctx_size, threads, parallel and gpu_layers apply at the next load"}),
+        json!({"model": m, "settings": settings, "note": p.note()}),
     ))
 }
 
+/// The model's settings as `GET /admin/api/models/{name}` shows them ([`describe`]).
+async fn settings_of(st: &AppState, name: &str) -> Result<Value, ApiError> {
+    let values = st
+        .db
+        .model_settings(name)
+        .await?
+        .ok_or_else(|| no_model(name))?;
+    Ok(json!(describe(&values, &st.settings())))
+}
+
 async fn pin(st: AppState, name: String, pinned: bool) -> Result<Json<Value>, ApiError> {
-    let p = ModelSettingsPatch {
-        pinned: Some(pinned),
-        ..Default::default()
-    };
+    let p = ModelSettingsPatch::one("pinned", SettingValue::Bool(pinned));
     let m = st
         .db
         .update_model_settings(&name, &p)
@@ -526,11 +514,27 @@ async fn resources_history(
     Json(json!({"samples": st.monitor.history(q.since.unwrap_or(0))}))
 }
 
-async fn get_settings(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
-    let s = serde_json::to_value(st.settings()).map_err(|e| ApiError::internal(e.to_string()))?;
+/// One global setting as the admin API and the settings page show it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GlobalSetting {
+    pub name: &'static str,
+    /// The live value; a secret only as `"(set)"` or `""`.
+    pub value: Value,
+    /// `default`, `file`, `env` or `db` (a database override).
+    pub source: &'static str,
+    /// Changeable at run time (`PUT /admin/api/settings`) rather than at a restart.
+    pub live: bool,
+    pub secret: bool,
+}
+
+/// Every global setting (the `Settings` fields, then [`REQUIRE_API_KEY`]) with its live value and
+/// where it came from.
+pub async fn global_settings(st: &AppState) -> Result<Vec<GlobalSetting>, super::db::DbError> {
+    let s = serde_json::to_value(st.settings()).unwrap_or(Value::Null);
     let overrides = st.db.configurations().await?;
     let sources = st.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut out: Vec<Value> = SETTING_NAMES
+    let overridden = |name: &str| overrides.iter().any(|(k, _)| k == name);
+    let mut out: Vec<GlobalSetting> = SETTING_NAMES
         .iter()
         .map(|&name| {
             let secret = SECRET_SETTINGS.contains(&name);
@@ -539,20 +543,41 @@ async fn get_settings(State(st): State<AppState>, _u: AdminUser) -> Result<Json<
             } else {
                 s[name].clone()
             };
-            let source = if overrides.iter().any(|(k, _)| k == name) {
-                json!("db")
+            let source = if overridden(name) {
+                "db"
             } else {
-                json!(sources.iter().find(|(n, _)| *n == name).map(|(_, s)| *s))
+                match sources.iter().find(|(n, _)| *n == name).map(|(_, s)| *s) {
+                    Some(Source::File) => "file",
+                    Some(Source::Env) => "env",
+                    Some(Source::Db) => "db",
+                    Some(Source::Default) | None => "default",
+                }
             };
-            json!({"name": name, "value": value, "source": source, "live": LIVE_SETTINGS.contains(&name), "secret": secret})
+            GlobalSetting {
+                name,
+                value,
+                source,
+                live: LIVE_SETTINGS.contains(&name),
+                secret,
+            }
         })
         .collect();
-    out.push(json!({
-        "name": REQUIRE_API_KEY, "value": st.auth.require_api_key.load(Ordering::Relaxed),
-        "source": if overrides.iter().any(|(k, _)| k == REQUIRE_API_KEY) { "db" } else { "default" },
-        "live": true, "secret": false,
-    }));
-    Ok(Json(json!({"settings": out})))
+    out.push(GlobalSetting {
+        name: REQUIRE_API_KEY,
+        value: json!(st.auth.require_api_key.load(Ordering::Relaxed)),
+        source: if overridden(REQUIRE_API_KEY) {
+            "db"
+        } else {
+            "default"
+        },
+        live: true,
+        secret: false,
+    });
+    Ok(out)
+}
+
+async fn get_settings(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"settings": global_settings(&st).await?})))
 }
 
 async fn put_settings(
@@ -787,5 +812,50 @@ mod tests {
                 .unwrap_err()
                 .contains("restart")
         );
+    }
+
+    /// Every live setting is refused at run time exactly when the same value is refused at start-up
+    /// (`Settings::check` is the one rule), with the same reason.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+    fn run_time_changes_are_checked_like_a_start_up() {
+        let cases = [
+            ("drain_timeout", "0"),
+            ("drain_timeout", "5"),
+            ("max_memory_percent", "0"),
+            ("max_memory_percent", "101"),
+            ("max_loaded_models", "0"),
+            ("jwt_expiry_hours", "0"),
+            ("gpu_layers", "-2"),
+            ("gpu_layers", "12"),
+            ("default_context_size", "0"),
+            ("default_context_size", "40000"),
+            ("max_context_size", "4096"),
+            ("model_idle_timeout", "0"),
+            ("threads", "0"),
+        ];
+        for (key, value) in cases {
+            let mut at_start = None;
+            figment::Jail::expect_with(|jail| {
+                jail.clear_env();
+                jail.set_env(
+                    format!("CYBER_INFERENCE_{}", key.to_ascii_uppercase()),
+                    value,
+                );
+                at_start = Some(Settings::load(None).map(|_| ()).map_err(|e| e.to_string()));
+                Ok(())
+            });
+            let at_start = at_start.unwrap();
+            let at_run = apply_override(&Settings::default(), key, value).map(|_| ());
+            assert_eq!(
+                at_start.is_ok(),
+                at_run.is_ok(),
+                "{key}={value}: start-up {at_start:?}, run time {at_run:?}"
+            );
+            if let (Err(a), Err(b)) = (&at_start, &at_run) {
+                let reason = a.rsplit(": ").next().unwrap();
+                assert!(b.contains(reason), "{key}={value}: {a} vs {b}");
+            }
+        }
     }
 }

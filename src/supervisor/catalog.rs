@@ -421,8 +421,13 @@ mod tests {
                 .ends_with("x/x.gguf")
         );
         // A registered file that turns unreadable keeps its row and settings, marked with the reason.
-        let patch: crate::supervisor::db::ModelSettingsPatch =
-            serde_json::from_str(r#"{"ctx_size": 512, "pinned": true}"#).unwrap();
+        let patch = crate::supervisor::settings::ModelSettingsPatch::parse(
+            serde_json::json!({"ctx_size": 512, "pinned": true})
+                .as_object()
+                .unwrap(),
+            &crate::config::Settings::default(),
+        )
+        .unwrap();
         db.update_model_settings("x", &patch)
             .await
             .unwrap()

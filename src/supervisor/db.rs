@@ -9,9 +9,14 @@ pub use responses::StoredResponse;
 use std::path::Path;
 use std::time::Duration;
 
-use sea_query::{Expr, Iden, OnConflict, Order, Query, SqliteQueryBuilder};
+use super::settings::{
+    Kind, MODEL_SETTINGS, ModelSetting, ModelSettingsPatch, SettingValue, SettingValues,
+};
+use sea_query::{Alias, Expr, Iden, OnConflict, Order, Query, SqliteQueryBuilder};
 use sea_query_binder::SqlxBinder;
 use serde::Serialize;
+use serde_json::json;
+use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 /// A database operation that failed; says which operation.
@@ -80,17 +85,6 @@ enum Models {
     Embedding,
     HfRepoId,
     HfFilename,
-    CtxSize,
-    Threads,
-    Parallel,
-    GpuLayers,
-    IdleTimeout,
-    Pinned,
-    Enabled,
-    Temperature,
-    TopP,
-    TopK,
-    MaxTokens,
     PeakRssBytes,
     CreatedAt,
     UpdatedAt,
@@ -160,7 +154,9 @@ enum Requests {
     CreatedAt,
 }
 
-/// A row of `models`: one catalogue entry with its per-model settings.
+/// A row of `models`: one catalogue entry with the per-model settings the process manager reads
+/// (every setting of [`MODEL_SETTINGS`](super::settings::MODEL_SETTINGS), read and written by name, is
+/// [`Db::model_settings`] and [`Db::update_model_settings`]).
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct ModelRow {
     pub id: i64,
@@ -214,40 +210,17 @@ pub struct ScannedModel {
     pub unsupported_reason: Option<String>,
 }
 
-/// A change of a model's settings from the admin API; `None` leaves a field as it is, `Some(None)` resets
-/// it to the global default.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSettingsPatch {
-    #[serde(default, with = "double_option")]
-    pub ctx_size: Option<Option<i64>>,
-    #[serde(default, with = "double_option")]
-    pub threads: Option<Option<i64>>,
-    #[serde(default, with = "double_option")]
-    pub parallel: Option<Option<i64>>,
-    #[serde(default, with = "double_option")]
-    pub gpu_layers: Option<Option<i64>>,
-    #[serde(default, with = "double_option")]
-    pub idle_timeout: Option<Option<i64>>,
-    #[serde(default, with = "double_option")]
-    pub temperature: Option<Option<f64>>,
-    #[serde(default, with = "double_option")]
-    pub top_p: Option<Option<f64>>,
-    #[serde(default, with = "double_option")]
-    pub top_k: Option<Option<i64>>,
-    #[serde(default, with = "double_option")]
-    pub max_tokens: Option<Option<i64>>,
-    pub pinned: Option<bool>,
-    pub enabled: Option<bool>,
-}
-
-/// `null` in JSON means "reset", an absent field means "unchanged".
-mod double_option {
-    use serde::{Deserialize, Deserializer};
-    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Option<T>>, D::Error> {
-        Option::<T>::deserialize(d).map(Some)
+/// A setting's value as its column stores it (`NULL` of the column's type for a reset).
+fn sql_value(setting: &ModelSetting, v: &Option<SettingValue>) -> sea_query::Value {
+    match (v, setting.kind) {
+        (Some(SettingValue::Int(x)), _) => (*x).into(),
+        (Some(SettingValue::Float(x)), _) => (*x).into(),
+        (Some(SettingValue::Bool(x)), _) => (*x).into(),
+        (Some(SettingValue::Text(x)), _) => x.clone().into(),
+        (None, Kind::Int { .. }) => Option::<i64>::None.into(),
+        (None, Kind::Float { .. }) => Option::<f64>::None.into(),
+        (None, Kind::Bool { .. }) => Option::<bool>::None.into(),
+        (None, Kind::Text { .. }) => Option::<String>::None.into(),
     }
 }
 
@@ -460,7 +433,43 @@ impl Db {
             .map_err(q("reading a model"))
     }
 
-    /// Applies a settings patch; returns the updated row, or `None` when there is no such model.
+    /// Every setting of [`MODEL_SETTINGS`](super::settings::MODEL_SETTINGS) of the model `name`, each
+    /// read from its column as JSON (`null` = unset), in the table's order; `None` when there is no
+    /// such model.
+    pub async fn model_settings(&self, name: &str) -> Result<Option<SettingValues>> {
+        let mut sel = Query::select();
+        sel.from(Models::Table)
+            .and_where(Expr::col(Models::Name).eq(name));
+        for setting in MODEL_SETTINGS {
+            sel.column(Alias::new(setting.column));
+        }
+        let (sql, values) = sel.build_sqlx(SqliteQueryBuilder);
+        let Some(row) = sqlx::query_with(&sql, values)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a model's settings"))?
+        else {
+            return Ok(None);
+        };
+        MODEL_SETTINGS
+            .iter()
+            .map(|setting| {
+                let col = setting.column;
+                let v = match setting.kind {
+                    Kind::Int { .. } => row.try_get::<Option<i64>, _>(col).map(|v| json!(v)),
+                    Kind::Float { .. } => row.try_get::<Option<f64>, _>(col).map(|v| json!(v)),
+                    Kind::Bool { .. } => row.try_get::<Option<bool>, _>(col).map(|v| json!(v)),
+                    Kind::Text { .. } => row.try_get::<Option<String>, _>(col).map(|v| json!(v)),
+                };
+                v.map(|v| (setting, v))
+                    .map_err(q("reading a model's settings"))
+            })
+            .collect::<Result<SettingValues>>()
+            .map(Some)
+    }
+
+    /// Applies a (validated) settings patch, each setting to its column; returns the updated row, or
+    /// `None` when there is no such model.
     pub async fn update_model_settings(
         &self,
         name: &str,
@@ -470,33 +479,8 @@ impl Db {
         upd.table(Models::Table)
             .value(Models::UpdatedAt, now_ms())
             .and_where(Expr::col(Models::Name).eq(name));
-        let ints = [
-            (Models::CtxSize, p.ctx_size),
-            (Models::Threads, p.threads),
-            (Models::Parallel, p.parallel),
-            (Models::GpuLayers, p.gpu_layers),
-            (Models::IdleTimeout, p.idle_timeout),
-            (Models::TopK, p.top_k),
-            (Models::MaxTokens, p.max_tokens),
-        ];
-        for (col, v) in ints {
-            if let Some(v) = v {
-                upd.value(col, v);
-            }
-        }
-        for (col, v) in [
-            (Models::Temperature, p.temperature),
-            (Models::TopP, p.top_p),
-        ] {
-            if let Some(v) = v {
-                upd.value(col, v);
-            }
-        }
-        if let Some(v) = p.pinned {
-            upd.value(Models::Pinned, v);
-        }
-        if let Some(v) = p.enabled {
-            upd.value(Models::Enabled, v);
+        for (setting, v) in &p.changes {
+            upd.value(Alias::new(setting.column), sql_value(setting, v));
         }
         let (sql, values) = upd.build_sqlx(SqliteQueryBuilder);
         sqlx::query_with(&sql, values)
@@ -1135,6 +1119,24 @@ mod tests {
         );
     }
 
+    /// A validated patch from JSON fields.
+    fn patch_of(v: serde_json::Value) -> ModelSettingsPatch {
+        ModelSettingsPatch::parse(v.as_object().unwrap(), &crate::config::Settings::default())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_model_setting_has_its_column() {
+        let (_d, db) = db().await;
+        let cols: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('models')")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        for s in crate::supervisor::settings::MODEL_SETTINGS {
+            assert!(cols.iter().any(|c| c == s.column), "no column {}", s.column);
+        }
+    }
+
     async fn db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.db")).await.unwrap();
@@ -1153,8 +1155,8 @@ mod tests {
         let row = db.upsert_scanned(&m).await.unwrap();
         assert_eq!(row.name, "a");
         assert!(row.enabled && !row.pinned);
-        let patch: ModelSettingsPatch =
-            serde_json::from_str(r#"{"ctx_size": 512, "pinned": true}"#).unwrap();
+        let patch =
+            patch_of(serde_json::json!({"ctx_size": 512, "pinned": true, "system_prompt": "Hi."}));
         let row = db
             .update_model_settings("a", &patch)
             .await
@@ -1162,6 +1164,19 @@ mod tests {
             .unwrap();
         assert_eq!(row.ctx_size, Some(512));
         assert!(row.pinned);
+        let by_name = |v: &SettingValues, n: &str| {
+            v.iter()
+                .find(|(s, _)| s.name == n)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let v = db.model_settings("a").await.unwrap().unwrap();
+        assert_eq!(v.len(), MODEL_SETTINGS.len());
+        assert_eq!(by_name(&v, "system_prompt"), "Hi.");
+        assert_eq!(by_name(&v, "ctx_size"), 512);
+        assert_eq!(by_name(&v, "pinned"), true);
+        assert_eq!(by_name(&v, "top_k"), serde_json::Value::Null);
+        assert!(db.model_settings("nope").await.unwrap().is_none());
         // A rescan with a new size keeps the settings.
         let row = db
             .upsert_scanned(&ScannedModel {
@@ -1171,15 +1186,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((row.size_bytes, row.ctx_size), (20, Some(512)));
-        let patch: ModelSettingsPatch = serde_json::from_str(r#"{"ctx_size": null}"#).unwrap();
+        let patch = patch_of(
+            serde_json::json!({"ctx_size": null, "system_prompt": "", "temperature": 0.5}),
+        );
         let row = db
             .update_model_settings("a", &patch)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(row.ctx_size, None);
+        assert_eq!((row.ctx_size, row.temperature), (None, Some(0.5)));
+        let v = db.model_settings("a").await.unwrap().unwrap();
+        assert_eq!(by_name(&v, "system_prompt"), serde_json::Value::Null);
         assert!(row.pinned, "an absent field is unchanged");
-        assert!(serde_json::from_str::<ModelSettingsPatch>(r#"{"bogus": 1}"#).is_err());
+        let patch = patch_of(serde_json::json!({"pinned": null}));
+        let row = db
+            .update_model_settings("a", &patch)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!row.pinned, "a reset flag goes back to its default");
         assert_eq!(db.remove_missing(&[]).await.unwrap(), vec!["a".to_string()]);
         assert!(db.get_model("a").await.unwrap().is_none());
     }

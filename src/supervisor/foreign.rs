@@ -17,6 +17,7 @@ use super::db::ModelRow;
 use super::error::ApiError;
 use super::hub::HubError;
 use super::process::Lease;
+use super::settings::RequestField;
 use crate::openai::ollama::{self as tr, KeepAlive, TranslateError};
 use crate::openai::stream::{SseDecoder, SseItem, StreamError, error_message};
 
@@ -141,6 +142,8 @@ pub struct Run {
     pub load: Duration,
     pub keep: Option<KeepAlive>,
     pub lease: Option<Lease>,
+    /// The model's per-request defaults (`settings::request_defaults`), given to every request sent.
+    pub defaults: Vec<(RequestField, Value)>,
 }
 
 impl Run {
@@ -158,6 +161,8 @@ impl Run {
             st.log_request(name, endpoint, 404, None, t0, key);
             return Err(Failure::not_found(name));
         };
+        let values = st.db.model_settings(&row.name).await?.unwrap_or_default();
+        let defaults = super::settings::request_defaults(&values);
         let lease = match st.manager.acquire(&row.name).await {
             Ok(l) => l,
             Err(e) => {
@@ -181,17 +186,22 @@ impl Run {
             load,
             keep,
             lease: Some(lease),
+            defaults,
         })
     }
 
-    /// POSTs `body` to the worker (with its per-spawn key; once more to a fresh worker when this one
-    /// turns out to be gone, [`super::proxy::send_to_worker`]); a non-2xx answer becomes its error with
-    /// the worker's status.
+    /// POSTs `body` to the worker with the model's per-request defaults
+    /// ([`super::settings::with_request_defaults`]) and the worker's per-spawn key (once more to a fresh
+    /// worker when this one turns out to be gone, [`super::proxy::send_to_worker`]); a non-2xx answer
+    /// becomes its error with the worker's status.
     pub async fn post(
         &mut self,
         path: &str,
         body: &impl serde::Serialize,
     ) -> Res<reqwest::Response> {
+        let json = serde_json::to_vec(body)
+            .map_err(|e| Failure::bad(format!("cannot encode the request: {e}")))?;
+        let json = super::settings::with_request_defaults(&self.defaults, path, json.into());
         let Some(lease) = self.lease.take() else {
             return Err(Failure::bad_gateway(format!(
                 "the request for '{}' is over",
@@ -202,7 +212,8 @@ impl Run {
         let sent = super::proxy::send_to_worker(&self.st, &self.row.name, lease, |l| {
             http.post(format!("http://127.0.0.1:{}{path}", l.port))
                 .bearer_auth(&*l.key)
-                .json(body)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(json.clone())
         })
         .await;
         let r = match sent {

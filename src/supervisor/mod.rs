@@ -22,6 +22,7 @@ pub mod ollama;
 pub mod process;
 pub mod proxy;
 pub mod responses;
+pub mod settings;
 pub mod ui;
 
 use std::path::PathBuf;

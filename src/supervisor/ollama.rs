@@ -630,19 +630,11 @@ async fn show(
             )
         })?;
     let (ctx, _, _) = st.manager.worker_params(&m);
+    let values = st.db.model_settings(&m.name).await?.unwrap_or_default();
+    let (defaults, system) =
+        super::settings::ollama_parameters(&super::settings::request_defaults(&values));
     let mut params: Vec<(&str, String)> = vec![("num_ctx", ctx.to_string())];
-    if let Some(t) = m.temperature {
-        params.push(("temperature", t.to_string()));
-    }
-    if let Some(t) = m.top_p {
-        params.push(("top_p", t.to_string()));
-    }
-    if let Some(t) = m.top_k {
-        params.push(("top_k", t.to_string()));
-    }
-    if let Some(t) = m.max_tokens {
-        params.push(("num_predict", t.to_string()));
-    }
+    params.extend(defaults);
     let parameters = tr::modelfile_parameters(&params);
     let mut caps = vec![];
     if m.embedding {
@@ -664,8 +656,13 @@ async fn show(
             .collect::<Vec<_>>()
             .join("\n")
     );
+    let modelfile = match &system {
+        Some(sys) => format!("{modelfile}SYSTEM \"\"\"{sys}\"\"\"\n"),
+        None => modelfile,
+    };
     Ok(Json(json!({
         "modelfile": modelfile, "parameters": parameters, "template": template, "license": "",
+        "system": system,
         "details": details(&m), "model_info": info, "capabilities": caps,
         "modified_at": ms_rfc3339(m.updated_at),
     })))

@@ -1,6 +1,7 @@
 //! The OpenAI proxy: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` are routed by the
-//! body's `model` to that model's worker (loaded on demand), the body is forwarded untouched and the
-//! response streamed back chunk by chunk; `GET /v1/models` lists the catalogue with each model's status.
+//! body's `model` to that model's worker (loaded on demand), the body is forwarded untouched (given the
+//! model's per-request defaults when it has any, `settings::with_request_defaults`) and the response
+//! streamed back chunk by chunk; `GET /v1/models` lists the catalogue with each model's status.
 //! Usage is read from the tail of the response (the last SSE chunk or the JSON body) without buffering.
 
 use std::pin::Pin;
@@ -20,6 +21,7 @@ use super::auth::ApiKey;
 use super::db::{RequestRow, now_ms};
 use super::error::ApiError;
 use super::process::{Lease, LoadError};
+use super::settings::{request_defaults, with_request_defaults};
 
 /// Bytes of the response tail kept to find `usage`.
 const TAIL: usize = 16 * 1024;
@@ -108,8 +110,12 @@ async fn proxy(
     {
         model = real;
     }
-    let known = model.len() <= MAX_MODEL_NAME && st.db.get_model(&model).await?.is_some();
-    if !known {
+    let row = if model.len() <= MAX_MODEL_NAME {
+        st.db.get_model(&model).await?
+    } else {
+        None
+    };
+    let Some(row) = row else {
         let names: Vec<String> = st
             .db
             .list_models()
@@ -132,7 +138,10 @@ async fn proxy(
         };
         st.log_request(UNKNOWN_MODEL, &endpoint, 404, None, t0, key_id);
         return Err(e);
-    }
+    };
+    // The model's per-request defaults (untouched bytes when it has none).
+    let values = st.db.model_settings(&row.name).await?.unwrap_or_default();
+    let body = with_request_defaults(&request_defaults(&values), &endpoint, body);
     let lease = match st.manager.acquire(&model).await {
         Ok(l) => l,
         Err(e) => {

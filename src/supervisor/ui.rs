@@ -10,7 +10,7 @@
 //! | `GET /settings` | settings with sources, API keys, admin password |
 //! | `GET /chat` | chat playground (streams `/v1/chat/completions`) |
 //! | `GET /static/...` | embedded CSS/JS/vendored uPlot |
-//! | `POST /ui/api/models/{name}/settings` | per-model settings, every field validated (422 `{errors: {field: msg}}`) |
+//! | `POST /ui/api/models/{name}/settings` | per-model settings (`settings::MODEL_SETTINGS`), every field validated (422 `{errors: {field: msg}}`) |
 //! | `POST /ui/api/password` | change the admin password (`{current, new}`) |
 //!
 //! Pages need a valid session cookie and otherwise redirect (303) to `/login?next=…`. The JWT is never
@@ -30,11 +30,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use super::admin::{LIVE_SETTINGS, REQUIRE_API_KEY};
 use super::auth::{ADMIN_USER, AdminUser, COOKIE, hash_password, verify_password};
-use super::db::{ModelRow, ModelSettingsPatch};
+use super::db::ModelRow;
 use super::error::ApiError;
-use crate::config::{SECRET_SETTINGS, SETTING_NAMES};
+use super::settings::{Applies, Kind, ModelSettingsPatch, SettingValues};
 
 /// When the UI router was built (at supervisor start): the origin of the uptime shown on the dashboard.
 static STARTED: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -461,7 +460,7 @@ async fn models_page(
     )
 }
 
-/// One field of a model's settings form.
+/// One field of a model's settings form (a row of [`MODEL_SETTINGS`](super::settings::MODEL_SETTINGS)).
 pub struct FieldView {
     /// The JSON name (`ctx_size`, `temperature`, ...).
     pub name: &'static str,
@@ -469,9 +468,12 @@ pub struct FieldView {
     pub value: String,
     /// What an empty field means (the global default).
     pub placeholder: String,
-    pub help: &'static str,
-    /// `1` for integers, `any` for decimals.
-    pub step: &'static str,
+    /// The setting's help and when a change applies.
+    pub help: String,
+    /// The control: `number`, `checkbox` or `textarea`.
+    pub input: &'static str,
+    /// A checkbox's state.
+    pub checked: bool,
 }
 
 #[derive(Template)]
@@ -493,86 +495,40 @@ pub struct SessionView {
     pub peak_rss: String,
 }
 
-fn fields_of(m: &ModelRow, st: &AppState) -> Vec<FieldView> {
+/// The form's fields: every row of [`MODEL_SETTINGS`](super::settings::MODEL_SETTINGS) with the
+/// model's value.
+fn fields_of(values: &SettingValues, st: &AppState) -> Vec<FieldView> {
     let s = st.settings();
-    vec![
-        FieldView {
-            name: "ctx_size",
-            label: "Context size (tokens)",
-            value: opt(m.ctx_size),
-            placeholder: format!("default {}", s.default_context_size),
-            help: "applies at the next load",
-            step: "1",
-        },
-        FieldView {
-            name: "threads",
-            label: "Threads",
-            value: opt(m.threads),
-            placeholder: format!(
-                "default {}{}",
-                s.worker_threads(),
-                if s.threads.is_none() { " (auto)" } else { "" }
-            ),
-            help: "applies at the next load",
-            step: "1",
-        },
-        FieldView {
-            name: "parallel",
-            label: "Parallel slots",
-            value: opt(m.parallel),
-            placeholder: format!("default {}", super::process::manager::DEFAULT_PARALLEL),
-            help: "concurrent requests; applies at the next load",
-            step: "1",
-        },
-        FieldView {
-            name: "gpu_layers",
-            label: "GPU layers",
-            value: opt(m.gpu_layers),
-            placeholder: format!("default {}", s.gpu_layers),
-            help: "-1 = all; applies at the next load",
-            step: "1",
-        },
-        FieldView {
-            name: "idle_timeout",
-            label: "Idle timeout (s)",
-            value: opt(m.idle_timeout),
-            placeholder: format!("default {}", s.model_idle_timeout),
-            help: "0 = never unload",
-            step: "1",
-        },
-        FieldView {
-            name: "temperature",
-            label: "Temperature",
-            value: opt(m.temperature),
-            placeholder: "request's value".to_owned(),
-            help: "0 to 5",
-            step: "any",
-        },
-        FieldView {
-            name: "top_p",
-            label: "Top-p",
-            value: opt(m.top_p),
-            placeholder: "request's value".to_owned(),
-            help: "0 to 1",
-            step: "any",
-        },
-        FieldView {
-            name: "top_k",
-            label: "Top-k",
-            value: opt(m.top_k),
-            placeholder: "request's value".to_owned(),
-            help: "0 = off",
-            step: "1",
-        },
-        FieldView {
-            name: "max_tokens",
-            label: "Max tokens",
-            value: opt(m.max_tokens),
-            placeholder: "request's value".to_owned(),
-            help: "default cap on generated tokens",
-            step: "1",
-        },
-    ]
+    values
+        .iter()
+        .map(|&(d, ref v)| {
+            let when = match d.applies {
+                Applies::NextLoad => "applies at the next load",
+                Applies::Now => "applies at once",
+                Applies::PerRequest(_) => "a default: a request's own value wins",
+            };
+            FieldView {
+                name: d.name,
+                label: d.label,
+                value: match v {
+                    Value::Null => String::new(),
+                    Value::String(x) => x.clone(),
+                    x => x.to_string(),
+                },
+                placeholder: (d.unset)(&s),
+                help: match d.kind {
+                    Kind::Bool { .. } => format!("{}; {when}", d.help),
+                    _ => format!("{} ({}); {when}", d.help, d.range(&s)),
+                },
+                input: match d.kind {
+                    Kind::Bool { .. } => "checkbox",
+                    Kind::Text { .. } => "textarea",
+                    Kind::Int { .. } | Kind::Float { .. } => "number",
+                },
+                checked: *v == Value::Bool(true),
+            }
+        })
+        .collect()
 }
 
 async fn model_page(
@@ -596,13 +552,19 @@ async fn model_page(
         return Ok(r);
     };
     let sessions = st.db.model_sessions(m.id, 10).await.map_err(err)?;
+    let values = st
+        .db
+        .model_settings(&m.name)
+        .await
+        .map_err(err)?
+        .unwrap_or_default();
     html(
         "model",
         &ModelPage {
             chrome: Chrome::new(m.name.clone(), "models", u),
             model: model_view(&st, &m),
             file_path: m.file_path.clone(),
-            fields: fields_of(&m, &st),
+            fields: fields_of(&values, &st),
             sessions: sessions
                 .iter()
                 .map(|s| SessionView {
@@ -626,89 +588,6 @@ struct NotFoundPage {
     what: String,
 }
 
-/// Validates the settings form of a model: every field is checked and reported on its own.
-///
-/// `form` maps field names to strings (empty = reset to the default) or numbers; returns the patch or
-/// the messages per field. Ranges are the admin API's (`admin::validate_patch`), with `ctx_size` capped at
-/// `max_ctx`.
-pub fn validate_model_form(
-    form: &Map<String, Value>,
-    max_ctx: i64,
-) -> Result<ModelSettingsPatch, Map<String, Value>> {
-    let mut errors = Map::new();
-    let mut p = ModelSettingsPatch::default();
-    let text = |v: &Value| match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.trim().to_owned(),
-        v => v.to_string(),
-    };
-    let int_ranges: [(&str, i64, i64); 7] = [
-        ("ctx_size", 1, max_ctx),
-        ("threads", 1, 1024),
-        ("parallel", 1, 256),
-        ("gpu_layers", -1, 100_000),
-        ("idle_timeout", 0, 365 * 86400),
-        ("top_k", 0, 1_000_000),
-        ("max_tokens", 1, 10_000_000),
-    ];
-    for (k, v) in form {
-        let t = text(v);
-        if let Some(&(_, lo, hi)) = int_ranges.iter().find(|r| r.0 == k) {
-            let parsed = if t.is_empty() {
-                Ok(None)
-            } else {
-                match t.parse::<i64>() {
-                    Ok(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
-                    Ok(_) => Err(format!("must be between {lo} and {hi}")),
-                    Err(_) => Err(format!("“{t}” is not a whole number")),
-                }
-            };
-            match parsed {
-                Ok(x) => {
-                    let slot = match k.as_str() {
-                        "ctx_size" => &mut p.ctx_size,
-                        "threads" => &mut p.threads,
-                        "parallel" => &mut p.parallel,
-                        "gpu_layers" => &mut p.gpu_layers,
-                        "idle_timeout" => &mut p.idle_timeout,
-                        "top_k" => &mut p.top_k,
-                        _ => &mut p.max_tokens,
-                    };
-                    *slot = Some(x);
-                }
-                Err(e) => {
-                    errors.insert(k.clone(), Value::String(e));
-                }
-            }
-        } else if k == "temperature" || k == "top_p" {
-            let hi = if k == "temperature" { 5.0 } else { 1.0 };
-            let parsed = if t.is_empty() {
-                Ok(None)
-            } else {
-                match t.parse::<f64>() {
-                    Ok(x) if (0.0..=hi).contains(&x) => Ok(Some(x)),
-                    Ok(_) => Err(format!("must be between 0 and {hi}")),
-                    Err(_) => Err(format!("“{t}” is not a number")),
-                }
-            };
-            match parsed {
-                Ok(x) if k == "temperature" => p.temperature = Some(x),
-                Ok(x) => p.top_p = Some(x),
-                Err(e) => {
-                    errors.insert(k.clone(), Value::String(e));
-                }
-            }
-        } else {
-            errors.insert(k.clone(), Value::String("unknown setting".into()));
-        }
-    }
-    if errors.is_empty() {
-        Ok(p)
-    } else {
-        Err(errors)
-    }
-}
-
 async fn save_model_settings(
     State(st): State<AppState>,
     _u: AdminUser,
@@ -716,8 +595,7 @@ async fn save_model_settings(
     body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(form) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let max_ctx = i64::from(st.settings().max_context_size);
-    let patch = match validate_model_form(&form, max_ctx) {
+    let patch = match ModelSettingsPatch::parse(&form, &st.settings()) {
         Ok(p) => p,
         Err(errors) => {
             return Ok((
@@ -733,7 +611,7 @@ async fn save_model_settings(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("model `{name}` not found")))?;
     st.manager.refresh_model(&m);
-    Ok(Json(json!({"model": m, "note": "saved; ctx size, threads, slots and GPU layers apply at the next load"})).into_response())
+    Ok(Json(json!({"model": m, "note": patch.note()})).into_response())
 }
 
 // ---------------------------------------------------------------- logs
@@ -819,64 +697,28 @@ async fn settings_page(
         page: "settings",
         source,
     };
-    let s = serde_json::to_value(st.settings()).unwrap_or(Value::Null);
-    let overrides = st.db.configurations().await.map_err(err)?;
-    let sources = st.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut settings: Vec<SettingView> = SETTING_NAMES
-        .iter()
-        .map(|&name| {
-            let secret = SECRET_SETTINGS.contains(&name);
-            let v = &s[name];
-            let value = if secret {
-                if v.is_null() { "" } else { "(set)" }.to_owned()
-            } else {
-                match v {
-                    Value::Null => String::new(),
-                    Value::String(x) => x.clone(),
-                    x => x.to_string(),
-                }
-            };
-            let source = if overrides.iter().any(|(k, _)| k == name) {
-                "db".to_owned()
-            } else {
-                sources
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map_or("default".to_owned(), |(_, s)| {
-                        format!("{s:?}").to_ascii_lowercase()
-                    })
-            };
-            SettingView {
-                name: name.to_owned(),
-                value,
-                source,
-                live: LIVE_SETTINGS.contains(&name),
-                secret,
-                kind: if v.is_number() || name == "threads" {
-                    "number"
-                } else {
-                    "text"
-                },
-            }
+    let settings: Vec<SettingView> = super::admin::global_settings(&st)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .map(|g| SettingView {
+            name: g.name.to_owned(),
+            kind: match &g.value {
+                Value::Bool(_) => "bool",
+                Value::Number(_) => "number",
+                _ if g.name == "threads" => "number",
+                _ => "text",
+            },
+            value: match g.value {
+                Value::Null => String::new(),
+                Value::String(x) => x,
+                x => x.to_string(),
+            },
+            source: g.source.to_owned(),
+            live: g.live,
+            secret: g.secret,
         })
         .collect();
-    settings.push(SettingView {
-        name: REQUIRE_API_KEY.to_owned(),
-        value: st
-            .auth
-            .require_api_key
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .to_string(),
-        source: if overrides.iter().any(|(k, _)| k == REQUIRE_API_KEY) {
-            "db"
-        } else {
-            "default"
-        }
-        .to_owned(),
-        live: true,
-        secret: false,
-        kind: "bool",
-    });
     let keys = st
         .db
         .list_api_keys()
@@ -1077,32 +919,6 @@ mod tests {
         assert_eq!(safe_next(Some("/a\nb")), "/");
         assert_eq!(safe_next(None), "/");
         assert_eq!(urlencode("/models/a b?x=1&y"), "/models/a%20b%3Fx%3D1%26y");
-    }
-
-    #[test]
-    fn model_form_reports_every_bad_field() {
-        let form: Map<String, Value> = serde_json::from_value(json!({
-            "ctx_size": "999999", "threads": "two", "temperature": "0.7", "top_p": "1.5",
-            "idle_timeout": "", "bogus": "1"
-        }))
-        .unwrap();
-        let e = validate_model_form(&form, 8192).unwrap_err();
-        assert!(e["ctx_size"].as_str().unwrap().contains("8192"));
-        assert!(e["threads"].as_str().unwrap().contains("two"));
-        assert!(e["top_p"].as_str().unwrap().contains("between 0 and 1"));
-        assert_eq!(e["bogus"], "unknown setting");
-        assert!(!e.contains_key("temperature") && !e.contains_key("idle_timeout"));
-
-        let form: Map<String, Value> = serde_json::from_value(json!({
-            "ctx_size": "2048", "temperature": 0.5, "idle_timeout": "", "gpu_layers": "-1"
-        }))
-        .unwrap();
-        let p = validate_model_form(&form, 8192).unwrap();
-        assert_eq!(p.ctx_size, Some(Some(2048)));
-        assert_eq!(p.temperature, Some(Some(0.5)));
-        assert_eq!(p.idle_timeout, Some(None), "empty resets to the default");
-        assert_eq!(p.gpu_layers, Some(Some(-1)));
-        assert_eq!(p.threads, None, "absent stays unchanged");
     }
 
     #[test]

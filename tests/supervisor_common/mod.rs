@@ -172,8 +172,7 @@ impl Server {
             .send()
             .await
             .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+        status_json(r).await
     }
 
     /// POST `body` to an admin route with a token; returns (status, JSON).
@@ -315,6 +314,24 @@ impl Drop for Server {
     }
 }
 
+/// A response's status and JSON body (`null` when it has none).
+pub async fn status_json(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Waits up to 30 s for `c` (a `serve` expected to refuse to start) to exit; returns its status.
+pub fn wait_exit(c: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "serve kept running {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Spawns `serve` in `dir` with exactly `env` (plus PATH/HOME), output to `dir/serve.log`.
 pub fn spawn_serve(dir: &Path, env: &[(String, String)]) -> Child {
     let log = std::fs::File::create(dir.join("serve.log")).unwrap();
@@ -425,6 +442,36 @@ impl Server {
             .unwrap()
             .status()
             .as_u16()
+    }
+
+    /// `PATCH /admin/api/models/{model}` (per-model settings) with `body`; returns (status, JSON).
+    pub async fn patch_model(
+        &self,
+        token: &str,
+        model: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .patch(format!("{}/admin/api/models/{model}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        status_json(r).await
+    }
+
+    /// POST `body` as JSON to `path` (no key: `/v1` is open on loopback); returns (status, JSON).
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        status_json(r).await
     }
 
     /// A UI page (HTML) fetched with the admin session cookie.
