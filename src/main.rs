@@ -79,7 +79,8 @@ fn init_tracing(level: &str, serve: bool) {
 /// `worker`: reads no settings file (the supervisor's may hold secrets) and no CYBER_INFERENCE_* setting
 /// but its log level; it is configured by its flags.
 fn run_worker(args: &cyber_inference::worker::WorkerArgs) -> anyhow::Result<()> {
-    let level = std::env::var("CYBER_INFERENCE_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let level = std::env::var("CYBER_INFERENCE_LOG_LEVEL")
+        .unwrap_or_else(|_| if args.verbose { "debug" } else { "info" }.into());
     init_tracing(&level, false);
     cyber_inference::worker::run(args)?;
     Ok(())
