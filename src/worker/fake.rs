@@ -59,6 +59,15 @@ impl Default for FakeCodec {
     }
 }
 
+impl FakeCodec {
+    /// A fake whose vocabulary has these fill-in-the-middle tokens (byte ids).
+    pub fn with_fim(fim: super::backend::FimTokens) -> FakeCodec {
+        let mut c = FakeCodec::default();
+        c.info.fim = fim;
+        c
+    }
+}
+
 fn fake_grammar() -> GrammarCompiler {
     let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
     tokens.push(b"\xff</s>".to_vec());

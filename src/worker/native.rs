@@ -823,6 +823,49 @@ mod tests {
     }
 
     #[test]
+    fn infill_prompt_is_laid_out_as_llama_server() {
+        use crate::worker::backend::FimTokens;
+        let (pre, suf, mid, rep, sep) = (1, 2, 3, 4, 5);
+        let c = FakeCodec::with_fim(FimTokens {
+            pre: Some(pre),
+            suf: Some(suf),
+            mid: Some(mid),
+            rep: Some(rep),
+            sep: Some(sep),
+        });
+        let b = |s: &str| s.bytes().map(u32::from).collect::<Vec<_>>();
+        let parts = || InfillParts {
+            prefix: b("PREFIX"),
+            suffix: b("SUFFIX"),
+            extra: vec![("f.py".into(), "X".into())],
+            prompt: b("p"),
+        };
+        // Room for everything: extra chunks, BOS, prefix + prompt, suffix, middle.
+        let got = parts().layout(&c, 64, -1, 1000);
+        let mut want = vec![rep];
+        want.extend(b("myproject\n"));
+        want.push(sep);
+        want.extend(b("f.py\n"));
+        want.extend(b("X"));
+        want.push(sep);
+        want.extend(b("filename\n"));
+        want.extend([BOS, pre]);
+        want.extend(b("PREFIXp"));
+        want.push(suf);
+        want.extend(b("SUFFIX"));
+        want.push(mid);
+        assert_eq!(got, want);
+        // A batch of 8: the prefix fits 3·8/4 = 6 tokens, the suffix is cut to 8/4 - (2 + 1) = 0, the extra
+        // chunks to their last n_ctx - n_batch - 2·n_predict = 16 - 8 - 0 tokens.
+        let got = parts().layout(&c, 8, 0, 16);
+        let mut want = b("ilename\n");
+        want.extend([BOS, pre]);
+        want.extend(b("PREFIXp"));
+        want.extend([suf, mid]);
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn normalisations_follow_llama_cpp() {
         let mut v = [3.0f32, -4.0];
         Normalize(2).apply(&mut v);
