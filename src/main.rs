@@ -55,7 +55,7 @@ enum Command {
     /// Download a GGUF model from Hugging Face (HF_ENDPOINT, HF_TOKEN) into MODELS_DIR.
     DownloadModel(cyber_inference::supervisor::hub::DownloadArgs),
     /// One model's OpenAI-compatible inference server (slots, continuous batching).
-    Worker(cyber_inference::worker::WorkerArgs),
+    Worker(Box<cyber_inference::worker::WorkerArgs>),
 }
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
