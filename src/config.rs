@@ -70,6 +70,10 @@ pub struct Settings {
     /// Days the request log (`requests`) and ended worker sessions (`model_sessions`) are kept; older
     /// rows are pruned at start-up and hourly (0 = keep forever). Default 30.
     pub retention_days: u32,
+    /// Origins browsers may call the API from (CORS), comma-separated: `*`, `localhost` (any
+    /// localhost origin) or exact origins. Unset = none.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub cors_origins: Option<String>,
 }
 
 impl Default for Settings {
@@ -96,6 +100,7 @@ impl Default for Settings {
             allowed_hosts: None,
             drain_timeout: 60,
             retention_days: 30,
+            cors_origins: None,
         }
     }
 }
@@ -174,7 +179,7 @@ fn opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error>
 }
 
 /// The names of all settings (lower case, as TOML keys), in declaration order.
-pub const SETTING_NAMES: [&str; 21] = [
+pub const SETTING_NAMES: [&str; 22] = [
     "host",
     "port",
     "data_dir",
@@ -196,6 +201,7 @@ pub const SETTING_NAMES: [&str; 21] = [
     "allowed_hosts",
     "drain_timeout",
     "retention_days",
+    "cors_origins",
 ];
 
 /// Shortest JWT_SECRET accepted (bytes): HS256 with a shorter key can be brute-forced offline from one
@@ -345,6 +351,11 @@ impl Settings {
                     self.max_context_size
                 ),
             ));
+        }
+        if let Some(o) = &self.cors_origins
+            && let Err(e) = crate::http_server::cors_layer(o)
+        {
+            return Err(bad("cors_origins", o.clone(), &e));
         }
         if self.gpu_layers < -1 {
             return Err(bad(

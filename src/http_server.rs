@@ -252,3 +252,93 @@ mod tests {
             .unwrap();
     }
 }
+
+/// The CORS layer for an allowed-origins setting (the worker's `--cors-origins`, the supervisor's
+/// `CORS_ORIGINS`), with llama-server's values: empty = no origin (preflights are answered, without
+/// `Access-Control-Allow-Origin`, so browsers refuse), `*` = any origin, `localhost` = any origin whose
+/// host is `localhost`, `127.0.0.1` or `[::1]`, else a comma-separated list of exact origins
+/// (`https://app.example:8443`). Preflights (`OPTIONS` with `Access-Control-Request-Method`) are
+/// answered by this layer before any authentication, as browsers send them without credentials; the
+/// API key is checked on the real request. Allowed: methods GET, POST, PUT, PATCH, DELETE, OPTIONS and
+/// the headers `Authorization`, `Content-Type`, `X-Api-Key`; preflights are cached for 10 minutes.
+///
+/// Errors: an origin that is not a valid header value.
+pub fn cors_layer(origins: &str) -> Result<tower_http::cors::CorsLayer, String> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = origins.trim();
+    let allow = match origins {
+        "*" => AllowOrigin::any(),
+        "localhost" => {
+            AllowOrigin::predicate(|o: &HeaderValue, _| o.to_str().is_ok_and(origin_is_localhost))
+        }
+        list => {
+            let mut v = Vec::new();
+            for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+                v.push(
+                    HeaderValue::from_str(o.trim_end_matches('/'))
+                        .map_err(|_| format!("'{o}' is not a valid origin"))?,
+                );
+            }
+            AllowOrigin::list(v)
+        }
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-api-key"),
+        ])
+        .max_age(Duration::from_secs(600)))
+}
+
+/// `http(s)://localhost[:port]`, `127.0.0.1` or `[::1]` (llama-server's `origin_is_localhost`).
+fn origin_is_localhost(origin: &str) -> bool {
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().map(|h| format!("[{h}]")),
+        None => rest.split(':').next().map(str::to_string),
+    };
+    matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]"))
+}
+
+#[cfg(test)]
+mod cors_tests {
+    use super::*;
+
+    #[test]
+    fn localhost_origins_are_recognised() {
+        for o in [
+            "http://localhost",
+            "http://localhost:3000",
+            "https://127.0.0.1:8443",
+            "http://[::1]:80",
+        ] {
+            assert!(origin_is_localhost(o), "{o}");
+        }
+        for o in [
+            "http://localhost.evil.com",
+            "http://evil.com",
+            "localhost",
+            "http://127.0.0.2",
+        ] {
+            assert!(!origin_is_localhost(o), "{o}");
+        }
+        assert!(cors_layer("https://a.example, https://b.example:8443").is_ok());
+        assert!(cors_layer("bad\norigin").is_err());
+    }
+}

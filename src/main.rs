@@ -55,7 +55,7 @@ enum Command {
     /// Download a GGUF model from Hugging Face (HF_ENDPOINT, HF_TOKEN) into MODELS_DIR.
     DownloadModel(cyber_inference::supervisor::hub::DownloadArgs),
     /// One model's OpenAI-compatible inference server (slots, continuous batching).
-    Worker(cyber_inference::worker::WorkerArgs),
+    Worker(Box<cyber_inference::worker::WorkerArgs>),
 }
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
@@ -79,7 +79,8 @@ fn init_tracing(level: &str, serve: bool) {
 /// `worker`: reads no settings file (the supervisor's may hold secrets) and no CYBER_INFERENCE_* setting
 /// but its log level; it is configured by its flags.
 fn run_worker(args: &cyber_inference::worker::WorkerArgs) -> anyhow::Result<()> {
-    let level = std::env::var("CYBER_INFERENCE_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let level = std::env::var("CYBER_INFERENCE_LOG_LEVEL")
+        .unwrap_or_else(|_| if args.verbose { "debug" } else { "info" }.into());
     init_tracing(&level, false);
     cyber_inference::worker::run(args)?;
     Ok(())

@@ -439,13 +439,14 @@ async fn error_cases_return_status_and_openai_envelope() {
         .await
         .unwrap();
     let (s, v) = parts(r).await;
-    assert_envelope(s, &v, 400, "invalid_request_error");
+    assert_envelope(s, &v, 400, "exceed_context_size_error");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("n_ctx = 128") && msg.contains(" tokens"),
         "{msg}"
     );
     assert_eq!(v["error"]["code"], "context_length_exceeded");
+    assert_eq!(v["error"]["n_ctx"], 128);
     let r = c
         .post(format!("{}/v1/chat/completions", w.base))
         .bearer_auth("wrong")

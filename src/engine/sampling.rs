@@ -33,6 +33,118 @@ pub struct SamplerParams {
     pub seed: Option<u64>,
     /// Added to a token's logit before anything else (`-inf` bans it).
     pub logit_bias: Vec<(u32, f32)>,
+    /// The samplers and their order (llama-server's `samplers`); [`DEFAULT_CHAIN`] by default. A stage
+    /// left out does not run; the draw always comes last.
+    pub chain: Vec<Stage>,
+}
+
+/// One stage of the sampler chain, by llama.cpp's name (`common_sampler_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Repetition, presence and frequency penalties (`penalties`).
+    Penalties,
+    /// Top-k (`top_k`).
+    TopK,
+    /// Locally typical sampling (`typ_p`).
+    Typical,
+    /// Nucleus (`top_p`).
+    TopP,
+    /// Min-p (`min_p`).
+    MinP,
+    /// Temperature (`temperature`).
+    Temperature,
+}
+
+/// llama.cpp's default chain, less the stages that do nothing at their defaults and that this engine
+/// does not implement (`dry`, `top_n_sigma`, `xtc`).
+pub const DEFAULT_CHAIN: [Stage; 6] = [
+    Stage::Penalties,
+    Stage::TopK,
+    Stage::Typical,
+    Stage::TopP,
+    Stage::MinP,
+    Stage::Temperature,
+];
+
+/// llama.cpp's names of the stages this engine runs and of the default-chain stages it accepts as
+/// no-ops (they do nothing unless their own parameters, which requests cannot set here, are set).
+const STAGE_NAMES: [(&str, Option<Stage>); 13] = [
+    ("penalties", Some(Stage::Penalties)),
+    ("top_k", Some(Stage::TopK)),
+    ("typ_p", Some(Stage::Typical)),
+    ("typical_p", Some(Stage::Typical)),
+    ("typical", Some(Stage::Typical)),
+    ("top_p", Some(Stage::TopP)),
+    ("nucleus", Some(Stage::TopP)),
+    ("min_p", Some(Stage::MinP)),
+    ("temperature", Some(Stage::Temperature)),
+    ("temp", Some(Stage::Temperature)),
+    ("dry", None),
+    ("top_n_sigma", None),
+    ("xtc", None),
+];
+
+/// llama.cpp's one-letter codes (`common_sampler_type_to_chr`) for the string form of `samplers`.
+const STAGE_CHARS: [(char, Option<Stage>); 9] = [
+    ('e', Some(Stage::Penalties)),
+    ('k', Some(Stage::TopK)),
+    ('y', Some(Stage::Typical)),
+    ('p', Some(Stage::TopP)),
+    ('m', Some(Stage::MinP)),
+    ('t', Some(Stage::Temperature)),
+    ('d', None),
+    ('s', None),
+    ('x', None),
+];
+
+impl Stage {
+    /// llama.cpp's name of the stage (as `/props` and `generation_settings.samplers` show it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Penalties => "penalties",
+            Stage::TopK => "top_k",
+            Stage::Typical => "typ_p",
+            Stage::TopP => "top_p",
+            Stage::MinP => "min_p",
+            Stage::Temperature => "temperature",
+        }
+    }
+
+    /// The chain named by `names` (llama-server's array form of `samplers`).
+    ///
+    /// Errors: a name that is not a sampler, or one this engine does not have (mirostat, infill, ...).
+    pub fn chain_from_names<S: AsRef<str>>(names: &[S]) -> Result<Vec<Stage>, String> {
+        let mut out = Vec::new();
+        for n in names {
+            let n = n.as_ref();
+            match STAGE_NAMES.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)) {
+                Some((_, Some(s))) => out.push(*s),
+                Some((_, None)) => {}
+                None => {
+                    return Err(format!(
+                        "unknown sampler '{n}' (known: {})",
+                        STAGE_NAMES.map(|(k, _)| k).join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The chain given as one-letter codes (llama-server's string form of `samplers`, e.g. `"kfypmt"`).
+    ///
+    /// Errors: a letter that is not a sampler code this engine has.
+    pub fn chain_from_chars(codes: &str) -> Result<Vec<Stage>, String> {
+        let mut out = Vec::new();
+        for c in codes.chars() {
+            match STAGE_CHARS.iter().find(|(k, _)| *k == c) {
+                Some((_, Some(s))) => out.push(*s),
+                Some((_, None)) => {}
+                None => return Err(format!("unknown sampler code '{c}'")),
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Default for SamplerParams {
@@ -49,6 +161,7 @@ impl Default for SamplerParams {
             frequency_penalty: 0.0,
             seed: None,
             logit_bias: Vec::new(),
+            chain: DEFAULT_CHAIN.to_vec(),
         }
     }
 }
@@ -96,6 +209,19 @@ impl Sampler {
     /// (`history`, oldest first; the penalties look at its last `repeat_last_n`). Returns a token id
     /// `< logits.len()`; for empty `logits`, 0.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.sample_with_probs(logits, history, 0).0
+    }
+
+    /// [`Sampler::sample`], also returning the chosen token's probability after the chain and the `n`
+    /// most likely candidates left after it with their probabilities (llama-server's
+    /// `post_sampling_probs`), best first; candidates of probability 0 are left out. A greedy draw
+    /// (temperature ≤ 0) leaves one candidate, the chosen token, with probability 1.
+    pub fn sample_with_probs(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        n: usize,
+    ) -> (u32, f32, Vec<(u32, f32)>) {
         let p = &self.params;
         let mut cands: Vec<Cand> = logits
             .iter()
@@ -107,7 +233,7 @@ impl Sampler {
             })
             .collect();
         if cands.is_empty() {
-            return 0;
+            return (0, 0.0, Vec::new());
         }
         // 1. logit bias
         for &(id, bias) in &p.logit_bias {
@@ -115,40 +241,67 @@ impl Sampler {
                 c.logit += bias;
             }
         }
-        // 2. penalties over the last n tokens
-        apply_penalties(&mut cands, history, p);
-        // Greedy: argmax (the first of equal maxima, as llama_sampler_greedy).
+        // Greedy: argmax after bias and penalties (the first of equal maxima, as llama_sampler_greedy).
         if p.temperature <= 0.0 {
-            return argmax_cands(&cands);
+            if p.chain.contains(&Stage::Penalties) {
+                apply_penalties(&mut cands, history, p);
+            }
+            let id = argmax_cands(&cands);
+            return (id, 1.0, if n > 0 { vec![(id, 1.0)] } else { Vec::new() });
         }
-        // 3. top-k (sorts descending)
-        top_k(&mut cands, p.top_k);
-        // 4. typical
-        if p.typical_p < 1.0 {
-            typical(&mut cands, p.typical_p);
+        // 2. the chain, in the requested order
+        let mut temperature_done = false;
+        for stage in &p.chain {
+            match stage {
+                Stage::Penalties => apply_penalties(&mut cands, history, p),
+                Stage::TopK => top_k(&mut cands, p.top_k),
+                Stage::Typical if p.typical_p < 1.0 => {
+                    sort_desc(&mut cands);
+                    typical(&mut cands, p.typical_p);
+                }
+                Stage::TopP if p.top_p < 1.0 => {
+                    sort_desc(&mut cands);
+                    top_p(&mut cands, p.top_p);
+                }
+                Stage::MinP if p.min_p > 0.0 => min_p(&mut cands, p.min_p),
+                Stage::Temperature if !temperature_done => {
+                    temperature_done = true;
+                    for c in cands.iter_mut() {
+                        c.logit /= p.temperature;
+                    }
+                }
+                _ => {}
+            }
         }
-        // 5. top-p
-        if p.top_p < 1.0 {
-            top_p(&mut cands, p.top_p);
-        }
-        // 6. min-p
-        if p.min_p > 0.0 {
-            min_p(&mut cands, p.min_p);
-        }
-        // 7. temperature, 8. draw
-        for c in cands.iter_mut() {
-            c.logit /= p.temperature;
-        }
+        // 3. the seeded draw
         softmax_cands(&mut cands);
         let r: f64 = self.rng.random::<f64>();
         let mut acc = 0.0f64;
+        let mut chosen = cands.last().map_or((0, 0.0), |c| (c.id, c.p));
         for c in &cands {
             acc += c.p as f64;
             if r < acc {
-                return c.id;
+                chosen = (c.id, c.p);
+                break;
             }
         }
-        cands.last().map_or(0, |c| c.id)
+        let mut top = Vec::new();
+        if n > 0 {
+            let mut sorted: Vec<Cand> = cands.into_iter().filter(|c| c.p > 0.0).collect();
+            sorted.sort_by(|a, b| b.p.total_cmp(&a.p).then(a.id.cmp(&b.id)));
+            top = sorted.into_iter().take(n).map(|c| (c.id, c.p)).collect();
+        }
+        (chosen.0, chosen.1, top)
+    }
+}
+
+/// Sorts by logit descending, ties by lower id (a no-op on candidates top-k already sorted).
+fn sort_desc(cands: &mut [Cand]) {
+    if !cands
+        .windows(2)
+        .all(|w| w[0].logit > w[1].logit || (w[0].logit == w[1].logit && w[0].id < w[1].id))
+    {
+        cands.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
     }
 }
 

@@ -34,6 +34,12 @@ pub struct ErrorBody {
     pub param: Option<String>,
     /// A machine-readable code (`invalid_api_key`, `context_length_exceeded`, ...), when one applies.
     pub code: Option<String>,
+    /// llama-server's `exceed_context_size_error`: the prompt's tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_prompt_tokens: Option<u64>,
+    /// llama-server's `exceed_context_size_error`: the slot's context (tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_ctx: Option<u64>,
 }
 
 /// The classes of error the servers answer with; each maps to one HTTP status and one `type` string.
@@ -49,6 +55,10 @@ pub enum ErrorKind {
     Server,
     /// 503: not ready yet (loading) or shutting down.
     Unavailable,
+    /// 400: the prompt does not fit the context (llama-server's `exceed_context_size_error`).
+    ExceedContextSize,
+    /// 501: the server or model cannot do this (llama-server's `not_supported_error`).
+    NotSupported,
 }
 
 impl ErrorKind {
@@ -60,6 +70,8 @@ impl ErrorKind {
             ErrorKind::NotFound => 404,
             ErrorKind::Server => 500,
             ErrorKind::Unavailable => 503,
+            ErrorKind::ExceedContextSize => 400,
+            ErrorKind::NotSupported => 501,
         }
     }
 
@@ -71,6 +83,8 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::Server => "server_error",
             ErrorKind::Unavailable => "unavailable_error",
+            ErrorKind::ExceedContextSize => "exceed_context_size_error",
+            ErrorKind::NotSupported => "not_supported_error",
         }
     }
 }
@@ -89,6 +103,8 @@ impl ErrorEnvelope {
                 kind: kind.type_str().to_string(),
                 param: param.map(str::to_string),
                 code: code.map(str::to_string),
+                n_prompt_tokens: None,
+                n_ctx: None,
             },
         }
     }

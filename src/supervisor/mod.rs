@@ -88,6 +88,13 @@ async fn metrics_handler(State(st): State<AppState>) -> impl IntoResponse {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
+    // Validated with the settings (Settings::validate): an invalid value never gets here.
+    let cors =
+        crate::http_server::cors_layer(state.settings().cors_origins.as_deref().unwrap_or(""))
+            .unwrap_or_else(|e| {
+                tracing::error!("CORS_ORIGINS: {e}; no origin is allowed");
+                tower_http::cors::CorsLayer::new()
+            });
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
@@ -102,6 +109,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::request_guard,
         ))
+        // Outermost: a preflight is answered before the auth guard (browsers send it without
+        // credentials); the real request is checked as any other.
+        .layer(cors)
         .with_state(state);
     crate::http_server::with_body_limit(app)
 }

@@ -8,9 +8,12 @@
 use std::fmt;
 
 use crate::engine::constraint::GrammarCompiler;
+pub use crate::engine::model::hparams::Pooling;
+use crate::engine::sampling::{DEFAULT_CHAIN, Stage};
+pub use crate::engine::tokenizer::FimTokens;
 
 /// Facts about the loaded model the worker reports and plans with.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelInfo {
     /// GGUF `general.architecture` (`llama`, `qwen2`, `bert`, ...).
     pub arch: String,
@@ -26,6 +29,12 @@ pub struct ModelInfo {
     pub chat_template: Option<String>,
     /// Every end-of-generation token id (EOS, EOT, ...), ascending.
     pub eog_tokens: Vec<u32>,
+    /// The BOS token when the vocabulary adds one to a prompt (`tokenizer.ggml.add_bos_token`).
+    pub add_bos: Option<u32>,
+    /// The fill-in-the-middle tokens (`/infill`).
+    pub fim: FimTokens,
+    /// Text of the BOS and EOS tokens (`/props`'s `bos_token`, `eos_token`), empty when none.
+    pub bos_eos_text: (String, String),
 }
 
 /// An engine failure, with a message for the log (never sent to clients as is, except template errors).
@@ -65,6 +74,8 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// (token, bias) pairs added to the logits.
     pub logit_bias: Vec<(u32, f32)>,
+    /// The sampler stages and their order (llama-server's `samplers`).
+    pub chain: Vec<Stage>,
 }
 
 impl Default for SamplingParams {
@@ -80,6 +91,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logit_bias: Vec::new(),
+            chain: DEFAULT_CHAIN.to_vec(),
         }
     }
 }
@@ -89,6 +101,24 @@ pub trait TokenSampler: Send {
     /// Picks the next token from raw logits `[n_vocab]`; `history` is the sequence so far (prompt and
     /// generated tokens, oldest first) for the penalties.
     fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32;
+    /// [`TokenSampler::sample`], also returning the chosen token's probability and the `n` most likely
+    /// candidates with their probabilities after the sampler chain (llama-server's
+    /// `post_sampling_probs`), best first. The default (samplers without a chain) reports the
+    /// probabilities of the raw softmax.
+    fn sample_with_probs(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        n: usize,
+    ) -> (u32, f32, Vec<(u32, f32)>) {
+        let id = self.sample(logits, history);
+        let (lp, top) = logprobs(logits, id, n);
+        (
+            id,
+            lp.exp(),
+            top.into_iter().map(|(t, l)| (t, l.exp())).collect(),
+        )
+    }
 }
 
 /// One forward pass's input, llama_batch style: token `i` at position `pos[i]` of sequence `seq_id[i]`;
@@ -178,10 +208,16 @@ pub trait Compute: Send + 'static {
     fn decode(&mut self, batch: &BatchPlan) -> Result<(), BackendError>;
     /// Logits `[n_vocab]` of the `i`-th output of the last [`Compute::decode`].
     fn logits(&self, i: usize) -> &[f32];
-    /// A pooled, L2-normalised embedding `[n_embd]` of `tokens` (does not touch the slots' sequences).
+    /// The embedding rows of `tokens`, not normalised (does not touch the slots' sequences): one row
+    /// `[n_embd]` per token for `Some(Pooling::None)`, else one row pooled by `pooling` (`None` = the
+    /// model's pooling, mean when it has none).
     ///
     /// Errors: [`BackendError::Engine`].
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BackendError>;
+    fn embed(
+        &mut self,
+        tokens: &[u32],
+        pooling: Option<Pooling>,
+    ) -> Result<Vec<Vec<f32>>, BackendError>;
     /// Drops every KV cell of sequence `seq`.
     fn seq_clear(&mut self, seq: u32);
     /// Keeps only the first `n` positions of sequence `seq`; returns false when the engine cannot (the

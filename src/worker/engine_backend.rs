@@ -111,6 +111,14 @@ impl TokenSampler for EngineSampler {
     fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         self.0.sample(logits, history)
     }
+    fn sample_with_probs(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        n: usize,
+    ) -> (u32, f32, Vec<(u32, f32)>) {
+        self.0.sample_with_probs(logits, history, n)
+    }
 }
 
 impl Compute for EngineCompute {
@@ -132,9 +140,13 @@ impl Compute for EngineCompute {
     fn logits(&self, i: usize) -> &[f32] {
         self.ctx.logits(i)
     }
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
+    fn embed(
+        &mut self,
+        tokens: &[u32],
+        pooling: Option<super::backend::Pooling>,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
         self.ctx
-            .embed(tokens)
+            .embed_rows(tokens, pooling)
             .map_err(|e| BackendError::Engine(e.to_string()))
     }
     fn seq_clear(&mut self, seq: u32) {
@@ -157,6 +169,7 @@ impl Compute for EngineCompute {
             frequency_penalty: p.frequency_penalty,
             seed: p.seed,
             logit_bias: p.logit_bias.clone(),
+            chain: p.chain.clone(),
             ..SamplerParams::default()
         })))
     }
@@ -219,6 +232,20 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
                 .map(str::to_string),
         },
         eog_tokens,
+        add_bos: model
+            .tokenizer()
+            .add_bos()
+            .then(|| model.tokenizer().bos())
+            .flatten(),
+        fim: model.tokenizer().fim(),
+        bos_eos_text: {
+            let t = model.tokenizer();
+            let text = |id: Option<u32>| {
+                id.map(|i| String::from_utf8_lossy(&t.token_to_piece(i, true)).into_owned())
+                    .unwrap_or_default()
+            };
+            (text(t.bos()), text(t.eos()))
+        },
     };
     Ok(Loaded {
         codec: Arc::new(EngineCodec {

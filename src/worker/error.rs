@@ -20,6 +20,25 @@ pub enum ApiError {
         /// A machine-readable code.
         code: Option<&'static str>,
     },
+    /// The prompt does not fit a slot's context (400, llama-server's `exceed_context_size_error`
+    /// with `n_prompt_tokens` and `n_ctx`; code `context_length_exceeded` as OpenAI).
+    #[error("{message}")]
+    ContextExceeded {
+        /// What is wrong, for the client.
+        message: String,
+        /// The request field at fault.
+        param: &'static str,
+        /// The prompt's tokens.
+        n_prompt_tokens: usize,
+        /// The slot's context (tokens).
+        n_ctx: usize,
+    },
+    /// The server or the model cannot do this (501, llama-server's `not_supported_error`).
+    #[error("{0}")]
+    NotSupported(String),
+    /// Temporarily unable (503), with the reason.
+    #[error("{0}")]
+    Unavailable(String),
     /// Missing or wrong API key (401).
     #[error("invalid API key")]
     Unauthorized,
@@ -58,6 +77,24 @@ impl ApiError {
                 param,
                 code,
             } => (ErrorKind::InvalidRequest, message.clone(), *param, *code),
+            ApiError::ContextExceeded {
+                message,
+                param,
+                n_prompt_tokens,
+                n_ctx,
+            } => {
+                let mut env = ErrorEnvelope::new(
+                    ErrorKind::ExceedContextSize,
+                    message.clone(),
+                    Some(param),
+                    Some("context_length_exceeded"),
+                );
+                env.error.n_prompt_tokens = Some(*n_prompt_tokens as u64);
+                env.error.n_ctx = Some(*n_ctx as u64);
+                return (StatusCode::BAD_REQUEST, env);
+            }
+            ApiError::NotSupported(m) => (ErrorKind::NotSupported, m.clone(), None, None),
+            ApiError::Unavailable(m) => (ErrorKind::Unavailable, m.clone(), None, None),
             ApiError::Unauthorized => (
                 ErrorKind::Authentication,
                 "invalid or missing API key (send 'Authorization: Bearer KEY')".to_string(),

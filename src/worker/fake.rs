@@ -51,9 +51,20 @@ impl Default for FakeCodec {
                 is_encoder: false,
                 chat_template: Some("{{ fake }}".into()),
                 eog_tokens: vec![EOG],
+                add_bos: Some(BOS),
+                ..ModelInfo::default()
             },
             grammar: fake_grammar(),
         }
+    }
+}
+
+impl FakeCodec {
+    /// A fake whose vocabulary has these fill-in-the-middle tokens (byte ids).
+    pub fn with_fim(fim: super::backend::FimTokens) -> FakeCodec {
+        let mut c = FakeCodec::default();
+        c.info.fim = fim;
+        c
     }
 }
 
@@ -239,11 +250,19 @@ impl Compute for FakeCompute {
     fn logits(&self, i: usize) -> &[f32] {
         &self.outputs[i]
     }
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
+    fn embed(
+        &mut self,
+        tokens: &[u32],
+        pooling: Option<super::backend::Pooling>,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        if pooling == Some(super::backend::Pooling::None) {
+            return Ok(tokens
+                .iter()
+                .map(|&t| vec![t as f32, 1.0, 0.0, 0.0])
+                .collect());
+        }
         let s: f32 = tokens.iter().map(|&t| t as f32).sum();
-        let v = [tokens.len() as f32, s, 1.0, 0.0];
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        Ok(v.iter().map(|x| x / n).collect())
+        Ok(vec![vec![tokens.len() as f32, s, 1.0, 0.0]])
     }
     fn seq_clear(&mut self, seq: u32) {
         if let Some(s) = self.seqs.get_mut(seq as usize) {

@@ -21,22 +21,49 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc::UnboundedReceiver, oneshot};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::backend::{Codec, SamplingParams};
 use super::error::{ApiError, parse_json};
 use super::metrics::{Endpoint, Metrics};
-use super::scheduler::{Command, EmbedRequest, GenEvent, GenerateRequest, TokenOut};
+use super::scheduler::{Command, GenEvent, GenerateRequest, TokenOut};
 use super::structured;
 use crate::engine::constraint::{Constraint, GrammarSpec};
 use crate::openai::*;
 
+/// Server-wide generation defaults (the sampling flags, `-n`): what a request that leaves a field out
+/// gets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Defaults {
+    /// Sampler settings.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate (-1 = until a stop or the end of the slot's context).
+    pub n_predict: i64,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            sampling: SamplingParams::default(),
+            n_predict: -1,
+        }
+    }
+}
+
 /// Fixed facts of this worker, known before the model is loaded.
 #[derive(Clone, Debug)]
 pub struct ServerInfo {
-    /// The model id clients see.
+    /// The model id clients see (the first of `aliases`).
     pub alias: String,
+    /// Every name of `--alias`.
+    pub aliases: Vec<String>,
+    /// Generation defaults.
+    pub defaults: Defaults,
+    /// `GET /slots` is on (`--no-slots` turns it off).
+    pub slots_endpoint: bool,
+    /// `--pooling` (None = the model's).
+    pub pooling: Option<super::backend::Pooling>,
     /// Path of the GGUF file.
     pub model_path: String,
     /// Nonce from `--instance`, echoed by `/props`.
@@ -83,7 +110,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn ready(&self) -> Result<&Ready, ApiError> {
+    pub(super) fn ready(&self) -> Result<&Ready, ApiError> {
         self.ready.get().ok_or(ApiError::Loading)
     }
 
@@ -98,7 +125,7 @@ pub fn fingerprint() -> String {
     format!("cyber-inference-{}", env!("CARGO_PKG_VERSION"))
 }
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -110,9 +137,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/completions", post(completions))
+        .route("/completion", post(super::native::completion))
+        .route("/completions", post(super::native::completion))
+        .route("/infill", post(super::native::infill))
         .route("/v1/embeddings", post(embeddings))
-        .route("/embeddings", post(embeddings))
+        .route("/embedding", post(super::native::embedding))
+        .route("/embeddings", post(super::native::embedding))
         .route_layer(middleware::from_fn_with_state(state.clone(), bounded_queue));
     Router::new()
         .route("/health", get(health))
@@ -123,6 +153,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(detokenize))
         .route("/apply-template", post(apply_template))
         .route("/props", get(props))
+        .route("/slots", get(super::native::slots))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -204,9 +235,30 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
 
 async fn props(State(st): State<Arc<AppState>>) -> Response {
     let ready = st.ready.get();
+    let settings = super::native::settings_json(
+        &st.info.defaults.sampling,
+        st.info.defaults.n_predict,
+        None,
+        false,
+        false,
+        &[],
+    );
     Json(json!({
+        "default_generation_settings": {
+            "params": settings,
+            "n_ctx": ready.map(|r| r.n_ctx_seq),
+        },
+        "model_alias": st.info.alias,
         "model_path": st.info.model_path,
         "alias": st.info.alias,
+        "aliases": st.info.aliases,
+        "bos_token": ready.map(|r| r.codec.info().bos_eos_text.0.clone()),
+        "eos_token": ready.map(|r| r.codec.info().bos_eos_text.1.clone()),
+        "endpoint_slots": st.info.slots_endpoint,
+        "endpoint_props": true,
+        "endpoint_metrics": true,
+        "modalities": {"vision": false, "video": false, "audio": false},
+        "infill": ready.map(|r| super::native::fim_missing(r.codec.info()).is_empty()),
         "instance": st.info.instance,
         "n_slots": st.info.n_slots,
         "total_slots": st.info.n_slots,
@@ -235,7 +287,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 }
 
 /// The piece as llama-server's `with_pieces` writes it: a string, or byte values when not valid UTF-8.
-fn piece_json(bytes: Vec<u8>) -> Value {
+pub(super) fn piece_json(bytes: Vec<u8>) -> Value {
     match String::from_utf8(bytes) {
         Ok(s) => Value::String(s),
         Err(e) => json!(e.into_bytes()),
@@ -259,7 +311,7 @@ async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     Ok(Json(json!({ "tokens": tokens })).into_response())
 }
 
-fn check_ids(ids: &[u32], n_vocab: usize, param: &'static str) -> Result<(), ApiError> {
+pub(super) fn check_ids(ids: &[u32], n_vocab: usize, param: &'static str) -> Result<(), ApiError> {
     if let Some((i, bad)) = ids
         .iter()
         .enumerate()
@@ -298,17 +350,24 @@ async fn apply_template(
 
 /// Generation settings common to chat and text completions, validated.
 #[derive(Clone, Debug)]
-struct GenSpec {
-    sampling: SamplingParams,
-    stops: Vec<String>,
-    max_tokens: Option<usize>,
-    n: usize,
-    n_probs: Option<usize>,
-    stream: bool,
-    include_usage: bool,
+pub(super) struct GenSpec {
+    pub(super) sampling: SamplingParams,
+    pub(super) stops: Vec<String>,
+    /// Most tokens to generate; `None` = until a stop or the end of the slot's context.
+    pub(super) max_tokens: Option<usize>,
+    /// llama-server's `id_slot`, `cache_prompt`, `post_sampling_probs` (native requests).
+    pub(super) id_slot: Option<usize>,
+    pub(super) cache_prompt: bool,
+    pub(super) post_sampling_probs: bool,
+    /// The settings as `GET /slots` shows them.
+    pub(super) settings: Option<Arc<Value>>,
+    pub(super) n: usize,
+    pub(super) n_probs: Option<usize>,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
     /// The compiled structured-output constraint (cloned into every choice), from
     /// [`super::structured::constraint_of`].
-    constraint: Option<Constraint>,
+    pub(super) constraint: Option<Constraint>,
 }
 
 fn in_range(v: Option<f32>, lo: f32, hi: f32, name: &'static str) -> Result<(), ApiError> {
@@ -321,11 +380,13 @@ fn in_range(v: Option<f32>, lo: f32, hi: f32, name: &'static str) -> Result<(), 
     }
 }
 
-fn gen_spec(
+/// Validates the sampling fields of a request over the server's `defaults` (what it leaves out).
+pub(super) fn gen_spec(
     f: &SamplingFields,
     max_tokens: Option<u32>,
     n_probs: Option<usize>,
     n_vocab: usize,
+    defaults: &Defaults,
 ) -> Result<GenSpec, ApiError> {
     in_range(f.temperature, 0.0, 100.0, "temperature")?;
     in_range(f.top_p, 0.0, 1.0, "top_p")?;
@@ -333,7 +394,7 @@ fn gen_spec(
     in_range(f.presence_penalty, -2.0, 2.0, "presence_penalty")?;
     in_range(f.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
     in_range(f.repeat_penalty, 0.0, 100.0, "repeat_penalty")?;
-    let d = SamplingParams::default();
+    let d = &defaults.sampling;
     let mut logit_bias = Vec::new();
     for (k, &b) in f.logit_bias.iter().flatten() {
         let id: u32 = k.parse().map_err(|_| {
@@ -383,11 +444,22 @@ fn gen_spec(
             presence_penalty: f.presence_penalty.unwrap_or(d.presence_penalty),
             frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
             // A negative seed (llama.cpp's -1) means random.
-            seed: f.seed.and_then(|s| u64::try_from(s).ok()),
+            seed: match f.seed {
+                Some(s) => u64::try_from(s).ok(),
+                None => d.seed,
+            },
             logit_bias,
+            chain: d.chain.clone(),
         },
         stops: f.stop.clone().map(StopSpec::into_vec).unwrap_or_default(),
-        max_tokens: max_tokens.map(|m| m as usize),
+        max_tokens: match max_tokens {
+            Some(m) => Some(m as usize),
+            None => usize::try_from(defaults.n_predict).ok(),
+        },
+        id_slot: None,
+        cache_prompt: true,
+        post_sampling_probs: false,
+        settings: None,
         n: n as usize,
         n_probs,
         stream: f.stream.unwrap_or(false),
@@ -396,7 +468,7 @@ fn gen_spec(
     })
 }
 
-fn check_prompt_fits(
+pub(super) fn check_prompt_fits(
     n_prompt: usize,
     ready: &Ready,
     n_slots: usize,
@@ -406,27 +478,28 @@ fn check_prompt_fits(
         return Err(ApiError::bad("the prompt is empty (0 tokens)", Some(param)));
     }
     if n_prompt >= ready.n_ctx_seq {
-        return Err(ApiError::BadRequest {
+        return Err(ApiError::ContextExceeded {
             message: format!(
                 "the prompt has {n_prompt} tokens but a slot's context is n_ctx = {} tokens \
                  (-c {} over {n_slots} slots), and at least one token must be generated; \
                  shorten the prompt or restart the worker with a larger -c",
                 ready.n_ctx_seq, ready.n_ctx
             ),
-            param: Some(param),
-            code: Some("context_length_exceeded"),
+            param,
+            n_prompt_tokens: n_prompt,
+            n_ctx: ready.n_ctx_seq,
         });
     }
     Ok(())
 }
 
 /// One submitted choice: its events and the guard that cancels it when dropped.
-struct Submitted {
-    rx: UnboundedReceiver<GenEvent>,
-    guard: DropGuard,
+pub(super) struct Submitted {
+    pub(super) rx: UnboundedReceiver<GenEvent>,
+    pub(super) guard: DropGuard,
 }
 
-fn submit(
+pub(super) fn submit(
     ready: &Ready,
     prompt: Vec<u32>,
     spec: &GenSpec,
@@ -438,18 +511,17 @@ fn submit(
     // Different choices of one request must differ: offset the seed per choice.
     sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice as u64));
     let max_tokens = spec.max_tokens.unwrap_or(ready.n_ctx_seq);
+    let mut req = GenerateRequest::new(prompt, max_tokens, sampling, tx, cancel.clone());
+    req.stops = spec.stops.clone();
+    req.n_probs = spec.n_probs;
+    req.constraint = spec.constraint.clone();
+    req.id_slot = spec.id_slot;
+    req.cache_prompt = spec.cache_prompt;
+    req.post_sampling_probs = spec.post_sampling_probs;
+    req.settings = spec.settings.clone();
     ready
         .tx
-        .send(Command::Generate(GenerateRequest {
-            prompt,
-            max_tokens,
-            sampling,
-            stops: spec.stops.clone(),
-            n_probs: spec.n_probs,
-            constraint: spec.constraint.clone(),
-            events: tx,
-            cancel: cancel.clone(),
-        }))
+        .send(Command::Generate(req))
         .map_err(|_| ApiError::ShuttingDown)?;
     Ok(Submitted {
         rx,
@@ -458,13 +530,76 @@ fn submit(
 }
 
 /// A finished choice.
-struct Collected {
-    text: String,
-    tokens: Vec<TokenOut>,
-    finish: FinishReason,
-    n_prompt: usize,
-    n_cached: usize,
-    n_generated: usize,
+pub(super) struct Collected {
+    pub(super) text: String,
+    pub(super) tokens: Vec<TokenOut>,
+    pub(super) finish: FinishReason,
+    pub(super) n_prompt: usize,
+    pub(super) n_cached: usize,
+    pub(super) n_generated: usize,
+    pub(super) timings: Timings,
+}
+
+/// What a finished generation reports besides its text (llama-server's `timings`, `stop_type`, ...).
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Timings {
+    pub(super) stop: super::scheduler::StopType,
+    pub(super) id_slot: usize,
+    pub(super) n_ctx_used: usize,
+    pub(super) n_prompt: usize,
+    pub(super) n_cached: usize,
+    pub(super) n_generated: usize,
+    pub(super) t_prompt: std::time::Duration,
+    pub(super) t_gen: std::time::Duration,
+}
+
+impl Timings {
+    /// The `Done` event's facts.
+    pub(super) fn of(ev: &GenEvent) -> Option<Timings> {
+        match ev {
+            GenEvent::Done {
+                n_prompt,
+                n_cached,
+                n_generated,
+                stop,
+                id_slot,
+                n_ctx_used,
+                t_prompt,
+                t_gen,
+                ..
+            } => Some(Timings {
+                stop: stop.clone(),
+                id_slot: *id_slot,
+                n_ctx_used: *n_ctx_used,
+                n_prompt: *n_prompt,
+                n_cached: *n_cached,
+                n_generated: *n_generated,
+                t_prompt: *t_prompt,
+                t_gen: *t_gen,
+            }),
+            _ => None,
+        }
+    }
+
+    /// llama-server's `timings` object (`server_slot_stats::to_json`): times in ms, rates per second.
+    pub(super) fn to_json(&self) -> Value {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let per_token = |t: f64, n: usize| if n > 0 { t / n as f64 } else { 0.0 };
+        let per_second = |t: f64, n: usize| if t > 0.0 { 1e3 * n as f64 / t } else { 0.0 };
+        let prompt_n = self.n_prompt - self.n_cached;
+        let (pm, gm) = (ms(self.t_prompt), ms(self.t_gen));
+        json!({
+            "cache_n": self.n_cached,
+            "prompt_n": prompt_n,
+            "prompt_ms": pm,
+            "prompt_per_token_ms": per_token(pm, prompt_n),
+            "prompt_per_second": per_second(pm, prompt_n),
+            "predicted_n": self.n_generated,
+            "predicted_ms": gm,
+            "predicted_per_token_ms": per_token(gm, self.n_generated),
+            "predicted_per_second": per_second(gm, self.n_generated),
+        })
+    }
 }
 
 /// The `usage` object; `cached` = prompt tokens reused from a slot's KV cache.
@@ -479,7 +614,7 @@ fn usage(prompt: u32, completion: u32, cached: u32) -> Usage {
     }
 }
 
-async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
+pub(super) async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut tokens = Vec::new();
     while let Some(ev) = s.rx.recv().await {
@@ -491,13 +626,21 @@ async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
                 text.push_str(&t);
                 tokens.extend(ts);
             }
-            GenEvent::Done {
-                finish,
-                n_prompt,
-                n_cached,
-                n_generated,
-            } => {
+            ev @ GenEvent::Done { .. } => {
                 s.guard.disarm();
+                let Some(timings) = Timings::of(&ev) else {
+                    break;
+                };
+                let GenEvent::Done {
+                    finish,
+                    n_prompt,
+                    n_cached,
+                    n_generated,
+                    ..
+                } = ev
+                else {
+                    break;
+                };
                 return Ok(Collected {
                     text,
                     tokens,
@@ -505,6 +648,7 @@ async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
                     n_prompt,
                     n_cached,
                     n_generated,
+                    timings,
                 });
             }
             GenEvent::Failed(m) => return Err(ApiError::Internal(m)),
@@ -513,7 +657,7 @@ async fn collect(mut s: Submitted) -> Result<Collected, ApiError> {
     Err(ApiError::ShuttingDown)
 }
 
-fn lossy(b: &[u8]) -> String {
+pub(super) fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
@@ -539,15 +683,15 @@ fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
     }
 }
 
-fn new_id(prefix: &str) -> String {
+pub(super) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn sse_json<T: serde::Serialize>(v: &T) -> Event {
+pub(super) fn sse_json<T: serde::Serialize>(v: &T) -> Event {
     Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
 }
 
-fn sse_error(e: ApiError) -> Event {
+pub(super) fn sse_error(e: ApiError) -> Event {
     let (_, env) = e.envelope();
     sse_json(&env)
 }
@@ -577,10 +721,17 @@ struct StreamState<F> {
     out: VecDeque<Event>,
     remaining: usize,
     finished: bool,
+    done_marker: bool,
     on_event: F,
 }
 
-fn sse_stream<F>(subs: Vec<Submitted>, first: Vec<Event>, on_event: F) -> Response
+/// `done_marker`: end with OpenAI's `data: [DONE]` (llama-server's native streams do not).
+pub(super) fn sse_stream<F>(
+    subs: Vec<Submitted>,
+    first: Vec<Event>,
+    done_marker: bool,
+    on_event: F,
+) -> Response
 where
     F: FnMut(usize, GenEvent, &mut VecDeque<Event>) -> Step + Send + 'static,
 {
@@ -592,6 +743,7 @@ where
         out: first.into(),
         remaining,
         finished: false,
+        done_marker,
         on_event,
     };
     let s = stream::unfold(state, |mut st| async move {
@@ -609,7 +761,9 @@ where
                         st.remaining -= 1;
                         if st.remaining == 0 {
                             (st.on_event)(usize::MAX, GenEvent::Failed(String::new()), &mut st.out);
-                            st.out.push_back(Event::default().data("[DONE]"));
+                            if st.done_marker {
+                                st.out.push_back(Event::default().data("[DONE]"));
+                            }
                             st.finished = true;
                         }
                     }
@@ -626,9 +780,12 @@ where
 }
 
 /// What a streamed event did.
-enum Step {
+pub(super) enum Step {
+    /// More events follow.
     Continue,
+    /// This choice has ended.
     ChoiceDone,
+    /// The stream ends now (an error was sent).
     Abort,
 }
 
@@ -652,6 +809,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         req.max_completion_tokens.or(req.max_tokens),
         n_probs,
         ready.codec.info().n_vocab,
+        &st.info.defaults,
     )?;
     let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
     let mut syntax = plan.syntax;
@@ -731,14 +889,14 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             usage,
         }
     };
+    // llama-server's first delta of a choice: the role, with `content: null`.
     let first: Vec<Event> = (0..spec.n)
         .map(|i| {
-            sse_json(&chunk(
+            let mut v = serde_json::to_value(chunk(
                 vec![ChatChunkChoice {
                     index: i as u32,
                     delta: ChatDelta {
                         role: Some("assistant".into()),
-                        content: Some(String::new()),
                         ..ChatDelta::default()
                     },
                     logprobs: None,
@@ -746,22 +904,26 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 }],
                 None,
             ))
+            .unwrap_or_default();
+            v["choices"][0]["delta"]["content"] = Value::Null;
+            sse_json(&v)
         })
         .collect();
     let want_logprobs = spec.n_probs.is_some();
     let include_usage = spec.include_usage;
     let mut completion = 0u32;
     let mut cached = 0u32;
+    let mut timings: Option<Value> = None;
     let mut replies: Vec<super::chat::ReplyStream> = (0..spec.n)
         .map(|_| super::chat::ReplyStream::new(syntax))
         .collect();
-    Ok(sse_stream(subs, first, move |i, ev, out| {
+    Ok(sse_stream(subs, first, true, move |i, ev, out| {
         if i == usize::MAX {
             if include_usage {
-                out.push_back(sse_json(&chunk(
-                    Vec::new(),
-                    Some(usage(n_prompt, completion, cached)),
-                )));
+                out.push_back(with_timings(
+                    &chunk(Vec::new(), Some(usage(n_prompt, completion, cached))),
+                    timings.take(),
+                ));
             }
             return Step::Continue;
         }
@@ -781,12 +943,17 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 }
                 Step::Continue
             }
-            GenEvent::Done {
-                finish,
-                n_cached,
-                n_generated,
-                ..
-            } => {
+            ev @ GenEvent::Done { .. } => {
+                let t = Timings::of(&ev);
+                let GenEvent::Done {
+                    finish,
+                    n_cached,
+                    n_generated,
+                    ..
+                } = ev
+                else {
+                    return Step::Continue;
+                };
                 completion += n_generated as u32;
                 if i == 0 {
                     cached = n_cached as u32;
@@ -808,15 +975,27 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 } else {
                     finish
                 };
-                out.push_back(sse_json(&chunk(
-                    vec![ChatChunkChoice {
-                        index: i as u32,
-                        delta: ChatDelta::default(),
-                        logprobs: None,
-                        finish_reason: Some(finish),
-                    }],
-                    None,
-                )));
+                // llama-server puts `timings` on a task's last chunk: the usage chunk when there is
+                // one, else the finish chunk.
+                let t = t.map(|t| t.to_json());
+                let here = if include_usage {
+                    timings = t;
+                    None
+                } else {
+                    t
+                };
+                out.push_back(with_timings(
+                    &chunk(
+                        vec![ChatChunkChoice {
+                            index: i as u32,
+                            delta: ChatDelta::default(),
+                            logprobs: None,
+                            finish_reason: Some(finish),
+                        }],
+                        None,
+                    ),
+                    here,
+                ));
                 Step::ChoiceDone
             }
             GenEvent::Failed(m) => {
@@ -825,6 +1004,18 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             }
         }
     }))
+}
+
+/// An SSE event of `chunk`, with llama-server's `timings` object beside its fields when given.
+fn with_timings<T: serde::Serialize>(chunk: &T, timings: Option<Value>) -> Event {
+    match timings {
+        None => sse_json(chunk),
+        Some(t) => {
+            let mut v = serde_json::to_value(chunk).unwrap_or_default();
+            v["timings"] = t;
+            sse_json(&v)
+        }
+    }
 }
 
 /// A streamed chat delta from the parsed parts of the reply.
@@ -890,6 +1081,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         req.max_tokens,
         n_probs,
         ready.codec.info().n_vocab,
+        &st.info.defaults,
     )?;
     let raw_prompts = req.prompt.into_prompts();
     check_choices(raw_prompts.len(), spec.n)?;
@@ -984,7 +1176,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
     let n_choices = spec.n;
     let mut completion = 0u32;
     let mut cached = 0u32;
-    Ok(sse_stream(subs, first, move |i, ev, out| {
+    Ok(sse_stream(subs, first, true, move |i, ev, out| {
         if i == usize::MAX {
             if include_usage {
                 out.push_back(sse_json(&make(
@@ -1042,85 +1234,57 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
 }
 
 async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    /// `/v1/embeddings`: OpenAI's fields, `input` in any of llama-server's prompt forms.
+    #[derive(serde::Deserialize)]
+    struct Req {
+        input: Value,
+        #[serde(default)]
+        encoding_format: Option<EncodingFormat>,
+    }
     st.metrics.count_request(Endpoint::Embeddings);
     let ready = st.ready()?;
-    let req: EmbeddingRequest = parse_json(&body)?;
-    let info = ready.codec.info();
-    if !info.is_encoder && !st.info.embedding {
+    let req: Req = parse_json(&body)?;
+    if st.info.pooling == Some(super::backend::Pooling::None) {
         return Err(ApiError::bad(
-            "embeddings are off for this generation model: start the worker with --embedding",
+            "Pooling type 'none' is not OAI compatible. Please use a different pooling type",
             None,
         ));
     }
-    let raw_inputs = req.input.into_prompts();
-    if raw_inputs.len() > MAX_EMBEDDING_INPUTS {
+    let inputs = super::native::tokenize_prompts(ready.codec.as_ref(), &req.input, true, "input")?;
+    if inputs.len() > MAX_EMBEDDING_INPUTS {
         return Err(ApiError::bad(
             format!(
                 "'input' has {} entries; at most {MAX_EMBEDDING_INPUTS} per request",
-                raw_inputs.len()
+                inputs.len()
             ),
             Some("input"),
         ));
     }
-    let mut inputs = Vec::new();
-    for p in raw_inputs {
-        let ids = match p {
-            OnePrompt::Text(t) => ready.codec.encode(&t, true, true),
-            OnePrompt::Tokens(ids) => {
-                check_ids(&ids, info.n_vocab, "input")?;
-                ids
-            }
-        };
-        if ids.is_empty() {
-            return Err(ApiError::bad("an input is empty (0 tokens)", Some("input")));
-        }
-        if ids.len() > ready.n_ctx_seq {
-            return Err(ApiError::BadRequest {
-                message: format!(
-                    "an input has {} tokens but the context is n_ctx = {} tokens",
-                    ids.len(),
-                    ready.n_ctx_seq
-                ),
-                param: Some("input"),
-                code: Some("context_length_exceeded"),
-            });
-        }
-        inputs.push(ids);
-    }
-    if inputs.is_empty() {
-        return Err(ApiError::bad("'input' is empty", Some("input")));
-    }
+    super::native::check_embedding_inputs(&st, ready, &inputs)?;
+    let n_tokens: u32 = inputs.iter().map(|i| i.len() as u32).sum();
+    let rows =
+        super::native::embed_all(ready, inputs, st.info.pooling, super::native::Normalize(2))
+            .await?;
     let format = req.encoding_format.unwrap_or_default();
-    let mut data = Vec::new();
-    let mut n_tokens = 0u32;
-    for (i, ids) in inputs.into_iter().enumerate() {
-        n_tokens += ids.len() as u32;
-        let (tx, rx) = oneshot::channel();
-        ready
-            .tx
-            .send(Command::Embed(EmbedRequest {
-                tokens: ids,
-                reply: tx,
-            }))
-            .map_err(|_| ApiError::ShuttingDown)?;
-        let mut v = rx
-            .await
-            .map_err(|_| ApiError::ShuttingDown)?
-            .map_err(ApiError::Internal)?;
-        l2_normalize(&mut v);
-        let embedding = match format {
-            EncodingFormat::Float => EmbeddingVector::Float(v),
-            EncodingFormat::Base64 => {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+    let data = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            let v = r.pop().unwrap_or_default();
+            let embedding = match format {
+                EncodingFormat::Float => EmbeddingVector::Float(v),
+                EncodingFormat::Base64 => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            };
+            Embedding {
+                object: "embedding".into(),
+                embedding,
+                index: i as u32,
             }
-        };
-        data.push(Embedding {
-            object: "embedding".into(),
-            embedding,
-            index: i as u32,
-        });
-    }
+        })
+        .collect();
     Ok(Json(EmbeddingResponse {
         object: "list".into(),
         data,
@@ -1134,7 +1298,7 @@ async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Resp
 }
 
 /// Scales `v` to unit Euclidean length (sum of squares in f64); a zero vector stays zero.
-fn l2_normalize(v: &mut [f32]) {
+pub(super) fn l2_normalize(v: &mut [f32]) {
     let norm = v
         .iter()
         .map(|x| (*x as f64) * (*x as f64))

@@ -181,7 +181,84 @@ impl Metrics {
                 self.requests[i].load(Relaxed)
             );
         }
+        self.render_llamacpp(&mut out);
         out
+    }
+
+    /// The same measurements under llama-server's `llamacpp:*` names
+    /// (`server_task_result_metrics::to_metrics`), so dashboards made for llama-server read them.
+    fn render_llamacpp(&self, out: &mut String) {
+        let g = |a: &AtomicU64| a.load(Relaxed) as f64;
+        let prompt_s = self.prompt_nanos.load(Relaxed) as f64 / 1e9;
+        let gen_s = self.generation_nanos.load(Relaxed) as f64 / 1e9;
+        let rate = |n: f64, s: f64| if s > 0.0 { n / s } else { 0.0 };
+        let items: [(&str, &str, &str, f64); 10] = [
+            (
+                "prompt_tokens_total",
+                "counter",
+                "Number of prompt tokens processed, excluding cached tokens",
+                g(&self.prompt_tokens),
+            ),
+            (
+                "prompt_tokens_cached_total",
+                "counter",
+                "Number of prompt tokens reused from the cache",
+                g(&self.prompt_tokens_cached),
+            ),
+            (
+                "prompt_seconds_total",
+                "counter",
+                "Total time spent processing prompts",
+                prompt_s,
+            ),
+            (
+                "tokens_predicted_total",
+                "counter",
+                "Number of generation tokens processed",
+                g(&self.generated_tokens),
+            ),
+            (
+                "tokens_predicted_seconds_total",
+                "counter",
+                "Total time spent generating tokens",
+                gen_s,
+            ),
+            (
+                "n_decode_total",
+                "counter",
+                "Total number of llama_decode() calls",
+                g(&self.decode_steps),
+            ),
+            (
+                "prompt_tokens_seconds",
+                "gauge",
+                "Average prompt throughput in tokens/s",
+                rate(g(&self.prompt_tokens), prompt_s),
+            ),
+            (
+                "predicted_tokens_seconds",
+                "gauge",
+                "Average generation throughput in tokens/s",
+                rate(g(&self.generated_tokens), gen_s),
+            ),
+            (
+                "requests_processing",
+                "gauge",
+                "Number of requests processing",
+                g(&self.slots_busy),
+            ),
+            (
+                "requests_deferred",
+                "gauge",
+                "Number of requests deferred",
+                g(&self.queue_length),
+            ),
+        ];
+        for (name, kind, help, value) in items {
+            let _ = writeln!(out, "# HELP llamacpp:{name} {help}");
+            let _ = writeln!(out, "# TYPE llamacpp:{name} {kind}");
+            let _ = writeln!(out, "llamacpp:{name} {value}");
+        }
     }
 }
 
@@ -209,9 +286,17 @@ mod tests {
         assert_eq!(sample(&t, "generated_tokens_total"), Some(10.0));
         assert_eq!(sample(&t, "generation_tokens_per_second"), Some(20.0));
         assert_eq!(sample(&t, "decode_steps_total"), Some(1.0));
+        assert!(t.contains("\nllamacpp:tokens_predicted_total 10\n"), "{t}");
+        assert!(
+            t.contains("\nllamacpp:predicted_tokens_seconds 20\n"),
+            "{t}"
+        );
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
-            assert!(name.starts_with("cyber_inference_"), "{line}");
+            assert!(
+                name.starts_with("cyber_inference_") || name.starts_with("llamacpp:"),
+                "{line}"
+            );
             value.parse::<f64>().unwrap();
         }
     }

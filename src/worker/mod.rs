@@ -15,6 +15,7 @@ mod error;
 pub(crate) mod fake;
 pub mod http;
 pub mod metrics;
+mod native;
 pub mod scheduler;
 #[cfg(test)]
 mod serve_tests;
@@ -40,78 +41,211 @@ use scheduler::{Command, SchedulerConfig};
 /// The environment variable that carries a worker's key (`--api-key`).
 pub const WORKER_API_KEY_ENV: &str = "CYBER_INFERENCE_WORKER_API_KEY";
 
-/// Command-line flags of `cyber-inference worker` (llama-server's names; `-np` and `-ngl` are accepted
-/// through [`llama_style_args`]).
+/// Command-line flags of `cyber-inference worker`: llama-server's names and meanings, grouped under
+/// its help headings (`-np`, `-ngl`, `-fa`, `-ub` are accepted through [`llama_style_args`]). A flag
+/// that is not here is refused by clap.
 #[derive(clap::Args, Clone, Debug)]
 pub struct WorkerArgs {
     /// GGUF model file.
-    #[arg(short = 'm', long = "model", value_name = "FILE")]
+    #[arg(short = 'm', long = "model", value_name = "FILE", help_heading = COMMON)]
     pub model: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on.
-    #[arg(long, default_value_t = 8080)]
-    pub port: u16,
-    /// Model id the worker answers to (default: the file stem).
-    #[arg(short = 'a', long)]
-    pub alias: Option<String>,
+    /// Compute threads (default: available cores).
+    #[arg(short = 't', long, help_heading = COMMON)]
+    pub threads: Option<usize>,
     /// Total context in tokens, split over the slots (default 4096, or the model's training context if
     /// smaller; 0 = the model's training context).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", help_heading = COMMON)]
     pub ctx_size: Option<usize>,
-    /// Compute threads (default: available cores).
-    #[arg(short = 't', long)]
-    pub threads: Option<usize>,
+    /// Default most tokens to generate when a request does not say (-1 = until a stop or the end
+    /// of the slot's context).
+    #[arg(short = 'n', long = "n-predict", visible_alias = "predict", default_value_t = -1,
+          allow_hyphen_values = true, help_heading = COMMON)]
+    pub n_predict: i64,
+    /// Logical batch: most prompt tokens scheduled per step.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048, help_heading = COMMON)]
+    pub batch_size: usize,
+    /// Physical batch (`-ub`): most tokens in one forward pass.
+    #[arg(long = "ubatch-size", default_value_t = 512, help_heading = COMMON)]
+    pub ubatch_size: usize,
+    /// Flash attention `on|off|auto` (`-fa`): this engine's attention kernel is one fused pass
+    /// already, so every value gives the same results.
+    #[arg(long = "flash-attn", value_name = "on|off|auto", default_value = "auto",
+          value_parser = ["on", "off", "auto"], help_heading = COMMON)]
+    pub flash_attn: String,
+    /// Layers to offload to a GPU (`-ngl`); accepted, but this build runs on the CPU only.
+    #[arg(long = "gpu-layers", allow_hyphen_values = true, help_heading = COMMON)]
+    pub gpu_layers: Option<i32>,
+    /// Log at debug level (llama-server's `-v`); `CYBER_INFERENCE_LOG_LEVEL` / `RUST_LOG` are finer.
+    #[arg(short = 'v', long = "verbose", visible_alias = "log-verbose", help_heading = COMMON)]
+    pub verbose: bool,
+
+    /// Default temperature (0 = greedy).
+    #[arg(long = "temp", visible_alias = "temperature", default_value_t = 0.8, help_heading = SAMPLING)]
+    pub temp: f32,
+    /// Default top-k (0 = off).
+    #[arg(long = "top-k", default_value_t = 40, help_heading = SAMPLING)]
+    pub top_k: i32,
+    /// Default top-p (1 = off).
+    #[arg(long = "top-p", default_value_t = 0.95, help_heading = SAMPLING)]
+    pub top_p: f32,
+    /// Default min-p (0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05, help_heading = SAMPLING)]
+    pub min_p: f32,
+    /// Default seed (-1 = random).
+    #[arg(short = 's', long = "seed", default_value_t = -1, allow_hyphen_values = true,
+          help_heading = SAMPLING)]
+    pub seed: i64,
+    /// Default repetition penalty (1 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0, help_heading = SAMPLING)]
+    pub repeat_penalty: f32,
+    /// Default window of the penalties (tokens; -1 = the whole context).
+    #[arg(long = "repeat-last-n", default_value_t = 64, allow_hyphen_values = true,
+          help_heading = SAMPLING)]
+    pub repeat_last_n: i32,
+    /// Default presence penalty.
+    #[arg(long = "presence-penalty", default_value_t = 0.0, allow_hyphen_values = true,
+          help_heading = SAMPLING)]
+    pub presence_penalty: f32,
+    /// Default frequency penalty.
+    #[arg(long = "frequency-penalty", default_value_t = 0.0, allow_hyphen_values = true,
+          help_heading = SAMPLING)]
+    pub frequency_penalty: f32,
+    /// Default sampler order, names separated by `;` (llama-server's `--samplers`).
+    #[arg(long = "samplers", value_name = "SAMPLERS", help_heading = SAMPLING)]
+    pub samplers: Option<String>,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", help_heading = SERVER)]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080, help_heading = SERVER)]
+    pub port: u16,
+    /// Model names the worker answers to, comma-separated; the first is the id it reports (default:
+    /// the file stem).
+    #[arg(short = 'a', long, value_name = "NAME[,NAME...]", help_heading = SERVER)]
+    pub alias: Option<String>,
     /// Parallel slots (`-np`).
-    #[arg(long = "parallel", default_value_t = 1)]
+    #[arg(long = "parallel", default_value_t = 1, help_heading = SERVER)]
     pub parallel: usize,
     /// Generation and embedding requests that may wait for a free slot; past the slots and these, a
     /// request is refused with 503 and `Retry-After` instead of queueing without bound.
-    #[arg(long = "max-queue", default_value_t = 64)]
+    #[arg(long = "max-queue", default_value_t = 64, help_heading = SERVER)]
     pub max_queue: usize,
-    /// Most tokens per forward pass (prompt chunk size).
-    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
-    pub batch_size: usize,
-    /// Layers to offload to a GPU (`-ngl`); accepted, but this build runs on the CPU only.
-    #[arg(long = "gpu-layers", allow_hyphen_values = true)]
-    pub gpu_layers: Option<i32>,
-    /// Serve `/v1/embeddings` with a generation model.
-    #[arg(long)]
+    /// Serve embeddings with a generation model.
+    #[arg(long, visible_alias = "embeddings", help_heading = SERVER)]
     pub embedding: bool,
+    /// Pooling of embeddings: `none` (one vector per token, native `/embedding` only), `mean`, `cls`,
+    /// `last` (default: the model's).
+    #[arg(long = "pooling", value_parser = ["none", "mean", "cls", "last"], help_heading = SERVER)]
+    pub pooling: Option<String>,
     /// Require `Authorization: Bearer KEY` on every route but `/health`. Also read from
     /// `CYBER_INFERENCE_WORKER_API_KEY` (how the supervisor passes each worker its key: the environment
     /// is private to the process's user, argv is readable by everyone). Without either the worker is
     /// open, as llama-server is.
-    #[arg(long = "api-key", env = WORKER_API_KEY_ENV, hide_env_values = true)]
+    #[arg(long = "api-key", env = WORKER_API_KEY_ENV, hide_env_values = true, help_heading = SERVER)]
     pub api_key: Option<String>,
-    /// Nonce echoed by `/props` (the supervisor's check that it talks to its own worker).
-    #[arg(long)]
-    pub instance: Option<String>,
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
-    #[arg(long = "grace-period", default_value_t = 30)]
-    pub grace_period: u64,
-    /// A Jinja chat template file that replaces the model's (llama-server's flag).
-    #[arg(long = "chat-template-file", value_name = "FILE")]
+    /// Origins allowed by CORS, comma-separated: `*` (any), `localhost` (any localhost origin) or
+    /// exact origins. Default none (llama-server's default is `*`).
+    #[arg(long = "cors-origins", value_name = "ORIGINS", help_heading = SERVER)]
+    pub cors_origins: Option<String>,
+    /// Serve Prometheus `/metrics` (always on: the supervisor reads it; accepted for llama-server's
+    /// command lines).
+    #[arg(long = "metrics", help_heading = SERVER)]
+    pub metrics: bool,
+    /// Serve `GET /slots` (the default).
+    #[arg(long = "slots", overrides_with = "no_slots", help_heading = SERVER)]
+    pub slots: bool,
+    /// Turn `GET /slots` off (501).
+    #[arg(long = "no-slots", overrides_with = "slots", help_heading = SERVER)]
+    pub no_slots: bool,
+    /// Use the Jinja template engine for chat (the default; every template here is Jinja).
+    #[arg(long = "jinja", overrides_with = "no_jinja", help_heading = SERVER)]
+    pub jinja: bool,
+    /// llama-server's legacy (non-Jinja) templates: accepted, but every template here is rendered by
+    /// the Jinja engine (the built-in names of `--chat-template` are Jinja sources of those formats).
+    #[arg(long = "no-jinja", overrides_with = "jinja", help_heading = SERVER)]
+    pub no_jinja: bool,
+    /// A Jinja chat template file that replaces the model's.
+    #[arg(long = "chat-template-file", value_name = "FILE", help_heading = SERVER)]
     pub chat_template_file: Option<PathBuf>,
     /// A chat template given inline: a built-in name (`chatml`, `llama3`, …) or Jinja source.
     #[arg(
         long = "chat-template",
         value_name = "NAME|JINJA",
-        conflicts_with = "chat_template_file"
+        conflicts_with = "chat_template_file",
+        help_heading = SERVER
     )]
     pub chat_template: Option<String>,
     /// Where the model's thinking goes: `none` (left in content), `deepseek` (always extracted to
     /// `reasoning_content`), `auto` (extracted when the template has thinking markers); a request's
     /// `reasoning_format` overrides it.
-    #[arg(long = "reasoning-format", default_value = "auto", value_parser = parse_reasoning_format)]
+    #[arg(long = "reasoning-format", default_value = "auto", value_parser = parse_reasoning_format,
+          help_heading = SERVER)]
     pub reasoning_format: crate::engine::chat::reasoning::ReasoningFormat,
+    /// Nonce echoed by `/props` (the supervisor's check that it talks to its own worker).
+    #[arg(long, help_heading = SERVER)]
+    pub instance: Option<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long = "grace-period", default_value_t = 30, help_heading = SERVER)]
+    pub grace_period: u64,
 }
+
+/// `--help` headings, as llama-server groups its flags.
+const COMMON: &str = "common params";
+const SAMPLING: &str = "sampling params";
+const SERVER: &str = "example-specific params";
 
 fn parse_reasoning_format(
     s: &str,
 ) -> Result<crate::engine::chat::reasoning::ReasoningFormat, String> {
     s.parse()
+}
+
+/// The server-wide generation defaults of the sampling flags (what a request that leaves a field out
+/// gets, as llama-server's `params_base`).
+///
+/// Errors: an unknown sampler name in `--samplers`.
+fn server_defaults(args: &WorkerArgs) -> Result<http::Defaults, WorkerError> {
+    let chain = match &args.samplers {
+        Some(s) => {
+            let names: Vec<&str> = s.split(';').filter(|n| !n.is_empty()).collect();
+            crate::engine::sampling::Stage::chain_from_names(&names)
+                .map_err(|e| WorkerError::Args(format!("--samplers: {e}")))?
+        }
+        None => crate::engine::sampling::DEFAULT_CHAIN.to_vec(),
+    };
+    Ok(http::Defaults {
+        sampling: backend::SamplingParams {
+            temperature: args.temp,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repeat_penalty: args.repeat_penalty,
+            repeat_last_n: args.repeat_last_n,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            seed: u64::try_from(args.seed).ok(),
+            logit_bias: Vec::new(),
+            chain,
+        },
+        n_predict: args.n_predict,
+    })
+}
+
+/// `--pooling`'s value.
+///
+/// Errors: a value clap's list would not let through.
+fn parse_pooling(s: &str) -> Result<backend::Pooling, WorkerError> {
+    use backend::Pooling;
+    match s {
+        "none" => Ok(Pooling::None),
+        "mean" => Ok(Pooling::Mean),
+        "cls" => Ok(Pooling::Cls),
+        "last" => Ok(Pooling::Last),
+        other => Err(WorkerError::Args(format!(
+            "--pooling {other}: unknown pooling"
+        ))),
+    }
 }
 
 /// Rewrites llama.cpp's multi-letter single-dash flags (`-np`, `-ngl`) to their long forms so clap can
@@ -121,6 +255,8 @@ pub fn llama_style_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsStrin
         .map(|a| match a.to_str() {
             Some("-np") => OsString::from("--parallel"),
             Some("-ngl") => OsString::from("--gpu-layers"),
+            Some("-fa") => OsString::from("--flash-attn"),
+            Some("-ub") => OsString::from("--ubatch-size"),
             _ => a,
         })
         .collect()
@@ -276,9 +412,19 @@ pub async fn serve(
     if args.parallel == 0 {
         return Err(WorkerError::Args("-np must be at least 1".into()));
     }
-    if args.batch_size == 0 {
-        return Err(WorkerError::Args("-b must be at least 1".into()));
+    if args.batch_size == 0 || args.ubatch_size == 0 {
+        return Err(WorkerError::Args("-b and -ub must be at least 1".into()));
     }
+    if args.no_jinja {
+        tracing::warn!("--no-jinja: chat templates are rendered by the Jinja engine all the same");
+    }
+    if args.flash_attn == "on" {
+        tracing::info!("-fa on: the CPU attention kernel is a single fused pass already");
+    }
+    let defaults = server_defaults(args)?;
+    let pooling = args.pooling.as_deref().map(parse_pooling).transpose()?;
+    let cors = crate::http_server::cors_layer(args.cors_origins.as_deref().unwrap_or(""))
+        .map_err(|e| WorkerError::Args(format!("--cors-origins: {e}")))?;
     if let Some(ngl) = args.gpu_layers
         && ngl != 0
     {
@@ -301,18 +447,33 @@ pub async fn serve(
     if let Some(b) = bound {
         let _ = b.send(local);
     }
-    let alias = args.alias.clone().unwrap_or_else(|| {
-        args.model
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
-    // Each decode step holds one token per generating slot, so a batch never holds fewer than the slots.
-    let n_batch = args.batch_size.max(args.parallel);
+    let mut aliases: Vec<String> = args
+        .alias
+        .iter()
+        .flat_map(|a| a.split(','))
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if aliases.is_empty() {
+        aliases.push(
+            args.model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into()),
+        );
+    }
+    let alias = aliases[0].clone();
+    // A forward pass holds at most -ub tokens (llama.cpp's physical batch, within the logical -b);
+    // each decode step holds one token per generating slot, so it never holds fewer than the slots.
+    let n_batch = args.batch_size.min(args.ubatch_size).max(args.parallel);
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AppState {
         info: ServerInfo {
             alias,
+            aliases,
+            defaults,
+            slots_endpoint: !args.no_slots,
+            pooling,
             model_path: args.model.display().to_string(),
             instance: args.instance.clone(),
             api_key: args.api_key.clone(),
@@ -333,7 +494,7 @@ pub async fn serve(
     });
     // Header-read timeout, connection limit, body limit, TCP_NODELAY (each streamed token is a small
     // write that must not wait for the client's delayed ACK): the same server loop as the supervisor's.
-    let app = crate::http_server::with_body_limit(http::router(state.clone()));
+    let app = crate::http_server::with_body_limit(http::router(state.clone()).layer(cors));
     let server = tokio::spawn(crate::http_server::serve(
         listener,
         app,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -67,9 +67,70 @@ pub enum GenEvent {
         n_cached: usize,
         /// Tokens generated (the end-of-generation token not counted).
         n_generated: usize,
+        /// What ended it, in llama-server's terms (`stop_type`, `stopping_word`).
+        stop: StopType,
+        /// The slot that ran it.
+        id_slot: usize,
+        /// Tokens the slot's KV cache holds at the end (llama-server's `tokens_cached`).
+        n_ctx_used: usize,
+        /// From admission to the first sampled token (prompt evaluation).
+        t_prompt: Duration,
+        /// From the first sampled token to the end.
+        t_gen: Duration,
     },
     /// The engine failed; the message is for the log.
     Failed(String),
+}
+
+/// What ended a generation, as llama-server's `stop_type` names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopType {
+    /// An end-of-generation token (or a complete grammar): `eos`.
+    Eos,
+    /// A stop string, which is not in the text: `word`.
+    Word(String),
+    /// `n_predict` or the end of the slot's context: `limit`.
+    Limit,
+}
+
+impl StopType {
+    /// llama-server's `stop_type` string.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StopType::Eos => "eos",
+            StopType::Word(_) => "word",
+            StopType::Limit => "limit",
+        }
+    }
+}
+
+/// A slot as `GET /slots` shows it: its running request, else its last one.
+#[derive(Clone, Debug)]
+pub struct SlotSnapshot {
+    /// Slot id.
+    pub id: usize,
+    /// Context of the slot (tokens).
+    pub n_ctx: usize,
+    /// A request is running on it.
+    pub is_processing: bool,
+    /// The generation settings of its (last) request, as the HTTP layer rendered them.
+    pub params: Option<Arc<serde_json::Value>>,
+    /// Prompt of its (last) request.
+    pub prompt: Vec<u32>,
+    /// Prompt tokens evaluated (not reused from the cache).
+    pub n_prompt_processed: usize,
+    /// Prompt tokens reused from the cache.
+    pub n_prompt_cached: usize,
+    /// Tokens generated so far.
+    pub n_decoded: usize,
+    /// Tokens it may still generate (`n_predict` − generated; -1 = unbounded).
+    pub n_remain: i64,
+    /// The request goes on.
+    pub has_next_token: bool,
+    /// Text generated so far.
+    pub generated: String,
+    /// Whether a request ever ran on it.
+    pub used: bool,
 }
 
 /// A generation request.
@@ -92,15 +153,55 @@ pub struct GenerateRequest {
     pub events: UnboundedSender<GenEvent>,
     /// Cancelled when the client goes away.
     pub cancel: CancellationToken,
+    /// Run on this slot (llama-server's `id_slot`; waits for it when busy); `None` = any.
+    pub id_slot: Option<usize>,
+    /// Reuse the slot's cached prefix (llama-server's `cache_prompt`, default true); false evaluates
+    /// the whole prompt again.
+    pub cache_prompt: bool,
+    /// Report probabilities after the sampler chain instead of the raw log-softmax (llama-server's
+    /// `post_sampling_probs`): `TokenOut::logprob` and `top` then hold ln of those probabilities.
+    pub post_sampling_probs: bool,
+    /// The request's generation settings, rendered by the HTTP layer, for `GET /slots`.
+    pub settings: Option<Arc<serde_json::Value>>,
 }
 
-/// An embedding request: tokens in, pooled L2-normalised vector `[n_embd]` out.
+impl GenerateRequest {
+    /// A request with llama-server's defaults for the native fields (any slot, prompt cache on,
+    /// raw log-probabilities, no settings shown).
+    pub fn new(
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        sampling: SamplingParams,
+        events: UnboundedSender<GenEvent>,
+        cancel: CancellationToken,
+    ) -> GenerateRequest {
+        GenerateRequest {
+            prompt,
+            max_tokens,
+            sampling,
+            stops: Vec::new(),
+            n_probs: None,
+            constraint: None,
+            events,
+            cancel,
+            id_slot: None,
+            cache_prompt: true,
+            post_sampling_probs: false,
+            settings: None,
+        }
+    }
+}
+
+/// An embedding request: tokens in, rows `[n_embd]` out, not normalised (one per token for
+/// `Pooling::None`, else one pooled row).
 #[derive(Debug)]
 pub struct EmbedRequest {
     /// Tokens (non-empty).
     pub tokens: Vec<u32>,
+    /// `--pooling` (`None` = the model's).
+    pub pooling: Option<super::backend::Pooling>,
     /// Where the answer goes.
-    pub reply: oneshot::Sender<Result<Vec<f32>, String>>,
+    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
 }
 
 /// Messages to the scheduler thread.
@@ -110,6 +211,8 @@ pub enum Command {
     Generate(GenerateRequest),
     /// Compute an embedding (between steps).
     Embed(EmbedRequest),
+    /// Report every slot's state (`GET /slots`).
+    Slots(oneshot::Sender<Vec<SlotSnapshot>>),
     /// Cancel everything and stop the thread.
     Shutdown,
 }
@@ -142,6 +245,22 @@ struct Job {
     constraint: Option<Constraint>,
     /// The allowed tokens for the next sample, computed beside the forward pass that produces its logits.
     mask: Option<Result<TokenMask, ConstraintError>>,
+    /// When it was admitted, and when its first token was sampled.
+    t_admit: Instant,
+    t_first: Option<Instant>,
+    /// Text generated so far (for `GET /slots`; bounded by the slot's context).
+    generated: String,
+}
+
+/// What a slot remembers of its last request for `GET /slots`.
+#[derive(Clone, Debug, Default)]
+struct LastTask {
+    params: Option<Arc<serde_json::Value>>,
+    prompt: Vec<u32>,
+    n_cached: usize,
+    n_generated: usize,
+    max_tokens: usize,
+    generated: String,
 }
 
 struct Slot {
@@ -152,6 +271,8 @@ struct Slot {
     job: Option<Job>,
     /// Admission number of its last request (0 = never used), for least-recently-used choice.
     last_used: u64,
+    /// Its last finished request, for `GET /slots`.
+    last: Option<LastTask>,
 }
 
 /// Smallest share of an idle slot's cached tokens that a prompt must repeat for that slot to be chosen
@@ -217,6 +338,7 @@ pub fn spawn(
                 cache: Vec::new(),
                 job: None,
                 last_used: 0,
+                last: None,
             })
             .collect(),
         admissions: 0,
@@ -283,7 +405,10 @@ impl Scheduler {
             Command::Generate(r) => self.queue.push_back(r),
             Command::Embed(e) => {
                 let t = Instant::now();
-                let r = self.compute.embed(&e.tokens).map_err(|e| e.to_string());
+                let r = self
+                    .compute
+                    .embed(&e.tokens, e.pooling)
+                    .map_err(|e| e.to_string());
                 self.metrics.add_step_time(t.elapsed(), false);
                 if r.is_ok() {
                     self.metrics
@@ -292,8 +417,52 @@ impl Scheduler {
                 }
                 let _ = e.reply.send(r);
             }
+            Command::Slots(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
             Command::Shutdown => {}
         }
+    }
+
+    /// Every slot as `GET /slots` shows it.
+    fn snapshot(&self) -> Vec<SlotSnapshot> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let (last, running) = match &s.job {
+                    Some(j) => (
+                        LastTask {
+                            params: j.req.settings.clone(),
+                            prompt: j.req.prompt.clone(),
+                            n_cached: j.n_cached,
+                            n_generated: j.n_generated,
+                            max_tokens: j.req.max_tokens,
+                            generated: j.generated.clone(),
+                        },
+                        true,
+                    ),
+                    None => (s.last.clone().unwrap_or_default(), false),
+                };
+                SlotSnapshot {
+                    id: s.id as usize,
+                    n_ctx: self.cfg.n_ctx_seq,
+                    is_processing: running,
+                    params: last.params,
+                    n_prompt_processed: last.prompt.len().saturating_sub(last.n_cached),
+                    n_prompt_cached: last.n_cached,
+                    prompt: last.prompt,
+                    n_decoded: last.n_generated,
+                    n_remain: if running {
+                        last.max_tokens.saturating_sub(last.n_generated) as i64
+                    } else {
+                        0
+                    },
+                    has_next_token: running,
+                    generated: last.generated,
+                    used: running || s.last.is_some(),
+                }
+            })
+            .collect()
     }
 
     fn cancel_all(&mut self) {
@@ -337,7 +506,16 @@ impl Scheduler {
                 slot.state = SlotState::Idle;
             }
         }
-        slot.job = None;
+        if let Some(j) = slot.job.take() {
+            slot.last = Some(LastTask {
+                params: j.req.settings,
+                prompt: j.req.prompt,
+                n_cached: j.n_cached,
+                n_generated: j.n_generated,
+                max_tokens: j.req.max_tokens,
+                generated: j.generated,
+            });
+        }
     }
 
     fn set_state(&mut self, i: usize, event: SlotEvent) {
@@ -349,16 +527,31 @@ impl Scheduler {
     }
 
     fn admit(&mut self) {
-        while let Some(front) = self.queue.front() {
+        // FIFO, except that a request bound to a busy slot (`id_slot`) lets the ones behind it pass.
+        let mut qi = 0;
+        while qi < self.queue.len() {
+            let front = &self.queue[qi];
             if front.cancel.is_cancelled() || front.events.is_closed() {
-                self.queue.pop_front();
+                self.queue.remove(qi);
                 self.metrics.requests_cancelled.fetch_add(1, Relaxed);
                 continue;
             }
-            let Some(i) = pick_slot(&self.slots, &front.prompt) else {
+            let pick = match front.id_slot {
+                Some(want) => self
+                    .slots
+                    .get(want)
+                    .is_some_and(|s| s.job.is_none())
+                    .then_some(want),
+                None => pick_slot(&self.slots, &front.prompt),
+            };
+            let Some(i) = pick else {
+                if front.id_slot.is_some() && self.slots.iter().any(|s| s.job.is_none()) {
+                    qi += 1;
+                    continue;
+                }
                 break;
             };
-            let Some(mut req) = self.queue.pop_front() else {
+            let Some(mut req) = self.queue.remove(qi) else {
                 break;
             };
             if req.prompt.is_empty() || req.prompt.len() >= self.cfg.n_ctx_seq {
@@ -370,7 +563,11 @@ impl Scheduler {
                 continue;
             }
             let slot = &mut self.slots[i];
-            let lcp = common_prefix(&slot.cache, &req.prompt);
+            let lcp = if req.cache_prompt {
+                common_prefix(&slot.cache, &req.prompt)
+            } else {
+                0
+            };
             // At least one prompt token must be evaluated to get logits for the first sampled token.
             let keep = lcp.min(req.prompt.len() - 1);
             if keep < slot.cache.len() {
@@ -398,6 +595,9 @@ impl Scheduler {
                 pending: None,
                 sampler,
                 admitted: self.admissions,
+                t_admit: Instant::now(),
+                t_first: None,
+                generated: String::new(),
                 req,
             };
             let slot = &mut self.slots[i];
@@ -584,19 +784,38 @@ impl Scheduler {
             (true, Some(Err(e))) => return self.fail_slot(i, &e.to_string()),
             (true, None) => return self.fail_slot(i, "grammar mask missing for a sampling step"),
         };
-        let id = job
-            .sampler
-            .sample(masked.as_deref().unwrap_or(logits), &job.history);
-        let (logprob, top) = match job.req.n_probs {
+        if job.t_first.is_none() {
+            job.t_first = Some(Instant::now());
+        }
+        // n_predict = 0: the prompt is evaluated into the cache and nothing is generated.
+        if job.req.max_tokens == 0 {
+            self.set_state(i, SlotEvent::PromptDone);
+            return self.finish(i, FinishReason::Length, StopType::Limit);
+        }
+        let sample_from = masked.as_deref().unwrap_or(logits);
+        let (id, logprob, top) = match job.req.n_probs {
+            Some(k) if job.req.post_sampling_probs => {
+                let (id, p, top) = job.sampler.sample_with_probs(sample_from, &job.history, k);
+                let top = top
+                    .into_iter()
+                    .map(|(t, p)| (t, p.ln(), codec.piece(t, false)))
+                    .collect();
+                (id, Some(p.ln()), top)
+            }
             Some(k) => {
+                let id = job.sampler.sample(sample_from, &job.history);
                 let (lp, top) = logprobs(logits, id, k);
                 let top = top
                     .into_iter()
                     .map(|(t, l)| (t, l, codec.piece(t, false)))
                     .collect();
-                (Some(lp), top)
+                (id, Some(lp), top)
             }
-            None => (None, Vec::new()),
+            None => (
+                job.sampler.sample(sample_from, &job.history),
+                None,
+                Vec::new(),
+            ),
         };
         let event = if slot.state == SlotState::Prefill {
             SlotEvent::PromptDone
@@ -617,7 +836,7 @@ impl Scheduler {
             grammar_done = c.is_stopped();
         }
         if codec.is_eog(id) {
-            finish = Some(FinishReason::Stop);
+            finish = Some((FinishReason::Stop, StopType::Eos));
         } else {
             metrics.generated_tokens.fetch_add(1, Relaxed);
             job.n_generated += 1;
@@ -631,43 +850,64 @@ impl Scheduler {
             };
             let r = job.text.push(&bytes, out);
             if !r.text.is_empty() || !r.tokens.is_empty() {
+                job.generated.push_str(&r.text);
                 let _ = job.req.events.send(GenEvent::Delta {
                     text: r.text,
                     tokens: r.tokens,
                 });
             }
-            if r.stopped || grammar_done {
-                finish = Some(FinishReason::Stop);
+            if r.stopped {
+                let word = job.text.stop_word().unwrap_or_default().to_string();
+                finish = Some((FinishReason::Stop, StopType::Word(word)));
+            } else if grammar_done {
+                finish = Some((FinishReason::Stop, StopType::Eos));
             } else if job.n_generated >= job.req.max_tokens || slot.cache.len() + 1 >= n_ctx_seq {
                 // The cache holds the prompt and all generated tokens but this one: prompt +
                 // generated has reached the slot's context, and evaluating this token would
                 // exceed it.
-                finish = Some(FinishReason::Length);
+                finish = Some((FinishReason::Length, StopType::Limit));
             } else {
                 job.pending = Some(id);
             }
         }
-        if let Some(finish) = finish {
-            let r = job.text.finish();
-            if !r.text.is_empty() || !r.tokens.is_empty() {
-                let _ = job.req.events.send(GenEvent::Delta {
-                    text: r.text,
-                    tokens: r.tokens,
-                });
-            }
-            let done = GenEvent::Done {
-                finish,
-                n_prompt: job.req.prompt.len(),
-                n_cached: job.n_cached,
-                n_generated: job.n_generated,
-            };
-            let events = job.req.events.clone();
-            // Free the slot and show it in the gauges before the client hears the end, so that a client
-            // reading /metrics after its response never sees its own slot still busy.
-            self.release(i, SlotEvent::Finish);
-            self.update_gauges();
-            let _ = events.send(done);
+        if let Some((finish, stop)) = finish {
+            self.finish(i, finish, stop);
         }
+    }
+
+    /// Ends slot `i`'s request normally: flushes its held-back text, frees the slot and sends `Done`.
+    fn finish(&mut self, i: usize, finish: FinishReason, stop: StopType) {
+        let slot = &mut self.slots[i];
+        let n_ctx_used = slot.cache.len();
+        let id_slot = slot.id as usize;
+        let Some(job) = slot.job.as_mut() else { return };
+        let r = job.text.finish();
+        if !r.text.is_empty() || !r.tokens.is_empty() {
+            job.generated.push_str(&r.text);
+            let _ = job.req.events.send(GenEvent::Delta {
+                text: r.text,
+                tokens: r.tokens,
+            });
+        }
+        let now = Instant::now();
+        let t_first = job.t_first.unwrap_or(now);
+        let done = GenEvent::Done {
+            finish,
+            n_prompt: job.req.prompt.len(),
+            n_cached: job.n_cached,
+            n_generated: job.n_generated,
+            stop,
+            id_slot,
+            n_ctx_used,
+            t_prompt: t_first.saturating_duration_since(job.t_admit),
+            t_gen: now.saturating_duration_since(t_first),
+        };
+        let events = job.req.events.clone();
+        // Free the slot and show it in the gauges before the client hears the end, so that a client
+        // reading /metrics after its response never sees its own slot still busy.
+        self.release(i, SlotEvent::Finish);
+        self.update_gauges();
+        let _ = events.send(done);
     }
 }
 
@@ -752,6 +992,10 @@ pub(crate) mod tests {
             constraint: None,
             events: etx,
             cancel: cancel.clone(),
+            id_slot: None,
+            cache_prompt: true,
+            post_sampling_probs: false,
+            settings: None,
         }))
         .unwrap();
         (erx, cancel)
@@ -961,6 +1205,7 @@ pub(crate) mod tests {
             cache,
             job: None,
             last_used,
+            last: None,
         };
         let long: Vec<u32> = (0..100).collect();
         let mut slots = vec![
@@ -997,6 +1242,10 @@ pub(crate) mod tests {
                 constraint: None,
                 events: etx,
                 cancel: CancellationToken::new(),
+                id_slot: None,
+                cache_prompt: true,
+                post_sampling_probs: false,
+                settings: None,
             },
             n_done: 0,
             n_cached: 0,
@@ -1008,6 +1257,9 @@ pub(crate) mod tests {
             admitted: 1,
             constraint: None,
             mask: None,
+            t_admit: Instant::now(),
+            t_first: None,
+            generated: String::new(),
         });
         assert_eq!(pick_slot(&slots, &p), Some(1));
         assert_eq!(pick_slot(&slots[..1], &p), None, "the only slot is busy");
@@ -1030,6 +1282,10 @@ pub(crate) mod tests {
             constraint,
             events: etx,
             cancel: CancellationToken::new(),
+            id_slot: None,
+            cache_prompt: true,
+            post_sampling_probs: false,
+            settings: None,
         }))
         .unwrap();
         erx

@@ -38,6 +38,27 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         chat_template_file: None,
         chat_template: None,
         reasoning_format: Default::default(),
+        n_predict: -1,
+        ubatch_size: 512,
+        flash_attn: "auto".into(),
+        verbose: false,
+        temp: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        seed: -1,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        samplers: None,
+        pooling: None,
+        cors_origins: None,
+        metrics: false,
+        slots: false,
+        no_slots: false,
+        jinja: false,
+        no_jinja: false,
     }
 }
 
@@ -226,10 +247,16 @@ async fn chat_stream_equals_non_stream_and_has_openai_order() {
         .map(|e| serde_json::from_str(e).unwrap())
         .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // llama-server's first delta: the role with content null.
+    assert!(chunks[0]["choices"][0]["delta"]["content"].is_null());
+    assert!(chunks[0]["choices"][0]["delta"].get("content").is_some());
     let n = chunks.len();
     assert_eq!(chunks[n - 2]["choices"][0]["finish_reason"], "length");
     assert_eq!(chunks[n - 1]["choices"], json!([]));
     assert_eq!(chunks[n - 1]["usage"]["completion_tokens"], 7);
+    // timings on the stream's last chunk (the usage one), as llama-server.
+    assert_eq!(chunks[n - 1]["timings"]["predicted_n"], 7);
+    assert!(chunks[n - 2].get("timings").is_none());
     let streamed: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -438,10 +465,12 @@ async fn error_cases_have_status_and_envelope() {
     // Prompt longer than the slot context (64): states n_ctx and the prompt's token count.
     let long = "x".repeat(100);
     let (st, v) = post(&s, "/v1/completions", json!({"prompt": long})).await;
-    assert_error(st, &v, 400, "invalid_request_error");
+    assert_error(st, &v, 400, "exceed_context_size_error");
     let m = v["error"]["message"].as_str().unwrap();
     assert!(m.contains("101 tokens") && m.contains("n_ctx = 64"), "{m}");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
+    assert_eq!(v["error"]["n_prompt_tokens"], 101);
+    assert_eq!(v["error"]["n_ctx"], 64);
     // Bad sampling values.
     let (st, v) = post(&s, "/v1/completions", json!({"prompt":"a","n":0})).await;
     assert_error(st, &v, 400, "invalid_request_error");
@@ -615,5 +644,149 @@ async fn past_the_slots_and_the_queue_requests_get_503_with_retry_after() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok, "the places were never given back");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn native_completion_has_llama_server_shape() {
+    let s = start(2, 512).await;
+    let prompt = "abc";
+    let want = s.codec.expected(prompt, 6);
+    let body = json!({"prompt": prompt, "n_predict": 6, "temperature": 0, "return_tokens": true,
+                      "n_probs": 2, "id_slot": 1});
+    let (st, v) = post(&s, "/completion", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["content"], want);
+    assert_eq!(v["stop"], true);
+    assert_eq!(v["stop_type"], "limit");
+    assert_eq!(v["id_slot"], 1);
+    assert_eq!(v["tokens_predicted"], 6);
+    assert_eq!(v["tokens_evaluated"], 4);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 6);
+    assert_eq!(v["generation_settings"]["n_predict"], 6);
+    assert_eq!(v["generation_settings"]["temperature"], 0.0);
+    assert_eq!(v["timings"]["predicted_n"], 6);
+    let probs = v["completion_probabilities"].as_array().unwrap();
+    assert_eq!(probs.len(), 6);
+    assert_eq!(probs[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    // Again on slot 1: the prompt is reused from its cache.
+    let (_, again) = post(&s, "/completions", body.clone()).await;
+    assert_eq!(again["content"], want);
+    assert_eq!(again["timings"]["cache_n"], 3);
+    // cache_prompt false evaluates it all.
+    let mut b = body.clone();
+    b["cache_prompt"] = json!(false);
+    let (_, cold) = post(&s, "/completion", b).await;
+    assert_eq!(cold["timings"]["cache_n"], 0);
+    assert_eq!(cold["content"], want);
+    // Streamed: chunks then the final object, no [DONE].
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let events = sse(&s, "/completion", b).await;
+    let chunks: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last["stop"], true);
+    assert_eq!(last["stop_type"], "limit");
+    assert!(last["timings"].is_object());
+    let text: String = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| {
+            assert_eq!(c["stop"], false);
+            c["content"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(text, want);
+    // Token ids and a list of prompts: an array of results.
+    let (_, many) = post(
+        &s,
+        "/completion",
+        json!({"prompt": [[super::fake::BOS, 97, 98, 99], "abc"],
+                                                    "n_predict": 3, "temperature": 0}),
+    )
+    .await;
+    let many = many.as_array().unwrap();
+    assert_eq!(many.len(), 2);
+    assert_eq!(many[0]["content"], many[1]["content"]);
+    // n_predict 0 only evaluates the prompt.
+    let (_, zero) = post(&s, "/completion", json!({"prompt": "abc", "n_predict": 0})).await;
+    assert_eq!(zero["content"], "");
+    assert_eq!(zero["tokens_predicted"], 0);
+    // A stop word is reported.
+    let word = &want[2..4];
+    let (_, w) = post(
+        &s,
+        "/completion",
+        json!({"prompt": prompt, "n_predict": 6, "temperature": 0,
+                                                 "stop": [word]}),
+    )
+    .await;
+    assert_eq!(w["stop_type"], "word");
+    assert_eq!(w["stopping_word"], word);
+    // Bad fields are 400s naming them.
+    for (b, param) in [
+        (json!({"prompt": "a", "id_slot": 7}), "id_slot"),
+        (
+            json!({"prompt": "a", "samplers": ["mirostat_v9"]}),
+            "samplers",
+        ),
+        (json!({"prompt": {"x": 1}}), "prompt"),
+        (json!({"n_predict": 1}), "prompt"),
+    ] {
+        let (st, v) = post(&s, "/completion", b).await;
+        assert_error(st, &v, 400, "invalid_request_error");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // The fake has no FIM tokens: /infill is refused as llama-server refuses it.
+    let (st, v) = post(
+        &s,
+        "/infill",
+        json!({"input_prefix": "a", "input_suffix": "b"}),
+    )
+    .await;
+    assert_error(st, &v, 501, "not_supported_error");
+    // /slots shows both slots, slot 1 with its last request.
+    let slots: Value = reqwest::get(format!("{}/slots", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let slots = slots.as_array().unwrap();
+    assert_eq!(slots.len(), 2);
+    assert_eq!(slots[1]["id"], 1);
+    assert_eq!(slots[1]["is_processing"], false);
+    assert_eq!(slots[1]["n_ctx"], 256);
+    assert!(slots[1]["params"]["samplers"].is_array());
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn native_embedding_and_pooling_none() {
+    let mut a = args(1, 256, None);
+    a.pooling = Some("none".into());
+    let s = start_with(a, Duration::ZERO).await;
+    wait_ready(&s).await;
+    let (st, v) = post(
+        &s,
+        "/embedding",
+        json!({"content": [super::fake::BOS, 5, "a"]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v[0]["index"], 0);
+    // One row per token, not normalised.
+    assert_eq!(v[0]["embedding"].as_array().unwrap().len(), 3);
+    assert_eq!(v[0]["embedding"][1], json!([5.0, 1.0, 0.0, 0.0]));
+    let (st, v) = post(&s, "/v1/embeddings", json!({"input": "a"})).await;
+    assert_error(st, &v, 400, "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not OAI compatible")
+    );
     stop(s).await;
 }

@@ -30,6 +30,8 @@ pub struct TextAssembler<T> {
     /// Tokens not yet released, with the byte range of `text` their piece covers.
     pending: VecDeque<(usize, usize, T)>,
     stopped: bool,
+    /// The stop string that ended the text, once one did.
+    stop_word: Option<String>,
 }
 
 impl<T> TextAssembler<T> {
@@ -42,7 +44,13 @@ impl<T> TextAssembler<T> {
             sent: 0,
             pending: VecDeque::new(),
             stopped: false,
+            stop_word: None,
         }
+    }
+
+    /// The stop string that ended the text (llama-server's `stopping_word`), once one did.
+    pub fn stop_word(&self) -> Option<&str> {
+        self.stop_word.as_deref()
     }
 
     /// All text released so far.
@@ -71,10 +79,11 @@ impl<T> TextAssembler<T> {
             .filter_map(|s| {
                 self.text[self.sent..]
                     .find(s.as_str())
-                    .map(|p| self.sent + p)
+                    .map(|p| (self.sent + p, s))
             })
-            .min();
-        if let Some(p) = hit {
+            .min_by_key(|&(p, _)| p);
+        if let Some((p, word)) = hit {
+            self.stop_word = Some(word.clone());
             self.stopped = true;
             return self.release_to(p, true);
         }

@@ -393,7 +393,7 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
     ctx.logits.clear();
     ctx.n_outputs = 0;
     ctx.embeddings.clear();
-    match hp.pooling {
+    match ctx.pooling_override.unwrap_or(hp.pooling) {
         Pooling::None => {
             let mut k = 0;
             for i in (0..n).filter(|&i| b.logits[i]) {

@@ -362,6 +362,9 @@ pub struct Context {
     embeddings: Vec<f32>,
     n_outputs: usize,
     n_embeddings: usize,
+    /// The pooling an encoder's forward pass uses instead of the model's (set by
+    /// [`Context::embed_rows`] for its pass only).
+    pooling_override: Option<Pooling>,
 }
 
 impl Context {
@@ -432,6 +435,7 @@ impl Context {
             embeddings: Vec::new(),
             n_outputs: 0,
             n_embeddings: 0,
+            pooling_override: None,
         })
     }
 
@@ -614,6 +618,45 @@ impl Context {
         };
         l2_normalize(&mut v);
         Ok(v)
+    }
+
+    /// One text's embedding rows, not normalised (llama-server's `--pooling`): with `Pooling::None` one
+    /// row `[n_embd]` per token (the final hidden states), otherwise one row pooled by `pooling`
+    /// (`None` = the model's pooling, mean when it has none). Runs `tokens` as sequence 0, then clears it.
+    ///
+    /// Errors: as [`Context::embed`].
+    pub fn embed_rows(
+        &mut self,
+        tokens: &[u32],
+        pooling: Option<Pooling>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::BadBatch("no tokens to embed".into()));
+        }
+        let pooling = pooling.unwrap_or(match self.model.pooling() {
+            Pooling::None => Pooling::Mean,
+            p => p,
+        });
+        let mut batch = Batch::single(tokens, 0, 0);
+        batch.logits.iter_mut().for_each(|l| *l = true);
+        let was = self.params.embeddings;
+        self.params.embeddings = true;
+        // An encoder pools inside its forward pass: have it keep the token rows and pool here.
+        self.pooling_override = Some(Pooling::None);
+        self.seq_clear(0);
+        let r = self.decode(&batch);
+        self.params.embeddings = was;
+        self.pooling_override = None;
+        self.seq_clear(0);
+        r?;
+        let n = self.model.n_embd();
+        let rows: Vec<&[f32]> = (0..self.n_embeddings).map(|i| self.embeddings(i)).collect();
+        Ok(match pooling {
+            Pooling::None => rows.iter().map(|r| r.to_vec()).collect(),
+            Pooling::Cls => vec![rows[0].to_vec()],
+            Pooling::Last => vec![rows[rows.len() - 1].to_vec()],
+            Pooling::Mean => vec![forward::mean_rows(&rows, n)],
+        })
     }
 
     /// Drops every cached position of `seq` (no effect for an unknown sequence).

@@ -192,6 +192,8 @@ pub struct Tokenizer {
     eom: Option<u32>,
     sep: Option<u32>,
     pad: Option<u32>,
+    /// Fill-in-the-middle tokens: prefix, suffix, middle, repository, file separator.
+    fim: FimTokens,
     eog: HashSet<u32>,
     add_bos: bool,
     add_eos: bool,
@@ -218,6 +220,24 @@ impl std::fmt::Debug for Tokenizer {
             .field("add_eos", &self.add_eos)
             .finish_non_exhaustive()
     }
+}
+
+/// The fill-in-the-middle tokens of a vocabulary, as llama.cpp finds them: the GGUF keys
+/// `tokenizer.ggml.fim_{pre,suf,mid,rep,sep}_token_id` (and the older `prefix/suffix/middle_token_id`,
+/// which win when both are present, as in `llama_vocab::impl::load`), else the token texts llama.cpp
+/// recognises (`<|fim_prefix|>`, `<fim_prefix>`, `<PRE>`, ...).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FimTokens {
+    /// Before the prefix (`FIM_PRE`).
+    pub pre: Option<u32>,
+    /// Before the suffix (`FIM_SUF`).
+    pub suf: Option<u32>,
+    /// Where the middle is generated (`FIM_MID`).
+    pub mid: Option<u32>,
+    /// Before the repository name (`FIM_REP`).
+    pub rep: Option<u32>,
+    /// Before each file name (`FIM_SEP`).
+    pub sep: Option<u32>,
 }
 
 /// A piece of the input after the special-token partition.
@@ -530,6 +550,9 @@ impl Tokenizer {
         let mut eot = None;
         let mut eom = None;
         let mut fim_pad = None;
+        let mut fim_pre = None;
+        let mut fim_suf = None;
+        let mut fim_mid = None;
         let mut fim_rep = None;
         let mut fim_sep = None;
         {
@@ -548,17 +571,12 @@ impl Tokenizer {
             set("tokenizer.ggml.padding_token_id", &mut pad)?;
             let mut mask = None;
             set("tokenizer.ggml.mask_token_id", &mut mask)?;
-            let mut fim = None;
-            for k in [
-                "tokenizer.ggml.fim_pre_token_id",
-                "tokenizer.ggml.fim_suf_token_id",
-                "tokenizer.ggml.fim_mid_token_id",
-                "tokenizer.ggml.prefix_token_id",
-                "tokenizer.ggml.suffix_token_id",
-                "tokenizer.ggml.middle_token_id",
-            ] {
-                set(k, &mut fim)?;
-            }
+            set("tokenizer.ggml.fim_pre_token_id", &mut fim_pre)?;
+            set("tokenizer.ggml.fim_suf_token_id", &mut fim_suf)?;
+            set("tokenizer.ggml.fim_mid_token_id", &mut fim_mid)?;
+            set("tokenizer.ggml.prefix_token_id", &mut fim_pre)?;
+            set("tokenizer.ggml.suffix_token_id", &mut fim_suf)?;
+            set("tokenizer.ggml.middle_token_id", &mut fim_mid)?;
             set("tokenizer.ggml.fim_pad_token_id", &mut fim_pad)?;
             set("tokenizer.ggml.fim_rep_token_id", &mut fim_rep)?;
             set("tokenizer.ggml.fim_sep_token_id", &mut fim_sep)?;
@@ -640,43 +658,49 @@ impl Tokenizer {
             &mut mark_control,
         );
         detect(&mut vocab, &mut eom, &["<|eom_id|>"], &mut mark_control);
-        let mut fim_other = None;
-        for names in [
-            &[
-                "<|fim_prefix|>",
-                "<fim-prefix>",
-                "<fim_prefix>",
-                "<｜fim▁begin｜>",
-                "<PRE>",
-                "▁<PRE>",
-                "<|code_prefix|>",
-                "<|prefix|>",
-            ][..],
-            &[
-                "<|fim_suffix|>",
-                "<fim-suffix>",
-                "<fim_suffix>",
-                "<｜fim▁hole｜>",
-                "<SUF>",
-                "▁<SUF>",
-                "<|code_suffix|>",
-                "<|suffix|>",
-            ][..],
-            &[
-                "<|fim_middle|>",
-                "<fim-middle>",
-                "<fim_middle>",
-                "<｜fim▁end｜>",
-                "<MID>",
-                "▁<MID>",
-                "<|code_middle|>",
-                "<|middle|>",
-            ][..],
+        for (slot, names) in [
+            (
+                &mut fim_pre,
+                &[
+                    "<|fim_prefix|>",
+                    "<fim-prefix>",
+                    "<fim_prefix>",
+                    "<｜fim▁begin｜>",
+                    "<PRE>",
+                    "▁<PRE>",
+                    "<|code_prefix|>",
+                    "<|prefix|>",
+                ][..],
+            ),
+            (
+                &mut fim_suf,
+                &[
+                    "<|fim_suffix|>",
+                    "<fim-suffix>",
+                    "<fim_suffix>",
+                    "<｜fim▁hole｜>",
+                    "<SUF>",
+                    "▁<SUF>",
+                    "<|code_suffix|>",
+                    "<|suffix|>",
+                ][..],
+            ),
+            (
+                &mut fim_mid,
+                &[
+                    "<|fim_middle|>",
+                    "<fim-middle>",
+                    "<fim_middle>",
+                    "<｜fim▁end｜>",
+                    "<MID>",
+                    "▁<MID>",
+                    "<|code_middle|>",
+                    "<|middle|>",
+                ][..],
+            ),
         ] {
-            fim_other = None;
-            detect(&mut vocab, &mut fim_other, names, &mut mark_control);
+            detect(&mut vocab, slot, names, &mut mark_control);
         }
-        let _ = fim_other;
         detect(
             &mut vocab,
             &mut fim_pad,
@@ -848,6 +872,13 @@ impl Tokenizer {
             eom,
             sep,
             pad,
+            fim: FimTokens {
+                pre: fim_pre,
+                suf: fim_suf,
+                mid: fim_mid,
+                rep: fim_rep,
+                sep: fim_sep,
+            },
             eog,
             add_bos,
             add_eos,
@@ -1085,6 +1116,11 @@ impl Tokenizer {
     pub fn pad(&self) -> Option<u32> {
         self.pad
     }
+    /// The fill-in-the-middle tokens ([`FimTokens`]).
+    pub fn fim(&self) -> FimTokens {
+        self.fim
+    }
+
     /// End-of-message token (`<|eom_id|>`).
     pub fn eom(&self) -> Option<u32> {
         self.eom
