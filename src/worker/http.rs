@@ -1250,16 +1250,13 @@ async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Resp
             None,
         ));
     }
-    let inputs = super::native::tokenize_prompts(ready.codec.as_ref(), &req.input, true, "input")?;
-    if inputs.len() > MAX_EMBEDDING_INPUTS {
-        return Err(ApiError::bad(
-            format!(
-                "'input' has {} entries; at most {MAX_EMBEDDING_INPUTS} per request",
-                inputs.len()
-            ),
-            Some("input"),
-        ));
-    }
+    let inputs = super::native::tokenize_prompts(
+        ready.codec.as_ref(),
+        &req.input,
+        true,
+        "input",
+        MAX_EMBEDDING_INPUTS,
+    )?;
     super::native::check_embedding_inputs(&st, ready, &inputs)?;
     let n_tokens: u32 = inputs.iter().map(|i| i.len() as u32).sum();
     let rows =

@@ -74,33 +74,39 @@ fn tokenize_mixed(
 
 /// The prompts of a request, as llama-server's `tokenize_input_prompts` reads them: a string, a list of
 /// token ids (possibly mixed with strings) = one prompt; any other list = one prompt per element.
+/// `max` bounds the number of prompts (checked before any is tokenized): [`MAX_PROMPTS`] for
+/// completions, [`super::http::MAX_EMBEDDING_INPUTS`] for embeddings.
 ///
-/// Errors: no prompt, more than [`MAX_PROMPTS`], or an element [`tokenize_mixed`] refuses.
+/// Errors: no prompt, more than `max` (`'{param}' has N entries; at most M per request`), or an element
+/// [`tokenize_mixed`] refuses.
 pub(super) fn tokenize_prompts(
     codec: &dyn Codec,
     v: &Value,
     add_special: bool,
     param: &'static str,
+    max: usize,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let prompts = match v {
-        Value::Array(items) if !items.iter().any(Value::is_number) => items
-            .iter()
-            .map(|p| tokenize_mixed(codec, p, add_special, param))
-            .collect::<Result<Vec<_>, _>>()?,
+        Value::Array(items) if !items.iter().any(Value::is_number) => {
+            if items.len() > max {
+                return Err(ApiError::bad(
+                    format!(
+                        "'{param}' has {} entries; at most {max} per request",
+                        items.len()
+                    ),
+                    Some(param),
+                ));
+            }
+            items
+                .iter()
+                .map(|p| tokenize_mixed(codec, p, add_special, param))
+                .collect::<Result<Vec<_>, _>>()?
+        }
         _ => vec![tokenize_mixed(codec, v, add_special, param)?],
     };
     if prompts.is_empty() {
         return Err(ApiError::bad(
             format!("'{param}' must not be empty"),
-            Some(param),
-        ));
-    }
-    if prompts.len() > MAX_PROMPTS {
-        return Err(ApiError::bad(
-            format!(
-                "'{param}' holds {} prompts; at most {MAX_PROMPTS} per request",
-                prompts.len()
-            ),
             Some(param),
         ));
     }
@@ -214,7 +220,7 @@ pub(super) async fn completion(
     let Some(prompt) = &req.prompt else {
         return Err(ApiError::bad("\"prompt\" is required", Some("prompt")));
     };
-    let prompts = tokenize_prompts(ready.codec.as_ref(), prompt, true, "prompt")?;
+    let prompts = tokenize_prompts(ready.codec.as_ref(), prompt, true, "prompt", MAX_PROMPTS)?;
     run(&st, ready, &req, prompts).await
 }
 
@@ -775,7 +781,13 @@ pub(super) async fn embedding(
             Some("content"),
         ));
     };
-    let inputs = tokenize_prompts(ready.codec.as_ref(), input, true, "content")?;
+    let inputs = tokenize_prompts(
+        ready.codec.as_ref(),
+        input,
+        true,
+        "content",
+        super::http::MAX_EMBEDDING_INPUTS,
+    )?;
     check_embedding_inputs(&st, ready, &inputs)?;
     let rows = embed_all(
         ready,
@@ -800,7 +812,7 @@ mod tests {
     #[test]
     fn prompts_take_llama_server_forms() {
         let c = FakeCodec::default();
-        let one = |v: Value| tokenize_prompts(&c, &v, true, "prompt");
+        let one = |v: Value| tokenize_prompts(&c, &v, true, "prompt", MAX_PROMPTS);
         assert_eq!(one(json!("ab")).unwrap(), vec![vec![BOS, 97, 98]]);
         assert_eq!(one(json!([5, 6])).unwrap(), vec![vec![5, 6]]);
         // Mixed: BOS only when a string comes first.
