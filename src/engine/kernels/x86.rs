@@ -570,23 +570,22 @@ codebook_q8_0!(
     |x, y| e8m0_to_fp32_half(x.e) * h2f(y.d)
 );
 
-/// Defines `$name`, [`codebook_q8_0`]'s kernel for four tokens: per block the code-book lookup once and
-/// the four exact sums at once, then four lanes of one 128-bit fma, each lane the single-token kernel's
-/// scalar `fma(Σ, scale_w·d_a, acc)` in block order (bit-identical to it). `$wscale` is the block's
-/// weight scale as f32.
-macro_rules! codebook_q8_0_x4 {
-    ($name:ident, $block:ty, $table:expr, |$x:ident| $wscale:expr) => {
+/// Defines `$name`, the four-token kernel of a signed 32-quant type against Q8_0 whose single-token
+/// kernel is `fma(Σ, scale_w·d_a, acc)` per block in block order (Q4_0 and the code-book types of
+/// [`codebook_q8_0`]): per block the weights decoded once (`$qx`, after the optional `let $t = $init`
+/// set-up) and the four exact sums at once, then four lanes of one 128-bit fma, each lane the
+/// single-token kernel's scalar fma (bit-identical to it). `$wscale` is the block's weight scale as f32.
+macro_rules! sign_fma_x4 {
+    ($name:ident, $block:ty, |$x:ident| $qx:expr, $wscale:expr $(, let $t:ident = $init:expr)?) => {
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $name(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
             let xs: &[$block] = bytemuck::cast_slice(w);
             let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
             assert!(y.iter().all(|y| y.len() >= xs.len()));
-            // SAFETY: the table is 16 bytes.
-            let table = unsafe { _mm_loadu_si128($table.as_ptr() as *const __m128i) };
+            $(let $t = $init;)?
             let mut acc = _mm_setzero_ps();
             for (i, $x) in xs.iter().enumerate() {
-                // SAFETY: the nibble field is 16 bytes long.
-                let qx = unsafe { lookup_nibbles(table, &$x.qs) };
+                let qx = $qx;
                 let ax = _mm256_sign_epi8(qx, qx);
                 let mut lanes = [_mm256_setzero_si256(); 4];
                 for t in 0..4 {
@@ -609,10 +608,21 @@ macro_rules! codebook_q8_0_x4 {
     };
 }
 
-codebook_q8_0_x4!(iq4_nl_q8_0_x4_avx2, BlockIq4Nl, KVALUES_IQ4NL, |x| h2f(x.d));
-codebook_q8_0_x4!(mxfp4_q8_0_x4_avx2, BlockMxfp4, KVALUES_MXFP4, |x| {
-    e8m0_to_fp32_half(x.e)
-});
+// SAFETY (the code-book set-ups and lookups): each table is 16 bytes, each nibble field 16 bytes.
+sign_fma_x4!(
+    iq4_nl_q8_0_x4_avx2,
+    BlockIq4Nl,
+    |x| unsafe { lookup_nibbles(table, &x.qs) },
+    h2f(x.d),
+    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) }
+);
+sign_fma_x4!(
+    mxfp4_q8_0_x4_avx2,
+    BlockMxfp4,
+    |x| unsafe { lookup_nibbles(table, &x.qs) },
+    e8m0_to_fp32_half(x.e),
+    let table = unsafe { _mm_loadu_si128(KVALUES_MXFP4.as_ptr() as *const __m128i) }
+);
 
 /// `v >> count` on 16-bit lanes (a run-time count).
 #[inline]
@@ -1205,35 +1215,7 @@ unsafe fn signed_x4<B: bytemuck::Pod>(
     [0, 1, 2, 3].map(|t| hsum_f32x8(acc[t]))
 }
 
-/// [`q4_0_q8_0_avx2`] for four tokens: per block the four exact sums at once, then four lanes of one
-/// 128-bit fma (each lane the single-token kernel's scalar fma).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let x: &[BlockQ4_0] = bytemuck::cast_slice(w);
-    let y: [&[BlockQ8_0]; 4] = a.map(bytemuck::cast_slice);
-    assert!(y.iter().all(|y| y.len() >= x.len()));
-    let mut acc = _mm_setzero_ps();
-    for (i, xb) in x.iter().enumerate() {
-        let qx = decode_q4_0(xb);
-        let ax = _mm256_sign_epi8(qx, qx);
-        let mut lanes = [_mm256_setzero_si256(); 4];
-        for t in 0..4 {
-            // SAFETY: the field is 32 bytes long.
-            let qy = unsafe { load32(&y[t][i].qs) };
-            lanes[t] = mul_sum_us8(ax, _mm256_sign_epi8(qy, qx));
-        }
-        let sums = _mm_cvtepi32_ps(hsum4_i32x8(lanes));
-        let d = _mm_mul_ps(
-            _mm_set1_ps(h2f(xb.d)),
-            h2f_x4([y[0][i].d, y[1][i].d, y[2][i].d, y[3][i].d]),
-        );
-        acc = _mm_fmadd_ps(sums, d, acc);
-    }
-    let mut out = [0f32; 4];
-    // SAFETY: `out` is 16 writable bytes.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
-    out
-}
+sign_fma_x4!(q4_0_q8_0_x4_avx2, BlockQ4_0, |x| decode_q4_0(x), h2f(x.d));
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_0_q8_0_x4_avx2(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
