@@ -24,11 +24,16 @@ fn endless_stream() -> Value {
 }
 
 async fn chat_status(s: &Server) -> (u16, Option<String>, String) {
+    chat_status_of(s, SMOL_ID).await
+}
+
+/// A short greedy chat with `model`: (status, Retry-After, body).
+async fn chat_status_of(s: &Server, model: &str) -> (u16, Option<String>, String) {
     let r = s
         .http
         .post(format!("{}/v1/chat/completions", s.base))
         .timeout(Duration::from_secs(30))
-        .json(&json!({"model": SMOL_ID, "max_tokens": 2, "temperature": 0,
+        .json(&json!({"model": model, "max_tokens": 2, "temperature": 0,
                       "messages": [{"role": "user", "content": "Hi"}]}))
         .send()
         .await
@@ -213,7 +218,7 @@ async fn a_hung_worker_is_detected_and_replaced() {
         s.log()
     );
     let (st, _, body) = chat_status(&s).await;
-    assert_eq!(st, 200, "{body}");
+    assert_eq!(st, 200, "{body}\n{}", s.log());
     let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
     assert_ne!(w["pid"].as_u64(), Some(u64::from(pid)));
     assert_eq!(s.workers().len(), 1, "no orphan: one worker");
@@ -257,7 +262,7 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_is_reloade
         "the last event is an error: {last}"
     );
     let (st, _, body) = chat_status(&s).await;
-    assert_eq!(st, 200, "{body}");
+    assert_eq!(st, 200, "{body}\n{}", s.log());
     let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
     assert_ne!(w["pid"].as_u64(), Some(u64::from(pid)));
 }
@@ -393,6 +398,7 @@ async fn the_supervisor_killed_during_a_load_leaves_no_orphan_and_the_next_start
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_locked_by_another_process_is_a_clear_error_and_loses_nothing() {
     const OTHER: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
+    const OTHER_ID: &str = "SmolLM2-135M-Instruct.Q4_K_M";
     let s = Server::start(&[SMOL, OTHER], &[]).await;
     let token = s.login().await;
     s.create_key(&token, "before-the-lock").await;
@@ -444,36 +450,19 @@ async fn a_database_locked_by_another_process_is_a_clear_error_and_loses_nothing
     let (st, _, body) = chat_status(&s).await;
     assert_eq!(st, 200, "inference on a loaded model goes on: {body}");
     // A load cannot record its worker (for reaping after a crash): refused clearly, until the lock goes.
-    let r = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.base))
-        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_K_M",
-                      "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))
-        .send()
-        .await
-        .unwrap();
-    let (st, retry) = (r.status().as_u16(), r.headers().contains_key("retry-after"));
-    let body = r.text().await.unwrap();
+    let (st, retry, body) = chat_status_of(&s, OTHER_ID).await;
     assert_eq!(st, 503, "{body}");
     assert!(
-        retry && body.contains("database_busy") && body.contains("locked"),
+        retry.is_some() && body.contains("database_busy") && body.contains("locked"),
         "{body}"
     );
 
     drop(locker.stdin.take());
     assert!(locker.wait().unwrap().success());
-    let r = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.base))
-        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_K_M",
-                      "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))
-        .send()
-        .await
-        .unwrap();
+    let (st, _, body) = chat_status_of(&s, OTHER_ID).await;
     assert_eq!(
-        r.status(),
-        200,
-        "the load goes through once the lock is gone"
+        st, 200,
+        "the load goes through once the lock is gone: {body}"
     );
     s.create_key(&token, "after-the-lock").await;
     let (st, j) = s.admin_get(&token, "/admin/api/keys").await;

@@ -16,7 +16,7 @@ use super::AppState;
 use super::db::ModelRow;
 use super::error::ApiError;
 use super::hub::HubError;
-use super::process::Lease;
+use super::process::{Lease, WorkerReporter};
 use super::settings::RequestField;
 use crate::openai::ollama::{self as tr, KeepAlive, TranslateError};
 use crate::openai::stream::{SseDecoder, SseItem, StreamError, error_message};
@@ -316,16 +316,19 @@ impl Drop for Run {
 /// The `data:` payloads of a worker's SSE stream, until `[DONE]` or its end.
 pub struct SseReader {
     body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    /// Told when the body fails in transport ([`WorkerReporter::transport_failed`]).
+    reporter: Option<WorkerReporter>,
     dec: SseDecoder,
     pending: std::collections::VecDeque<String>,
     done: bool,
 }
 
 impl SseReader {
-    /// Reads `resp`'s body.
-    pub fn new(resp: reqwest::Response) -> Self {
+    /// Reads `resp`'s body, which `run`'s worker sends.
+    pub fn new(run: &Run, resp: reqwest::Response) -> Self {
         SseReader {
             body: Box::pin(resp.bytes_stream()),
+            reporter: run.lease.as_ref().map(Lease::reporter),
             dec: SseDecoder::new(),
             pending: Default::default(),
             done: false,
@@ -344,8 +347,12 @@ impl SseReader {
             let Some(chunk) = self.body.next().await else {
                 return Ok(None);
             };
-            let chunk = chunk
-                .map_err(|e| Failure::bad_gateway(format!("the worker failed mid-stream: {e}")))?;
+            let chunk = chunk.map_err(|e| {
+                if let Some(r) = &self.reporter {
+                    r.transport_failed();
+                }
+                Failure::bad_gateway(format!("the worker failed mid-stream: {e}"))
+            })?;
             for item in self.dec.push(&chunk)? {
                 match item {
                     SseItem::Done => self.done = true,

@@ -199,7 +199,7 @@ async fn chat_loop(
     let mut acc = ChatAccumulator::new();
     let mut first = None;
     let shown = run.shown.clone();
-    let mut sse = SseReader::new(resp);
+    let mut sse = SseReader::new(&run, resp);
     let r: Res<()> = async {
         while let Some(d) = sse.next().await? {
             let step = acc.push(&parse_chat_chunk(&d)?);
@@ -330,7 +330,7 @@ async fn generate_loop(
     let mut usage = None;
     let mut first = None;
     let shown = run.shown.clone();
-    let mut sse = SseReader::new(resp);
+    let mut sse = SseReader::new(&run, resp);
     let r: Res<()> = async {
         while let Some(d) = sse.next().await? {
             let v: Value = serde_json::from_str(&d)

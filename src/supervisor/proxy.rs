@@ -243,6 +243,19 @@ pub async fn send_to_worker(
         match build(&lease).send().await {
             Ok(r) => return Ok((lease, r)),
             Err(e) => {
+                tracing::warn!(
+                    model,
+                    port = lease.port,
+                    connect = e.is_connect(),
+                    retried,
+                    "no answer from the worker: {}",
+                    error_chain(&e)
+                );
+                if !e.is_connect() {
+                    // Connected, then reset or closed: it may be dying; no new request goes to it
+                    // until it is known to be alive or gone.
+                    lease.transport_failed();
+                }
                 if retried || !e.is_connect() {
                     return Err(SendError::Http(e));
                 }
@@ -260,6 +273,18 @@ pub async fn send_to_worker(
             }
         }
     }
+}
+
+/// `e` with its sources, outermost first, joined by `: ` (reqwest's Display shows only the outermost).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
 
 type LogCtx = (AppState, String, String, Instant, Option<i64>);
@@ -364,6 +389,8 @@ async fn pump(
                 }
             }
             Some(Err(e)) => {
+                // Before the client hears of it, so that its next request waits for the verdict.
+                lease.transport_failed();
                 let err = ApiError::bad_gateway(format!("the worker failed mid-stream: {e}"));
                 end_with(&tx, sse, err);
                 break 502;

@@ -70,7 +70,7 @@ async fn fold(
     mut out: Option<(&mut EventWriter, &mpsc::Sender<Bytes>)>,
 ) -> Res<(ChatAccumulator, Value)> {
     let mut acc = ChatAccumulator::new();
-    let mut sse = SseReader::new(resp);
+    let mut sse = SseReader::new(run, resp);
     let r: Res<()> = async {
         while let Some(d) = sse.next().await? {
             let step = acc.push(&parse_chat_chunk(&d)?);

@@ -151,9 +151,15 @@ struct Worker {
     cut: watch::Sender<Option<String>>,
     /// Health probes in a row that got no answer.
     health_failures: std::sync::atomic::AtomicU32,
-    /// Set the moment the process is reaped, before its exit is processed ([`Manager::on_exit`] runs
-    /// after the last output lines are read): no new lease goes to a worker that is gone.
+    /// Set the moment the supervisor kills the process or it is reaped, before its exit is processed
+    /// ([`Manager::on_exit`] runs after the last output lines are read): no new lease goes to a worker
+    /// that is gone.
     gone: std::sync::atomic::AtomicBool,
+    /// Set while a request to this worker failed in transport (reset, closed mid-body) and no health
+    /// probe has answered since: no new lease goes to it until one does or it is found gone. A process
+    /// dying from a signal resets the connections the kernel accepted for it before its listening
+    /// socket closes, so a request leased in that window would fail too ([`Lease::transport_failed`]).
+    suspect: std::sync::atomic::AtomicBool,
 }
 
 struct Slot {
@@ -229,6 +235,75 @@ pub struct Lease {
     pub cut: watch::Receiver<Option<String>>,
     /// The worker session this lease counts against.
     session_id: i64,
+    worker: Arc<Worker>,
+}
+
+/// Longest a suspect worker is probed before the regular health probes ([`Manager::check_health`])
+/// are left to decide.
+const SUSPECT_PROBE_FOR: Duration = Duration::from_secs(30);
+
+impl Lease {
+    /// Reports that a request on this lease failed in transport; see [`WorkerReporter::transport_failed`].
+    pub fn transport_failed(&self) {
+        self.reporter().transport_failed();
+    }
+
+    /// A handle that reports on this lease's worker after the lease has moved on (a stream reader).
+    pub fn reporter(&self) -> WorkerReporter {
+        WorkerReporter {
+            mgr: self.mgr.clone(),
+            model: self.model.clone(),
+            worker: self.worker.clone(),
+        }
+    }
+}
+
+/// Reports transport failures of requests to one worker ([`Lease::reporter`]).
+#[derive(Clone)]
+pub struct WorkerReporter {
+    mgr: Arc<Manager>,
+    model: String,
+    worker: Arc<Worker>,
+}
+
+impl WorkerReporter {
+    /// Reports that a request to this worker failed in transport (the connection was reset or closed
+    /// before the answer ended): the worker is probably dying. It gets no new lease until a health
+    /// probe answers (then it was something else) or its exit is seen; probes run every 200 ms for up
+    /// to [`SUSPECT_PROBE_FOR`]. Requests that want the model meanwhile wait in
+    /// [`Manager::acquire`] rather than being sent to it.
+    pub fn transport_failed(&self) {
+        let w = self.worker.clone();
+        if w.gone.load(Ordering::Acquire) || w.suspect.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mgr = self.mgr.clone();
+        let model = self.model.clone();
+        tracing::info!(
+            model,
+            pid = w.pid,
+            "a request failed in transport; the worker is probed"
+        );
+        tokio::spawn(async move {
+            let url = format!("http://127.0.0.1:{}/health", w.port);
+            let until = Instant::now() + SUSPECT_PROBE_FOR;
+            while !w.gone.load(Ordering::Acquire) && Instant::now() < until {
+                let probe = mgr
+                    .http
+                    .get(&url)
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if probe.is_ok() && !w.gone.load(Ordering::Acquire) {
+                    tracing::info!(model, pid = w.pid, "the worker answers its health probe");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            w.suspect.store(false, Ordering::Release);
+            mgr.bump();
+        });
+    }
 }
 
 impl Drop for Lease {
@@ -486,7 +561,8 @@ impl Manager {
                     .map(|s| (s.state, s.retry_at, s.reason.clone()))
             };
             match st {
-                // Ready but its process is gone: wait for the exit to be processed.
+                // Ready but its process is gone (wait for the exit to be processed) or suspect (wait
+                // for a probe to clear it).
                 Some((ModelState::Ready, _, _)) => {
                     drop(guard);
                     let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
@@ -528,9 +604,10 @@ impl Manager {
             return None;
         }
         let w = s.worker.as_ref()?;
-        if w.gone.load(Ordering::Acquire) {
+        if w.gone.load(Ordering::Acquire) || w.suspect.load(Ordering::Acquire) {
             return None;
         }
+        let worker = w.clone();
         let (port, key, cut, session_id) = (w.port, w.key.clone(), w.cut.subscribe(), w.session_id);
         s.inflight += 1;
         s.last_used = Instant::now();
@@ -542,6 +619,7 @@ impl Manager {
             cold,
             cut,
             session_id,
+            worker,
         })
     }
 
@@ -876,6 +954,7 @@ impl Manager {
             cut: watch::channel(None).0,
             health_failures: 0.into(),
             gone: false.into(),
+            suspect: false.into(),
         });
         {
             let mut slots = self.slots();
@@ -1077,6 +1156,8 @@ impl Manager {
     }
 
     async fn kill_now(&self, w: &Worker) {
+        // Gone from now: its listening socket may accept connections until the last thread exits.
+        w.gone.store(true, Ordering::Release);
         let _ = sys::signal_group(w.pid, sys::Signal::SIGKILL);
     }
 

@@ -6,7 +6,7 @@ pub mod manager;
 pub mod state;
 pub mod sys;
 
-pub use manager::{Lease, LoadError, Manager, WorkerView};
+pub use manager::{Lease, LoadError, Manager, WorkerReporter, WorkerView};
 pub use state::ModelState;
 
 /// Seconds a worker gets between SIGTERM and SIGKILL (also the supervisor's shutdown grace).
