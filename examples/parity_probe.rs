@@ -22,7 +22,8 @@ fn main() {
             n_batch: 256,
             n_threads: 2,
             embeddings: false,
-            kv_type,
+            type_k: kv_type,
+            type_v: kv_type,
         };
         Context::new(model.clone(), params).unwrap()
     };

@@ -67,6 +67,10 @@ pub struct Settings {
     /// error event, the reason is logged) and stops the worker; also the longest a request waits for a
     /// draining model before it is answered 503 with `Retry-After`. Default 60.
     pub drain_timeout: u64,
+    /// Seconds the proxy waits for a client to take the next chunk of a response (it stopped reading:
+    /// the kernel's buffers are full) before it drops the request: logged as 499 with the reason, the
+    /// worker connection closed and its slot freed. Default 60.
+    pub idle_write_timeout: u64,
     /// Days the request log (`requests`) and ended worker sessions (`model_sessions`) are kept; older
     /// rows are pruned at start-up and hourly (0 = keep forever). Default 30.
     pub retention_days: u32,
@@ -99,6 +103,7 @@ impl Default for Settings {
             hf_endpoint: "https://huggingface.co".into(),
             allowed_hosts: None,
             drain_timeout: 60,
+            idle_write_timeout: 60,
             retention_days: 30,
             cors_origins: None,
         }
@@ -179,7 +184,7 @@ fn opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error>
 }
 
 /// The names of all settings (lower case, as TOML keys), in declaration order.
-pub const SETTING_NAMES: [&str; 22] = [
+pub const SETTING_NAMES: [&str; 23] = [
     "host",
     "port",
     "data_dir",
@@ -200,6 +205,7 @@ pub const SETTING_NAMES: [&str; 22] = [
     "hf_endpoint",
     "allowed_hosts",
     "drain_timeout",
+    "idle_write_timeout",
     "retention_days",
     "cors_origins",
 ];
@@ -377,6 +383,9 @@ impl Settings {
         }
         if self.drain_timeout == 0 {
             return Err(bad("drain_timeout", "0".into(), "must be at least 1"));
+        }
+        if self.idle_write_timeout == 0 {
+            return Err(bad("idle_write_timeout", "0".into(), "must be at least 1"));
         }
         if self.jwt_expiry_hours == 0 {
             return Err(bad("jwt_expiry_hours", "0".into(), "must be at least 1"));

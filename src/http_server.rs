@@ -34,6 +34,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// See [`HEADER_READ_TIMEOUT`].
     pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body once its headers are in; past it the body
+    /// read fails (the handler answers 400) — cpp-httplib's read timeout, llama-server's `--timeout`.
+    /// `None`: no limit.
+    pub body_read_timeout: Option<Duration>,
+    /// Longest a write of the response may stay blocked (a client that stops reading); past it the
+    /// connection is closed — cpp-httplib's write timeout, llama-server's `--timeout`. `None`: no limit.
+    pub write_timeout: Option<Duration>,
 }
 
 impl Limits {
@@ -41,12 +48,130 @@ impl Limits {
     pub const SUPERVISOR: Limits = Limits {
         max_connections: 512,
         header_read_timeout: HEADER_READ_TIMEOUT,
+        body_read_timeout: None,
+        write_timeout: None,
     };
     /// A worker's: its clients are the supervisor and a few direct ones.
     pub const WORKER: Limits = Limits {
         max_connections: 256,
         header_read_timeout: HEADER_READ_TIMEOUT,
+        body_read_timeout: None,
+        write_timeout: None,
     };
+
+    /// A worker's bounds under llama-server's `--timeout N`: body reads and response writes time out
+    /// after `n` (cpp-httplib's `set_read_timeout` / `set_write_timeout`), the headers after
+    /// `min(n, HEADER_READ_TIMEOUT)`.
+    pub fn worker_with_timeout(n: Duration) -> Limits {
+        Limits {
+            header_read_timeout: n.min(HEADER_READ_TIMEOUT),
+            body_read_timeout: Some(n),
+            write_timeout: Some(n),
+            ..Limits::WORKER
+        }
+    }
+}
+
+/// A socket whose writes fail with `TimedOut` once one has stayed blocked for `limit` (the peer stopped
+/// reading and the kernel's send buffer is full); reads pass through.
+struct WriteTimeout<S> {
+    io: S,
+    limit: Option<Duration>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(io: S, limit: Option<Duration>) -> Self {
+        WriteTimeout {
+            io,
+            limit,
+            timer: None,
+        }
+    }
+
+    /// The write was not accepted: arm the timer (once per blocked stretch) and fail when it fires.
+    fn blocked<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        let Some(limit) = self.limit else {
+            return std::task::Poll::Pending;
+        };
+        let t = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match t.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "write timeout",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn done<T>(&mut self, r: std::io::Result<T>) -> std::task::Poll<std::io::Result<T>> {
+        self.timer = None;
+        std::task::Poll::Ready(r)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_write(cx, buf) {
+            std::task::Poll::Ready(r) => this.done(r),
+            std::task::Poll::Pending => this.blocked(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Ready(r) => this.done(r),
+            std::task::Poll::Pending => this.blocked(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_flush(cx) {
+            std::task::Poll::Ready(r) => this.done(r),
+            std::task::Poll::Pending => this.blocked(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// `router` with the body limit every server applies: 413 for a body over [`MAX_BODY_BYTES`], however
@@ -102,7 +227,12 @@ pub async fn serve(
             let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let mut req = req.map(axum::body::Body::new);
+                    let mut req = req.map(|b| match limits.body_read_timeout {
+                        Some(d) => {
+                            axum::body::Body::new(tower_http::timeout::TimeoutBody::new(d, b))
+                        }
+                        None => axum::body::Body::new(b),
+                    });
                     req.extensions_mut().insert(ConnectInfo(peer));
                     app.clone().oneshot(req)
                 });
@@ -112,7 +242,10 @@ pub async fn serve(
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(MAX_HEADER_BYTES);
             let conn = builder
-                .serve_connection(TokioIo::new(tcp), svc)
+                .serve_connection(
+                    TokioIo::new(WriteTimeout::new(tcp, limits.write_timeout)),
+                    svc,
+                )
                 .with_upgrades();
             tokio::pin!(conn);
             let stopping = tokio::select! {
@@ -150,13 +283,23 @@ mod tests {
     async fn start(limits: Limits) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // The handler reads the body without a limit of its own (no `Bytes` extractor, whose 2 MB
+        // default or `DefaultBodyLimit` would answer 413 by itself): any limit is `with_body_limit`'s.
+        // A body cut by it mid-stream is answered 413 too.
         let app = with_body_limit(
             Router::new()
                 .route(
                     "/",
-                    axum::routing::post(|b: axum::body::Bytes| async move { b.len().to_string() }),
+                    axum::routing::post(|req: axum::extract::Request| async move {
+                        match axum::body::to_bytes(req.into_body(), usize::MAX).await {
+                            Ok(b) => Ok(b.len().to_string()),
+                            Err(e) => {
+                                Err((axum::http::StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))
+                            }
+                        }
+                    }),
                 )
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES)),
+                .route("/big", axum::routing::get(|| async { vec![b'x'; BIG] })),
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(serve(listener, app, limits, async move {
@@ -170,6 +313,7 @@ mod tests {
         let (addr, _stop) = start(Limits {
             max_connections: 4,
             header_read_timeout: Duration::from_millis(300),
+            ..Limits::WORKER
         })
         .await;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -183,11 +327,61 @@ mod tests {
         assert!(t0.elapsed() >= Duration::from_millis(250));
     }
 
+    const BIG: usize = 48 << 20;
+
+    /// `--timeout`'s body read timeout: a body that stalls after its headers is cut (an error answer
+    /// or a closed connection) once the limit passes; without the limit it would wait forever.
+    #[tokio::test]
+    async fn a_stalled_request_body_times_out() {
+        let (addr, _stop) = start(Limits::worker_with_timeout(Duration::from_millis(300))).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let mut buf = vec![0u8; 4096];
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+        let n = r
+            .expect("the stalled body was waited on past the timeout")
+            .unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(!head.contains(" 200 "), "{head}");
+        assert!(n == 0 || head.starts_with("HTTP/1.1 4"), "{head}");
+        assert!(t0.elapsed() >= Duration::from_millis(250));
+        // min(N, 10 s) for the headers.
+        assert_eq!(
+            Limits::worker_with_timeout(Duration::from_secs(3600)).header_read_timeout,
+            HEADER_READ_TIMEOUT
+        );
+    }
+
+    /// `--timeout`'s write timeout: a client that stops reading a large response has its connection
+    /// closed, so it never receives the whole body; without the limit it does.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_by_the_write_timeout() {
+        for (limit, cut) in [(Some(Duration::from_millis(300)), true), (None, false)] {
+            let (addr, _stop) = start(Limits {
+                write_timeout: limit,
+                ..Limits::WORKER
+            })
+            .await;
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got)).await;
+            assert_eq!(got.len() < BIG, cut, "{limit:?}: {} bytes", got.len());
+        }
+    }
+
     #[tokio::test]
     async fn connections_past_the_limit_wait_for_a_free_slot() {
         let (addr, _stop) = start(Limits {
             max_connections: 2,
             header_read_timeout: Duration::from_secs(30),
+            ..Limits::WORKER
         })
         .await;
         let idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -216,13 +410,39 @@ mod tests {
     #[tokio::test]
     async fn a_body_over_the_limit_is_413() {
         let (addr, _stop) = start(Limits::WORKER).await;
-        let r = reqwest::Client::new()
-            .post(format!("http://{addr}/"))
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/");
+        // Declared too long (Content-Length): refused before the handler runs.
+        let r = http
+            .post(&url)
             .body(vec![b'x'; MAX_BODY_BYTES + 1])
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 413);
+        // Chunked, no length given: cut once it passes the limit.
+        let chunks =
+            (0..=MAX_BODY_BYTES / (1 << 20)).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 1 << 20]));
+        let r = http
+            .post(&url)
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await;
+        // The server may answer and close before it has read the whole upload.
+        if let Ok(r) = r {
+            assert_eq!(r.status(), 413);
+        }
+        // Exactly the limit is read whole.
+        let r = http
+            .post(&url)
+            .body(vec![b'x'; MAX_BODY_BYTES])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), MAX_BODY_BYTES.to_string());
     }
 
     #[tokio::test]

@@ -640,7 +640,7 @@ function initModelSettings() {
   form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
     const body = {};
-    for (const input of $$('input[name], textarea[name]', form)) {
+    for (const input of $$('input[name], textarea[name], select[name]', form)) {
       body[input.name] = input.type === 'checkbox' ? input.checked : input.value.trim();
     }
     const status = $('#settings-status');

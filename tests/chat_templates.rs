@@ -1,28 +1,15 @@
 //! End-to-end check of chat templates against llama.cpp's own renderings
 //! (`../shared/vectors/templates.json` and the `chat_template` cases of each model's vector file).
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use cyber_inference::engine::chat::{ChatTemplate, RenderOptions};
 use cyber_inference::engine::gguf::GgufFile;
 use serde_json::Value as Json;
+use support::assets::{MODELS, model, shared_vector_json, template};
 use time::OffsetDateTime;
-
-fn assets() -> PathBuf {
-    PathBuf::from(std::env::var("CYBER_INFERENCE_ASSETS").expect(
-        "CYBER_INFERENCE_ASSETS is not set: point it at the folder made by ../shared/assets/fetch",
-    ))
-}
-
-fn vectors() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors"))
-}
-
-fn read_json(path: &PathBuf) -> Json {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// The vectors were rendered on 2026-11-23 (UTC).
 fn vector_options() -> RenderOptions {
@@ -57,7 +44,7 @@ fn mismatches(
 
 #[test]
 fn real_templates_render_like_llama_cpp() {
-    let v = read_json(&vectors().join("templates.json"));
+    let v = shared_vector_json("templates.json");
     let bos = v["bos_token"].as_str().unwrap();
     let eos = v["eos_token"].as_str().unwrap();
     let templates = v["templates"].as_object().unwrap();
@@ -66,7 +53,7 @@ fn real_templates_render_like_llama_cpp() {
     for (name, cases) in templates {
         let cases = cases.as_array().unwrap();
         total += cases.len();
-        let path = assets().join("templates").join(name);
+        let path = template(name);
         let source =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         match ChatTemplate::new(&source, bos, eos) {
@@ -96,21 +83,17 @@ fn real_templates_render_like_llama_cpp() {
 
 #[test]
 fn model_templates_render_like_llama_cpp() {
-    for model in [
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct.Q4_K_M.gguf",
-        "all-MiniLM-L6-v2.F16.gguf",
-    ] {
-        let v = read_json(&vectors().join(format!("{model}.json")));
+    for name in MODELS {
+        let v = shared_vector_json(&format!("{name}.json"));
         let Some(cases) = v["chat_template"].as_array() else {
             continue; // the embedding model has no chat cases
         };
-        let file = GgufFile::open(assets().join("models").join(model)).unwrap();
+        let file = GgufFile::open(model(name)).unwrap();
         let template = ChatTemplate::from_gguf(&file).unwrap();
         assert_eq!(template.bos_token(), "<|im_start|>");
         assert_eq!(template.eos_token(), "<|im_end|>");
-        let bad = mismatches(&template, model, cases);
-        assert!(bad.is_empty(), "{model}: {bad:#?}");
+        let bad = mismatches(&template, name, cases);
+        assert!(bad.is_empty(), "{name}: {bad:#?}");
         assert!(!cases.is_empty());
     }
 }

@@ -2,6 +2,8 @@
 //! it must exit 0 exactly when `/health` answers 200, and 1 — quickly — for 503, a redirect, a server that
 //! never answers, or nothing listening.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Output;
 use std::sync::Arc;
@@ -13,6 +15,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
+use support::net::free_port;
+use support::process::BIN;
 
 /// A tiny server whose `/health` answers the status held in the returned handle.
 async fn health_server(status: u16) -> (SocketAddr, Arc<AtomicU16>) {
@@ -44,7 +48,7 @@ async fn health_server(status: u16) -> (SocketAddr, Arc<AtomicU16>) {
 /// Runs `cyber-inference healthcheck ARGS` with only `vars` in its environment (and a temp DATA_DIR).
 async fn healthcheck(args: &[&str], vars: &[(&str, String)]) -> (Output, Duration) {
     let data = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"));
+    let mut cmd = tokio::process::Command::new(BIN);
     cmd.env_clear()
         .env("CYBER_INFERENCE_DATA_DIR", data.path())
         .arg("healthcheck")
@@ -115,10 +119,7 @@ async fn default_url_comes_from_host_and_port_with_wildcard_mapped_to_loopback()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_listening_exits_1_quickly() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let (out, took) =
         healthcheck(&["--url", &format!("http://127.0.0.1:{port}/health")], &[]).await;
     assert_eq!(code(&out), 1);

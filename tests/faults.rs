@@ -1,19 +1,25 @@
 //! Fault tests of the supervisor (issue 17): clients and workers that misbehave must not hold up
 //! unloads or requests without bound.
 
-mod hub_common;
-mod supervisor_common;
+mod support;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use supervisor_common::*;
+use support::assets::{self, SMOL_Q4_1 as SMOL};
+use support::files::files_in;
+use support::hub::{HfServer, Served};
+use support::net::connect_with_small_buffers;
+use support::process::{pid_alive, signal};
+use support::python::{python, sqlite};
+use support::server::{Server, worker_metric, worker_of};
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
 /// DRAIN_TIMEOUT the tests run with (seconds).
 const DRAIN: u64 = 2;
+/// IDLE_WRITE_TIMEOUT the idle-write test runs with (seconds; the default is 60).
+const IDLE_WRITE: u64 = 2;
 
 /// A streamed chat that cannot end on its own soon: end-of-text tokens are banned and the budget is
 /// thousands of tokens.
@@ -133,6 +139,206 @@ async fn a_client_that_never_reads_a_stream_does_not_hold_up_an_unload() {
     drop(sock);
     // The model loads again for the next request.
     assert_eq!(chat_status(&s).await.0, 200);
+    assert_bounded_rss(&s);
+}
+
+/// A client that stops reading a big stream (the kernel's socket buffers and the proxy's fill up) is
+/// cut after IDLE_WRITE_TIMEOUT, with no unload or drain involved: the reason is logged, the request is
+/// counted as 499, the worker's slot is freed, and the same worker serves the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_after_the_idle_write_timeout() {
+    let s = Server::start(
+        &[SMOL],
+        &[
+            ("IDLE_WRITE_TIMEOUT", &IDLE_WRITE.to_string()),
+            ("DEFAULT_CONTEXT_SIZE", "8192"),
+        ],
+    )
+    .await;
+    let token = s.login().await;
+    // Four choices with 20 alternatives per token make each step several KiB: the buffers fill
+    // within a few dozen steps.
+    let mut body = endless_stream();
+    body["n"] = json!(4);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(20);
+    let body = body.to_string();
+    let t0 = Instant::now();
+    // Small socket buffers: the proxy's writes stall after tens of KiB, not MiBs.
+    let mut sock = connect_with_small_buffers(s.port).await;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut sock, format!("{head}{body}").as_bytes())
+        .await
+        .unwrap();
+    let pid = wait_inflight(&s, &token, 1).await;
+    assert_eq!(
+        worker_metric(&s, &token, SMOL_ID, "requests_processing").await,
+        4.0,
+        "the worker generates the client's four choices"
+    );
+    // Nothing is read: once the buffers are full the proxy waits IDLE_WRITE_TIMEOUT, then drops the
+    // request (its lease ends). The old fixed 60 s timeout would not cut it within this deadline.
+    let within = Duration::from_secs(55);
+    loop {
+        let w = worker_of(&s, &token, SMOL_ID)
+            .await
+            .expect("the worker stays");
+        if w["inflight"].as_u64() == Some(0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "the request was not cut within {within:?} (IDLE_WRITE_TIMEOUT={IDLE_WRITE}):\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("cut {:.1} s after the request", t0.elapsed().as_secs_f64());
+    let log = s.log();
+    assert!(
+        log.contains(&format!(
+            "the client took no data for {IDLE_WRITE} s (IDLE_WRITE_TIMEOUT)"
+        )),
+        "the reason is logged:\n{log}"
+    );
+    assert!(
+        !log.contains("drain deadline passed"),
+        "no drain was involved:\n{log}"
+    );
+    // The worker noticed the closed connection: its slot is free again.
+    let t1 = Instant::now();
+    while worker_metric(&s, &token, SMOL_ID, "requests_processing").await != 0.0 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(10),
+            "the worker's slot is still busy after the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, _, b) = chat_status(&s).await;
+    assert_eq!(st, 200, "{b}");
+    let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
+    assert_eq!(w["pid"].as_u64(), Some(u64::from(pid)), "the same worker");
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "cyber_inference_requests_total{{model=\"{SMOL_ID}\",status=\"499\"}} 1"
+        )),
+        "the dropped request is counted as 499:\n{metrics}"
+    );
+    drop(sock);
+    assert_bounded_rss(&s);
+}
+
+/// The Ollama, Anthropic and OpenAI Responses streams follow the same idle-write rule as the OpenAI
+/// proxy: a client that stops reading one of them is cut after IDLE_WRITE_TIMEOUT (the reason logged
+/// with its endpoint, counted as 499), the worker's slot is freed and the same worker serves the next
+/// request. (Before, their writers waited for the client without bound, holding the slot and lease.)
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_api_streams_are_cut_after_the_idle_write_timeout() {
+    let s = Server::start(
+        &[SMOL],
+        &[
+            ("IDLE_WRITE_TIMEOUT", &IDLE_WRITE.to_string()),
+            ("DEFAULT_CONTEXT_SIZE", "8192"),
+        ],
+    )
+    .await;
+    let token = s.login().await;
+    // Greedy SmolLM2 repeats this for thousands of tokens; each token is one line or event of
+    // ~150 bytes, so the small buffers fill within a few hundred tokens.
+    let ask = "Repeat the word hello forever: hello hello hello hello";
+    let cases = [
+        (
+            "/api/chat",
+            json!({"model": SMOL_ID, "stream": true,
+                   "options": {"temperature": 0, "num_predict": 7000},
+                   "messages": [{"role": "user", "content": ask}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": SMOL_ID, "stream": true, "max_tokens": 7000, "temperature": 0,
+                   "messages": [{"role": "user", "content": ask}]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": SMOL_ID, "stream": true, "max_output_tokens": 7000,
+                   "temperature": 0, "store": false, "input": ask}),
+        ),
+    ];
+    for (n, (path, body)) in cases.iter().enumerate() {
+        let body = body.to_string();
+        let t0 = Instant::now();
+        let mut sock = connect_with_small_buffers(s.port).await;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut sock, format!("{head}{body}").as_bytes())
+            .await
+            .unwrap();
+        let pid = wait_inflight(&s, &token, 1).await;
+        let within = Duration::from_secs(55);
+        loop {
+            let w = worker_of(&s, &token, SMOL_ID)
+                .await
+                .expect("the worker stays");
+            if w["inflight"].as_u64() == Some(0) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{path}: the request was not cut within {within:?} (IDLE_WRITE_TIMEOUT={IDLE_WRITE}):\n{}",
+                s.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "{path}: cut {:.1} s after the request",
+            t0.elapsed().as_secs_f64()
+        );
+        let log = s.log();
+        let cuts = log
+            .lines()
+            .filter(|l| {
+                l.contains(&format!(
+                    "the client took no data for {IDLE_WRITE} s (IDLE_WRITE_TIMEOUT)"
+                )) && l.contains(path)
+            })
+            .count();
+        assert_eq!(
+            cuts, 1,
+            "{path}: the reason is logged with the endpoint:\n{log}"
+        );
+        let t1 = Instant::now();
+        while worker_metric(&s, &token, SMOL_ID, "requests_processing").await != 0.0 {
+            assert!(
+                t1.elapsed() < Duration::from_secs(10),
+                "{path}: the worker's slot is still busy after the cut"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (st, _, b) = chat_status(&s).await;
+        assert_eq!(st, 200, "{b}");
+        let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
+        assert_eq!(w["pid"].as_u64(), Some(u64::from(pid)), "the same worker");
+        let metrics = s.metrics().await;
+        assert!(
+            metrics.contains(&format!(
+                "cyber_inference_requests_total{{model=\"{SMOL_ID}\",status=\"499\"}} {}",
+                n + 1
+            )),
+            "{path}: the dropped request is counted as 499:\n{metrics}"
+        );
+        drop(sock);
+    }
+    assert!(
+        !s.log().contains("drain deadline passed"),
+        "no drain was involved"
+    );
+    assert_bounded_rss(&s);
 }
 
 /// A request for a model whose unload is stuck (its worker hangs mid-stream: SIGSTOP) waits at most
@@ -152,11 +358,7 @@ async fn a_request_for_a_model_stuck_draining_gets_503_with_retry_after() {
     assert_eq!(r.status(), 200);
     let stream = tokio::spawn(async move { r.text().await.unwrap_or_default() });
     let pid = wait_inflight(&s, &token, 1).await;
-    let stopped = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success());
+    assert!(signal(pid, "STOP"));
     let h = unload(&s, &token);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = Instant::now();
@@ -196,13 +398,7 @@ async fn a_hung_worker_is_detected_and_replaced() {
         .as_u64()
         .unwrap() as u32;
     let t0 = Instant::now();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(signal(pid, "STOP"));
     // 3 probes 5 s apart, each waiting 5 s: found within about 20 s.
     while pid_alive(pid) {
         assert!(
@@ -242,13 +438,7 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_is_reloade
     let stream = tokio::spawn(async move { r.text().await.unwrap_or_default() });
     let pid = wait_inflight(&s, &token, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(signal(pid, "KILL"));
     let text = tokio::time::timeout(Duration::from_secs(10), stream)
         .await
         .expect("the stream ends when its worker dies")
@@ -391,13 +581,98 @@ async fn the_supervisor_killed_during_a_load_leaves_no_orphan_and_the_next_start
     assert_bounded_rss(&s);
 }
 
+/// A worker an earlier supervisor left alive (its parent-death signal did not fire: PDEATHSIG is
+/// Linux-only, and it follows the spawning thread) is found through `model_sessions` and killed at the
+/// next start — only a process whose command line carries its session's nonce: a recorded pid that now
+/// belongs to another program is left alone. Both sessions end up stopped, and the model loads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_start_reaps_a_recorded_worker_that_outlived_its_supervisor() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let mut s = Server::start(&[SMOL], &[]).await;
+    assert_eq!(chat_status(&s).await.0, 200);
+    let token = s.login().await;
+    let w = worker_of(&s, &token, SMOL_ID).await.unwrap();
+    let instance = w["instance"].as_str().unwrap().to_owned();
+    let session = w["session_id"].as_i64().unwrap();
+    // The real worker dies with its supervisor (PDEATHSIG); its session stays recorded as alive.
+    s.kill();
+    // Stand-ins in their own process groups, as workers are: an orphan with the nonce in its command
+    // line, and an unrelated program whose pid a second session records.
+    let spawn = |tag: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", "sleep 120; :", tag])
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut orphan = spawn(&instance);
+    let mut other = spawn("not-a-worker");
+    let db = s.data_dir().join("cyber-inference.db");
+    sqlite(
+        &db,
+        &format!(
+            "UPDATE model_sessions SET pid = {}, status = 'ready' WHERE id = {session}",
+            orphan.id()
+        ),
+    );
+    sqlite(
+        &db,
+        &format!(
+            "INSERT INTO model_sessions (model_id, pid, port, instance, status, started_at) \
+             SELECT model_id, {}, port, 'another-nonce', 'ready', started_at FROM model_sessions WHERE id = {session}",
+            other.id()
+        ),
+    );
+    s.restart().await;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = orphan.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the recorded orphan {} was not reaped:\n{}",
+            orphan.id(),
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    assert!(
+        s.log()
+            .contains(&format!("reaped orphan worker pid {}", orphan.id())),
+        "the reaping is logged:\n{}",
+        s.log()
+    );
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "a process without the session's nonce is left alone"
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+    let live = sqlite(
+        &db,
+        "SELECT id FROM model_sessions WHERE status IN ('loading', 'ready', 'draining')",
+    );
+    assert_eq!(live.trim(), "", "no session is left recorded as alive");
+    let reason = sqlite(
+        &db,
+        &format!("SELECT stop_reason FROM model_sessions WHERE id = {session}"),
+    );
+    assert!(reason.contains("reaped orphan worker"), "{reason}");
+    let (st, _, body) = chat_status(&s).await;
+    assert_eq!(st, 200, "{body}\n{}", s.log());
+    assert_eq!(s.workers().len(), 1, "one worker after the restart");
+    assert_bounded_rss(&s);
+}
+
 /// The database locked by another process (a backup tool, an sqlite3 shell in a transaction): a
 /// change the admin makes is refused with a clear 503 naming the lock, within the busy timeout, not a
 /// hang or a crash; inference goes on; once the lock is gone the change goes through and nothing stored
 /// before is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_locked_by_another_process_is_a_clear_error_and_loses_nothing() {
-    const OTHER: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
+    use support::assets::SMOL_Q4_K_M as OTHER;
     const OTHER_ID: &str = "SmolLM2-135M-Instruct.Q4_K_M";
     let s = Server::start(&[SMOL, OTHER], &[]).await;
     let token = s.login().await;
@@ -405,7 +680,7 @@ async fn a_database_locked_by_another_process_is_a_clear_error_and_loses_nothing
     assert_eq!(chat_status(&s).await.0, 200, "loaded before the lock");
     let db = s.data_dir().join("cyber-inference.db");
     assert!(db.exists(), "no database at {}", db.display());
-    let mut locker = std::process::Command::new("python3")
+    let mut locker = std::process::Command::new(python())
         .arg("-c")
         .arg(
             "import sqlite3, sys\n\
@@ -512,17 +787,15 @@ impl Drop for SmallDisk {
 /// full, leaves no partial file and no catalogue row, and the supervisor carries on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_download_whose_disk_fills_fails_clearly_and_leaves_nothing() {
-    const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
-    let hf = hub_common::HfServer::start().await;
-    hf.state.add_repo(
-        "test/minilm",
-        vec![hub_common::Served::asset(MINILM, MINILM)],
-    );
+    use support::assets::MINILM;
+    let hf = HfServer::start().await;
+    hf.state
+        .add_repo("test/minilm", vec![Served::asset(MINILM, MINILM)]);
     // About 6 MiB/s, so the disk can be filled while the transfer runs.
     *hf.state.faults.chunk_delay.lock().unwrap() = Some(Duration::from_millis(10));
     let outer = tempfile::tempdir().unwrap();
     let mdir = outer.path().join("models");
-    let size = std::fs::metadata(model_file(MINILM)).unwrap().len();
+    let size = std::fs::metadata(assets::model(MINILM)).unwrap().len();
     let _disk = SmallDisk::mount(&mdir, size + (16 << 20));
     let mdir_s = mdir.display().to_string();
     let s = Server::start(&[], &[("HF_ENDPOINT", &hf.url), ("MODELS_DIR", &mdir_s)]).await;
@@ -551,7 +824,7 @@ async fn a_download_whose_disk_fills_fails_clearly_and_leaves_nothing() {
         msg.contains("No space left") || msg.contains("disk is full"),
         "the error says the disk is full: {d}"
     );
-    let left: Vec<String> = hub_common::files_in(&mdir)
+    let left: Vec<String> = files_in(&mdir)
         .into_iter()
         .filter(|f| f != "filler.bin")
         .collect();

@@ -2,7 +2,7 @@
 //! header and tensor-info region. Every case must give an error or a consistent file, never a panic, and
 //! the parse must never allocate more than the file's size (measured by a counting allocator).
 
-mod common;
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use cyber_inference::engine::gguf::{GgufFile, Value};
 use proptest::prelude::*;
+use support::assets::{MODELS, model};
 
 /// Counts the bytes allocated and live on the current thread, and their peak.
 struct Counting;
@@ -66,11 +67,11 @@ fn check_consistent(f: &GgufFile) {
 fn files() -> &'static Vec<(String, Vec<u8>, usize)> {
     static FILES: OnceLock<Vec<(String, Vec<u8>, usize)>> = OnceLock::new();
     FILES.get_or_init(|| {
-        common::MODELS
+        MODELS
             .iter()
             .map(|name| {
-                let bytes = std::fs::read(common::model(name)).unwrap();
-                let data_offset = GgufFile::open(common::model(name)).unwrap().data_offset as usize;
+                let bytes = std::fs::read(model(name)).unwrap();
+                let data_offset = GgufFile::open(model(name)).unwrap().data_offset as usize;
                 (name.to_string(), bytes, data_offset)
             })
             .collect()

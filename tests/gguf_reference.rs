@@ -1,10 +1,12 @@
 //! The GGUF reader against gguf-py's dumps of the shared models (`../shared/vectors/*.inspect.json`), every
 //! vocabulary file of llama.cpp's suites, and the `inspect` command's JSON.
 
-mod common;
+mod support;
 
 use cyber_inference::engine::gguf::{GgufFile, Value};
 use serde_json::Value as Json;
+use support::assets::{MODELS, SMOL_Q4_K_M, assets, model, repo_path, shared_vector_json};
+use support::process::{bin, stdout_of};
 
 /// Compares one of our metadata values with a JSON value of gguf-py (floats are f32 written exactly).
 fn same(ours: &Value, theirs: &Json) -> bool {
@@ -25,9 +27,9 @@ fn same(ours: &Value, theirs: &Json) -> bool {
 
 #[test]
 fn shared_models_match_gguf_py_dumps() {
-    for name in common::MODELS {
-        let f = GgufFile::open(common::model(name)).unwrap();
-        let r = common::vector_json(&format!("{name}.inspect.json"));
+    for name in MODELS {
+        let f = GgufFile::open(model(name)).unwrap();
+        let r = shared_vector_json(&format!("{name}.inspect.json"));
         assert_eq!(f.file_size(), r["size"].as_u64().unwrap(), "{name} size");
         assert_eq!(
             f.version as u64,
@@ -122,11 +124,7 @@ fn shared_models_match_gguf_py_dumps() {
 #[test]
 fn every_vocab_file_parses() {
     // Every vocabulary GGUF the asset manifest lists (llama.cpp's tokenizer suites, no weights).
-    let manifest = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/assets/MANIFEST.tsv"
-    ))
-    .unwrap();
+    let manifest = std::fs::read_to_string(repo_path("../shared/assets/MANIFEST.tsv")).unwrap();
     let listed: Vec<&str> = manifest
         .lines()
         .filter_map(|l| l.split('\t').next())
@@ -138,7 +136,7 @@ fn every_vocab_file_parses() {
         listed.len()
     );
     for rel in listed {
-        let p = common::assets().join(rel);
+        let p = assets().join(rel);
         let f = GgufFile::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let tokens = f
             .get_str_array("tokenizer.ggml.tokens")
@@ -150,19 +148,14 @@ fn every_vocab_file_parses() {
 
 #[test]
 fn inspect_json_shows_the_same_numbers() {
-    for name in common::MODELS {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
-            .args(["inspect", "--json", "--tensors"])
-            .arg(common::model(name))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+    for name in MODELS {
+        let out = stdout_of(
+            bin()
+                .args(["inspect", "--json", "--tensors"])
+                .arg(model(name)),
         );
-        let got: Json = serde_json::from_slice(&out.stdout).unwrap();
-        let r = common::vector_json(&format!("{name}.inspect.json"));
+        let got: Json = serde_json::from_str(&out).unwrap();
+        let r = shared_vector_json(&format!("{name}.inspect.json"));
         for k in [
             "size",
             "version",
@@ -213,9 +206,9 @@ fn inspect_json_shows_the_same_numbers() {
             "{name}: parameters"
         );
     }
-    let text = std::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
+    let text = bin()
         .arg("inspect")
-        .arg(common::model("SmolLM2-135M-Instruct.Q4_K_M.gguf"))
+        .arg(model(SMOL_Q4_K_M))
         .output()
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
@@ -243,11 +236,7 @@ fn inspect_rejects_a_bad_file_with_a_clear_error() {
         b"GGUF\x03\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff\0\0\0\0\0\0\0\0",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
-        .arg("inspect")
-        .arg(&p)
-        .output()
-        .unwrap();
+    let out = bin().arg("inspect").arg(&p).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -3,29 +3,13 @@
 //! generates the same greedy text from the parts as from the original, and broken splits (a later
 //! part opened, a part missing, parts swapped, a part from another split) are clear errors.
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use cyber_inference::engine::gguf::{GgufError, GgufFile, keys};
-
-const MODEL: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
-}
-
-/// Runs `cmd`, checks that it succeeded, and returns its stdout.
-fn stdout_of(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use support::assets::{SMOL_Q4_K_M as MODEL, model};
+use support::process::{bin, stdout_of};
 
 /// `cyber-inference gguf-split ARGS… INPUT PREFIX`; returns the parts it printed.
 fn split(input: &Path, prefix: &Path, args: &[&str]) -> Vec<PathBuf> {
@@ -47,7 +31,7 @@ fn greedy(model: &Path) -> String {
 
 #[test]
 fn split_parts_read_back_as_the_same_model() {
-    let src = common::model(MODEL);
+    let src = model(MODEL);
     let dir = tempfile::tempdir().unwrap();
     let parts = split(&src, &dir.path().join("smol"), &["--split-max-size", "40M"]);
     let names: Vec<String> = parts
@@ -108,7 +92,7 @@ fn split_parts_read_back_as_the_same_model() {
 
 #[test]
 fn broken_splits_are_clear_errors() {
-    let src = common::model(MODEL);
+    let src = model(MODEL);
     let dir = tempfile::tempdir().unwrap();
     let parts = split(&src, &dir.path().join("m"), &["--split-max-tensors", "100"]);
     assert_eq!(parts.len(), 3);

@@ -6,21 +6,21 @@
 //! (missing repo, gated repo, no GGUF, full disk, a second download of the same file) are answered in
 //! the admin API's error shape; at most two downloads transfer at once, the rest wait queued.
 
-mod hub_common;
-mod supervisor_common;
+mod support;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hub_common::{HfServer, Served, asset, files_in, sha256, sha256_file, split_asset};
 use serde_json::{Value, json};
-use supervisor_common::Server;
+use support::assets::MINILM;
+use support::assets::SMOL_Q4_1 as Q41;
+use support::assets::SMOL_Q4_K_M as Q4KM;
+use support::files::{files_in, sha256, sha256_file};
+use support::hub::{DOWNLOAD_ROUTE, HfServer, Served, asset, error_of, expect_error, split_asset};
+use support::server::{Server, status_json};
 
 const REPO: &str = "test/SmolLM2-135M-Instruct-GGUF";
-const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
-const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
 
 /// MiniLM split in two by `gguf-split` (60 of its 101 tensors in part 1), as served in `split/`.
 fn minilm_parts() -> Vec<(String, axum::body::Bytes)> {
@@ -50,6 +50,7 @@ async fn setup() -> (HfServer, Server, String) {
     (hf, s, token)
 }
 
+/// DELETE an admin route with a token; returns (status, JSON).
 async fn delete(s: &Server, token: &str, path: &str) -> (u16, Value) {
     let r = s
         .http
@@ -58,21 +59,13 @@ async fn delete(s: &Server, token: &str, path: &str) -> (u16, Value) {
         .send()
         .await
         .unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
+    status_json(r).await
 }
 
 async fn catalogue(s: &Server, token: &str) -> Vec<Value> {
     let (st, j) = s.admin_get(token, "/admin/api/models").await;
     assert_eq!(st, 200, "{j}");
     j["models"].as_array().unwrap().clone()
-}
-
-fn error_of(j: &Value) -> (String, String) {
-    (
-        j["error"]["code"].as_str().unwrap_or("").to_string(),
-        j["error"]["message"].as_str().unwrap_or("").to_string(),
-    )
 }
 
 /// Collects the `download` events of the admin WebSocket until one says `done`/`failed`/`cancelled`.
@@ -127,7 +120,7 @@ async fn download_through_the_admin_api_then_chat_with_the_model() {
     assert_eq!(r.status(), 401);
     let r = s
         .http
-        .post(format!("{}/admin/api/models/download", s.base))
+        .post(format!("{}{DOWNLOAD_ROUTE}", s.base))
         .bearer_auth(&token)
         .header("origin", "http://evil.example")
         .json(&json!({"repo_id": REPO}))
@@ -178,11 +171,7 @@ async fn download_through_the_admin_api_then_chat_with_the_model() {
     // Download with the automatic choice (Q4_K_M), watching the event stream.
     let events = download_events(&s, &token).await;
     let (st, j) = s
-        .admin_post(
-            &token,
-            "/admin/api/models/download",
-            json!({"repo_id": REPO}),
-        )
+        .admin_post(&token, DOWNLOAD_ROUTE, json!({"repo_id": REPO}))
         .await;
     assert_eq!(st, 202, "{j}");
     let id = j["id"].as_u64().unwrap();
@@ -245,19 +234,16 @@ async fn download_through_the_admin_api_then_chat_with_the_model() {
     assert_eq!(j["files"][2]["present"], true);
 
     // A chat completion through the supervisor, for the downloaded model, answers with real text.
-    let r = s
-        .http
-        .post(format!("{}/v1/chat/completions", s.base))
-        .json(&json!({
-            "model": name,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 16, "temperature": 0,
-        }))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = s
+        .post_json(
+            "/v1/chat/completions",
+            json!({
+                "model": name,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 16, "temperature": 0,
+            }),
+        )
+        .await;
     assert_eq!(status, 200, "{body}\n{}", s.log());
     let text = body["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(
@@ -328,16 +314,16 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
         files_in(&mdir)
     );
     // The same file cannot be downloaded twice at once.
-    let (st, j) = s
-        .admin_post(
+    let msg = expect_error(
+        s.admin_post(
             &token,
-            "/admin/api/models/download",
+            DOWNLOAD_ROUTE,
             json!({"repo_id": REPO, "filename": Q41}),
         )
-        .await;
-    assert_eq!(st, 409, "{j}");
-    let (code, msg) = error_of(&j);
-    assert_eq!(code, "download_in_progress");
+        .await,
+        409,
+        "download_in_progress",
+    );
     assert!(msg.contains(&format!("download {id}")), "{msg}");
 
     let (st, j) = delete(&s, &token, &format!("/admin/api/downloads/{id}")).await;
@@ -363,15 +349,10 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
     // At most two transfer at once: a third waits queued, and can be cancelled there.
     let mut ids = Vec::new();
     for f in [Q41, Q4KM, "split/minilm-F16-00001-of-00002.gguf"] {
-        let (st, j) = s
-            .admin_post(
-                &token,
-                "/admin/api/models/download",
-                json!({"repo_id": REPO, "filename": f}),
-            )
-            .await;
-        assert_eq!(st, 202, "{j}");
-        ids.push(j["id"].as_u64().unwrap());
+        ids.push(
+            s.start_download(&token, json!({"repo_id": REPO, "filename": f}))
+                .await,
+        );
     }
     for &id in &ids[..2] {
         s.wait_download(&token, id, 60, |d| d["state"] == "downloading")
@@ -442,9 +423,7 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
         (json!({"repo": REPO}), 400, "", &["repo_id"]),
     ];
     for (body, status, code, words) in cases {
-        let (st, j) = s
-            .admin_post(&token, "/admin/api/models/download", body.clone())
-            .await;
+        let (st, j) = s.admin_post(&token, DOWNLOAD_ROUTE, body.clone()).await;
         assert_eq!(st, status, "{body} → {j}");
         let (c, msg) = error_of(&j);
         if !code.is_empty() {
@@ -454,28 +433,23 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
             assert!(msg.contains(w), "{body}: {msg:?} should contain {w:?}");
         }
     }
-    let (st, j) = s
-        .admin_get(&token, "/admin/api/models/repo-files?repo_id=test/nope")
-        .await;
-    assert_eq!(
-        (st, error_of(&j).0.as_str()),
-        (404, "repo_not_found"),
-        "{j}"
+    expect_error(
+        s.admin_get(&token, "/admin/api/models/repo-files?repo_id=test/nope")
+            .await,
+        404,
+        "repo_not_found",
     );
     let (st, j) = s.admin_get(&token, "/admin/api/models/repo-files").await;
     assert_eq!(st, 400, "{j}");
 
     // A gated repo: the hub wants a token the supervisor does not have.
     *hf.state.faults.require_token.lock().unwrap() = Some("hf_secret".into());
-    let (st, j) = s
-        .admin_post(
-            &token,
-            "/admin/api/models/download",
-            json!({"repo_id": REPO}),
-        )
-        .await;
-    let (code, msg) = error_of(&j);
-    assert_eq!((st, code.as_str()), (403, "hf_token_required"), "{j}");
+    let msg = expect_error(
+        s.admin_post(&token, DOWNLOAD_ROUTE, json!({"repo_id": REPO}))
+            .await,
+        403,
+        "hf_token_required",
+    );
     assert!(msg.contains("HF_TOKEN") && msg.contains(REPO), "{msg}");
     *hf.state.faults.require_token.lock().unwrap() = None;
 
@@ -485,15 +459,12 @@ async fn a_cancelled_download_leaves_no_file_and_no_row_and_errors_are_clear() {
     huge.advertised_size = Some(1 << 60);
     hf.state.add_repo("test/huge", vec![huge]);
     let before = hf.state.file_requests().len();
-    let (st, j) = s
-        .admin_post(
-            &token,
-            "/admin/api/models/download",
-            json!({"repo_id": "test/huge"}),
-        )
-        .await;
-    let (code, msg) = error_of(&j);
-    assert_eq!((st, code.as_str()), (507, "insufficient_disk"), "{j}");
+    let msg = expect_error(
+        s.admin_post(&token, DOWNLOAD_ROUTE, json!({"repo_id": "test/huge"}))
+            .await,
+        507,
+        "insufficient_disk",
+    );
     assert!(
         msg.contains(&(1u64 << 60).to_string()) && msg.contains("free"),
         "{msg}"
@@ -566,15 +537,12 @@ async fn a_split_gguf_downloads_whole_and_serves_as_one_model() {
     assert_eq!(catalogue(&s, &token).await.len(), 1);
 
     // The worker loads the parts as one model: embeddings through the supervisor.
-    let r = s
-        .http
-        .post(format!("{}/v1/embeddings", s.base))
-        .json(&json!({"model": name, "input": ["The cat sits on the mat.", "A feline rests on a rug."]}))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = s
+        .post_json(
+            "/v1/embeddings",
+            json!({"model": name, "input": ["The cat sits on the mat.", "A feline rests on a rug."]}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}\n{}", s.log());
     let vecs: Vec<Vec<f64>> = body["data"]
         .as_array()

@@ -1,14 +1,14 @@
 //! `cyber-inference download-model` as a user runs it, against a local Hugging Face–compatible server
 //! named by the standard HF_ENDPOINT variable.
 
-mod hub_common;
+mod support;
 
 use std::process::Output;
-
-use hub_common::{HfServer, Served, asset, files_in, sha256, sha256_file, split_asset};
-
-const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
-const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+use support::assets::SMOL_Q4_1 as Q41;
+use support::assets::SMOL_Q4_K_M as Q4KM;
+use support::files::{files_in, sha256, sha256_file};
+use support::hub::{HfServer, Served, asset, split_asset};
+use support::process::BIN;
 
 async fn cli(server: &HfServer, dir: &std::path::Path, args: &[&str]) -> Output {
     run(server, dir, "download-model", args).await
@@ -17,6 +17,11 @@ async fn cli(server: &HfServer, dir: &std::path::Path, args: &[&str]) -> Output 
 /// The catalogue as `list-models` prints it.
 async fn list_models(server: &HfServer, dir: &std::path::Path) -> String {
     let out = run(server, dir, "list-models", &[]).await;
+    succeeded(&out)
+}
+
+/// Asserts that a command succeeded (its stderr as the message otherwise); returns its stdout.
+fn succeeded(out: &Output) -> String {
     assert!(
         out.status.success(),
         "{}",
@@ -26,7 +31,7 @@ async fn list_models(server: &HfServer, dir: &std::path::Path) -> String {
 }
 
 async fn run(server: &HfServer, dir: &std::path::Path, command: &str, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"));
+    let mut cmd = tokio::process::Command::new(BIN);
     cmd.arg(command)
         .args(args)
         .env("HF_ENDPOINT", &server.url)
@@ -53,12 +58,7 @@ async fn download_model_lists_downloads_and_explains_failures() {
         &["test/SmolLM2-135M-Instruct-GGUF", "--list"],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     let chosen: Vec<_> = stdout.lines().filter(|l| l.starts_with('*')).collect();
     assert_eq!(chosen.len(), 1, "{stdout}");
     assert!(
@@ -71,16 +71,8 @@ async fn download_model_lists_downloads_and_explains_failures() {
     let (data, expected) = asset(Q4KM);
     *server.state.faults.drop_at.lock().unwrap() = Some(data.len() as u64 * 4 / 10);
     let out = cli(&server, dir.path(), &["test/SmolLM2-135M-Instruct-GGUF"]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let path = dir.path().join("models").join(Q4KM);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        path.display().to_string()
-    );
+    assert_eq!(succeeded(&out).trim(), path.display().to_string());
     assert_eq!(sha256_file(&path), expected);
     assert!(
         server
@@ -154,11 +146,7 @@ async fn download_model_lists_downloads_and_explains_failures() {
 
     // `remove-model` deletes the downloaded file and its catalogue row.
     let out = run(&server, dir.path(), "remove-model", &[stem]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(files_in(&dir.path().join("models")).is_empty());
     let catalogue = list_models(&server, dir.path()).await;
     assert!(!catalogue.contains(stem), "{catalogue}");
@@ -182,11 +170,7 @@ async fn a_split_model_downloads_lists_runs_and_removes_as_one() {
     let models = dir.path().join("models");
 
     let out = cli(&server, dir.path(), &["test/split"]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let mut names: Vec<String> = parts.iter().map(|(n, _)| n.clone()).collect();
     names.sort();
     assert_eq!(files_in(&models), names);
@@ -205,18 +189,13 @@ async fn a_split_model_downloads_lists_runs_and_removes_as_one() {
     );
 
     // The engine runs it from its first part.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
+    let out = tokio::process::Command::new(BIN)
         .args(["run", "-n", "8", "-p", "The capital of France is", "-m"])
         .arg(models.join(&parts[0].0))
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).len() > "The capital of France is".len());
+    assert!(succeeded(&out).len() > "The capital of France is".len());
 
     let out = run(
         &server,
@@ -225,12 +204,7 @@ async fn a_split_model_downloads_lists_runs_and_removes_as_one() {
         &["SmolLM2-135M-Instruct-Q4_1"],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert_eq!(stdout.matches("deleted ").count(), 3, "{stdout}");
     assert!(files_in(&models).is_empty(), "{:?}", files_in(&models));
 }

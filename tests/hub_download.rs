@@ -2,7 +2,7 @@
 //! redirects, hashes, resume after a dropped connection and after a restart, checksum failure, auth and
 //! not-found errors, cancellation, the disk check, split models and the concurrency limit.
 
-mod hub_common;
+mod support;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -10,14 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cyber_inference::supervisor::hub::{
-    DownloadRequest, Hub, HubConfig, HubError, PARTIAL_DIR, Phase, Progress, RetryPolicy,
+    DownloadRequest, Downloaded, Hub, HubConfig, HubError, PARTIAL_DIR, Phase, Progress,
+    RetryPolicy,
 };
-use hub_common::{HfServer, Served, asset, files_in, sha256_file};
+use support::assets::MINILM;
+use support::assets::SMOL_Q4_1 as Q41;
+use support::assets::SMOL_Q4_K_M as Q4KM;
+use support::files::{files_in, sha256, sha256_file};
+use support::hub::{HfServer, Served, asset};
 use tokio_util::sync::CancellationToken;
-
-const Q4KM: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
-const Q41: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
 
 fn hub(server: &HfServer, dir: &Path, token: Option<&str>) -> Hub {
     let mut c = HubConfig::new(&server.url, token.map(str::to_string), dir.to_path_buf());
@@ -36,6 +37,11 @@ fn req(repo: &str, filename: Option<&str>) -> DownloadRequest {
         revision: None,
         filename: filename.map(str::to_string),
     }
+}
+
+/// Downloads `r` with `hub`, without progress reports or cancellation.
+async fn fetch(hub: &Hub, r: &DownloadRequest) -> Result<Downloaded, HubError> {
+    hub.download(r, |_| {}, CancellationToken::new()).await
 }
 
 async fn minilm_server() -> HfServer {
@@ -120,12 +126,7 @@ async fn chooses_q4_k_m_follows_the_redirect_and_the_file_hashes_right() {
     );
 
     // A second download of the same model finds it in place: nothing is fetched.
-    let again = hub
-        .download(
-            &req("test/SmolLM2-135M-Instruct-GGUF", Some(Q4KM)),
-            |_| {},
-            CancellationToken::new(),
-        )
+    let again = fetch(&hub, &req("test/SmolLM2-135M-Instruct-GGUF", Some(Q4KM)))
         .await
         .unwrap();
     assert_eq!(again.bytes_transferred, 0);
@@ -139,8 +140,7 @@ async fn a_connection_dropped_at_40_percent_resumes_from_40_percent() {
     let at = data.len() as u64 * 4 / 10;
     *server.state.faults.drop_at.lock().unwrap() = Some(at);
     let dir = tempfile::tempdir().unwrap();
-    let done = hub(&server, dir.path(), None)
-        .download(&req("test/minilm", None), |_| {}, CancellationToken::new())
+    let done = fetch(&hub(&server, dir.path(), None), &req("test/minilm", None))
         .await
         .unwrap();
     assert_eq!(sha256_file(&done.paths[0]), expected);
@@ -166,8 +166,7 @@ async fn a_restart_resumes_the_partial_file_left_by_a_failed_run() {
     let at = data.len() as u64 * 4 / 10;
     *server.state.faults.always_drop_at.lock().unwrap() = Some(at);
     let dir = tempfile::tempdir().unwrap();
-    let e = hub(&server, dir.path(), None)
-        .download(&req("test/minilm", None), |_| {}, CancellationToken::new())
+    let e = fetch(&hub(&server, dir.path(), None), &req("test/minilm", None))
         .await
         .unwrap_err();
     assert!(matches!(e, HubError::Network { attempts: 4, .. }), "{e:?}");
@@ -185,8 +184,7 @@ async fn a_restart_resumes_the_partial_file_left_by_a_failed_run() {
     // "Restart": a fresh hub on the same MODELS_DIR, the network healthy again.
     *server.state.faults.always_drop_at.lock().unwrap() = None;
     let before = server.state.file_requests().len();
-    let done = hub(&server, dir.path(), None)
-        .download(&req("test/minilm", None), |_| {}, CancellationToken::new())
+    let done = fetch(&hub(&server, dir.path(), None), &req("test/minilm", None))
         .await
         .unwrap();
     assert_eq!(sha256_file(&done.paths[0]), expected);
@@ -205,8 +203,7 @@ async fn a_corrupted_body_fails_the_checksum_and_leaves_no_file() {
     let server = minilm_server().await;
     server.state.faults.corrupt.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let e = hub(&server, dir.path(), None)
-        .download(&req("test/minilm", None), |_| {}, CancellationToken::new())
+    let e = fetch(&hub(&server, dir.path(), None), &req("test/minilm", None))
         .await
         .unwrap_err();
     match &e {
@@ -229,8 +226,7 @@ async fn gated_repos_need_the_right_token() {
     let dir = tempfile::tempdir().unwrap();
     let r = req("test/minilm", None);
 
-    let e = hub(&server, dir.path(), None)
-        .download(&r, |_| {}, CancellationToken::new())
+    let e = fetch(&hub(&server, dir.path(), None), &r)
         .await
         .unwrap_err();
     assert!(
@@ -241,8 +237,7 @@ async fn gated_repos_need_the_right_token() {
     // The admin API answers 403 (a 401 would mean its own session is invalid).
     assert_eq!((e.http_status(), e.code()), (403, "hf_token_required"));
 
-    let e = hub(&server, dir.path(), Some("hf_bad"))
-        .download(&r, |_| {}, CancellationToken::new())
+    let e = fetch(&hub(&server, dir.path(), Some("hf_bad")), &r)
         .await
         .unwrap_err();
     assert!(
@@ -252,8 +247,7 @@ async fn gated_repos_need_the_right_token() {
     assert!(e.to_string().contains("refused"), "{e}");
     assert_only(dir.path(), &[]);
 
-    let done = hub(&server, dir.path(), Some("hf_good"))
-        .download(&r, |_| {}, CancellationToken::new())
+    let done = fetch(&hub(&server, dir.path(), Some("hf_good")), &r)
         .await
         .unwrap();
     assert_eq!(sha256_file(&done.paths[0]), asset(MINILM).1);
@@ -271,11 +265,7 @@ async fn missing_repos_revisions_files_and_repos_without_gguf() {
     let hub = hub(&server, dir.path(), None);
     let run = |r: DownloadRequest| {
         let hub = &hub;
-        async move {
-            hub.download(&r, |_| {}, CancellationToken::new())
-                .await
-                .unwrap_err()
-        }
+        async move { fetch(hub, &r).await.unwrap_err() }
     };
     let e = run(req("test/nope", None)).await;
     assert!(matches!(e, HubError::RepoNotFound { .. }), "{e:?}");
@@ -315,9 +305,7 @@ async fn an_unreachable_endpoint_is_a_network_error_after_retries() {
         initial_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(20),
     };
-    let e = Hub::new(c)
-        .unwrap()
-        .download(&req("test/minilm", None), |_| {}, CancellationToken::new())
+    let e = fetch(&Hub::new(c).unwrap(), &req("test/minilm", None))
         .await
         .unwrap_err();
     assert!(matches!(e, HubError::Network { attempts: 3, .. }), "{e:?}");
@@ -361,8 +349,7 @@ async fn too_little_disk_space_stops_before_any_byte_with_the_numbers() {
     huge.advertised_size = Some(1 << 60);
     server.state.add_repo("test/huge", vec![huge]);
     let dir = tempfile::tempdir().unwrap();
-    let e = hub(&server, dir.path(), None)
-        .download(&req("test/huge", None), |_| {}, CancellationToken::new())
+    let e = fetch(&hub(&server, dir.path(), None), &req("test/huge", None))
         .await
         .unwrap_err();
     match &e {
@@ -399,14 +386,13 @@ async fn split_models_are_downloaded_whole() {
         ],
     );
     let dir = tempfile::tempdir().unwrap();
-    let done = hub(&server, dir.path(), None)
-        .download(&req("test/split", None), |_| {}, CancellationToken::new())
+    let done = fetch(&hub(&server, dir.path(), None), &req("test/split", None))
         .await
         .unwrap();
     assert_eq!(done.paths.len(), 3);
     for (i, p) in done.paths.iter().enumerate() {
         assert_eq!(p.file_name().unwrap(), names[i].split('/').nth(1).unwrap());
-        assert_eq!(sha256_file(p), hub_common::sha256(&parts[i]));
+        assert_eq!(sha256_file(p), sha256(&parts[i]));
     }
     assert_eq!(done.model.total_size, data.len() as u64);
 }
@@ -461,8 +447,7 @@ async fn a_different_file_in_the_way_is_a_conflict_not_overwritten() {
     let server = minilm_server().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(MINILM), b"something else").unwrap();
-    let e = hub(&server, dir.path(), None)
-        .download(&req("test/minilm", None), |_| {}, CancellationToken::new())
+    let e = fetch(&hub(&server, dir.path(), None), &req("test/minilm", None))
         .await
         .unwrap_err();
     assert!(matches!(e, HubError::Conflict { .. }), "{e:?}");
@@ -521,10 +506,7 @@ async fn a_split_model_reaches_models_dir_only_whole_and_a_cancel_removes_its_pa
     assert_only(dir.path(), &[]);
 
     // Uninterrupted: both parts arrive together, and `fetched` names them.
-    let done = hub
-        .download(&req("test/split2", None), |_| {}, CancellationToken::new())
-        .await
-        .unwrap();
+    let done = fetch(&hub, &req("test/split2", None)).await.unwrap();
     assert_eq!(done.fetched, done.paths);
     assert_only(dir.path(), &names);
 }

@@ -2,12 +2,11 @@
 //! whether computed in one batch, in batches of 7, token by token, or beside another sequence, at 1 and 2
 //! threads. (Gemma 3 past its sliding window: `tests/model_gemma.rs`.)
 
-mod batch_invariance_common;
-mod model_common;
+mod support;
 
-use batch_invariance_common::{assert_bits_equal, check_decoder};
 use cyber_inference::engine::model::{Batch, Context, ContextParams};
-use model_common::*;
+use support::assets::{GEMMA3, MINILM, SMOL_Q4_1, SMOL_Q4_K_M};
+use support::model::*;
 
 const N: usize = 64;
 

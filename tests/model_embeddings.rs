@@ -1,10 +1,12 @@
 //! all-MiniLM-L6-v2 embeddings against llama.cpp's (`../shared/vectors`): cosine ≥ 0.9999 for every text,
 //! through the library and through `cyber-inference embed`.
 
-mod model_common;
+mod support;
 
 use cyber_inference::engine::model::{Context, ContextParams};
-use model_common::*;
+use support::assets::{MINILM, model};
+use support::model::*;
+use support::process::bin;
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
@@ -65,9 +67,9 @@ fn minilm_embeddings_match_llama_cpp() {
 #[test]
 fn embed_cli_prints_one_normalised_line_per_text() {
     let refs = reference();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
+    let out = bin()
         .args(["embed", "-t", "1", "-m"])
-        .arg(model_path(MINILM))
+        .arg(model(MINILM))
         .arg(&refs[0].0)
         .arg(&refs[1].0)
         .output()

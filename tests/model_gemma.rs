@@ -3,14 +3,15 @@
 //! batching (one batch longer than the window, chunks, token by token, beside another sequence), prefix
 //! truncation refused once the window has moved past it, and the chat-template fallback (ChatML).
 
-mod model_common;
+mod support;
 
 use std::sync::Arc;
 
 use cyber_inference::engine::chat::RenderOptions;
 use cyber_inference::engine::kv_layout::kv_layout;
 use cyber_inference::engine::model::{Batch, Context, ContextParams, KvType, Model};
-use model_common::*;
+use support::assets::GEMMA3;
+use support::model::*;
 
 /// Longer than the file's sliding window (512), so the sliding layers' rings wrap.
 const N: usize = 560;
@@ -26,16 +27,11 @@ fn ctx(model: &Arc<Model>, n_seq: usize, threads: usize) -> Context {
             n_batch: 2 * N,
             n_threads: threads,
             embeddings: false,
-            kv_type: KvType::F16,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         },
     )
     .expect("context")
-}
-
-fn prompt(model: &Model, salt: usize) -> Vec<u32> {
-    (0..N)
-        .map(|i| ((i * 7919 + salt * 104_729 + 1000) % (model.n_vocab() - 1000)) as u32 + 500)
-        .collect()
 }
 
 /// Logits of the last [`TAIL`] positions of `tokens` (sequence 0), fed in pieces of the given sizes.
@@ -56,15 +52,6 @@ fn tail_logits(c: &mut Context, tokens: &[u32], pieces: &[usize]) -> Vec<Vec<f32
         start += len;
     }
     out
-}
-
-fn assert_bits_equal(what: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
-    assert_eq!(a.len(), b.len(), "{what}: output count");
-    for (r, (x, y)) in a.iter().zip(b).enumerate() {
-        if let Some(j) = (0..x.len()).find(|&j| x[j].to_bits() != y[j].to_bits()) {
-            panic!("{what}: output {r}, logit {j}: {} vs {}", x[j], y[j]);
-        }
-    }
 }
 
 #[test]
@@ -93,7 +80,8 @@ fn gemma3_hparams_and_sliding_kv_cache_size() {
             n_batch: 512,
             n_threads: 1,
             embeddings: false,
-            kv_type: KvType::F16,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         },
     )
     .unwrap();
@@ -107,7 +95,7 @@ fn gemma3_hparams_and_sliding_kv_cache_size() {
 #[test]
 fn gemma3_logits_past_the_window_are_batch_invariant() {
     let model = load(GEMMA3);
-    let tokens = prompt(&model, 0);
+    let tokens = prompt(&model, N, 0);
     let reference = tail_logits(&mut ctx(&model, 1, 1), &tokens, &[N]);
     assert_eq!(reference.len(), TAIL);
     assert!(reference.iter().flatten().all(|v| v.is_finite()));
@@ -127,7 +115,7 @@ fn gemma3_logits_past_the_window_are_batch_invariant() {
         &tail_logits(&mut ctx(&model, 1, 1), &tokens, &pieces),
     );
     // Beside another sequence, interleaved in one batch, in sequence 1.
-    let other = prompt(&model, 1);
+    let other = prompt(&model, N, 1);
     let mut c = ctx(&model, 2, 2);
     let mut b = Batch::default();
     for i in 0..N {
@@ -142,7 +130,7 @@ fn gemma3_logits_past_the_window_are_batch_invariant() {
 #[test]
 fn gemma3_truncation_within_and_past_the_window() {
     let model = load(GEMMA3);
-    let tokens = prompt(&model, 2);
+    let tokens = prompt(&model, N, 2);
     let mut c = ctx(&model, 1, 2);
     c.decode(&Batch::single(&tokens, 0, 0)).unwrap();
     assert_eq!(c.seq_len(0), N);

@@ -12,12 +12,14 @@
 //! the greedy check allows divergences at gaps below 0.35 with half the prompts identical; against llama.cpp
 //! run token by token (`tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json`) everything must be identical.
 
-mod model_common;
+mod support;
 
 use cyber_inference::engine::model::cli::{generate, perplexity};
 use cyber_inference::engine::model::{Context, ContextParams, KvType};
 use cyber_inference::engine::sampling::{Sampler, SamplerParams, top_logprobs};
-use model_common::*;
+use support::assets::{GEMMA3, SMOL_Q4_1, SMOL_Q4_K_M, repo_path, shared_vectors_dir};
+use support::files::read_json;
+use support::model::*;
 
 fn context(model: &std::sync::Arc<cyber_inference::engine::model::Model>, n_ctx: usize) -> Context {
     Context::new(
@@ -28,7 +30,8 @@ fn context(model: &std::sync::Arc<cyber_inference::engine::model::Model>, n_ctx:
             n_batch: n_ctx,
             n_threads: 2,
             embeddings: false,
-            kv_type: KvType::F16,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         },
     )
     .expect("context")
@@ -41,8 +44,8 @@ fn check_perplexity(name: &str) {
     let n_ctx = p["n_ctx"].as_u64().unwrap() as usize;
     let n_batch = p["n_batch"].as_u64().unwrap() as usize;
     let want = p["ppl"].as_f64().unwrap();
-    let text =
-        std::fs::read_to_string(vectors_dir().join(p["text_file"].as_str().unwrap())).unwrap();
+    let text = std::fs::read_to_string(shared_vectors_dir().join(p["text_file"].as_str().unwrap()))
+        .unwrap();
     let tok = model.tokenizer();
     let tokens = tok.encode(&text, true, false);
     let add_bos = if tok.add_bos() { tok.bos() } else { None };
@@ -174,9 +177,9 @@ fn gemma3_greedy_matches_llama_cpp() {
 
 /// `tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json` parsed.
 fn token_by_token_record() -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    read_json(&repo_path(
+        "tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json",
+    ))
 }
 
 /// Gemma 3 against llama.cpp run one token per forward pass (`tests/vectors/gemma-3-270m.Q4_K_M.token-by-token.json`,
@@ -230,7 +233,7 @@ fn gemma3_perplexity_equals_llama_cpp_token_by_token() {
     let model = load(GEMMA3);
     let v = token_by_token_record();
     let want = v["ppl_ub1"].as_f64().expect("ppl_ub1");
-    let text = std::fs::read_to_string(vectors_dir().join("ppl.txt")).unwrap();
+    let text = std::fs::read_to_string(shared_vectors_dir().join("ppl.txt")).unwrap();
     let tok = model.tokenizer();
     let tokens = tok.encode(&text, true, false);
     let add_bos = if tok.add_bos() { tok.bos() } else { None };

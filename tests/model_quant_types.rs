@@ -9,7 +9,7 @@
 //! found through `LLAMA_CPP_REF`); without it the test fails and says so. Each file's SHA-256 must equal the one
 //! recorded from llama.cpp's output, so the bytes tested are the bytes llama.cpp measured.
 
-mod model_common;
+mod support;
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -17,18 +17,15 @@ use std::sync::{Mutex, OnceLock};
 use cyber_inference::engine::ggml_type::GgmlType;
 use cyber_inference::engine::gguf::GgufFile;
 use cyber_inference::engine::model::cli::perplexity;
-use cyber_inference::engine::model::{Context, ContextParams, KvType, Model, ModelParams};
-use model_common::*;
-use sha2::{Digest, Sha256};
+use cyber_inference::engine::model::{Context, ContextParams, KvType};
+use support::assets::{assets, repo_path, shared_vectors_dir};
+use support::files::{read_json, sha256_file};
+use support::model::load_path;
 
 /// `tests/vectors/quant-ppl.json`.
 fn record() -> &'static serde_json::Value {
     static DOC: OnceLock<serde_json::Value> = OnceLock::new();
-    DOC.get_or_init(|| {
-        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/quant-ppl.json");
-        let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {p}: {e}"));
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("parsing {p}: {e}"))
-    })
+    DOC.get_or_init(|| read_json(&repo_path("tests/vectors/quant-ppl.json")))
 }
 
 /// The record of the file of weight type `ty`.
@@ -45,11 +42,6 @@ fn quant_dir() -> PathBuf {
     assets().join("quant")
 }
 
-fn sha256(p: &std::path::Path) -> String {
-    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
-    hex::encode(Sha256::digest(&bytes))
-}
-
 /// The path of `e`'s file, made by `scripts/quantize --files` (once per test process) when missing.
 fn file_for(e: &serde_json::Value) -> PathBuf {
     static MADE: Mutex<bool> = Mutex::new(false);
@@ -57,11 +49,11 @@ fn file_for(e: &serde_json::Value) -> PathBuf {
     if !path.exists() {
         let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
         if !*made {
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/quantize");
-            let out = std::process::Command::new(script)
+            let script = repo_path("scripts/quantize");
+            let out = std::process::Command::new(&script)
                 .arg("--files")
                 .output()
-                .unwrap_or_else(|e| panic!("running {script}: {e}"));
+                .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
             assert!(
                 out.status.success(),
                 "{} is missing and `scripts/quantize --files` could not make it (it needs llama.cpp's \
@@ -74,7 +66,7 @@ fn file_for(e: &serde_json::Value) -> PathBuf {
     }
     assert!(path.exists(), "{} is missing", path.display());
     let want = e["sha256"].as_str().expect("sha256");
-    let got = sha256(&path);
+    let got = sha256_file(&path);
     assert_eq!(
         got,
         want,
@@ -106,13 +98,13 @@ fn check(ty: &str) {
     let f = GgufFile::open(&path).unwrap();
     let n = f.tensors().iter().filter(|t| t.ty == want_ty).count();
     assert!(n > 0, "{}: no {ty} tensor in the file", path.display());
-    let model = Model::load(&path, &ModelParams { n_threads: 2 })
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+    let model = load_path(&path, 2);
     let doc = record();
     let n_ctx = doc["n_ctx"].as_u64().unwrap() as usize;
     let n_batch = doc["n_batch"].as_u64().unwrap() as usize;
-    let text = std::fs::read_to_string(vectors_dir().join(doc["text_file"].as_str().unwrap()))
-        .expect("ppl.txt");
+    let text =
+        std::fs::read_to_string(shared_vectors_dir().join(doc["text_file"].as_str().unwrap()))
+            .expect("ppl.txt");
     let tok = model.tokenizer();
     let tokens = tok.encode(&text, true, false);
     let add_bos = if tok.add_bos() { tok.bos() } else { None };
@@ -124,7 +116,8 @@ fn check(ty: &str) {
             n_batch,
             n_threads: 2,
             embeddings: false,
-            kv_type: KvType::F16,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         },
     )
     .expect("context");

@@ -8,12 +8,14 @@
 //! - perplexity on ppl.txt within 0.5% with an F32 KV cache, and within 1% with the default F16 cache and
 //!   llama.cpp's flash attention (see [`PPL_TOL_F16`]).
 
-mod synth_common;
+mod support;
 
 use cyber_inference::engine::model::cli::perplexity;
 use cyber_inference::engine::model::{Batch, Context, ContextParams, KvType, Model};
 use std::sync::Arc;
-use synth_common::*;
+use support::assets::shared_vector;
+use support::model::argmax;
+use support::synth::*;
 
 /// Largest allowed |ours − llama.cpp| of any recorded logit: absolute plus relative to the logit.
 ///
@@ -50,7 +52,8 @@ fn context(model: &Arc<Model>, n_ctx: usize, kv: &serde_json::Value) -> Context 
             n_batch: n_ctx,
             n_threads: 2,
             embeddings: false,
-            kv_type,
+            type_k: kv_type,
+            type_v: kv_type,
         },
     )
     .expect("context")
@@ -203,9 +206,9 @@ const PPL_TOL_F16: f64 = 0.01;
 fn check_perplexity(name: &str) {
     let model = load(name);
     let v = vectors(name);
-    let text_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/ppl.txt");
-    let text =
-        std::fs::read_to_string(text_path).unwrap_or_else(|e| panic!("reading {text_path}: {e}"));
+    let text_path = shared_vector("ppl.txt");
+    let text = std::fs::read_to_string(&text_path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", text_path.display()));
     let tok = model.tokenizer();
     let tokens = tok.encode(&text, true, false);
     let add_bos = if tok.add_bos() { tok.bos() } else { None };

@@ -4,11 +4,10 @@
 //! is the check that per-expert batches (tokens grouped by the expert they are routed to) do not change
 //! any token's float order.
 
-mod batch_invariance_common;
-mod synth_common;
+mod support;
 
-use batch_invariance_common::check_decoder;
-use synth_common::*;
+use support::model::check_decoder;
+use support::synth::load;
 
 const N: usize = 48;
 

@@ -1,11 +1,14 @@
 //! Every case of `../shared/vectors/quant-blocks.json` (made by ggml itself): our dequantizers reproduce
 //! ggml's `to_float` bit for bit, and our reference quantizers reproduce `quantize_row_*_ref` byte for byte.
 
+mod support;
+
 use cyber_inference::engine::ggml_type::GgmlType;
 use cyber_inference::engine::kernels;
 use cyber_inference::engine::quant;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use support::assets::shared_vector_json;
 
 #[derive(Deserialize)]
 struct File {
@@ -30,12 +33,8 @@ struct Case {
 }
 
 fn load() -> File {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/quant-blocks.json"
-    );
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    serde_json::from_str(&text).expect("quant-blocks.json parses")
+    serde_json::from_value(shared_vector_json("quant-blocks.json"))
+        .expect("quant-blocks.json has the fields of `File`")
 }
 
 fn hex(s: &str) -> Vec<u8> {

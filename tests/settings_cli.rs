@@ -1,10 +1,14 @@
 //! Settings as a user meets them: invalid values stop the binary with an error naming the variable and
 //! value, and README's settings table lists exactly the settings and defaults of the code.
 
+mod support;
+
 use cyber_inference::config::{SETTING_NAMES, Settings};
+use support::assets::repo_path;
+use support::process::bin;
 
 fn run_with_env(vars: &[(&str, &str)]) -> (bool, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"));
+    let mut cmd = bin();
     cmd.args(["inspect", "/nonexistent.gguf"]);
     for (k, v) in vars {
         cmd.env(k, v);
@@ -38,8 +42,7 @@ fn invalid_settings_name_the_variable_and_the_value() {
 
 #[test]
 fn readme_settings_table_matches_the_code() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
     let start = readme
         .find("| name | default | meaning |")
         .expect("README has a settings table");

@@ -5,12 +5,11 @@
 //! tools), a tool-use round trip (streamed tool input too), errors in Anthropic's envelope; then with
 //! API keys required, the key as `x-api-key` and 401 `authentication_error` without one.
 
-mod supervisor_common;
+mod support;
 
 use serde_json::json;
-use supervisor_common::*;
-
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+use support::assets::SMOL_Q4_1 as SMOL;
+use support::server::Server;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_python_client_against_the_supervisor() {

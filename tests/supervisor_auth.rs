@@ -2,14 +2,17 @@
 //! API keys), refusing a network HOST without a password (the Docker environment), unknown models,
 //! memory admission refusing a load, the catalogue, and the `list-models` / `init` commands.
 
-mod supervisor_common;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use supervisor_common::*;
+use support::assets;
+use support::net::free_port;
+use support::process::{bin, signal};
+use support::server::*;
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+use support::assets::SMOL_Q4_1 as SMOL;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_auth_jwt_cookie_origin_and_rate_limit() {
@@ -182,14 +185,7 @@ async fn api_keys_gate_v1_when_required_and_unknown_models_get_404() {
         .unwrap();
     assert_eq!(r.status(), 400);
     // /v1/models: the catalogue with a status.
-    let b: Value = h
-        .get(format!("{}/v1/models", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let b = s.get_json("/v1/models").await;
     assert_eq!(b["object"], "list");
     assert_eq!(b["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
     assert_eq!(b["data"][0]["status"], "stopped");
@@ -285,14 +281,7 @@ async fn api_keys_gate_v1_when_required_and_unknown_models_get_404() {
             .status(),
         200
     );
-    let m = h
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = s.metrics().await;
     assert!(
         m.contains("cyber_inference_requests_total{model=\"(unknown)\",status=\"404\"} 1"),
         "{m}"
@@ -331,10 +320,7 @@ async fn a_load_that_cannot_fit_is_refused_with_the_numbers_and_starts_nothing()
     let used = mib(" MiB of ");
     let total = mib(" MiB are in use");
     let limit = mib(" MiB); ");
-    let file_mib = std::fs::metadata(model_file("SmolLM2-135M-Instruct.Q4_1.gguf"))
-        .unwrap()
-        .len()
-        >> 20;
+    let file_mib = std::fs::metadata(assets::model(SMOL)).unwrap().len() >> 20;
     assert!(
         need > file_mib && need < 4 * file_mib,
         "need {need} MiB: {msg}"
@@ -383,7 +369,7 @@ async fn docker_environment_needs_an_admin_password_on_a_network_host() {
         e
     };
     let mut c = spawn_serve(dir.path(), &env(None));
-    let st = wait_exit(&mut c, "without a password");
+    let st = wait_serve_exit(&mut c, "without a password");
     assert!(!st.success());
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(
@@ -417,10 +403,7 @@ async fn docker_environment_needs_an_admin_password_on_a_network_host() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(c.id().to_string())
-        .status();
+    signal(c.id(), "TERM");
     let st = c.wait().unwrap();
     assert!(st.success(), "SIGTERM → exit 0, got {st}");
 }
@@ -430,14 +413,14 @@ fn init_and_list_models_commands() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
-    std::os::unix::fs::symlink(model_file(SMOL), models.join(SMOL)).unwrap();
+    std::os::unix::fs::symlink(assets::model(SMOL), models.join(SMOL)).unwrap();
     std::fs::write(
         models.join("broken.gguf"),
         b"GGUF\x03\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff",
     )
     .unwrap();
     let run = |args: &[&str]| {
-        std::process::Command::new(BIN)
+        bin()
             .args(args)
             .env_clear()
             .env("CYBER_INFERENCE_DATA_DIR", dir.path().join("data"))
@@ -492,7 +475,7 @@ fn init_and_list_models_commands() {
         !models.join(SMOL).exists(),
         "the link in MODELS_DIR is deleted"
     );
-    assert!(model_file(SMOL).exists(), "the shared asset is not");
+    assert!(assets::model(SMOL).exists(), "the shared asset is not");
     let out = run(&["remove-model", "SmolLM2-135M-Instruct.Q4_1"]);
     assert!(!out.status.success());
 }

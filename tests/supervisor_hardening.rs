@@ -2,12 +2,14 @@
 //! reachable only with their per-spawn key and started with a cleared environment, and the bounds on
 //! what clients can make the supervisor store or hold.
 
-mod supervisor_common;
+mod support;
 
 use serde_json::{Value, json};
-use supervisor_common::*;
+use support::assets::SMOL_Q4_1 as SMOL;
+use support::net::free_port;
+use support::process::{proc_cmdline, proc_environ};
+use support::server::*;
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 fn chat_body() -> Value {
@@ -309,22 +311,6 @@ async fn logout_and_a_password_change_revoke_earlier_tokens() {
     assert_eq!(me(&s, &t4).await, 200, "the token the change handed back");
 }
 
-/// Waits up to `secs` for `c` to exit; kills it and fails the test when it keeps running.
-fn exit_within(mut c: std::process::Child, secs: u64) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            return st;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("serve kept running instead of refusing to start");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 /// JWT_SECRET shorter than 32 bytes stops `serve` with an error naming the variable and the rule (not
 /// the secret).
 #[tokio::test(flavor = "multi_thread")]
@@ -341,7 +327,10 @@ async fn a_short_jwt_secret_is_a_clear_start_up_error() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let st = exit_within(spawn_serve(dir.path(), &env), 30);
+    let st = wait_serve_exit(
+        &mut spawn_serve(dir.path(), &env),
+        "instead of refusing to start",
+    );
     assert!(!st.success());
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(
@@ -441,7 +430,10 @@ async fn a_host_outside_allowed_hosts_is_refused() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let st = exit_within(spawn_serve(dir.path(), &env), 30);
+    let st = wait_serve_exit(
+        &mut spawn_serve(dir.path(), &env),
+        "instead of refusing to start",
+    );
     assert!(!st.success());
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(log.contains("CYBER_INFERENCE_ALLOWED_HOSTS"), "{log}");
@@ -466,15 +458,7 @@ async fn unknown_model_names_are_counted_under_one_label() {
         let text = r.text().await.unwrap();
         assert!(text.len() < 4096, "the error echoes at most a clipped name");
     }
-    let m = s
-        .http
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = s.metrics().await;
     assert!(
         m.contains("cyber_inference_requests_total{model=\"(unknown)\",status=\"404\"} 3"),
         "{}",
@@ -600,7 +584,7 @@ async fn stale_partial_downloads_are_removed_at_start_up() {
 /// (400 naming the limit, before anything is tokenized); requests at the limit still work.
 #[tokio::test(flavor = "multi_thread")]
 async fn prompts_times_n_and_embedding_inputs_are_capped() {
-    const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
+    use support::assets::MINILM;
     let s = Server::start(&[SMOL, MINILM], &[]).await;
     let post = |path: &'static str, body: Value| {
         let rq = s.http.post(format!("{}{path}", s.base)).json(&body);
@@ -645,4 +629,85 @@ async fn prompts_times_n_and_embedding_inputs_are_capped() {
     .await;
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["data"].as_array().unwrap().len(), 4);
+}
+
+/// The same body limit on both servers (`MAX_BODY_BYTES`, 64 MiB): a body past axum's 2 MB default but
+/// under the limit goes through the supervisor and is accepted by the worker behind it, and directly
+/// by the worker; a request declaring one byte over the limit is 413 at the supervisor (no worker is
+/// started for it) and at the worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_body_limit_holds_on_the_supervisor_and_the_worker() {
+    use cyber_inference::http_server::MAX_BODY_BYTES;
+    // A short chat padded with whitespace (still valid JSON) to `len` bytes.
+    let padded = |len: usize| {
+        let mut b = chat_body().to_string().into_bytes();
+        assert_eq!(b.pop(), Some(b'}'));
+        b.resize(len - 1, b' ');
+        b.push(b'}');
+        b
+    };
+    let s = Server::start(&[SMOL], &[]).await;
+    let post = |url: String, body: Vec<u8>, key: Option<String>| {
+        let mut rq = s
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            rq = rq.bearer_auth(k);
+        }
+        async move {
+            let r = rq.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    // Over the limit: the head alone declares it (Content-Length), and the answer comes before any
+    // of the body is sent (an upload of 64 MiB the server stops reading races its early answer).
+    let over_status = |port: u16, key: Option<String>| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n",
+            MAX_BODY_BYTES + 1
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("answered before the body is sent")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let url = format!("{}/v1/chat/completions", s.base);
+    let line = over_status(s.port, None).await;
+    assert!(line.starts_with("HTTP/1.1 413"), "{line}");
+    assert!(
+        s.workers().is_empty(),
+        "the supervisor answered the 413 itself: no worker started"
+    );
+    let mid = padded(3 << 20);
+    let (st, body) = post(url, mid.clone(), None).await;
+    assert_eq!(st, 200, "3 MiB through the supervisor: {body}\n{}", s.log());
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["choices"][0]["message"].is_object(), "{body}");
+
+    let token = s.login().await;
+    let w = worker_of(&s, &token, SMOL_ID).await.expect("a worker");
+    let key = worker_key(w["pid"].as_u64().unwrap() as u32);
+    let port = w["port"].as_u64().unwrap() as u16;
+    let direct = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let (st, body) = post(direct, mid, Some(key.clone())).await;
+    assert_eq!(st, 200, "3 MiB directly to the worker: {body}");
+    let line = over_status(port, Some(key)).await;
+    assert!(
+        line.starts_with("HTTP/1.1 413"),
+        "over the limit directly to the worker: {line}"
+    );
 }

@@ -6,18 +6,17 @@
 //! split GGUF, copy, delete, error envelopes). Then the request log, and API keys: with keys required,
 //! `/api/*` answers 401 in Ollama's envelope without one and works with one.
 
-mod hub_common;
-mod supervisor_common;
+mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hub_common::{HfServer, Served, split_asset};
 use serde_json::{Value, json};
-use supervisor_common::*;
-
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const MINILM: &str = "all-MiniLM-L6-v2.F16.gguf";
+use support::assets::MINILM;
+use support::assets::SMOL_Q4_1 as SMOL;
+use support::hub::{HfServer, Served, split_asset};
+use support::python::python;
+use support::server::*;
 
 async fn logged_endpoints(s: &Server) -> Vec<(String, String, i64)> {
     let url = format!(

@@ -4,12 +4,11 @@
 //! continuing a conversation (stored in SQLite), GET/DELETE of a stored response, a function-call round
 //! trip, `text.format` json_schema, errors in OpenAI's envelope; then with API keys required, 401.
 
-mod supervisor_common;
+mod support;
 
 use serde_json::{Value, json};
-use supervisor_common::*;
-
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+use support::assets::SMOL_Q4_1 as SMOL;
+use support::server::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_responses_client_against_the_supervisor() {

@@ -2,16 +2,18 @@
 //! `openai` Python client through the proxy, single-flight loads, idle unload without cutting a stream,
 //! MAX_LOADED_MODELS waiting for a stream, a worker killed mid-request, and the supervisor killed.
 
-mod supervisor_common;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use supervisor_common::*;
+use support::assets::SMOL_Q4_1 as SMOL;
+use support::assets::SMOL_Q4_K_M as SMOL_K;
+use support::process::{children_of, pid_alive, signal};
+use support::python::run_python;
+use support::server::*;
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
-const SMOL_K: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
 const SMOL_K_ID: &str = "SmolLM2-135M-Instruct.Q4_K_M";
 
 /// (model, endpoint, status, prompt_tokens, completion_tokens) of a `requests` row.
@@ -383,10 +385,7 @@ async fn a_worker_killed_mid_request_gives_502_and_the_next_request_reloads() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
+    assert!(signal(pid, "KILL"), "kill -KILL {pid}");
     let (st, body) = long.await.unwrap();
     assert_eq!(
         st, 502,
@@ -426,15 +425,7 @@ async fn a_worker_killed_mid_request_gives_502_and_the_next_request_reloads() {
         .await;
     let reason = m["sessions"][1]["stop_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("signal 9"), "{reason}");
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("cyber_inference_worker_crashes_total 1"),
         "{metrics}"
@@ -455,10 +446,7 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_in_openai_shap
         let c = r.chunk().await.unwrap().expect("the stream ended early");
         body.push_str(&String::from_utf8_lossy(&c));
     }
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
+    assert!(signal(pid, "KILL"), "kill -KILL {pid}");
     let body = drain(r, body).await;
     assert!(
         !body.contains("[DONE]"),

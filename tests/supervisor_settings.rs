@@ -4,13 +4,14 @@
 //! the setting and its range; the model page renders every setting of the table; a global setting is
 //! refused at run time exactly as at start-up.
 
-mod supervisor_common;
+mod support;
 
 use cyber_inference::supervisor::settings::{Kind, MODEL_SETTINGS};
 use serde_json::{Value, json};
-use supervisor_common::{Server, spawn_serve, wait_exit};
+use support::assets::SMOL_Q4_1 as SMOL;
+use support::net::free_port;
+use support::server::{Server, spawn_serve, wait_serve_exit};
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
 const PIRATE: &str = "You are a pirate. Answer like one.";
 
@@ -208,6 +209,12 @@ async fn the_admin_api_and_the_form_follow_the_settings_table() {
         if let Kind::Text { .. } = d.kind {
             assert!(page.contains(&format!(r#"<textarea id="f-{}""#, d.name)));
         }
+        if let Kind::Choice { options } = d.kind {
+            assert!(page.contains(&format!(r#"<select id="f-{}""#, d.name)));
+            for o in options {
+                assert!(page.contains(&format!(r#"<option value="{o}""#)), "{o}");
+            }
+        }
     }
     assert!(page.contains(r#"name="top_k" inputmode="decimal" value="40""#));
     assert!(
@@ -268,10 +275,7 @@ async fn a_global_setting_is_refused_at_run_time_as_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let env: Vec<(String, String)> = [
         ("CYBER_INFERENCE_HOST", "127.0.0.1".to_owned()),
-        (
-            "CYBER_INFERENCE_PORT",
-            supervisor_common::free_port().to_string(),
-        ),
+        ("CYBER_INFERENCE_PORT", free_port().to_string()),
         (
             "CYBER_INFERENCE_DATA_DIR",
             dir.path().join("data").display().to_string(),
@@ -286,11 +290,147 @@ async fn a_global_setting_is_refused_at_run_time_as_at_start_up() {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let mut child = spawn_serve(dir.path(), &env);
-    let status = wait_exit(&mut child, "with DRAIN_TIMEOUT=0");
+    let status = wait_serve_exit(&mut child, "with DRAIN_TIMEOUT=0");
     assert!(!status.success());
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(
         log.contains("CYBER_INFERENCE_DRAIN_TIMEOUT") && log.contains("must be at least 1"),
         "{log}"
     );
+}
+
+/// The pid of `model`'s worker after a short chat has loaded it.
+async fn loaded_worker(s: &Server, token: &str) -> u32 {
+    chat(
+        s,
+        json!([{"role": "user", "content": "Hi"}]),
+        json!({"max_tokens": 1}),
+    )
+    .await;
+    let w = support::server::worker_of(s, token, SMOL_ID)
+        .await
+        .expect("a worker after the chat");
+    w["pid"].as_u64().unwrap() as u32
+}
+
+/// A model's stored `gpu_layers` reaches its worker's command line at the next load (`--gpu-layers N`),
+/// over the global GPU_LAYERS; without one the global value does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_models_gpu_layers_reach_its_worker() {
+    use support::process::proc_cmdline;
+    let s = Server::start(&[SMOL], &[("GPU_LAYERS", "3")]).await;
+    let token = s.login().await;
+    let pid = loaded_worker(&s, &token).await;
+    let cmd = proc_cmdline(pid);
+    assert!(cmd.contains(" --gpu-layers 3 "), "the global value: {cmd}");
+
+    let (st, j) = s
+        .patch_model(&token, SMOL_ID, json!({"gpu_layers": 0}))
+        .await;
+    assert_eq!(st, 200, "{j}");
+    let (st, j) = s
+        .admin_post(
+            &token,
+            &format!("/admin/api/models/{SMOL_ID}/unload"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(st, 200, "{j}");
+    let next = loaded_worker(&s, &token).await;
+    assert_ne!(next, pid, "loaded again");
+    let cmd = proc_cmdline(next);
+    assert!(
+        cmd.contains(" --gpu-layers 0 "),
+        "the model's own value: {cmd}"
+    );
+}
+
+/// A model's KV cache types (`cache_type_k`, `cache_type_v`) reach its worker at the next load
+/// (`--cache-type-k/-v`; the worker's `/props` reports them), the memory estimate follows them (a
+/// q8_0/q4_0 cache is smaller than the f16 one by exactly the row sizes), and a type the worker does
+/// not have is refused naming the choices.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_models_kv_cache_types_reach_its_worker_and_its_memory_estimate() {
+    use support::process::proc_cmdline;
+    let s = Server::start(&[SMOL], &[("DEFAULT_CONTEXT_SIZE", "4096")]).await;
+    let token = s.login().await;
+    let path = format!("/admin/api/models/{SMOL_ID}");
+    let (_, before) = s.admin_get(&token, &path).await;
+    let f16_estimate = before["memory_estimate_bytes"].as_u64().unwrap();
+    let setting = |j: &Value, name: &str| {
+        j["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no setting {name}: {j}"))
+    };
+    let k = setting(&before, "cache_type_k");
+    assert_eq!(k["type"], "choice");
+    assert!(
+        k["options"].as_array().unwrap().contains(&json!("q8_0")),
+        "{k}"
+    );
+    assert_eq!(k["applies"], "next_load");
+
+    let (st, j) = s
+        .patch_model(&token, SMOL_ID, json!({"cache_type_k": "q9_0"}))
+        .await;
+    assert_eq!(st, 400, "{j}");
+    assert!(
+        j.to_string().contains("cache_type_k") && j.to_string().contains("q8_0"),
+        "the refusal names the setting and the choices: {j}"
+    );
+    let (st, j) = s
+        .patch_model(
+            &token,
+            SMOL_ID,
+            json!({"cache_type_k": "q8_0", "cache_type_v": "q4_0"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{j}");
+    let (_, after) = s.admin_get(&token, &path).await;
+    assert_eq!(setting(&after, "cache_type_k")["value"], "q8_0");
+    let q_estimate = after["memory_estimate_bytes"].as_u64().unwrap();
+    // SmolLM2-135M: 30 layers, K/V rows of 192 elements; 4096 positions. f16 rows are 384 bytes,
+    // q8_0 6 × 34 = 204, q4_0 6 × 18 = 108.
+    assert_eq!(
+        f16_estimate - q_estimate,
+        30 * 4096 * ((384 + 384) - (204 + 108)),
+        "{before}\n{after}"
+    );
+
+    let pid = loaded_worker(&s, &token).await;
+    let cmd = proc_cmdline(pid);
+    assert!(
+        cmd.contains(" --cache-type-k q8_0 ") && cmd.contains(" --cache-type-v q4_0 "),
+        "{cmd}"
+    );
+    let w = support::server::worker_of(&s, &token, SMOL_ID)
+        .await
+        .unwrap();
+    let props: Value = s
+        .http
+        .get(format!("http://127.0.0.1:{}/props", w["port"]))
+        .bearer_auth(support::server::worker_key(pid))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&props["cache_type_k"], &props["cache_type_v"]),
+        (&json!("q8_0"), &json!("q4_0")),
+        "{props}"
+    );
+    // The worker answers with its quantized cache.
+    let (_, _, text) = chat(
+        &s,
+        json!([{"role": "user", "content": "What is the capital of France?"}]),
+        json!({"max_tokens": 8, "temperature": 0}),
+    )
+    .await;
+    assert!(text.contains("Paris"), "{text}");
 }

@@ -2,19 +2,21 @@
 //! on the admin pages and by `inspect`, left out of `/v1/models`, and refused with a clear 400 without a
 //! worker ever being started.
 
-mod supervisor_common;
+mod support;
 
 use serde_json::{Value, json};
-use supervisor_common::*;
+use support::assets;
+use support::assets::SMOL_Q4_1 as SMOL;
+use support::process::{bin, stdout_of};
+use support::server::*;
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
 /// The MiniLM file with `general.architecture` rewritten from `bert` to `rwkv` (same length, so every
 /// offset stays valid): a well-formed GGUF of an architecture this engine does not run.
 const RWKV_ID: &str = "minilm-as-rwkv";
 
 fn write_rwkv_copy(dst: &std::path::Path) {
-    let mut bytes = std::fs::read(model_file("all-MiniLM-L6-v2.F16.gguf")).unwrap();
+    let mut bytes = std::fs::read(assets::model(assets::MINILM)).unwrap();
     // key string, then value type STRING (8, u32) and the value's length (4, u64), then "bert".
     let key = b"general.architecture";
     let at = bytes
@@ -69,15 +71,7 @@ async fn an_unsupported_model_is_listed_with_its_reason_and_refused_without_a_wo
     assert_eq!(ok_row["unsupported_reason"], Value::Null, "{ok}");
 
     // Clients only see what can run.
-    let list: Value = s
-        .http
-        .get(format!("{}/v1/models", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/v1/models").await;
     let ids: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
@@ -123,13 +117,8 @@ async fn an_unsupported_model_is_listed_with_its_reason_and_refused_without_a_wo
     );
 
     // `inspect` says the same before anything is loaded.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
-        .args(["inspect", "--json"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = stdout_of(bin().args(["inspect", "--json"]).arg(&file));
+    let j: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["runnable"], false);
     assert!(
         j["unsupported_reason"]
@@ -138,11 +127,7 @@ async fn an_unsupported_model_is_listed_with_its_reason_and_refused_without_a_wo
             .contains("unsupported architecture \"rwkv\""),
         "{j}"
     );
-    let text = std::process::Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
-        .arg("inspect")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let text = bin().arg("inspect").arg(&file).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("runnable:        no: unsupported architecture \"rwkv\""),

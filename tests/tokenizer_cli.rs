@@ -1,18 +1,14 @@
 //! `cyber-inference tokenize` end to end: the real binary on real (model and vocab-only) GGUF files, checked
 //! against llama.cpp's answers in `../shared/vectors` and the vocab suites.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod support;
 
-fn assets() -> PathBuf {
-    PathBuf::from(std::env::var("CYBER_INFERENCE_ASSETS").expect(
-        "CYBER_INFERENCE_ASSETS must point at the fetched test assets (see ../shared/assets/fetch)",
-    ))
-}
+use support::assets::{SMOL_Q4_K_M, model, vocab_dir};
+use support::process::bin;
 
 fn tokenize(args: &[&str]) -> (bool, String, String) {
     let data = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(env!("CARGO_BIN_EXE_cyber-inference"))
+    let out = bin()
         .env("CYBER_INFERENCE_DATA_DIR", data.path())
         .arg("tokenize")
         .args(args)
@@ -27,7 +23,7 @@ fn tokenize(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn ids_of_a_model_file_with_and_without_special_parsing() {
-    let model = assets().join("models/SmolLM2-135M-Instruct.Q4_K_M.gguf");
+    let model = model(SMOL_Q4_K_M);
     let m = model.to_str().expect("utf-8 path");
     // ../shared/vectors/SmolLM2-135M-Instruct.Q4_K_M.gguf.json, parse_special = true
     let (ok, out, err) = tokenize(&[
@@ -51,7 +47,7 @@ fn ids_of_a_model_file_with_and_without_special_parsing() {
 
 #[test]
 fn pairs_and_bos_on_a_vocab_only_file() {
-    let vocab = assets().join("vocab/ggml-vocab-llama-bpe.gguf");
+    let vocab = vocab_dir().join("ggml-vocab-llama-bpe.gguf");
     let v = vocab.to_str().expect("utf-8 path");
     // llama-bpe adds BOS 128000; "Hello world" is `9906 1917` in ggml-vocab-llama-bpe.gguf.out
     let (ok, out, err) = tokenize(&["-m", v, "Hello world"]);

@@ -1,30 +1,18 @@
 //! The `tokenize` cases of `../shared/vectors/<model>.json` (llama-server `POST /tokenize` with pieces, all four
 //! add_special/parse_special combinations) must give identical ids and pieces for every model in the assets.
 
-use std::path::PathBuf;
+mod support;
 
 use cyber_inference::engine::gguf::GgufFile;
 use cyber_inference::engine::tokenizer::{StreamDecoder, Tokenizer};
 use serde_json::Value;
-
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors");
-
-fn model_path(file: &str) -> PathBuf {
-    let assets = std::env::var("CYBER_INFERENCE_ASSETS").expect(
-        "CYBER_INFERENCE_ASSETS must point at the fetched test assets (see ../shared/assets/fetch)",
-    );
-    PathBuf::from(assets).join("models").join(file)
-}
+use support::assets::model;
+use support::model::vectors;
 
 fn load(file: &str) -> (Tokenizer, Value) {
-    let f = GgufFile::open(model_path(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let f = GgufFile::open(model(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
     let tok = Tokenizer::from_gguf(&f).unwrap_or_else(|e| panic!("{file}: {e}"));
-    let path = format!("{VECTORS}/{file}.json");
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")),
-    )
-    .unwrap_or_else(|e| panic!("{path}: {e}"));
-    (tok, json)
+    (tok, vectors(file))
 }
 
 /// A piece as the vectors write it: the text, or the byte values where the token alone is not UTF-8.

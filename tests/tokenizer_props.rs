@@ -2,19 +2,19 @@
 //! invalid UTF-8, converted lossily) never make encode/decode panic, valid text round-trips through
 //! encode → decode and through the streaming decoder, and arbitrary ids never panic the decoders.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::OnceLock;
 
 use cyber_inference::engine::gguf::GgufFile;
 use cyber_inference::engine::tokenizer::{StreamDecoder, Tokenizer};
 use proptest::prelude::*;
+use support::assets::{SMOL_Q4_K_M, model};
 
 fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
-        let assets = std::env::var("CYBER_INFERENCE_ASSETS")
-            .expect("CYBER_INFERENCE_ASSETS must point at the fetched test assets (see ../shared/assets/fetch)");
-        let path = PathBuf::from(assets).join("models/SmolLM2-135M-Instruct.Q4_K_M.gguf");
+        let path = model(SMOL_Q4_K_M);
         let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Tokenizer::from_gguf(&f).expect("tokenizer")
     })

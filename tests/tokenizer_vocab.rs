@@ -2,17 +2,11 @@
 //! `$CYBER_INFERENCE_ASSETS/vocab`, encoded without BOS/EOS and without parsing special tokens, must give
 //! exactly the ids of the `.out` line; decoding those ids must give the input back wherever llama.cpp's does.
 
-use std::path::PathBuf;
+mod support;
 
 use cyber_inference::engine::gguf::GgufFile;
 use cyber_inference::engine::tokenizer::{Tokenizer, VocabKind};
-
-fn vocab_dir() -> PathBuf {
-    let assets = std::env::var("CYBER_INFERENCE_ASSETS").expect(
-        "CYBER_INFERENCE_ASSETS must point at the fetched test assets (see ../shared/assets/fetch)",
-    );
-    PathBuf::from(assets).join("vocab")
-}
+use support::assets::vocab_dir;
 
 /// Inputs of a `.inp` file: the texts between `\n__ggml_vocab_test__\n` separators.
 fn read_inputs(path: &std::path::Path) -> Vec<String> {

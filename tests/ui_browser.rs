@@ -2,32 +2,31 @@
 //! from `tests/browser`): a real `serve` with SmolLM2-135M in its MODELS_DIR; the script logs in, watches
 //! the charts, loads the model, chats, changes a setting, reads the worker's log, unloads and logs out,
 //! saving screenshots under a folder it prints. A local Hugging Face–compatible server
-//! (`tests/hub_common`) serves a repo for the "download from Hugging Face" form: with the hub's admin
-//! API in the binary the script lists the repo, downloads a file with live progress and sees it in the
-//! catalogue; without it (`/admin/api/downloads` is 404) the form must say so plainly.
+//! (`tests/support/hub.rs`) serves a repo for the "download from Hugging Face" form: the script lists the
+//! repo, downloads a file with live progress and sees it in the catalogue (the hub's admin API must be in
+//! the binary: a 404 on `/admin/api/downloads` fails the test).
 //!
 //! Needs `npm install` in `tests/browser` (`.ci/run` does it) and the worker (`cyber-inference worker`)
 //! for the load and chat steps.
 
-mod hub_common;
-mod ui_support;
+mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use hub_common::{HfServer, Served};
-use ui_support::{MODEL_FILE, PASSWORD, Serve, client, login};
+use support::assets::{self, MINILM as HF_CANCEL_FILE, SMOL_Q4_1 as HF_FILE};
+use support::hub::{HfServer, Served};
+use support::server::{PASSWORD, Server};
+use support::ui::{MODEL_FILE, first_model, get, login};
 
-/// The repo the fake hub serves and the file the browser downloads from it (not the one in MODELS_DIR).
+/// The repo the fake hub serves; the browser downloads `HF_FILE` from it (not the one in MODELS_DIR).
 const HF_REPO: &str = "test/SmolLM2-135M-Instruct-GGUF";
-const HF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// A repo whose one file the browser starts downloading and cancels.
+/// A repo whose one file (`HF_CANCEL_FILE`) the browser starts downloading and cancels.
 const HF_CANCEL_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
-const HF_CANCEL_FILE: &str = "all-MiniLM-L6-v2.F16.gguf";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_ui_in_headless_chromium() {
-    let browser_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser"));
+    let browser_dir = assets::repo_path("tests/browser");
     assert!(
         browser_dir.join("node_modules/playwright-core").is_dir(),
         "run `npm install` in {} first (.ci/run does)",
@@ -51,38 +50,15 @@ async fn admin_ui_in_headless_chromium() {
     );
     // Slow enough (64 KiB per 5 ms, ~8 s for 100 MB) for the page to show progress before it is done.
     *hf.state.faults.chunk_delay.lock().unwrap() = Some(std::time::Duration::from_millis(5));
-    let s = Serve::start_with(
-        &[MODEL_FILE],
-        &[("CYBER_INFERENCE_HF_ENDPOINT", hf.url.clone())],
-    );
-    let base = s.base();
+    let s = Server::start(&[MODEL_FILE], &[("HF_ENDPOINT", &hf.url), ("THREADS", "2")]).await;
+    let base = s.base.clone();
     let (_, token) = login(&base).await;
-    let hub_api = client()
-        .get(format!("{base}/admin/api/downloads"))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    let hub_api = match hub_api.as_u16() {
-        200 => "1",
-        404 => "0",
-        other => panic!("GET /admin/api/downloads answered {other}"),
-    };
-    println!("hub admin API in this build: {hub_api}");
-    let models: serde_json::Value = client()
-        .get(format!("{base}/admin/api/models"))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let name = models["models"][0]["model"]["name"]
-        .as_str()
-        .expect("the model is in the catalogue")
-        .to_owned();
+    let downloads = get(&base, &token, "/admin/api/downloads").await.status();
+    assert_eq!(
+        downloads, 200,
+        "GET /admin/api/downloads: the hub's admin API, which the download form needs, must be in the binary"
+    );
+    let name = first_model(&base, &token).await;
     let shots = std::env::var_os("CYBER_INFERENCE_SCREENSHOTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join(format!("cyber-inference-ui-{}", s.port)));
@@ -95,7 +71,6 @@ async fn admin_ui_in_headless_chromium() {
             .env("PASSWORD", PASSWORD)
             .env("MODEL", &name)
             .env("SHOT_DIR", &shots)
-            .env("HUB_API", hub_api)
             .env("HF_REPO", HF_REPO)
             .env("HF_FILE", HF_FILE)
             .env("HF_CANCEL_REPO", HF_CANCEL_REPO)
@@ -115,13 +90,9 @@ async fn admin_ui_in_headless_chromium() {
     );
     assert!(stdout.contains("all browser steps passed"));
     // Deleting the model removed the link in MODELS_DIR, never the shared asset it points to.
-    assert!(ui_support::asset_model(MODEL_FILE).is_file());
+    assert!(assets::model(MODEL_FILE).is_file());
     assert!(
-        s.path()
-            .join("models")
-            .join(MODEL_FILE)
-            .symlink_metadata()
-            .is_err(),
+        s.models_dir().join(MODEL_FILE).symlink_metadata().is_err(),
         "the deleted model's link is still in MODELS_DIR"
     );
 }

@@ -3,10 +3,11 @@
 //! Origins, the per-model settings form and the password change are validated on the server. Runs the
 //! real `serve` (askama templates are compiled into it).
 
-mod ui_support;
+mod support;
 
 use serde_json::{Value, json};
-use ui_support::{MODEL_FILE, PASSWORD, Serve, client, login};
+use support::server::{PASSWORD, Server};
+use support::ui::{MODEL_FILE, client, first_model, get, get_json, login};
 
 const PAGES: [&str; 6] = [
     "/",
@@ -19,8 +20,8 @@ const PAGES: [&str; 6] = [
 
 #[tokio::test]
 async fn pages_redirect_to_login_without_a_valid_session() {
-    let s = Serve::start(&[]);
-    let base = s.base();
+    let s = Server::start(&[], &[]).await;
+    let base = s.base.clone();
     let c = client();
     let other_secret = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -82,8 +83,8 @@ async fn pages_redirect_to_login_without_a_valid_session() {
 
 #[tokio::test]
 async fn session_cookie_flags_and_pages_without_the_jwt() {
-    let s = Serve::start(&[]);
-    let base = s.base();
+    let s = Server::start(&[], &[]).await;
+    let base = s.base.clone();
     let (set_cookie, token) = login(&base).await;
     let flags: Vec<&str> = set_cookie.split(';').map(str::trim).collect();
     assert!(flags.contains(&"HttpOnly"), "{set_cookie}");
@@ -93,12 +94,7 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
     assert_eq!(parts.len(), 3, "a JWT");
     let c = client();
     for path in PAGES {
-        let r = c
-            .get(format!("{base}{path}"))
-            .header("cookie", format!("ci_session={token}"))
-            .send()
-            .await
-            .unwrap();
+        let r = get(&base, &token, path).await;
         let want = if path == "/models/nope" { 404 } else { 200 };
         assert_eq!(r.status(), want, "{path}");
         let h = r.headers().clone();
@@ -131,9 +127,9 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
             assert!(body.contains(note), "{path} lacks its empty state {note:?}");
         }
     }
-    // serve runs from a temporary directory (ui_support): no templates/ or static/ beside it, so the
+    // serve runs from a temporary directory (support::server): no templates/ or static/ beside it, so the
     // pages above came from templates compiled into the binary.
-    assert!(!s.path().join("templates").exists() && !s.path().join("static").exists());
+    assert!(!s.dir.path().join("templates").exists() && !s.dir.path().join("static").exists());
     // The JS never reads document.cookie, stores a token or sets an Authorization header: the session
     // cookie is its only credential, the chat playground's too (also when `require_api_key` is on).
     let js = c.get(format!("{base}/static/app.js")).send().await.unwrap();
@@ -176,34 +172,17 @@ async fn session_cookie_flags_and_pages_without_the_jwt() {
         cleared.contains("Max-Age=0") && cleared.contains("HttpOnly"),
         "{cleared}"
     );
-    let r = c
-        .get(format!("{base}/admin/api/me"))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&base, &token, "/admin/api/me").await;
     assert_eq!(r.status(), 401, "the logged-out token is refused");
 }
 
 #[tokio::test]
 async fn foreign_origins_are_refused_on_state_changing_routes() {
-    let s = Serve::start(&[MODEL_FILE]);
-    let base = s.base();
+    let s = Server::start(&[MODEL_FILE], &[]).await;
+    let base = s.base.clone();
     let (_, token) = login(&base).await;
     let c = client();
-    let models: Value = c
-        .get(format!("{base}/admin/api/models"))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let name = models["models"][0]["model"]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let name = first_model(&base, &token).await;
     let routes: Vec<(reqwest::Method, String, Value)> = vec![
         (
             reqwest::Method::POST,
@@ -261,26 +240,10 @@ async fn foreign_origins_are_refused_on_state_changing_routes() {
         }
     }
     // Nothing changed: the model is still there, unpinned, with no ctx_size; no key; old password works.
-    let m: Value = c
-        .get(format!("{base}/admin/api/models/{name}"))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m = get_json(&base, &token, &format!("/admin/api/models/{name}")).await;
     assert_eq!(m["model"]["pinned"], false);
     assert_eq!(m["model"]["ctx_size"], Value::Null);
-    let keys: Value = c
-        .get(format!("{base}/admin/api/keys"))
-        .header("cookie", format!("ci_session={token}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys = get_json(&base, &token, "/admin/api/keys").await;
     assert_eq!(keys["keys"].as_array().unwrap().len(), 0);
     login(&base).await;
     // The same requests with this server's Origin are accepted.
@@ -297,24 +260,12 @@ async fn foreign_origins_are_refused_on_state_changing_routes() {
 
 #[tokio::test]
 async fn model_settings_form_and_password_are_validated_on_the_server() {
-    let s = Serve::start(&[MODEL_FILE]);
-    let base = s.base();
+    let s = Server::start(&[MODEL_FILE], &[]).await;
+    let base = s.base.clone();
     let (_, token) = login(&base).await;
     let c = client();
     let ck = format!("ci_session={token}");
-    let models: Value = c
-        .get(format!("{base}/admin/api/models"))
-        .header("cookie", &ck)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let name = models["models"][0]["model"]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let name = first_model(&base, &token).await;
     let post = |path: String, body: Value| {
         let (c, ck, base) = (c.clone(), ck.clone(), base.clone());
         async move {
@@ -359,12 +310,8 @@ async fn model_settings_form_and_password_are_validated_on_the_server() {
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["model"]["ctx_size"], 1536);
     assert_eq!(b["model"]["temperature"], 0.3);
-    let page = c
-        .get(format!("{base}/models/{name}"))
-        .header("cookie", &ck)
-        .send()
+    let page = get(&base, &token, &format!("/models/{name}"))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

@@ -2,40 +2,18 @@
 //! `$CYBER_INFERENCE_ASSETS/models`, driven over HTTP (and by the official `openai` Python package in
 //! `worker_python.rs`).
 
-mod worker_common;
+mod support;
 
-use worker_common::*;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_K_M.gguf";
-
-fn assets() -> PathBuf {
-    PathBuf::from(std::env::var("CYBER_INFERENCE_ASSETS").expect(
-        "CYBER_INFERENCE_ASSETS is not set: run ../shared/assets/fetch and export the folder it prints",
-    ))
-}
-
-fn model(name: &str) -> PathBuf {
-    let p = assets().join("models").join(name);
-    assert!(p.exists(), "missing test model {}", p.display());
-    p
-}
-
-/// Sends SIGTERM with the `kill` utility (tests hold no `unsafe`).
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -TERM failed");
-}
+use support::assets::{GEMMA3, MINILM, SMOL_Q4_K_M as SMOL, model, shared_vectors_dir};
+use support::model::vectors as model_vectors;
+use support::net::free_port;
+use support::process::{bin, stdout_of};
+use support::python::run_client_script;
+use support::worker::Worker;
 
 fn assert_envelope(status: u16, body: &Value, want: u16, kind: &str) {
     assert_eq!(status, want, "{body}");
@@ -55,7 +33,7 @@ fn assert_envelope(status: u16, body: &Value, want: u16, kind: &str) {
 fn worker_exits_nonzero_when_model_cannot_load() {
     let bad = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(bad.path(), b"this is not a GGUF file").unwrap();
-    let out = Command::new(BIN)
+    let out = bin()
         .args(["worker", "-m"])
         .arg(bad.path())
         .args(["--port", &free_port().to_string()])
@@ -69,15 +47,8 @@ fn worker_exits_nonzero_when_model_cannot_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bert_embeddings_match_llama_cpp_and_sigterm_exits_zero() {
-    let mut w = Worker::start(&model("all-MiniLM-L6-v2.F16.gguf"), &[]);
-    let vectors: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/all-MiniLM-L6-v2.F16.gguf.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let mut w = Worker::start(&model(MINILM), &[]);
+    let vectors = model_vectors(MINILM);
     let cases = vectors["embeddings"].as_array().unwrap();
     let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
     let (st, v) = w.post("/v1/embeddings", &json!({"input": texts})).await;
@@ -121,7 +92,7 @@ async fn bert_embeddings_match_llama_cpp_and_sigterm_exits_zero() {
         )
         .await;
     assert_envelope(st, &v, 400, "invalid_request_error");
-    sigterm(&w.child);
+    w.sigterm();
     let status = w.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}\n{}", w.stderr());
 }
@@ -130,18 +101,12 @@ async fn bert_embeddings_match_llama_cpp_and_sigterm_exits_zero() {
 fn greedy_output_equals_cyber_inference_run() {
     let m = model(SMOL);
     let prompt = "The capital of France is";
-    let out = Command::new(BIN)
-        .args(["run", "-m"])
-        .arg(&m)
-        .args(["-p", prompt, "-n", "24", "--temp", "0", "-t", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let run_text = stdout_of(
+        bin()
+            .args(["run", "-m"])
+            .arg(&m)
+            .args(["-p", prompt, "-n", "24", "--temp", "0", "-t", "2"]),
     );
-    let run_text = String::from_utf8(out.stdout).unwrap();
     let w = Worker::start(&m, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let v = rt.block_on(w.complete(prompt, 24));
@@ -392,7 +357,7 @@ fn sigterm_during_request_finishes_it_and_exits_zero() {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(5));
     }
-    sigterm(&w.child);
+    w.sigterm();
     let (st, v) = rt.block_on(req).unwrap();
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 48, "{v}");
@@ -466,33 +431,14 @@ async fn error_cases_return_status_and_openai_envelope() {
 
 #[test]
 fn python_openai_client_drives_the_worker() {
-    let python = std::env::var("CYBER_INFERENCE_PYTHON").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_default();
-        format!("{home}/.cache/cyber-inference-venv/bin/python")
-    });
-    assert!(
-        Path::new(&python).exists(),
-        "no Python with the openai package at {python}: set CYBER_INFERENCE_PYTHON (.ci/run does)"
-    );
     let w = Worker::start(&model(SMOL), &["-np", "2", "--embedding", "-a", "smol"]);
-    let e = Worker::start(&model("all-MiniLM-L6-v2.F16.gguf"), &[]);
-    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/py/test_worker_openai.py"
+    let e = Worker::start(&model(MINILM), &[]);
+    let vectors = shared_vectors_dir();
+    run_client_script(
+        "test_worker_openai.py",
+        &[&w.base, &e.base, vectors.to_str().unwrap()],
+        || format!("{}\n--- embedding worker ---\n{}", w.stderr(), e.stderr()),
     );
-    let out = Command::new(&python)
-        .arg(script)
-        .args([&w.base, &e.base, vectors])
-        .output()
-        .unwrap();
-    let so = String::from_utf8_lossy(&out.stdout);
-    let se = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    assert!(so.contains("ALL OK"), "{so}");
 }
 
 /// Gemma 3 (no chat template of its own): `/v1/chat/completions` renders llama.cpp's ChatML fallback and
@@ -501,15 +447,8 @@ fn python_openai_client_drives_the_worker() {
 /// prefix (the window's ring has moved on), is re-evaluated, and answers as a fresh worker does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma3_chat_fallback_and_prefix_past_the_sliding_window() {
-    let m = model("gemma-3-270m.Q4_K_M.gguf");
-    let vectors: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/gemma-3-270m.Q4_K_M.gguf.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let m = model(GEMMA3);
+    let vectors = model_vectors(GEMMA3);
     let case = &vectors["chat_template"][0];
     let w = Worker::start(&m, &["-c", "2048", "-np", "1"]);
     let (st, chat) = w

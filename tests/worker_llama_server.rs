@@ -2,27 +2,22 @@
 //! driven with llama-server's documented requests (tools/server/README.md), the shapes checked field by
 //! field; CORS preflights on the worker; unknown flags refused; `--help` grouped as llama-server's.
 
-mod supervisor_common;
-mod worker_common;
-
-use worker_common::*;
+mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
+use support::assets::{MINILM, SMOL_Q4_1, model};
+use support::process::bin;
+use support::server::Server;
+use support::worker::Worker;
 
 fn smol() -> PathBuf {
-    let p = PathBuf::from(std::env::var("CYBER_INFERENCE_ASSETS").expect("CYBER_INFERENCE_ASSETS"))
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "missing {}", p.display());
-    p
+    model(SMOL_Q4_1)
 }
 
 fn minilm() -> PathBuf {
-    smol().with_file_name("all-MiniLM-L6-v2.F16.gguf")
+    model(MINILM)
 }
 
 async fn sse_lines(base: &str, path: &str, body: &Value) -> Vec<String> {
@@ -439,13 +434,21 @@ async fn infill_is_refused_without_fim_tokens_and_pooling_none_gives_rows() {
 #[test]
 fn unknown_flags_are_refused_and_help_is_grouped() {
     for bad in [
-        ["--cache-type-k", "q8_0"],
+        // A cache type llama.cpp has that we do not (q8_0 … iq4_nl exist).
+        ["-ctk", "q2_k"],
+        ["--cache-type-v", "f8"],
         ["--slot-save-path", "/tmp"],
         ["--reranking", "x"],
         ["--pooling", "rank"],
         ["--no-such-flag", "1"],
+        // llama.cpp's newer spelling of --no-mmap/--mlock is not one we have.
+        ["--load-mode", "mmap"],
+        ["--keep", "-2"],
+        ["--timeout", "0"],
+        ["-to", "soon"],
+        ["--context-shift=yes", "-c"],
     ] {
-        let out = Command::new(BIN)
+        let out = bin()
             .args(["worker", "-m", "x.gguf"])
             .args(bad)
             .output()
@@ -454,10 +457,7 @@ fn unknown_flags_are_refused_and_help_is_grouped() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("error:"), "{err}");
     }
-    let out = Command::new(BIN)
-        .args(["worker", "--help"])
-        .output()
-        .unwrap();
+    let out = bin().args(["worker", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     let at = |s: &str| help.find(s).unwrap_or_else(|| panic!("no {s} in\n{help}"));
     assert!(at("common params:") < at("sampling params:"));
@@ -480,6 +480,12 @@ fn unknown_flags_are_refused_and_help_is_grouped() {
         "--chat-template-file",
         "--alias",
         "--verbose",
+        "--context-shift",
+        "--no-context-shift",
+        "--keep",
+        "--timeout",
+        "--no-mmap",
+        "--mlock",
     ] {
         assert!(help.contains(flag), "{flag}");
     }
@@ -487,8 +493,7 @@ fn unknown_flags_are_refused_and_help_is_grouped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn supervisor_answers_cors_preflights_before_auth() {
-    let s =
-        supervisor_common::Server::start(&[], &[("CORS_ORIGINS", "http://localhost:5173")]).await;
+    let s = Server::start(&[], &[("CORS_ORIGINS", "http://localhost:5173")]).await;
     let token = s.login().await;
     assert_eq!(
         s.put_settings(&token, json!({"require_api_key": true}))
@@ -544,4 +549,284 @@ async fn supervisor_answers_cors_preflights_before_auth() {
         .await
         .unwrap();
     assert!(pre.headers().get("access-control-allow-origin").is_none());
+}
+
+/// The generated token ids of a `/completion` answer (`return_tokens`).
+fn token_ids(v: &Value) -> Vec<u64> {
+    v["tokens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tokens in {v}"))
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// `--context-shift` (llama-server's meaning): a greedy generation runs past its 48-token context with
+/// `truncated: true`; what it generates before the shift is what a worker without context shift
+/// generates before stopping at the context's end (also `truncated`). After the shift the cache holds
+/// the kept tokens and the rest at their new positions (the moved keys re-roped): the next token's
+/// candidates are those of a cold run over that shifted sequence. Not bit-equal: the moved tokens'
+/// deeper-layer keys and values were computed with the dropped tokens in view, as in llama.cpp, so
+/// only the three best candidates and the best one's log-probability (within 0.5) are compared.
+#[tokio::test(flavor = "multi_thread")]
+async fn context_shift_generates_past_n_ctx_close_to_a_cold_run_over_the_shifted_tokens() {
+    let args = ["-c", "48", "--temp", "0", "--keep", "2"];
+    let shifting = Worker::start(&smol(), &[&args[..], &["--context-shift"]].concat());
+    let plain = Worker::start(&smol(), &args);
+    let (_, t) = shifting
+        .post(
+            "/tokenize",
+            &json!({"content": "Once upon a time, in a land far away,", "add_special": true}),
+        )
+        .await;
+    let prompt: Vec<u64> = t["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let (_, bare) = shifting
+        .post(
+            "/tokenize",
+            &json!({"content": "Once upon a time, in a land far away,", "add_special": false}),
+        )
+        .await;
+    let add_bos = prompt.len() > bare["tokens"].as_array().unwrap().len();
+    let req = json!({"prompt": prompt, "n_predict": 100, "ignore_eos": true,
+                     "return_tokens": true, "n_discard": 10, "n_probs": 3});
+    let (st, v) = shifting.post("/completion", &req).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["truncated"], true, "{v}");
+    assert_eq!(v["tokens_predicted"], 100, "{v}");
+    assert_eq!(v["stop_type"], "limit");
+    assert!(v["tokens_cached"].as_u64().unwrap() < 48, "{v}");
+    assert_eq!(v["generation_settings"]["n_keep"], 2);
+    assert_eq!(v["generation_settings"]["n_discard"], 10);
+    let generated = token_ids(&v);
+    assert_eq!(generated.len(), 100);
+    assert!(
+        shifting.stderr().contains("slot context shift"),
+        "{}",
+        shifting.stderr()
+    );
+
+    // Without context shift: stopped at the context's end, a prefix of the shifted run.
+    let (st, p) = plain.post("/completion", &req).await;
+    assert_eq!(st, 200, "{p}");
+    assert_eq!(p["truncated"], true, "{p}");
+    assert_eq!(p["stop_type"], "limit");
+    let n_plain = p["tokens_predicted"].as_u64().unwrap() as usize;
+    assert_eq!(n_plain, 48 - prompt.len(), "{p}");
+    assert_eq!(token_ids(&p)[..], generated[..n_plain]);
+    // A short generation does not reach the end: not truncated.
+    let (_, s) = plain
+        .post("/completion", &json!({"prompt": prompt, "n_predict": 3}))
+        .await;
+    assert_eq!(s["truncated"], false, "{s}");
+
+    // The first shift: the g-th generated token was sampled with prompt + g - 1 tokens cached = 47.
+    let l = prompt.len();
+    let g = 48 - l;
+    let keep = 2 + usize::from(add_bos);
+    let full: Vec<u64> = prompt.iter().chain(&generated).copied().collect();
+    let mut shifted: Vec<u64> = full[..keep].to_vec();
+    shifted.extend_from_slice(&full[keep + 10..l + g]);
+    let (st, cold) = plain
+        .post(
+            "/completion",
+            &json!({"prompt": shifted, "n_predict": 1, "ignore_eos": true, "n_probs": 3,
+                    "return_tokens": true, "cache_prompt": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{cold}");
+    let top = |v: &Value, i: usize| -> Vec<(u64, f64)> {
+        v["completion_probabilities"][i]["top_logprobs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no top_logprobs {i} in {v}"))
+            .iter()
+            .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+            .collect()
+    };
+    let (after, cold0) = (top(&v, g), top(&cold, 0));
+    let ids = |t: &[(u64, f64)]| {
+        let mut v: Vec<u64> = t.iter().map(|x| x.0).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(
+        ids(&after),
+        ids(&cold0),
+        "shifted {after:?} vs cold {cold0:?}"
+    );
+    assert!(
+        (after[0].1 - cold0[0].1).abs() < 0.5,
+        "shifted {after:?} vs cold {cold0:?}"
+    );
+}
+
+/// `logit_bias` in llama-server's forms on `/completion` and chat: `[[id, false]]` bans the greedy
+/// first token, `[["text", false]]` bans every token of the text, `[[id, 100]]` and OpenAI's object
+/// force a token; a malformed entry is a 400 naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn logit_bias_forms_change_the_output_and_ban_tokens() {
+    let w = Worker::start(&smol(), &["-c", "256", "--temp", "0"]);
+    let prompt = "The capital of France is";
+    let first = |v: &Value| token_ids(v)[0];
+    let run = |bias: Value| {
+        let w = &w;
+        async move {
+            let (st, v) = w
+                .post(
+                    "/completion",
+                    &json!({"prompt": prompt, "n_predict": 3, "return_tokens": true,
+                            "logit_bias": bias}),
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+            v
+        }
+    };
+    let base = run(json!([])).await;
+    let g0 = first(&base);
+    // Banned by id.
+    let v = run(json!([[g0, false]])).await;
+    assert_ne!(first(&v), g0, "{v}");
+    assert_eq!(v["generation_settings"]["logit_bias"][0]["token"], g0);
+    // Banned by text: every token of the greedy token's text.
+    let (_, d) = w.post("/detokenize", &json!({"tokens": [g0]})).await;
+    let text = d["content"].as_str().unwrap().to_string();
+    let (_, t) = w
+        .post("/tokenize", &json!({"content": text, "add_special": false}))
+        .await;
+    let text_ids: Vec<u64> = t["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert!(text_ids.contains(&g0), "{text:?} → {text_ids:?}");
+    let v = run(json!([[text, false]])).await;
+    assert!(!text_ids.contains(&first(&v)), "{v}");
+    // Forced, in the array form and in OpenAI's object form.
+    let (_, t) = w
+        .post(
+            "/tokenize",
+            &json!({"content": " London", "add_special": false}),
+        )
+        .await;
+    let london = t["tokens"][0].as_u64().unwrap();
+    assert_ne!(london, g0);
+    let v = run(json!([[london, 100]])).await;
+    assert_eq!(first(&v), london, "{v}");
+    let v = run(json!({ london.to_string(): 100 })).await;
+    assert_eq!(first(&v), london, "{v}");
+    // The chat route takes the same forms.
+    let chat = |bias: Value| {
+        let w = &w;
+        async move {
+            w.post(
+                "/v1/chat/completions",
+                &json!({"messages": [{"role": "user", "content": "Say hi"}],
+                        "max_tokens": 4, "temperature": 0,
+                        "logit_bias": bias}),
+            )
+            .await
+        }
+    };
+    let (st, c0) = chat(json!([])).await;
+    assert_eq!(st, 200, "{c0}");
+    let (st, c1) = chat(json!([[london, 100]])).await;
+    assert_eq!(st, 200, "{c1}");
+    let c1_text = c1["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_ne!(
+        c1["choices"][0]["message"]["content"],
+        c0["choices"][0]["message"]["content"]
+    );
+    assert!(c1_text.contains("London"), "{c1}");
+    // Malformed entries: 400 naming the entry.
+    for (bias, says) in [
+        (json!([[g0, 1], [g0]]), "entry 1"),
+        (json!([[g0, true]]), "entry 0"),
+        (json!([[1_000_000, 1]]), "entry 0: token id 1000000"),
+        (json!({"5": "high"}), "key \"5\""),
+    ] {
+        for path in ["/completion", "/v1/completions"] {
+            let (st, v) = w
+                .post(path, &json!({"prompt": prompt, "logit_bias": bias}))
+                .await;
+            assert_eq!(st, 400, "{path} {bias}: {v}");
+            let m = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                m.contains("logit_bias") && m.contains(says),
+                "{path} {bias}: {m}"
+            );
+        }
+    }
+}
+
+/// `--no-mmap` reads the model instead of mapping it (the file is not in the process's maps, the
+/// answer unchanged); `--mlock` starts and either locks the weights (`VmLck` at least the file's
+/// size) or says why not on stderr.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_mmap_reads_the_file_and_mlock_starts() {
+    let path = smol();
+    let size = std::fs::metadata(&path).unwrap().len();
+    let canon = std::fs::canonicalize(&path).unwrap();
+    let maps =
+        |w: &Worker| std::fs::read_to_string(format!("/proc/{}/maps", w.child.id())).unwrap();
+    let mapped = Worker::start(&path, &["-c", "256"]);
+    let read = Worker::start(&path, &["-c", "256", "--no-mmap"]);
+    let name = canon.to_str().unwrap();
+    assert!(maps(&mapped).contains(name), "the default maps {name}");
+    assert!(!maps(&read).contains(name), "--no-mmap: {name} is mapped");
+    let a = mapped.complete("The capital of France is", 6).await;
+    let b = read.complete("The capital of France is", 6).await;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    drop((mapped, read));
+    let locked = Worker::start(&path, &["-c", "256", "--mlock"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", locked.child.id())).unwrap();
+    let vm_lck_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmLck in /proc/PID/status");
+    let err = locked.stderr();
+    if vm_lck_kb * 1024 < size {
+        assert!(
+            err.contains("failed to mlock") && err.contains("RLIMIT_MEMLOCK"),
+            "VmLck {vm_lck_kb} kB, file {size} bytes, and no warning:\n{err}"
+        );
+    } else {
+        assert!(err.contains("model file locked"), "{err}");
+    }
+    let c = locked.complete("The capital of France is", 6).await;
+    assert_eq!(c["choices"][0]["text"], a["choices"][0]["text"]);
+}
+
+/// `-to/--timeout N`: a request whose body stalls is cut after about N seconds (llama-server's read
+/// timeout), while normal requests are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_cuts_a_stalled_request_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = Worker::start(&smol(), &["-c", "256", "-to", "1"]);
+    let v = w.complete("Hello", 2).await;
+    assert!(v["choices"][0]["text"].is_string());
+    let addr = w.base.trim_start_matches("http://").to_string();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(8), c.read(&mut buf))
+        .await
+        .expect("the stalled body was waited on for 8 s under --timeout 1")
+        .unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(!head.contains(" 200 "), "{head}");
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
 }

@@ -3,27 +3,16 @@
 //! `--chat-template-file`, driven over HTTP and by the official `openai` Python client
 //! (`tests/py/test_worker_tools.py`).
 
-mod common;
-mod worker_common;
-
-use worker_common::*;
-
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod support;
 
 use serde_json::{Value, json};
-
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn template(name: &str) -> PathBuf {
-    let p = common::assets().join("templates").join(name);
-    assert!(p.is_file(), "missing test template {}", p.display());
-    p
-}
+use support::assets::{SMOL_Q4_1 as SMOL, model, template};
+use support::python::run_client_script;
+use support::worker::Worker;
 
 #[tokio::test]
 async fn usage_never_exceeds_the_slot_context_and_completions_run_to_it() {
-    let w = Worker::start(&common::model(SMOL), &["-c", "48"]);
+    let w = Worker::start(&model(SMOL), &["-c", "48"]);
     let bias = w.ban_eog().await;
     // Chat: no max_tokens, end-of-generation banned: the reply runs to the end of the context.
     let (st, v) = w
@@ -81,7 +70,7 @@ async fn usage_never_exceeds_the_slot_context_and_completions_run_to_it() {
 #[tokio::test]
 async fn roles_out_of_order_are_a_400_with_the_templates_message() {
     let w = Worker::start(
-        &common::model(SMOL),
+        &model(SMOL),
         &[
             "--chat-template-file",
             template("mistralai-Mistral-Nemo-Instruct-2407.jinja")
@@ -120,7 +109,7 @@ async fn roles_out_of_order_are_a_400_with_the_templates_message() {
 async fn bad_tool_fields_are_400s() {
     let hermes = template("NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja");
     let w = Worker::start(
-        &common::model(SMOL),
+        &model(SMOL),
         &["--chat-template-file", hermes.to_str().unwrap()],
     );
     let user = json!([{"role": "user", "content": "Weather in Paris?"}]);
@@ -170,17 +159,9 @@ async fn bad_tool_fields_are_400s() {
 
 #[test]
 fn python_openai_client_tool_calls_and_agent_loop() {
-    let python = std::env::var("CYBER_INFERENCE_PYTHON").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_default();
-        format!("{home}/.cache/cyber-inference-venv/bin/python")
-    });
-    assert!(
-        Path::new(&python).exists(),
-        "no Python with the openai and jsonschema packages at {python}: set CYBER_INFERENCE_PYTHON (.ci/run does)"
-    );
     let hermes = template("NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja");
     let w = Worker::start(
-        &common::model(SMOL),
+        &model(SMOL),
         &[
             "-np",
             "2",
@@ -190,18 +171,5 @@ fn python_openai_client_tool_calls_and_agent_loop() {
             hermes.to_str().unwrap(),
         ],
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/test_worker_tools.py");
-    let out = Command::new(&python)
-        .arg(script)
-        .arg(&w.base)
-        .output()
-        .unwrap();
-    let so = String::from_utf8_lossy(&out.stdout);
-    let se = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python failed\nstdout:\n{so}\nstderr:\n{se}\nworker:\n{}",
-        w.stderr()
-    );
-    assert!(so.contains("ALL OK"), "{so}");
+    run_client_script("test_worker_tools.py", &[&w.base], || w.stderr());
 }

@@ -679,22 +679,92 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Maps `path` read-only. Errors: [`GgufError::Io`] naming the path.
-fn map_file(path: &Path) -> Result<Backing, GgufError> {
+/// How [`GgufFile::open_with`] brings a model file into memory: llama.cpp's `use_mmap` (`--no-mmap`
+/// turns it off) and `use_mlock` (`--mlock`), `src/llama-mmap.cpp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadMode {
+    /// Map the file (pages read on demand, shared with the page cache); false reads the whole file
+    /// into memory owned by the process.
+    pub mmap: bool,
+    /// Lock the file's bytes in RAM (`mlock`), so the weights are never swapped out. When the OS
+    /// refuses (`RLIMIT_MEMLOCK`, `ulimit -l`), a warning is logged and loading goes on, as llama.cpp
+    /// does.
+    pub mlock: bool,
+}
+
+impl Default for LoadMode {
+    /// Mapped, not locked (llama.cpp's defaults).
+    fn default() -> Self {
+        LoadMode {
+            mmap: true,
+            mlock: false,
+        }
+    }
+}
+
+/// Maps `path` read-only, or reads it whole without `mode.mmap`; then locks it with `mode.mlock`.
+/// Errors: [`GgufError::Io`] naming the path (a refused lock is only a warning).
+fn map_file(path: &Path, mode: LoadMode) -> Result<Backing, GgufError> {
     let io = |source| GgufError::Io {
         path: path.to_path_buf(),
         source,
     };
     let file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
-    Ok(if len == 0 {
+    let backing = if len == 0 {
         Backing::Owned(Vec::new())
+    } else if !mode.mmap {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut buf).map_err(io)?;
+        Backing::Owned(buf)
     } else {
         // SAFETY: the map is read-only; a file changed underneath us by another process is the
         // documented risk of every mmap reader (llama.cpp's included) and is not undefined behaviour
         // for reads of plain bytes on the platforms we support.
         Backing::Mmap(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
-    })
+    };
+    if mode.mlock {
+        lock_bytes(path, backing.bytes());
+    }
+    Ok(backing)
+}
+
+/// `mlock`s `bytes` (llama.cpp `llama_mlock::raw_lock`); a refusal is a warning naming the limit to
+/// raise. The lock lasts as long as the memory: unmapping (or freeing a large buffer, which the
+/// allocator unmaps) releases it.
+fn lock_bytes(path: &Path, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    // SAFETY: mlock only pins the pages of a live allocation we borrow; it reads or writes nothing.
+    let rc = unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        let limit = {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit into the struct we own.
+            if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } == 0 {
+                if r.rlim_cur == libc::RLIM_INFINITY {
+                    "unlimited".to_string()
+                } else {
+                    format!("{} bytes", r.rlim_cur)
+                }
+            } else {
+                "unknown".to_string()
+            }
+        };
+        tracing::warn!(
+            "--mlock: failed to mlock the {}-byte file {}: {err} (RLIMIT_MEMLOCK is {limit}); \
+             going on without the lock; try increasing RLIMIT_MEMLOCK ('ulimit -l' as root)",
+            bytes.len(),
+            path.display()
+        );
+    } else {
+        tracing::info!(bytes = bytes.len(), "--mlock: model file locked in memory");
+    }
 }
 
 /// The parts of a split GGUF's file name (llama.cpp `llama_split_prefix`): `m-Q4_K_M-00002-of-00003.gguf`
@@ -739,8 +809,14 @@ impl GgufFile {
     /// missing or unreadable part (its path and parse error), or parts that disagree (part number,
     /// part count, a tensor in two parts, the tensor total); else any parse error.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
+        Self::open_with(path, LoadMode::default())
+    }
+
+    /// [`GgufFile::open`] with every part brought into memory as `mode` says (read instead of mapped,
+    /// locked in RAM). Errors: as [`GgufFile::open`]; a refused `mlock` is only a warning.
+    pub fn open_with(path: impl AsRef<Path>, mode: LoadMode) -> Result<Self, GgufError> {
         let path = path.as_ref();
-        let mut f = Self::parse(map_file(path)?)?;
+        let mut f = Self::parse(map_file(path, mode)?)?;
         f.parts[0].path = Some(path.to_path_buf());
         let split_err = |path: &Path, reason: String| GgufError::Split {
             path: path.to_path_buf(),
@@ -791,7 +867,7 @@ impl GgufFile {
         let dir = path.parent().unwrap_or(Path::new(""));
         for i in 1..n {
             let p = dir.join(split_file_name(prefix, i + 1, n));
-            let part = map_file(&p)
+            let part = map_file(&p, mode)
                 .and_then(Self::parse)
                 .map_err(|e| split_err(&p, format!("part {} of {n} cannot be read: {e}", i + 1)))?;
             let (pno, pcount) = (

@@ -49,14 +49,34 @@ impl KvLayout {
     /// Bytes of keys and values for `n_seq` sequences of `n_ctx_seq` positions each, `elem_bytes` per
     /// element (2 for f16): `2 · n_seq · n_embd_kv · elem_bytes · Σ_layers cells(layer)`. Saturates.
     pub fn cache_bytes(&self, n_ctx_seq: u64, n_seq: u64, elem_bytes: u64) -> u64 {
-        let ctx = usize::try_from(n_ctx_seq).unwrap_or(usize::MAX);
-        let cells: u64 = (0..self.n_layer)
-            .map(|l| self.cells(l, ctx) as u64)
-            .fold(0u64, |a, c| a.saturating_add(c));
+        let cells = self.total_cells(n_ctx_seq);
         2u64.saturating_mul(n_seq)
             .saturating_mul(self.n_embd_kv as u64)
             .saturating_mul(elem_bytes)
             .saturating_mul(cells)
+    }
+
+    /// [`KvLayout::cache_bytes`] for keys of type `type_k` and values of type `type_v` (`-ctk`/`-ctv`):
+    /// `n_seq · (row_k + row_v) · Σ_layers cells(layer)` with `row = type.row_bytes(n_embd_kv)` (a block
+    /// type's bytes per row, e.g. 34 per 32 elements for q8_0). Saturates.
+    pub fn cache_bytes_typed(
+        &self,
+        n_ctx_seq: u64,
+        n_seq: u64,
+        type_k: crate::engine::model::KvType,
+        type_v: crate::engine::model::KvType,
+    ) -> u64 {
+        let cells = self.total_cells(n_ctx_seq);
+        let row = (type_k.row_bytes(self.n_embd_kv) + type_v.row_bytes(self.n_embd_kv)) as u64;
+        n_seq.saturating_mul(row).saturating_mul(cells)
+    }
+
+    /// `Σ_layers cells(layer)` for one sequence of `n_ctx_seq` positions. Saturates.
+    fn total_cells(&self, n_ctx_seq: u64) -> u64 {
+        let ctx = usize::try_from(n_ctx_seq).unwrap_or(usize::MAX);
+        (0..self.n_layer)
+            .map(|l| self.cells(l, ctx) as u64)
+            .fold(0u64, |a, c| a.saturating_add(c))
     }
 
     /// Number of sliding-window layers.

@@ -160,10 +160,16 @@ pub struct SamplingFields {
     pub repeat_penalty: Option<f32>,
     /// Tokens looked back for penalties (llama.cpp `repeat_last_n`).
     pub repeat_last_n: Option<i32>,
-    /// Token id (as a decimal string) → bias added to its logit.
-    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// Biases added to token logits: OpenAI's object (token id as a decimal string → bias) or
+    /// llama-server's forms (text keys, `[[id, bias], ["text", bias]]`, `false` = ban); the worker
+    /// validates it.
+    pub logit_bias: Option<serde_json::Value>,
     /// Stop strings: generation ends before them, and they never appear in the output.
     pub stop: Option<StopSpec>,
+    /// llama-server: prompt tokens kept when a context shift drops tokens (-1 = the whole prompt).
+    pub n_keep: Option<i64>,
+    /// llama-server: tokens a context shift drops after the kept ones (0 = half of the rest).
+    pub n_discard: Option<i64>,
     /// Number of choices to generate (≥ 1).
     pub n: Option<u32>,
     /// Stream the answer as server-sent events.

@@ -51,7 +51,7 @@ use super::settings::{ModelSettingsPatch, SettingValue, describe};
 use crate::config::{SECRET_SETTINGS, SETTING_NAMES, Settings, Source};
 
 /// Settings that can be changed at run time through `PUT /admin/api/settings` (plus `require_api_key`).
-pub const LIVE_SETTINGS: [&str; 9] = [
+pub const LIVE_SETTINGS: [&str; 10] = [
     "model_idle_timeout",
     "max_loaded_models",
     "max_memory_percent",
@@ -61,6 +61,7 @@ pub const LIVE_SETTINGS: [&str; 9] = [
     "gpu_layers",
     "jwt_expiry_hours",
     "drain_timeout",
+    "idle_write_timeout",
 ];
 
 /// The extra (non-`Settings`) override: whether `/v1/*` needs an API key (`true`/`false`).
@@ -822,6 +823,8 @@ mod tests {
         let cases = [
             ("drain_timeout", "0"),
             ("drain_timeout", "5"),
+            ("idle_write_timeout", "0"),
+            ("idle_write_timeout", "5"),
             ("max_memory_percent", "0"),
             ("max_memory_percent", "101"),
             ("max_loaded_models", "0"),

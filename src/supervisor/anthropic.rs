@@ -12,12 +12,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::AppState;
 use super::auth::ApiKey;
 use super::error::ApiError;
-use super::foreign::{Failure, Res, Run, SseReader, channel_response, sse_event};
+use super::foreign::{
+    Failure, Res, Run, SseReader, StreamTx, channel_response, sse_event, stream_channel,
+};
 use crate::openai::anthropic::{self as an, EventWriter, MessagesRequest, TranslateError};
 use crate::openai::stream::{ChatAccumulator, parse_chat_chunk};
 
@@ -76,7 +77,7 @@ fn new_id() -> String {
 async fn fold(
     run: &mut Run,
     resp: reqwest::Response,
-    mut out: Option<(&mut EventWriter, &mpsc::Sender<Bytes>)>,
+    mut out: Option<(&mut EventWriter, &StreamTx)>,
 ) -> Res<ChatAccumulator> {
     let mut acc = ChatAccumulator::new();
     let mut sse = SseReader::new(run, resp);
@@ -85,9 +86,7 @@ async fn fold(
             let step = acc.push(&parse_chat_chunk(&d)?);
             if let Some((w, tx)) = out.as_mut() {
                 for (name, data) in w.step(&step, &acc) {
-                    tx.send(sse_event(name, &data))
-                        .await
-                        .map_err(|_| Failure::client_closed())?;
+                    tx.send(sse_event(name, &data)).await?;
                 }
             }
         }
@@ -121,7 +120,7 @@ async fn messages(
         let acc = fold(&mut run, resp, None).await?;
         return Ok(Json(an::message(&id, &req.model, &acc)).into_response());
     }
-    let (tx, rx) = mpsc::channel(EVENTS_BUFFERED);
+    let (tx, rx) = stream_channel(&st, &run.row.name, run.endpoint, EVENTS_BUFFERED);
     let model = req.model.clone();
     tokio::spawn(async move {
         let mut w = EventWriter::new(&id, &model);

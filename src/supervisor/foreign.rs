@@ -369,6 +369,46 @@ pub fn sse_event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
+/// The sending side of a streamed foreign-API response ([`stream_channel`]): each chunk waits at most
+/// the idle-write timeout for the client to make room ([`super::proxy::send_within`], the rule the
+/// OpenAI proxy follows too), so a client that stops reading cannot hold a worker slot, a lease or an
+/// unload.
+#[derive(Clone)]
+pub struct StreamTx {
+    tx: mpsc::Sender<Bytes>,
+    idle: Duration,
+    model: String,
+    endpoint: &'static str,
+}
+
+impl StreamTx {
+    /// Sends one chunk. Errors: 499 ([`Failure::client_closed`]) when the client went away or took
+    /// nothing for the idle-write timeout (then logged with the reason).
+    pub async fn send(&self, chunk: Bytes) -> Res<()> {
+        super::proxy::send_within(&self.tx, chunk, self.idle, &self.model, self.endpoint)
+            .await
+            .map_err(|_| Failure::client_closed())
+    }
+}
+
+/// A bounded channel of `cap` chunks for a streamed response of `model` at `endpoint`, the idle-write
+/// timeout read from the settings now; the receiver goes to [`channel_response`].
+pub fn stream_channel(
+    st: &AppState,
+    model: &str,
+    endpoint: &'static str,
+    cap: usize,
+) -> (StreamTx, mpsc::Receiver<Bytes>) {
+    let (tx, rx) = mpsc::channel(cap);
+    let tx = StreamTx {
+        tx,
+        idle: super::proxy::idle_write_timeout(st),
+        model: model.to_owned(),
+        endpoint,
+    };
+    (tx, rx)
+}
+
 /// A 200 streamed response of `content_type` (`text/event-stream`, `application/x-ndjson`) whose body is
 /// the chunks sent into `rx`, each passed on as it comes (no caching, no buffering by a proxy between).
 ///

@@ -72,11 +72,6 @@ impl Gpus {
         Gpus { nvml: None }
     }
 
-    /// Whether NVML was loaded.
-    pub fn available(&self) -> bool {
-        self.nvml.is_some()
-    }
-
     /// One sample per GPU (empty without NVML). A value a device does not report is `None`.
     pub fn sample(&self) -> Vec<GpuSample> {
         let Some(nvml) = &self.nvml else {
@@ -216,7 +211,7 @@ mod tests {
             InitFailure::Unusable
         );
         assert!(Gpus::none().sample().is_empty());
-        assert!(!Gpus::none().available());
+        assert!(Gpus::none().nvml.is_none());
         // The real probe: quick, never an error; without NVML (this machine) no GPU at all.
         let t = std::time::Instant::now();
         let g = Gpus::probe();
@@ -236,7 +231,7 @@ mod tests {
             .any(|d| std::path::Path::new(d).join(l).exists())
         });
         if !has_lib {
-            assert!(!g.available());
+            assert!(g.nvml.is_none());
             assert!(g.sample().is_empty());
         }
     }

@@ -43,7 +43,7 @@ pub enum HealthcheckError {
 ///
 /// A wildcard listen address cannot be connected to, so `0.0.0.0` becomes `127.0.0.1` and `::` becomes
 /// `::1` (written `[::1]`); any other HOST (a specific address or `localhost`) is used as it is.
-pub fn default_url(settings: &Settings) -> String {
+pub(crate) fn default_url(settings: &Settings) -> String {
     let host = match settings.host.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(ip)) if ip.is_unspecified() => "127.0.0.1".to_string(),
         Ok(std::net::IpAddr::V6(ip)) if ip.is_unspecified() => "[::1]".to_string(),
@@ -56,7 +56,7 @@ pub fn default_url(settings: &Settings) -> String {
 /// Checks `url` syntactically: an absolute `http` or `https` URL with a host.
 ///
 /// Errors: [`HealthcheckError::InvalidUrl`] saying what is wrong.
-pub fn parse_url(url: &str) -> Result<reqwest::Url, HealthcheckError> {
+pub(crate) fn parse_url(url: &str) -> Result<reqwest::Url, HealthcheckError> {
     let bad = |reason: String| HealthcheckError::InvalidUrl {
         url: url.to_string(),
         reason,
@@ -79,7 +79,7 @@ pub fn parse_url(url: &str) -> Result<reqwest::Url, HealthcheckError> {
 ///
 /// Errors: [`HealthcheckError::InvalidUrl`], [`HealthcheckError::Unreachable`] (refused, timed out, not
 /// HTTP), [`HealthcheckError::Unhealthy`] (any status but 200), [`HealthcheckError::Client`].
-pub fn check(url: &str, timeout: Duration) -> Result<(), HealthcheckError> {
+pub(crate) fn check(url: &str, timeout: Duration) -> Result<(), HealthcheckError> {
     let parsed = parse_url(url)?;
     let client = reqwest::Client::builder()
         .no_proxy()

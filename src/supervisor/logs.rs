@@ -10,9 +10,9 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 /// Lines kept in memory per model.
-pub const RING_LINES: usize = 1000;
+pub(crate) const RING_LINES: usize = 1000;
 /// A log file is rotated to `NAME.log.1` when it passes this size (bytes).
-pub const ROTATE_BYTES: u64 = 10 * 1024 * 1024;
+pub(crate) const ROTATE_BYTES: u64 = 10 * 1024 * 1024;
 
 /// One captured line.
 #[derive(Clone, Debug, Serialize)]
@@ -87,7 +87,7 @@ impl LogBuffer {
 }
 
 /// An append-only log file rotated at [`ROTATE_BYTES`] (one previous generation kept).
-pub struct RotatingFile {
+pub(crate) struct RotatingFile {
     path: PathBuf,
     file: Option<std::fs::File>,
     size: u64,
@@ -132,7 +132,7 @@ impl RotatingFile {
 }
 
 /// Removes ANSI escape sequences (colours of tracing output) from a line.
-pub fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -153,7 +153,7 @@ pub fn strip_ansi(s: &str) -> String {
 }
 
 /// The supervisor's own log lines (filled by [`SupervisorLogWriter`]).
-pub static SUPERVISOR_LOG: LazyLock<LogBuffer> = LazyLock::new(LogBuffer::default);
+pub(crate) static SUPERVISOR_LOG: LazyLock<LogBuffer> = LazyLock::new(LogBuffer::default);
 
 /// A tracing writer that copies every formatted line to stderr and to [`SUPERVISOR_LOG`]; `serve`'s
 /// tracing subscriber uses it (see `main.rs`).

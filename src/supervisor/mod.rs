@@ -5,25 +5,25 @@
 //! preload pinned models → listen. SIGTERM/SIGINT: stop accepting, give open requests the grace period,
 //! stop every worker (SIGTERM, then SIGKILL), exit 0.
 
-pub mod admin;
-pub mod anthropic;
-pub mod auth;
-pub mod catalog;
-pub mod db;
-pub mod error;
-pub mod events;
-pub mod foreign;
-pub mod gpu;
-pub mod init;
+pub(crate) mod admin;
+pub(crate) mod anthropic;
+pub(crate) mod auth;
+pub(crate) mod catalog;
+pub(crate) mod db;
+pub(crate) mod error;
+pub(crate) mod events;
+pub(crate) mod foreign;
+pub(crate) mod gpu;
+pub(crate) mod init;
 pub mod logs;
-pub mod metrics;
-pub mod monitor;
-pub mod ollama;
+pub(crate) mod metrics;
+pub(crate) mod monitor;
+pub(crate) mod ollama;
 pub mod process;
-pub mod proxy;
-pub mod responses;
+pub(crate) mod proxy;
+pub(crate) mod responses;
 pub mod settings;
-pub mod ui;
+pub(crate) mod ui;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};

@@ -19,7 +19,7 @@ use super::AppState;
 use super::auth::ApiKey;
 use super::db::ModelRow;
 use super::error::ApiError;
-use super::foreign::{Failure, Res, Run, SseReader, find_model};
+use super::foreign::{Failure, Res, Run, SseReader, StreamTx, find_model, stream_channel};
 use super::hub::{DownloadRequest, DownloadState, HubError};
 use super::process::ModelState;
 use crate::openai::ollama::{
@@ -106,12 +106,18 @@ fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response {
         .unwrap_or_else(|e| OllamaError(Failure::bad_gateway(e.to_string())).into_response())
 }
 
-/// A streamed reply: `work` sends lines into the channel; its error becomes a last `{"error"}` line.
-fn streamed<F>(work: impl FnOnce(mpsc::Sender<Bytes>) -> F) -> Response
+/// A streamed reply of `model` at `endpoint`: `work` sends lines into the channel (each waiting at
+/// most the idle-write timeout for the client); its error becomes a last `{"error"}` line.
+fn streamed<F>(
+    st: &AppState,
+    model: &str,
+    endpoint: &'static str,
+    work: impl FnOnce(StreamTx) -> F,
+) -> Response
 where
     F: std::future::Future<Output = Res<()>> + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel(LINES_BUFFERED);
+    let (tx, rx) = stream_channel(st, model, endpoint, LINES_BUFFERED);
     let fut = work(tx.clone());
     tokio::spawn(async move {
         if let Err(e) = fut.await {
@@ -121,14 +127,9 @@ where
     ndjson_response(rx)
 }
 
-/// The client closed the stream.
-fn gone() -> Failure {
-    Failure::client_closed()
-}
-
-async fn send(tx: Option<&mpsc::Sender<Bytes>>, v: &Value) -> Res<()> {
+async fn send(tx: Option<&StreamTx>, v: &Value) -> Res<()> {
     match tx {
-        Some(tx) => tx.send(ndjson_line(v)).await.map_err(|_| gone()),
+        Some(tx) => tx.send(ndjson_line(v)).await,
         None => Ok(()),
     }
 }
@@ -183,7 +184,8 @@ async fn chat(
     if !stream {
         return Ok(Json(chat_loop(run, resp, sent, None).await?).into_response());
     }
-    Ok(streamed(move |tx| async move {
+    let (model, endpoint) = (run.row.name.clone(), run.endpoint);
+    Ok(streamed(&st, &model, endpoint, move |tx| async move {
         let last = chat_loop(run, resp, sent, Some(&tx)).await?;
         send(Some(&tx), &last).await
     }))
@@ -194,7 +196,7 @@ async fn chat_loop(
     mut run: Run,
     resp: reqwest::Response,
     sent: Instant,
-    tx: Option<&mpsc::Sender<Bytes>>,
+    tx: Option<&StreamTx>,
 ) -> Res<Value> {
     let mut acc = ChatAccumulator::new();
     let mut first = None;
@@ -282,7 +284,8 @@ async fn generate(
     if !stream {
         return Ok(Json(generate_loop(run, resp, sent, ids, None).await?).into_response());
     }
-    Ok(streamed(move |tx| async move {
+    let (model, endpoint) = (run.row.name.clone(), run.endpoint);
+    Ok(streamed(&st, &model, endpoint, move |tx| async move {
         let last = generate_loop(run, resp, sent, ids, Some(&tx)).await?;
         send(Some(&tx), &last).await
     }))
@@ -323,7 +326,7 @@ async fn generate_loop(
     resp: reqwest::Response,
     sent: Instant,
     mut ids: Vec<u32>,
-    tx: Option<&mpsc::Sender<Bytes>>,
+    tx: Option<&StreamTx>,
 ) -> Res<Value> {
     let mut text = String::new();
     let mut finish: Option<FinishReason> = None;
@@ -831,19 +834,20 @@ async fn pull(
         pull_loop(st, info.id, alias, None).await?;
         return Ok(Json(json!({"status": "success"})).into_response());
     }
-    Ok(streamed(move |tx| async move {
-        send(Some(&tx), &json!({"status": "pulling manifest"})).await?;
-        pull_loop(st, info.id, alias, Some(&tx)).await?;
-        send(Some(&tx), &json!({"status": "success"})).await
-    }))
+    let shown = req.model.clone();
+    Ok(streamed(
+        &st.clone(),
+        &shown,
+        "/api/pull",
+        move |tx| async move {
+            send(Some(&tx), &json!({"status": "pulling manifest"})).await?;
+            pull_loop(st, info.id, alias, Some(&tx)).await?;
+            send(Some(&tx), &json!({"status": "success"})).await
+        },
+    ))
 }
 
-async fn pull_loop(
-    st: AppState,
-    id: u64,
-    alias: String,
-    tx: Option<&mpsc::Sender<Bytes>>,
-) -> Res<()> {
+async fn pull_loop(st: AppState, id: u64, alias: String, tx: Option<&StreamTx>) -> Res<()> {
     let mut verifying_sent = false;
     loop {
         let Some(i) = st.downloads.get(id) else {

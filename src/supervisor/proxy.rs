@@ -290,15 +290,54 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 type LogCtx = (AppState, String, String, Instant, Option<i64>);
 
 /// Longest the proxy waits for a client to take the next chunk of a response (it stopped reading)
-/// before it gives up on it: the request is logged as 499 and its worker slot is released, so an
-/// unload is never held up by such a client.
-pub const IDLE_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// before it gives up on it: the setting `idle_write_timeout` (`CYBER_INFERENCE_IDLE_WRITE_TIMEOUT`,
+/// seconds, default 60, read when the response starts). The request is then logged as 499 with the
+/// reason, the worker connection is closed and the worker's slot released, so neither an unload nor
+/// the worker's other clients are held up by such a client.
+pub(super) fn idle_write_timeout(st: &AppState) -> Duration {
+    Duration::from_secs(st.settings().idle_write_timeout.max(1))
+}
+
+/// Why a chunk of a response did not reach the client's side of the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stalled {
+    /// The client went away (the body was dropped).
+    Closed,
+    /// The client took nothing for the idle-write timeout (it stopped reading); logged once here.
+    IdleWrite,
+}
+
+/// Sends `item` into a response body's bounded channel, waiting at most `idle` for room (the one rule
+/// of [`idle_write_timeout`], shared by the OpenAI proxy and the Ollama, Anthropic and Responses
+/// streams). A stall is logged with the model and endpoint; the caller then drops the request.
+pub(super) async fn send_within<T>(
+    tx: &tokio::sync::mpsc::Sender<T>,
+    item: T,
+    idle: Duration,
+    model: &str,
+    endpoint: &str,
+) -> Result<(), Stalled> {
+    match tokio::time::timeout(idle, tx.send(item)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Stalled::Closed),
+        Err(_) => {
+            tracing::warn!(
+                model = %model,
+                endpoint = %endpoint,
+                "the client took no data for {} s (IDLE_WRITE_TIMEOUT); the request is dropped and its worker slot freed",
+                idle.as_secs()
+            );
+            Err(Stalled::IdleWrite)
+        }
+    }
+}
 /// Chunks buffered between the worker and a slow client.
 const RELAY_CHUNKS: usize = 16;
 
 /// The response body: a task passes upstream chunks through a bounded channel as they come, keeps the
 /// last [`TAIL`] bytes to read `usage` at the end, and holds the in-flight lease until the body ends,
-/// the client goes away or stops reading for [`IDLE_WRITE_TIMEOUT`], or the supervisor cuts the request
+/// the client goes away or stops reading for the idle-write timeout ([`idle_write_timeout`]), or the
+/// supervisor cuts the request
 /// (drain deadline, worker gone: an SSE stream then gets an error event). Dropping the upstream response
 /// closes the worker connection. The request is logged once.
 fn relay(upstream: reqwest::Response, sse: bool, status: u16, log: LogCtx, lease: Lease) -> Body {
@@ -353,6 +392,7 @@ async fn pump(
 ) {
     let mut tail: Vec<u8> = Vec::new();
     let mut cut = lease.cut.clone();
+    let idle = idle_write_timeout(&log.0);
     let end: u16 = loop {
         let next = tokio::select! {
             n = upstream.next() => n,
@@ -370,17 +410,8 @@ async fn pump(
                     tail.drain(..cut);
                 }
                 tokio::select! {
-                    r = tokio::time::timeout(IDLE_WRITE_TIMEOUT, tx.send(Ok(b))) => match r {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => break 499,
-                        Err(_) => {
-                            tracing::warn!(
-                                model = %log.1,
-                                "the client took no data for {} s; the request is dropped",
-                                IDLE_WRITE_TIMEOUT.as_secs()
-                            );
-                            break 499;
-                        }
+                    r = send_within(&tx, Ok(b), idle, &log.1, &log.2) => if r.is_err() {
+                        break 499;
                     },
                     why = cut_reason(&mut cut) => {
                         end_with(&tx, sse, ApiError::unavailable("request_cut", why));

@@ -11,12 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::AppState;
 use super::auth::ApiKey;
 use super::error::ApiError;
-use super::foreign::{Failure, Res, Run, SseReader, channel_response, sse_event};
+use super::foreign::{
+    Failure, Res, Run, SseReader, StreamTx, channel_response, sse_event, stream_channel,
+};
 use crate::openai::ChatMessage;
 use crate::openai::responses::{self as rs, EventWriter, Ids, ResponsesRequest};
 use crate::openai::stream::{ChatAccumulator, parse_chat_chunk};
@@ -67,7 +68,7 @@ async fn fold(
     req: &ResponsesRequest,
     ids: &Ids,
     mut conversation: Vec<ChatMessage>,
-    mut out: Option<(&mut EventWriter, &mpsc::Sender<Bytes>)>,
+    mut out: Option<(&mut EventWriter, &StreamTx)>,
 ) -> Res<(ChatAccumulator, Value)> {
     let mut acc = ChatAccumulator::new();
     let mut sse = SseReader::new(run, resp);
@@ -76,9 +77,7 @@ async fn fold(
             let step = acc.push(&parse_chat_chunk(&d)?);
             if let Some((w, tx)) = out.as_mut() {
                 for (name, data) in w.step(&step, &acc) {
-                    tx.send(sse_event(&name, &data))
-                        .await
-                        .map_err(|_| Failure::client_closed())?;
+                    tx.send(sse_event(&name, &data)).await?;
                 }
             }
         }
@@ -150,7 +149,7 @@ async fn create(
             .map_err(api_error)?;
         return Ok(Json(body).into_response());
     }
-    let (tx, rx) = mpsc::channel(EVENTS_BUFFERED);
+    let (tx, rx) = stream_channel(&st, &run.row.name, run.endpoint, EVENTS_BUFFERED);
     tokio::spawn(async move {
         let mut w = EventWriter::new(ids.clone());
         for (name, data) in w.start(&req) {

@@ -66,6 +66,8 @@ pub enum Kind {
     Bool { default: bool },
     /// Text of at most `max_bytes` bytes; empty = `NULL`.
     Text { max_bytes: usize },
+    /// One of `options` (stored as text); `NULL` = the worker's default.
+    Choice { options: &'static [&'static str] },
 }
 
 /// One per-model setting: a column of `models`, a field of `PATCH /admin/api/models/{name}` and of the
@@ -108,9 +110,17 @@ fn unset_request(_: &Settings) -> String {
 fn unset_none(_: &Settings) -> String {
     String::new()
 }
+fn unset_f16(_: &Settings) -> String {
+    "default f16".to_owned()
+}
+
+/// The KV cache types a worker takes (`-ctk`/`-ctv`, [`KvType::parse`](crate::engine::model::KvType)).
+pub(crate) const KV_CACHE_TYPES: &[&str] = &[
+    "f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1",
+];
 
 /// Longest system prompt stored (bytes).
-pub const MAX_SYSTEM_PROMPT_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_SYSTEM_PROMPT_BYTES: usize = 64 * 1024;
 
 /// Every per-model setting, in form order.
 pub const MODEL_SETTINGS: &[ModelSetting] = &[
@@ -161,6 +171,28 @@ pub const MODEL_SETTINGS: &[ModelSetting] = &[
         label: "GPU layers",
         help: "layers offloaded to the GPU; -1 = all, 0 = none",
         unset: unset_gpu_layers,
+    },
+    ModelSetting {
+        name: "cache_type_k",
+        column: "cache_type_k",
+        kind: Kind::Choice {
+            options: KV_CACHE_TYPES,
+        },
+        applies: Applies::NextLoad,
+        label: "KV cache keys",
+        help: "element type of the KV cache's keys (llama-server -ctk); q8_0 halves the cache's memory, q4_0 quarters it, at a small cost in quality",
+        unset: unset_f16,
+    },
+    ModelSetting {
+        name: "cache_type_v",
+        column: "cache_type_v",
+        kind: Kind::Choice {
+            options: KV_CACHE_TYPES,
+        },
+        applies: Applies::NextLoad,
+        label: "KV cache values",
+        help: "element type of the KV cache's values (llama-server -ctv)",
+        unset: unset_f16,
     },
     ModelSetting {
         name: "idle_timeout",
@@ -264,7 +296,7 @@ pub const MODEL_SETTINGS: &[ModelSetting] = &[
 ];
 
 /// The setting named `name`.
-pub fn model_setting(name: &str) -> Option<&'static ModelSetting> {
+pub(crate) fn model_setting(name: &str) -> Option<&'static ModelSetting> {
     MODEL_SETTINGS.iter().find(|s| s.name == name)
 }
 
@@ -277,18 +309,6 @@ pub enum SettingValue {
     Text(String),
 }
 
-impl SettingValue {
-    /// The value as JSON.
-    pub fn to_json(&self) -> Value {
-        match self {
-            SettingValue::Int(x) => json!(x),
-            SettingValue::Float(x) => json!(x),
-            SettingValue::Bool(x) => json!(x),
-            SettingValue::Text(x) => json!(x),
-        }
-    }
-}
-
 impl ModelSetting {
     /// The range as the messages say it (`between 1 and 32768`, `at most 65536 bytes`).
     pub fn range(&self, s: &Settings) -> String {
@@ -297,6 +317,7 @@ impl ModelSetting {
             Kind::Float { min, max } => format!("between {min} and {max}"),
             Kind::Bool { .. } => "true or false".to_owned(),
             Kind::Text { max_bytes } => format!("at most {max_bytes} bytes"),
+            Kind::Choice { options } => format!("one of {}", options.join(", ")),
         }
     }
 
@@ -355,6 +376,13 @@ impl ModelSetting {
                     return Err(format!("must be {range}, not {} bytes", t.len()));
                 }
                 Ok(Some(SettingValue::Text(t.clone())))
+            }
+            Kind::Choice { options } => {
+                let t = text.to_ascii_lowercase();
+                match options.iter().find(|o| **o == t) {
+                    Some(o) => Ok(Some(SettingValue::Text((*o).to_owned()))),
+                    None => Err(format!("must be {range}, not “{text}”")),
+                }
             }
         }
     }
@@ -434,18 +462,21 @@ impl ModelSettingsPatch {
 
 /// Every setting of a model with its value as JSON (`null` = unset), in table order: what
 /// [`Db::model_settings`](super::db::Db::model_settings) reads.
-pub type SettingValues = Vec<(&'static ModelSetting, Value)>;
+pub(crate) type SettingValues = Vec<(&'static ModelSetting, Value)>;
 
 /// One setting of a model as the admin API shows it.
 #[derive(Serialize)]
-pub struct SettingInfo {
+pub(crate) struct SettingInfo {
     pub name: &'static str,
     pub value: Value,
-    /// `int`, `float`, `bool` or `text`.
+    /// `int`, `float`, `bool`, `text` or `choice`.
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub min: Option<Value>,
     pub max: Option<Value>,
+    /// The values a `choice` takes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub options: Option<&'static [&'static str]>,
     /// `next_load`, `now` or `per_request`.
     pub applies: &'static str,
     pub label: &'static str,
@@ -455,7 +486,7 @@ pub struct SettingInfo {
 }
 
 /// Every per-model setting with its value (of `values`), type, range, when it applies, label and help.
-pub fn describe(values: &SettingValues, s: &Settings) -> Vec<SettingInfo> {
+pub(crate) fn describe(values: &SettingValues, s: &Settings) -> Vec<SettingInfo> {
     values
         .iter()
         .map(|&(d, ref value)| {
@@ -464,6 +495,7 @@ pub fn describe(values: &SettingValues, s: &Settings) -> Vec<SettingInfo> {
                 Kind::Float { min, max } => ("float", Some(json!(min)), Some(json!(max))),
                 Kind::Bool { .. } => ("bool", None, None),
                 Kind::Text { max_bytes } => ("text", None, Some(json!(max_bytes))),
+                Kind::Choice { .. } => ("choice", None, None),
             };
             SettingInfo {
                 name: d.name,
@@ -471,6 +503,10 @@ pub fn describe(values: &SettingValues, s: &Settings) -> Vec<SettingInfo> {
                 kind,
                 min,
                 max,
+                options: match d.kind {
+                    Kind::Choice { options } => Some(options),
+                    _ => None,
+                },
                 applies: d.applies.as_str(),
                 label: d.label,
                 help: d.help,
@@ -481,7 +517,7 @@ pub fn describe(values: &SettingValues, s: &Settings) -> Vec<SettingInfo> {
 }
 
 /// The per-request defaults a model has set (of its `values`), with their values.
-pub fn request_defaults(values: &SettingValues) -> Vec<(RequestField, Value)> {
+pub(crate) fn request_defaults(values: &SettingValues) -> Vec<(RequestField, Value)> {
     values
         .iter()
         .filter_map(|(d, v)| match d.applies {
@@ -496,7 +532,11 @@ pub fn request_defaults(values: &SettingValues) -> Vec<(RequestField, Value)> {
 /// a field the client sets always wins), the system prompt goes first into a chat
 /// (`/v1/chat/completions`, `/apply-template`) without a `system` or `developer` message. Returns
 /// whether `body` changed.
-pub fn apply_defaults(defaults: &[(RequestField, Value)], path: &str, body: &mut Value) -> bool {
+pub(crate) fn apply_defaults(
+    defaults: &[(RequestField, Value)],
+    path: &str,
+    body: &mut Value,
+) -> bool {
     let chat = matches!(path, "/v1/chat/completions" | "/chat/completions");
     let completion = matches!(path, "/v1/completions" | "/completions");
     let template = path == "/apply-template";
@@ -537,7 +577,11 @@ pub fn apply_defaults(defaults: &[(RequestField, Value)], path: &str, body: &mut
 /// ([`request_defaults`]): `body` untouched when there are none (or none applies), else parsed, given
 /// the defaults ([`apply_defaults`]) and serialized again. The one place every API's worker-bound
 /// requests (the OpenAI proxy, Ollama, Anthropic, Responses) get their model's defaults.
-pub fn with_request_defaults(defaults: &[(RequestField, Value)], path: &str, body: Bytes) -> Bytes {
+pub(crate) fn with_request_defaults(
+    defaults: &[(RequestField, Value)],
+    path: &str,
+    body: Bytes,
+) -> Bytes {
     if defaults.is_empty() {
         return body;
     }
@@ -552,7 +596,7 @@ pub fn with_request_defaults(defaults: &[(RequestField, Value)], path: &str, bod
 
 /// The Modelfile view of a model's per-request `defaults` for Ollama's `/api/show`: the `PARAMETER`
 /// (name, value) pairs and the `SYSTEM` text.
-pub fn ollama_parameters(
+pub(crate) fn ollama_parameters(
     defaults: &[(RequestField, Value)],
 ) -> (Vec<(&'static str, String)>, Option<String>) {
     let mut params = Vec::new();

@@ -470,8 +470,10 @@ pub struct FieldView {
     pub placeholder: String,
     /// The setting's help and when a change applies.
     pub help: String,
-    /// The control: `number`, `checkbox` or `textarea`.
+    /// The control: `number`, `checkbox`, `textarea` or `select`.
     pub input: &'static str,
+    /// A `select`'s values (the empty first option is the default).
+    pub options: &'static [&'static str],
     /// A checkbox's state.
     pub checked: bool,
 }
@@ -523,7 +525,12 @@ fn fields_of(values: &SettingValues, st: &AppState) -> Vec<FieldView> {
                 input: match d.kind {
                     Kind::Bool { .. } => "checkbox",
                     Kind::Text { .. } => "textarea",
+                    Kind::Choice { .. } => "select",
                     Kind::Int { .. } | Kind::Float { .. } => "number",
+                },
+                options: match d.kind {
+                    Kind::Choice { options } => options,
+                    _ => &[],
                 },
                 checked: *v == Value::Bool(true),
             }

@@ -144,7 +144,8 @@ impl BatchPlan {
         self.logits.push(logits);
     }
 
-    /// Number of tokens.
+    /// Number of tokens (the fake backend's checks).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
@@ -224,6 +225,18 @@ pub trait Compute: Send + 'static {
     /// caller then clears the sequence and recomputes).
     fn seq_keep(&mut self, seq: u32, n: usize) -> bool {
         let _ = (seq, n);
+        false
+    }
+    /// Whether [`Compute::seq_shift`] works (llama.cpp's `llama_memory_can_shift`); false by default.
+    fn can_shift(&self) -> bool {
+        false
+    }
+    /// llama-server's context shift of `seq`: drops positions `n_keep .. n_keep + n_discard` and
+    /// moves the later ones back by `n_discard` (their keys re-roped), so the next token goes at
+    /// `len - n_discard`. Returns false, changing nothing, when the engine cannot (the caller then
+    /// stops the generation at the context's end).
+    fn seq_shift(&mut self, seq: u32, n_keep: usize, n_discard: usize) -> bool {
+        let _ = (seq, n_keep, n_discard);
         false
     }
     /// A fresh sampler for one choice.

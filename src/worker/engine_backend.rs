@@ -12,7 +12,7 @@ use super::backend::{
 use super::{LoadParams, Loaded, plan_context};
 use crate::engine::chat::{ChatTemplate, RenderOptions};
 use crate::engine::constraint::{GrammarCompiler, TokenizeFn};
-use crate::engine::model::{Batch, Context, ContextParams, KvType, Model, ModelParams};
+use crate::engine::model::{Batch, Context, ContextParams, Model, ModelParams};
 use crate::engine::sampling::{Sampler, SamplerParams};
 use crate::engine::tokenizer::Tokenizer;
 
@@ -157,6 +157,12 @@ impl Compute for EngineCompute {
         self.ctx.seq_truncate(s, n);
         self.ctx.seq_len(s) == n
     }
+    fn can_shift(&self) -> bool {
+        self.ctx.can_shift()
+    }
+    fn seq_shift(&mut self, seq: u32, n_keep: usize, n_discard: usize) -> bool {
+        self.ctx.seq_shift(seq + self.seq_offset, n_keep, n_discard)
+    }
     fn sampler(&self, p: &SamplingParams) -> Box<dyn TokenSampler> {
         Box::new(EngineSampler(Sampler::new(SamplerParams {
             temperature: p.temperature,
@@ -179,11 +185,12 @@ impl Compute for EngineCompute {
 ///
 /// Errors: the engine's message (GGUF, architecture, tokenizer, context sizes), for stderr.
 pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
-    let model: Arc<Model> = Model::load(
+    let model: Arc<Model> = Model::load_with(
         &p.path,
         &ModelParams {
             n_threads: p.n_threads,
         },
+        p.load_mode,
     )
     .map_err(|e| e.to_string())?;
     let template = match &p.chat_template {
@@ -210,7 +217,8 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
             n_threads: p.n_threads,
             // `Context::embed` turns embeddings on for its own pass; generation needs none.
             embeddings: is_encoder,
-            kv_type: KvType::F16,
+            type_k: p.cache_types.0,
+            type_v: p.cache_types.1,
         },
     )
     .map_err(|e| e.to_string())?;

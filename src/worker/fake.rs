@@ -38,6 +38,11 @@ pub fn next_token(seq: &[u32]) -> u32 {
 pub struct FakeCodec {
     info: ModelInfo,
     grammar: GrammarCompiler,
+    /// `(bytes, delay)`: encoding a text, or rendering a chat, of at least `bytes` sleeps `delay` on
+    /// the calling thread (a stand-in for a real tokenizer's cost on a huge prompt).
+    slow: Option<(usize, std::time::Duration)>,
+    /// Slow encodes or renderings running now.
+    slow_running: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for FakeCodec {
@@ -55,11 +60,36 @@ impl Default for FakeCodec {
                 ..ModelInfo::default()
             },
             grammar: fake_grammar(),
+            slow: None,
+            slow_running: Default::default(),
         }
     }
 }
 
 impl FakeCodec {
+    /// A fake whose encoding of a text, and rendering of a chat, of at least `bytes` bytes blocks its
+    /// thread for `delay`.
+    pub fn with_slow_work(mut self, bytes: usize, delay: std::time::Duration) -> FakeCodec {
+        self.slow = Some((bytes, delay));
+        self
+    }
+
+    /// How many slow encodes or renderings ([`FakeCodec::with_slow_work`]) are running now.
+    pub fn slow_running(&self) -> usize {
+        self.slow_running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn maybe_slow(&self, bytes: usize) {
+        if let Some((min, delay)) = self.slow
+            && bytes >= min
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.slow_running.fetch_add(1, SeqCst);
+            std::thread::sleep(delay);
+            self.slow_running.fetch_sub(1, SeqCst);
+        }
+    }
+
     /// A fake whose vocabulary has these fill-in-the-middle tokens (byte ids).
     pub fn with_fim(fim: super::backend::FimTokens) -> FakeCodec {
         let mut c = FakeCodec::default();
@@ -98,6 +128,7 @@ impl Codec for FakeCodec {
         &self.info
     }
     fn encode(&self, text: &str, add_special: bool, _parse_special: bool) -> Vec<u32> {
+        self.maybe_slow(text.len());
         let mut v: Vec<u32> = Vec::new();
         if add_special {
             v.push(BOS);
@@ -121,6 +152,12 @@ impl Codec for FakeCodec {
         id == EOG
     }
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError> {
+        self.maybe_slow(
+            messages
+                .iter()
+                .map(|m| m["content"].as_str().map_or(0, str::len))
+                .sum(),
+        );
         let mut s = String::new();
         for m in messages {
             let role = m["role"].as_str().unwrap_or("?");
@@ -179,6 +216,7 @@ pub struct FakeCompute {
     outputs: Vec<Vec<f32>>,
     log: FakeLog,
     delay: std::time::Duration,
+    can_shift: bool,
 }
 
 impl FakeCompute {
@@ -190,7 +228,14 @@ impl FakeCompute {
             outputs: Vec::new(),
             log,
             delay: std::time::Duration::ZERO,
+            can_shift: true,
         }
+    }
+
+    /// A compute whose cache cannot shift (a sliding-window model's).
+    pub fn without_shift(mut self) -> Self {
+        self.can_shift = false;
+        self
     }
 
     /// Makes every forward pass take at least `d` (to let tests act mid-generation).
@@ -274,6 +319,18 @@ impl Compute for FakeCompute {
             s.truncate(n);
         }
         true
+    }
+    fn can_shift(&self) -> bool {
+        self.can_shift
+    }
+    fn seq_shift(&mut self, seq: u32, n_keep: usize, n_discard: usize) -> bool {
+        match self.seqs.get_mut(seq as usize) {
+            Some(s) if self.can_shift && n_keep + n_discard <= s.len() => {
+                s.drain(n_keep..n_keep + n_discard);
+                true
+            }
+            _ => false,
+        }
     }
     fn sampler(&self, _params: &SamplingParams) -> Box<dyn TokenSampler> {
         Box::new(Argmax)

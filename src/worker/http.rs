@@ -40,6 +40,8 @@ pub struct Defaults {
     pub sampling: SamplingParams,
     /// Most tokens to generate (-1 = until a stop or the end of the slot's context).
     pub n_predict: i64,
+    /// Prompt tokens a context shift keeps (`--keep`; -1 = the whole prompt).
+    pub n_keep: i64,
 }
 
 impl Default for Defaults {
@@ -47,6 +49,7 @@ impl Default for Defaults {
         Defaults {
             sampling: SamplingParams::default(),
             n_predict: -1,
+            n_keep: 0,
         }
     }
 }
@@ -80,6 +83,8 @@ pub struct ServerInfo {
     pub embedding: bool,
     /// `--reasoning-format`: the default of a chat request's `reasoning_format`.
     pub reasoning_format: crate::engine::chat::reasoning::ReasoningFormat,
+    /// `-ctk`, `-ctv`: the KV cache's element types.
+    pub cache_types: (crate::engine::model::KvType, crate::engine::model::KvType),
     /// Unix time (s) of the start.
     pub created: u64,
 }
@@ -129,6 +134,38 @@ pub(super) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Bodies of at least this many bytes have their chat template rendered and their text tokenized on
+/// tokio's blocking pool (see [`prepare`]); smaller ones, the common case, inline (a thread hand-off
+/// would cost more than the work).
+pub(super) const BLOCKING_BODY_BYTES: usize = 64 * 1024;
+/// Most [`prepare`] jobs on the blocking pool at once; more wait for a turn without holding a thread.
+pub(super) const MAX_BLOCKING_PREPARE: usize = 4;
+static BLOCKING_PREPARE: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_BLOCKING_PREPARE);
+
+/// Runs `f`, the CPU work of preparing a request whose cost grows with its body (chat template
+/// rendering, tokenization of prompts and embedding inputs), for a body of `body_len` bytes: inline
+/// under [`BLOCKING_BODY_BYTES`], else on tokio's blocking pool, at most [`MAX_BLOCKING_PREPARE`] at
+/// once, so that a huge prompt never stalls the async threads that answer everyone else (`/health`,
+/// other requests' streams).
+///
+/// Errors: [`ApiError::Internal`] when the blocking task panicked or could not run.
+pub(super) async fn prepare<T: Send + 'static>(
+    body_len: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    if body_len < BLOCKING_BODY_BYTES {
+        return Ok(f());
+    }
+    let _turn = BLOCKING_PREPARE
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(format!("request preparation: {e}")))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("request preparation task: {e}")))
 }
 
 /// The worker's router over `state`.
@@ -235,7 +272,7 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
 
 async fn props(State(st): State<Arc<AppState>>) -> Response {
     let ready = st.ready.get();
-    let settings = super::native::settings_json(
+    let mut settings = super::native::settings_json(
         &st.info.defaults.sampling,
         st.info.defaults.n_predict,
         None,
@@ -243,6 +280,7 @@ async fn props(State(st): State<Arc<AppState>>) -> Response {
         false,
         &[],
     );
+    settings["n_keep"] = json!(st.info.defaults.n_keep);
     Json(json!({
         "default_generation_settings": {
             "params": settings,
@@ -263,6 +301,8 @@ async fn props(State(st): State<Arc<AppState>>) -> Response {
         "n_slots": st.info.n_slots,
         "total_slots": st.info.n_slots,
         "n_batch": st.info.n_batch,
+        "cache_type_k": st.info.cache_types.0.name(),
+        "cache_type_v": st.info.cache_types.1.name(),
         "n_ctx": ready.map(|r| r.n_ctx),
         "n_ctx_slot": ready.map(|r| r.n_ctx_seq),
         "architecture": ready.map(|r| r.codec.info().arch.clone()),
@@ -298,9 +338,13 @@ async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     st.metrics.count_request(Endpoint::Tokenize);
     let ready = st.ready()?;
     let req: TokenizeRequest = parse_json(&body)?;
-    let ids = ready
-        .codec
-        .encode(&req.content, req.add_special, req.parse_special);
+    let codec = ready.codec.clone();
+    let content = req.content;
+    let (add_special, parse_special) = (req.add_special, req.parse_special);
+    let ids = prepare(body.len(), move || {
+        codec.encode(&content, add_special, parse_special)
+    })
+    .await?;
     let tokens: Vec<Value> = if req.with_pieces {
         ids.iter()
             .map(|&id| json!({"id": id, "piece": piece_json(ready.codec.piece(id, true))}))
@@ -344,7 +388,11 @@ async fn apply_template(
 ) -> Result<Response, ApiError> {
     let ready = st.ready()?;
     let req: ChatCompletionRequest = parse_json(&body)?;
-    let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
+    let (codec, format) = (ready.codec.clone(), st.info.reasoning_format);
+    let plan = prepare(body.len(), move || {
+        super::chat::plan(codec.as_ref(), &req, format)
+    })
+    .await??;
     Ok(Json(json!({ "prompt": plan.prompt })).into_response())
 }
 
@@ -361,6 +409,9 @@ pub(super) struct GenSpec {
     pub(super) post_sampling_probs: bool,
     /// The settings as `GET /slots` shows them.
     pub(super) settings: Option<Arc<Value>>,
+    /// Context shift: prompt tokens kept (-1 = all) and tokens dropped (0 = half of the rest).
+    pub(super) n_keep: i64,
+    pub(super) n_discard: usize,
     pub(super) n: usize,
     pub(super) n_probs: Option<usize>,
     pub(super) stream: bool,
@@ -380,12 +431,103 @@ fn in_range(v: Option<f32>, lo: f32, hi: f32, name: &'static str) -> Result<(), 
     }
 }
 
+/// `logit_bias` in llama-server's forms (tools/server/server-schema.cpp): OpenAI's object
+/// `{"TOKEN_ID": bias}` (a key that is not an integer is text: every token of its tokenization, without
+/// BOS or special-token parsing, gets the bias), or an array of `[TOKEN_ID, bias]` / `["text", bias]`
+/// pairs. A bias is a number or `false`, which bans the token (−∞). Returns (token, bias) pairs in
+/// order.
+///
+/// Errors (400, `param: logit_bias`, naming the entry): a value that is neither object nor array, an
+/// entry that is not a pair, a bias that is not a finite number or `false`, a token id that is not an
+/// integer in `0..n_vocab`, or text that tokenizes to nothing. (llama-server skips such entries
+/// silently; a typo here is better reported.)
+pub(super) fn parse_logit_bias(v: &Value, codec: &dyn Codec) -> Result<Vec<(u32, f32)>, ApiError> {
+    let n_vocab = codec.info().n_vocab;
+    let bad = |msg: String| ApiError::bad(format!("logit_bias: {msg}"), Some("logit_bias"));
+    let bias_of = |b: &Value, at: &str| -> Result<f32, ApiError> {
+        match b {
+            Value::Bool(false) => Ok(f32::NEG_INFINITY),
+            Value::Number(n) => n
+                .as_f64()
+                .map(|x| x as f32)
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| bad(format!("{at}: bias {n} is not a finite number"))),
+            other => Err(bad(format!(
+                "{at}: bias must be a number or false, got {other}"
+            ))),
+        }
+    };
+    let id_of = |n: i128, at: &str| -> Result<u32, ApiError> {
+        u32::try_from(n)
+            .ok()
+            .filter(|&id| (id as usize) < n_vocab)
+            .ok_or_else(|| {
+                bad(format!(
+                    "{at}: token id {n} is out of range (n_vocab = {n_vocab})"
+                ))
+            })
+    };
+    let text_ids = |text: &str, at: &str| -> Result<Vec<u32>, ApiError> {
+        let ids = codec.encode(text, false, false);
+        if ids.is_empty() {
+            return Err(bad(format!("{at}: the text {text:?} has no tokens")));
+        }
+        Ok(ids)
+    };
+    let mut out = Vec::new();
+    match v {
+        Value::Object(map) => {
+            for (k, b) in map {
+                let at = format!("key {k:?}");
+                let bias = bias_of(b, &at)?;
+                match k.parse::<i128>() {
+                    Ok(n) => out.push((id_of(n, &at)?, bias)),
+                    Err(_) => out.extend(text_ids(k, &at)?.into_iter().map(|t| (t, bias))),
+                }
+            }
+        }
+        Value::Array(entries) => {
+            for (i, e) in entries.iter().enumerate() {
+                let at = format!("entry {i}");
+                let Some([tok, b]) = e.as_array().map(Vec::as_slice) else {
+                    return Err(bad(format!("{at} must be a [token, bias] pair, got {e}")));
+                };
+                let bias = bias_of(b, &at)?;
+                match tok {
+                    Value::Number(n) => {
+                        let id = n
+                            .as_i64()
+                            .map(i128::from)
+                            .or_else(|| n.as_u64().map(i128::from))
+                            .ok_or_else(|| bad(format!("{at}: token {n} is not an integer")))?;
+                        out.push((id_of(id, &at)?, bias));
+                    }
+                    Value::String(s) => {
+                        out.extend(text_ids(s, &at)?.into_iter().map(|t| (t, bias)));
+                    }
+                    other => {
+                        return Err(bad(format!(
+                            "{at}: token must be an id or a string, got {other}"
+                        )));
+                    }
+                }
+            }
+        }
+        other => {
+            return Err(bad(format!(
+                "must be an object or an array of [token, bias] pairs, got {other}"
+            )));
+        }
+    }
+    Ok(out)
+}
+
 /// Validates the sampling fields of a request over the server's `defaults` (what it leaves out).
 pub(super) fn gen_spec(
     f: &SamplingFields,
     max_tokens: Option<u32>,
     n_probs: Option<usize>,
-    n_vocab: usize,
+    codec: &dyn Codec,
     defaults: &Defaults,
 ) -> Result<GenSpec, ApiError> {
     in_range(f.temperature, 0.0, 100.0, "temperature")?;
@@ -395,23 +537,27 @@ pub(super) fn gen_spec(
     in_range(f.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
     in_range(f.repeat_penalty, 0.0, 100.0, "repeat_penalty")?;
     let d = &defaults.sampling;
-    let mut logit_bias = Vec::new();
-    for (k, &b) in f.logit_bias.iter().flatten() {
-        let id: u32 = k.parse().map_err(|_| {
-            ApiError::bad(
-                format!("logit_bias: key '{k}' is not a token id"),
-                Some("logit_bias"),
-            )
-        })?;
-        check_ids(&[id], n_vocab, "logit_bias")?;
-        if !b.is_finite() && b != f32::NEG_INFINITY {
+    let logit_bias = match &f.logit_bias {
+        Some(v) => parse_logit_bias(v, codec)?,
+        None => Vec::new(),
+    };
+    let n_keep = f.n_keep.unwrap_or(defaults.n_keep);
+    if !(-1..=i64::from(i32::MAX)).contains(&n_keep) {
+        return Err(ApiError::bad(
+            format!("'n_keep' must be -1 or more, got {n_keep}"),
+            Some("n_keep"),
+        ));
+    }
+    let n_discard = match f.n_discard {
+        None => 0,
+        Some(d) if (0..=i64::from(i32::MAX)).contains(&d) => d as usize,
+        Some(d) => {
             return Err(ApiError::bad(
-                format!("logit_bias: bias of token {id} is not a number"),
-                Some("logit_bias"),
+                format!("'n_discard' must be 0 or more, got {d}"),
+                Some("n_discard"),
             ));
         }
-        logit_bias.push((id, b));
-    }
+    };
     let n = f.n.unwrap_or(1);
     if !(1..=64).contains(&n) {
         return Err(ApiError::bad(
@@ -460,6 +606,8 @@ pub(super) fn gen_spec(
         cache_prompt: true,
         post_sampling_probs: false,
         settings: None,
+        n_keep,
+        n_discard,
         n: n as usize,
         n_probs,
         stream: f.stream.unwrap_or(false),
@@ -519,9 +667,11 @@ pub(super) fn submit(
     req.cache_prompt = spec.cache_prompt;
     req.post_sampling_probs = spec.post_sampling_probs;
     req.settings = spec.settings.clone();
+    req.n_keep = spec.n_keep;
+    req.n_discard = spec.n_discard;
     ready
         .tx
-        .send(Command::Generate(req))
+        .send(Command::Generate(Box::new(req)))
         .map_err(|_| ApiError::ShuttingDown)?;
     Ok(Submitted {
         rx,
@@ -546,6 +696,8 @@ pub(super) struct Timings {
     pub(super) stop: super::scheduler::StopType,
     pub(super) id_slot: usize,
     pub(super) n_ctx_used: usize,
+    /// The generation reached the end of the slot's context (llama-server's `truncated`).
+    pub(super) truncated: bool,
     pub(super) n_prompt: usize,
     pub(super) n_cached: usize,
     pub(super) n_generated: usize,
@@ -564,6 +716,7 @@ impl Timings {
                 stop,
                 id_slot,
                 n_ctx_used,
+                truncated,
                 t_prompt,
                 t_gen,
                 ..
@@ -571,6 +724,7 @@ impl Timings {
                 stop: stop.clone(),
                 id_slot: *id_slot,
                 n_ctx_used: *n_ctx_used,
+                truncated: *truncated,
                 n_prompt: *n_prompt,
                 n_cached: *n_cached,
                 n_generated: *n_generated,
@@ -808,10 +962,21 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         &req.sampling,
         req.max_completion_tokens.or(req.max_tokens),
         n_probs,
-        ready.codec.info().n_vocab,
+        ready.codec.as_ref(),
         &st.info.defaults,
     )?;
-    let plan = super::chat::plan(ready.codec.as_ref(), &req, st.info.reasoning_format)?;
+    // Rendering and tokenizing a huge conversation is CPU work: off the async threads.
+    let (codec, format) = (ready.codec.clone(), st.info.reasoning_format);
+    let (req, plan, prompt) = prepare(body.len(), move || {
+        let plan = super::chat::plan(codec.as_ref(), &req, format);
+        let prompt = plan
+            .as_ref()
+            .map(|p| codec.encode(&p.prompt, true, true))
+            .unwrap_or_default();
+        (req, plan, prompt)
+    })
+    .await?;
+    let plan = plan?;
     let mut syntax = plan.syntax;
     spec.constraint = match &plan.grammar {
         // tool_choice "required" or a named function: the reply is a call, by grammar.
@@ -836,7 +1001,6 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             None => None,
         },
     };
-    let prompt = ready.codec.encode(&plan.prompt, true, true);
     check_prompt_fits(prompt.len(), ready, st.info.n_slots, "messages")?;
     let n_prompt = prompt.len() as u32;
     let subs = (0..spec.n)
@@ -1080,7 +1244,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         &req.sampling,
         req.max_tokens,
         n_probs,
-        ready.codec.info().n_vocab,
+        ready.codec.as_ref(),
         &st.info.defaults,
     )?;
     let raw_prompts = req.prompt.into_prompts();
@@ -1090,7 +1254,10 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
     let mut prompts = Vec::new();
     for p in raw_prompts {
         let (ids, text) = match p {
-            OnePrompt::Text(t) => (ready.codec.encode(&t, true, true), t),
+            OnePrompt::Text(t) => {
+                let codec = ready.codec.clone();
+                prepare(t.len(), move || (codec.encode(&t, true, true), t)).await?
+            }
             OnePrompt::Tokens(ids) => {
                 check_ids(&ids, ready.codec.info().n_vocab, "prompt")?;
                 let t = ready.codec.decode(&ids, false);
@@ -1250,13 +1417,12 @@ async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Resp
             None,
         ));
     }
-    let inputs = super::native::tokenize_prompts(
-        ready.codec.as_ref(),
-        &req.input,
-        true,
-        "input",
-        MAX_EMBEDDING_INPUTS,
-    )?;
+    let codec = ready.codec.clone();
+    let input = req.input;
+    let inputs = prepare(body.len(), move || {
+        super::native::tokenize_prompts(codec.as_ref(), &input, true, "input", MAX_EMBEDDING_INPUTS)
+    })
+    .await??;
     super::native::check_embedding_inputs(&st, ready, &inputs)?;
     let n_tokens: u32 = inputs.iter().map(|i| i.len() as u32).sum();
     let rows =

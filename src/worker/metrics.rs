@@ -262,8 +262,9 @@ impl Metrics {
     }
 }
 
-/// Reads one unlabelled sample `cyber_inference_{name}` from Prometheus text (for tests and the bench).
-pub fn sample(text: &str, name: &str) -> Option<f64> {
+/// Reads one unlabelled sample `cyber_inference_{name}` from Prometheus text (for the unit tests).
+#[cfg(test)]
+pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
     let full = format!("cyber_inference_{name} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&full))

@@ -8,20 +8,20 @@
 //! Context sizing follows llama-server: `-c` is the total context, split evenly over the `-np` slots
 //! (`n_ctx_seq = n_ctx / n_slots`); a prompt must leave room for at least one generated token.
 
-pub mod backend;
-pub mod chat;
+pub(crate) mod backend;
+pub(crate) mod chat;
 mod error;
 #[cfg(test)]
 pub(crate) mod fake;
-pub mod http;
-pub mod metrics;
+pub(crate) mod http;
+pub(crate) mod metrics;
 mod native;
-pub mod scheduler;
+pub(crate) mod scheduler;
 #[cfg(test)]
 mod serve_tests;
-pub mod slot;
-pub mod structured;
-pub mod text;
+pub(crate) mod slot;
+pub(crate) mod structured;
+pub(crate) mod text;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -31,18 +31,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use error::ApiError;
-
 use backend::{Codec, Compute};
 use http::{AppState, Ready, ServerInfo};
 use metrics::Metrics;
 use scheduler::{Command, SchedulerConfig};
 
 /// The environment variable that carries a worker's key (`--api-key`).
-pub const WORKER_API_KEY_ENV: &str = "CYBER_INFERENCE_WORKER_API_KEY";
+pub(crate) const WORKER_API_KEY_ENV: &str = "CYBER_INFERENCE_WORKER_API_KEY";
 
 /// Command-line flags of `cyber-inference worker`: llama-server's names and meanings, grouped under
-/// its help headings (`-np`, `-ngl`, `-fa`, `-ub` are accepted through [`llama_style_args`]). A flag
+/// its help headings (`-np`, `-ngl`, `-fa`, `-ub`, `-to` are accepted through [`llama_style_args`]). A flag
 /// that is not here is refused by clap.
 #[derive(clap::Args, Clone, Debug)]
 pub struct WorkerArgs {
@@ -61,6 +59,20 @@ pub struct WorkerArgs {
     #[arg(short = 'n', long = "n-predict", visible_alias = "predict", default_value_t = -1,
           allow_hyphen_values = true, help_heading = COMMON)]
     pub n_predict: i64,
+    /// Tokens of the prompt a context shift keeps (-1 = the whole prompt); a request's `n_keep`
+    /// overrides it.
+    #[arg(long = "keep", default_value_t = 0, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i64).range(-1..=i64::from(i32::MAX)), help_heading = COMMON)]
+    pub keep: i64,
+    /// Context shift on infinite text generation: a generation that reaches the end of its slot's
+    /// context drops tokens after `--keep` (half of the rest, or the request's `n_discard`), shifts the
+    /// KV cache back and goes on (`truncated: true`). Default disabled, as llama-server's; a model
+    /// whose sliding-window cache cannot shift turns it off with a warning.
+    #[arg(long = "context-shift", overrides_with = "no_context_shift", help_heading = COMMON)]
+    pub context_shift: bool,
+    /// Stop a generation at the end of its slot's context (`finish_reason: length`; the default).
+    #[arg(long = "no-context-shift", overrides_with = "context_shift", help_heading = COMMON)]
+    pub no_context_shift: bool,
     /// Logical batch: most prompt tokens scheduled per step.
     #[arg(short = 'b', long = "batch-size", default_value_t = 2048, help_heading = COMMON)]
     pub batch_size: usize,
@@ -72,9 +84,27 @@ pub struct WorkerArgs {
     #[arg(long = "flash-attn", value_name = "on|off|auto", default_value = "auto",
           value_parser = ["on", "off", "auto"], help_heading = COMMON)]
     pub flash_attn: String,
+    /// Element type of the KV cache's keys (`-ctk`): f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0,
+    /// q5_1. Attention reads a quantized cache in place.
+    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16",
+          value_parser = crate::engine::model::cli::parse_kv_type, help_heading = COMMON)]
+    pub cache_type_k: crate::engine::model::KvType,
+    /// Element type of the KV cache's values (`-ctv`), as `-ctk`; a quantized V needs flash attention
+    /// (not `-fa off`), as in llama.cpp.
+    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16",
+          value_parser = crate::engine::model::cli::parse_kv_type, help_heading = COMMON)]
+    pub cache_type_v: crate::engine::model::KvType,
     /// Layers to offload to a GPU (`-ngl`); accepted, but this build runs on the CPU only.
     #[arg(long = "gpu-layers", allow_hyphen_values = true, help_heading = COMMON)]
     pub gpu_layers: Option<i32>,
+    /// Read the model file into memory instead of mapping it (slower to load; pages are then the
+    /// process's own rather than the page cache's).
+    #[arg(long = "no-mmap", help_heading = COMMON)]
+    pub no_mmap: bool,
+    /// Lock the model's bytes in RAM (`mlock`) so they are never swapped out; when `RLIMIT_MEMLOCK`
+    /// refuses, a warning is logged and the worker starts anyway.
+    #[arg(long = "mlock", help_heading = COMMON)]
+    pub mlock: bool,
     /// Log at debug level (llama-server's `-v`); `CYBER_INFERENCE_LOG_LEVEL` / `RUST_LOG` are finer.
     #[arg(short = 'v', long = "verbose", visible_alias = "log-verbose", help_heading = COMMON)]
     pub verbose: bool,
@@ -185,9 +215,68 @@ pub struct WorkerArgs {
     /// Nonce echoed by `/props` (the supervisor's check that it talks to its own worker).
     #[arg(long, help_heading = SERVER)]
     pub instance: Option<String>,
+    /// Server read/write timeout in seconds (`-to`, llama-server's): a request body that stalls this
+    /// long, or a response write blocked this long (the client stopped reading), ends the
+    /// connection; request headers must arrive within `min(N, 10)` seconds.
+    #[arg(long = "timeout", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = SERVER)]
+    pub timeout: u64,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long = "grace-period", default_value_t = 30, help_heading = SERVER)]
     pub grace_period: u64,
+}
+
+/// The flags the supervisor chooses for a worker it spawns, written once: [`SupervisedArgs::argv`]
+/// spells them as [`WorkerArgs`]' flags (a unit test parses the argv back through clap), so the two
+/// sides of the contract cannot drift apart. The worker's key is not here: it goes through the
+/// environment ([`WORKER_API_KEY_ENV`]), never argv, which every local user can read.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SupervisedArgs {
+    /// The GGUF file (`-m`).
+    pub model: PathBuf,
+    /// Port on 127.0.0.1 (`--port`).
+    pub port: u16,
+    /// The model id the worker reports (`-a`).
+    pub alias: String,
+    /// Total context in tokens over all slots (`-c`).
+    pub ctx_size: u32,
+    /// Compute threads (`-t`).
+    pub threads: usize,
+    /// Slots (`-np`).
+    pub parallel: u32,
+    /// Serve embeddings (`--embedding`).
+    pub embedding: bool,
+    /// Layers to offload to a GPU (`-ngl`; -1 = all).
+    pub gpu_layers: i32,
+    /// The KV cache's key and value types (`-ctk`, `-ctv`).
+    pub cache_types: (crate::engine::model::KvType, crate::engine::model::KvType),
+    /// The nonce `/props` echoes (`--instance`), also how a restarted supervisor recognises its orphans.
+    pub instance: String,
+}
+
+impl SupervisedArgs {
+    /// The arguments after `worker`, in [`WorkerArgs`]' long flag names.
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec!["--model".into(), self.model.clone().into_os_string()];
+        let mut flag = |name: &str, value: String| {
+            v.push(name.into());
+            v.push(value.into());
+        };
+        flag("--host", "127.0.0.1".into());
+        flag("--port", self.port.to_string());
+        flag("--alias", self.alias.clone());
+        flag("--ctx-size", self.ctx_size.to_string());
+        flag("--threads", self.threads.to_string());
+        flag("--parallel", self.parallel.to_string());
+        flag("--gpu-layers", self.gpu_layers.to_string());
+        flag("--cache-type-k", self.cache_types.0.name().to_owned());
+        flag("--cache-type-v", self.cache_types.1.name().to_owned());
+        flag("--instance", self.instance.clone());
+        if self.embedding {
+            v.push("--embedding".into());
+        }
+        v
+    }
 }
 
 /// `--help` headings, as llama-server groups its flags.
@@ -229,6 +318,7 @@ fn server_defaults(args: &WorkerArgs) -> Result<http::Defaults, WorkerError> {
             chain,
         },
         n_predict: args.n_predict,
+        n_keep: args.keep,
     })
 }
 
@@ -257,6 +347,9 @@ pub fn llama_style_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsStrin
             Some("-ngl") => OsString::from("--gpu-layers"),
             Some("-fa") => OsString::from("--flash-attn"),
             Some("-ub") => OsString::from("--ubatch-size"),
+            Some("-ctk") => OsString::from("--cache-type-k"),
+            Some("-ctv") => OsString::from("--cache-type-v"),
+            Some("-to") => OsString::from("--timeout"),
             _ => a,
         })
         .collect()
@@ -291,7 +384,7 @@ pub enum WorkerError {
 
 /// What a loader needs to build the engine.
 #[derive(Clone, Debug)]
-pub struct LoadParams {
+pub(crate) struct LoadParams {
     /// Model file.
     pub path: PathBuf,
     /// `-c` (None = default, 0 = the model's).
@@ -306,10 +399,14 @@ pub struct LoadParams {
     pub embedding: bool,
     /// A chat template (Jinja source or built-in name) replacing the model's.
     pub chat_template: Option<String>,
+    /// KV cache element types of keys and values (`-ctk`, `-ctv`).
+    pub cache_types: (crate::engine::model::KvType, crate::engine::model::KvType),
+    /// `--no-mmap` / `--mlock`.
+    pub load_mode: crate::engine::gguf::LoadMode,
 }
 
 /// A loaded engine, split into its shared and its single-threaded halves.
-pub struct Loaded {
+pub(crate) struct Loaded {
     /// Tokenizer, template, facts.
     pub codec: Arc<dyn Codec>,
     /// The context, for the scheduler thread.
@@ -322,13 +419,13 @@ pub struct Loaded {
 
 /// Builds the engine from [`LoadParams`]; runs on a blocking thread. The error string is the reason shown
 /// on stderr.
-pub type Loader = Box<dyn FnOnce(&LoadParams) -> Result<Loaded, String> + Send>;
+pub(crate) type Loader = Box<dyn FnOnce(&LoadParams) -> Result<Loaded, String> + Send>;
 
 /// The context plan: `(n_ctx total, n_ctx per slot)` from `-c`, the model's training context and the slots.
 /// Default total = min(4096, n_ctx_train); `-c 0` = n_ctx_train.
 ///
 /// Errors: a slot context of 0 tokens.
-pub fn plan_context(
+pub(crate) fn plan_context(
     ctx_size: Option<usize>,
     n_ctx_train: usize,
     n_slots: usize,
@@ -403,7 +500,7 @@ mod engine_backend;
 /// Serves the worker API until `shutdown` fires, then drains. `bound` (tests) receives the bound address.
 ///
 /// Errors: [`WorkerError`].
-pub async fn serve(
+pub(crate) async fn serve(
     args: &WorkerArgs,
     loader: Loader,
     shutdown: CancellationToken,
@@ -420,6 +517,13 @@ pub async fn serve(
     }
     if args.flash_attn == "on" {
         tracing::info!("-fa on: the CPU attention kernel is a single fused pass already");
+    }
+    if args.flash_attn == "off" && args.cache_type_v.is_quantized() {
+        // llama.cpp: "V cache quantization requires flash_attn" (llama_init_from_model).
+        return Err(WorkerError::Args(format!(
+            "-ctv {}: a quantized V cache needs flash attention; drop -fa off",
+            args.cache_type_v.name()
+        )));
     }
     let defaults = server_defaults(args)?;
     let pooling = args.pooling.as_deref().map(parse_pooling).transpose()?;
@@ -482,6 +586,7 @@ pub async fn serve(
             n_batch,
             embedding: args.embedding,
             reasoning_format: args.reasoning_format,
+            cache_types: (args.cache_type_k, args.cache_type_v),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -498,7 +603,7 @@ pub async fn serve(
     let server = tokio::spawn(crate::http_server::serve(
         listener,
         app,
-        crate::http_server::Limits::WORKER,
+        crate::http_server::Limits::worker_with_timeout(Duration::from_secs(args.timeout)),
         shutdown.clone().cancelled_owned(),
     ));
     tracing::info!(%local, model = %args.model.display(), "listening; loading the model");
@@ -509,8 +614,13 @@ pub async fn serve(
         n_slots: args.parallel,
         n_batch,
         n_threads: args.threads.unwrap_or_else(default_threads).max(1),
+        load_mode: crate::engine::gguf::LoadMode {
+            mmap: !args.no_mmap,
+            mlock: args.mlock,
+        },
         embedding: args.embedding,
         chat_template,
+        cache_types: (args.cache_type_k, args.cache_type_v),
     };
     let load = tokio::task::spawn_blocking(move || loader(&params));
     let loaded = tokio::select! {
@@ -528,6 +638,7 @@ pub async fn serve(
         n_slots: args.parallel,
         n_ctx_seq: loaded.n_ctx_seq,
         n_batch,
+        ctx_shift: args.context_shift,
     };
     let (tx, sched) = scheduler::spawn(loaded.codec.clone(), loaded.compute, cfg, metrics)?;
     let stop_tx = tx.clone();
@@ -570,6 +681,54 @@ mod tests {
         assert_eq!(plan_context(Some(0), 8192, 2), Ok((8192, 4096)));
         assert_eq!(plan_context(Some(1000), 8192, 3), Ok((999, 333)));
         assert!(plan_context(Some(3), 8192, 4).is_err());
+    }
+
+    #[test]
+    fn the_supervisors_argv_parses_back_into_the_same_flags() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            worker: WorkerArgs,
+        }
+        let sup = SupervisedArgs {
+            model: PathBuf::from("/models/a b.gguf"),
+            port: 41234,
+            alias: "Org/Model-Q4_K_M".into(),
+            ctx_size: 8192,
+            threads: 3,
+            parallel: 2,
+            embedding: true,
+            gpu_layers: -1,
+            cache_types: (
+                crate::engine::model::KvType::Q8_0,
+                crate::engine::model::KvType::Q4_0,
+            ),
+            instance: "0123abcd".into(),
+        };
+        let argv = std::iter::once(OsString::from("worker")).chain(sup.argv());
+        let w = <Cli as clap::Parser>::try_parse_from(argv).unwrap().worker;
+        assert_eq!(w.model, sup.model);
+        assert_eq!((w.host.as_str(), w.port), ("127.0.0.1", sup.port));
+        assert_eq!(w.alias.as_deref(), Some(sup.alias.as_str()));
+        assert_eq!(w.ctx_size, Some(8192));
+        assert_eq!(w.threads, Some(3));
+        assert_eq!(w.parallel, 2);
+        assert!(w.embedding);
+        assert_eq!(w.gpu_layers, Some(-1));
+        assert_eq!((w.cache_type_k, w.cache_type_v), sup.cache_types);
+        assert_eq!(w.instance.as_deref(), Some("0123abcd"));
+        assert_eq!(w.api_key, None, "the key never travels in argv");
+        let plain = SupervisedArgs {
+            embedding: false,
+            ..sup
+        };
+        let argv = std::iter::once(OsString::from("worker")).chain(plain.argv());
+        assert!(
+            !<Cli as clap::Parser>::try_parse_from(argv)
+                .unwrap()
+                .worker
+                .embedding
+        );
     }
 
     #[test]

@@ -153,6 +153,7 @@ pub(super) fn settings_json(
         "max_tokens": n_predict,
         "n_predict": n_predict,
         "n_keep": 0,
+        "n_discard": 0,
         "stream": stream,
         "logit_bias": s.logit_bias.iter().map(|&(t, b)| json!({"bias": b, "token": t})).collect::<Vec<_>>(),
         "n_probs": n_probs.unwrap_or(0),
@@ -216,11 +217,15 @@ pub(super) async fn completion(
 ) -> Result<Response, ApiError> {
     st.metrics.count_request(Endpoint::Completions);
     let ready = st.ready()?;
-    let req: NativeRequest = parse_json(&body)?;
-    let Some(prompt) = &req.prompt else {
+    let mut req: NativeRequest = parse_json(&body)?;
+    let Some(prompt) = req.prompt.take() else {
         return Err(ApiError::bad("\"prompt\" is required", Some("prompt")));
     };
-    let prompts = tokenize_prompts(ready.codec.as_ref(), prompt, true, "prompt", MAX_PROMPTS)?;
+    let codec = ready.codec.clone();
+    let prompts = super::http::prepare(body.len(), move || {
+        tokenize_prompts(codec.as_ref(), &prompt, true, "prompt", MAX_PROMPTS)
+    })
+    .await??;
     run(&st, ready, &req, prompts).await
 }
 
@@ -255,7 +260,6 @@ pub(super) async fn infill(
             Some(which),
         ));
     };
-    let codec = ready.codec.as_ref();
     let extra = match &req.input_extra {
         None => Vec::new(),
         Some(Value::Array(chunks)) => {
@@ -290,22 +294,26 @@ pub(super) async fn infill(
             ));
         }
     };
+    // Tokenizing and laying out a large body runs off the async threads, as for every other prompt.
     let prompt = match &req.prompt {
-        Some(Value::String(p)) => codec.encode(p, false, true),
-        _ => Vec::new(),
+        Some(Value::String(p)) => p.clone(),
+        _ => String::new(),
     };
-    let tokens = InfillParts {
-        prefix: tokenize_mixed(codec, prefix, false, "input_prefix")?,
-        suffix: tokenize_mixed(codec, suffix, false, "input_suffix")?,
-        extra,
-        prompt,
-    }
-    .layout(
-        codec,
-        st.info.n_batch,
-        st.info.defaults.n_predict,
-        ready.n_ctx_seq,
-    );
+    let (prefix, suffix) = (prefix.clone(), suffix.clone());
+    let codec = ready.codec.clone();
+    let (n_batch, n_predict, n_ctx) =
+        (st.info.n_batch, st.info.defaults.n_predict, ready.n_ctx_seq);
+    let tokens = super::http::prepare(body.len(), move || {
+        let codec = codec.as_ref();
+        let parts = InfillParts {
+            prefix: tokenize_mixed(codec, &prefix, false, "input_prefix")?,
+            suffix: tokenize_mixed(codec, &suffix, false, "input_suffix")?,
+            extra,
+            prompt: codec.encode(&prompt, false, true),
+        };
+        Ok::<_, ApiError>(parts.layout(codec, n_batch, n_predict, n_ctx))
+    })
+    .await??;
     run(&st, ready, &req, vec![tokens]).await
 }
 
@@ -391,7 +399,7 @@ async fn run(
         &req.sampling,
         None,
         n_probs,
-        info.n_vocab,
+        ready.codec.as_ref(),
         &st.info.defaults,
     )?;
     let n_predict = req
@@ -436,7 +444,7 @@ async fn run(
     };
     spec.cache_prompt = req.cache_prompt.unwrap_or(true);
     spec.post_sampling_probs = req.post_sampling_probs;
-    let settings = settings_json(
+    let mut settings = settings_json(
         &spec.sampling,
         n_predict,
         n_probs,
@@ -444,6 +452,8 @@ async fn run(
         spec.post_sampling_probs,
         &spec.stops,
     );
+    settings["n_keep"] = json!(spec.n_keep);
+    settings["n_discard"] = json!(spec.n_discard);
     spec.settings = Some(Arc::new(settings.clone()));
     if prompts.len().saturating_mul(spec.n) > MAX_PROMPTS {
         return Err(ApiError::bad(
@@ -568,7 +578,7 @@ impl Task {
             "generation_settings": self.settings,
             "prompt": prompt,
             "has_new_line": content.contains('\n'),
-            "truncated": false,
+            "truncated": t.truncated,
             "stop_type": t.stop.as_str(),
             "stopping_word": stopping_word,
             "tokens_cached": t.n_ctx_used,
@@ -775,19 +785,23 @@ pub(super) async fn embedding(
     st.metrics.count_request(Endpoint::Embeddings);
     let ready = st.ready()?;
     let req: Req = parse_json(&body)?;
-    let Some(input) = req.input.as_ref().or(req.content.as_ref()) else {
+    let Some(input) = req.input.or(req.content) else {
         return Err(ApiError::bad(
             "\"input\" or \"content\" must be provided",
             Some("content"),
         ));
     };
-    let inputs = tokenize_prompts(
-        ready.codec.as_ref(),
-        input,
-        true,
-        "content",
-        super::http::MAX_EMBEDDING_INPUTS,
-    )?;
+    let codec = ready.codec.clone();
+    let inputs = super::http::prepare(body.len(), move || {
+        tokenize_prompts(
+            codec.as_ref(),
+            &input,
+            true,
+            "content",
+            super::http::MAX_EMBEDDING_INPUTS,
+        )
+    })
+    .await??;
     check_embedding_inputs(&st, ready, &inputs)?;
     let rows = embed_all(
         ready,
@@ -808,6 +822,45 @@ pub(super) async fn embedding(
 mod tests {
     use super::*;
     use crate::worker::fake::{BOS, FakeCodec};
+
+    /// `logit_bias` in llama-server's forms: OpenAI's object (ids and text keys), `[[id, bias]]`,
+    /// `[["text", bias]]` (every token of the text), `false` = −∞; each malformed entry is a 400 that
+    /// names it.
+    #[test]
+    fn logit_bias_takes_llama_server_forms() {
+        use crate::worker::http::parse_logit_bias;
+        let c = FakeCodec::default();
+        let ok = |v: Value| parse_logit_bias(&v, &c).unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            ok(json!({"5": -100, "6": false})),
+            vec![(5, -100.0), (6, inf)]
+        );
+        assert_eq!(ok(json!({"ab": 2.5})), vec![(97, 2.5), (98, 2.5)]);
+        assert_eq!(
+            ok(json!([[7, 1], ["hi", false], [0, -0.5]])),
+            vec![(7, 1.0), (104, inf), (105, inf), (0, -0.5)]
+        );
+        assert_eq!(ok(json!([])), vec![]);
+        for (bad, says) in [
+            (json!([[1, 2], [3]]), "entry 1"),
+            (json!([[1, 2], 7]), "entry 1"),
+            (json!([[1, true]]), "entry 0"),
+            (json!([[1, "x"]]), "entry 0"),
+            (json!([[999, 1]]), "entry 0: token id 999"),
+            (json!([[-1, 1]]), "entry 0: token id -1"),
+            (json!([[1.5, 1]]), "entry 0: token 1.5"),
+            (json!([[null, 1]]), "entry 0"),
+            (json!([["", 1]]), "entry 0: the text"),
+            (json!({"5": "high"}), "key \"5\""),
+            (json!({"9999": 1}), "key \"9999\": token id 9999"),
+            (json!(3), "must be an object or an array"),
+        ] {
+            let e = parse_logit_bias(&bad, &c).expect_err(&bad.to_string());
+            let m = e.to_string();
+            assert!(m.contains("logit_bias") && m.contains(says), "{bad}: {m}");
+        }
+    }
 
     #[test]
     fn prompts_take_llama_server_forms() {

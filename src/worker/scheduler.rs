@@ -73,6 +73,9 @@ pub enum GenEvent {
         id_slot: usize,
         /// Tokens the slot's KV cache holds at the end (llama-server's `tokens_cached`).
         n_ctx_used: usize,
+        /// The generation reached the end of the slot's context: it stopped there, or (context shift)
+        /// dropped tokens and went on (llama-server's `truncated`).
+        truncated: bool,
         /// From admission to the first sampled token (prompt evaluation).
         t_prompt: Duration,
         /// From the first sampled token to the end.
@@ -163,6 +166,12 @@ pub struct GenerateRequest {
     pub post_sampling_probs: bool,
     /// The request's generation settings, rendered by the HTTP layer, for `GET /slots`.
     pub settings: Option<Arc<serde_json::Value>>,
+    /// Context shift: prompt tokens kept at the start (llama-server's `n_keep`; -1 = the whole
+    /// prompt; the BOS is kept on top when the model adds one).
+    pub n_keep: i64,
+    /// Context shift: tokens dropped after the kept ones (llama-server's `n_discard`; 0 = half of
+    /// what follows them).
+    pub n_discard: usize,
 }
 
 impl GenerateRequest {
@@ -188,6 +197,8 @@ impl GenerateRequest {
             cache_prompt: true,
             post_sampling_probs: false,
             settings: None,
+            n_keep: 0,
+            n_discard: 0,
         }
     }
 }
@@ -207,8 +218,8 @@ pub struct EmbedRequest {
 /// Messages to the scheduler thread.
 #[derive(Debug)]
 pub enum Command {
-    /// Queue a generation.
-    Generate(GenerateRequest),
+    /// Queue a generation (boxed: a request is far larger than the other commands).
+    Generate(Box<GenerateRequest>),
     /// Compute an embedding (between steps).
     Embed(EmbedRequest),
     /// Report every slot's state (`GET /slots`).
@@ -226,6 +237,10 @@ pub struct SchedulerConfig {
     pub n_ctx_seq: usize,
     /// Most tokens in one forward pass (≥ n_slots).
     pub n_batch: usize,
+    /// llama-server's `--context-shift`: a generation reaching the end of its slot's context drops
+    /// tokens after `n_keep` and goes on, instead of stopping with `length`. Turned off, with a
+    /// warning, by [`spawn`] when the compute cannot shift.
+    pub ctx_shift: bool,
 }
 
 struct Job {
@@ -250,6 +265,8 @@ struct Job {
     t_first: Option<Instant>,
     /// Text generated so far (for `GET /slots`; bounded by the slot's context).
     generated: String,
+    /// The generation reached the end of the slot's context (llama-server's `truncated`).
+    truncated: bool,
 }
 
 /// What a slot remembers of its last request for `GET /slots`.
@@ -323,6 +340,15 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(mpsc::Sender<Command>, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
+    let mut cfg = cfg;
+    if cfg.ctx_shift && !compute.can_shift() {
+        // llama-server: "ctx_shift is not supported by this context, it will be disabled".
+        tracing::warn!(
+            "--context-shift is not supported by this model's KV cache (a sliding-window cache \
+             smaller than the context), it will be disabled"
+        );
+        cfg.ctx_shift = false;
+    }
     metrics.slots_total.store(cfg.n_slots as u64, Relaxed);
     let sched = Scheduler {
         codec,
@@ -402,7 +428,7 @@ impl Scheduler {
 
     fn accept(&mut self, c: Command) {
         match c {
-            Command::Generate(r) => self.queue.push_back(r),
+            Command::Generate(r) => self.queue.push_back(*r),
             Command::Embed(e) => {
                 let t = Instant::now();
                 let r = self
@@ -598,6 +624,7 @@ impl Scheduler {
                 t_admit: Instant::now(),
                 t_first: None,
                 generated: String::new(),
+                truncated: false,
                 req,
             };
             let slot = &mut self.slots[i];
@@ -618,6 +645,7 @@ impl Scheduler {
 
     /// One batched forward pass over every active slot, then sampling and streaming.
     fn step(&mut self) {
+        self.shift_contexts();
         let mut batch = BatchPlan::default();
         // (slot index, tokens added to the batch, produces an output)
         let mut plan: Vec<(usize, usize, bool)> = Vec::new();
@@ -739,6 +767,57 @@ impl Scheduler {
         }
     }
 
+    /// llama-server's `pre_decode` context shift: every generating slot whose next token would not fit
+    /// its context keeps `n_keep` tokens (the whole prompt for -1, plus the BOS when the model adds one,
+    /// at most `n_ctx - 4`), drops `n_discard` after them (default half of the rest, at most all but
+    /// one) and shifts the others back (tools/server/server-context.cpp). A slot whose engine refuses
+    /// the shift ends with `length`.
+    fn shift_contexts(&mut self) {
+        if !self.cfg.ctx_shift {
+            return;
+        }
+        let n_ctx = self.cfg.n_ctx_seq as i64;
+        let add_bos = self.codec.info().add_bos.is_some();
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            let Some(job) = slot.job.as_mut() else {
+                continue;
+            };
+            if slot.state != SlotState::Generating
+                || job.pending.is_none()
+                || (slot.cache.len() as i64) + 1 < n_ctx
+            {
+                continue;
+            }
+            let mut n_keep = if job.req.n_keep < 0 {
+                job.req.prompt.len() as i64
+            } else {
+                job.req.n_keep
+            };
+            if add_bos {
+                n_keep += 1;
+            }
+            let n_keep = n_keep.min(n_ctx - 4).max(0);
+            let n_left = slot.cache.len() as i64 - n_keep;
+            let n_discard = if job.req.n_discard > 0 {
+                job.req.n_discard as i64
+            } else {
+                n_left / 2
+            };
+            let n_discard = n_discard.clamp(0, (n_left - 1).max(0));
+            let (keep, discard) = (n_keep as usize, n_discard as usize);
+            tracing::warn!(slot = i, n_keep, n_left, n_discard, "slot context shift");
+            if discard > 0 && self.compute.seq_shift(slot.id, keep, discard) {
+                slot.cache.drain(keep..keep + discard);
+                job.truncated = true;
+            } else {
+                job.truncated = true;
+                job.pending = None;
+                self.finish(i, FinishReason::Length, StopType::Limit);
+            }
+        }
+    }
+
     fn fail_batch(&mut self, plan: &[(usize, usize, bool)], e: &BackendError) {
         tracing::error!("forward pass failed: {e}");
         for &(i, _, _) in plan {
@@ -766,6 +845,7 @@ impl Scheduler {
     /// whether the slot goes on.
     fn on_output(&mut self, i: usize, oi: usize) {
         let n_ctx_seq = self.cfg.n_ctx_seq;
+        let ctx_shift = self.cfg.ctx_shift;
         let codec = Arc::clone(&self.codec);
         let metrics = Arc::clone(&self.metrics);
         let logits = self.compute.logits(oi);
@@ -861,10 +941,13 @@ impl Scheduler {
                 finish = Some((FinishReason::Stop, StopType::Word(word)));
             } else if grammar_done {
                 finish = Some((FinishReason::Stop, StopType::Eos));
-            } else if job.n_generated >= job.req.max_tokens || slot.cache.len() + 1 >= n_ctx_seq {
+            } else if job.n_generated >= job.req.max_tokens {
+                finish = Some((FinishReason::Length, StopType::Limit));
+            } else if slot.cache.len() + 1 >= n_ctx_seq && !ctx_shift {
                 // The cache holds the prompt and all generated tokens but this one: prompt +
                 // generated has reached the slot's context, and evaluating this token would
-                // exceed it.
+                // exceed it (with context shift, the next step makes room instead).
+                job.truncated = true;
                 finish = Some((FinishReason::Length, StopType::Limit));
             } else {
                 job.pending = Some(id);
@@ -899,6 +982,7 @@ impl Scheduler {
             stop,
             id_slot,
             n_ctx_used,
+            truncated: job.truncated,
             t_prompt: t_first.saturating_duration_since(job.t_admit),
             t_gen: now.saturating_duration_since(t_first),
         };
@@ -915,7 +999,7 @@ impl Scheduler {
 pub(crate) mod tests {
     use super::*;
     use crate::engine::constraint::GrammarSpec;
-    use crate::worker::fake::{FakeCodec, FakeCompute, FakeLog};
+    use crate::worker::fake::{FakeCodec, FakeCompute, FakeLog, next_token};
 
     pub(crate) fn start(
         n_slots: usize,
@@ -957,6 +1041,7 @@ pub(crate) mod tests {
                 n_slots,
                 n_ctx_seq,
                 n_batch,
+                ctx_shift: false,
             },
             metrics.clone(),
         )
@@ -983,7 +1068,7 @@ pub(crate) mod tests {
     ) {
         let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        tx.send(Command::Generate(GenerateRequest {
+        tx.send(Command::Generate(Box::new(GenerateRequest {
             prompt: codec.encode(prompt, true, false),
             max_tokens,
             sampling: greedy(),
@@ -996,7 +1081,9 @@ pub(crate) mod tests {
             cache_prompt: true,
             post_sampling_probs: false,
             settings: None,
-        }))
+            n_keep: 0,
+            n_discard: 0,
+        })))
         .unwrap();
         (erx, cancel)
     }
@@ -1109,6 +1196,97 @@ pub(crate) mod tests {
         h.join().unwrap();
     }
 
+    /// Generates `max_tokens` with the fake model as a context-shifting scheduler must: whenever the
+    /// next token would not fit `n_ctx`, drop `n_discard` (default half) after `n_keep` (+ BOS).
+    fn expected_with_shift(
+        codec: &FakeCodec,
+        prompt: &str,
+        max_tokens: usize,
+        n_ctx: usize,
+        n_keep: usize,
+        n_discard: usize,
+    ) -> (String, usize) {
+        let mut seq = codec.encode(prompt, true, false);
+        let mut out = Vec::new();
+        let mut shifts = 0;
+        while out.len() < max_tokens {
+            let t = next_token(&seq);
+            out.push(t as u8);
+            if out.len() == max_tokens {
+                break;
+            }
+            if seq.len() + 1 >= n_ctx {
+                let keep = (n_keep + 1).min(n_ctx - 4);
+                let left = seq.len() - keep;
+                let d = if n_discard > 0 { n_discard } else { left / 2 }.min(left - 1);
+                seq.drain(keep..keep + d);
+                shifts += 1;
+            }
+            seq.push(t);
+        }
+        (String::from_utf8(out).unwrap(), shifts)
+    }
+
+    /// With `--context-shift`, a generation runs past the slot's context (here 3× its 16 cells), each
+    /// token following the shifted sequence, and reports `truncated`; `n_keep`/`n_discard` are obeyed.
+    /// A compute that cannot shift falls back to stopping at the context's end.
+    #[test]
+    fn context_shift_generates_past_n_ctx() {
+        for (n_keep, n_discard, can_shift) in [(0, 0, true), (3, 2, true), (0, 0, false)] {
+            let codec = Arc::new(FakeCodec::default());
+            let mut compute = FakeCompute::new(1, 16, FakeLog::default());
+            if !can_shift {
+                compute = compute.without_shift();
+            }
+            let cfg = SchedulerConfig {
+                n_slots: 1,
+                n_ctx_seq: 16,
+                n_batch: 8,
+                ctx_shift: true,
+            };
+            let (tx, h) = spawn(codec.clone(), Box::new(compute), cfg, Arc::default()).unwrap();
+            let (etx, mut erx) = tokio::sync::mpsc::unbounded_channel();
+            let mut req = GenerateRequest::new(
+                codec.encode("0123456789", true, false),
+                48,
+                greedy(),
+                etx,
+                CancellationToken::new(),
+            );
+            req.n_keep = n_keep;
+            req.n_discard = n_discard;
+            tx.send(Command::Generate(Box::new(req))).unwrap();
+            let mut text = String::new();
+            let (finish, n, truncated, used) = loop {
+                match erx.blocking_recv().expect("events end with Done") {
+                    GenEvent::Delta { text: t, .. } => text.push_str(&t),
+                    GenEvent::Done {
+                        finish,
+                        n_generated,
+                        truncated,
+                        n_ctx_used,
+                        ..
+                    } => break (finish, n_generated, truncated, n_ctx_used),
+                    GenEvent::Failed(m) => panic!("failed: {m}"),
+                }
+            };
+            assert!(truncated, "the context's end was reached");
+            assert!(used < 16, "the cache never holds more than the context");
+            if can_shift {
+                let (want, shifts) =
+                    expected_with_shift(&codec, "0123456789", 48, 16, n_keep as usize, n_discard);
+                assert!(shifts >= 3, "{shifts} shifts");
+                assert_eq!((finish, n), (FinishReason::Length, 48));
+                assert_eq!(text, want, "n_keep {n_keep} n_discard {n_discard}");
+            } else {
+                assert_eq!((finish, n), (FinishReason::Length, 16 - 11));
+                assert_eq!(text, codec.expected("0123456789", 5));
+            }
+            drop(tx);
+            h.join().unwrap();
+        }
+    }
+
     #[test]
     fn cancelled_request_frees_slot_for_queued_one() {
         let (tx, h, m, _log, codec) = start(1, 4096, 8);
@@ -1172,6 +1350,7 @@ pub(crate) mod tests {
             n_slots: 2,
             n_ctx_seq: 4096,
             n_batch: 64,
+            ctx_shift: false,
         };
         let (tx, h) = spawn(
             codec.clone(),
@@ -1246,6 +1425,8 @@ pub(crate) mod tests {
                 cache_prompt: true,
                 post_sampling_probs: false,
                 settings: None,
+                n_keep: 0,
+                n_discard: 0,
             },
             n_done: 0,
             n_cached: 0,
@@ -1254,6 +1435,7 @@ pub(crate) mod tests {
             pending: None,
             sampler: compute.sampler(&greedy()),
             text: TextAssembler::new(Vec::new()),
+            truncated: false,
             admitted: 1,
             constraint: None,
             mask: None,
@@ -1273,7 +1455,7 @@ pub(crate) mod tests {
         constraint: Option<Constraint>,
     ) -> tokio::sync::mpsc::UnboundedReceiver<GenEvent> {
         let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(Command::Generate(GenerateRequest {
+        tx.send(Command::Generate(Box::new(GenerateRequest {
             prompt: codec.encode(prompt, true, false),
             max_tokens,
             sampling: greedy(),
@@ -1286,7 +1468,9 @@ pub(crate) mod tests {
             cache_prompt: true,
             post_sampling_probs: false,
             settings: None,
-        }))
+            n_keep: 0,
+            n_discard: 0,
+        })))
         .unwrap();
         erx
     }

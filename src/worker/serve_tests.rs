@@ -41,6 +41,8 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         n_predict: -1,
         ubatch_size: 512,
         flash_attn: "auto".into(),
+        cache_type_k: crate::engine::model::KvType::F16,
+        cache_type_v: crate::engine::model::KvType::F16,
         verbose: false,
         temp: 0.8,
         top_k: 40,
@@ -59,6 +61,12 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         no_slots: false,
         jinja: false,
         no_jinja: false,
+        keep: 0,
+        context_shift: false,
+        no_context_shift: false,
+        no_mmap: false,
+        mlock: false,
+        timeout: 3600,
     }
 }
 
@@ -79,7 +87,10 @@ fn fake_loader(codec: Arc<FakeCodec>, delay: Duration) -> Loader {
 }
 
 async fn start_with(a: WorkerArgs, delay: Duration) -> Server {
-    let codec = Arc::new(FakeCodec::default());
+    start_with_codec(a, delay, Arc::new(FakeCodec::default())).await
+}
+
+async fn start_with_codec(a: WorkerArgs, delay: Duration, codec: Arc<FakeCodec>) -> Server {
     let shutdown = CancellationToken::new();
     let (btx, brx) = tokio::sync::oneshot::channel::<SocketAddr>();
     let loader = fake_loader(codec.clone(), delay);
@@ -477,7 +488,7 @@ async fn error_cases_have_status_and_envelope() {
     let (st, v) = post(
         &s,
         "/v1/completions",
-        json!({"prompt":"a","logit_bias":{"x":1}}),
+        json!({"prompt":"a","logit_bias":{"5":"high"}}),
     )
     .await;
     assert_error(st, &v, 400, "invalid_request_error");
@@ -788,5 +799,64 @@ async fn native_embedding_and_pooling_none() {
             .unwrap()
             .contains("not OAI compatible")
     );
+    stop(s).await;
+}
+
+/// Rendering and tokenizing a huge request runs on the blocking pool: while it works (the fake's
+/// encode and render block their thread for a second on a text of 1 MiB or more), the worker's one
+/// async thread (this test's current_thread runtime) keeps answering `/health` — for each endpoint
+/// that renders or tokenizes a body.
+#[tokio::test]
+async fn a_huge_prompt_does_not_stall_the_async_thread() {
+    let codec = Arc::new(FakeCodec::default().with_slow_work(1 << 20, Duration::from_secs(1)));
+    let s = start_with_codec(args(1, 4096, None), Duration::ZERO, codec.clone()).await;
+    wait_ready(&s).await;
+    let big = "a".repeat(2 << 20);
+    let chat = json!({"messages": [{"role": "user", "content": big}], "max_tokens": 1});
+    let cases = [
+        ("/v1/chat/completions", chat.clone()),
+        ("/apply-template", chat),
+        ("/v1/completions", json!({"prompt": big, "max_tokens": 1})),
+        ("/completion", json!({"prompt": big, "n_predict": 1})),
+        ("/tokenize", json!({"content": big})),
+        ("/v1/embeddings", json!({"input": big})),
+        ("/embedding", json!({"content": big})),
+    ];
+    for (path, body) in cases {
+        let url = format!("{}{path}", s.base);
+        let req = tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+        // Run inline, the slow work would start and end while this runtime is blocked: it is only
+        // seen running when it runs on another thread.
+        let t0 = std::time::Instant::now();
+        while codec.slow_running() == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{path}: the slow work was never seen running: it blocks the async thread"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t1 = std::time::Instant::now();
+        let health = reqwest::get(format!("{}/health", s.base)).await.unwrap();
+        assert_eq!(health.status(), 200, "{path}");
+        assert!(
+            t1.elapsed() < Duration::from_millis(500),
+            "{path}: /health took {:?} while a huge prompt was prepared",
+            t1.elapsed()
+        );
+        let status = req.await.unwrap();
+        assert!(
+            matches!(status, 200 | 400),
+            "{path}: the huge request is answered: {status}"
+        );
+    }
     stop(s).await;
 }

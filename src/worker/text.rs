@@ -53,11 +53,6 @@ impl<T> TextAssembler<T> {
         self.stop_word.as_deref()
     }
 
-    /// All text released so far.
-    pub fn released_text(&self) -> &str {
-        &self.text[..self.sent]
-    }
-
     /// Adds one token's bytes and returns what can be sent now.
     pub fn push(&mut self, piece: &[u8], token: T) -> Released<T> {
         if self.stopped {

@@ -3,8 +3,8 @@
 // model setting, read the worker's log, unload, log out. Saves a screenshot of each page.
 //
 // Env: BASE_URL, PASSWORD, MODEL (catalogue name), SHOT_DIR, CHROMIUM (default /usr/bin/chromium);
-// HUB_API (1 when the binary has the hub's admin API, else 0), HF_REPO and HF_FILE (a repo and a file of
-// it that the supervisor's HF_ENDPOINT serves), HF_CANCEL_REPO (a repo with one GGUF, to start and cancel).
+// HF_REPO and HF_FILE (a repo and a file of it that the supervisor's HF_ENDPOINT serves), HF_CANCEL_REPO
+// (a repo with one GGUF, to start and cancel).
 // Exits non-zero with the failed step on stderr.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
@@ -13,7 +13,6 @@ const base = process.env.BASE_URL;
 const password = process.env.PASSWORD;
 const model = process.env.MODEL;
 const shots = process.env.SHOT_DIR;
-const hubApi = process.env.HUB_API === '1';
 const hfRepo = process.env.HF_REPO;
 const hfFile = process.env.HF_FILE;
 const hfCancelRepo = process.env.HF_CANCEL_REPO;
@@ -255,13 +254,6 @@ await workerStep('unload the model', async () => {
 
 await step('download from Hugging Face', async () => {
   await page.goto(`${base}/models`);
-  if (!hubApi) {
-    // The binary has no hub admin API: the form must say so plainly instead of failing on submit.
-    await page.waitForSelector('#hf-unavailable', { state: 'visible' });
-    expect(!(await page.isVisible('#hf-form')), 'download form still shown without the hub API');
-    await shot('models-hub-unavailable');
-    return;
-  }
   expect(hfRepo && hfFile, 'HF_REPO and HF_FILE must be set');
   await page.fill('#hf-repo', 'not a repo id');
   await page.click('#hf-list');

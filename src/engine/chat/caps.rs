@@ -10,8 +10,6 @@ use minijinja::value::{Enumerator, Object, ObjectRepr};
 use minijinja::{Environment, Value};
 use serde_json::json;
 
-use super::jinja::TEMPLATE_NAME;
-
 /// Capabilities of a template, named and defaulted as llama.cpp's `jinja::caps`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
@@ -144,7 +142,7 @@ fn probe(
         eos_token => "",
         add_generation_prompt => true,
     };
-    let result = env.get_template(TEMPLATE_NAME).and_then(|t| t.render(ctx));
+    let result = super::jinja::render_capped(env, ctx);
     match result {
         Ok(output) => Probe {
             ok: true,
@@ -307,9 +305,7 @@ fn render_plain(
     if add_generation_prompt {
         ctx.insert("add_generation_prompt".into(), json!(true));
     }
-    env.get_template(TEMPLATE_NAME)
-        .and_then(|t| t.render(Value::from_serialize(&ctx)))
-        .ok()
+    super::jinja::render_capped(env, Value::from_serialize(&ctx)).ok()
 }
 
 /// Whether llama-server would pass `enable_thinking: true` to this template: it does so only when

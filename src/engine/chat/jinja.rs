@@ -13,6 +13,12 @@ pub(crate) const NOW_VAR: &str = "__cyber_inference_now";
 /// Instructions one rendering may execute before it fails with "engine ran out of fuel".
 pub(crate) const FUEL: u64 = 50_000_000;
 
+/// Most bytes one rendering may output (64 MiB, the largest request body either server accepts): a
+/// template is stopped with an error naming this cap as soon as its output passes it, so a template
+/// that loops within its fuel (tens of millions of instructions, each of which may print a string)
+/// cannot make a prompt of gigabytes. Any prompt that could fit a context is far smaller.
+pub(crate) const MAX_OUTPUT_BYTES: usize = 64 << 20;
+
 /// Name under which the template is stored in its environment.
 pub(crate) const TEMPLATE_NAME: &str = "chat_template";
 
@@ -91,6 +97,66 @@ pub(crate) fn build_env(source: &str) -> Result<Environment<'static>, Error> {
     env.add_filter("count", length);
     env.add_template_owned(TEMPLATE_NAME, preprocess_source(source))?;
     Ok(env)
+}
+
+/// A writer that keeps at most `max` bytes and fails (setting `over`) on the write that would pass it.
+struct CappedWriter {
+    out: Vec<u8>,
+    max: usize,
+    over: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.max {
+            self.over = true;
+            return Err(std::io::Error::other("output limit reached"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders the template [`TEMPLATE_NAME`] of `env` with `ctx`, its output capped at
+/// [`MAX_OUTPUT_BYTES`]: every rendering of a chat template goes through here.
+///
+/// Errors: the template's own error; an [`ErrorKind::InvalidOperation`] error naming the cap when the
+/// output would pass it (the rendering stops there).
+pub(crate) fn render_capped<S: serde::Serialize>(
+    env: &Environment<'_>,
+    ctx: S,
+) -> Result<String, Error> {
+    render_capped_at(env, ctx, MAX_OUTPUT_BYTES)
+}
+
+fn render_capped_at<S: serde::Serialize>(
+    env: &Environment<'_>,
+    ctx: S,
+    max: usize,
+) -> Result<String, Error> {
+    let mut w = CappedWriter {
+        out: Vec::new(),
+        max,
+        over: false,
+    };
+    let r = env
+        .get_template(TEMPLATE_NAME)
+        .and_then(|t| t.render_captured_to(ctx, &mut w).map(|_| ()));
+    if w.over {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "the chat template's output is larger than the limit of {} MiB ({max} bytes)",
+                max >> 20
+            ),
+        ));
+    }
+    r?;
+    // minijinja writes only `str`s.
+    String::from_utf8(w.out).map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string()))
 }
 
 /// `length` that, like Jinja2 and llama.cpp, gives 0 for undefined and none.
@@ -599,6 +665,31 @@ mod tests {
             .render(())
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::OutOfFuel, "{err}");
+    }
+
+    #[test]
+    fn a_template_that_prints_too_much_is_stopped_at_the_cap() {
+        // 2 million iterations of 64 bytes: 128 MiB of output within the fuel limit (nested loops:
+        // one `range` may have at most 100 000 elements).
+        let env = build_env(&format!(
+            "{{% for i in range(2000) %}}{{% for j in range(1000) %}}{}{{% endfor %}}{{% endfor %}}",
+            "x".repeat(64)
+        ))
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        let err = render_capped(&env, ()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidOperation, "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("larger than the limit of 64 MiB") && msg.contains("67108864 bytes"),
+            "{msg}"
+        );
+        eprintln!("stopped after {:?}", t0.elapsed());
+        // Under the cap the output is returned whole.
+        let env = build_env("{% for i in range(1000) %}ab{% endfor %}").unwrap();
+        assert_eq!(render_capped(&env, ()).unwrap(), "ab".repeat(1000));
+        assert_eq!(render_capped_at(&env, (), 2000).unwrap().len(), 2000);
+        assert!(render_capped_at(&env, (), 1999).is_err());
     }
 
     #[test]

@@ -420,12 +420,7 @@ impl ChatTemplate {
         ctx_value.push((jinja::NOW_VAR.into(), Value::from(now.unix_timestamp())));
         let ctx_value: Value = ctx_value.into_iter().collect();
 
-        let template = env
-            .get_template(jinja::TEMPLATE_NAME)
-            .map_err(|e| ChatError::Render {
-                message: describe_error(&e),
-            })?;
-        let mut out = template.render(ctx_value).map_err(|e| ChatError::Render {
+        let mut out = jinja::render_capped(env, ctx_value).map_err(|e| ChatError::Render {
             message: describe_error(&e),
         })?;
         if self.strip_bos && !self.bos_token.is_empty() && out.starts_with(&self.bos_token) {

@@ -83,11 +83,24 @@ pub struct RopeParams {
 /// (θ multiplied by `theta_scale = base^(-2/n_dims)` step by step in f32, divided by the optional
 /// per-dimension `freq_factors` of `rope_freqs.weight`, times `freq_scale`).
 pub fn rope_cache(p: &RopeParams, pos: u32, freq_factors: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+    rope_cache_at(p, pos as f32, freq_factors)
+}
+
+/// [`rope_cache`] for any (possibly negative) position `pos`, as `ggml_rope_cache_init` takes it from
+/// an i32 position tensor: the K-shift of a context shift rotates cached keys by the position delta
+/// (`llama_kv_cache::build_rope_shift`, llama.cpp `src/llama-kv-cache.cpp`). θ is linear in the
+/// position, so rotating a key roped at `p` by the tables of `d` gives the rotation of `p + d` (up to
+/// f32 rounding).
+pub fn rope_cache_at(
+    p: &RopeParams,
+    pos: f32,
+    freq_factors: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
     let half = p.n_dims / 2;
     let theta_scale = p.freq_base.powf(-2.0 / p.n_dims as f32);
     let mut cos = Vec::with_capacity(half);
     let mut sin = Vec::with_capacity(half);
-    let mut theta_extrap = pos as f32;
+    let mut theta_extrap = pos;
     for i in 0..half {
         let ff = freq_factors.map_or(1.0, |f| f.get(i).copied().unwrap_or(1.0));
         let theta = (theta_extrap / ff) * p.freq_scale;
@@ -786,6 +799,8 @@ pub fn scale_f16_scalar(y: &mut [f16], v: f32) {
 pub struct AttnScratch {
     q16: Vec<f16>,
     acc16: Vec<f16>,
+    /// The buffers of [`attend_one_raw`] (quantized or mixed-type caches).
+    pub raw: RawAttnScratch,
 }
 
 /// Attention of one query head over `n_kv` cached f16 positions, in position order, computed the way
@@ -856,6 +871,205 @@ pub fn attend_one_f16_softcap<'a>(
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for o in out.iter_mut() {
         *o *= inv;
+    }
+}
+
+/// One KV head's row (`[head_dim]`) in the cache's own element type, for [`attend_one_raw`].
+#[derive(Clone, Copy)]
+pub enum KvRow<'a> {
+    /// Half precision.
+    F16(&'a [f16]),
+    /// Single precision.
+    F32(&'a [f32]),
+    /// BF16 or whole blocks of a quantized type.
+    Raw(&'a [u8]),
+}
+
+impl<'a> KvRow<'a> {
+    /// The row's bytes (little-endian elements or blocks, as ggml stores them).
+    pub fn bytes(self) -> &'a [u8] {
+        match self {
+            KvRow::F16(r) => bytemuck::cast_slice(r),
+            KvRow::F32(r) => bytemuck::cast_slice(r),
+            KvRow::Raw(r) => r,
+        }
+    }
+}
+
+/// Scratch buffers of [`attend_one_raw`], reused across calls.
+#[derive(Default)]
+pub struct RawAttnScratch {
+    q: Vec<u8>,
+    acc16: Vec<f16>,
+    acc32: Vec<f32>,
+    v32: Vec<f32>,
+}
+
+/// Attention of one query head over `n_kv` cached positions whose keys are of type `tk` and values of
+/// type `tv` (any [`crate::engine::model::KvType`], read in place), computed as ggml's CPU flash attention
+/// does for such a cache (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`, `ggml/src/ggml-cpu/ops.cpp`,
+/// llama.cpp commit 0c1e570): the query converted once to the keys' vec-dot type (`q_to_vec_dot`: Q8_0 for
+/// q4_0/q5_0/q8_0/iq4_nl, Q8_1 for q4_1/q5_1, F16/BF16/F32 for the float types), each score the type's dot
+/// product `kq_vec_dot` times `scale` (soft-capped when `softcap ≠ 0`), an online softmax, the weighted
+/// values accumulated in f16 for an f16 `tv` (`ggml_vec_mad_f16`) and otherwise in f32 after converting
+/// each value row (`v_to_float`, `ggml_vec_mad_f32`), finally divided by the sum.
+///
+/// - `q`: `[head_dim]` f32; `k_row(j)`/`v_row(j)`: position `j`'s `[head_dim]` key and value; `out`:
+///   `[head_dim]`, overwritten. `head_dim` is a multiple of the block size of `tk` and `tv`.
+/// - `dot`: the dot product of `tk` against its vec-dot type ([`super::vec_dot_fn`], or the scalar oracle
+///   [`super::scalar_vec_dot_fn`] for [`attend_one_raw_scalar`]).
+///
+/// A type without a dot product or dequantizer leaves `out` zero (the cache only holds supported types).
+#[allow(clippy::too_many_arguments)] // the shape of attend_one_f16_softcap plus the two types
+pub fn attend_one_raw<'a>(
+    q: &[f32],
+    n_kv: usize,
+    scale: f32,
+    softcap: f32,
+    tk: crate::engine::ggml_type::GgmlType,
+    k_row: impl Fn(usize) -> KvRow<'a>,
+    tv: crate::engine::ggml_type::GgmlType,
+    v_row: impl Fn(usize) -> KvRow<'a>,
+    scratch: &mut RawAttnScratch,
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    if let Some(dot) = super::vec_dot_fn(tk) {
+        attend_raw_with(
+            q, n_kv, scale, softcap, tk, dot, k_row, tv, v_row, scratch, out,
+        );
+    }
+}
+
+/// [`attend_one_raw`] with the scalar dot-product oracle: the twin the SIMD path is tested against.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_one_raw_scalar<'a>(
+    q: &[f32],
+    n_kv: usize,
+    scale: f32,
+    softcap: f32,
+    tk: crate::engine::ggml_type::GgmlType,
+    k_row: impl Fn(usize) -> KvRow<'a>,
+    tv: crate::engine::ggml_type::GgmlType,
+    v_row: impl Fn(usize) -> KvRow<'a>,
+    scratch: &mut RawAttnScratch,
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    if let Some(dot) = super::scalar_vec_dot_fn(tk) {
+        attend_raw_with(
+            q, n_kv, scale, softcap, tk, dot, k_row, tv, v_row, scratch, out,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_raw_with<'a>(
+    q: &[f32],
+    n_kv: usize,
+    scale: f32,
+    softcap: f32,
+    tk: crate::engine::ggml_type::GgmlType,
+    dot: super::VecDotFn,
+    k_row: impl Fn(usize) -> KvRow<'a>,
+    tv: crate::engine::ggml_type::GgmlType,
+    v_row: impl Fn(usize) -> KvRow<'a>,
+    scratch: &mut RawAttnScratch,
+    out: &mut [f32],
+) {
+    use crate::engine::ggml_type::GgmlType;
+    use crate::engine::quant;
+    let d = q.len();
+    let Some(vd) = quant::vec_dot_type(tk) else {
+        return;
+    };
+    let Ok(qb) = quant::row_bytes(vd, d) else {
+        return;
+    };
+    scratch.q.resize(qb, 0);
+    if quant::quantize_row_activation(vd, q, &mut scratch.q).is_err() {
+        return;
+    }
+    let scale = if softcap != 0.0 {
+        scale / softcap
+    } else {
+        scale
+    };
+    let v16 = tv == GgmlType::F16;
+    scratch.acc16.clear();
+    scratch.acc32.clear();
+    if v16 {
+        scratch.acc16.resize(d, f16::ZERO);
+    } else {
+        scratch.acc32.resize(d, 0.0);
+        scratch.v32.resize(d, 0.0);
+    }
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    for j in 0..n_kv {
+        let mut s = dot(d, k_row(j).bytes(), &scratch.q) * scale;
+        if softcap != 0.0 {
+            s = softcap * s.tanh();
+        }
+        let (mut ms, mut vs) = (1.0f32, 1.0f32);
+        if s > m {
+            let m_old = m;
+            m = s;
+            ms = (m_old - m).exp();
+            if v16 {
+                scale_f16(&mut scratch.acc16, ms);
+            } else {
+                scratch.acc32.iter_mut().for_each(|a| *a *= ms);
+            }
+        } else {
+            vs = (s - m).exp();
+        }
+        match v_row(j) {
+            KvRow::F16(r) if v16 => mad_f16(&mut scratch.acc16, r, vs),
+            KvRow::F32(r) => axpy(&mut scratch.acc32, vs, r),
+            row => {
+                if quant::dequantize_row(tv, row.bytes(), &mut scratch.v32).is_ok() {
+                    axpy(&mut scratch.acc32, vs, &scratch.v32);
+                }
+            }
+        }
+        sum = sum.mul_add(ms, vs);
+    }
+    if v16 {
+        f16_to_f32(&scratch.acc16, out);
+    } else {
+        out.copy_from_slice(&scratch.acc32);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// Multiplies each consecutive `n` values of `x` (`n` a power of two dividing `x.len()`) by the orthonormal
+/// Walsh–Hadamard matrix of size `n` (Sylvester order, `1/√n` scaled, its own inverse): ggml's fast
+/// Walsh–Hadamard transform (`ggml_compute_forward_fwht_impl`, `ggml/src/ggml-cpu/ops.cpp`, llama.cpp commit
+/// 0c1e570), which llama.cpp applies to the query, keys and values of a quantized KV cache
+/// (`llama_mul_mat_hadamard`, `src/llama-graph.cpp` `build_attn`): the values are scaled first, then
+/// `log2 n` butterfly passes `(u + v, u − v)`, each an exact IEEE operation, as ggml's SIMD passes are.
+/// A length that does not fit leaves `x` unchanged.
+pub fn fwht_rows(x: &mut [f32], n: usize) {
+    if n < 2 || !n.is_power_of_two() || !x.len().is_multiple_of(n) {
+        return;
+    }
+    let scale = 1.0 / (n as f32).sqrt();
+    for row in x.chunks_exact_mut(n) {
+        row.iter_mut().for_each(|v| *v *= scale);
+        let mut len = 1;
+        while len < n {
+            for i in (0..n).step_by(2 * len) {
+                for j in i..i + len {
+                    let (u, v) = (row[j], row[j + len]);
+                    row[j] = u + v;
+                    row[j + len] = u - v;
+                }
+            }
+            len <<= 1;
+        }
     }
 }
 

@@ -59,9 +59,15 @@ pub struct RunArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    /// Keep the KV cache in f32 instead of f16.
+    /// Keep the KV cache in f32 instead of f16 (the same as `-ctk f32 -ctv f32`).
     #[arg(long)]
     pub kv_f32: bool,
+    /// Element type of the cached keys (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1).
+    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16", value_parser = parse_kv_type)]
+    pub cache_type_k: KvType,
+    /// Element type of the cached values (as `--cache-type-k`).
+    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16", value_parser = parse_kv_type)]
+    pub cache_type_v: KvType,
     /// Keep generating past end-of-generation tokens (for benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -88,6 +94,22 @@ pub struct PerplexityArgs {
     /// Threads.
     #[arg(short = 't', long = "threads", default_value_t = default_threads())]
     pub threads: usize,
+    /// Element type of the cached keys (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1).
+    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16", value_parser = parse_kv_type)]
+    pub cache_type_k: KvType,
+    /// Element type of the cached values (as `--cache-type-k`).
+    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16", value_parser = parse_kv_type)]
+    pub cache_type_v: KvType,
+}
+
+/// Parses a KV cache type name as llama.cpp's `-ctk`/`-ctv` take it.
+///
+/// Errors: the name is not one of [`KvType::ALL`] (the message lists them).
+pub fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = KvType::ALL.iter().map(|t| t.name()).collect();
+        format!("unknown KV cache type {s:?}; one of {}", names.join(", "))
+    })
 }
 
 /// Arguments of `embed`.
@@ -330,10 +352,15 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             n_batch: args.batch_size,
             n_threads: args.threads,
             embeddings: false,
-            kv_type: if args.kv_f32 {
+            type_k: if args.kv_f32 {
                 KvType::F32
             } else {
-                KvType::F16
+                args.cache_type_k
+            },
+            type_v: if args.kv_f32 {
+                KvType::F32
+            } else {
+                args.cache_type_v
             },
         },
     )?;
@@ -430,7 +457,8 @@ pub fn perplexity_cmd(args: &PerplexityArgs) -> Result<(), CliError> {
             n_batch: args.batch_size.clamp(1, args.ctx_size.max(1)),
             n_threads: args.threads,
             embeddings: false,
-            kv_type: KvType::F16,
+            type_k: args.cache_type_k,
+            type_v: args.cache_type_v,
         },
     )?;
     eprintln!(
@@ -484,7 +512,8 @@ pub fn embed_cmd(args: &EmbedArgs) -> Result<(), CliError> {
             n_batch: n_ctx,
             n_threads: args.threads,
             embeddings: true,
-            kv_type: KvType::F16,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         },
     )?;
     let stdout = std::io::stdout();

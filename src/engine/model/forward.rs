@@ -9,7 +9,7 @@
 use crate::engine::kernels::ops::{self, RopeParams};
 
 use super::hparams::{Arch, Pooling};
-use super::kv_cache::KvView;
+use super::kv_cache::KvSide;
 use super::linalg::{self, Pool};
 use super::weights::Linear;
 use super::{Batch, Context, ModelError};
@@ -167,6 +167,14 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 c,
                 s,
             );
+        }
+        if let Some(scale) = q_prescale {
+            q.iter_mut().for_each(|v| *v *= scale);
+        }
+        // A quantized cache stores keys and values rotated by a Walsh–Hadamard matrix (the query
+        // with the keys' one, so scores are unchanged; the output rotated back after attention).
+        kv.rotate_qkv(&mut q, &mut k, &mut v);
+        for i in 0..n {
             kv.write(
                 il,
                 b.seq_id[i] as usize,
@@ -175,9 +183,6 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
                 &v[i * nkv..(i + 1) * nkv],
             );
         }
-        if let Some(scale) = q_prescale {
-            q.iter_mut().for_each(|v| *v *= scale);
-        }
         dump(format_args!("Qcur-{il}.2"), &q);
         dump(format_args!("Kcur-{il}.2"), &k);
         let mut attn = vec![0.0f32; n * nq];
@@ -185,15 +190,15 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
             let last = idx.iter().map(|&i| b.pos[i] as usize).max().unwrap_or(0);
             let items: Vec<(usize, usize)> =
                 idx.iter().map(|&i| (i, b.pos[i] as usize + 1)).collect();
-            match kv.view(il, *seq as usize, last + 1) {
-                KvView::F16 { k, v } => {
-                    attention(&ctx.pool, &shape, &q, Kv::F16(k, v), &items, &mut attn)
-                }
-                KvView::F32 { k, v } => {
-                    attention(&ctx.pool, &shape, &q, Kv::F32(k, v), &items, &mut attn)
-                }
-            }
+            let view = kv.view(il, *seq as usize, last + 1);
+            let rows = match (view.k, view.v) {
+                (KvSide::F16(k), KvSide::F16(v)) => Kv::F16(k, v),
+                (KvSide::F32(k), KvSide::F32(v)) => Kv::F32(k, v),
+                (k, v) => Kv::Mixed(k, v),
+            };
+            attention(&ctx.pool, &shape, &q, rows, &items, &mut attn);
         }
+        kv.rotate_back(&mut attn);
         dump(format_args!("kqv_out-{il}"), &attn);
         let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
         if let Some(bo) = &layer.bo {
@@ -431,19 +436,21 @@ struct AttnShape {
     kq_scale: f32,
 }
 
-/// Keys and values of one sequence, `[n_pos, nkv]` each: f16 from the default KV cache, or f32 (an f32
-/// cache, or an encoder's own activations).
+/// Keys and values of one sequence, `[n_pos, nkv]` each: f16 from the default KV cache, f32 (an f32
+/// cache, or an encoder's own activations), or any other pair of cache types (`-ctk`/`-ctv`).
 #[derive(Clone, Copy)]
 enum Kv<'a> {
     F16(&'a [half::f16], &'a [half::f16]),
     F32(&'a [f32], &'a [f32]),
+    Mixed(KvSide<'a>, KvSide<'a>),
 }
 
 /// Attention for the tokens `items` (`(batch index, number of visible positions)`) of one sequence whose
 /// keys and values are `kv` (`[n_pos, nkv]` each): for each token and head, `softmax(q·kᵀ·scale)·v` over the
 /// first `n_kv` positions, in position order. f16 keys/values take ggml's CPU flash-attention arithmetic
 /// ([`ops::attend_one_f16`], what llama.cpp runs by default); f32 ones the exact softmax of `build_attn_mha`
-/// ([`ops::attend_one`]). Writes `attn[i]` rows (`[n_tokens, nq]`). Work is split over (token, head) pairs
+/// ([`ops::attend_one`]); quantized or mixed types flash attention reading the cache in place
+/// ([`ops::attend_one_raw`]). Writes `attn[i]` rows (`[n_tokens, nq]`). Work is split over (token, head) pairs
 /// when large enough; each pair is computed by the same code whatever the split, so results do not depend on
 /// the thread count or the batch.
 fn attention(
@@ -477,6 +484,22 @@ fn attention(
                 scratch,
                 out,
             ),
+            Kv::Mixed(k, v) => {
+                for (qh, oh) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+                    ops::attend_one_raw(
+                        qh,
+                        n_kv,
+                        s.kq_scale,
+                        0.0,
+                        k.ggml_type(),
+                        |j| k.head(j, g, hd, s.nkv),
+                        v.ggml_type(),
+                        |j| v.head(j, g, hd, s.nkv),
+                        &mut scratch.raw,
+                        oh,
+                    );
+                }
+            }
             Kv::F32(k, v) => {
                 scores.resize(n_kv.max(scores.len()), 0.0);
                 for (qh, oh) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {

@@ -27,7 +27,7 @@ use crate::engine::kv_layout;
 
 use super::forward::{dump, for_each_head_group, group_by_seq, mm};
 use super::hparams::{Arch, HParams};
-use super::kv_cache::{KvCache, KvView};
+use super::kv_cache::{KvCache, KvRow, KvRows, KvSide};
 use super::linalg::{self, Pool};
 use super::{Batch, Context, ModelError};
 
@@ -176,10 +176,40 @@ impl<'a, T> Rows<'a, T> {
     }
 }
 
-/// Rows of either element type.
+/// [`Rows`] for any pair of cache types: the cache's sides and the batch's own rows encoded in the same
+/// types ([`KvRows::encode`]).
+struct SideRows<'a> {
+    cache_k: KvSide<'a>,
+    cache_v: KvSide<'a>,
+    new_k: KvSide<'a>,
+    new_v: KvSide<'a>,
+    cells: usize,
+    p0: usize,
+    nkv: usize,
+    head_dim: usize,
+}
+
+impl<'a> SideRows<'a> {
+    fn k(&self, pos: usize, g: usize) -> KvRow<'a> {
+        self.row(self.cache_k, self.new_k, pos, g)
+    }
+    fn v(&self, pos: usize, g: usize) -> KvRow<'a> {
+        self.row(self.cache_v, self.new_v, pos, g)
+    }
+    fn row(&self, cache: KvSide<'a>, new: KvSide<'a>, pos: usize, g: usize) -> KvRow<'a> {
+        if pos >= self.p0 {
+            new.head(pos - self.p0, g, self.head_dim, self.nkv)
+        } else {
+            cache.head(pos % self.cells, g, self.head_dim, self.nkv)
+        }
+    }
+}
+
+/// Rows of either element type, or of any other pair of cache types.
 enum AnyRows<'a> {
     F16(Rows<'a, f16>),
     F32(Rows<'a, f32>),
+    Mixed(SideRows<'a>),
 }
 
 /// Attention of the tokens `items` (`(batch index, first visible position, own position)`) of one
@@ -229,6 +259,23 @@ fn attention(
                         |j| r.k(lo + j, g),
                         |j| r.v(lo + j, g),
                         scratch,
+                        oh,
+                    );
+                }
+            }
+            AnyRows::Mixed(r) => {
+                let (tk, tv) = (r.cache_k.ggml_type(), r.cache_v.ggml_type());
+                for (qh, oh) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+                    ops::attend_one_raw(
+                        qh,
+                        n_kv,
+                        1.0,
+                        s.softcap,
+                        tk,
+                        |j| r.k(lo + j, g),
+                        tv,
+                        |j| r.v(lo + j, g),
+                        &mut scratch.raw,
                         oh,
                     );
                 }
@@ -306,8 +353,9 @@ fn attention_layer(
                 .collect()
         };
         let (nk, nv) = (gather(k), gather(v));
-        match kv.ring(il, seq) {
-            KvView::F16 { k: ck, v: cv } => {
+        let ring = kv.ring(il, seq);
+        match (ring.k, ring.v) {
+            (KvSide::F16(ck), KvSide::F16(cv)) => {
                 let mut k16 = vec![f16::ZERO; nk.len()];
                 let mut v16 = vec![f16::ZERO; nv.len()];
                 ops::f32_to_f16(&nk, &mut k16);
@@ -324,12 +372,27 @@ fn attention_layer(
                 });
                 attention(pool, s, q, &rows, &items, &mut attn);
             }
-            KvView::F32 { k: ck, v: cv } => {
+            (KvSide::F32(ck), KvSide::F32(cv)) => {
                 let rows = AnyRows::F32(Rows {
                     cache_k: ck,
                     cache_v: cv,
                     new_k: &nk,
                     new_v: &nv,
+                    cells,
+                    p0,
+                    nkv,
+                    head_dim: s.head_dim,
+                });
+                attention(pool, s, q, &rows, &items, &mut attn);
+            }
+            (ck, cv) => {
+                let (tk, tv) = kv.types();
+                let (ek, ev) = (KvRows::encode(tk, &nk, nkv), KvRows::encode(tv, &nv, nkv));
+                let rows = AnyRows::Mixed(SideRows {
+                    cache_k: ck,
+                    cache_v: cv,
+                    new_k: ek.side(nkv),
+                    new_v: ev.side(nkv),
                     cells,
                     p0,
                     nkv,
@@ -433,7 +496,7 @@ pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         dump(format_args!("attn_norm-{il}"), &h);
         let mut q = mm(&ctx.pool, file, &layer.wq, &h, n)?;
         let mut k = mm(&ctx.pool, file, &layer.wk, &h, n)?;
-        let v = mm(&ctx.pool, file, &layer.wv, &h, n)?;
+        let mut v = mm(&ctx.pool, file, &layer.wv, &h, n)?;
         if let Some(qn) = &layer.q_norm {
             norm_rows(&mut q, qn, eps);
             dump(format_args!("Qcur_normed-{il}"), &q);
@@ -467,7 +530,10 @@ pub(super) fn run(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         dump(format_args!("Vcur-{il}"), &v);
         // ggml_scale(Qcur, f_attention_scale); build_attn then uses kq_scale = 1.
         q.iter_mut().for_each(|x| *x *= gh.attn_scale);
-        let attn = attention_layer(&ctx.pool, kv, il, &shape, b, &groups, &q, &k, &v);
+        // A quantized cache holds Walsh–Hadamard-rotated keys and values (as forward.rs).
+        kv.rotate_qkv(&mut q, &mut k, &mut v);
+        let mut attn = attention_layer(&ctx.pool, kv, il, &shape, b, &groups, &q, &k, &v);
+        kv.rotate_back(&mut attn);
         dump(format_args!("kqv_out-{il}"), &attn);
         let mut o = mm(&ctx.pool, file, &layer.wo, &attn, n)?;
         let post = layer

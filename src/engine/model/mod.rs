@@ -22,9 +22,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::chat::ChatTemplate;
-use crate::engine::gguf::{GgufError, GgufFile};
+use crate::engine::gguf::{GgufError, GgufFile, LoadMode};
 use crate::engine::tokenizer::{Tokenizer, TokenizerError};
 
+use crate::engine::kernels::ops::{self, RopeParams};
 pub use gemma::GemmaHParams;
 pub use hparams::{Arch, HParams, Pooling};
 use kv_cache::KvCache;
@@ -176,7 +177,17 @@ impl Model {
     /// Errors: GGUF errors, [`ModelError::UnsupportedArch`], a missing key or tensor (named), a tensor of the
     /// wrong shape or an unsupported type.
     pub fn load(path: &Path, params: &ModelParams) -> Result<Arc<Model>, ModelError> {
-        let file = Arc::new(GgufFile::open(path)?);
+        Self::load_with(path, params, LoadMode::default())
+    }
+
+    /// [`Model::load`] with the file read or mapped, and locked, as `mode` says (llama.cpp's
+    /// `use_mmap`, `use_mlock`). Errors: as [`Model::load`].
+    pub fn load_with(
+        path: &Path,
+        params: &ModelParams,
+        mode: LoadMode,
+    ) -> Result<Arc<Model>, ModelError> {
+        let file = Arc::new(GgufFile::open_with(path, mode)?);
         Self::from_gguf(file, params)
     }
 
@@ -332,8 +343,10 @@ pub struct ContextParams {
     pub n_threads: usize,
     /// Also produce embeddings (per output token for decoders, pooled per sequence for encoders).
     pub embeddings: bool,
-    /// Element type of the KV cache.
-    pub kv_type: KvType,
+    /// Element type of the cached keys (`--cache-type-k`).
+    pub type_k: KvType,
+    /// Element type of the cached values (`--cache-type-v`).
+    pub type_v: KvType,
 }
 
 impl Default for ContextParams {
@@ -344,7 +357,8 @@ impl Default for ContextParams {
             n_batch: 2048,
             n_threads: ModelParams::default().n_threads,
             embeddings: false,
-            kv_type: KvType::F16,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         }
     }
 }
@@ -411,6 +425,16 @@ impl Context {
                     params.n_seq_max, params.n_ctx
                 ));
             }
+            for (what, ty) in [("keys", params.type_k), ("values", params.type_v)] {
+                if !hp.head_dim.is_multiple_of(ty.block_size()) {
+                    return bad(format!(
+                        "a KV cache of type {} stores {what} in blocks of {} elements, but this model's head size is {}",
+                        ty.name(),
+                        ty.block_size(),
+                        hp.head_dim
+                    ));
+                }
+            }
             // gemma: sliding-window layers keep a ring of their window.
             let windows: Vec<Option<usize>> = match &hp.gemma {
                 Some(g) if g.n_swa > 0 => {
@@ -418,13 +442,17 @@ impl Context {
                 }
                 _ => vec![None; hp.n_layer],
             };
-            Some(KvCache::with_windows(
-                &windows,
-                params.n_seq_max,
-                params.n_ctx,
-                hp.n_embd_kv(),
-                params.kv_type,
-            ))
+            Some(
+                KvCache::with_windows(
+                    &windows,
+                    params.n_seq_max,
+                    params.n_ctx,
+                    hp.n_embd_kv(),
+                    params.type_k,
+                    params.type_v,
+                )
+                .with_rotations(hp.head_dim),
+            )
         };
         Ok(Context {
             pool: Pool::new(params.n_threads),
@@ -687,6 +715,86 @@ impl Context {
         true
     }
 
+    /// Whether [`Context::seq_shift`] can work: a decoder whose every layer caches the whole context
+    /// (false for encoders and for sliding-window rings shorter than `n_ctx`, as llama.cpp's
+    /// `llama_memory_can_shift`).
+    pub fn can_shift(&self) -> bool {
+        self.kv.as_ref().is_some_and(KvCache::can_shift)
+    }
+
+    /// llama-server's context shift of `seq`: drops cached positions `n_keep .. n_keep + n_discard`,
+    /// moves the later ones back by `n_discard` and re-ropes their keys by `-n_discard` with each layer's
+    /// rope (base, scale, frequency factors and attention factor as the forward pass uses them:
+    /// llama.cpp `llama_kv_cache::build_rope_shift`, `src/llama-kv-cache.cpp`, which passes the same
+    /// `attn_factor` as the graph). The next token then goes at position `len - n_discard`.
+    ///
+    /// Returns false, changing nothing, when [`Context::can_shift`] is false, `seq` is unknown or
+    /// `n_keep + n_discard` exceeds its cached length.
+    pub fn seq_shift(&mut self, seq: u32, n_keep: usize, n_discard: usize) -> bool {
+        let model = self.model.clone();
+        let hp = &model.hp;
+        let w = &model.weights;
+        let delta = -(n_discard as f32);
+        let base = RopeParams {
+            n_dims: hp.rope_n_dims,
+            freq_base: hp.rope_freq_base,
+            freq_scale: hp.rope_freq_scale,
+            mode: hp.arch.rope_mode(),
+        };
+        let rot: Vec<kv_cache::KeyShift> = match &hp.gemma {
+            // gemma: NeoX rope, the sliding layers with their own base and scale, no attention factor.
+            Some(g) => {
+                let global = RopeParams {
+                    mode: ops::RopeMode::Neox,
+                    ..base
+                };
+                let swa = RopeParams {
+                    freq_base: g.rope_freq_base_swa,
+                    freq_scale: g.rope_freq_scale_swa,
+                    ..global.clone()
+                };
+                (0..hp.n_layer)
+                    .map(|il| {
+                        let p = if g.swa_layers.get(il).copied().unwrap_or(false) {
+                            &swa
+                        } else {
+                            &global
+                        };
+                        let (cos, sin) = ops::rope_cache_at(p, delta, w.rope_freqs.as_deref());
+                        kv_cache::KeyShift {
+                            head_dim: hp.head_dim,
+                            n_dims: p.n_dims,
+                            mode: p.mode,
+                            cos,
+                            sin,
+                        }
+                    })
+                    .collect()
+            }
+            None => {
+                let factors = phi3::rope_factors(w, hp, self.params.n_ctx);
+                let (mut cos, mut sin) = ops::rope_cache_at(&base, delta, factors);
+                if hp.rope_attn_factor != 1.0 {
+                    cos.iter_mut()
+                        .chain(sin.iter_mut())
+                        .for_each(|v| *v *= hp.rope_attn_factor);
+                }
+                let one = kv_cache::KeyShift {
+                    head_dim: hp.head_dim,
+                    n_dims: base.n_dims,
+                    mode: base.mode,
+                    cos,
+                    sin,
+                };
+                vec![one; hp.n_layer]
+            }
+        };
+        match self.kv.as_mut() {
+            Some(kv) => kv.shift(seq as usize, n_keep, n_discard, &rot),
+            None => false,
+        }
+    }
+
     /// Cached positions of `seq` (0 for encoders and unknown sequences).
     pub fn seq_len(&self, seq: u32) -> usize {
         self.kv.as_ref().map_or(0, |kv| kv.seq_len(seq as usize))
@@ -727,7 +835,8 @@ mod tests {
                 n_batch: 64,
                 n_threads: 2,
                 embeddings: false,
-                kv_type: KvType::F16,
+                type_k: KvType::F16,
+                type_v: KvType::F16,
             },
         )
         .expect("context")

@@ -151,14 +151,15 @@ pub fn can_quantize(ty: GgmlType) -> bool {
     use GgmlType::*;
     matches!(
         ty,
-        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | Q8_K
+        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | Q8_K | IQ4_NL
     )
 }
 
 /// Quantizes the f32 row `src` to `ty` into `dst` (`ty.row_bytes(src.len())` bytes).
 ///
 /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 are ggml's `quantize_row_*_ref` (byte-identical); Q8_1 and Q8_K are the
-/// activation formats (`quantize_row_q8_1_ref`, `quantize_row_q8_K_ref`); F16 rounds to nearest even, BF16
+/// activation formats (`quantize_row_q8_1_ref`, `quantize_row_q8_K_ref`); IQ4_NL is
+/// `quantize_row_iq4_nl_ref`; F16 rounds to nearest even, BF16
 /// as `ggml_fp32_to_bf16` (round to nearest even, NaN kept quiet); F32 copies.
 ///
 /// # Errors
@@ -193,6 +194,7 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         Q8_0 => quantize::q8_0(src, bytemuck::cast_slice_mut(dst)),
         Q8_1 => quantize::q8_1(src, bytemuck::cast_slice_mut(dst)),
         Q8_K => quantize::q8_k(src, bytemuck::cast_slice_mut(dst)),
+        IQ4_NL => quantize::iq4_nl(src, bytemuck::cast_slice_mut(dst), 7),
         _ => unreachable!("can_quantize checked the type"),
     }
     Ok(())
@@ -201,7 +203,8 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
 /// Quantizes one activation row `src` into `dst` for the integer dot products: as [`quantize_row`], except
 /// that Q8_0 and Q8_1 follow ggml-cpu's x86 activation quantizers (multiplier `127/amax`, round half to even)
 /// instead of the reference ones, so that activations match llama.cpp's bit for bit (Q8_K is the reference
-/// quantizer in ggml-cpu too).
+/// quantizer in ggml-cpu too), and IQ4_NL is `quantize_row_iq4_nl_ref` (no scale search). This is ggml-cpu's
+/// `from_float` for the type: also how rows are stored into a quantized KV cache (`ggml_set_rows`).
 ///
 /// # Errors
 /// As [`quantize_row`].
@@ -219,6 +222,11 @@ pub fn quantize_row_activation(
         GgmlType::Q8_1 => {
             check_bytes(ty, src.len(), dst.len())?;
             quantize::q8_1_act(src, bytemuck::cast_slice_mut(dst));
+            Ok(())
+        }
+        GgmlType::IQ4_NL => {
+            check_bytes(ty, src.len(), dst.len())?;
+            quantize::iq4_nl(src, bytemuck::cast_slice_mut(dst), -1);
             Ok(())
         }
         _ => quantize_row(ty, src, dst),

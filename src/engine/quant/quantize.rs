@@ -75,6 +75,85 @@ pub(super) fn q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
     }
 }
 
+/// `best_index_int8`: the index of the code-book value nearest to `x` (`val` ascending), ties to the lower.
+fn best_index_int8(val: &[i8; 16], x: f32) -> usize {
+    if x <= val[0] as f32 {
+        return 0;
+    }
+    if x >= val[15] as f32 {
+        return 15;
+    }
+    let (mut ml, mut mu) = (0usize, 15usize);
+    while mu - ml > 1 {
+        let mav = (ml + mu) / 2;
+        if x < val[mav] as f32 {
+            mu = mav;
+        } else {
+            ml = mav;
+        }
+    }
+    if x - (val[mu - 1] as f32) < (val[mu] as f32) - x {
+        mu - 1
+    } else {
+        mu
+    }
+}
+
+/// `quantize_row_iq4_nl_impl` with super-block 32 and block 32, no importance weights (weights `x²`):
+/// the scale `∓max / 127` refined by weighted least squares, then (`ntry > 0`) `2·ntry + 1` more scales
+/// tried, each value the nearest of [`KVALUES_IQ4NL`]. `ntry = 7` is `quantize_iq4_nl` (what
+/// `ggml_quantize_chunk` and llama-quantize use); `ntry = -1` is `quantize_row_iq4_nl_ref`, what
+/// ggml-cpu's `from_float` for IQ4_NL calls, so what a `-ctk iq4_nl` KV cache stores.
+pub(super) fn iq4_nl(x: &[f32], out: &mut [BlockIq4Nl], ntry: i32) {
+    let values = &KVALUES_IQ4NL;
+    let v0 = values[0] as f32;
+    for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let mut l = [0u8; QK];
+        let (amax, max) = absmax_signed(xb);
+        let mut scale = 0.0f32;
+        if amax >= 1e-15 {
+            let sums = |id: f32, l: &mut [u8; QK]| {
+                let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+                for j in 0..QK {
+                    let idx = best_index_int8(values, id * xb[j]);
+                    l[j] = idx as u8;
+                    let q = values[idx] as f32;
+                    let w = xb[j] * xb[j];
+                    sumqx += w * q * xb[j];
+                    sumq2 += w * q * q;
+                }
+                (sumqx, sumq2)
+            };
+            let d0 = if ntry > 0 { -max / v0 } else { max / v0 };
+            let (sumqx, sumq2) = sums(1.0 / d0, &mut l);
+            let mut d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+            let mut best = d * sumqx;
+            let mut scratch = [0u8; QK];
+            for itry in -ntry..=ntry {
+                let id = (itry as f32 + v0) / max;
+                let (sumqx, sumq2) = sums(id, &mut scratch);
+                if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                    d = sumqx / sumq2;
+                    best = d * sumqx;
+                }
+            }
+            scale = d;
+        }
+        // With a scale search the indices are taken again from the final scale, a block of zeros
+        // included (all nearest to 0: index 8); the `_ref` form keeps the first pass.
+        if ntry > 0 {
+            let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            for j in 0..QK {
+                l[j] = best_index_int8(values, id * xb[j]) as u8;
+            }
+        }
+        y.d = F16Le::from_f32(scale);
+        for j in 0..16 {
+            y.qs[j] = l[j] | (l[16 + j] << 4);
+        }
+    }
+}
+
 pub(super) fn q4_1(x: &[f32], out: &mut [BlockQ4_1]) {
     for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let (min, max) = min_max(xb);

@@ -1,9 +1,8 @@
 //! `responses`: stored Responses-API replies (for `previous_response_id` and GET/DELETE).
 
-use sea_query::{Expr, Iden, Query, SqliteQueryBuilder};
-use sea_query_binder::SqlxBinder;
+use sea_query::{Expr, Iden, Query};
 
-use super::{Db, Result, now_ms, q};
+use super::{Db, Result, now_ms};
 
 #[derive(Iden)]
 enum Responses {
@@ -14,6 +13,15 @@ enum Responses {
     Response,
     CreatedAt,
 }
+
+/// The columns of a [`StoredResponse`], in its fields' order (what is stored and what is read).
+const STORED_RESPONSE: [Responses; 5] = [
+    Responses::Id,
+    Responses::Model,
+    Responses::Messages,
+    Responses::Response,
+    Responses::CreatedAt,
+];
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -41,79 +49,63 @@ impl Db {
         retention_ms: i64,
     ) -> Result<()> {
         let now = now_ms();
-        let (sql, values) = Query::delete()
-            .from_table(Responses::Table)
-            .and_where(Expr::col(Responses::CreatedAt).lt(now - retention_ms))
-            .build_sqlx(SqliteQueryBuilder);
-        sqlx::query_with(&sql, values)
-            .execute(&self.pool)
-            .await
-            .map_err(q("pruning stored responses"))?;
-        let (sql, values) = Query::insert()
-            .into_table(Responses::Table)
-            .columns([
-                Responses::Id,
-                Responses::Model,
-                Responses::Messages,
-                Responses::Response,
-                Responses::CreatedAt,
-            ])
-            .values_panic([
-                id.into(),
-                model.into(),
-                messages.into(),
-                response.into(),
-                now.into(),
-            ])
-            .build_sqlx(SqliteQueryBuilder);
-        sqlx::query_with(&sql, values)
-            .execute(&self.pool)
-            .await
-            .map_err(q("storing a response"))?;
+        self.execute(
+            "pruning stored responses",
+            Query::delete()
+                .from_table(Responses::Table)
+                .and_where(Expr::col(Responses::CreatedAt).lt(now - retention_ms)),
+        )
+        .await?;
+        self.execute(
+            "storing a response",
+            Query::insert()
+                .into_table(Responses::Table)
+                .columns(STORED_RESPONSE)
+                .values_panic([
+                    id.into(),
+                    model.into(),
+                    messages.into(),
+                    response.into(),
+                    now.into(),
+                ]),
+        )
+        .await?;
         Ok(())
     }
 
     /// One stored response.
     pub async fn get_response(&self, id: &str) -> Result<Option<StoredResponse>> {
-        let (sql, values) = Query::select()
-            .columns([
-                Responses::Id,
-                Responses::Model,
-                Responses::Messages,
-                Responses::Response,
-                Responses::CreatedAt,
-            ])
-            .from(Responses::Table)
-            .and_where(Expr::col(Responses::Id).eq(id))
-            .build_sqlx(SqliteQueryBuilder);
-        sqlx::query_as_with(&sql, values)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(q("reading a stored response"))
+        self.fetch_optional(
+            "reading a stored response",
+            Query::select()
+                .columns(STORED_RESPONSE)
+                .from(Responses::Table)
+                .and_where(Expr::col(Responses::Id).eq(id)),
+        )
+        .await
     }
 
     /// Deletes a stored response. Returns whether it existed.
     pub async fn delete_response(&self, id: &str) -> Result<bool> {
-        let (sql, values) = Query::delete()
-            .from_table(Responses::Table)
-            .and_where(Expr::col(Responses::Id).eq(id))
-            .build_sqlx(SqliteQueryBuilder);
-        let r = sqlx::query_with(&sql, values)
-            .execute(&self.pool)
-            .await
-            .map_err(q("deleting a stored response"))?;
+        let r = self
+            .execute(
+                "deleting a stored response",
+                Query::delete()
+                    .from_table(Responses::Table)
+                    .and_where(Expr::col(Responses::Id).eq(id)),
+            )
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::supervisor::db::Db;
+    use super::super::test_db;
 
     #[tokio::test]
     async fn responses_are_stored_read_deleted_and_pruned() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let (_d, db) = test_db().await;
         db.insert_response("resp_a", "m", "[]", "{}", 1_000_000)
             .await
             .unwrap();

@@ -1,13 +1,43 @@
-//! The batch-invariance check shared by the tests on real and on synthetic models: a token's logits must
-//! not depend on batch size, thread count or other sequences in the batch.
-#![allow(dead_code)]
+//! Helpers of the engine tests on the shared real models: loading one, its llama.cpp vectors, the
+//! batch-invariance check (a token's logits must not depend on batch size, thread count or other
+//! sequences in the batch), and the argmax the comparisons use.
 
+use std::path::Path;
 use std::sync::Arc;
 
-use cyber_inference::engine::model::{Batch, Context, ContextParams, KvType, Model};
+use cyber_inference::engine::model::{Batch, Context, ContextParams, KvType, Model, ModelParams};
+
+use super::assets::{model, shared_vector_json};
+
+/// Loads the shared model `name` with one thread.
+pub fn load(name: &str) -> Arc<Model> {
+    load_path(&model(name), 1)
+}
+
+/// Loads the GGUF at `path` with `n_threads`; panics naming the file when it cannot.
+pub fn load_path(path: &Path, n_threads: usize) -> Arc<Model> {
+    Model::load(path, &ModelParams { n_threads })
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// `../shared/vectors/NAME.json` (llama.cpp's answers on model file `name`) parsed.
+pub fn vectors(name: &str) -> serde_json::Value {
+    shared_vector_json(&format!("{name}.json"))
+}
+
+/// Index of the largest value (the first of equal ones, as numpy's argmax).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
 
 /// `n` deterministic ordinary token ids spread over the vocabulary.
-fn prompt(model: &Model, n: usize, salt: usize) -> Vec<u32> {
+pub fn prompt(model: &Model, n: usize, salt: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 7919 + salt * 104_729 + 1000) % (model.n_vocab() - 1000)) as u32 + 500)
         .collect()
@@ -22,7 +52,8 @@ fn ctx(model: &Arc<Model>, threads: usize, n_seq: usize) -> Context {
             n_batch: 128,
             n_threads: threads,
             embeddings: false,
-            kv_type: KvType::F16,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         },
     )
     .expect("context")

@@ -1,10 +1,8 @@
 //! A local Hugging Face–compatible server for the hub tests: the model-info API (siblings with size and
 //! LFS sha256, `X-Error-Code` on errors), `resolve` with an optional 302 to a "CDN" path, HTTP Range, and
 //! injected faults (a connection dropped at an offset, a corrupted body, a slow body, a required token).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -12,7 +10,9 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
+
+use super::assets;
+use super::files::sha256;
 
 /// `$CYBER_INFERENCE_ASSETS/models/NAME`, read once per test binary, with its SHA-256.
 pub fn asset(name: &str) -> (Bytes, String) {
@@ -21,10 +21,7 @@ pub fn asset(name: &str) -> (Bytes, String) {
     if let Some(v) = cache.lock().unwrap().get(name) {
         return v.clone();
     }
-    let dir = std::env::var_os("CYBER_INFERENCE_ASSETS").expect(
-        "CYBER_INFERENCE_ASSETS is not set: run ../shared/assets/fetch and export its output (.ci/run does)",
-    );
-    let path = PathBuf::from(dir).join("models").join(name);
+    let path = assets::model(name);
     let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let sha = sha256(&data);
     let v = (Bytes::from(data), sha);
@@ -36,9 +33,7 @@ pub fn asset(name: &str) -> (Bytes, String) {
 /// tensors each: `(PREFIX-0000k-of-0000N.gguf, bytes)` in part order.
 pub fn split_asset(name: &str, prefix: &str, max_tensors: usize) -> Vec<(String, Bytes)> {
     use cyber_inference::engine::gguf_split::{SplitPlan, split};
-    let dir =
-        std::env::var_os("CYBER_INFERENCE_ASSETS").expect("CYBER_INFERENCE_ASSETS is not set");
-    let src = PathBuf::from(dir).join("models").join(name);
+    let src = assets::model(name);
     let out = tempfile::tempdir().unwrap();
     let parts = split(
         &src,
@@ -57,14 +52,6 @@ pub fn split_asset(name: &str, prefix: &str, max_tensors: usize) -> Vec<(String,
         .collect()
 }
 
-pub fn sha256(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-pub fn sha256_file(path: &Path) -> String {
-    sha256(&std::fs::read(path).unwrap())
-}
-
 /// One file of a served repo.
 #[derive(Clone)]
 pub struct Served {
@@ -78,19 +65,19 @@ pub struct Served {
 }
 
 impl Served {
+    /// `data` served as `rfilename` (an LFS file of its real size).
     pub fn new(rfilename: &str, data: Bytes) -> Self {
         let sha256 = sha256(&data);
-        Served {
-            rfilename: rfilename.into(),
-            data,
-            sha256,
-            advertised_size: None,
-            plain: false,
-        }
+        Served::hashed(rfilename, data, sha256)
     }
 
+    /// The shared model `asset_name` served as `rfilename`.
     pub fn asset(rfilename: &str, asset_name: &str) -> Self {
         let (data, sha256) = asset(asset_name);
+        Served::hashed(rfilename, data, sha256)
+    }
+
+    fn hashed(rfilename: &str, data: Bytes, sha256: String) -> Self {
         Served {
             rfilename: rfilename.into(),
             data,
@@ -373,23 +360,21 @@ fn serve_bytes(state: &Arc<State>, data: Bytes, range: Option<String>) -> Respon
     resp
 }
 
-/// Files under `dir` (recursively), as paths relative to it.
-pub fn files_in(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(base, &p, out);
-            } else {
-                out.push(p.strip_prefix(base).unwrap().display().to_string());
-            }
-        }
-    }
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
+/// The supervisor's admin route that starts a download (`POST`, JSON `DownloadRequest`).
+pub const DOWNLOAD_ROUTE: &str = "/admin/api/models/download";
+
+/// `(error.code, error.message)` of an admin API error answer (empty where absent).
+pub fn error_of(j: &serde_json::Value) -> (String, String) {
+    (
+        j["error"]["code"].as_str().unwrap_or("").to_string(),
+        j["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Asserts that an admin API answer `(status, JSON)` is the error `status` with `error.code` `code`;
+/// returns its `error.message`.
+pub fn expect_error((st, j): (u16, serde_json::Value), status: u16, code: &str) -> String {
+    let (c, msg) = error_of(&j);
+    assert_eq!((st, c.as_str()), (status, code), "{j}");
+    msg
 }

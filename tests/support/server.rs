@@ -1,48 +1,18 @@
-//! Shared harness of the supervisor's end-to-end tests: starts the real `cyber-inference serve` binary
-//! on a temporary DATA_DIR/MODELS_DIR (models symlinked from CYBER_INFERENCE_ASSETS), with free ports,
-//! and stops it (SIGTERM, then SIGKILL) when dropped.
-#![allow(dead_code)]
+//! The supervisor harness: starts the real `cyber-inference serve` binary on a temporary
+//! DATA_DIR/MODELS_DIR (models symlinked from the assets), with free ports, waits for `/health`, talks to
+//! its admin API, and stops it (SIGTERM, then SIGKILL) when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
+use super::assets;
+use super::net::{free_base_port, free_port};
+use super::process::{BIN, children_of, proc_environ, signal};
+use super::python;
+
+/// The admin password every harnessed `serve` starts with.
 pub const PASSWORD: &str = "test-password-123";
-
-/// The assets folder (models, vocabularies); panics with a clear message when unset.
-pub fn assets() -> PathBuf {
-    PathBuf::from(std::env::var("CYBER_INFERENCE_ASSETS").unwrap_or_else(|_| {
-        panic!(
-            "CYBER_INFERENCE_ASSETS is not set: run ../shared/assets/fetch and export its output"
-        )
-    }))
-}
-
-pub fn model_file(name: &str) -> PathBuf {
-    let p = assets().join("models").join(name);
-    assert!(p.is_file(), "missing test model {}", p.display());
-    p
-}
-
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A base for worker ports unlikely to collide with parallel tests: a free port with 20 free after it.
-pub fn free_base_port() -> u16 {
-    loop {
-        let p = free_port();
-        if p < 65000 && (p..p + 20).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
-            return p;
-        }
-    }
-}
 
 /// A running supervisor.
 pub struct Server {
@@ -76,7 +46,7 @@ impl Server {
         let mdir = dir.path().join("models");
         std::fs::create_dir_all(&mdir).unwrap();
         for m in models {
-            std::os::unix::fs::symlink(model_file(m), mdir.join(m)).unwrap();
+            std::os::unix::fs::symlink(assets::model(m), mdir.join(m)).unwrap();
         }
         let port = free_port();
         let worker_base = free_base_port();
@@ -190,8 +160,7 @@ impl Server {
             .send()
             .await
             .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(serde_json::Value::Null))
+        status_json(r).await
     }
 
     /// Download `id` as `/admin/api/downloads` lists it.
@@ -290,10 +259,7 @@ impl Server {
     /// SIGTERM and wait (SIGKILL after 20 s).
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
+        signal(c.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(st)) = c.try_wait() {
@@ -320,16 +286,12 @@ pub async fn status_json(r: reqwest::Response) -> (u16, serde_json::Value) {
     (st, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
-/// Waits up to 30 s for `c` (a `serve` expected to refuse to start) to exit; returns its status.
-pub fn wait_exit(c: &mut Child, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "serve kept running {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Waits up to 30 s for `c` (a `serve` expected to refuse to start, `what` saying with what) to exit;
+/// returns its status, or kills it and panics when it keeps running.
+pub fn wait_serve_exit(c: &mut Child, what: &str) -> std::process::ExitStatus {
+    super::process::wait_exit(c, Duration::from_secs(30), || {
+        format!("serve kept running {what}")
+    })
 }
 
 /// Spawns `serve` in `dir` with exactly `env` (plus PATH/HOME), output to `dir/serve.log`.
@@ -350,68 +312,11 @@ pub fn spawn_serve(dir: &Path, env: &[(String, String)]) -> Child {
     cmd.spawn().unwrap()
 }
 
-/// Live (non-zombie) children of `parent`, from /proc.
-pub fn children_of(parent: u32) -> Vec<u32> {
-    cyber_inference::supervisor::process::sys::children_of(parent)
-}
-
-pub fn pid_alive(pid: u32) -> bool {
-    cyber_inference::supervisor::process::sys::pid_alive(pid)
-}
-
-/// The Python with the `openai` package.
-pub fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("CYBER_INFERENCE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap();
-    let p = PathBuf::from(home).join(".cache/cyber-inference-venv/bin/python");
-    assert!(
-        p.is_file(),
-        "no Python with `openai`: set CYBER_INFERENCE_PYTHON or create ~/.cache/cyber-inference-venv (pip install openai)"
-    );
-    p
-}
-
-/// Runs a Python snippet with `BASE_URL` (…/v1) in its environment; returns stdout, panics on failure.
-pub fn run_python(base_url: &str, code: &str) -> String {
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(code)
-        .env("BASE_URL", base_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 impl Server {
     /// Runs `tests/py/NAME` with `args` (the official client tests); panics unless it exits 0 and prints
     /// `ALL OK`, showing its output and the supervisor's log. Returns its stdout.
     pub fn run_client_script(&self, name: &str, args: &[&str]) -> String {
-        let out = Command::new(python())
-            .arg(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("tests/py")
-                    .join(name),
-            )
-            .args(args)
-            .output()
-            .unwrap();
-        let so = String::from_utf8_lossy(&out.stdout).into_owned();
-        let se = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && so.contains("ALL OK"),
-            "{name} failed\nstdout:\n{so}\nstderr:\n{se}\nserve log:\n{}",
-            self.log()
-        );
-        println!("{so}");
-        so
+        python::run_client_script(name, args, || self.log())
     }
 
     /// Creates an API key named `name` with an admin token; returns the key (shown once).
@@ -474,6 +379,35 @@ impl Server {
         status_json(r).await
     }
 
+    /// `GET /metrics` (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        self.get_text("/metrics").await
+    }
+
+    /// The body of `GET path` (no key) as text, whatever the status.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The body of `GET path` (no key) as JSON; panics when it is not JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// A UI page (HTML) fetched with the admin session cookie.
     pub async fn page(&self, token: &str, path: &str) -> String {
         let r = self
@@ -486,25 +420,6 @@ impl Server {
         assert_eq!(r.status(), 200, "{path}");
         r.text().await.unwrap()
     }
-}
-
-/// The environment of a process as (name, value) pairs, from `/proc/<pid>/environ`.
-pub fn proc_environ(pid: u32) -> Vec<(String, String)> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    raw.split(|b| *b == 0)
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            let (k, v) = kv.split_once('=').unwrap_or((&kv, ""));
-            (k.to_string(), v.to_string())
-        })
-        .collect()
-}
-
-/// The command line of a process, arguments joined by spaces, from `/proc/<pid>/cmdline`.
-pub fn proc_cmdline(pid: u32) -> String {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    String::from_utf8_lossy(&raw).replace('\0', " ")
 }
 
 /// The key a worker started by the supervisor requires (`CYBER_INFERENCE_WORKER_API_KEY` in its
@@ -525,4 +440,25 @@ pub async fn worker_of(s: &Server, token: &str, model: &str) -> Option<serde_jso
         .iter()
         .find(|w| w["model"] == model && w["pid"].is_u64())
         .cloned()
+}
+
+/// The value of `llamacpp:NAME` in the `/metrics` of `model`'s worker, asked directly on the worker's
+/// port with its key; panics when the model has no worker or the metric is absent.
+pub async fn worker_metric(s: &Server, token: &str, model: &str, name: &str) -> f64 {
+    let w = worker_of(s, token, model)
+        .await
+        .unwrap_or_else(|| panic!("`{model}` has no worker"));
+    let pid = w["pid"].as_u64().unwrap() as u32;
+    let port = w["port"].as_u64().unwrap();
+    let text = s
+        .http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .bearer_auth(worker_key(pid))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    super::worker::metric_value(&text, &format!("llamacpp:{name}"))
 }

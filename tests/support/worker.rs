@@ -1,24 +1,15 @@
-//! The worker process the end-to-end tests drive (`cyber-inference worker` on a free port): start and wait
-//! for `/health`, its stderr, requests, metrics, and the end-of-generation ban of `/props`.
-#![allow(dead_code)]
+//! The worker harness: a `cyber-inference worker` process on a free port, started and waited for
+//! (`/health`), its stderr, requests, metrics, and the end-of-generation ban of `/props`.
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cyber-inference");
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::net::free_port;
+use super::process::{bin, signal};
 
 /// A running worker process (`-t 2` plus the caller's flags) on a free port, ready when returned; killed
 /// on drop.
@@ -30,10 +21,11 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Starts `worker -m MODEL --host 127.0.0.1 --port PORT -t 2 EXTRA…` and waits until it is ready.
     pub fn start(model: &Path, extra: &[&str]) -> Worker {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(BIN)
+        let child = bin()
             .arg("worker")
             .arg("-m")
             .arg(model)
@@ -59,12 +51,15 @@ impl Worker {
         w
     }
 
+    /// What the worker printed on stderr so far.
     pub fn stderr(&self) -> String {
         let mut s = String::new();
         let _ = self.log.reopen().unwrap().read_to_string(&mut s);
         s
     }
 
+    /// Waits up to 120 s for `GET /health` to answer 200; panics with the stderr when the worker exits
+    /// first or is not ready in time.
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
@@ -86,21 +81,23 @@ impl Worker {
         panic!("worker not ready in 120 s:\n{}", self.stderr());
     }
 
+    /// Waits up to `limit` for the worker to exit; panics with its stderr when it keeps running.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let log = self.log.path().to_owned();
+        super::process::wait_exit(&mut self.child, limit, || {
+            format!(
                 "worker did not exit:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
     }
 
+    /// Sends SIGTERM; panics when `kill` fails.
+    pub fn sigterm(&self) {
+        assert!(signal(self.child.id(), "TERM"), "kill -TERM failed");
+    }
+
+    /// POSTs `body` as JSON to `path`; returns (status, JSON or `null`).
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = reqwest::Client::new()
             .post(format!("{}{path}", self.base))
@@ -112,6 +109,7 @@ impl Worker {
         (st, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The value of `cyber_inference_NAME` in `/metrics`; panics when absent.
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(format!("{}/metrics", self.base))
             .await
@@ -119,13 +117,7 @@ impl Worker {
             .text()
             .await
             .unwrap();
-        let key = format!("cyber_inference_{name} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
-            .trim()
-            .parse()
-            .unwrap()
+        metric_value(&text, &format!("cyber_inference_{name}"))
     }
 
     /// `logit_bias` banning every end-of-generation token (so a generation runs to max_tokens).
@@ -146,6 +138,7 @@ impl Worker {
         Value::Object(bias)
     }
 
+    /// A greedy `/v1/completions` of `max_tokens` tokens; panics unless it answers 200.
     pub async fn complete(&self, prompt: &str, max_tokens: u32) -> Value {
         let (st, v) = self
             .post(
@@ -163,4 +156,15 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value of the unlabelled metric `full_name` in a Prometheus text exposition; panics when absent.
+pub fn metric_value(text: &str, full_name: &str) -> f64 {
+    let key = format!("{full_name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .unwrap_or_else(|| panic!("no metric {full_name} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
