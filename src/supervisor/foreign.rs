@@ -379,15 +379,25 @@ pub struct StreamTx {
     idle: Duration,
     model: String,
     endpoint: &'static str,
+    /// Set once a send timed out: the client is not reading, so later sends (a last error line)
+    /// fail at once instead of waiting again.
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StreamTx {
     /// Sends one chunk. Errors: 499 ([`Failure::client_closed`]) when the client went away or took
-    /// nothing for the idle-write timeout (then logged with the reason).
+    /// nothing for the idle-write timeout (then logged with the reason, once per stream).
     pub async fn send(&self, chunk: Bytes) -> Res<()> {
-        super::proxy::send_within(&self.tx, chunk, self.idle, &self.model, self.endpoint)
-            .await
-            .map_err(|_| Failure::client_closed())
+        use std::sync::atomic::Ordering;
+        if self.stalled.load(Ordering::Acquire) {
+            return Err(Failure::client_closed());
+        }
+        let r =
+            super::proxy::send_within(&self.tx, chunk, self.idle, &self.model, self.endpoint).await;
+        if r == Err(super::proxy::Stalled::IdleWrite) {
+            self.stalled.store(true, Ordering::Release);
+        }
+        r.map_err(|_| Failure::client_closed())
     }
 }
 
@@ -405,6 +415,7 @@ pub fn stream_channel(
         idle: super::proxy::idle_write_timeout(st),
         model: model.to_owned(),
         endpoint,
+        stalled: Default::default(),
     };
     (tx, rx)
 }
@@ -431,6 +442,67 @@ pub fn channel_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream whose client takes nothing fails its send after the idle-write timeout (499), and
+    /// every later send (the last error line) at once, without waiting again.
+    #[tokio::test]
+    async fn a_stream_send_gives_up_after_the_idle_write_timeout() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let tx = StreamTx {
+            tx,
+            idle: Duration::from_millis(200),
+            model: "m".into(),
+            endpoint: "/api/chat",
+            stalled: Default::default(),
+        };
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        let t0 = Instant::now();
+        let e = tx.send(Bytes::from_static(b"b")).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 499);
+        assert!(t0.elapsed() >= Duration::from_millis(200));
+        let t1 = Instant::now();
+        assert!(tx.send(Bytes::from_static(b"c")).await.is_err());
+        assert!(t1.elapsed() < Duration::from_millis(100), "no second wait");
+        assert_eq!(rx.recv().await.unwrap(), Bytes::from_static(b"a"));
+        // A reader that keeps up is never cut.
+        let (tx2, mut rx2) = mpsc::channel(1);
+        let tx2 = StreamTx {
+            tx: tx2,
+            idle: Duration::from_millis(200),
+            model: "m".into(),
+            endpoint: "/api/chat",
+            stalled: Default::default(),
+        };
+        let reader = tokio::spawn(async move {
+            let mut n = 0;
+            while rx2.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        for _ in 0..100 {
+            tx2.send(Bytes::from_static(b"x")).await.unwrap();
+        }
+        drop(tx2);
+        assert_eq!(reader.await.unwrap(), 100);
+        // A client that went away: 499 at once.
+        drop(rx);
+        let t2 = Instant::now();
+        let (tx3, rx3) = mpsc::channel::<Bytes>(1);
+        drop(rx3);
+        let tx3 = StreamTx {
+            tx: tx3,
+            idle: Duration::from_secs(60),
+            model: "m".into(),
+            endpoint: "/api/chat",
+            stalled: Default::default(),
+        };
+        assert_eq!(
+            tx3.send(Bytes::new()).await.unwrap_err().status.as_u16(),
+            499
+        );
+        assert!(t2.elapsed() < Duration::from_secs(1));
+    }
 
     #[test]
     fn the_api_of_an_endpoint() {
