@@ -438,8 +438,9 @@ fn unknown_flags_are_refused_and_help_is_grouped() {
         ["-ctk", "q2_k"],
         ["--cache-type-v", "f8"],
         ["--slot-save-path", "/tmp"],
+        // --reranking is a switch; --pooling takes llama.cpp's names (none, mean, cls, last, rank).
         ["--reranking", "x"],
-        ["--pooling", "rank"],
+        ["--pooling", "sum"],
         ["--no-such-flag", "1"],
         // llama.cpp's newer spelling of --no-mmap/--mlock is not one we have.
         ["--load-mode", "mmap"],
@@ -475,6 +476,7 @@ fn unknown_flags_are_refused_and_help_is_grouped() {
         "--metrics",
         "--no-slots",
         "--pooling",
+        "--reranking",
         "--jinja",
         "--no-jinja",
         "--chat-template-file",

@@ -35,6 +35,9 @@ pub struct ModelInfo {
     pub fim: FimTokens,
     /// Text of the BOS and EOS tokens (`/props`'s `bos_token`, `eos_token`), empty when none.
     pub bos_eos_text: (String, String),
+    /// The model's own pooling (`{arch}.pooling_type`) is rank: a reranker, whose pooled output is
+    /// scores, not embeddings.
+    pub rank_pooling: bool,
 }
 
 /// An engine failure, with a message for the log (never sent to clients as is, except template errors).
@@ -173,6 +176,9 @@ pub trait Codec: Send + Sync + 'static {
     ///
     /// Errors: [`BackendError::NoTemplate`], [`BackendError::Template`].
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError>;
+    /// A reranker's input for `query` and `doc` (llama-server's `format_prompt_rerank`: the model's
+    /// rerank template, else `[BOS] query [EOS] [SEP] doc [EOS]` as the vocabulary's flags say).
+    fn rerank_tokens(&self, query: &str, doc: &str) -> Vec<u32>;
     /// [`Codec::render_chat`] with a request's `tools` and template variables
     /// (`chat_template_kwargs`, e.g. `enable_thinking`). The default ignores the options.
     ///

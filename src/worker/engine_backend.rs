@@ -54,6 +54,9 @@ impl Codec for EngineCodec {
     fn is_eog(&self, id: u32) -> bool {
         self.tokenizer().is_eog(id)
     }
+    fn rerank_tokens(&self, query: &str, doc: &str) -> Vec<u32> {
+        self.model.rerank_tokens(query, doc)
+    }
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError> {
         self.render_chat_with(messages, &ChatOptions::default())
     }
@@ -254,6 +257,7 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
             };
             (text(t.bos()), text(t.eos()))
         },
+        rank_pooling: model.pooling() == crate::engine::model::Pooling::Rank,
     };
     Ok(Loaded {
         codec: Arc::new(EngineCodec {

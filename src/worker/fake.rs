@@ -151,6 +151,12 @@ impl Codec for FakeCodec {
     fn is_eog(&self, id: u32) -> bool {
         id == EOG
     }
+    fn rerank_tokens(&self, query: &str, doc: &str) -> Vec<u32> {
+        let mut v = self.encode(query, true, false);
+        v.push(EOG);
+        v.extend(self.encode(doc, false, false));
+        v
+    }
     fn render_chat(&self, messages: &[serde_json::Value]) -> Result<String, BackendError> {
         self.maybe_slow(
             messages

@@ -89,6 +89,14 @@ pub struct ServerInfo {
     pub created: u64,
 }
 
+impl ServerInfo {
+    /// `/rerank` is served: embeddings on with pooling rank (`--reranking`, or `--embedding
+    /// --pooling rank`), as llama-server's `post_rerank` checks.
+    pub fn reranking(&self) -> bool {
+        self.embedding && self.pooling == Some(super::backend::Pooling::Rank)
+    }
+}
+
 /// What exists once the model is loaded.
 pub struct Ready {
     /// Tokenizer, template, facts.
@@ -180,6 +188,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/embedding", post(super::native::embedding))
         .route("/embeddings", post(super::native::embedding))
+        .route("/rerank", post(super::rerank::rerank))
+        .route("/reranking", post(super::rerank::rerank))
+        .route("/v1/rerank", post(super::rerank::rerank))
+        .route("/v1/reranking", post(super::rerank::rerank))
         .route_layer(middleware::from_fn_with_state(state.clone(), bounded_queue));
     Router::new()
         .route("/health", get(health))

@@ -16,6 +16,7 @@ pub(crate) mod fake;
 pub(crate) mod http;
 pub(crate) mod metrics;
 mod native;
+mod rerank;
 pub(crate) mod scheduler;
 #[cfg(test)]
 mod serve_tests;
@@ -165,9 +166,13 @@ pub struct WorkerArgs {
     #[arg(long, visible_alias = "embeddings", help_heading = SERVER)]
     pub embedding: bool,
     /// Pooling of embeddings: `none` (one vector per token, native `/embedding` only), `mean`, `cls`,
-    /// `last` (default: the model's).
-    #[arg(long = "pooling", value_parser = ["none", "mean", "cls", "last"], help_heading = SERVER)]
+    /// `last`, `rank` (a reranker's classification head, for `/rerank`) (default: the model's).
+    #[arg(long = "pooling", value_parser = ["none", "mean", "cls", "last", "rank"], help_heading = SERVER)]
     pub pooling: Option<String>,
+    /// Serve `/rerank` with a reranking model (llama-server's `--reranking`): turns embeddings on with
+    /// pooling rank.
+    #[arg(long = "reranking", visible_alias = "rerank", help_heading = SERVER)]
+    pub reranking: bool,
     /// Require `Authorization: Bearer KEY` on every route but `/health`. Also read from
     /// `CYBER_INFERENCE_WORKER_API_KEY` (how the supervisor passes each worker its key: the environment
     /// is private to the process's user, argv is readable by everyone). Without either the worker is
@@ -332,6 +337,7 @@ fn parse_pooling(s: &str) -> Result<backend::Pooling, WorkerError> {
         "mean" => Ok(Pooling::Mean),
         "cls" => Ok(Pooling::Cls),
         "last" => Ok(Pooling::Last),
+        "rank" => Ok(Pooling::Rank),
         other => Err(WorkerError::Args(format!(
             "--pooling {other}: unknown pooling"
         ))),
@@ -526,7 +532,12 @@ pub(crate) async fn serve(
         )));
     }
     let defaults = server_defaults(args)?;
-    let pooling = args.pooling.as_deref().map(parse_pooling).transpose()?;
+    let mut pooling = args.pooling.as_deref().map(parse_pooling).transpose()?;
+    // --reranking: `params.embedding = true; params.pooling_type = LLAMA_POOLING_TYPE_RANK` (common/arg.cpp).
+    let embedding = args.embedding || args.reranking;
+    if args.reranking {
+        pooling = Some(backend::Pooling::Rank);
+    }
     let cors = crate::http_server::cors_layer(args.cors_origins.as_deref().unwrap_or(""))
         .map_err(|e| WorkerError::Args(format!("--cors-origins: {e}")))?;
     if let Some(ngl) = args.gpu_layers
@@ -584,7 +595,7 @@ pub(crate) async fn serve(
             n_slots: args.parallel,
             max_queue: args.max_queue,
             n_batch,
-            embedding: args.embedding,
+            embedding,
             reasoning_format: args.reasoning_format,
             cache_types: (args.cache_type_k, args.cache_type_v),
             created: std::time::SystemTime::now()
@@ -618,7 +629,7 @@ pub(crate) async fn serve(
             mmap: !args.no_mmap,
             mlock: args.mlock,
         },
-        embedding: args.embedding,
+        embedding,
         chat_template,
         cache_types: (args.cache_type_k, args.cache_type_v),
     };
@@ -634,6 +645,16 @@ pub(crate) async fn serve(
         path: args.model.clone(),
         reason,
     })?;
+    if pooling == Some(backend::Pooling::Rank) && !loaded.codec.info().is_encoder {
+        return Err(WorkerError::Load {
+            path: args.model.clone(),
+            reason: format!(
+                "--reranking / --pooling rank needs a bert cross-encoder with a classification head; \
+                 this model is {}",
+                loaded.codec.info().arch
+            ),
+        });
+    }
     let cfg = SchedulerConfig {
         n_slots: args.parallel,
         n_ctx_seq: loaded.n_ctx_seq,

@@ -734,7 +734,8 @@ impl Normalize {
     }
 }
 
-/// Checks that embeddings are on and each input fits a slot.
+/// Checks that embeddings are on (and the pooling is not rank, whose output is scores) and each input
+/// fits a slot.
 pub(super) fn check_embedding_inputs(
     st: &AppState,
     ready: &Ready,
@@ -744,6 +745,16 @@ pub(super) fn check_embedding_inputs(
         return Err(ApiError::bad(
             "embeddings are off for this generation model: start the worker with --embedding",
             None,
+        ));
+    }
+    let rank = match st.info.pooling {
+        Some(p) => p == Pooling::Rank,
+        None => ready.codec.info().rank_pooling,
+    };
+    if rank {
+        return Err(ApiError::NotSupported(
+            "this server's pooling is rank (a reranker): it gives scores, not embeddings; use /rerank"
+                .into(),
         ));
     }
     for ids in inputs {

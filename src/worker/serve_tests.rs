@@ -55,6 +55,7 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         frequency_penalty: 0.0,
         samplers: None,
         pooling: None,
+        reranking: false,
         cors_origins: None,
         metrics: false,
         slots: false,

@@ -12,7 +12,8 @@ use super::files::{read_json, sha256_file};
 use super::model::load_path;
 use super::python::python;
 
-/// Every synthetic model (the names of `scripts/synth-models --list`).
+/// Every synthetic decoder (the names of `scripts/synth-models --list` but the reranker
+/// `synth-bert-rerank`, which `tests/worker_rerank.rs` tests).
 pub const MODELS: [&str; 8] = [
     "synth-llama",
     "synth-llama3",

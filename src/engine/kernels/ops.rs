@@ -303,14 +303,21 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// GELU (tanh approximation, `ggml_gelu_f32`) in place:
-/// `0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²)))`.
+/// GELU (tanh approximation) in place as ggml's CPU backend computes `ggml_gelu` on f32
+/// (`ggml_vec_gelu_f32` with `GGML_GELU_FP16`, `ggml/src/ggml-cpu/vec.h`, commit 0c1e570): 0 for
+/// `x ≤ -10`, `x` for `x ≥ 10`, otherwise `x` rounded to f16 and looked up in ggml's f16 GELU table
+/// (`f16(0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²))))`). The BERT FFN's activation.
 pub fn gelu(x: &mut [f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const GELU_COEF_A: f32 = 0.044715;
+    let table = gelu_table_f16();
     for v in x.iter_mut() {
         let t = *v;
-        *v = 0.5 * t * (1.0 + (SQRT_2_OVER_PI * t * (1.0 + GELU_COEF_A * t * t)).tanh());
+        *v = if t <= -10.0 {
+            0.0
+        } else if t >= 10.0 {
+            t
+        } else {
+            table[f16::from_f32(t).to_bits() as usize].to_f32()
+        };
     }
 }
 
@@ -1245,12 +1252,16 @@ mod tests {
     fn activations() {
         assert!((silu(0.0)).abs() < 1e-7);
         assert!((silu(2.0) - 2.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
-        let mut g = vec![0.0f32, 1.0, -1.0, 10.0];
+        let mut g = vec![0.0f32, 1.0, -1.0, 10.0, -10.5, 1.000_3];
         gelu(&mut g);
         assert_eq!(g[0], 0.0);
-        assert!((g[1] - 0.841_192).abs() < 1e-4, "{}", g[1]);
-        assert!((g[2] + 0.158_808).abs() < 1e-4, "{}", g[2]);
-        assert!((g[3] - 10.0).abs() < 1e-4);
+        // ggml's f16 table: the f16 rounding of the exact value, of the f16-rounded input.
+        assert_eq!(g[1], f16::from_f32(gelu_ggml_f32(1.0)).to_f32());
+        assert!((g[1] - 0.841_192).abs() < 1e-3, "{}", g[1]);
+        assert!((g[2] + 0.158_808).abs() < 1e-3, "{}", g[2]);
+        assert_eq!(g[3], 10.0);
+        assert_eq!(g[4], 0.0);
+        assert_eq!(g[5], g[1], "1.0003 rounds to 1.0 in f16 before the lookup");
     }
 
     #[test]

@@ -410,8 +410,10 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         pooling => {
             for (_, idx) in &groups {
                 let rows: Vec<&[f32]> = idx.iter().map(|&i| &x[i * e..(i + 1) * e]).collect();
+                // Rank keeps the row its head starts from (see `Context::embeddings`).
                 let pooled = match pooling {
                     Pooling::Cls => rows[0].to_vec(),
+                    Pooling::Rank if !hp.rank_mean => rows[0].to_vec(),
                     Pooling::Last => rows[rows.len() - 1].to_vec(),
                     _ => mean_rows(&rows, e),
                 };
@@ -421,6 +423,53 @@ fn run_encoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         }
     }
     Ok(())
+}
+
+/// Rank pooling (rerankers): the `n_cls_out` scores of one sequence from its final hidden rows
+/// `rows` (each `[n_embd]`, in position order), as llama.cpp's `llm_graph_context::build_pooling`
+/// (`src/llama-graph.cpp`, case `LLAMA_POOLING_TYPE_RANK`) computes them for BERT: the first row (the
+/// mean of the rows when `{arch}.classifier.pooling_type` is mean), then, when the model has
+/// `cls.weight`, `tanh(cls · x + cls.bias)`, then, when it has `cls.output.weight`,
+/// `cls.output · x + cls.output.bias`; the scores are the first `n_cls_out` values of the result
+/// (`llama_context::encode` copies `n_cls_out` floats per sequence).
+///
+/// Errors: [`ModelError::Unsupported`] when there are no rows or the result is shorter than
+/// `n_cls_out` (no `cls.output` and more labels than `n_embd`); matmul errors.
+pub(super) fn rank_head(ctx: &Context, rows: &[&[f32]]) -> Result<Vec<f32>, ModelError> {
+    let model = &ctx.model;
+    let hp = &model.hp;
+    let w = &model.weights;
+    let file = &*model.file;
+    let Some(first) = rows.first() else {
+        return Err(ModelError::Unsupported("rank pooling of no tokens".into()));
+    };
+    let mut cur = if hp.rank_mean {
+        mean_rows(rows, hp.n_embd)
+    } else {
+        first.to_vec()
+    };
+    if let Some(cls) = &w.cls {
+        cur = mm(&ctx.pool, file, cls, &cur, 1)?;
+        if let Some(b) = &w.cls_b {
+            ops::add_bias(&mut cur, b);
+        }
+        cur.iter_mut().for_each(|v| *v = v.tanh());
+    }
+    if let Some(out) = &w.cls_out {
+        cur = mm(&ctx.pool, file, out, &cur, 1)?;
+        if let Some(b) = &w.cls_out_b {
+            ops::add_bias(&mut cur, b);
+        }
+    }
+    if cur.len() < hp.n_cls_out {
+        return Err(ModelError::Unsupported(format!(
+            "rank pooling gives {} values but the model has {} classifier labels (no cls.output.weight)",
+            cur.len(),
+            hp.n_cls_out
+        )));
+    }
+    cur.truncate(hp.n_cls_out);
+    Ok(cur)
 }
 
 /// Dimensions of multi-head attention with grouped KV heads.

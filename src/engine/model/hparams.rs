@@ -106,6 +106,24 @@ pub enum Pooling {
     Cls,
     /// 3: the last token's.
     Last,
+    /// 4: rank (rerankers, llama-server's `--reranking`): the first token's row (or the mean, when
+    /// `{arch}.classifier.pooling_type` is 1) through the classification head, giving `n_cls_out`
+    /// scores per sequence (`build_pooling`, `LLAMA_POOLING_TYPE_RANK`, `src/llama-graph.cpp`).
+    /// BERT only.
+    Rank,
+}
+
+impl Pooling {
+    /// llama-server's `--pooling` name (`none`, `mean`, `cls`, `last`, `rank`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::None => "none",
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+            Pooling::Last => "last",
+            Pooling::Rank => "rank",
+        }
+    }
 }
 
 /// Hyper-parameters of a model. Lengths are element counts.
@@ -139,6 +157,13 @@ pub struct HParams {
     pub pooling: Pooling,
     /// `{arch}.attention.causal` (BERT: false; decoders: true).
     pub causal: bool,
+    // rank
+    /// Scores per sequence of the classification head (rank pooling): the length of
+    /// `{arch}.classifier.output_labels` when the file has it, else 1 (llama.cpp's `n_cls_out`).
+    pub n_cls_out: usize,
+    /// `{arch}.classifier.pooling_type` is 1 (mean): rank pooling averages the token rows before the
+    /// head instead of taking the first (llama.cpp's `pooling_type_cls`).
+    pub rank_mean: bool,
     // gemma
     /// Sliding-window attention and the per-layer-kind settings of gemma2/gemma3 (`None` for the other
     /// architectures); read by [`super::gemma::load_hparams`].
@@ -322,12 +347,32 @@ impl HParams {
             Some(1) => Pooling::Mean,
             Some(2) => Pooling::Cls,
             Some(3) => Pooling::Last,
+            Some(4) if arch == Arch::Bert => Pooling::Rank,
+            Some(4) => {
+                return Err(bad(format!(
+                    "{a}.pooling_type 4 (rank) is supported for bert only"
+                )));
+            }
             Some(p) => {
                 return Err(bad(format!(
-                    "{a}.pooling_type {p} is not supported (0 none, 1 mean, 2 cls, 3 last)"
+                    "{a}.pooling_type {p} is not supported (0 none, 1 mean, 2 cls, 3 last, 4 rank)"
                 )));
             }
         };
+        // rank: `load_hparams` reads the labels as an optional string array and takes their count.
+        let labels_key = format!("{a}.classifier.output_labels");
+        let n_cls_out = match f.get(&labels_key) {
+            None => 1,
+            Some(Value::Array(v)) if !v.is_empty() && v.len() <= 4096 => v.len(),
+            Some(Value::Array(v)) if v.is_empty() => 1,
+            Some(v) => {
+                return Err(bad(format!(
+                    "{labels_key} must be an array of at most 4096 labels, found {}",
+                    v.describe()
+                )));
+            }
+        };
+        let rank_mean = opt("classifier.pooling_type")? == Some(1);
         let causal = match f.get(&format!("{a}.attention.causal")) {
             None => arch != Arch::Bert,
             Some(_) => f.get_bool(&format!("{a}.attention.causal"))?,
@@ -354,6 +399,8 @@ impl HParams {
             rope_freq_scale,
             pooling,
             causal,
+            n_cls_out,
+            rank_mean,
             rope_attn_factor,
             n_ctx_orig,
             n_expert,
@@ -507,6 +554,49 @@ mod tests {
         set(&mut kv, "llama.expert_used_count", Value::U32(9));
         let err = parse(&kv).unwrap_err().to_string();
         assert!(err.contains("expert_used_count 9"), "{err}");
+    }
+
+    #[test]
+    fn rank_pooling_is_read_for_bert_only() {
+        let mut kv = base("bert");
+        set(
+            &mut kv,
+            "bert.attention.layer_norm_epsilon",
+            Value::F32(1e-12),
+        );
+        let hp = parse(&kv).unwrap();
+        assert_eq!(
+            (hp.pooling, hp.n_cls_out, hp.rank_mean),
+            (Pooling::Mean, 1, false)
+        );
+        set(&mut kv, "bert.pooling_type", Value::U32(4));
+        set(&mut kv, "bert.classifier.pooling_type", Value::U32(1));
+        let hp = parse(&kv).unwrap();
+        assert_eq!(
+            (hp.pooling, hp.n_cls_out, hp.rank_mean),
+            (Pooling::Rank, 1, true)
+        );
+        assert_eq!(hp.pooling.name(), "rank");
+        set(
+            &mut kv,
+            "bert.classifier.output_labels",
+            Value::String("LABEL_0".into()),
+        );
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(
+            err.contains("bert.classifier.output_labels must be an array"),
+            "{err}"
+        );
+        let mut kv = base("llama");
+        set(&mut kv, "llama.pooling_type", Value::U32(4));
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(
+            err.contains("pooling_type 4 (rank) is supported for bert only"),
+            "{err}"
+        );
+        set(&mut kv, "llama.pooling_type", Value::U32(5));
+        let err = parse(&kv).unwrap_err().to_string();
+        assert!(err.contains("4 rank"), "{err}");
     }
 
     #[test]

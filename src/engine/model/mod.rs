@@ -285,6 +285,41 @@ impl Model {
     pub fn params(&self) -> &ModelParams {
         &self.params
     }
+
+    /// A reranker's input for one query and document, laid out as llama-server's
+    /// `format_prompt_rerank` (`tools/server/server-common.cpp`) does: with the model's rerank template
+    /// (`tokenizer.chat_template.rerank`), the template with `{query}` and `{document}` replaced,
+    /// tokenized without added specials but parsing special-token text; otherwise
+    /// `[BOS] query [EOS] [SEP] doc [EOS]`, where BOS is there when the vocabulary adds it, each EOS
+    /// (the separator when there is no EOS) when it adds EOS, SEP when it adds a separator
+    /// (`tokenizer.ggml.add_sep_token`, WordPiece's default), and the texts are tokenized without
+    /// specials.
+    pub fn rerank_tokens(&self, query: &str, doc: &str) -> Vec<u32> {
+        let t = &self.tokenizer;
+        if let Ok(template) = self.file.get_str("tokenizer.chat_template.rerank") {
+            let prompt = template
+                .replace("{query}", query)
+                .replace("{document}", doc);
+            return t.encode(&prompt, false, true);
+        }
+        let eos = t.eos().or(t.sep());
+        let mut out = Vec::new();
+        if t.add_bos() {
+            out.extend(t.bos());
+        }
+        out.extend(t.encode(query, false, false));
+        if t.add_eos() {
+            out.extend(eos);
+        }
+        if t.add_sep() {
+            out.extend(t.sep());
+        }
+        out.extend(t.encode(doc, false, false));
+        if t.add_eos() {
+            out.extend(eos);
+        }
+        out
+    }
 }
 
 /// A batch of tokens (`llama_batch`): token `i` sits at position `pos[i]` of sequence `seq_id[i]`, and an
@@ -604,7 +639,8 @@ impl Context {
     }
 
     /// Embedding `[n_embd]` number `i` of the last decode: for a pooled encoder, the `i`-th sequence in order
-    /// of first appearance in the batch (not normalised); otherwise the `i`-th output token's final hidden
+    /// of first appearance in the batch (not normalised; for rank pooling the row its classification head
+    /// starts from, see [`Context::rank`] for the scores); otherwise the `i`-th output token's final hidden
     /// state (after the output norm). Panics when `i ≥ n_embeddings()`.
     pub fn embeddings(&self, i: usize) -> &[f32] {
         assert!(
@@ -633,6 +669,12 @@ impl Context {
         self.params.embeddings = was;
         self.seq_clear(0);
         r?;
+        if self.model.pooling() == Pooling::Rank {
+            return Err(ModelError::Unsupported(
+                "this model's pooling is rank: it gives scores, not embeddings (use Context::rank)"
+                    .into(),
+            ));
+        }
         let n = self.model.n_embd();
         let mut v = if self.model.is_encoder() && self.model.pooling() != Pooling::None {
             self.embeddings(0).to_vec()
@@ -641,7 +683,7 @@ impl Context {
             match self.model.pooling() {
                 Pooling::Cls => rows[0].to_vec(),
                 Pooling::Last => rows[rows.len() - 1].to_vec(),
-                Pooling::Mean | Pooling::None => forward::mean_rows(&rows, n),
+                Pooling::Mean | Pooling::None | Pooling::Rank => forward::mean_rows(&rows, n),
             }
         };
         l2_normalize(&mut v);
@@ -649,10 +691,13 @@ impl Context {
     }
 
     /// One text's embedding rows, not normalised (llama-server's `--pooling`): with `Pooling::None` one
-    /// row `[n_embd]` per token (the final hidden states), otherwise one row pooled by `pooling`
-    /// (`None` = the model's pooling, mean when it has none). Runs `tokens` as sequence 0, then clears it.
+    /// row `[n_embd]` per token (the final hidden states), with `Pooling::Rank` one row of the
+    /// `n_cls_out` scores of the classification head (see [`Context::rank`]), otherwise one row pooled
+    /// by `pooling` (`None` = the model's pooling, mean when it has none). Runs `tokens` as sequence
+    /// 0, then clears it.
     ///
-    /// Errors: as [`Context::embed`].
+    /// Errors: as [`Context::embed`]; [`ModelError::Unsupported`] for `Pooling::Rank` on a model that
+    /// is not a BERT encoder.
     pub fn embed_rows(
         &mut self,
         tokens: &[u32],
@@ -665,6 +710,12 @@ impl Context {
             Pooling::None => Pooling::Mean,
             p => p,
         });
+        if pooling == Pooling::Rank && !self.model.is_encoder() {
+            return Err(ModelError::Unsupported(format!(
+                "rank pooling (reranking) needs a bert cross-encoder; this model is {}",
+                self.model.arch()
+            )));
+        }
         let mut batch = Batch::single(tokens, 0, 0);
         batch.logits.iter_mut().for_each(|l| *l = true);
         let was = self.params.embeddings;
@@ -684,7 +735,20 @@ impl Context {
             Pooling::Cls => vec![rows[0].to_vec()],
             Pooling::Last => vec![rows[rows.len() - 1].to_vec()],
             Pooling::Mean => vec![forward::mean_rows(&rows, n)],
+            Pooling::Rank => vec![forward::rank_head(self, &rows)?],
         })
+    }
+
+    /// A reranker's scores for one input (usually a query and a document in the layout of
+    /// llama-server's `format_prompt_rerank`): runs `tokens` as sequence 0 (then clears it) and applies
+    /// the classification head of rank pooling ([`Pooling::Rank`]) to its final hidden rows, giving
+    /// `n_cls_out` values (`HParams::n_cls_out`; llama-server's `/rerank` uses the first). The model's
+    /// own `pooling_type` does not matter (llama-server's `--reranking` forces rank).
+    ///
+    /// Errors: as [`Context::embed_rows`] with `Some(Pooling::Rank)`.
+    pub fn rank(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut rows = self.embed_rows(tokens, Some(Pooling::Rank))?;
+        Ok(rows.pop().unwrap_or_default())
     }
 
     /// Drops every cached position of `seq` (no effect for an unknown sequence).

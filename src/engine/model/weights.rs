@@ -126,6 +126,14 @@ pub struct Weights {
     /// `[rope_n_dims / 2]` each.
     pub rope_long: Option<Vec<f32>>,
     pub rope_short: Option<Vec<f32>>,
+    // rank
+    /// BERT classification head of rank pooling (llama.cpp `LLM_TENSOR_CLS`, `LLM_TENSOR_CLS_OUT`,
+    /// each optional): `cls.weight` `[n_embd, n_embd]` and `cls.bias` `[n_embd]`, then
+    /// `cls.output.weight` `[n_embd, n_cls_out]` and `cls.output.bias` `[n_cls_out]`.
+    pub cls: Option<Linear>,
+    pub cls_b: Option<Vec<f32>>,
+    pub cls_out: Option<Linear>,
+    pub cls_out_b: Option<Vec<f32>>,
 }
 
 impl Weights {
@@ -318,6 +326,24 @@ impl Weights {
         let rope_freqs = opt_rope("rope_freqs.weight")?;
         let rope_long = opt_rope("rope_factors_long.weight")?;
         let rope_short = opt_rope("rope_factors_short.weight")?;
+        // rank: the classification head, each tensor optional but checked when present
+        // (`llama_model_bert::load_arch_tensors`, TENSOR_NOT_REQUIRED).
+        let opt_linear = |name: &str, rows: usize| -> Result<Option<Linear>, ModelError> {
+            match f.tensor(name) {
+                Some(_) if bert => Ok(Some(linear(f, name, rows, e)?)),
+                _ => Ok(None),
+            }
+        };
+        let opt_vector = |name: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+            match f.tensor(name) {
+                Some(_) if bert => Ok(Some(vector(f, name, len)?)),
+                _ => Ok(None),
+            }
+        };
+        let cls = opt_linear("cls.weight", e)?;
+        let cls_b = opt_vector("cls.bias", e)?;
+        let cls_out = opt_linear("cls.output.weight", hp.n_cls_out)?;
+        let cls_out_b = opt_vector("cls.output.bias", hp.n_cls_out)?;
         Ok(Weights {
             tok_embd,
             pos_embd,
@@ -329,6 +355,10 @@ impl Weights {
             rope_freqs,
             rope_long,
             rope_short,
+            cls,
+            cls_b,
+            cls_out,
+            cls_out_b,
         })
     }
 }

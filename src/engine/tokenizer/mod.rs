@@ -197,6 +197,9 @@ pub struct Tokenizer {
     eog: HashSet<u32>,
     add_bos: bool,
     add_eos: bool,
+    /// `llama_vocab_get_add_sep`: WordPiece (and the jina-v1-en, jina-v2-code, roberta-bpe
+    /// pre-tokenizers) by default, `tokenizer.ggml.add_sep_token` otherwise (used by reranking).
+    add_sep: bool,
     add_space_prefix: bool,
     escape_whitespaces: bool,
     clean_spaces: bool,
@@ -400,6 +403,7 @@ impl Tokenizer {
         let mut ignore_merges = false;
         let mut add_bos = false;
         let mut add_eos = false;
+        let mut add_sep = false;
         let mut pre = PreType::Default;
         let mut lowercase = true;
         match kind {
@@ -426,6 +430,9 @@ impl Tokenizer {
                 if name == "whitespace" {
                     lowercase = false;
                 }
+                if matches!(name, "jina-v1-en" | "jina-v2-code" | "roberta-bpe") {
+                    add_sep = true;
+                }
             }
             VocabKind::Spm => {
                 add_space_prefix = true;
@@ -436,6 +443,7 @@ impl Tokenizer {
                 add_space_prefix = false;
                 clean_spaces = true;
                 add_bos = true;
+                add_sep = true;
             }
         }
         if let Some(b) = opt_bool(f, "tokenizer.ggml.add_space_prefix")? {
@@ -586,6 +594,9 @@ impl Tokenizer {
         }
         if let Some(b) = opt_bool(f, "tokenizer.ggml.add_eos_token")? {
             add_eos = b;
+        }
+        if let Some(b) = opt_bool(f, "tokenizer.ggml.add_sep_token")? {
+            add_sep = b;
         }
         if pre == PreType::Gemma4 && !add_bos {
             add_bos = true;
@@ -882,6 +893,7 @@ impl Tokenizer {
             eog,
             add_bos,
             add_eos,
+            add_sep,
             add_space_prefix,
             escape_whitespaces,
             clean_spaces,
@@ -1140,6 +1152,11 @@ impl Tokenizer {
     /// Whether `encode(.., add_special = true, ..)` appends EOS.
     pub fn add_eos(&self) -> bool {
         self.add_eos
+    }
+    /// `llama_vocab_get_add_sep`: whether a pair of texts (a reranker's query and document) takes the
+    /// separator token between them (llama-server's `format_prompt_rerank`).
+    pub fn add_sep(&self) -> bool {
+        self.add_sep
     }
     /// The raw vocabulary string of a token (e.g. for `bos_token` in chat templates).
     pub fn token_text(&self, id: u32) -> Option<&str> {
