@@ -2,3 +2,6 @@
 -- the worker's default. The supervisor's memory estimate follows them.
 ALTER TABLE models ADD COLUMN cache_type_k TEXT;
 ALTER TABLE models ADD COLUMN cache_type_v TEXT;
+-- A reranker (issue 18): an encoder whose pooling type is rank (4); its worker gets --reranking and
+-- serves /v1/rerank. Set by the catalogue scan.
+ALTER TABLE models ADD COLUMN reranking BOOLEAN NOT NULL DEFAULT 0;

@@ -220,3 +220,58 @@ async fn rerank_endpoints_answer_as_llama_server() {
     );
     assert_eq!(r["error"]["type"], "not_supported_error");
 }
+
+/// Through the supervisor: the catalogue knows the file as a reranker, its worker is started with
+/// `--reranking` (not `--embedding`), and `/v1/rerank` is proxied to it by the request's `model`,
+/// with llama.cpp's scores in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_serves_a_reranker() {
+    use support::server::{Server, worker_of};
+    let v = vectors(NAME);
+    let path = model_file(NAME);
+    let (queries, docs) = (texts(&v, "queries"), texts(&v, "documents"));
+    let cases = pairs(&v);
+    let s = Server::start(&[], &[]).await;
+    std::os::unix::fs::symlink(&path, s.models_dir().join(format!("{NAME}.gguf"))).unwrap();
+    let token = s.login().await;
+    let (st, j) = s
+        .admin_post(&token, "/admin/api/models/scan", json!({}))
+        .await;
+    assert_eq!(st, 200, "{j}");
+    let (st, m) = s
+        .admin_get(&token, &format!("/admin/api/models/{NAME}"))
+        .await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["model"]["reranking"], true, "{m}");
+    let (st, r) = s
+        .post_json(
+            "/v1/rerank",
+            json!({"model": NAME, "query": queries[0], "documents": docs, "top_n": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}\n{}", s.log());
+    let mut want: Vec<(usize, f64)> = cases
+        .iter()
+        .filter(|c| c.0 == 0)
+        .map(|c| (c.1, c.3))
+        .collect();
+    want.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "top_n: {r}");
+    for (res, (di, score)) in results.iter().zip(&want) {
+        assert_eq!(res["index"], *di, "{r}");
+        let got = res["relevance_score"].as_f64().unwrap();
+        assert!((got - score).abs() <= SCORE_TOL, "{got} vs {score}");
+    }
+    let w = worker_of(&s, &token, NAME).await.expect("a worker");
+    let cmd = support::process::proc_cmdline(w["pid"].as_u64().unwrap() as u32);
+    assert!(
+        cmd.contains(" --reranking") && !cmd.contains(" --embedding"),
+        "{cmd}"
+    );
+    // A chat model is not a reranker: its worker answers 501 through the proxy, not a hang.
+    let (st, r) = s
+        .post_json("/v1/embeddings", json!({"model": NAME, "input": "x"}))
+        .await;
+    assert_eq!(st, 501, "rank pooling gives no embeddings: {r}");
+}

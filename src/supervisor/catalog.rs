@@ -128,6 +128,8 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
     let head_dim_v = geti(&format!("{a}.attention.value_length")).or(head_dim_k);
     let embedding = EMBEDDING_ARCHES.contains(&a.as_str())
         || f.get(&format!("{a}.pooling_type")).is_some() && !a.starts_with("qwen");
+    // llama.cpp's LLAMA_POOLING_TYPE_RANK.
+    let reranking = embedding && f.get_u32(&format!("{a}.pooling_type")).ok() == Some(4);
     Ok(ScannedModel {
         name,
         file_path: path.display().to_string(),
@@ -143,6 +145,7 @@ pub fn describe(path: &Path, name: String) -> Result<ScannedModel, String> {
             _ => None,
         },
         embedding,
+        reranking,
         architecture: arch,
         unsupported_reason: crate::engine::inspect::unsupported_reason(&f),
     })

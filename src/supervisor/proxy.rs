@@ -547,6 +547,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/chat/completions", post(proxy))
         .route("/v1/completions", post(proxy))
         .route("/v1/embeddings", post(proxy))
+        .route("/v1/rerank", post(proxy))
+        .route("/v1/reranking", post(proxy))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .layer(DefaultBodyLimit::max(crate::http_server::MAX_BODY_BYTES))

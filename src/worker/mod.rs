@@ -251,6 +251,8 @@ pub(crate) struct SupervisedArgs {
     pub parallel: u32,
     /// Serve embeddings (`--embedding`).
     pub embedding: bool,
+    /// Serve reranking (`--reranking`: rank pooling; instead of `--embedding`).
+    pub reranking: bool,
     /// Layers to offload to a GPU (`-ngl`; -1 = all).
     pub gpu_layers: i32,
     /// The KV cache's key and value types (`-ctk`, `-ctv`).
@@ -277,7 +279,9 @@ impl SupervisedArgs {
         flag("--cache-type-k", self.cache_types.0.name().to_owned());
         flag("--cache-type-v", self.cache_types.1.name().to_owned());
         flag("--instance", self.instance.clone());
-        if self.embedding {
+        if self.reranking {
+            v.push("--reranking".into());
+        } else if self.embedding {
             v.push("--embedding".into());
         }
         v
@@ -719,6 +723,7 @@ mod tests {
             threads: 3,
             parallel: 2,
             embedding: true,
+            reranking: false,
             gpu_layers: -1,
             cache_types: (
                 crate::engine::model::KvType::Q8_0,

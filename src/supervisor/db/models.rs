@@ -28,6 +28,7 @@ pub(super) enum Models {
     NLayer,
     NEmbdKv,
     Embedding,
+    Reranking,
     HfRepoId,
     HfFilename,
     PeakRssBytes,
@@ -39,7 +40,7 @@ pub(super) enum Models {
 
 /// The columns a scan learns after the name and the path ([`ScannedModel`]'s fields in order): what
 /// a rescan of the same path refreshes.
-const SCANNED: [Models; 9] = [
+const SCANNED: [Models; 10] = [
     Models::SizeBytes,
     Models::Architecture,
     Models::Parameters,
@@ -48,6 +49,7 @@ const SCANNED: [Models; 9] = [
     Models::NLayer,
     Models::NEmbdKv,
     Models::Embedding,
+    Models::Reranking,
     Models::UnsupportedReason,
 ];
 
@@ -68,6 +70,8 @@ pub struct ModelRow {
     pub n_layer: Option<i64>,
     pub n_embd_kv: Option<i64>,
     pub embedding: bool,
+    /// A reranker (pooling type rank): its worker gets `--reranking` and serves `/v1/rerank`.
+    pub reranking: bool,
     pub hf_repo_id: Option<String>,
     pub hf_filename: Option<String>,
     pub ctx_size: Option<i64>,
@@ -107,6 +111,8 @@ pub struct ScannedModel {
     pub n_layer: Option<i64>,
     pub n_embd_kv: Option<i64>,
     pub embedding: bool,
+    /// A reranker (pooling type rank): its worker gets `--reranking` and serves `/v1/rerank`.
+    pub reranking: bool,
     /// Why the engine cannot run the file, `None` when it can.
     pub unsupported_reason: Option<String>,
 }
@@ -176,6 +182,7 @@ impl Db {
                     m.n_layer.into(),
                     m.n_embd_kv.into(),
                     m.embedding.into(),
+                    m.reranking.into(),
                     m.unsupported_reason.clone().into(),
                     now.into(),
                     now.into(),

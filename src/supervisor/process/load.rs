@@ -53,6 +53,7 @@ impl Manager {
                 threads,
                 parallel,
                 embedding: m.embedding,
+                reranking: m.reranking,
                 gpu_layers: m.gpu_layers.map_or(settings.gpu_layers, |g| {
                     g.clamp(-1, i64::from(i32::MAX)) as i32
                 }),

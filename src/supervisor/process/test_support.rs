@@ -41,6 +41,7 @@ pub(super) fn row(name: &str) -> ModelRow {
         n_layer: Some(30),
         n_embd_kv: Some(192),
         embedding: false,
+        reranking: false,
         hf_repo_id: None,
         hf_filename: None,
         ctx_size: Some(8192),
