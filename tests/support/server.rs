@@ -145,6 +145,25 @@ impl Server {
         status_json(r).await
     }
 
+    /// Sends `body` as JSON with `method` to an admin route with a token; returns (status, JSON).
+    async fn admin_send(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        status_json(r).await
+    }
+
     /// POST `body` to an admin route with a token; returns (status, JSON).
     pub async fn admin_post(
         &self,
@@ -152,15 +171,8 @@ impl Server {
         path: &str,
         body: serde_json::Value,
     ) -> (u16, serde_json::Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
+        self.admin_send(reqwest::Method::POST, token, path, body)
             .await
-            .unwrap();
-        status_json(r).await
     }
 
     /// Download `id` as `/admin/api/downloads` lists it.
@@ -338,15 +350,9 @@ impl Server {
 
     /// `PUT /admin/api/settings` with `body`; returns the status.
     pub async fn put_settings(&self, token: &str, body: serde_json::Value) -> u16 {
-        self.http
-            .put(format!("{}/admin/api/settings", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
+        self.admin_send(reqwest::Method::PUT, token, "/admin/api/settings", body)
             .await
-            .unwrap()
-            .status()
-            .as_u16()
+            .0
     }
 
     /// `PATCH /admin/api/models/{model}` (per-model settings) with `body`; returns (status, JSON).
@@ -356,15 +362,9 @@ impl Server {
         model: &str,
         body: serde_json::Value,
     ) -> (u16, serde_json::Value) {
-        let r = self
-            .http
-            .patch(format!("{}/admin/api/models/{model}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
+        let path = format!("/admin/api/models/{model}");
+        self.admin_send(reqwest::Method::PATCH, token, &path, body)
             .await
-            .unwrap();
-        status_json(r).await
     }
 
     /// POST `body` as JSON to `path` (no key: `/v1` is open on loopback); returns (status, JSON).
