@@ -126,7 +126,11 @@ async fn slots_survive_a_restart_and_hostile_files_are_refused() {
 
     // Hostile files: each refused with what is wrong; slot 0 keeps its cache.
     let bytes = std::fs::read(d.join("smol.bin")).unwrap();
-    std::fs::write(d.join("garbage.bin"), b"\x00\x01garbage, not a slot file at all").unwrap();
+    std::fs::write(
+        d.join("garbage.bin"),
+        b"\x00\x01garbage, not a slot file at all",
+    )
+    .unwrap();
     std::fs::write(d.join("half.bin"), &bytes[..bytes.len() / 2]).unwrap();
     std::fs::write(d.join("short.bin"), &bytes[..bytes.len() - 1]).unwrap();
     let mut hostile = bytes.clone();
@@ -181,7 +185,10 @@ async fn slots_survive_a_restart_and_hostile_files_are_refused() {
     // Erase; the next request evaluates the whole prompt again, with the same text.
     let (st, v) = w.post("/slots/0?action=erase", &json!({})).await;
     assert_eq!(st, 200, "{v}");
-    assert!(v["n_erased"].as_u64().unwrap() >= saved["n_saved"].as_u64().unwrap(), "{v}");
+    assert!(
+        v["n_erased"].as_u64().unwrap() >= saved["n_saved"].as_u64().unwrap(),
+        "{v}"
+    );
     let cold = complete(&w, 0).await;
     assert_eq!(cache_n(&cold), 0, "{cold}");
     assert_eq!(cold["content"], first["content"]);
@@ -212,4 +219,53 @@ fn slot_save_path_must_be_a_directory() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--slot-save-path: not a directory"), "{err}");
+}
+
+/// Gemma 3's sliding-window layers (a ring of 512 cells): a slot holding more positions than the
+/// window is saved from a `-c 2048` worker, restored by a fresh `-c 1024` one, and the continuation from
+/// the restored cells has the log-probabilities of a cold run, bit for bit (the engine is batch-invariant,
+/// so any wrong cell would show).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sliding_window_slot_restores_into_another_context_size() {
+    use support::assets::GEMMA3;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let prompt: String = (0..45)
+        .map(|i| format!("Line {i}: the value of x{i} is {}. ", (i * 7) % 13))
+        .collect();
+    let req = |n: u32| {
+        json!({"prompt": prompt, "n_predict": n, "temperature": 0, "n_probs": 2,
+                              "id_slot": 0, "cache_prompt": true})
+    };
+    let mut a = Worker::start(&model(GEMMA3), &["-c", "2048", "--slot-save-path", d]);
+    // One token: the slot then caches exactly the prompt.
+    let (st, v) = a.post("/completion", &req(1)).await;
+    assert_eq!(st, 200, "{v}");
+    let n_prompt = v["tokens_evaluated"].as_u64().unwrap();
+    assert!(
+        n_prompt > 512 && n_prompt < 1000,
+        "{n_prompt} prompt tokens"
+    );
+    let (st, saved) = action(&a, 0, "save", "g.bin").await;
+    assert_eq!(st, 200, "{saved}");
+    assert_eq!(saved["n_saved"].as_u64(), Some(n_prompt));
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    drop(a);
+
+    let b = Worker::start(&model(GEMMA3), &["-c", "1024", "--slot-save-path", d]);
+    let (st, r) = action(&b, 0, "restore", "g.bin").await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["n_restored"].as_u64(), Some(n_prompt));
+    let (_, warm) = b.post("/completion", &req(8)).await;
+    assert_eq!(cache_n(&warm), n_prompt - 1, "{warm}");
+    let (st, _) = b.post("/slots/0?action=erase", &json!({})).await;
+    assert_eq!(st, 200);
+    let (_, cold) = b.post("/completion", &req(8)).await;
+    assert_eq!(cache_n(&cold), 0, "{cold}");
+    assert_eq!(warm["content"], cold["content"]);
+    assert_eq!(
+        warm["completion_probabilities"], cold["completion_probabilities"],
+        "restored ring cells continue exactly as a cold run"
+    );
 }

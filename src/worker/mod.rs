@@ -20,8 +20,8 @@ mod rerank;
 pub(crate) mod scheduler;
 #[cfg(test)]
 mod serve_tests;
-mod slot_files;
 pub(crate) mod slot;
+mod slot_files;
 pub(crate) mod structured;
 pub(crate) mod text;
 

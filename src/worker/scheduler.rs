@@ -1751,9 +1751,13 @@ pub(crate) mod tests {
         let (tx, h, _m, _log, codec) = start(2, 256, 8);
         let prompt = "a prompt worth keeping";
         let (first, cached) = submit_on(&tx, &codec, prompt, 5, 0);
-        assert_eq!((first.as_str(), cached), (codec.expected(prompt, 5).as_str(), 0));
-        let Ok(SlotActionDone::Saved { bytes, n_tokens }) =
-            slot_action(&tx, 0, SlotAction::Save).blocking_recv().unwrap()
+        assert_eq!(
+            (first.as_str(), cached),
+            (codec.expected(prompt, 5).as_str(), 0)
+        );
+        let Ok(SlotActionDone::Saved { bytes, n_tokens }) = slot_action(&tx, 0, SlotAction::Save)
+            .blocking_recv()
+            .unwrap()
         else {
             panic!("save failed")
         };
@@ -1765,7 +1769,11 @@ pub(crate) mod tests {
         }
         let (again, cached) = submit_on(&tx, &codec, prompt, 5, 1);
         assert_eq!(again, first);
-        assert_eq!(cached, 1 + prompt.len() - 1, "all but the last prompt token reused");
+        assert_eq!(
+            cached,
+            1 + prompt.len() - 1,
+            "all but the last prompt token reused"
+        );
         // A refused file leaves the slot as it was: its cache is still reused.
         match slot_action(&tx, 1, SlotAction::Restore(b"junk".to_vec())).blocking_recv() {
             Ok(Err(BackendError::SlotFile(m))) => assert!(m.contains("not a fake slot file")),

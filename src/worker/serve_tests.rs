@@ -871,7 +871,12 @@ async fn slot_files_save_restore_and_erase() {
     let s = start(2, 512).await;
     let (st, body) = post(&s, "/slots/0?action=save", json!({"filename": "a.bin"})).await;
     assert_error(st, &body, 501, "not_supported_error");
-    assert!(body["error"]["message"].as_str().unwrap().contains("--slot-save-path"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--slot-save-path")
+    );
     stop(s).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -880,15 +885,39 @@ async fn slot_files_save_restore_and_erase() {
     let s = start_with(a, Duration::ZERO).await;
     wait_ready(&s).await;
     for (path, body, want) in [
-        ("/slots/2?action=save", json!({"filename": "a.bin"}), "Invalid slot ID"),
+        (
+            "/slots/2?action=save",
+            json!({"filename": "a.bin"}),
+            "Invalid slot ID",
+        ),
         ("/slots/x?action=erase", json!({}), "Invalid slot ID"),
-        ("/slots/0?action=load", json!({"filename": "a.bin"}), "Invalid action"),
+        (
+            "/slots/0?action=load",
+            json!({"filename": "a.bin"}),
+            "Invalid action",
+        ),
         ("/slots/0", json!({"filename": "a.bin"}), "Invalid action"),
-        ("/slots/0?action=save", json!({"filename": "../a.bin"}), "Invalid filename"),
-        ("/slots/0?action=save", json!({"filename": ".a"}), "Invalid filename"),
+        (
+            "/slots/0?action=save",
+            json!({"filename": "../a.bin"}),
+            "Invalid filename",
+        ),
+        (
+            "/slots/0?action=save",
+            json!({"filename": ".a"}),
+            "Invalid filename",
+        ),
         ("/slots/0?action=save", json!({}), "'filename' is required"),
-        ("/slots/0?action=restore", json!({"filename": 3}), "must be a string"),
-        ("/slots/0?action=restore", json!({"filename": "none.bin"}), "Unable to restore slot: none.bin: cannot open"),
+        (
+            "/slots/0?action=restore",
+            json!({"filename": 3}),
+            "must be a string",
+        ),
+        (
+            "/slots/0?action=restore",
+            json!({"filename": "none.bin"}),
+            "Unable to restore slot: none.bin: cannot open",
+        ),
     ] {
         let (st, b) = post(&s, path, body).await;
         assert_error(st, &b, 400, "invalid_request_error");
@@ -896,9 +925,7 @@ async fn slot_files_save_restore_and_erase() {
         assert!(m.contains(want), "{path}: {m}");
     }
     let prompt = "a prompt worth keeping";
-    let complete = |slot: usize| {
-        json!({"prompt": prompt, "n_predict": 4, "temperature": 0, "id_slot": slot, "cache_prompt": true})
-    };
+    let complete = |slot: usize| json!({"prompt": prompt, "n_predict": 4, "temperature": 0, "id_slot": slot, "cache_prompt": true});
     let (st, first) = post(&s, "/completion", complete(0)).await;
     assert_eq!(st, 200, "{first}");
     let (st, saved) = post(&s, "/slots/0?action=save", json!({"filename": "a.bin"})).await;
@@ -918,12 +945,26 @@ async fn slot_files_save_restore_and_erase() {
     let (_, again) = post(&s, "/completion", complete(1)).await;
     assert_eq!(again["content"], first["content"]);
     assert_eq!(again["id_slot"], 1);
-    assert_eq!(again["timings"]["cache_n"].as_u64(), Some(prompt.len() as u64));
+    assert_eq!(
+        again["timings"]["cache_n"].as_u64(),
+        Some(prompt.len() as u64)
+    );
     // A garbage file is refused and slot 1 keeps its cache.
     std::fs::write(dir.path().join("junk.bin"), b"not a slot").unwrap();
-    let (st, b) = post(&s, "/slots/1?action=restore", json!({"filename": "junk.bin"})).await;
+    let (st, b) = post(
+        &s,
+        "/slots/1?action=restore",
+        json!({"filename": "junk.bin"}),
+    )
+    .await;
     assert_error(st, &b, 400, "invalid_request_error");
-    assert!(b["error"]["message"].as_str().unwrap().contains("Unable to restore slot: junk.bin"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Unable to restore slot: junk.bin"),
+        "{b}"
+    );
     let (st, erased) = post(&s, "/slots/1?action=erase", json!({})).await;
     assert_eq!(st, 200, "{erased}");
     assert_eq!(erased, json!({"id_slot": 1, "n_erased": n_saved}));

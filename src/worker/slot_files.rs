@@ -177,7 +177,9 @@ pub(super) async fn slot_action(
     let n = match run(ready, id, SlotAction::Restore(bytes)).await {
         Ok(SlotActionDone::Restored(n)) => n,
         Ok(other) => return Err(unexpected(&other)),
-        Err(ApiError::BadRequest { message, .. }) => return Err(restore_error(&filename, &message)),
+        Err(ApiError::BadRequest { message, .. }) => {
+            return Err(restore_error(&filename, &message));
+        }
         Err(e) => return Err(e),
     };
     Ok(Json(json!({
@@ -349,7 +351,10 @@ mod tests {
     fn files_are_written_whole_and_read_within_bounds() {
         let dir = tempfile::tempdir().unwrap();
         write_atomically(dir.path(), "s.bin", b"0123456789").unwrap();
-        assert_eq!(std::fs::read(dir.path().join("s.bin")).unwrap(), b"0123456789");
+        assert_eq!(
+            std::fs::read(dir.path().join("s.bin")).unwrap(),
+            b"0123456789"
+        );
         // Overwrites; no temporary left behind.
         write_atomically(dir.path(), "s.bin", b"abc").unwrap();
         let names: Vec<_> = std::fs::read_dir(dir.path())

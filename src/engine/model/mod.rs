@@ -13,10 +13,10 @@ mod forward;
 mod gemma;
 pub mod hparams;
 mod kv_cache;
-pub mod seq_state;
 mod linalg;
 pub mod moe;
 pub mod phi3;
+pub mod seq_state;
 pub mod weights;
 
 use std::path::Path;

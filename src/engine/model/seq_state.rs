@@ -71,7 +71,9 @@ pub enum SeqStateError {
         found: u32,
     },
     /// The file ends inside a field.
-    #[error("the file is truncated: it ends inside {what} at byte {at} ({need} bytes needed, {have} left)")]
+    #[error(
+        "the file is truncated: it ends inside {what} at byte {at} ({need} bytes needed, {have} left)"
+    )]
     Truncated {
         /// The field.
         what: String,
@@ -197,9 +199,8 @@ pub fn save(
     }
     let held: Vec<(usize, usize)> = (0..kv.n_layer()).map(|l| kv.held(l, seq)).collect();
     let arch = &id.arch.as_bytes()[..id.arch.len().min(MAX_ARCH)];
-    let mut out = Vec::with_capacity(
-        body_bytes(kv, tokens.len(), held.iter().map(|h| h.1)) + arch.len(),
-    );
+    let mut out =
+        Vec::with_capacity(body_bytes(kv, tokens.len(), held.iter().map(|h| h.1)) + arch.len());
     out.extend_from_slice(&MAGIC);
     put_u32(&mut out, VERSION as usize);
     out.extend_from_slice(&id.fingerprint);
@@ -326,10 +327,7 @@ pub fn load(
     if fingerprint != id.fingerprint || file_size != id.file_size {
         return Err(mismatch(
             "model (GGUF size and header fingerprint)",
-            format!(
-                "{file_size} bytes with fingerprint {}",
-                hex8(fingerprint)
-            ),
+            format!("{file_size} bytes with fingerprint {}", hex8(fingerprint)),
             format!(
                 "{} bytes with fingerprint {}",
                 id.file_size,
@@ -389,8 +387,8 @@ pub fn load(
             "value row width",
             "sliding window (0 = global)",
         ]
-            .into_iter()
-            .enumerate()
+        .into_iter()
+        .enumerate()
         {
             let got = r.u32(|| format!("layer {l} {name}"))?;
             if got != want[k] {
@@ -554,7 +552,10 @@ mod tests {
         let src = filled(KvType::F16, KvType::F16, 4, 16, 0);
         let bytes = save(&src, &ident(), 1, &[]).unwrap();
         let mut dst = filled(KvType::F16, KvType::F16, 4, 16, 5);
-        assert_eq!(load(&mut dst, &ident(), 1, &bytes).unwrap(), Vec::<u32>::new());
+        assert_eq!(
+            load(&mut dst, &ident(), 1, &bytes).unwrap(),
+            Vec::<u32>::new()
+        );
         assert_eq!(dst.seq_len(1), 0);
     }
 
@@ -563,15 +564,22 @@ mod tests {
         // Saved with n_ctx 16 (ring of 8 cells): restorable into n_ctx 12 (ring of 8) and 6 (ring of 6).
         let src = filled(KvType::F32, KvType::F32, 8, 16, 5);
         let bytes = save(&src, &ident(), 1, &tokens(5)).unwrap();
-        let mut dst = KvCache::with_windows(&[None, Some(8), None], 1, 12, 64, KvType::F32, KvType::F32);
+        let mut dst =
+            KvCache::with_windows(&[None, Some(8), None], 1, 12, 64, KvType::F32, KvType::F32);
         assert!(load(&mut dst, &ident(), 0, &bytes).is_ok());
         // A longer sequence in a ring of 4 cells (window 4 in n_ctx 4) into a ring of 8 (n_ctx 8).
         let small = filled(KvType::F32, KvType::F32, 8, 4, 4);
         let bytes = save(&small, &ident(), 1, &tokens(4)).unwrap();
-        let mut big = KvCache::with_windows(&[None, Some(8), None], 2, 8, 64, KvType::F32, KvType::F32);
-        assert!(load(&mut big, &ident(), 1, &bytes).is_ok(), "4 of 4 held: enough");
-        let mut small2 = KvCache::with_windows(&[None, Some(3), None], 1, 3, 64, KvType::F32, KvType::F32);
-        let mut c = KvCache::with_windows(&[None, Some(3), None], 1, 3, 64, KvType::F32, KvType::F32);
+        let mut big =
+            KvCache::with_windows(&[None, Some(8), None], 2, 8, 64, KvType::F32, KvType::F32);
+        assert!(
+            load(&mut big, &ident(), 1, &bytes).is_ok(),
+            "4 of 4 held: enough"
+        );
+        let mut small2 =
+            KvCache::with_windows(&[None, Some(3), None], 1, 3, 64, KvType::F32, KvType::F32);
+        let mut c =
+            KvCache::with_windows(&[None, Some(3), None], 1, 3, 64, KvType::F32, KvType::F32);
         c.set_len(0, 3);
         let b3 = save(&c, &ident(), 0, &tokens(3)).unwrap();
         assert!(load(&mut small2, &ident(), 0, &b3).is_ok());
@@ -607,17 +615,25 @@ mod tests {
             let before = (dst.seq_len(1), cells(dst, 1));
             let e = load(dst, &ident(), 1, bytes).expect_err("refused");
             assert!(want(&e), "unexpected: {e}");
-            assert_eq!((dst.seq_len(1), cells(dst, 1)), before, "changed after: {e}");
+            assert_eq!(
+                (dst.seq_len(1), cells(dst, 1)),
+                before,
+                "changed after: {e}"
+            );
             e.to_string()
         };
         // Garbage and the wrong magic.
-        let m = check(b"hello world, not a slot", &mut fresh(), &|e| *e == SeqStateError::Magic);
+        let m = check(b"hello world, not a slot", &mut fresh(), &|e| {
+            *e == SeqStateError::Magic
+        });
         assert!(m.contains("magic"));
         check(b"", &mut fresh(), &|e| *e == SeqStateError::Magic);
         // Another version.
         let mut b = good.clone();
         b[8..12].copy_from_slice(&2u32.to_le_bytes());
-        check(&b, &mut fresh(), &|e| *e == SeqStateError::Version { found: 2 });
+        check(&b, &mut fresh(), &|e| {
+            *e == SeqStateError::Version { found: 2 }
+        });
         // Truncated at every length: never a panic, always Truncated (or Magic when too short).
         for n in 0..good.len() {
             let e = load(&mut fresh(), &ident(), 1, &good[..n]).expect_err("truncated");
@@ -670,31 +686,57 @@ mod tests {
         }
         // Another cache: key type, value type, rotation, window, layer count, row width.
         let others = [
-            (filled(KvType::F16, KvType::Q8_0, 4, 16, 0), "key type is q8_0; this KV cache's is f16 (-ctk)"),
-            (filled(KvType::Q8_0, KvType::Q4_0, 4, 16, 0), "value type is q8_0; this KV cache's is q4_0 (-ctv)"),
             (
-                KvCache::with_windows(&[None, Some(4), None], 2, 16, 64, KvType::Q8_0, KvType::Q8_0),
+                filled(KvType::F16, KvType::Q8_0, 4, 16, 0),
+                "key type is q8_0; this KV cache's is f16 (-ctk)",
+            ),
+            (
+                filled(KvType::Q8_0, KvType::Q4_0, 4, 16, 0),
+                "value type is q8_0; this KV cache's is q4_0 (-ctv)",
+            ),
+            (
+                KvCache::with_windows(
+                    &[None, Some(4), None],
+                    2,
+                    16,
+                    64,
+                    KvType::Q8_0,
+                    KvType::Q8_0,
+                ),
                 "key rotation (Walsh–Hadamard size, 0 = none) is 64; this KV cache's is 0",
             ),
-            (filled(KvType::Q8_0, KvType::Q8_0, 5, 16, 0), "layer 1 sliding window (0 = global) is 4; this KV cache's is 5"),
+            (
+                filled(KvType::Q8_0, KvType::Q8_0, 5, 16, 0),
+                "layer 1 sliding window (0 = global) is 4; this KV cache's is 5",
+            ),
             (
                 KvCache::with_windows(&[None, Some(4)], 2, 16, 64, KvType::Q8_0, KvType::Q8_0)
                     .with_rotations(64),
                 "layer count is 3; this KV cache's is 2",
             ),
             (
-                KvCache::with_windows(&[None, Some(4), None], 2, 16, 128, KvType::Q8_0, KvType::Q8_0)
-                    .with_rotations(64),
+                KvCache::with_windows(
+                    &[None, Some(4), None],
+                    2,
+                    16,
+                    128,
+                    KvType::Q8_0,
+                    KvType::Q8_0,
+                )
+                .with_rotations(64),
                 "layer 0 key row width is 64; this KV cache's is 128",
             ),
         ];
         for (mut c, what) in others {
-            let m = check(&good, &mut c, &|e| matches!(e, SeqStateError::Mismatch { .. }));
+            let m = check(&good, &mut c, &|e| {
+                matches!(e, SeqStateError::Mismatch { .. })
+            });
             assert!(m.contains(what), "{what}: {m}");
         }
         // More tokens than the context.
-        let mut short = KvCache::with_windows(&[None, Some(4), None], 2, 8, 64, KvType::Q8_0, KvType::Q8_0)
-            .with_rotations(64);
+        let mut short =
+            KvCache::with_windows(&[None, Some(4), None], 2, 8, 64, KvType::Q8_0, KvType::Q8_0)
+                .with_rotations(64);
         check(&good, &mut short, &|e| {
             *e == SeqStateError::TooLong {
                 n_tokens: 9,
@@ -705,7 +747,9 @@ mod tests {
         let at = header_bytes(&src) + 5;
         let mut b = good.clone();
         b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        check(&b, &mut fresh(), &|e| matches!(e, SeqStateError::TooLong { .. }));
+        check(&b, &mut fresh(), &|e| {
+            matches!(e, SeqStateError::TooLong { .. })
+        });
         // A token outside the vocabulary.
         let mut b = good.clone();
         b[at + 4 + 8..at + 4 + 12].copy_from_slice(&100u32.to_le_bytes());
@@ -720,12 +764,16 @@ mod tests {
         let l0 = at + 4 + 36;
         let mut b = good.clone();
         b[l0 + 4..l0 + 8].copy_from_slice(&u32::MAX.to_le_bytes());
-        check(&b, &mut fresh(), &|e| matches!(e, SeqStateError::Layer { layer: 0, .. }));
+        check(&b, &mut fresh(), &|e| {
+            matches!(e, SeqStateError::Layer { layer: 0, .. })
+        });
         // A global layer that holds only part of the sequence.
         let mut b = good.clone();
         b[l0..l0 + 4].copy_from_slice(&1u32.to_le_bytes());
         b[l0 + 4..l0 + 8].copy_from_slice(&8u32.to_le_bytes());
-        let m = check(&b, &mut fresh(), &|e| matches!(e, SeqStateError::Layer { layer: 0, .. }));
+        let m = check(&b, &mut fresh(), &|e| {
+            matches!(e, SeqStateError::Layer { layer: 0, .. })
+        });
         assert!(m.contains("global layer"), "{m}");
         // A sequence outside the cache; a save whose tokens are not what the sequence holds.
         assert!(matches!(
@@ -736,7 +784,10 @@ mod tests {
             save(&src, &ident(), 1, &tokens(8)),
             Err(SeqStateError::Sequence(_))
         ));
-        assert!(matches!(save(&src, &ident(), 5, &[]), Err(SeqStateError::Sequence(_))));
+        assert!(matches!(
+            save(&src, &ident(), 5, &[]),
+            Err(SeqStateError::Sequence(_))
+        ));
         // The good file still loads after all that.
         let mut d = fresh();
         assert_eq!(load(&mut d, &ident(), 1, &good).unwrap(), tokens(9));
