@@ -252,9 +252,10 @@ pub struct SlotActionRequest {
     pub id_slot: usize,
     /// What to do.
     pub action: SlotAction,
-    /// Where the outcome goes: [`BackendError::SlotFile`] for a refused file (the slot unchanged),
+    /// Where the outcome goes, with the engine thread's time on it (not counting the wait for a busy
+    /// slot): [`BackendError::SlotFile`] for a refused file (the slot unchanged),
     /// [`BackendError::Unsupported`] for a model without a KV cache.
-    pub reply: oneshot::Sender<Result<SlotActionDone, BackendError>>,
+    pub reply: oneshot::Sender<Result<(SlotActionDone, Duration), BackendError>>,
 }
 
 /// Messages to the scheduler thread.
@@ -521,13 +522,14 @@ impl Scheduler {
             };
             let t = Instant::now();
             let r = self.slot_action(a.id_slot, a.action);
+            let took = t.elapsed();
             tracing::debug!(
                 slot = a.id_slot,
-                ms = t.elapsed().as_secs_f64() * 1e3,
+                ms = took.as_secs_f64() * 1e3,
                 ok = r.is_ok(),
                 "slot action"
             );
-            let _ = a.reply.send(r);
+            let _ = a.reply.send(r.map(|d| (d, took)));
         }
     }
 
@@ -1706,7 +1708,7 @@ pub(crate) mod tests {
         tx: &mpsc::Sender<Command>,
         id_slot: usize,
         action: SlotAction,
-    ) -> oneshot::Receiver<Result<SlotActionDone, BackendError>> {
+    ) -> oneshot::Receiver<Result<(SlotActionDone, Duration), BackendError>> {
         let (reply, rx) = oneshot::channel();
         tx.send(Command::SlotAction(SlotActionRequest {
             id_slot,
@@ -1755,16 +1757,17 @@ pub(crate) mod tests {
             (first.as_str(), cached),
             (codec.expected(prompt, 5).as_str(), 0)
         );
-        let Ok(SlotActionDone::Saved { bytes, n_tokens }) = slot_action(&tx, 0, SlotAction::Save)
-            .blocking_recv()
-            .unwrap()
+        let Ok((SlotActionDone::Saved { bytes, n_tokens }, _)) =
+            slot_action(&tx, 0, SlotAction::Save)
+                .blocking_recv()
+                .unwrap()
         else {
             panic!("save failed")
         };
         // BOS + prompt + the generated tokens but the last (sampled, never evaluated).
         assert_eq!(n_tokens, 1 + prompt.len() + 4);
         match slot_action(&tx, 1, SlotAction::Restore(bytes.clone())).blocking_recv() {
-            Ok(Ok(SlotActionDone::Restored(n))) => assert_eq!(n, n_tokens),
+            Ok(Ok((SlotActionDone::Restored(n), _))) => assert_eq!(n, n_tokens),
             other => panic!("{other:?}"),
         }
         let (again, cached) = submit_on(&tx, &codec, prompt, 5, 1);
@@ -1782,17 +1785,17 @@ pub(crate) mod tests {
         let (_, cached) = submit_on(&tx, &codec, prompt, 5, 1);
         assert_eq!(cached, prompt.len());
         match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
-            Ok(Ok(SlotActionDone::Erased(n))) => assert_eq!(n, n_tokens),
+            Ok(Ok((SlotActionDone::Erased(n), _))) => assert_eq!(n, n_tokens),
             other => panic!("{other:?}"),
         }
         let (_, cached) = submit_on(&tx, &codec, prompt, 5, 1);
         assert_eq!(cached, 0, "erased");
         match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
-            Ok(Ok(SlotActionDone::Erased(n))) => assert_eq!(n, n_tokens),
+            Ok(Ok((SlotActionDone::Erased(n), _))) => assert_eq!(n, n_tokens),
             other => panic!("{other:?}"),
         }
         match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
-            Ok(Ok(SlotActionDone::Erased(0))) => {}
+            Ok(Ok((SlotActionDone::Erased(0), _))) => {}
             other => panic!("{other:?}"),
         }
         drop(tx);
@@ -1813,7 +1816,7 @@ pub(crate) mod tests {
         let mut busy = slot_action(&tx, 0, SlotAction::Save);
         // Slot 1 is idle: its erase answers while slot 0 still generates.
         match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
-            Ok(Ok(SlotActionDone::Erased(0))) => {}
+            Ok(Ok((SlotActionDone::Erased(0), _))) => {}
             other => panic!("{other:?}"),
         }
         assert!(
@@ -1822,7 +1825,9 @@ pub(crate) mod tests {
         );
         cancel.cancel();
         match busy.blocking_recv() {
-            Ok(Ok(SlotActionDone::Saved { n_tokens, .. })) => assert!(n_tokens > 9, "{n_tokens}"),
+            Ok(Ok((SlotActionDone::Saved { n_tokens, .. }, _))) => {
+                assert!(n_tokens > 9, "{n_tokens}")
+            }
             other => panic!("{other:?}"),
         }
         drop(tx);

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -134,19 +134,20 @@ pub(super) async fn slot_action(
     }
     let ready = st.ready()?;
     if action == "erase" {
-        let n = match run(ready, id, SlotAction::Erase).await? {
+        let n = match run(ready, id, SlotAction::Erase).await?.0 {
             SlotActionDone::Erased(n) => n,
             other => return Err(unexpected(&other)),
         };
         return Ok(Json(json!({"id_slot": id, "n_erased": n})).into_response());
     }
     let filename = filename_of(&body)?;
-    let t0 = Instant::now();
+    // save_ms / restore_ms: the engine's time plus the file's, not the wait for a busy slot.
     if action == "save" {
-        let (bytes, n_tokens) = match run(ready, id, SlotAction::Save).await? {
-            SlotActionDone::Saved { bytes, n_tokens } => (bytes, n_tokens),
-            other => return Err(unexpected(&other)),
+        let (bytes, n_tokens, engine) = match run(ready, id, SlotAction::Save).await? {
+            (SlotActionDone::Saved { bytes, n_tokens }, t) => (bytes, n_tokens, t),
+            (other, _) => return Err(unexpected(&other)),
         };
+        let t0 = Instant::now();
         let n_written = bytes.len();
         let name = filename.clone();
         tokio::task::spawn_blocking(move || write_atomically(&dir, &name, &bytes))
@@ -158,7 +159,7 @@ pub(super) async fn slot_action(
             "filename": filename,
             "n_saved": n_tokens,
             "n_written": n_written,
-            "timings": {"save_ms": t0.elapsed().as_secs_f64() * 1e3},
+            "timings": {"save_ms": (engine + t0.elapsed()).as_secs_f64() * 1e3},
         }))
         .into_response());
     }
@@ -169,14 +170,16 @@ pub(super) async fn slot_action(
         ));
     }
     let path = dir.join(&filename);
+    let t0 = Instant::now();
     let bytes = tokio::task::spawn_blocking(move || read_bounded(&path, max))
         .await
         .map_err(|e| ApiError::Internal(format!("the slot file reader failed: {e}")))?
         .map_err(|m| restore_error(&filename, &m))?;
     let n_read = bytes.len();
-    let n = match run(ready, id, SlotAction::Restore(bytes)).await {
-        Ok(SlotActionDone::Restored(n)) => n,
-        Ok(other) => return Err(unexpected(&other)),
+    let t_read = t0.elapsed();
+    let (n, engine) = match run(ready, id, SlotAction::Restore(bytes)).await {
+        Ok((SlotActionDone::Restored(n), t)) => (n, t),
+        Ok((other, _)) => return Err(unexpected(&other)),
         Err(ApiError::BadRequest { message, .. }) => {
             return Err(restore_error(&filename, &message));
         }
@@ -187,7 +190,7 @@ pub(super) async fn slot_action(
         "filename": filename,
         "n_restored": n,
         "n_read": n_read,
-        "timings": {"restore_ms": t0.elapsed().as_secs_f64() * 1e3},
+        "timings": {"restore_ms": (t_read + engine).as_secs_f64() * 1e3},
     }))
     .into_response())
 }
@@ -227,7 +230,12 @@ fn filename_of(body: &[u8]) -> Result<String, ApiError> {
 ///
 /// Errors: a refused file as a 400 with the engine's reason, a model that cannot as 501, the
 /// scheduler gone as 503, anything else 500.
-async fn run(ready: &Ready, id: usize, action: SlotAction) -> Result<SlotActionDone, ApiError> {
+/// Returns the outcome and the engine thread's time on it.
+async fn run(
+    ready: &Ready,
+    id: usize,
+    action: SlotAction,
+) -> Result<(SlotActionDone, Duration), ApiError> {
     let (reply, rx) = oneshot::channel();
     ready
         .tx
