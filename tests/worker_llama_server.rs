@@ -437,7 +437,8 @@ fn unknown_flags_are_refused_and_help_is_grouped() {
         // A cache type llama.cpp has that we do not (q8_0 … iq4_nl exist).
         ["-ctk", "q2_k"],
         ["--cache-type-v", "f8"],
-        ["--slot-save-path", "/tmp"],
+        // --slot-save-path needs its directory.
+        ["--slot-save-path", "--verbose"],
         // --reranking is a switch; --pooling takes llama.cpp's names (none, mean, cls, last, rank).
         ["--reranking", "x"],
         ["--pooling", "sum"],
@@ -488,6 +489,7 @@ fn unknown_flags_are_refused_and_help_is_grouped() {
         "--timeout",
         "--no-mmap",
         "--mlock",
+        "--slot-save-path",
     ] {
         assert!(help.contains(flag), "{flag}");
     }

@@ -1295,6 +1295,25 @@ impl GgufFile {
     pub fn parameter_count(&self) -> u64 {
         self.tensors.iter().map(|t| t.n_elements()).sum()
     }
+
+    /// A fingerprint of the model: SHA-256 over, for each file in part order, its size (u64 LE) and
+    /// its bytes before the data section (header, metadata, tensor infos: names, shapes, types and
+    /// offsets). Two files with different metadata or tensor layout differ; reading it touches only
+    /// the headers (a few MB at most), not the tensor data. Saved slot files carry it
+    /// ([`crate::engine::model::Context::seq_state_save`]).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for p in &self.parts {
+            let bytes = p.backing.bytes();
+            h.update((bytes.len() as u64).to_le_bytes());
+            let end = usize::try_from(p.data_offset)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            h.update(&bytes[..end]);
+        }
+        h.finalize().into()
+    }
 }
 
 #[cfg(test)]

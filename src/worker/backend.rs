@@ -52,6 +52,13 @@ pub enum BackendError {
     /// The forward pass or the embedding failed.
     #[error("engine: {0}")]
     Engine(String),
+    /// A slot file was refused (another model or cache layout, truncated, malformed: a 400), with
+    /// what was wrong.
+    #[error("{0}")]
+    SlotFile(String),
+    /// The engine cannot do this for this model (501), with why.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Everything about sampling one choice, in llama.cpp's terms (defaults: llama-server's).
@@ -247,6 +254,32 @@ pub trait Compute: Send + 'static {
     }
     /// A fresh sampler for one choice.
     fn sampler(&self, params: &SamplingParams) -> Box<dyn TokenSampler>;
+    /// Sequence `seq`'s state as a slot file (llama-server's `POST /slots/{id}?action=save`): `tokens`
+    /// are exactly the tokens it caches, position order. The default cannot.
+    ///
+    /// Errors: [`BackendError::Unsupported`] (no KV cache), [`BackendError::Engine`].
+    fn seq_save(&self, seq: u32, tokens: &[u32]) -> Result<Vec<u8>, BackendError> {
+        let _ = (seq, tokens);
+        Err(BackendError::Unsupported(
+            "this engine cannot save slots".into(),
+        ))
+    }
+    /// Replaces sequence `seq` with a slot file of [`Compute::seq_save`]; returns its tokens. On error
+    /// the sequence is unchanged. The default cannot.
+    ///
+    /// Errors: [`BackendError::SlotFile`] (the file is refused, with why),
+    /// [`BackendError::Unsupported`].
+    fn seq_restore(&mut self, seq: u32, bytes: &[u8]) -> Result<Vec<u32>, BackendError> {
+        let _ = (seq, bytes);
+        Err(BackendError::Unsupported(
+            "this engine cannot restore slots".into(),
+        ))
+    }
+    /// The largest slot file [`Compute::seq_save`] can write for one sequence (bytes), the bound a
+    /// restore reads up to; 0 when it cannot save.
+    fn seq_state_max_bytes(&self) -> usize {
+        0
+    }
 }
 
 impl fmt::Debug for dyn Codec {

@@ -12,7 +12,7 @@ use super::backend::{
 use super::{LoadParams, Loaded, plan_context};
 use crate::engine::chat::{ChatTemplate, RenderOptions};
 use crate::engine::constraint::{GrammarCompiler, TokenizeFn};
-use crate::engine::model::{Batch, Context, ContextParams, Model, ModelParams};
+use crate::engine::model::{Batch, Context, ContextParams, Model, ModelError, ModelParams};
 use crate::engine::sampling::{Sampler, SamplerParams};
 use crate::engine::tokenizer::Tokenizer;
 
@@ -166,6 +166,19 @@ impl Compute for EngineCompute {
     fn seq_shift(&mut self, seq: u32, n_keep: usize, n_discard: usize) -> bool {
         self.ctx.seq_shift(seq + self.seq_offset, n_keep, n_discard)
     }
+    fn seq_save(&self, seq: u32, tokens: &[u32]) -> Result<Vec<u8>, BackendError> {
+        self.ctx
+            .seq_state_save(seq + self.seq_offset, tokens)
+            .map_err(state_error)
+    }
+    fn seq_restore(&mut self, seq: u32, bytes: &[u8]) -> Result<Vec<u32>, BackendError> {
+        self.ctx
+            .seq_state_load(seq + self.seq_offset, bytes)
+            .map_err(state_error)
+    }
+    fn seq_state_max_bytes(&self) -> usize {
+        self.ctx.seq_state_max_bytes()
+    }
     fn sampler(&self, p: &SamplingParams) -> Box<dyn TokenSampler> {
         Box::new(EngineSampler(Sampler::new(SamplerParams {
             temperature: p.temperature,
@@ -181,6 +194,16 @@ impl Compute for EngineCompute {
             chain: p.chain.clone(),
             ..SamplerParams::default()
         })))
+    }
+}
+
+/// A save or restore failure: a refused file is the client's ([`BackendError::SlotFile`]), a model
+/// without a KV cache cannot ([`BackendError::Unsupported`]), anything else is ours.
+fn state_error(e: ModelError) -> BackendError {
+    match e {
+        ModelError::SeqState(e) => BackendError::SlotFile(e.to_string()),
+        ModelError::Unsupported(m) => BackendError::Unsupported(m),
+        other => BackendError::Engine(other.to_string()),
     }
 }
 

@@ -341,4 +341,45 @@ impl Compute for FakeCompute {
     fn sampler(&self, _params: &SamplingParams) -> Box<dyn TokenSampler> {
         Box::new(Argmax)
     }
+    /// The fake's slot file: `FAKESLOT` then the tokens (u32 LE).
+    fn seq_save(&self, seq: u32, tokens: &[u32]) -> Result<Vec<u8>, BackendError> {
+        let s = self
+            .seqs
+            .get(seq as usize)
+            .ok_or_else(|| BackendError::Engine(format!("unknown sequence {seq}")))?;
+        if s.as_slice() != tokens {
+            return Err(BackendError::Engine(format!(
+                "sequence {seq} holds {} tokens, not the {} given",
+                s.len(),
+                tokens.len()
+            )));
+        }
+        let mut out = FAKE_MAGIC.to_vec();
+        tokens
+            .iter()
+            .for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
+        Ok(out)
+    }
+    fn seq_restore(&mut self, seq: u32, bytes: &[u8]) -> Result<Vec<u32>, BackendError> {
+        let body = bytes
+            .strip_prefix(FAKE_MAGIC)
+            .filter(|b| b.len() % 4 == 0 && b.len() / 4 <= self.n_ctx)
+            .ok_or_else(|| BackendError::SlotFile("not a fake slot file".into()))?;
+        let tokens: Vec<u32> = body
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let s = self
+            .seqs
+            .get_mut(seq as usize)
+            .ok_or_else(|| BackendError::Engine(format!("unknown sequence {seq}")))?;
+        s.clone_from(&tokens);
+        Ok(tokens)
+    }
+    fn seq_state_max_bytes(&self) -> usize {
+        FAKE_MAGIC.len() + 4 * self.n_ctx
+    }
 }
+
+/// The first bytes of the fake's slot files.
+const FAKE_MAGIC: &[u8] = b"FAKESLOT";

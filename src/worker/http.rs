@@ -65,6 +65,9 @@ pub struct ServerInfo {
     pub defaults: Defaults,
     /// `GET /slots` is on (`--no-slots` turns it off).
     pub slots_endpoint: bool,
+    /// `--slot-save-path`: the directory of `POST /slots/{id}?action=save|restore` files (None: the
+    /// actions answer 501).
+    pub slot_save_path: Option<std::path::PathBuf>,
     /// `--pooling` (None = the model's).
     pub pooling: Option<super::backend::Pooling>,
     /// Path of the GGUF file.
@@ -107,6 +110,9 @@ pub struct Ready {
     pub n_ctx: usize,
     /// Context of one slot (tokens).
     pub n_ctx_seq: usize,
+    /// The largest slot file a slot of this model and context can have (bytes): a restore reads no
+    /// more (0: the engine cannot save slots).
+    pub slot_file_max_bytes: usize,
 }
 
 /// Shared state of every handler.
@@ -192,6 +198,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/reranking", post(super::rerank::rerank))
         .route("/v1/rerank", post(super::rerank::rerank))
         .route("/v1/reranking", post(super::rerank::rerank))
+        .route("/slots/{id_slot}", post(super::slot_files::slot_action))
         .route_layer(middleware::from_fn_with_state(state.clone(), bounded_queue));
     Router::new()
         .route("/health", get(health))

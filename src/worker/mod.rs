@@ -21,6 +21,7 @@ pub(crate) mod scheduler;
 #[cfg(test)]
 mod serve_tests;
 pub(crate) mod slot;
+mod slot_files;
 pub(crate) mod structured;
 pub(crate) mod text;
 
@@ -193,6 +194,11 @@ pub struct WorkerArgs {
     /// Turn `GET /slots` off (501).
     #[arg(long = "no-slots", overrides_with = "slots", help_heading = SERVER)]
     pub no_slots: bool,
+    /// Directory of slot save files (llama-server's `--slot-save-path`, an existing directory):
+    /// turns on `POST /slots/{id}?action=save|restore|erase`, which write and read
+    /// `DIR/{filename}` (default: off, 501).
+    #[arg(long = "slot-save-path", value_name = "DIR", help_heading = SERVER)]
+    pub slot_save_path: Option<PathBuf>,
     /// Use the Jinja template engine for chat (the default; every template here is Jinja).
     #[arg(long = "jinja", overrides_with = "no_jinja", help_heading = SERVER)]
     pub jinja: bool,
@@ -555,6 +561,15 @@ pub(crate) async fn serve(
         })?),
         (None, t) => t.clone(),
     };
+    // llama-server: "not a directory: PATH" (common/arg.cpp).
+    if let Some(d) = &args.slot_save_path
+        && !d.is_dir()
+    {
+        return Err(WorkerError::Args(format!(
+            "--slot-save-path: not a directory: {}",
+            d.display()
+        )));
+    }
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -592,6 +607,7 @@ pub(crate) async fn serve(
             aliases,
             defaults,
             slots_endpoint: !args.no_slots,
+            slot_save_path: args.slot_save_path.clone(),
             pooling,
             model_path: args.model.display().to_string(),
             instance: args.instance.clone(),
@@ -665,6 +681,7 @@ pub(crate) async fn serve(
         n_batch,
         ctx_shift: args.context_shift,
     };
+    let slot_file_max_bytes = loaded.compute.seq_state_max_bytes();
     let (tx, sched) = scheduler::spawn(loaded.codec.clone(), loaded.compute, cfg, metrics)?;
     let stop_tx = tx.clone();
     let _ = state.ready.set(Ready {
@@ -672,6 +689,7 @@ pub(crate) async fn serve(
         tx,
         n_ctx: loaded.n_ctx,
         n_ctx_seq: loaded.n_ctx_seq,
+        slot_file_max_bytes,
     });
     tracing::info!(
         n_ctx = loaded.n_ctx,

@@ -215,6 +215,49 @@ pub struct EmbedRequest {
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
 }
 
+/// What `POST /slots/{id_slot}?action=…` asks of one slot (llama-server's `SERVER_TASK_TYPE_SLOT_SAVE`,
+/// `_RESTORE`, `_ERASE`, tools/server/server-context.cpp). The file itself is read and written by the
+/// HTTP layer on a blocking thread: the engine thread only copies cells.
+#[derive(Debug)]
+pub enum SlotAction {
+    /// The slot's tokens and KV cells as a slot file ([`Compute::seq_save`]).
+    Save,
+    /// Replace the slot's content with a slot file's bytes ([`Compute::seq_restore`]).
+    Restore(Vec<u8>),
+    /// Drop the slot's cached tokens and cells.
+    Erase,
+}
+
+/// The outcome of a [`SlotAction`].
+#[derive(Debug)]
+pub enum SlotActionDone {
+    /// The slot file and the tokens it holds.
+    Saved {
+        /// The file's bytes.
+        bytes: Vec<u8>,
+        /// Tokens saved (llama-server's `n_saved`).
+        n_tokens: usize,
+    },
+    /// Tokens now cached by the slot (`n_restored`).
+    Restored(usize),
+    /// Tokens the slot held before (`n_erased`).
+    Erased(usize),
+}
+
+/// A [`SlotAction`] on slot `id_slot`. Like llama-server, an action on a slot that is processing a
+/// request waits (deferred) until it is idle; one whose `reply` is dropped meanwhile is discarded.
+#[derive(Debug)]
+pub struct SlotActionRequest {
+    /// The slot (< n_slots, checked by the HTTP layer).
+    pub id_slot: usize,
+    /// What to do.
+    pub action: SlotAction,
+    /// Where the outcome goes, with the engine thread's time on it (not counting the wait for a busy
+    /// slot): [`BackendError::SlotFile`] for a refused file (the slot unchanged),
+    /// [`BackendError::Unsupported`] for a model without a KV cache.
+    pub reply: oneshot::Sender<Result<(SlotActionDone, Duration), BackendError>>,
+}
+
 /// Messages to the scheduler thread.
 #[derive(Debug)]
 pub enum Command {
@@ -224,6 +267,8 @@ pub enum Command {
     Embed(EmbedRequest),
     /// Report every slot's state (`GET /slots`).
     Slots(oneshot::Sender<Vec<SlotSnapshot>>),
+    /// Save, restore or erase one slot's cache (between steps, once the slot is idle).
+    SlotAction(SlotActionRequest),
     /// Cancel everything and stop the thread.
     Shutdown,
 }
@@ -324,6 +369,9 @@ pub struct Scheduler {
     metrics: Arc<Metrics>,
     rx: mpsc::Receiver<Command>,
     queue: VecDeque<GenerateRequest>,
+    /// Slot actions waiting for their slot to be idle, in arrival order (bounded by the HTTP layer's
+    /// admission permits, which `POST /slots/{id}` takes like a generation).
+    actions: VecDeque<SlotActionRequest>,
     slots: Vec<Slot>,
     admissions: u64,
     closing: bool,
@@ -357,6 +405,7 @@ pub fn spawn(
         metrics,
         rx,
         queue: VecDeque::new(),
+        actions: VecDeque::new(),
         slots: (0..cfg.n_slots as u32)
             .map(|id| Slot {
                 id,
@@ -382,7 +431,9 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 impl Scheduler {
     fn busy(&self) -> bool {
-        !self.queue.is_empty() || self.slots.iter().any(|s| s.job.is_some())
+        !self.queue.is_empty()
+            || !self.actions.is_empty()
+            || self.slots.iter().any(|s| s.job.is_some())
     }
 
     fn run(mut self) {
@@ -412,6 +463,7 @@ impl Scheduler {
                 }
             }
             self.free_cancelled();
+            self.run_slot_actions();
             self.admit();
             self.update_gauges();
             let busy = self.slots.iter().filter(|s| s.job.is_some()).count();
@@ -446,7 +498,79 @@ impl Scheduler {
             Command::Slots(reply) => {
                 let _ = reply.send(self.snapshot());
             }
+            Command::SlotAction(a) => self.actions.push_back(a),
             Command::Shutdown => {}
+        }
+    }
+
+    /// Runs every waiting slot action whose slot is idle, in arrival order (those of a busy slot wait;
+    /// those whose client went away are dropped).
+    fn run_slot_actions(&mut self) {
+        let mut i = 0;
+        while i < self.actions.len() {
+            let a = &self.actions[i];
+            if a.reply.is_closed() {
+                self.actions.remove(i);
+                continue;
+            }
+            if self.slots.get(a.id_slot).is_some_and(|s| s.job.is_some()) {
+                i += 1;
+                continue;
+            }
+            let Some(a) = self.actions.remove(i) else {
+                break;
+            };
+            let t = Instant::now();
+            let r = self.slot_action(a.id_slot, a.action);
+            let took = t.elapsed();
+            tracing::debug!(
+                slot = a.id_slot,
+                ms = took.as_secs_f64() * 1e3,
+                ok = r.is_ok(),
+                "slot action"
+            );
+            let _ = a.reply.send(r.map(|d| (d, took)));
+        }
+    }
+
+    /// One slot action on idle slot `i`. A restore replaces the slot's cached tokens with the file's
+    /// (the next request on it reuses their common prefix, as after a request of its own) and marks it
+    /// recently used; a refused file leaves the slot as it was.
+    fn slot_action(
+        &mut self,
+        i: usize,
+        action: SlotAction,
+    ) -> Result<SlotActionDone, BackendError> {
+        let Some(slot) = self.slots.get_mut(i) else {
+            return Err(BackendError::Engine(format!(
+                "slot {i} does not exist ({} slots)",
+                self.cfg.n_slots
+            )));
+        };
+        match action {
+            SlotAction::Save => {
+                let bytes = self.compute.seq_save(slot.id, &slot.cache)?;
+                Ok(SlotActionDone::Saved {
+                    bytes,
+                    n_tokens: slot.cache.len(),
+                })
+            }
+            SlotAction::Restore(bytes) => {
+                let tokens = self.compute.seq_restore(slot.id, &bytes)?;
+                let n = tokens.len();
+                slot.cache = tokens;
+                slot.last = None;
+                self.admissions += 1;
+                slot.last_used = self.admissions;
+                Ok(SlotActionDone::Restored(n))
+            }
+            SlotAction::Erase => {
+                let n = slot.cache.len();
+                self.compute.seq_clear(slot.id);
+                slot.cache.clear();
+                slot.last = None;
+                Ok(SlotActionDone::Erased(n))
+            }
         }
     }
 
@@ -1578,5 +1702,135 @@ pub(crate) mod tests {
         }
         assert!(matches!(last, Some(GenEvent::Failed(_))), "{last:?}");
         assert!(matches!(rx_b.try_recv(), Ok(GenEvent::Failed(_))));
+    }
+
+    fn slot_action(
+        tx: &mpsc::Sender<Command>,
+        id_slot: usize,
+        action: SlotAction,
+    ) -> oneshot::Receiver<Result<(SlotActionDone, Duration), BackendError>> {
+        let (reply, rx) = oneshot::channel();
+        tx.send(Command::SlotAction(SlotActionRequest {
+            id_slot,
+            action,
+            reply,
+        }))
+        .unwrap();
+        rx
+    }
+
+    fn submit_on(
+        tx: &mpsc::Sender<Command>,
+        codec: &FakeCodec,
+        prompt: &str,
+        max_tokens: usize,
+        id_slot: usize,
+    ) -> (String, usize) {
+        let (etx, mut erx) = tokio::sync::mpsc::unbounded_channel();
+        let mut req = GenerateRequest::new(
+            codec.encode(prompt, true, false),
+            max_tokens,
+            greedy(),
+            etx,
+            CancellationToken::new(),
+        );
+        req.id_slot = Some(id_slot);
+        tx.send(Command::Generate(Box::new(req))).unwrap();
+        let mut text = String::new();
+        loop {
+            match erx.blocking_recv().expect("events end with Done") {
+                GenEvent::Delta { text: t, .. } => text.push_str(&t),
+                GenEvent::Done { n_cached, .. } => return (text, n_cached),
+                GenEvent::Failed(m) => panic!("failed: {m}"),
+            }
+        }
+    }
+
+    /// A slot saved, restored into another slot, reused there by the next request (its prompt tokens
+    /// come from the cache and the answer is unchanged), then erased.
+    #[test]
+    fn a_saved_slot_restores_into_another_and_its_prefix_is_reused() {
+        let (tx, h, _m, _log, codec) = start(2, 256, 8);
+        let prompt = "a prompt worth keeping";
+        let (first, cached) = submit_on(&tx, &codec, prompt, 5, 0);
+        assert_eq!(
+            (first.as_str(), cached),
+            (codec.expected(prompt, 5).as_str(), 0)
+        );
+        let Ok((SlotActionDone::Saved { bytes, n_tokens }, _)) =
+            slot_action(&tx, 0, SlotAction::Save)
+                .blocking_recv()
+                .unwrap()
+        else {
+            panic!("save failed")
+        };
+        // BOS + prompt + the generated tokens but the last (sampled, never evaluated).
+        assert_eq!(n_tokens, 1 + prompt.len() + 4);
+        match slot_action(&tx, 1, SlotAction::Restore(bytes.clone())).blocking_recv() {
+            Ok(Ok((SlotActionDone::Restored(n), _))) => assert_eq!(n, n_tokens),
+            other => panic!("{other:?}"),
+        }
+        let (again, cached) = submit_on(&tx, &codec, prompt, 5, 1);
+        assert_eq!(again, first);
+        assert_eq!(
+            cached,
+            1 + prompt.len() - 1,
+            "all but the last prompt token reused"
+        );
+        // A refused file leaves the slot as it was: its cache is still reused.
+        match slot_action(&tx, 1, SlotAction::Restore(b"junk".to_vec())).blocking_recv() {
+            Ok(Err(BackendError::SlotFile(m))) => assert!(m.contains("not a fake slot file")),
+            other => panic!("{other:?}"),
+        }
+        let (_, cached) = submit_on(&tx, &codec, prompt, 5, 1);
+        assert_eq!(cached, prompt.len());
+        match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
+            Ok(Ok((SlotActionDone::Erased(n), _))) => assert_eq!(n, n_tokens),
+            other => panic!("{other:?}"),
+        }
+        let (_, cached) = submit_on(&tx, &codec, prompt, 5, 1);
+        assert_eq!(cached, 0, "erased");
+        match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
+            Ok(Ok((SlotActionDone::Erased(n), _))) => assert_eq!(n, n_tokens),
+            other => panic!("{other:?}"),
+        }
+        match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
+            Ok(Ok((SlotActionDone::Erased(0), _))) => {}
+            other => panic!("{other:?}"),
+        }
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    /// An action on a slot that is processing a request waits until the request ends (llama-server
+    /// defers it), while actions on idle slots run at once.
+    #[test]
+    fn an_action_on_a_busy_slot_waits_for_its_request() {
+        let (tx, h, _m, _log, codec) =
+            start_with_step_delay(2, 4096, 8, std::time::Duration::from_millis(1));
+        let (mut rx, cancel) = submit(&tx, &codec, "long one", 4000, &[]);
+        match rx.blocking_recv() {
+            Some(GenEvent::Delta { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut busy = slot_action(&tx, 0, SlotAction::Save);
+        // Slot 1 is idle: its erase answers while slot 0 still generates.
+        match slot_action(&tx, 1, SlotAction::Erase).blocking_recv() {
+            Ok(Ok((SlotActionDone::Erased(0), _))) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(busy.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "the save waits for slot 0"
+        );
+        cancel.cancel();
+        match busy.blocking_recv() {
+            Ok(Ok((SlotActionDone::Saved { n_tokens, .. }, _))) => {
+                assert!(n_tokens > 9, "{n_tokens}")
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(tx);
+        h.join().unwrap();
     }
 }

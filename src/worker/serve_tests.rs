@@ -60,6 +60,7 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         metrics: false,
         slots: false,
         no_slots: false,
+        slot_save_path: None,
         jinja: false,
         no_jinja: false,
         keep: 0,
@@ -859,5 +860,116 @@ async fn a_huge_prompt_does_not_stall_the_async_thread() {
             "{path}: the huge request is answered: {status}"
         );
     }
+    stop(s).await;
+}
+
+/// `POST /slots/{id}?action=…` over the fake engine: llama-server's 501 without `--slot-save-path`,
+/// its 400s (slot id, action, filename), and save → restore into another slot → the prefix reused →
+/// erase, with a refused file leaving the slot as it was.
+#[tokio::test]
+async fn slot_files_save_restore_and_erase() {
+    let s = start(2, 512).await;
+    let (st, body) = post(&s, "/slots/0?action=save", json!({"filename": "a.bin"})).await;
+    assert_error(st, &body, 501, "not_supported_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--slot-save-path")
+    );
+    stop(s).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(2, 512, None);
+    a.slot_save_path = Some(dir.path().to_path_buf());
+    let s = start_with(a, Duration::ZERO).await;
+    wait_ready(&s).await;
+    for (path, body, want) in [
+        (
+            "/slots/2?action=save",
+            json!({"filename": "a.bin"}),
+            "Invalid slot ID",
+        ),
+        ("/slots/x?action=erase", json!({}), "Invalid slot ID"),
+        (
+            "/slots/0?action=load",
+            json!({"filename": "a.bin"}),
+            "Invalid action",
+        ),
+        ("/slots/0", json!({"filename": "a.bin"}), "Invalid action"),
+        (
+            "/slots/0?action=save",
+            json!({"filename": "../a.bin"}),
+            "Invalid filename",
+        ),
+        (
+            "/slots/0?action=save",
+            json!({"filename": ".a"}),
+            "Invalid filename",
+        ),
+        ("/slots/0?action=save", json!({}), "'filename' is required"),
+        (
+            "/slots/0?action=restore",
+            json!({"filename": 3}),
+            "must be a string",
+        ),
+        (
+            "/slots/0?action=restore",
+            json!({"filename": "none.bin"}),
+            "Unable to restore slot: none.bin: cannot open",
+        ),
+    ] {
+        let (st, b) = post(&s, path, body).await;
+        assert_error(st, &b, 400, "invalid_request_error");
+        let m = b["error"]["message"].as_str().unwrap();
+        assert!(m.contains(want), "{path}: {m}");
+    }
+    let prompt = "a prompt worth keeping";
+    let complete = |slot: usize| json!({"prompt": prompt, "n_predict": 4, "temperature": 0, "id_slot": slot, "cache_prompt": true});
+    let (st, first) = post(&s, "/completion", complete(0)).await;
+    assert_eq!(st, 200, "{first}");
+    let (st, saved) = post(&s, "/slots/0?action=save", json!({"filename": "a.bin"})).await;
+    assert_eq!(st, 200, "{saved}");
+    assert_eq!(saved["id_slot"], 0);
+    assert_eq!(saved["filename"], "a.bin");
+    let n_saved = saved["n_saved"].as_u64().unwrap();
+    assert_eq!(n_saved, first["tokens_cached"].as_u64().unwrap());
+    let on_disk = std::fs::metadata(dir.path().join("a.bin")).unwrap().len();
+    assert_eq!(saved["n_written"].as_u64(), Some(on_disk));
+    assert!(saved["timings"]["save_ms"].as_f64().unwrap() >= 0.0);
+    let (st, restored) = post(&s, "/slots/1?action=restore", json!({"filename": "a.bin"})).await;
+    assert_eq!(st, 200, "{restored}");
+    assert_eq!(restored["n_restored"].as_u64(), Some(n_saved));
+    assert_eq!(restored["n_read"].as_u64(), Some(on_disk));
+    assert!(restored["timings"]["restore_ms"].as_f64().is_some());
+    let (_, again) = post(&s, "/completion", complete(1)).await;
+    assert_eq!(again["content"], first["content"]);
+    assert_eq!(again["id_slot"], 1);
+    assert_eq!(
+        again["timings"]["cache_n"].as_u64(),
+        Some(prompt.len() as u64)
+    );
+    // A garbage file is refused and slot 1 keeps its cache.
+    std::fs::write(dir.path().join("junk.bin"), b"not a slot").unwrap();
+    let (st, b) = post(
+        &s,
+        "/slots/1?action=restore",
+        json!({"filename": "junk.bin"}),
+    )
+    .await;
+    assert_error(st, &b, 400, "invalid_request_error");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Unable to restore slot: junk.bin"),
+        "{b}"
+    );
+    let (st, erased) = post(&s, "/slots/1?action=erase", json!({})).await;
+    assert_eq!(st, 200, "{erased}");
+    assert_eq!(erased, json!({"id_slot": 1, "n_erased": n_saved}));
+    let (_, cold) = post(&s, "/completion", complete(1)).await;
+    assert_eq!(cold["timings"]["cache_n"].as_u64(), Some(0));
+    assert_eq!(cold["content"], first["content"]);
     stop(s).await;
 }

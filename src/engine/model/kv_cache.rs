@@ -212,6 +212,46 @@ impl Store {
         }
     }
 
+    /// Appends the row at element offset `o` (`[n]`) as it is stored, little-endian
+    /// (`self.ty().row_bytes(n)` bytes).
+    fn export_row(&self, o: usize, n: usize, out: &mut Vec<u8>) {
+        match self {
+            Store::F16(d) => d[o..o + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Store::F32(d) => d[o..o + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Store::Raw { ty, data } => {
+                let rb = ty.row_bytes(n);
+                let r = o / n.max(1);
+                out.extend_from_slice(&data[r * rb..(r + 1) * rb]);
+            }
+        }
+    }
+
+    /// Overwrites the row at element offset `o` (`[n]`) with `src` as [`Store::export_row`] wrote it
+    /// (`src.len() == self.ty().row_bytes(n)`, checked by the caller).
+    fn import_row(&mut self, o: usize, n: usize, src: &[u8]) {
+        match self {
+            Store::F16(d) => {
+                for (x, b) in d[o..o + n].iter_mut().zip(src.chunks_exact(2)) {
+                    *x = f16::from_le_bytes([b[0], b[1]]);
+                }
+            }
+            Store::F32(d) => {
+                for (x, b) in d[o..o + n].iter_mut().zip(src.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Store::Raw { ty, data } => {
+                let rb = ty.row_bytes(n);
+                let r = o / n.max(1);
+                data[r * rb..(r + 1) * rb].copy_from_slice(src);
+            }
+        }
+    }
+
     /// Rows `row0 .. row0 + n_rows` (each `[n_embd_kv]`).
     fn side(&self, row0: usize, n_rows: usize, n_embd_kv: usize) -> KvSide<'_> {
         match self {
@@ -449,9 +489,74 @@ impl KvCache {
     /// The Walsh–Hadamard sizes (keys, values) of [`KvCache::with_rotations`]: the forward pass rotates
     /// the query and keys by the first, values by the second, and the attention output back by the
     /// second ([`ops::fwht_rows`]); [`KvCache::rotate_qkv`] and [`KvCache::rotate_back`] apply them.
-    #[cfg(test)]
     pub fn rotations(&self) -> (Option<usize>, Option<usize>) {
         self.rot
+    }
+
+    /// Layers of the cache.
+    pub fn n_layer(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Sequences of the cache.
+    pub fn n_seq(&self) -> usize {
+        self.n_seq
+    }
+
+    /// Positions per sequence (tokens).
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Elements of one cached key or value row (every layer has the same).
+    pub fn n_embd_kv(&self) -> usize {
+        self.n_embd_kv
+    }
+
+    /// Bytes of one stored (key row, value row) in the cache's types.
+    pub fn row_bytes(&self) -> (usize, usize) {
+        (
+            self.k.ty().row_bytes(self.n_embd_kv),
+            self.v.ty().row_bytes(self.n_embd_kv),
+        )
+    }
+
+    /// The positions of `seq` that `layer` still holds, `(first, count)`: all of `0..len` for a global
+    /// layer, the last `min(len, cells)` for a sliding ring. `(0, 0)` for an unknown sequence.
+    pub fn held(&self, layer: usize, seq: usize) -> (usize, usize) {
+        let len = self.seq_len(seq);
+        let n = len.min(self.cells.get(layer).copied().unwrap_or(0));
+        (len - n, n)
+    }
+
+    /// Appends positions `p0..p1` of `seq` in `layer` as stored (no conversion): the key rows, then
+    /// the value rows, position order, `(p1 - p0) · (row_k + row_v)` bytes ([`KvCache::row_bytes`]).
+    /// The positions must be held ([`KvCache::held`]); `seq < n_seq`.
+    pub fn export_rows(&self, layer: usize, seq: usize, p0: usize, p1: usize, out: &mut Vec<u8>) {
+        let n = self.n_embd_kv;
+        for p in p0..p1 {
+            self.k.export_row(self.offset(layer, seq, p), n, out);
+        }
+        for p in p0..p1 {
+            self.v.export_row(self.offset(layer, seq, p), n, out);
+        }
+    }
+
+    /// Writes key rows `k` and value rows `v` (as [`KvCache::export_rows`] stored them, whole rows of
+    /// [`KvCache::row_bytes`]) at positions `p0..` of `seq` in `layer` (cell `pos % cells`). Does not
+    /// change the sequence length ([`KvCache::set_len`]). `seq < n_seq`, the rows end at or before
+    /// `n_ctx`, sizes checked by the caller.
+    pub fn import_rows(&mut self, layer: usize, seq: usize, p0: usize, k: &[u8], v: &[u8]) {
+        let n = self.n_embd_kv;
+        let (rk, rv) = self.row_bytes();
+        for (j, row) in k.chunks_exact(rk.max(1)).enumerate() {
+            let o = self.offset(layer, seq, p0 + j);
+            self.k.import_row(o, n, row);
+        }
+        for (j, row) in v.chunks_exact(rv.max(1)).enumerate() {
+            let o = self.offset(layer, seq, p0 + j);
+            self.v.import_row(o, n, row);
+        }
     }
 
     /// Rotates one layer's query and keys (`[n_tokens, nq]`, `[n_tokens, nkv]`) by the keys'

@@ -16,6 +16,7 @@ mod kv_cache;
 mod linalg;
 pub mod moe;
 pub mod phi3;
+pub mod seq_state;
 pub mod weights;
 
 use std::path::Path;
@@ -70,6 +71,9 @@ pub enum ModelError {
     ContextFull { seq: u32, pos: u32, n_ctx: usize },
     #[error("{0}")]
     Unsupported(String),
+    /// A saved sequence was refused ([`Context::seq_state_load`]) or could not be written.
+    #[error(transparent)]
+    SeqState(#[from] seq_state::SeqStateError),
 }
 
 /// Options of [`Model::load`].
@@ -414,6 +418,8 @@ pub struct Context {
     /// The pooling an encoder's forward pass uses instead of the model's (set by
     /// [`Context::embed_rows`] for its pass only).
     pooling_override: Option<Pooling>,
+    /// What a saved sequence must match, computed at the first save or restore.
+    identity: std::cell::OnceCell<seq_state::ModelIdentity>,
 }
 
 impl Context {
@@ -499,6 +505,7 @@ impl Context {
             n_outputs: 0,
             n_embeddings: 0,
             pooling_override: None,
+            identity: std::cell::OnceCell::new(),
         })
     }
 
@@ -862,6 +869,61 @@ impl Context {
     /// Cached positions of `seq` (0 for encoders and unknown sequences).
     pub fn seq_len(&self, seq: u32) -> usize {
         self.kv.as_ref().map_or(0, |kv| kv.seq_len(seq as usize))
+    }
+
+    /// The model a saved sequence must come from (its GGUF fingerprint is hashed once, here).
+    fn identity(&self) -> &seq_state::ModelIdentity {
+        self.identity.get_or_init(|| {
+            let f = self.model.gguf();
+            seq_state::ModelIdentity {
+                arch: self.model.arch().to_string(),
+                fingerprint: f.fingerprint(),
+                file_size: f.file_size(),
+                n_vocab: self.model.n_vocab,
+            }
+        })
+    }
+
+    fn kv_or_unsupported(&self) -> Result<&KvCache, ModelError> {
+        self.kv.as_ref().ok_or_else(|| {
+            ModelError::Unsupported(
+                "this model has no KV cache (an encoder): there is no sequence state to save or restore"
+                    .into(),
+            )
+        })
+    }
+
+    /// Sequence `seq`'s state as a slot file ([`seq_state`]'s format): `tokens` (exactly the `seq_len`
+    /// tokens the sequence caches, position order) and every layer's cells in the cache's own types.
+    /// llama.cpp's `llama_state_seq_get_data` (`src/llama-context.cpp`) in our format.
+    ///
+    /// Errors: [`ModelError::Unsupported`] for an encoder; [`ModelError::SeqState`] when `seq` is
+    /// unknown or `tokens` is not what it caches.
+    pub fn seq_state_save(&self, seq: u32, tokens: &[u32]) -> Result<Vec<u8>, ModelError> {
+        let kv = self.kv_or_unsupported()?;
+        Ok(seq_state::save(kv, self.identity(), seq as usize, tokens)?)
+    }
+
+    /// Replaces sequence `seq` with a slot file of [`Context::seq_state_save`] and returns its tokens:
+    /// the next token of the sequence goes after them. llama.cpp's `llama_state_seq_set_data`.
+    ///
+    /// Errors (the sequence unchanged): [`ModelError::Unsupported`] for an encoder;
+    /// [`ModelError::SeqState`] for a file of another model or cache layout, a truncated or malformed
+    /// one, or more tokens than the context.
+    pub fn seq_state_load(&mut self, seq: u32, bytes: &[u8]) -> Result<Vec<u32>, ModelError> {
+        self.kv_or_unsupported()?;
+        // Computed before the cache is borrowed mutably.
+        let id = self.identity().clone();
+        let kv = self.kv.as_mut().expect("checked above");
+        Ok(seq_state::load(kv, &id, seq as usize, bytes)?)
+    }
+
+    /// The largest slot file a sequence of this context can be (bytes; 0 for an encoder): a reader
+    /// need never read more.
+    pub fn seq_state_max_bytes(&self) -> usize {
+        self.kv
+            .as_ref()
+            .map_or(0, |kv| seq_state::max_bytes(kv, self.identity()))
     }
 }
 
