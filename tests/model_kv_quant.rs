@@ -124,14 +124,16 @@ fn perplexity_with_the_other_cache_types_is_within_1_percent_of_llama_cpp() {
     }
 }
 
-/// Resident memory of this process (`VmRSS`, bytes).
+/// Anonymous resident memory of this process (`RssAnon`, bytes): what the heap commits. `VmRSS` also
+/// counts the model file's mapped pages, which the kernel may fault in by whole large folios (2 MiB and
+/// more) whenever any weight is read, so it moves with things the cache does not do.
 fn rss() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     let kb: u64 = s
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
+        .expect("RssAnon");
     kb * 1024
 }
 
@@ -141,6 +143,9 @@ fn the_cache_commits_the_bytes_the_estimate_computes() {
     let f = GgufFile::open(model(SMOL)).unwrap();
     let layout = kv_layout(&f).unwrap();
     let _ = load(SMOL);
+    // The first large context of a process also pays a one-time ~6 MiB beside its cache (allocator and
+    // page-table state); a small context first pays some of it, the slack covers the rest.
+    drop(context(KvType::F16, 512, 512));
     let n_ctx = 16384;
     for ty in [KvType::F16, KvType::Q8_0, KvType::Q4_0, KvType::F32] {
         let want = layout.cache_bytes_typed(n_ctx as u64, 1, ty, ty);
@@ -154,10 +159,11 @@ fn the_cache_commits_the_bytes_the_estimate_computes() {
             want as f64 / 1048576.0,
             grown as f64 / 1048576.0
         );
-        // The thread pool and scratch of a context are a few MiB beside the cache.
-        let slack = 8 << 20;
+        // The cache is committed whole at creation (never less), and a context's thread pool and
+        // one-time costs are a few MiB beside it.
+        let slack = 12 << 20;
         assert!(
-            grown + slack >= want && grown <= want + slack,
+            grown + (1 << 20) >= want && grown <= want + slack,
             "{}: the cache should commit {want} bytes, RSS grew by {grown}",
             ty.name()
         );
