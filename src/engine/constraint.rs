@@ -14,6 +14,7 @@
 //!   [`Constraint::commit`] advances it by the sampled token.
 
 mod gbnf;
+mod json_close;
 
 use std::fmt;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::{Value, json};
 
 pub use gbnf::{GbnfError, any_to_lark, gbnf_to_lark, is_lark_syntax};
+pub use json_close::JsonCloser;
 
 use crate::engine::tokenizer::Tokenizer;
 
@@ -285,9 +287,25 @@ impl GrammarCompiler {
         if let Some(e) = matcher.get_error() {
             return Err(compile_err(e));
         }
+        let closer = match spec {
+            GrammarSpec::JsonObject | GrammarSpec::JsonSchema { .. } => {
+                Some(JsonCloser::new(false))
+            }
+            GrammarSpec::ChatReply(inner)
+                if matches!(
+                    **inner,
+                    GrammarSpec::JsonObject | GrammarSpec::JsonSchema { .. }
+                ) =>
+            {
+                Some(JsonCloser::new(true))
+            }
+            _ => None,
+        };
         Ok(Constraint {
             matcher: Box::new(matcher),
             n_vocab: self.n_vocab,
+            env: self.factory.tok_env().clone(),
+            closer,
         })
     }
 }
@@ -363,6 +381,10 @@ pub struct Constraint {
     /// Boxed: llguidance's parser state is large and requests are moved through channels.
     matcher: Box<Matcher>,
     n_vocab: usize,
+    /// The vocabulary's bytes and tokenizer (shared with the compiler).
+    env: llguidance::toktrie::TokEnv,
+    /// For JSON kinds: where the reply is, to close it before the budget ends.
+    closer: Option<JsonCloser>,
 }
 
 impl fmt::Debug for Constraint {
@@ -404,7 +426,39 @@ impl Constraint {
         }
         self.matcher
             .consume_token(token)
-            .map_err(|e| ConstraintError::Matcher(e.to_string()))
+            .map_err(|e| ConstraintError::Matcher(e.to_string()))?;
+        if let Some(c) = self.closer.as_mut() {
+            c.push(self.env.tok_trie().token(token));
+        }
+        Ok(())
+    }
+
+    /// For a JSON reply with `budget` tokens left to emit (this step's included): `None` when
+    /// `next` (the token just sampled, not an end-of-generation one) may be taken because the reply
+    /// could still be closed in the `budget - 1` tokens after it; otherwise the tokens that close the
+    /// reply from here ([`JsonCloser::closing`], tokenized), to emit instead of `next` and the steps
+    /// after it — empty when the reply is complete already and should end without `next`. Also `None` for grammars that are not JSON, for text the tracker cannot follow, and
+    /// when the grammar refuses the closing (a schema's required members, for one): those replies
+    /// may still be cut by the budget, as without this.
+    pub fn closing_for_budget(&mut self, next: u32, budget: usize) -> Option<Vec<u32>> {
+        let closer = self.closer.as_ref()?;
+        if budget == 0 || next as usize >= self.n_vocab {
+            return None;
+        }
+        let mut after = closer.clone();
+        after.push(self.env.tok_trie().token(next));
+        let fits =
+            |s: &str| s.len() < budget || self.env.tokenize_bytes(s.as_bytes()).len() < budget;
+        if after.closing().is_none_or(|s| fits(&s)) {
+            return None;
+        }
+        let tokens = self.env.tokenize_bytes(closer.closing()?.as_bytes());
+        if tokens.is_empty() {
+            // Complete already: end here.
+            return self.is_accepting().then_some(tokens);
+        }
+        let valid = self.matcher.validate_tokens(&tokens).ok()?;
+        (valid == tokens.len()).then_some(tokens)
     }
 
     /// The grammar is complete: nothing but an end-of-generation token may follow.
@@ -441,6 +495,83 @@ mod tests {
             c.commit(u32::from(b)).unwrap();
         }
         true
+    }
+
+    /// Emits `text`, closing it when the budget would cut it, as the scheduler does: returns the reply
+    /// and whether it was closed.
+    fn run_with_budget(spec: GrammarSpec, text: &str, max_tokens: usize) -> (String, bool) {
+        let mut c = compiler().compile(&spec).unwrap();
+        let mut out = Vec::new();
+        for (n, b) in text.bytes().enumerate() {
+            if n == max_tokens {
+                break;
+            }
+            if let Some(close) = c.closing_for_budget(u32::from(b), max_tokens - n) {
+                assert!(close.len() <= max_tokens - n, "the closing fits the budget");
+                for t in close {
+                    assert!(
+                        c.compute_mask().unwrap().is_allowed(t),
+                        "the grammar allows the closing"
+                    );
+                    c.commit(t).unwrap();
+                    out.push(t as u8);
+                }
+                assert!(c.is_accepting());
+                return (String::from_utf8(out).unwrap(), true);
+            }
+            assert!(
+                c.compute_mask().unwrap().is_allowed(u32::from(b)),
+                "{text:?} at {n}"
+            );
+            c.commit(u32::from(b)).unwrap();
+            out.push(b);
+        }
+        (String::from_utf8(out).unwrap(), false)
+    }
+
+    #[test]
+    fn a_json_reply_the_budget_would_cut_is_closed_within_it() {
+        let looping = r#"{"model": "x", "model_name": "y", "model_model_year": "z", "model_model_model_year_year": 1"#;
+        for max_tokens in 2..looping.len() {
+            let (reply, closed) = run_with_budget(GrammarSpec::JsonObject, looping, max_tokens);
+            assert!(closed, "budget {max_tokens}");
+            assert!(reply.len() <= max_tokens, "{reply:?} within {max_tokens}");
+            let v: Value =
+                serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{reply:?}: {e}"));
+            assert!(v.is_object());
+        }
+        // A reply that ends by itself in its budget is left alone.
+        let (reply, closed) = run_with_budget(GrammarSpec::JsonObject, r#"{"a": 1}"#, 8);
+        assert_eq!((reply.as_str(), closed), (r#"{"a": 1}"#, false));
+        // A fenced chat reply gets its fence closed too.
+        let spec = GrammarSpec::JsonObject.for_chat_reply();
+        let (reply, closed) =
+            run_with_budget(spec, "```json\n{\"a\": [1, 2, 3, 4, 5, 6]}\n```", 20);
+        assert!(closed);
+        assert!(
+            reply.starts_with("```json") && reply.ends_with("```"),
+            "{reply:?}"
+        );
+        // A schema whose required member the closing would leave out: no closing (cut as before).
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+            "required": ["a", "b"], "additionalProperties": false});
+        let spec = GrammarSpec::JsonSchema {
+            schema,
+            strict: true,
+        };
+        let (_, closed) = run_with_budget(spec.clone(), r#"{"a": "some long text", "b": 1}"#, 10);
+        assert!(!closed, "the grammar refuses {{\"a\": \"some\"}}");
+        // One whose closing it accepts is closed.
+        let (reply, closed) =
+            run_with_budget(spec, r#"{"a": "some long text", "b": 12345678}"#, 30);
+        assert!(closed);
+        assert_eq!(
+            serde_json::from_str::<Value>(&reply).unwrap()["a"],
+            "some long text"
+        );
+        // Grammars that are not JSON are never closed.
+        let (_, closed) = run_with_budget(GrammarSpec::Regex("[a-z]+".into()), "abcdefgh", 3);
+        assert!(!closed);
     }
 
     #[test]

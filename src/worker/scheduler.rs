@@ -305,6 +305,11 @@ struct Job {
     constraint: Option<Constraint>,
     /// The allowed tokens for the next sample, computed beside the forward pass that produces its logits.
     mask: Option<Result<TokenMask, ConstraintError>>,
+    /// Tokens that close a JSON reply the budget would cut ([`Constraint::closing_for_budget`]), emitted
+    /// one per step instead of sampling; `closing` once they were queued (the reply then ends with
+    /// `finish_reason: length` when they are out).
+    forced: VecDeque<u32>,
+    closing: bool,
     /// When it was admitted, and when its first token was sampled.
     t_admit: Instant,
     t_first: Option<Instant>,
@@ -737,6 +742,8 @@ impl Scheduler {
             let job = Job {
                 constraint: req.constraint.take(),
                 mask: None,
+                forced: VecDeque::new(),
+                closing: false,
                 history: req.prompt.clone(),
                 text: TextAssembler::new(req.stops.clone()),
                 n_done: n_cached,
@@ -997,17 +1004,8 @@ impl Scheduler {
             return self.finish(i, FinishReason::Length, StopType::Limit);
         }
         let sample_from = masked.as_deref().unwrap_or(logits);
-        let (id, logprob, top) = match job.req.n_probs {
-            Some(k) if job.req.post_sampling_probs => {
-                let (id, p, top) = job.sampler.sample_with_probs(sample_from, &job.history, k);
-                let top = top
-                    .into_iter()
-                    .map(|(t, p)| (t, p.ln(), codec.piece(t, false)))
-                    .collect();
-                (id, Some(p.ln()), top)
-            }
+        let forced_logprobs = |id: u32, n_probs: Option<usize>| match n_probs {
             Some(k) => {
-                let id = job.sampler.sample(sample_from, &job.history);
                 let (lp, top) = logprobs(logits, id, k);
                 let top = top
                     .into_iter()
@@ -1015,11 +1013,64 @@ impl Scheduler {
                     .collect();
                 (id, Some(lp), top)
             }
-            None => (
-                job.sampler.sample(sample_from, &job.history),
-                None,
-                Vec::new(),
-            ),
+            None => (id, None, Vec::new()),
+        };
+        // The tokens this slot may still emit, this one included.
+        let budget = {
+            let left = job.req.max_tokens.saturating_sub(job.n_generated);
+            if ctx_shift {
+                left
+            } else {
+                left.min(n_ctx_seq.saturating_sub(slot.cache.len()))
+            }
+        };
+        let mut end_now = false;
+        let (id, logprob, top) = if let Some(t) = job.forced.pop_front() {
+            forced_logprobs(t, job.req.n_probs)
+        } else {
+            let sampled = match job.req.n_probs {
+                Some(k) if job.req.post_sampling_probs => {
+                    let (id, p, top) = job.sampler.sample_with_probs(sample_from, &job.history, k);
+                    let top = top
+                        .into_iter()
+                        .map(|(t, p)| (t, p.ln(), codec.piece(t, false)))
+                        .collect();
+                    (id, Some(p.ln()), top)
+                }
+                Some(k) => {
+                    let id = job.sampler.sample(sample_from, &job.history);
+                    let (lp, top) = logprobs(logits, id, k);
+                    let top = top
+                        .into_iter()
+                        .map(|(t, l)| (t, l, codec.piece(t, false)))
+                        .collect();
+                    (id, Some(lp), top)
+                }
+                None => (
+                    job.sampler.sample(sample_from, &job.history),
+                    None,
+                    Vec::new(),
+                ),
+            };
+            // A JSON reply that this token would leave too little budget to close is closed instead.
+            match job.constraint.as_mut() {
+                Some(c) if !codec.is_eog(sampled.0) => {
+                    match c.closing_for_budget(sampled.0, budget) {
+                        Some(close) if close.is_empty() => {
+                            end_now = true;
+                            sampled
+                        }
+                        Some(close) => {
+                            job.forced = close.into();
+                            job.closing = true;
+                            let t = job.forced.pop_front().unwrap_or(sampled.0);
+                            forced_logprobs(t, job.req.n_probs)
+                        }
+                        None => sampled,
+                    }
+                }
+                _ => sampled,
+            }
         };
         let event = if slot.state == SlotState::Prefill {
             SlotEvent::PromptDone
@@ -1027,6 +1078,9 @@ impl Scheduler {
             SlotEvent::Token
         };
         self.set_state(i, event);
+        if end_now {
+            return self.finish(i, FinishReason::Length, StopType::Limit);
+        }
         let slot = &mut self.slots[i];
         let Some(job) = slot.job.as_mut() else { return };
         let mut finish = None;
@@ -1063,6 +1117,9 @@ impl Scheduler {
             if r.stopped {
                 let word = job.text.stop_word().unwrap_or_default().to_string();
                 finish = Some((FinishReason::Stop, StopType::Word(word)));
+            } else if job.closing && job.forced.is_empty() {
+                job.truncated = !ctx_shift && slot.cache.len() + 1 >= n_ctx_seq;
+                finish = Some((FinishReason::Length, StopType::Limit));
             } else if grammar_done {
                 finish = Some((FinishReason::Stop, StopType::Eos));
             } else if job.n_generated >= job.req.max_tokens {
@@ -1563,6 +1620,8 @@ pub(crate) mod tests {
             admitted: 1,
             constraint: None,
             mask: None,
+            forced: VecDeque::new(),
+            closing: false,
             t_admit: Instant::now(),
             t_first: None,
             generated: String::new(),
@@ -1655,6 +1714,37 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(log.max_seqs_per_decode(), 4);
+        drop(tx);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_json_reply_is_closed_before_max_tokens_or_the_context_cuts_it() {
+        // The fake model under json_object writes whitespace and strings of spaces that never end (the
+        // lowest allowed ids), so only the closing can end the object in time.
+        let (tx, h, _m, _log, codec) = start(1, 64, 8);
+        for max_tokens in [3, 10, 40] {
+            let c = grammar(&codec, GrammarSpec::JsonObject);
+            let (text, finish, n, n_tok) =
+                collect(submit_with(&tx, &codec, "abc", max_tokens, Some(c)));
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("max_tokens {max_tokens}: {text:?}: {e}"));
+            assert!(v.is_object(), "{text:?}");
+            assert_eq!(finish, Some(FinishReason::Length), "the budget ended it");
+            assert!(
+                n <= max_tokens && n == n_tok,
+                "{n} tokens within {max_tokens}"
+            );
+        }
+        // The end of the slot's context (64 cells, a 4-token prompt) closes it the same way.
+        let c = grammar(&codec, GrammarSpec::JsonObject.for_chat_reply());
+        let (text, finish, n, _) = collect(submit_with(&tx, &codec, "abc", 1000, Some(c)));
+        assert!(
+            serde_json::from_str::<serde_json::Value>(text.trim()).is_ok(),
+            "{text:?}"
+        );
+        assert_eq!(finish, Some(FinishReason::Length));
+        assert!(n < 64, "{n}");
         drop(tx);
         h.join().unwrap();
     }
