@@ -173,6 +173,17 @@ pub fn max_bytes(kv: &KvCache, id: &ModelIdentity) -> usize {
     body_bytes(kv, n, (0..kv.n_layer()).map(|l| kv.cells(l).min(n))) + id.arch.len().min(MAX_ARCH)
 }
 
+/// [`SeqStateError::Sequence`] unless `seq` is one of the cache's sequences.
+fn check_seq(kv: &KvCache, seq: usize) -> Result<(), SeqStateError> {
+    if seq >= kv.n_seq() {
+        return Err(SeqStateError::Sequence(format!(
+            "sequence {seq} is not in the cache of {}",
+            kv.n_seq()
+        )));
+    }
+    Ok(())
+}
+
 /// Serializes sequence `seq` of `kv` with its `tokens` (exactly the cache's positions of `seq`, in
 /// order) in the format above. Returns the file's bytes.
 ///
@@ -184,12 +195,7 @@ pub fn save(
     seq: usize,
     tokens: &[u32],
 ) -> Result<Vec<u8>, SeqStateError> {
-    if seq >= kv.n_seq() {
-        return Err(SeqStateError::Sequence(format!(
-            "sequence {seq} is not in the cache of {}",
-            kv.n_seq()
-        )));
-    }
+    check_seq(kv, seq)?;
     if tokens.len() != kv.seq_len(seq) {
         return Err(SeqStateError::Sequence(format!(
             "{} tokens given for sequence {seq}, which caches {} positions",
@@ -275,12 +281,7 @@ pub fn load(
     seq: usize,
     bytes: &[u8],
 ) -> Result<Vec<u32>, SeqStateError> {
-    if seq >= kv.n_seq() {
-        return Err(SeqStateError::Sequence(format!(
-            "sequence {seq} is not in the cache of {}",
-            kv.n_seq()
-        )));
-    }
+    check_seq(kv, seq)?;
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         return Err(SeqStateError::Magic);
     }
