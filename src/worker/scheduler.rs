@@ -1004,7 +1004,8 @@ impl Scheduler {
             return self.finish(i, FinishReason::Length, StopType::Limit);
         }
         let sample_from = masked.as_deref().unwrap_or(logits);
-        let forced_logprobs = |id: u32, n_probs: Option<usize>| match n_probs {
+        // The raw model's log-probabilities of `id` (llama-server's `n_probs` before its samplers).
+        let raw_logprobs = |id: u32, n_probs: Option<usize>| match n_probs {
             Some(k) => {
                 let (lp, top) = logprobs(logits, id, k);
                 let top = top
@@ -1026,7 +1027,7 @@ impl Scheduler {
         };
         let mut end_now = false;
         let (id, logprob, top) = if let Some(t) = job.forced.pop_front() {
-            forced_logprobs(t, job.req.n_probs)
+            raw_logprobs(t, job.req.n_probs)
         } else {
             let sampled = match job.req.n_probs {
                 Some(k) if job.req.post_sampling_probs => {
@@ -1037,20 +1038,7 @@ impl Scheduler {
                         .collect();
                     (id, Some(p.ln()), top)
                 }
-                Some(k) => {
-                    let id = job.sampler.sample(sample_from, &job.history);
-                    let (lp, top) = logprobs(logits, id, k);
-                    let top = top
-                        .into_iter()
-                        .map(|(t, l)| (t, l, codec.piece(t, false)))
-                        .collect();
-                    (id, Some(lp), top)
-                }
-                None => (
-                    job.sampler.sample(sample_from, &job.history),
-                    None,
-                    Vec::new(),
-                ),
+                n_probs => raw_logprobs(job.sampler.sample(sample_from, &job.history), n_probs),
             };
             // A JSON reply that this token would leave too little budget to close is closed instead.
             match job.constraint.as_mut() {
@@ -1064,7 +1052,7 @@ impl Scheduler {
                             job.forced = close.into();
                             job.closing = true;
                             let t = job.forced.pop_front().unwrap_or(sampled.0);
-                            forced_logprobs(t, job.req.n_probs)
+                            raw_logprobs(t, job.req.n_probs)
                         }
                         None => sampled,
                     }

@@ -290,8 +290,8 @@ n_closed = sum(finish == "length" for _, finish, _ in results)
 print(f"json_object: {n_closed} of 20 closed at the budget", flush=True)
 
 # The closing at max_tokens, watched: a budget far too short for the model's object still gets one.
-for budget in (5, 12, 25):
-    r = client.chat.completions.create(
+def car(budget, **kw):
+    return client.chat.completions.create(
         model="smol",
         messages=[
             {"role": "system", "content": OBJECT_SYSTEM},
@@ -300,23 +300,17 @@ for budget in (5, 12, 25):
         response_format={"type": "json_object"},
         max_tokens=budget,
         temperature=0,
+        **kw,
     )
+
+
+for budget in (5, 12, 25):
+    r = car(budget)
     text, finish = r.choices[0].message.content, r.choices[0].finish_reason
     check(finish == "length" and r.usage.completion_tokens <= budget
           and isinstance(json.loads(text), dict),
           f"max_tokens {budget}: closed within the budget ({r.usage.completion_tokens} tokens): {text!r}")
-    chunks = client.chat.completions.create(
-        model="smol",
-        messages=[
-            {"role": "system", "content": OBJECT_SYSTEM},
-            {"role": "user", "content": "Describe a car in a few words as a JSON object."},
-        ],
-        response_format={"type": "json_object"},
-        max_tokens=budget,
-        temperature=0,
-        stream=True,
-    )
-    chunks = list(chunks)
+    chunks = list(car(budget, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     last = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     check(streamed == text and last == ["length"], f"max_tokens {budget}: streamed the same {streamed!r}")
