@@ -5,6 +5,7 @@ pub mod constraint;
 pub mod ggml_type;
 pub mod gguf;
 pub mod gguf_split;
+pub mod gpu;
 pub mod inspect;
 pub mod kernels;
 pub mod kv_layout;

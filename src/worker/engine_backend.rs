@@ -215,6 +215,7 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
         &p.path,
         &ModelParams {
             n_threads: p.n_threads,
+            gpu: p.gpu.clone(),
         },
         p.load_mode,
     )

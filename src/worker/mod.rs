@@ -96,9 +96,15 @@ pub struct WorkerArgs {
     #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16",
           value_parser = crate::engine::model::cli::parse_kv_type, help_heading = COMMON)]
     pub cache_type_v: crate::engine::model::KvType,
-    /// Layers to offload to a GPU (`-ngl`); accepted, but this build runs on the CPU only.
-    #[arg(long = "gpu-layers", allow_hyphen_values = true, help_heading = COMMON)]
+    /// Layers to offload to a GPU (`-ngl`): the last N repeating layers, and the output layer when N is at
+    /// least the layer count; -1 (the default) = all of them; 0 = the CPU only. Without a usable adapter
+    /// the worker logs why and runs on the CPU.
+    #[arg(long = "gpu-layers", alias = "n-gpu-layers", allow_hyphen_values = true, help_heading = COMMON)]
     pub gpu_layers: Option<i32>,
+    /// The GPU adapter: its index in the list logged at start-up or part of its name (`RTX`, `llvmpipe`).
+    /// Default: the first discrete, integrated or virtual GPU; a software rasterizer only when named.
+    #[arg(long = "device", env = "CYBER_INFERENCE_DEVICE", help_heading = COMMON)]
+    pub device: Option<String>,
     /// Read the model file into memory instead of mapping it (slower to load; pages are then the
     /// process's own rather than the page cache's).
     #[arg(long = "no-mmap", help_heading = COMMON)]
@@ -361,6 +367,7 @@ pub fn llama_style_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsStrin
         .map(|a| match a.to_str() {
             Some("-np") => OsString::from("--parallel"),
             Some("-ngl") => OsString::from("--gpu-layers"),
+            Some("-dev") => OsString::from("--device"),
             Some("-fa") => OsString::from("--flash-attn"),
             Some("-ub") => OsString::from("--ubatch-size"),
             Some("-ctk") => OsString::from("--cache-type-k"),
@@ -419,6 +426,8 @@ pub(crate) struct LoadParams {
     pub cache_types: (crate::engine::model::KvType, crate::engine::model::KvType),
     /// `--no-mmap` / `--mlock`.
     pub load_mode: crate::engine::gguf::LoadMode,
+    /// `-ngl`, `--device`.
+    pub gpu: crate::engine::gpu::GpuOptions,
 }
 
 /// A loaded engine, split into its shared and its single-threaded halves.
@@ -550,11 +559,6 @@ pub(crate) async fn serve(
     }
     let cors = crate::http_server::cors_layer(args.cors_origins.as_deref().unwrap_or(""))
         .map_err(|e| WorkerError::Args(format!("--cors-origins: {e}")))?;
-    if let Some(ngl) = args.gpu_layers
-        && ngl != 0
-    {
-        tracing::warn!("-ngl {ngl}: this build has no GPU backend; all layers run on the CPU");
-    }
     let chat_template = match (&args.chat_template_file, &args.chat_template) {
         (Some(f), _) => Some(std::fs::read_to_string(f).map_err(|e| {
             WorkerError::Args(format!("--chat-template-file {}: {e}", f.display()))
@@ -652,6 +656,10 @@ pub(crate) async fn serve(
         embedding,
         chat_template,
         cache_types: (args.cache_type_k, args.cache_type_v),
+        gpu: crate::engine::gpu::GpuOptions {
+            n_gpu_layers: args.gpu_layers.unwrap_or(-1),
+            device: args.device.clone(),
+        },
     };
     let load = tokio::task::spawn_blocking(move || loader(&params));
     let loaded = tokio::select! {

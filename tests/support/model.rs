@@ -16,8 +16,14 @@ pub fn load(name: &str) -> Arc<Model> {
 
 /// Loads the GGUF at `path` with `n_threads`; panics naming the file when it cannot.
 pub fn load_path(path: &Path, n_threads: usize) -> Arc<Model> {
-    Model::load(path, &ModelParams { n_threads })
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    Model::load(
+        path,
+        &ModelParams {
+            n_threads,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
 /// `../shared/vectors/NAME.json` (llama.cpp's answers on model file `name`) parsed.

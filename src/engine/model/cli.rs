@@ -315,7 +315,13 @@ pub fn perplexity(
 
 fn load(path: &std::path::Path, threads: usize) -> Result<(Arc<Model>, f64), CliError> {
     let t0 = Instant::now();
-    let model = Model::load(path, &ModelParams { n_threads: threads })?;
+    let model = Model::load(
+        path,
+        &ModelParams {
+            n_threads: threads,
+            ..Default::default()
+        },
+    )?;
     Ok((model, t0.elapsed().as_secs_f64()))
 }
 

@@ -81,12 +81,15 @@ pub enum ModelError {
 pub struct ModelParams {
     /// Threads for work done at load time (and the default for contexts).
     pub n_threads: usize,
+    /// GPU offload (`-ngl`, `--device`); the default runs on the CPU only.
+    pub gpu: crate::engine::gpu::GpuOptions,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
         ModelParams {
             n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            gpu: Default::default(),
         }
     }
 }
@@ -102,6 +105,7 @@ pub struct Model {
     n_vocab: usize,
     arch_name: String,
     params: ModelParams,
+    backend: crate::engine::gpu::BackendInfo,
 }
 
 impl std::fmt::Debug for Model {
@@ -217,7 +221,14 @@ impl Model {
                 }
             }
         };
+        let backend = crate::engine::gpu::BackendInfo::cpu(
+            hp.n_layer,
+            params.gpu.n_gpu_layers,
+            (params.gpu.n_gpu_layers != 0)
+                .then(|| "this build runs every layer on the CPU".to_string()),
+        );
         Ok(Arc::new(Model {
+            backend,
             chat_template,
             arch_name: hp.arch.name().to_string(),
             file,
@@ -227,6 +238,11 @@ impl Model {
             n_vocab,
             params: params.clone(),
         }))
+    }
+
+    /// What runs the model: the CPU, or a GPU adapter and how many layers it holds.
+    pub fn backend(&self) -> &crate::engine::gpu::BackendInfo {
+        &self.backend
     }
 
     /// The GGUF file (metadata for tokenizers and chat templates).
@@ -949,7 +965,14 @@ mod tests {
             panic!("CYBER_INFERENCE_ASSETS is not set (see ../shared/assets/fetch)");
         };
         let path = Path::new(&assets).join("models/SmolLM2-135M-Instruct.Q4_K_M.gguf");
-        Model::load(&path, &ModelParams { n_threads: 2 }).expect("load SmolLM2")
+        Model::load(
+            &path,
+            &ModelParams {
+                n_threads: 2,
+                ..Default::default()
+            },
+        )
+        .expect("load SmolLM2")
     }
 
     fn ctx(model: &Arc<Model>) -> Context {
