@@ -31,6 +31,7 @@ fn args(np: usize, ctx: usize, api_key: Option<&str>) -> WorkerArgs {
         max_queue: 64,
         batch_size: 8,
         gpu_layers: None,
+        device: None,
         embedding: true,
         api_key: api_key.map(str::to_string),
         instance: Some("nonce-1".into()),

@@ -61,3 +61,57 @@ impl BackendInfo {
         self.name != "cpu"
     }
 }
+
+pub mod device;
+pub mod shaders;
+pub mod tensor;
+
+/// Errors of the GPU backend; each says what failed and where.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// No adapter matches (or none exists); the message lists what was found.
+    #[error("no usable GPU adapter: {0}")]
+    NoAdapter(String),
+    /// The driver refused the device, a buffer, or a wait.
+    #[error("GPU device: {0}")]
+    Device(String),
+    /// A kernel failed to compile (a bug of ours, named by kernel).
+    #[error("GPU kernel: {0}")]
+    Shader(String),
+    /// The model or context cannot run on the GPU backend (why, named).
+    #[error("not supported on the GPU: {0}")]
+    Unsupported(String),
+}
+
+/// The GPU the tests run on: `CYBER_INFERENCE_DEVICE` if set, else a hardware GPU, else any adapter (Mesa's
+/// lavapipe in CI). `None` only when `CYBER_INFERENCE_NO_GPU_TESTS=1` says no GPU tests are wanted; no
+/// adapter otherwise is a failure (a GPU test never passes by finding nothing to test).
+///
+/// # Panics
+/// When no adapter can be opened and GPU tests were not turned off.
+pub fn test_gpu() -> Option<std::sync::Arc<device::Gpu>> {
+    if std::env::var("CYBER_INFERENCE_NO_GPU_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("CYBER_INFERENCE_NO_GPU_TESTS=1: GPU test skipped");
+        return None;
+    }
+    static GPU: std::sync::OnceLock<Result<std::sync::Arc<device::Gpu>, String>> =
+        std::sync::OnceLock::new();
+    let g = GPU.get_or_init(|| {
+        let named = std::env::var("CYBER_INFERENCE_DEVICE").ok();
+        let adapter = match device::pick_adapter(named.as_deref()) {
+            Ok(a) => Ok(a),
+            Err(e) if named.is_none() => device::adapters().into_iter().next().ok_or(e),
+            Err(e) => Err(e),
+        };
+        adapter
+            .map_err(|e| e.to_string())
+            .and_then(|a| device::Gpu::open(a).map_err(|e| e.to_string()))
+    });
+    match g {
+        Ok(g) => Some(g.clone()),
+        Err(e) => panic!(
+            "GPU test: {e} (install mesa-vulkan-drivers for the software adapter, or set \
+             CYBER_INFERENCE_NO_GPU_TESTS=1 to skip GPU tests)"
+        ),
+    }
+}
