@@ -130,7 +130,8 @@ impl Gpu {
             ..Default::default()
         }))
         .map_err(|e| GpuError::Device(format!("{}: {e}", info.name)))?;
-        let max_binding = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let max_binding =
+            u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -257,7 +258,9 @@ impl Gpu {
         });
         let mut enc = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read"),
+            });
         enc.copy_buffer_to_buffer(buf, offset, &staging, 0, bytes);
         self.queue.submit([enc.finish()]);
         let slice = staging.slice(..);
@@ -280,7 +283,12 @@ impl Gpu {
     }
 
     /// Reads `n` f32 values of `buf` from element `offset`.
-    pub fn read_f32(&self, buf: &wgpu::Buffer, offset: usize, n: usize) -> Result<Vec<f32>, GpuError> {
+    pub fn read_f32(
+        &self,
+        buf: &wgpu::Buffer,
+        offset: usize,
+        n: usize,
+    ) -> Result<Vec<f32>, GpuError> {
         let bytes = self.read(buf, offset as u64 * 4, n as u64 * 4)?;
         Ok(bytes
             .chunks_exact(4)
@@ -289,13 +297,22 @@ impl Gpu {
     }
 
     /// Copies `bytes` from `src` at `src_off` to `dst` at `dst_off` on the device, in submission order.
-    pub fn copy(&self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, bytes: u64) {
+    pub fn copy(
+        &self,
+        src: &wgpu::Buffer,
+        src_off: u64,
+        dst: &wgpu::Buffer,
+        dst_off: u64,
+        bytes: u64,
+    ) {
         if bytes == 0 {
             return;
         }
         let mut enc = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("copy") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("copy"),
+            });
         enc.copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
         self.queue.submit([enc.finish()]);
     }
@@ -368,7 +385,8 @@ impl<'g> Recorder<'g> {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        g.queue.write_buffer(&params, 0, bytemuck::cast_slice(&words));
+        g.queue
+            .write_buffer(&params, 0, bytemuck::cast_slice(&words));
         let groups: Vec<wgpu::BindGroup> = self
             .list
             .iter()
@@ -401,7 +419,9 @@ impl<'g> Recorder<'g> {
             .collect();
         let mut enc = g
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("forward"),
+            });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("forward"),

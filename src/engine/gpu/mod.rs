@@ -63,6 +63,9 @@ impl BackendInfo {
 }
 
 pub mod device;
+pub mod ops;
+#[cfg(test)]
+mod ops_tests;
 pub mod shaders;
 pub mod tensor;
 

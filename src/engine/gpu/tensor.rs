@@ -199,8 +199,12 @@ mod tests {
             let rb = quant::row_bytes(ty, n_cols).unwrap();
             let mut w = vec![0.0f32; n_rows * n_cols];
             for r in 0..n_rows {
-                quant::dequantize_row(ty, &data[r * rb..(r + 1) * rb], &mut w[r * n_cols..(r + 1) * n_cols])
-                    .unwrap();
+                quant::dequantize_row(
+                    ty,
+                    &data[r * rb..(r + 1) * rb],
+                    &mut w[r * n_cols..(r + 1) * n_cols],
+                )
+                .unwrap();
             }
             for n in [1usize, 3, 11] {
                 let x: Vec<f32> = (0..n * n_cols)

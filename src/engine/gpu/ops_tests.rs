@@ -1,0 +1,1 @@
+//! GPU kernels against their CPU scalar twins (`kernels/ops.rs`) on random inputs.
