@@ -63,6 +63,7 @@ impl BackendInfo {
 }
 
 pub mod device;
+pub mod llama;
 pub mod ops;
 #[cfg(test)]
 mod ops_tests;

@@ -69,6 +69,8 @@ pub enum Eltwise {
     SwiGlu,
     /// `x *= s`.
     Scale(f32),
+    /// `x = y`.
+    Copy,
 }
 
 /// `op` on the first `len` elements of `x` (with `y`, unused by [`Eltwise::Scale`] but bound).
@@ -84,6 +86,7 @@ pub fn eltwise(
         Eltwise::AddBias(m) => (1, m as u32, 0.0),
         Eltwise::SwiGlu => (2, 1, 0.0),
         Eltwise::Scale(s) => (3, 1, s),
+        Eltwise::Copy => (4, 1, 0.0),
     };
     let (gx, gy) = threads64(len);
     rec.dispatch(

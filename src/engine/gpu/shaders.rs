@@ -310,7 +310,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 "#;
 
 /// Element-wise kernels over `len` elements, one thread each: `op` 0 `X += Y`, 1 `X[i] += Y[i % m]`
-/// (bias), 2 `X = silu(X) · Y` (SwiGLU, `ops::swiglu`), 3 `X *= scale`.
+/// (bias), 2 `X = silu(X) · Y` (SwiGLU, `ops::swiglu`), 3 `X *= scale`, 4 `X = Y` (copy).
 const ELTWISE: &str = r#"
 @group(0) @binding(0) var<storage, read_write> X: array<f32>;
 @group(0) @binding(1) var<storage, read> Y: array<f32>;
@@ -323,7 +323,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (p.op == 0u) { X[i] = X[i] + Y[i]; }
     else if (p.op == 1u) { X[i] = X[i] + Y[i % p.m]; }
     else if (p.op == 2u) { let g = X[i]; X[i] = (g / (1.0 + exp(-g))) * Y[i]; }
-    else { X[i] = X[i] * p.scale; }
+    else if (p.op == 3u) { X[i] = X[i] * p.scale; }
+    else { X[i] = Y[i]; }
 }
 "#;
 

@@ -117,7 +117,9 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
         .as_mut()
         .ok_or_else(|| ModelError::Unsupported("decoder context without a KV cache".into()))?;
     let mut h = vec![0.0f32; n * e];
-    for (il, layer) in w.layers.iter().enumerate() {
+    // Layers `gpu_from..` (and maybe the output) run on the GPU (`-ngl`).
+    let gpu_from = model.gpu.as_ref().map_or(w.layers.len(), |g| g.first_layer);
+    for (il, layer) in w.layers.iter().enumerate().take(gpu_from) {
         // Attention block: norm → q, k, v → (bias) → (q/k norm) → rope → cache → attention → wo.
         h.copy_from_slice(&x);
         for row in h.chunks_exact_mut(e) {
@@ -241,6 +243,40 @@ fn run_decoder(ctx: &mut Context, b: &Batch) -> Result<(), ModelError> {
     // Outputs: final norm of the rows that want logits, then the output projection.
     let out_idx: Vec<usize> = (0..n).filter(|&i| b.logits[i]).collect();
     let n_out = out_idx.len();
+    if let Some(g) = &model.gpu {
+        let dev = kv.device().ok_or_else(|| {
+            ModelError::Unsupported("an offloaded model's context without a GPU cache".into())
+        })?;
+        let out = g
+            .forward(
+                dev,
+                &x,
+                &b.seq_id,
+                &b.pos,
+                &rope_tables,
+                &out_idx,
+                ctx.params.embeddings,
+            )
+            .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        match out {
+            crate::engine::gpu::llama::GpuOut::Logits { logits, hidden } => {
+                ctx.logits = logits;
+                ctx.n_outputs = n_out;
+                match hidden {
+                    Some(hout) => {
+                        ctx.embeddings = hout;
+                        ctx.n_embeddings = n_out;
+                    }
+                    None => {
+                        ctx.embeddings.clear();
+                        ctx.n_embeddings = 0;
+                    }
+                }
+                return Ok(());
+            }
+            crate::engine::gpu::llama::GpuOut::Hidden(hx) => x = hx,
+        }
+    }
     let mut hout = vec![0.0f32; n_out * e];
     let out_norm = w
         .output_norm

@@ -414,6 +414,9 @@ pub struct KvCache {
     len: Vec<usize>,
     /// Walsh–Hadamard sizes the keys and values are stored rotated by ([`KvCache::with_rotations`]).
     rot: (Option<usize>, Option<usize>),
+    /// The layers `first_layer..` whose keys and values live on the GPU ([`KvCache::with_device`]); their
+    /// host slabs are allocated zeroed but never touched, so they commit no memory.
+    device: Option<std::sync::Arc<crate::engine::gpu::llama::GpuKv>>,
 }
 
 impl KvCache {
@@ -463,7 +466,27 @@ impl KvCache {
             v: Store::new(type_v, n, n_embd_kv),
             len: vec![0; n_seq],
             rot: (None, None),
+            device: None,
         }
+    }
+
+    /// Moves layers `kv.first_layer..` to the GPU cache `kv` (an f16 cache only: rows move between host
+    /// and device byte for byte). Export, import and shift of those layers go to the device; the forward
+    /// pass writes and reads them there.
+    pub fn with_device(mut self, kv: std::sync::Arc<crate::engine::gpu::llama::GpuKv>) -> KvCache {
+        debug_assert_eq!(self.types(), (KvType::F16, KvType::F16));
+        self.device = Some(kv);
+        self
+    }
+
+    /// The GPU cache of the offloaded layers, when there is one.
+    pub fn device(&self) -> Option<&crate::engine::gpu::llama::GpuKv> {
+        self.device.as_deref()
+    }
+
+    /// The device cache when `layer` lives on it.
+    fn on_device(&self, layer: usize) -> Option<&crate::engine::gpu::llama::GpuKv> {
+        self.device.as_deref().filter(|d| layer >= d.first_layer)
     }
 
     /// Sets the Walsh–Hadamard rotations of a model whose heads have `head_dim` elements, as llama.cpp's
@@ -532,7 +555,21 @@ impl KvCache {
     /// Appends positions `p0..p1` of `seq` in `layer` as stored (no conversion): the key rows, then
     /// the value rows, position order, `(p1 - p0) · (row_k + row_v)` bytes ([`KvCache::row_bytes`]).
     /// The positions must be held ([`KvCache::held`]); `seq < n_seq`.
-    pub fn export_rows(&self, layer: usize, seq: usize, p0: usize, p1: usize, out: &mut Vec<u8>) {
+    ///
+    /// Errors: the device's message when the layer lives on a GPU that fails to read back.
+    pub fn export_rows(
+        &self,
+        layer: usize,
+        seq: usize,
+        p0: usize,
+        p1: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        if let Some(d) = self.on_device(layer) {
+            return d
+                .export_rows(layer, seq, p0, p1, out)
+                .map_err(|e| format!("layer {layer}: {e}"));
+        }
         let n = self.n_embd_kv;
         for p in p0..p1 {
             self.k.export_row(self.offset(layer, seq, p), n, out);
@@ -540,6 +577,7 @@ impl KvCache {
         for p in p0..p1 {
             self.v.export_row(self.offset(layer, seq, p), n, out);
         }
+        Ok(())
     }
 
     /// Writes key rows `k` and value rows `v` (as [`KvCache::export_rows`] stored them, whole rows of
@@ -547,6 +585,10 @@ impl KvCache {
     /// change the sequence length ([`KvCache::set_len`]). `seq < n_seq`, the rows end at or before
     /// `n_ctx`, sizes checked by the caller.
     pub fn import_rows(&mut self, layer: usize, seq: usize, p0: usize, k: &[u8], v: &[u8]) {
+        if let Some(d) = self.on_device(layer) {
+            d.import_rows(layer, seq, p0, k, v);
+            return;
+        }
         let n = self.n_embd_kv;
         let (rk, rv) = self.row_bytes();
         for (j, row) in k.chunks_exact(rk.max(1)).enumerate() {
@@ -669,9 +711,34 @@ impl KvCache {
         if n_discard == 0 {
             return true;
         }
+        // Device layers: their moved rows come back first, so a failed read changes nothing.
+        let first_dev = self.device.as_ref().map_or(rot.len(), |d| d.first_layer);
+        let mut moved = Vec::new();
+        for (layer, r) in rot.iter().enumerate().skip(first_dev) {
+            let mut bytes = Vec::new();
+            if let Err(e) = self.export_rows(layer, seq, n_keep + n_discard, len, &mut bytes) {
+                tracing::error!("context shift of sequence {seq}: {e}");
+                return false;
+            }
+            let (kb, vb) = bytes.split_at(bytes.len() / 2);
+            let mut k = Vec::with_capacity(kb.len());
+            let mut row = vec![0.0f32; n];
+            for src in kb.chunks_exact(2 * n) {
+                for (x, b) in row.iter_mut().zip(src.chunks_exact(2)) {
+                    *x = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+                ops::rope(&mut row, r.head_dim, r.n_dims, r.mode, &r.cos, &r.sin);
+                row.iter()
+                    .for_each(|x| k.extend_from_slice(&f16::from_f32(*x).to_le_bytes()));
+            }
+            moved.push((layer, k, vb.to_vec()));
+        }
+        for (layer, k, v) in moved {
+            self.import_rows(layer, seq, n_keep, &k, &v);
+        }
         let mut row = vec![0.0f32; n];
         let rot_k = self.rot.0;
-        for (layer, r) in rot.iter().enumerate() {
+        for (layer, r) in rot.iter().enumerate().take(first_dev) {
             for pos in n_keep + n_discard..len {
                 let src = self.offset(layer, seq, pos);
                 let dst = self.offset(layer, seq, pos - n_discard);

@@ -106,6 +106,8 @@ pub struct Model {
     arch_name: String,
     params: ModelParams,
     backend: crate::engine::gpu::BackendInfo,
+    /// The layers (and output) offloaded to a GPU, when `-ngl` asked and an adapter took them.
+    gpu: Option<crate::engine::gpu::llama::GpuModel>,
 }
 
 impl std::fmt::Debug for Model {
@@ -221,14 +223,45 @@ impl Model {
                 }
             }
         };
-        let backend = crate::engine::gpu::BackendInfo::cpu(
-            hp.n_layer,
-            params.gpu.n_gpu_layers,
-            (params.gpu.n_gpu_layers != 0)
-                .then(|| "this build runs every layer on the CPU".to_string()),
-        );
+        let mut gpu_err = None;
+        let gpu = if params.gpu.n_gpu_layers != 0 && hp.arch != Arch::Bert {
+            match crate::engine::gpu::llama::GpuModel::build(&file, &hp, &weights, &params.gpu) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::warn!("-ngl {}: {e}; running on the CPU", params.gpu.n_gpu_layers);
+                    gpu_err = Some(e.to_string());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let backend = match &gpu {
+            Some(g) => {
+                let i = g.info();
+                tracing::info!(
+                    "GPU backend {} on {:?} ({}): {} of {} layers offloaded{}, {:.1} MiB of weights on the device",
+                    i.name,
+                    i.adapter.as_deref().unwrap_or(""),
+                    i.device_type.as_deref().unwrap_or(""),
+                    i.offloaded_layers,
+                    i.n_layer,
+                    if i.output_offloaded { " with the output layer" } else { "" },
+                    i.device_weight_bytes as f64 / 1048576.0
+                );
+                i.clone()
+            }
+            None => crate::engine::gpu::BackendInfo::cpu(
+                hp.n_layer,
+                params.gpu.n_gpu_layers,
+                (params.gpu.n_gpu_layers != 0).then(|| {
+                    gpu_err.unwrap_or_else(|| "encoders run on the CPU".to_string())
+                }),
+            ),
+        };
         Ok(Arc::new(Model {
             backend,
+            gpu,
             chat_template,
             arch_name: hp.arch.name().to_string(),
             file,
@@ -499,17 +532,29 @@ impl Context {
                 }
                 _ => vec![None; hp.n_layer],
             };
-            Some(
-                KvCache::with_windows(
-                    &windows,
-                    params.n_seq_max,
-                    params.n_ctx,
-                    hp.n_embd_kv(),
-                    params.type_k,
-                    params.type_v,
-                )
-                .with_rotations(hp.head_dim),
+            let mut cache = KvCache::with_windows(
+                &windows,
+                params.n_seq_max,
+                params.n_ctx,
+                hp.n_embd_kv(),
+                params.type_k,
+                params.type_v,
             )
+            .with_rotations(hp.head_dim);
+            if let Some(g) = &model.gpu {
+                if (params.type_k, params.type_v) != (KvType::F16, KvType::F16) {
+                    return Err(ModelError::Unsupported(format!(
+                        "the GPU backend keeps its KV cache in f16; cache types {}/{} need -ngl 0",
+                        params.type_k.name(),
+                        params.type_v.name()
+                    )));
+                }
+                let dev = g
+                    .new_kv(params.n_seq_max, params.n_ctx)
+                    .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+                cache = cache.with_device(Arc::new(dev));
+            }
+            Some(cache)
         };
         Ok(Context {
             pool: Pool::new(params.n_threads),

@@ -61,6 +61,9 @@ pub struct ModelIdentity {
 /// Why a sequence could not be saved or restored. Each names what was wrong and where.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SeqStateError {
+    /// The GPU holding some layers' cache failed to read it back.
+    #[error("reading the GPU's KV cache: {0}")]
+    Device(String),
     /// The bytes do not start with [`MAGIC`].
     #[error("not a slot save file (its first bytes are not the magic `CYBSLOT`)")]
     Magic,
@@ -233,7 +236,8 @@ pub fn save(
     for (l, &(first, n)) in held.iter().enumerate() {
         put_u32(&mut out, first);
         put_u32(&mut out, n);
-        kv.export_rows(l, seq, first, first + n, &mut out);
+        kv.export_rows(l, seq, first, first + n, &mut out)
+            .map_err(SeqStateError::Device)?;
     }
     Ok(out)
 }
@@ -516,7 +520,7 @@ mod tests {
             .map(|l| {
                 let (f, n) = c.held(l, seq);
                 let mut out = Vec::new();
-                c.export_rows(l, seq, f, f + n, &mut out);
+                c.export_rows(l, seq, f, f + n, &mut out).unwrap();
                 out
             })
             .collect()
