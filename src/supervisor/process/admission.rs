@@ -269,6 +269,19 @@ impl Manager {
             if count_ok && mem_ok && dev_ok {
                 return Ok(());
             }
+            let mib = |b: u64| b / (1024 * 1024);
+            let no_device_memory =
+                |d: &crate::supervisor::gpu::DeviceMemory| LoadError::InsufficientDeviceMemory {
+                    model: m.name.clone(),
+                    gpu: d.name.clone(),
+                    need_mib: mib(full.device),
+                    free_mib: mib(d.free),
+                    total_mib: mib(d.total),
+                };
+            // More than the whole GPU: unloading others cannot help.
+            if let Some(d) = device.as_ref().filter(|d| full.device > d.total) {
+                return Err(no_device_memory(d));
+            }
             let victim = if count_ok && mem_ok {
                 // Only the GPU is short: unload an idle model that holds GPU memory, one at a time.
                 (others.gpu_draining == 0)
@@ -291,24 +304,6 @@ impl Manager {
                 self.unload(&victim, &why);
                 continue;
             }
-            let mib = |b: u64| b / (1024 * 1024);
-            let no_device_memory = || {
-                let d = device
-                    .clone()
-                    .unwrap_or(crate::supervisor::gpu::DeviceMemory {
-                        index: 0,
-                        name: "the GPU".into(),
-                        free: 0,
-                        total: 0,
-                    });
-                LoadError::InsufficientDeviceMemory {
-                    model: m.name.clone(),
-                    gpu: d.name,
-                    need_mib: mib(full.device),
-                    free_mib: mib(d.free),
-                    total_mib: mib(d.total),
-                }
-            };
             let no_memory = || LoadError::InsufficientMemory {
                 model: m.name.clone(),
                 need_mib: mib(need),
@@ -327,8 +322,10 @@ impl Manager {
             if !mem_ok && !others.may_free(used, need, limit) {
                 return Err(no_memory());
             }
-            if mem_ok && count_ok && !dev_ok && !others.may_free_device() {
-                return Err(no_device_memory());
+            if let Some(d) = device.as_ref().filter(|_| mem_ok && count_ok && !dev_ok)
+                && !others.may_free_device()
+            {
+                return Err(no_device_memory(d));
             }
             if !count_ok && others.releasable == 0 && others.loading == 0 {
                 // Every other worker is pinned.
@@ -336,12 +333,10 @@ impl Manager {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(if !mem_ok {
-                    no_memory()
-                } else if !count_ok {
-                    too_many(ADMISSION_WAIT.as_secs())
-                } else {
-                    no_device_memory()
+                return Err(match &device {
+                    _ if !mem_ok => no_memory(),
+                    Some(d) if count_ok => no_device_memory(d),
+                    _ => too_many(ADMISSION_WAIT.as_secs()),
                 });
             }
             // Wait for a request to finish or a worker to stop (re-check at least every second: memory
