@@ -282,13 +282,17 @@ impl Manager {
             if let Some(d) = device.as_ref().filter(|d| full.device > d.total) {
                 return Err(no_device_memory(d));
             }
-            let victim = if count_ok && mem_ok {
-                // Only the GPU is short: unload an idle model that holds GPU memory, one at a time.
-                (others.gpu_draining == 0)
-                    .then(|| self.lru_idle_on_gpu(&m.name))
-                    .flatten()
-            } else {
-                self.lru_idle(&m.name)
+            let victim = match (&device, count_ok && mem_ok) {
+                // Only the GPU is short (`dev_ok` is false, so `device` is there).
+                (Some(d), true) => {
+                    let idle = self.lru_idle_on_gpu(&m.name);
+                    match gpu_short(full.device, d, &others, idle.is_some()) {
+                        GpuShort::Refuse => return Err(no_device_memory(d)),
+                        GpuShort::Evict => idle,
+                        GpuShort::Wait => None,
+                    }
+                }
+                _ => self.lru_idle(&m.name),
             };
             if let Some(victim) = victim {
                 let why = if !count_ok {
@@ -321,11 +325,6 @@ impl Manager {
             // Nothing idle to unload now. Give up at once when waiting cannot help.
             if !mem_ok && !others.may_free(used, need, limit) {
                 return Err(no_memory());
-            }
-            if let Some(d) = device.as_ref().filter(|_| mem_ok && count_ok && !dev_ok)
-                && !others.may_free_device()
-            {
-                return Err(no_device_memory(d));
             }
             if !count_ok && others.releasable == 0 && others.loading == 0 {
                 // Every other worker is pinned.
@@ -447,6 +446,37 @@ impl Others {
     /// requests end), or a loading one may turn out to be on it and become releasable.
     pub(super) fn may_free_device(&self) -> bool {
         self.gpu_releasable > 0 || self.loading > 0
+    }
+}
+
+/// What admission does for a model whose host side fits but whose GPU share does not fit in the GPU's
+/// free memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GpuShort {
+    /// Unload the least recently used idle model on the GPU.
+    Evict,
+    /// Wait (bounded) for a model on the GPU to finish its requests, stop or load.
+    Wait,
+    /// Refuse now: waiting cannot make room.
+    Refuse,
+}
+
+/// [`GpuShort`] for `need` bytes on GPU `d` (`need` > `d.free`): refused when it is more than the whole
+/// GPU or no other model on the GPU may go ([`Others::may_free_device`]); an idle model on the GPU
+/// (`idle_on_gpu`) is unloaded when none is draining already — one at a time, since NVML shows the
+/// memory free only once its process is gone; else wait.
+fn gpu_short(
+    need: u64,
+    d: &crate::supervisor::gpu::DeviceMemory,
+    others: &Others,
+    idle_on_gpu: bool,
+) -> GpuShort {
+    if need > d.total || !others.may_free_device() {
+        GpuShort::Refuse
+    } else if idle_on_gpu && others.gpu_draining == 0 {
+        GpuShort::Evict
+    } else {
+        GpuShort::Wait
     }
 }
 
@@ -755,6 +785,51 @@ mod tests {
                 device: (120 << 20) + kv + DEVICE_MARGIN_BYTES
             }
         );
+    }
+
+    #[test]
+    fn a_model_short_of_gpu_memory_evicts_one_at_a_time_waits_or_is_refused() {
+        let gib = |n: u64| n << 30;
+        let d = crate::supervisor::gpu::DeviceMemory {
+            index: 0,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            free: gib(10),
+            total: gib(80),
+        };
+        let idle_on_gpu = Others {
+            loaded: 1,
+            releasable: 1,
+            gpu_releasable: 1,
+            ..Others::default()
+        };
+        // An idle model on the GPU: unload it.
+        assert_eq!(gpu_short(gib(20), &d, &idle_on_gpu, true), GpuShort::Evict);
+        // One is draining already: wait for its process to go before unloading another.
+        let draining = Others {
+            gpu_draining: 1,
+            gpu_releasable: 2,
+            ..idle_on_gpu
+        };
+        assert_eq!(gpu_short(gib(20), &d, &draining, true), GpuShort::Wait);
+        // The model on the GPU is busy (not idle): wait for its requests to end.
+        assert_eq!(gpu_short(gib(20), &d, &idle_on_gpu, false), GpuShort::Wait);
+        // A model still loading may turn out to be on the GPU and become releasable: wait.
+        let loading = Others {
+            loaded: 1,
+            loading: 1,
+            ..Others::default()
+        };
+        assert_eq!(gpu_short(gib(20), &d, &loading, false), GpuShort::Wait);
+        // Nothing on the GPU may go (models on the CPU only, or none): refuse now.
+        let mut cpu_only = Others::default();
+        cpu_only.add_releasable(gib(1));
+        assert_eq!(gpu_short(gib(20), &d, &cpu_only, false), GpuShort::Refuse);
+        assert_eq!(
+            gpu_short(gib(20), &d, &Others::default(), false),
+            GpuShort::Refuse
+        );
+        // More than the whole GPU: refuse however much may go.
+        assert_eq!(gpu_short(gib(81), &d, &idle_on_gpu, true), GpuShort::Refuse);
     }
 
     #[test]
