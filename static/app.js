@@ -294,6 +294,14 @@ function initDashboard() {
   });
 }
 
+// What runs a model, as the server renders it (WorkerBackend::summary): "vulkan · ADAPTER · 30/30 layers
+// + output", "cpu" (with the reason -ngl was not honoured), or "–" while the worker loads.
+function backendSummary(b) {
+  if (!b) return '–';
+  if (!b.name || b.name === 'cpu') return b.fallback_reason ? `${b.name || 'cpu'} (${b.fallback_reason})` : (b.name || 'cpu');
+  return `${b.name} · ${b.adapter || 'unnamed adapter'} · ${b.offloaded_layers}/${b.n_layer} layers${b.output_offloaded ? ' + output' : ''}`;
+}
+
 function renderLoaded(workers) {
   const tbody = $('#loaded tbody');
   if (!tbody) return;
@@ -311,6 +319,7 @@ function renderLoaded(workers) {
     st.className = `state state-${w.state}`;
     st.textContent = w.state;
     cell('', 'State').append(st);
+    cell(backendSummary(w.backend), 'Backend').className = 'backend';
     cell(w.port ?? '', 'Port');
     cell(w.rss_bytes ? fmtBytes(w.rss_bytes) : '–', 'RSS').className = 'num';
     cell(String(w.inflight), 'In flight');

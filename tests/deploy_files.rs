@@ -249,6 +249,44 @@ fn dockerfiles_pipe_no_download_into_a_shell() {
 }
 
 /// The index of the first instruction at or after `from` matching `pred`.
+/// The capabilities of an `NVIDIA_DRIVER_CAPABILITIES` value, sorted (`"compute, utility"` and
+/// `"utility,compute"` are the same).
+fn driver_capabilities(v: &str) -> Vec<&str> {
+    let mut caps: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    caps.sort_unstable();
+    caps
+}
+
+/// Whether a `RUN` line installs `pkg` with `apt-get install` (the package as a word of an install
+/// command, not of another command of the same line).
+fn apt_installs(run: &str, pkg: &str) -> bool {
+    run.split("&&").any(|cmd| {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        words.windows(2).any(|w| w == ["apt-get", "install"]) && words.contains(&pkg)
+    })
+}
+
+#[test]
+fn the_gpu_checks_read_the_lines_they_check() {
+    assert_eq!(
+        driver_capabilities("utility, graphics,compute"),
+        ["compute", "graphics", "utility"]
+    );
+    assert_eq!(driver_capabilities(""), Vec::<&str>::new());
+    let run = "apt-get update && apt-get install -y --no-install-recommends tini libvulkan1 \
+               && rm -rf /var/lib/apt/lists/*";
+    assert!(apt_installs(run, "libvulkan1"));
+    assert!(!apt_installs(run, "libvulkan"));
+    assert!(!apt_installs(
+        "echo libvulkan1 && apt-get install -y tini",
+        "libvulkan1"
+    ));
+}
+
 fn find(instrs: &[Instr], from: usize, pred: impl Fn(&Instr) -> bool) -> Option<usize> {
     instrs[from..].iter().position(pred).map(|p| p + from)
 }
@@ -441,16 +479,30 @@ fn runtime_images_run_as_non_root_with_the_binary_as_health_check() {
         );
         assert_eq!(cmd, ["serve"], "{rel}: CMD");
         if rel != "docker/Dockerfile" {
+            // The GPU images: the container toolkit mounts NVIDIA's Vulkan driver (ICD) only for the
+            // `graphics` capability, and the engine's Vulkan backend needs the loader beside it.
+            let caps = env
+                .get("NVIDIA_DRIVER_CAPABILITIES")
+                .map(String::as_str)
+                .unwrap_or("");
             assert_eq!(
-                env.get("NVIDIA_DRIVER_CAPABILITIES").map(String::as_str),
-                Some("compute,utility"),
-                "{rel}"
+                driver_capabilities(caps),
+                ["compute", "graphics", "utility"],
+                "{rel}: NVIDIA_DRIVER_CAPABILITIES={caps}"
             );
             assert!(env.contains_key("NVIDIA_VISIBLE_DEVICES"), "{rel}");
+            for pkg in ["libvulkan1", "libglvnd0"] {
+                assert!(
+                    runtime
+                        .iter()
+                        .any(|i| i.keyword == "RUN" && apt_installs(&i.args, pkg)),
+                    "{rel}: the runtime stage does not apt-get install {pkg} (the Vulkan loader \
+                     and the GL dispatch library NVIDIA's Vulkan driver links against)"
+                );
+            }
             assert!(
-                df.text.contains("CUDA backend does not exist yet")
-                    && df.text.contains("CPU engine"),
-                "{rel}: the header must say the image ships the CPU engine"
+                df.text.contains("Vulkan") && df.text.contains("GPU_LAYERS"),
+                "{rel}: the header must say how the image runs models on the GPU"
             );
         }
     }
@@ -680,11 +732,37 @@ fn compose_files_have_what_each_target_needs() {
     let dev =
         &nvidia["services"]["cyber-inference"]["deploy"]["resources"]["reservations"]["devices"][0];
     assert_eq!(dev["driver"], "nvidia");
-    assert_eq!(dev["capabilities"][0], "gpu");
+    let dev_caps: Vec<&str> = dev["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    // `gpu` selects the NVIDIA driver; `graphics` makes the toolkit mount its Vulkan ICD (Docker turns the
+    // request's driver capabilities into NVIDIA_DRIVER_CAPABILITIES, so compute and utility stay listed).
+    for cap in ["gpu", "compute", "utility", "graphics"] {
+        assert!(
+            dev_caps.contains(&cap),
+            "nvidia: the GPU reservation lacks the {cap} capability: {dev_caps:?}"
+        );
+    }
     let jetson = resolved(&compose, "compose/docker-compose.jetson.yml");
     let js = &jetson["services"]["cyber-inference"];
     assert_eq!(js["runtime"], "nvidia");
     assert_eq!(js["environment"]["CYBER_INFERENCE_MAX_LOADED_MODELS"], "1");
+    for (file, doc) in [("nvidia", &nvidia), ("jetson", &jetson)] {
+        let env = &doc["services"]["cyber-inference"]["environment"];
+        assert_eq!(
+            env["CYBER_INFERENCE_GPU_LAYERS"], "-1",
+            "{file}: every layer on the GPU by default"
+        );
+        let caps = env["NVIDIA_DRIVER_CAPABILITIES"].as_str().unwrap_or("");
+        assert_eq!(
+            driver_capabilities(caps),
+            ["compute", "graphics", "utility"],
+            "{file}: NVIDIA_DRIVER_CAPABILITIES={caps} (graphics mounts the Vulkan driver)"
+        );
+    }
 }
 
 /// The settings each image and compose file give the binary are valid, and the compose file's own health

@@ -103,8 +103,9 @@ async fn models(State(st): State<AppState>, _u: AdminUser) -> Result<Json<Value>
         .into_iter()
         .map(|m| {
             let w = views.iter().find(|v| v.model == m.name);
-            let est = st.manager.estimate(&m);
-            json!({"model": m, "worker": w, "state": st.manager.state_of(&m.name), "memory_estimate_bytes": est})
+            let est = st.manager.estimate_need(&m);
+            json!({"model": m, "worker": w, "state": st.manager.state_of(&m.name),
+                   "memory_estimate_bytes": est.host, "device_memory_estimate_bytes": est.device})
         })
         .collect();
     Ok(Json(json!({"models": data})))
@@ -132,9 +133,11 @@ async fn model(
         .ok_or_else(|| no_model(&name))?;
     let sessions = st.db.model_sessions(m.id, 20).await?;
     let w = st.manager.views().into_iter().find(|v| v.model == name);
+    let est = st.manager.estimate_need(&m);
     Ok(Json(json!({
         "model": m, "state": st.manager.state_of(&name), "worker": w, "sessions": sessions,
-        "memory_estimate_bytes": st.manager.estimate(&m), "settings": settings_of(&st, &name).await?,
+        "memory_estimate_bytes": est.host, "device_memory_estimate_bytes": est.device,
+        "settings": settings_of(&st, &name).await?,
     })))
 }
 

@@ -101,6 +101,50 @@ impl Gpus {
     }
 }
 
+/// The dedicated memory of one NVIDIA GPU as NVML reports it, for the memory admission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// NVML's device index.
+    pub index: u32,
+    /// The device's name (`NVIDIA H100 80GB HBM3`).
+    pub name: String,
+    /// Unallocated memory (bytes).
+    pub free: u64,
+    /// Installed memory (bytes).
+    pub total: u64,
+}
+
+impl Gpus {
+    /// The GPU a model's offloaded layers are counted against: of the GPUs whose own memory NVML
+    /// reports, the one with the most free memory (the worker's Vulkan adapter is not mapped to an NVML
+    /// index, so admission takes the roomiest: a model that fits nowhere is refused). `None` without
+    /// NVML, or when every GPU shares the system's memory (Jetson: there a model's device bytes are host
+    /// RAM and the host estimate counts them).
+    pub fn device_memory(&self) -> Option<DeviceMemory> {
+        let nvml = self.nvml.as_ref()?;
+        let n = nvml.device_count().unwrap_or(0);
+        let found = (0..n).map(|i| {
+            let d = nvml.device_by_index(i).ok()?;
+            let m = d.memory_info().ok()?;
+            Some(DeviceMemory {
+                index: i,
+                name: d.name().unwrap_or_else(|_| format!("GPU {i}")),
+                free: m.free,
+                total: m.total,
+            })
+        });
+        roomiest(found.flatten())
+    }
+}
+
+/// The device with the most free memory (the first of equals); `None` for none.
+pub fn roomiest(devices: impl IntoIterator<Item = DeviceMemory>) -> Option<DeviceMemory> {
+    devices.into_iter().fold(None, |best, d| match best {
+        Some(b) if b.free >= d.free => Some(b),
+        _ => Some(d),
+    })
+}
+
 /// (used, total, unified) GPU memory in bytes from NVML's answer: its numbers when it has them; the
 /// system's memory from `meminfo` (the text of `/proc/meminfo`) when the device says memory is not
 /// supported (unified memory); nothing otherwise.
@@ -194,6 +238,28 @@ mod tests {
             gpu_memory(Err(NvmlError::GpuLost), || Some(MEMINFO.into())),
             (None, None, false)
         );
+    }
+
+    #[test]
+    fn admission_counts_against_the_gpu_with_the_most_free_memory() {
+        let d = |index, free| DeviceMemory {
+            index,
+            name: format!("GPU {index}"),
+            free,
+            total: 80 << 30,
+        };
+        assert_eq!(roomiest([]), None);
+        assert_eq!(roomiest([d(0, 5 << 30)]), Some(d(0, 5 << 30)));
+        assert_eq!(
+            roomiest([d(0, 5 << 30), d(1, 70 << 30), d(2, 10 << 30)]),
+            Some(d(1, 70 << 30))
+        );
+        assert_eq!(
+            roomiest([d(0, 7 << 30), d(1, 7 << 30)]),
+            Some(d(0, 7 << 30)),
+            "the first of equals"
+        );
+        assert_eq!(Gpus::none().device_memory(), None);
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl Monitor {
 struct Sampler {
     sys: System,
     disks: Disks,
-    gpus: Gpus,
+    gpus: Arc<Gpus>,
     dirs: Vec<(&'static str, PathBuf)>,
     peaks: HashMap<i64, u64>,
 }
@@ -202,8 +202,8 @@ pub fn spawn(
     let mut sampler = Sampler {
         sys: System::new(),
         disks: Disks::new_with_refreshed_list(),
-        // Probed in the task below, off the start-up path.
-        gpus: Gpus::none(),
+        // Probed in the task below, off the start-up path (once, shared with the memory admission).
+        gpus: Arc::new(Gpus::none()),
         dirs: vec![
             ("models_dir", models_dir.to_path_buf()),
             ("data_dir", data_dir.to_path_buf()),
@@ -212,10 +212,7 @@ pub fn spawn(
     };
     let m = mon.clone();
     tokio::spawn(async move {
-        match tokio::task::spawn_blocking(Gpus::probe).await {
-            Ok(g) => sampler.gpus = g,
-            Err(e) => tracing::warn!("GPU probe failed: {e}; no GPU"),
-        }
+        sampler.gpus = mgr.gpus().await;
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -569,15 +569,23 @@ async fn ps(State(st): State<AppState>, key: Result<ApiKey, ApiError>) -> Api<Js
             // Never: Ollama writes a date far in the future.
             None => now + time::Duration::days(365 * 100),
         };
-        let size = if v.rss_bytes > 0 {
+        let host = if v.rss_bytes > 0 {
             v.rss_bytes
         } else {
             st.manager.estimate(&m)
         };
+        // The part on a GPU of its own memory, as the worker reported it (Ollama's `size_vram`; `size`
+        // is the whole).
+        let vram = v
+            .backend
+            .as_ref()
+            .filter(|b| b.has_device_memory())
+            .map_or(0, |b| b.device_weight_bytes);
+        let size = host.saturating_add(vram);
         let (ctx, _, _) = st.manager.worker_params(&m);
         models.push(json!({
             "name": name, "model": name, "size": size, "digest": digest(&st, &m).await.unwrap_or_default(),
-            "details": details(&m), "expires_at": rfc3339(expires), "size_vram": 0,
+            "details": details(&m), "expires_at": rfc3339(expires), "size_vram": vram,
             "context_length": ctx,
         }));
     }

@@ -68,6 +68,9 @@ pub fn load_error(e: LoadError) -> ApiError {
             ..ApiError::bad_request(msg)
         },
         LoadError::InsufficientMemory { .. } => ApiError::unavailable("insufficient_memory", msg),
+        LoadError::InsufficientDeviceMemory { .. } => {
+            ApiError::unavailable("insufficient_device_memory", msg)
+        }
         LoadError::TooManyLoaded { .. } => ApiError::unavailable("model_capacity", msg),
         LoadError::Failed { .. } | LoadError::Backoff { .. } => {
             ApiError::unavailable("model_load_failed", msg)

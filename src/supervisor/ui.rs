@@ -277,6 +277,8 @@ pub struct LoadedRow {
     pub rss: String,
     pub inflight: usize,
     pub idle_unload: String,
+    /// What runs it: `vulkan · ADAPTER · 30/30 layers + output`, `cpu`, or `–` while loading.
+    pub backend: String,
 }
 
 /// One recent request on the dashboard.
@@ -341,6 +343,10 @@ fn loaded_rows(st: &AppState, models: &[ModelRow]) -> Vec<LoadedRow> {
                 },
                 inflight: v.inflight,
                 idle_unload,
+                backend: v
+                    .backend
+                    .as_ref()
+                    .map_or_else(|| "–".to_owned(), |b| b.summary()),
             }
         })
         .collect()
@@ -413,6 +419,8 @@ pub struct ModelView {
     pub enabled: bool,
     /// Why the engine cannot run the file (empty when it can): shown instead of a Load button.
     pub unsupported: String,
+    /// What runs it while a worker is ready (see [`LoadedRow::backend`]); empty otherwise.
+    pub backend: String,
 }
 
 fn model_view(st: &AppState, m: &ModelRow) -> ModelView {
@@ -431,6 +439,14 @@ fn model_view(st: &AppState, m: &ModelRow) -> ModelView {
         running: state.has_process(),
         enabled: m.enabled,
         unsupported: m.unsupported_reason.clone().unwrap_or_default(),
+        backend: st
+            .manager
+            .views()
+            .into_iter()
+            .find(|v| v.model == m.name)
+            .and_then(|v| v.backend)
+            .map(|b| b.summary())
+            .unwrap_or_default(),
     }
 }
 

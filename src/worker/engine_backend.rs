@@ -302,5 +302,6 @@ pub(super) fn load(p: &LoadParams) -> Result<Loaded, String> {
         }),
         n_ctx,
         n_ctx_seq,
+        backend: model.backend().clone(),
     })
 }

@@ -113,6 +113,8 @@ pub struct Ready {
     /// The largest slot file a slot of this model and context can have (bytes): a restore reads no
     /// more (0: the engine cannot save slots).
     pub slot_file_max_bytes: usize,
+    /// What runs the model (`/props`'s `backend`, `/health`'s `backend`).
+    pub backend: crate::engine::gpu::BackendInfo,
 }
 
 /// Shared state of every handler.
@@ -266,8 +268,12 @@ async fn not_found(uri: Uri) -> ApiError {
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
-    if st.ready.get().is_some() {
-        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    if let Some(r) = st.ready.get() {
+        (
+            StatusCode::OK,
+            Json(json!({"status": "ok", "backend": r.backend.name})),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -332,6 +338,7 @@ async fn props(State(st): State<Arc<AppState>>) -> Response {
         "chat_template": ready.and_then(|r| r.codec.info().chat_template.clone()),
         "embedding": st.info.embedding || ready.is_some_and(|r| r.codec.info().is_encoder),
         "is_loading": ready.is_none(),
+        "backend": ready.map(|r| &r.backend),
         "build_info": fingerprint(),
     }))
     .into_response()

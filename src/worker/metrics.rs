@@ -55,6 +55,8 @@ pub struct Metrics {
     pub slots_total: AtomicU64,
     /// Requests waiting for a slot (gauge).
     pub queue_length: AtomicU64,
+    /// Repeating layers of the model that run on a GPU (gauge, set once at load; 0 on the CPU).
+    pub gpu_layers: AtomicU64,
 }
 
 impl Metrics {
@@ -169,6 +171,12 @@ impl Metrics {
             "Requests waiting for a free slot.",
             g(&self.queue_length),
         );
+        metric(
+            "gpu_layers",
+            "gauge",
+            "Repeating layers of the model that run on a GPU.",
+            g(&self.gpu_layers),
+        );
         let _ = writeln!(
             out,
             "# HELP cyber_inference_requests_total HTTP requests by endpoint."
@@ -282,7 +290,9 @@ mod tests {
         m.count_request(Endpoint::Chat);
         m.generated_tokens.store(10, Relaxed);
         m.add_step_time(Duration::from_millis(500), true);
+        m.gpu_layers.store(30, Relaxed);
         let t = m.render();
+        assert_eq!(sample(&t, "gpu_layers"), Some(30.0));
         assert!(t.contains("cyber_inference_requests_total{endpoint=\"chat_completions\"} 2"));
         assert_eq!(sample(&t, "generated_tokens_total"), Some(10.0));
         assert_eq!(sample(&t, "generation_tokens_per_second"), Some(20.0));

@@ -440,6 +440,9 @@ pub(crate) struct Loaded {
     pub n_ctx: usize,
     /// Context per slot (tokens).
     pub n_ctx_seq: usize,
+    /// What runs the model (the CPU, or a GPU adapter and its offloaded layers): `/props`, `/health`,
+    /// the start-up log and `/metrics` report it.
+    pub backend: crate::engine::gpu::BackendInfo,
 }
 
 /// Builds the engine from [`LoadParams`]; runs on a blocking thread. The error string is the reason shown
@@ -690,6 +693,17 @@ pub(crate) async fn serve(
         ctx_shift: args.context_shift,
     };
     let slot_file_max_bytes = loaded.compute.seq_state_max_bytes();
+    if let Some(why) = &loaded.backend.fallback_reason {
+        tracing::warn!(
+            gpu_layers = loaded.backend.n_gpu_layers,
+            "the model runs on the CPU: {why}"
+        );
+    }
+    metrics.gpu_layers.store(
+        loaded.backend.offloaded_layers as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let backend_log = backend_summary(&loaded.backend);
     let (tx, sched) = scheduler::spawn(loaded.codec.clone(), loaded.compute, cfg, metrics)?;
     let stop_tx = tx.clone();
     let _ = state.ready.set(Ready {
@@ -698,12 +712,13 @@ pub(crate) async fn serve(
         n_ctx: loaded.n_ctx,
         n_ctx_seq: loaded.n_ctx_seq,
         slot_file_max_bytes,
+        backend: loaded.backend,
     });
     tracing::info!(
         n_ctx = loaded.n_ctx,
         n_ctx_slot = loaded.n_ctx_seq,
         slots = args.parallel,
-        "model loaded; ready"
+        "model loaded; ready; {backend_log}"
     );
 
     shutdown.cancelled().await;
@@ -719,6 +734,28 @@ pub(crate) async fn serve(
     let _ = tokio::task::spawn_blocking(move || sched.join()).await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The backend part of the start-up log line: `backend vulkan (NVIDIA GeForce RTX 4090, discrete),
+/// 30/30 layers and the output on the GPU, 512.0 MiB of weights on the device`, or `backend cpu`.
+fn backend_summary(b: &crate::engine::gpu::BackendInfo) -> String {
+    if !b.is_gpu() {
+        return format!("backend {}", b.name);
+    }
+    format!(
+        "backend {} ({}, {}), {}/{} layers{} on the GPU, {:.1} MiB of weights on the device",
+        b.name,
+        b.adapter.as_deref().unwrap_or("unnamed adapter"),
+        b.device_type.as_deref().unwrap_or("unknown type"),
+        b.offloaded_layers,
+        b.n_layer,
+        if b.output_offloaded {
+            " and the output"
+        } else {
+            ""
+        },
+        b.device_weight_bytes as f64 / (1024.0 * 1024.0),
+    )
 }
 
 #[cfg(test)]

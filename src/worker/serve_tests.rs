@@ -85,8 +85,30 @@ fn fake_loader(codec: Arc<FakeCodec>, delay: Duration) -> Loader {
             ),
             n_ctx,
             n_ctx_seq,
+            backend: fake_backend(&p.gpu),
         })
     })
+}
+
+/// What the fake loader reports for `-ngl`/`--device`: a 30-layer model on a made-up Vulkan adapter
+/// holding the last `-ngl` layers (all of them and the output for a negative value), or the CPU for 0.
+fn fake_backend(gpu: &crate::engine::gpu::GpuOptions) -> crate::engine::gpu::BackendInfo {
+    let n_layer = 30;
+    if gpu.n_gpu_layers == 0 {
+        return crate::engine::gpu::BackendInfo::cpu(n_layer, 0, None);
+    }
+    let offloaded = usize::try_from(gpu.n_gpu_layers).map_or(n_layer, |n| n.min(n_layer));
+    crate::engine::gpu::BackendInfo {
+        name: "vulkan".into(),
+        adapter: Some(gpu.device.clone().unwrap_or_else(|| "Fake GPU".into())),
+        device_type: Some("discrete".into()),
+        n_gpu_layers: gpu.n_gpu_layers,
+        offloaded_layers: offloaded,
+        n_layer,
+        output_offloaded: offloaded == n_layer,
+        device_weight_bytes: 1000 * offloaded as u64,
+        fallback_reason: None,
+    }
 }
 
 async fn start_with(a: WorkerArgs, delay: Duration) -> Server {
@@ -186,7 +208,10 @@ async fn health_is_503_while_loading_then_200() {
     assert_error(st, &body, 503, "unavailable_error");
     wait_ready(&s).await;
     let r = reqwest::get(format!("{}/health", s.base)).await.unwrap();
-    assert_eq!(r.json::<Value>().await.unwrap(), json!({"status":"ok"}));
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"status":"ok","backend":"vulkan"})
+    );
     stop(s).await;
 }
 
@@ -222,6 +247,15 @@ async fn models_props_metrics() {
     assert_eq!(p["n_slots"], 2);
     assert_eq!(p["architecture"], "fake");
     assert_eq!(p["model_path"], "/models/fake-model.gguf");
+    // `-ngl` defaults to -1: every layer and the output on the (fake) GPU.
+    assert_eq!(
+        p["backend"],
+        json!({
+            "name": "vulkan", "adapter": "Fake GPU", "device_type": "discrete",
+            "n_gpu_layers": -1, "offloaded_layers": 30, "n_layer": 30,
+            "output_offloaded": true, "device_weight_bytes": 30000, "fallback_reason": null,
+        })
+    );
     let m = reqwest::get(format!("{}/metrics", s.base))
         .await
         .unwrap()
@@ -229,6 +263,60 @@ async fn models_props_metrics() {
         .await
         .unwrap();
     assert_eq!(super::metrics::sample(&m, "slots_total"), Some(2.0));
+    assert_eq!(super::metrics::sample(&m, "gpu_layers"), Some(30.0));
+    stop(s).await;
+}
+
+/// `-ngl` and `--device` reach the loader, and what it reports is what `/props`, `/health` and
+/// `/metrics` say: a split model, then a CPU-only one.
+#[tokio::test]
+async fn props_and_health_report_the_backend_the_loader_chose() {
+    let mut a = args(1, 256, None);
+    a.gpu_layers = Some(10);
+    a.device = Some("llvmpipe".into());
+    let s = start_with(a, Duration::ZERO).await;
+    wait_ready(&s).await;
+    let p: Value = reqwest::get(format!("{}/props", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = &p["backend"];
+    assert_eq!(b["name"], "vulkan", "{p}");
+    assert_eq!(b["adapter"], "llvmpipe");
+    assert_eq!(b["n_gpu_layers"], 10);
+    assert_eq!(b["offloaded_layers"], 10);
+    assert_eq!(b["output_offloaded"], false);
+    stop(s).await;
+
+    let mut a = args(1, 256, None);
+    a.gpu_layers = Some(0);
+    let s = start_with(a, Duration::ZERO).await;
+    wait_ready(&s).await;
+    let h: Value = reqwest::get(format!("{}/health", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h, json!({"status":"ok","backend":"cpu"}));
+    let p: Value = reqwest::get(format!("{}/props", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["backend"]["name"], "cpu");
+    assert_eq!(p["backend"]["adapter"], Value::Null);
+    assert_eq!(p["backend"]["offloaded_layers"], 0);
+    let m = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(super::metrics::sample(&m, "gpu_layers"), Some(0.0));
     stop(s).await;
 }
 

@@ -5,6 +5,7 @@
 
 pub mod assets;
 pub mod files;
+pub mod gpu;
 pub mod hub;
 pub mod model;
 pub mod net;

@@ -42,6 +42,16 @@ impl Server {
     /// Starts `serve` with `models` (file names in the assets) linked into MODELS_DIR and extra `env`
     /// (`CYBER_INFERENCE_` is prefixed to names without it). Waits for `/health` 200.
     pub async fn start(models: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with_raw_env(models, env, &[]).await
+    }
+
+    /// [`Server::start`] with `raw` variables besides, set as they are named (the Vulkan loader's
+    /// `VK_*`, say).
+    pub async fn start_with_raw_env(
+        models: &[&str],
+        env: &[(&str, &str)],
+        raw: &[(String, String)],
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let mdir = dir.path().join("models");
         std::fs::create_dir_all(&mdir).unwrap();
@@ -79,6 +89,7 @@ impl Server {
                 env.push((k.to_string(), v));
             }
         }
+        env.extend(raw.iter().cloned());
         let port = env
             .iter()
             .find(|(k, _)| k == "CYBER_INFERENCE_PORT")

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::error::LoadError;
 use super::manager::{DEFAULT_PARALLEL, Manager};
 use super::state::ModelState;
+use super::worker::WorkerBackend;
 use crate::engine::gguf::GgufFile;
 use crate::engine::kv_layout::{KvLayout, kv_layout};
 use crate::engine::model::KvType;
@@ -36,21 +37,39 @@ impl Drop for PortReservation {
 }
 
 impl Manager {
-    /// Estimated resident memory of a worker for `m` (bytes): the measured peak RSS (+ 64 MiB) when known,
-    /// else the file size + its KV cache in the model's cache types ([`Manager::cache_types`];
-    /// [`kv_cache_bytes`] for the worker's total context, which the worker splits over its slots as
-    /// llama-server does; for a model with sliding-window layers (gemma2/3)
-    /// [`KvLayout::cache_bytes_typed`] from the file's metadata: those layers keep only a window per
-    /// slot) + a margin of 64 MiB and 10 % of the file. A peak measured with other cache types than
-    /// the next load's is not used (the model's settings clear it when they change).
+    /// Estimated resident (host) memory of a worker for `m` (bytes): [`Manager::estimate_need`]'s host
+    /// part.
     pub fn estimate(&self, m: &ModelRow) -> u64 {
+        self.estimate_need(m).host
+    }
+
+    /// Estimated memory of a worker for `m` (bytes), split between host RAM and the memory of the GPU.
+    ///
+    /// Host, without a GPU: the measured peak RSS (+ 64 MiB) when known, else the file size + its KV
+    /// cache in the model's cache types ([`Manager::cache_types`]; [`kv_cache_bytes`] for the worker's
+    /// total context, which the worker splits over its slots as llama-server does; for a model with
+    /// sliding-window layers (gemma2/3) [`KvLayout::cache_bytes_typed`] from the file's metadata: those
+    /// layers keep only a window per slot) + a margin of 64 MiB and 10 % of the file. A peak measured
+    /// with other cache types than the next load's is not used (the model's settings clear it when they
+    /// change).
+    ///
+    /// Device: when the model runs with `gpu_layers` ≠ 0 ([`Manager::gpu_layers`]) and NVML sees an
+    /// NVIDIA GPU with memory of its own, the offloaded layers' share moves from the host to the device
+    /// ([`split_need`]); after a load, the device weight bytes its worker reported replace the file's
+    /// share. Everything stays on the host without such a GPU (no NVML, Jetson's unified memory), or
+    /// when the last worker of the model with the same `-ngl` ran on the CPU or a software adapter
+    /// (lavapipe: its "device" memory is host RAM).
+    pub fn estimate_need(&self, m: &ModelRow) -> MemoryNeed {
+        let device_gpu = self.gpus.get().is_some_and(|g| g.device_memory().is_some());
+        self.estimate_need_on(m, device_gpu)
+    }
+
+    /// [`Manager::estimate_need`] with `device_gpu` saying whether a GPU with memory of its own is there.
+    pub(super) fn estimate_need_on(&self, m: &ModelRow, device_gpu: bool) -> MemoryNeed {
         let (ctx, _, parallel) = self.worker_params(m);
         let (tk, tv) = self.cache_types(m);
         let size = m.size_bytes.max(0) as u64;
         let margin = MARGIN_BYTES + size / 10;
-        if let Some(peak) = m.peak_rss_bytes.filter(|p| *p > 0) {
-            return peak as u64 + MARGIN_BYTES;
-        }
         let sliding = if m.embedding {
             None
         } else {
@@ -67,7 +86,47 @@ impl Manager {
             }
             _ => 0,
         };
-        size + kv + margin
+        let ngl = self.gpu_layers(m);
+        let n_layer = m.n_layer.unwrap_or(0).max(0) as u64;
+        let last = self
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&m.name)
+            .filter(|(n, _)| *n == ngl)
+            .map(|(_, b)| b.clone());
+        let on_device = device_gpu
+            && ngl != 0
+            && n_layer > 0
+            && last.as_ref().is_none_or(|b| b.has_device_memory());
+        let offloaded = match (&last, on_device) {
+            (_, false) => 0,
+            (Some(b), true) => b.offloaded_layers.min(n_layer),
+            (None, true) => offloaded_layers(ngl, n_layer),
+        };
+        let reported = last
+            .filter(|b| b.has_device_memory())
+            .map(|b| b.device_weight_bytes);
+        let mut need = split_need(size, kv, margin, offloaded, n_layer, reported);
+        if let Some(peak) = m.peak_rss_bytes.filter(|p| *p > 0) {
+            need.host = peak as u64 + MARGIN_BYTES;
+        }
+        need
+    }
+
+    /// The `-ngl` a worker of `m` gets: the model's `gpu_layers`, else GPU_LAYERS (-1 = all).
+    pub fn gpu_layers(&self, m: &ModelRow) -> i32 {
+        m.gpu_layers.map_or(self.settings().gpu_layers, |g| {
+            g.clamp(-1, i64::from(i32::MAX)) as i32
+        })
+    }
+
+    /// Keeps what the worker of `model` reported running on, for the next load's estimate.
+    pub(super) fn record_backend(&self, model: &str, b: &WorkerBackend) {
+        self.backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(model.to_owned(), (b.n_gpu_layers, b.clone()));
     }
 
     /// The KV layout of `m`'s file when some of its layers use a sliding window (read once per file
@@ -143,11 +202,33 @@ impl Manager {
 
     /// The least recently used model that may be evicted now (ready, idle, not pinned), except `but`.
     fn lru_idle(&self, but: &str) -> Option<String> {
+        self.lru_idle_where(but, |_| true)
+    }
+
+    /// [`Manager::lru_idle`] among the models whose worker holds memory on a GPU.
+    fn lru_idle_on_gpu(&self, but: &str) -> Option<String> {
+        self.lru_idle_where(but, |s| {
+            s.worker
+                .as_ref()
+                .and_then(|w| w.backend.get())
+                .is_some_and(|b| b.has_device_memory())
+        })
+    }
+
+    fn lru_idle_where(
+        &self,
+        but: &str,
+        pred: impl Fn(&super::manager::Slot) -> bool,
+    ) -> Option<String> {
         let slots = self.slots();
         slots
             .iter()
             .filter(|(n, s)| {
-                n.as_str() != but && s.state == ModelState::Ready && s.inflight == 0 && !s.pinned
+                n.as_str() != but
+                    && s.state == ModelState::Ready
+                    && s.inflight == 0
+                    && !s.pinned
+                    && pred(s)
             })
             .min_by_key(|(_, s)| s.last_used)
             .map(|(n, _)| n.clone())
@@ -158,10 +239,17 @@ impl Manager {
     /// other unpinned workers are busy or draining — they become evictable once their requests end, and
     /// no request is ever cut for it — and is refused at once when even unloading every other unpinned
     /// worker could not make room.
+    ///
+    /// A model with layers on a GPU of its own memory ([`Manager::estimate_need`]) must also fit in that
+    /// GPU's free memory (NVML's, [`crate::supervisor::gpu::Gpus::device_memory`]): idle models on the GPU
+    /// are unloaded for it one at a time (the next only once the last one's process is gone and NVML
+    /// shows its memory free), and it is refused when no model on the GPU is left to unload or wait for.
     pub(super) async fn admit(self: &Arc<Self>, m: &ModelRow) -> Result<(), LoadError> {
         let _adm = self.admission.lock().await;
         let deadline = Instant::now() + ADMISSION_WAIT;
-        let need = self.estimate(m);
+        let gpus = self.gpus().await;
+        let full = self.estimate_need(m);
+        let need = full.host;
         loop {
             let mut rx = self.changed.subscribe();
             let s = self.settings();
@@ -170,22 +258,56 @@ impl Manager {
             let limit = total / 100 * u64::from(s.max_memory_percent);
             let count_ok = others.loaded < s.max_loaded_models as usize;
             let mem_ok = used.saturating_add(need) <= limit;
-            if count_ok && mem_ok {
+            let device = if full.device > 0 {
+                gpus.device_memory()
+            } else {
+                None
+            };
+            // A GPU gone since the estimate: the worker falls back to the CPU, whose bytes the host
+            // estimate does not hold; the next load's estimate (no GPU) does.
+            let dev_ok = device.as_ref().is_none_or(|d| full.device <= d.free);
+            if count_ok && mem_ok && dev_ok {
                 return Ok(());
             }
-            if let Some(victim) = self.lru_idle(&m.name) {
-                let why = if count_ok {
-                    format!("evicted to make memory for {}", m.name)
-                } else {
+            let mib = |b: u64| b / (1024 * 1024);
+            let no_device_memory =
+                |d: &crate::supervisor::gpu::DeviceMemory| LoadError::InsufficientDeviceMemory {
+                    model: m.name.clone(),
+                    gpu: d.name.clone(),
+                    need_mib: mib(full.device),
+                    free_mib: mib(d.free),
+                    total_mib: mib(d.total),
+                };
+            // More than the whole GPU: unloading others cannot help.
+            if let Some(d) = device.as_ref().filter(|d| full.device > d.total) {
+                return Err(no_device_memory(d));
+            }
+            let victim = match (&device, count_ok && mem_ok) {
+                // Only the GPU is short (`dev_ok` is false, so `device` is there).
+                (Some(d), true) => {
+                    let idle = self.lru_idle_on_gpu(&m.name);
+                    match gpu_short(full.device, d, &others, idle.is_some()) {
+                        GpuShort::Refuse => return Err(no_device_memory(d)),
+                        GpuShort::Evict => idle,
+                        GpuShort::Wait => None,
+                    }
+                }
+                _ => self.lru_idle(&m.name),
+            };
+            if let Some(victim) = victim {
+                let why = if !count_ok {
                     format!(
                         "evicted for {} (MAX_LOADED_MODELS={})",
                         m.name, s.max_loaded_models
                     )
+                } else if mem_ok {
+                    format!("evicted to make GPU memory for {}", m.name)
+                } else {
+                    format!("evicted to make memory for {}", m.name)
                 };
                 self.unload(&victim, &why);
                 continue;
             }
-            let mib = |b: u64| b / (1024 * 1024);
             let no_memory = || LoadError::InsufficientMemory {
                 model: m.name.clone(),
                 need_mib: mib(need),
@@ -210,10 +332,10 @@ impl Manager {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(if mem_ok {
-                    too_many(ADMISSION_WAIT.as_secs())
-                } else {
-                    no_memory()
+                return Err(match &device {
+                    _ if !mem_ok => no_memory(),
+                    Some(d) if count_ok => no_device_memory(d),
+                    _ => too_many(ADMISSION_WAIT.as_secs()),
                 });
             }
             // Wait for a request to finish or a worker to stop (re-check at least every second: memory
@@ -233,10 +355,22 @@ impl Manager {
                 continue;
             }
             o.loaded += 1;
+            let on_gpu = s
+                .worker
+                .as_ref()
+                .and_then(|w| w.backend.get())
+                .is_some_and(|b| b.has_device_memory());
             match s.state {
                 ModelState::Loading => o.loading += 1,
-                ModelState::Draining => o.add_releasable(s.rss),
-                ModelState::Ready if !s.pinned => o.add_releasable(s.rss),
+                ModelState::Draining => {
+                    o.add_releasable(s.rss);
+                    o.gpu_draining += usize::from(on_gpu);
+                    o.gpu_releasable += usize::from(on_gpu);
+                }
+                ModelState::Ready if !s.pinned => {
+                    o.add_releasable(s.rss);
+                    o.gpu_releasable += usize::from(on_gpu);
+                }
                 _ => {}
             }
         }
@@ -282,6 +416,10 @@ struct Others {
     releasable_rss: u64,
     /// Whether one of them has no RSS sample yet (its size is unknown).
     unmeasured: bool,
+    /// Of the releasable, those holding memory on a GPU.
+    gpu_releasable: usize,
+    /// Of those, the ones draining (their GPU memory is freed when their process ends).
+    gpu_draining: usize,
 }
 
 impl Others {
@@ -300,6 +438,109 @@ impl Others {
                 .saturating_sub(self.releasable_rss)
                 .saturating_add(need)
                 <= limit
+    }
+}
+
+impl Others {
+    /// Whether waiting may free GPU memory: a model on the GPU may be unloaded (now or once its
+    /// requests end), or a loading one may turn out to be on it and become releasable.
+    pub(super) fn may_free_device(&self) -> bool {
+        self.gpu_releasable > 0 || self.loading > 0
+    }
+}
+
+/// What admission does for a model whose host side fits but whose GPU share does not fit in the GPU's
+/// free memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GpuShort {
+    /// Unload the least recently used idle model on the GPU.
+    Evict,
+    /// Wait (bounded) for a model on the GPU to finish its requests, stop or load.
+    Wait,
+    /// Refuse now: waiting cannot make room.
+    Refuse,
+}
+
+/// [`GpuShort`] for `need` bytes on GPU `d` (`need` > `d.free`): refused when it is more than the whole
+/// GPU or no other model on the GPU may go ([`Others::may_free_device`]); an idle model on the GPU
+/// (`idle_on_gpu`) is unloaded when none is draining already — one at a time, since NVML shows the
+/// memory free only once its process is gone; else wait.
+fn gpu_short(
+    need: u64,
+    d: &crate::supervisor::gpu::DeviceMemory,
+    others: &Others,
+    idle_on_gpu: bool,
+) -> GpuShort {
+    if need > d.total || !others.may_free_device() {
+        GpuShort::Refuse
+    } else if idle_on_gpu && others.gpu_draining == 0 {
+        GpuShort::Evict
+    } else {
+        GpuShort::Wait
+    }
+}
+
+/// Where a worker's memory goes (bytes): host RAM and the GPU's own memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryNeed {
+    /// Resident memory of the worker process.
+    pub host: u64,
+    /// Memory on the GPU (0 when nothing runs on a GPU with memory of its own).
+    pub device: u64,
+}
+
+/// Fixed part of the device estimate of a model with layers on a GPU (bytes): activations, scratch
+/// buffers and the logits, beside its weights and KV cache.
+pub const DEVICE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The repeating layers `-ngl ngl` puts on the GPU of an `n_layer` model (llama.cpp's rule: the last
+/// `ngl`; negative = all of them).
+pub fn offloaded_layers(ngl: i32, n_layer: u64) -> u64 {
+    u64::try_from(ngl).map_or(n_layer, |n| n.min(n_layer))
+}
+
+/// `bytes × num / den` without overflow (`den` = 0 gives 0).
+fn share(bytes: u64, num: u64, den: u64) -> u64 {
+    if den == 0 {
+        return 0;
+    }
+    u64::try_from(u128::from(bytes) * u128::from(num.min(den)) / u128::from(den))
+        .unwrap_or(u64::MAX)
+}
+
+/// Splits a worker's memory for `offloaded` of `n_layer` repeating layers on a GPU with memory of its
+/// own — a proportional estimate, as every repeating layer of a llama-family model has the same shape:
+///
+/// - device = `reported_weights` (what a worker of this model put on the device at its last load) or
+///   else the layers' share of the file, `size × offloaded / n_layer`; + their share of the KV cache,
+///   `kv × offloaded / n_layer`; + [`DEVICE_MARGIN_BYTES`];
+/// - host = the rest of the file and of the KV cache + `margin`.
+///
+/// With `offloaded` = 0 (or `n_layer` = 0) everything is on the host: `size + kv + margin`.
+pub fn split_need(
+    size: u64,
+    kv: u64,
+    margin: u64,
+    offloaded: u64,
+    n_layer: u64,
+    reported_weights: Option<u64>,
+) -> MemoryNeed {
+    if offloaded == 0 || n_layer == 0 {
+        return MemoryNeed {
+            host: size.saturating_add(kv).saturating_add(margin),
+            device: 0,
+        };
+    }
+    let weights = share(size, offloaded, n_layer);
+    let kv_dev = share(kv, offloaded, n_layer);
+    let device_weights = reported_weights.unwrap_or(weights);
+    MemoryNeed {
+        host: (size - weights)
+            .saturating_add(kv - kv_dev)
+            .saturating_add(margin),
+        device: device_weights
+            .saturating_add(kv_dev)
+            .saturating_add(DEVICE_MARGIN_BYTES),
     }
 }
 
@@ -389,6 +630,225 @@ mod tests {
             ..r
         };
         assert_eq!(m.estimate(&r), (300 << 20) + MARGIN_BYTES);
+    }
+
+    #[test]
+    fn layers_on_the_gpu_follow_llama_cpp_ngl() {
+        assert_eq!(offloaded_layers(-1, 30), 30);
+        assert_eq!(offloaded_layers(0, 30), 0);
+        assert_eq!(offloaded_layers(10, 30), 10);
+        assert_eq!(offloaded_layers(99, 30), 30);
+        assert_eq!(offloaded_layers(i32::MAX, 0), 0);
+    }
+
+    #[test]
+    fn the_offloaded_share_moves_from_the_host_to_the_device() {
+        let mib = |n: u64| n << 20;
+        let (size, kv, margin) = (mib(300), mib(90), mib(94));
+        // Nothing offloaded: today's host estimate.
+        let cpu = split_need(size, kv, margin, 0, 30, None);
+        assert_eq!(
+            cpu,
+            MemoryNeed {
+                host: size + kv + margin,
+                device: 0
+            }
+        );
+        assert_eq!(
+            split_need(size, kv, margin, 30, 0, None),
+            cpu,
+            "no layer count"
+        );
+        // All 30 layers: the file and the cache on the device, the margin on the host.
+        assert_eq!(
+            split_need(size, kv, margin, 30, 30, None),
+            MemoryNeed {
+                host: margin,
+                device: size + kv + DEVICE_MARGIN_BYTES
+            }
+        );
+        // 10 of 30: a third of each on the device, the rest on the host; nothing is lost.
+        let split = split_need(size, kv, margin, 10, 30, None);
+        assert_eq!(
+            split,
+            MemoryNeed {
+                host: mib(200) + mib(60) + margin,
+                device: mib(100) + mib(30) + DEVICE_MARGIN_BYTES
+            }
+        );
+        assert_eq!(split.host + split.device, cpu.host + DEVICE_MARGIN_BYTES);
+        // The worker's reported weight bytes (types dequantized at upload are larger) replace the share.
+        let reported = split_need(size, kv, margin, 10, 30, Some(mib(150)));
+        assert_eq!(reported.device, mib(150) + mib(30) + DEVICE_MARGIN_BYTES);
+        assert_eq!(reported.host, split.host);
+        // Absurd metadata saturates instead of overflowing.
+        let huge = split_need(u64::MAX, u64::MAX, u64::MAX, 7, 9, None);
+        assert_eq!(huge.host, u64::MAX);
+        assert_eq!(huge.device, u64::MAX);
+    }
+
+    #[tokio::test]
+    async fn the_device_estimate_needs_a_gpu_of_its_own_memory_and_honours_what_the_worker_said() {
+        let (_d, m, _db) = manager().await;
+        let r = row("a");
+        let kv = kv_cache_bytes(30, 192, 4096, KvType::F16, KvType::F16);
+        let size = 100u64 << 20;
+        let margin = MARGIN_BYTES + size / 10;
+        let host_only = MemoryNeed {
+            host: size + kv + margin,
+            device: 0,
+        };
+        // No NVML GPU (or unified memory): everything on the host, as before.
+        assert_eq!(m.estimate_need_on(&r, false), host_only);
+        assert_eq!(
+            m.estimate(&r),
+            host_only.host,
+            "this machine has no NVML GPU"
+        );
+        // A GPU and GPU_LAYERS=-1: every layer's share on the device.
+        assert_eq!(m.gpu_layers(&r), -1);
+        let all = m.estimate_need_on(&r, true);
+        assert_eq!(
+            all,
+            MemoryNeed {
+                host: margin,
+                device: size + kv + DEVICE_MARGIN_BYTES
+            }
+        );
+        // The model's own gpu_layers: 0 keeps it on the CPU, 10 puts a third on the GPU.
+        let none = ModelRow {
+            gpu_layers: Some(0),
+            ..r.clone()
+        };
+        assert_eq!(m.estimate_need_on(&none, true), host_only);
+        let ten = ModelRow {
+            gpu_layers: Some(10),
+            ..r.clone()
+        };
+        assert_eq!(
+            m.estimate_need_on(&ten, true),
+            split_need(size, kv, margin, 10, 30, None)
+        );
+        // After a load on the GPU, the reported weight bytes replace the file's share.
+        let gpu = WorkerBackend {
+            name: "vulkan".into(),
+            adapter: Some("NVIDIA H100 80GB HBM3".into()),
+            device_type: Some("discrete".into()),
+            n_gpu_layers: -1,
+            offloaded_layers: 30,
+            n_layer: 30,
+            output_offloaded: true,
+            device_weight_bytes: 120 << 20,
+            fallback_reason: None,
+        };
+        m.record_backend("a", &gpu);
+        assert_eq!(
+            m.estimate_need_on(&r, true),
+            MemoryNeed {
+                host: margin,
+                device: (120 << 20) + kv + DEVICE_MARGIN_BYTES
+            }
+        );
+        // … but not for another -ngl.
+        assert_eq!(
+            m.estimate_need_on(&ten, true),
+            split_need(size, kv, margin, 10, 30, None)
+        );
+        // A worker that fell back to the CPU, or ran on lavapipe: its memory was host memory.
+        for b in [
+            WorkerBackend {
+                name: "cpu".into(),
+                n_gpu_layers: -1,
+                n_layer: 30,
+                fallback_reason: Some("no adapter".into()),
+                ..WorkerBackend::default()
+            },
+            WorkerBackend {
+                device_type: Some("cpu".into()),
+                adapter: Some("llvmpipe".into()),
+                ..gpu.clone()
+            },
+        ] {
+            m.record_backend("a", &b);
+            assert_eq!(m.estimate_need_on(&r, true), host_only, "{b:?}");
+        }
+        // A measured peak replaces the host part only.
+        m.record_backend("a", &gpu);
+        let peaked = ModelRow {
+            peak_rss_bytes: Some(50 << 20),
+            ..r.clone()
+        };
+        assert_eq!(
+            m.estimate_need_on(&peaked, true),
+            MemoryNeed {
+                host: (50 << 20) + MARGIN_BYTES,
+                device: (120 << 20) + kv + DEVICE_MARGIN_BYTES
+            }
+        );
+    }
+
+    #[test]
+    fn a_model_short_of_gpu_memory_evicts_one_at_a_time_waits_or_is_refused() {
+        let gib = |n: u64| n << 30;
+        let d = crate::supervisor::gpu::DeviceMemory {
+            index: 0,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            free: gib(10),
+            total: gib(80),
+        };
+        let idle_on_gpu = Others {
+            loaded: 1,
+            releasable: 1,
+            gpu_releasable: 1,
+            ..Others::default()
+        };
+        // An idle model on the GPU: unload it.
+        assert_eq!(gpu_short(gib(20), &d, &idle_on_gpu, true), GpuShort::Evict);
+        // One is draining already: wait for its process to go before unloading another.
+        let draining = Others {
+            gpu_draining: 1,
+            gpu_releasable: 2,
+            ..idle_on_gpu
+        };
+        assert_eq!(gpu_short(gib(20), &d, &draining, true), GpuShort::Wait);
+        // The model on the GPU is busy (not idle): wait for its requests to end.
+        assert_eq!(gpu_short(gib(20), &d, &idle_on_gpu, false), GpuShort::Wait);
+        // A model still loading may turn out to be on the GPU and become releasable: wait.
+        let loading = Others {
+            loaded: 1,
+            loading: 1,
+            ..Others::default()
+        };
+        assert_eq!(gpu_short(gib(20), &d, &loading, false), GpuShort::Wait);
+        // Nothing on the GPU may go (models on the CPU only, or none): refuse now.
+        let mut cpu_only = Others::default();
+        cpu_only.add_releasable(gib(1));
+        assert_eq!(gpu_short(gib(20), &d, &cpu_only, false), GpuShort::Refuse);
+        assert_eq!(
+            gpu_short(gib(20), &d, &Others::default(), false),
+            GpuShort::Refuse
+        );
+        // More than the whole GPU: refuse however much may go.
+        assert_eq!(gpu_short(gib(81), &d, &idle_on_gpu, true), GpuShort::Refuse);
+    }
+
+    #[test]
+    fn waiting_for_gpu_memory_helps_only_when_a_model_on_it_may_go() {
+        assert!(!Others::default().may_free_device());
+        let o = Others {
+            gpu_releasable: 1,
+            ..Others::default()
+        };
+        assert!(o.may_free_device());
+        let o = Others {
+            loading: 1,
+            ..Others::default()
+        };
+        assert!(o.may_free_device());
+        // Models on the CPU only: unloading them frees no GPU memory.
+        let mut o = Others::default();
+        o.add_releasable(100 << 20);
+        assert!(!o.may_free_device());
     }
 
     #[tokio::test]

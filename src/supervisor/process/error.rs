@@ -21,6 +21,17 @@ pub enum LoadError {
         percent: u8,
     },
     #[error(
+        "cannot load `{model}`: its layers on the GPU need about {need_mib} MiB of GPU memory and {gpu} has {free_mib} MiB free of {total_mib} MiB, with no idle model on it left to unload; a smaller gpu_layers (per model, or GPU_LAYERS) keeps more layers on the CPU"
+    )]
+    InsufficientDeviceMemory {
+        model: String,
+        /// The GPU's name as NVML reports it.
+        gpu: String,
+        need_mib: u64,
+        free_mib: u64,
+        total_mib: u64,
+    },
+    #[error(
         "cannot load `{model}`: {loaded} model(s) loaded (MAX_LOADED_MODELS={max}) and none became idle within {waited_s} s"
     )]
     TooManyLoaded {

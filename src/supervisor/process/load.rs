@@ -54,9 +54,7 @@ impl Manager {
                 parallel,
                 embedding: m.embedding,
                 reranking: m.reranking,
-                gpu_layers: m.gpu_layers.map_or(settings.gpu_layers, |g| {
-                    g.clamp(-1, i64::from(i32::MAX)) as i32
-                }),
+                gpu_layers: self.gpu_layers(&m),
                 cache_types: self.cache_types(&m),
                 instance,
             },
@@ -145,6 +143,9 @@ impl Manager {
         outcome: Result<(), String>,
     ) -> Result<(), String> {
         if outcome.is_ok() {
+            if let Some(b) = worker.backend.get() {
+                self.record_backend(model, b);
+            }
             let mut slots = self.slots();
             if let Some(s) = slots.get_mut(model)
                 && s.state == ModelState::Loading

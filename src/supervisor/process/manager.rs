@@ -20,7 +20,7 @@ use super::error::LoadError;
 use super::lease::Lease;
 use super::state::{ModelState, check_transition};
 use super::sys;
-use super::worker::{STOP_GRACE, WorkerProcess};
+use super::worker::{STOP_GRACE, WorkerBackend, WorkerProcess};
 use crate::config::Settings;
 use crate::engine::kv_layout::KvLayout;
 use crate::supervisor::db::{Db, ModelRow, now_ms};
@@ -95,6 +95,9 @@ pub struct WorkerView {
     pub rss_bytes: u64,
     pub cpu_percent: f32,
     pub pinned: bool,
+    /// What runs the model (the CPU, or a GPU adapter and its offloaded layers), from the worker's
+    /// `/props` once it is ready.
+    pub backend: Option<WorkerBackend>,
 }
 
 /// The process manager. Shared as `Arc<Manager>`.
@@ -117,6 +120,11 @@ pub struct Manager {
     pub(super) kv_layouts: Mutex<HashMap<(String, i64), Option<KvLayout>>>,
     /// Ports picked for loads whose worker is not in its slot yet (see [`PortReservation`]).
     pub(super) reserved_ports: Mutex<HashSet<u16>>,
+    /// The GPUs NVML sees, probed once on first use ([`Manager::gpus`]).
+    pub(super) gpus: tokio::sync::OnceCell<Arc<crate::supervisor::gpu::Gpus>>,
+    /// Per model, the `-ngl` of its last worker and what that worker reported running on: the next
+    /// load's estimate uses its device bytes ([`Manager::estimate_need`]).
+    pub(super) backends: Mutex<HashMap<String, (i32, WorkerBackend)>>,
 }
 
 impl Manager {
@@ -148,7 +156,26 @@ impl Manager {
             shutting_down: false.into(),
             kv_layouts: Mutex::new(HashMap::new()),
             reserved_ports: Mutex::new(HashSet::new()),
+            gpus: tokio::sync::OnceCell::new(),
+            backends: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The GPUs NVML sees (none without the driver), probed on first use off the async threads and
+    /// shared by the resource monitor and the memory admission.
+    pub async fn gpus(&self) -> Arc<crate::supervisor::gpu::Gpus> {
+        self.gpus
+            .get_or_init(|| async {
+                match tokio::task::spawn_blocking(crate::supervisor::gpu::Gpus::probe).await {
+                    Ok(g) => Arc::new(g),
+                    Err(e) => {
+                        tracing::warn!("GPU probe failed: {e}; no GPU");
+                        Arc::new(crate::supervisor::gpu::Gpus::none())
+                    }
+                }
+            })
+            .await
+            .clone()
     }
 
     pub(super) fn settings(&self) -> Settings {
@@ -244,6 +271,7 @@ impl Manager {
                 rss_bytes: s.rss,
                 cpu_percent: s.cpu,
                 pinned: s.pinned,
+                backend: s.worker.as_ref().and_then(|w| w.backend.get().cloned()),
             })
             .collect();
         v.sort_by(|a, b| a.model.cmp(&b.model));

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -22,10 +22,12 @@ use crate::worker::SupervisedArgs;
 pub const STOP_GRACE: Duration = Duration::from_secs(super::STOP_GRACE_SECS);
 
 /// The only variables of the supervisor's environment a worker inherits (when set): locale, paths,
-/// Rust's own knobs and the engine's. Everything else — ADMIN_PASSWORD, JWT_SECRET, HF_TOKEN, cloud
-/// credentials — stays in the supervisor. The worker also gets `CYBER_INFERENCE_LOG_LEVEL` and its key
-/// ([`crate::worker::WORKER_API_KEY_ENV`]).
-pub const WORKER_ENV_ALLOW: [&str; 12] = [
+/// Rust's own knobs, the engine's, and those that choose the GPU adapter: the worker's `--device`
+/// (`CYBER_INFERENCE_DEVICE`), the Vulkan loader's driver and layer lists (`VK_*`; `XDG_DATA_DIRS` is where
+/// it looks for drivers), the NVIDIA and Mesa drivers' device selection, and lavapipe's thread count.
+/// Everything else — ADMIN_PASSWORD, JWT_SECRET, HF_TOKEN, cloud credentials — stays in the supervisor. The
+/// worker also gets `CYBER_INFERENCE_LOG_LEVEL` and its key ([`crate::worker::WORKER_API_KEY_ENV`]).
+pub const WORKER_ENV_ALLOW: [&str; 22] = [
     "PATH",
     "HOME",
     "USER",
@@ -38,7 +40,94 @@ pub const WORKER_ENV_ALLOW: [&str; 12] = [
     "RUST_BACKTRACE",
     crate::engine::kernels::ISA_ENV,
     "CYBER_INFERENCE_DUMP_DIR",
+    "CYBER_INFERENCE_DEVICE",
+    "XDG_DATA_DIRS",
+    "VK_ICD_FILENAMES",
+    "VK_DRIVER_FILES",
+    "VK_ADD_DRIVER_FILES",
+    "VK_INSTANCE_LAYERS",
+    "VK_LOADER_DEBUG",
+    "CUDA_VISIBLE_DEVICES",
+    "MESA_VK_DEVICE_SELECT",
+    "LP_NUM_THREADS",
 ];
+
+/// What a worker's `/props` says runs its model (its `backend` object, the engine's `BackendInfo`), as
+/// the supervisor keeps it for the admin API, the dashboard and the memory admission. Fields the worker
+/// does not send are their defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct WorkerBackend {
+    /// `"cpu"`, `"vulkan"` or `"metal"`.
+    pub name: String,
+    /// The adapter's name as its driver reports it (none on the CPU).
+    pub adapter: Option<String>,
+    /// `"discrete"`, `"integrated"`, `"virtual"`, `"cpu"` (a software rasterizer such as lavapipe) or
+    /// `"other"` (none on the CPU).
+    pub device_type: Option<String>,
+    /// The `-ngl` the worker was given.
+    pub n_gpu_layers: i32,
+    /// Repeating layers on the GPU.
+    pub offloaded_layers: u64,
+    /// Repeating layers of the model.
+    pub n_layer: u64,
+    /// Whether the output layer runs on the GPU.
+    pub output_offloaded: bool,
+    /// Bytes of weights on the device (the KV cache comes on top).
+    pub device_weight_bytes: u64,
+    /// Why `-ngl` was not honoured (no adapter, …).
+    pub fallback_reason: Option<String>,
+}
+
+impl WorkerBackend {
+    /// The `backend` object of a `/props` answer; `None` when it has none (a worker of an older build,
+    /// or still loading) or it is malformed.
+    pub fn from_props(props: &serde_json::Value) -> Option<WorkerBackend> {
+        props
+            .get("backend")
+            .filter(|b| b.is_object())
+            .and_then(|b| serde_json::from_value(b.clone()).ok())
+    }
+
+    /// Whether layers run on a GPU.
+    pub fn is_gpu(&self) -> bool {
+        !self.name.is_empty() && self.name != "cpu"
+    }
+
+    /// Whether the layers on the GPU live in memory of their own (not a software rasterizer such as
+    /// lavapipe, nor the CPU, whose "device" memory is host RAM).
+    pub fn has_device_memory(&self) -> bool {
+        self.is_gpu() && self.device_type.as_deref() != Some("cpu")
+    }
+
+    /// One line for the dashboard: `vulkan · NVIDIA H100 80GB HBM3 · 30/30 layers + output`, or `cpu`
+    /// (with why, when `-ngl` asked for a GPU).
+    pub fn summary(&self) -> String {
+        if !self.is_gpu() {
+            let name = if self.name.is_empty() {
+                "cpu"
+            } else {
+                &self.name
+            };
+            return match &self.fallback_reason {
+                Some(why) => format!("{name} ({why})"),
+                None => name.to_owned(),
+            };
+        }
+        format!(
+            "{} · {} · {}/{} layers{}",
+            self.name,
+            self.adapter.as_deref().unwrap_or("unnamed adapter"),
+            self.offloaded_layers,
+            self.n_layer,
+            if self.output_offloaded {
+                " + output"
+            } else {
+                ""
+            }
+        )
+    }
+}
 
 /// A fresh random key for one worker process (256 bits, URL-safe base64).
 fn worker_key() -> String {
@@ -80,6 +169,9 @@ pub(super) struct WorkerProcess {
     /// dying from a signal resets the connections the kernel accepted for it before its listening
     /// socket closes, so a request leased in that window would fail too ([`super::Lease::transport_failed`]).
     pub(super) suspect: AtomicBool,
+    /// What runs its model, from its `/props` once ready (unset while loading, or when the worker sent
+    /// none).
+    pub(super) backend: OnceLock<WorkerBackend>,
 }
 
 /// What [`WorkerProcess::spawn`] starts.
@@ -156,6 +248,7 @@ impl WorkerProcess {
             health_failures: 0.into(),
             gone: false.into(),
             suspect: false.into(),
+            backend: OnceLock::new(),
         });
         let file = Arc::new(Mutex::new(RotatingFile::open(&spec.log_file)));
         let pipes: [(
@@ -202,8 +295,9 @@ impl WorkerProcess {
     }
 
     /// Waits (at most `timeout`) for `/health` 200 and then `/props` carrying this process's nonce, so
-    /// that a stranger on the port is never taken for it. `Err("")`: the process ended first (its exit
-    /// says why); `Err(why)` otherwise.
+    /// that a stranger on the port is never taken for it; keeps the `backend` of that `/props`
+    /// ([`WorkerProcess::backend`]). `Err("")`: the process ended first (its exit says why); `Err(why)`
+    /// otherwise.
     pub(super) async fn wait_ready(
         &self,
         http: &reqwest::Client,
@@ -231,7 +325,12 @@ impl WorkerProcess {
                     .await
                     .map_err(|e| format!("bad /props answer: {e}"))?;
                 return match p.get("instance").and_then(|v| v.as_str()) {
-                    Some(i) if i == self.instance => Ok(()),
+                    Some(i) if i == self.instance => {
+                        if let Some(b) = WorkerBackend::from_props(&p) {
+                            let _ = self.backend.set(b);
+                        }
+                        Ok(())
+                    }
                     _ => Err(format!(
                         "port {} answered with another instance ({}) — not our worker",
                         self.port,
@@ -319,5 +418,69 @@ mod tests {
     #[test]
     fn file_names_are_sanitized() {
         assert_eq!(sanitize("a/b c.gguf"), "a_b_c.gguf");
+    }
+
+    #[test]
+    fn the_backend_is_read_from_props() {
+        let props = serde_json::json!({"instance": "x", "backend": {
+            "name": "vulkan", "adapter": "NVIDIA H100 80GB HBM3", "device_type": "discrete",
+            "n_gpu_layers": -1, "offloaded_layers": 30, "n_layer": 30, "output_offloaded": true,
+            "device_weight_bytes": 100, "fallback_reason": null, "kv_device_bytes": 7,
+        }});
+        let b = WorkerBackend::from_props(&props).unwrap();
+        assert!(b.is_gpu() && b.has_device_memory());
+        assert_eq!(b.device_weight_bytes, 100);
+        assert_eq!(
+            b.summary(),
+            "vulkan · NVIDIA H100 80GB HBM3 · 30/30 layers + output"
+        );
+        // lavapipe: a GPU backend whose memory is the host's.
+        let lvp = WorkerBackend {
+            device_type: Some("cpu".into()),
+            output_offloaded: false,
+            offloaded_layers: 10,
+            adapter: Some("llvmpipe (LLVM 15.0.6, 256 bits)".into()),
+            ..b.clone()
+        };
+        assert!(lvp.is_gpu() && !lvp.has_device_memory());
+        assert_eq!(
+            lvp.summary(),
+            "vulkan · llvmpipe (LLVM 15.0.6, 256 bits) · 10/30 layers"
+        );
+        let cpu = WorkerBackend::from_props(&serde_json::json!({"backend": {
+            "name": "cpu", "n_gpu_layers": -1, "n_layer": 30,
+            "fallback_reason": "no Vulkan adapter",
+        }}))
+        .unwrap();
+        assert!(!cpu.is_gpu() && !cpu.has_device_memory());
+        assert_eq!(cpu.summary(), "cpu (no Vulkan adapter)");
+        // No backend (a loading worker's null, an older worker), or a malformed one.
+        assert_eq!(
+            WorkerBackend::from_props(&serde_json::json!({"backend": null})),
+            None
+        );
+        assert_eq!(WorkerBackend::from_props(&serde_json::json!({})), None);
+        assert_eq!(
+            WorkerBackend::from_props(&serde_json::json!({"backend": {"n_layer": "many"}})),
+            None
+        );
+    }
+
+    #[test]
+    fn the_worker_environment_carries_the_adapter_choice_and_no_secret() {
+        for name in [
+            "CYBER_INFERENCE_DEVICE",
+            "VK_ICD_FILENAMES",
+            "VK_DRIVER_FILES",
+        ] {
+            assert!(WORKER_ENV_ALLOW.contains(&name), "{name}");
+        }
+        for name in [
+            "CYBER_INFERENCE_ADMIN_PASSWORD",
+            "CYBER_INFERENCE_JWT_SECRET",
+            "CYBER_INFERENCE_HF_TOKEN",
+        ] {
+            assert!(!WORKER_ENV_ALLOW.contains(&name), "{name}");
+        }
     }
 }
