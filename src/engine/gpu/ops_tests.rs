@@ -80,7 +80,11 @@ fn rms_norm_agrees_with_the_scalar_twin() {
         gops::rms_norm(&mut rec, &xb, &gb, rows, len, eps).unwrap();
         rec.submit();
         let got = gpu.read_f32(&xb, 0, rows * len).unwrap();
-        for (r, (row, got)) in x.chunks_exact_mut(len).zip(got.chunks_exact(len)).enumerate() {
+        for (r, (row, got)) in x
+            .chunks_exact_mut(len)
+            .zip(got.chunks_exact(len))
+            .enumerate()
+        {
             ops::rms_norm(row, &g, eps);
             for (i, (&want, &got)) in row.iter().zip(got).enumerate() {
                 assert!(
@@ -191,7 +195,11 @@ fn eltwise_add_bias_and_scale_are_exact() {
     let exact = |name: &str, got: &[f32], want: &[f32]| {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "{name} [{i}]: GPU {g} vs scalar {w}");
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{name} [{i}]: GPU {g} vs scalar {w}"
+            );
         }
     };
     for len in [1000usize, 64 * 65_535 + 100] {
@@ -315,7 +323,11 @@ fn store_kv(gpu: &Gpu, rng: &mut Rng, n_pos: usize, nkv: usize) -> Cache {
             for e in 0..nkv {
                 let got = all[pos * nkv + e];
                 if pos >= n_pos {
-                    assert_eq!(got.to_f32(), UNSTORED, "kv_store wrote {name} past the stored rows");
+                    assert_eq!(
+                        got.to_f32(),
+                        UNSTORED,
+                        "kv_store wrote {name} past the stored rows"
+                    );
                     continue;
                 }
                 let x = src[(n_pos - 1 - pos) * nkv + e];
@@ -344,7 +356,17 @@ fn run_attn(gpu: &Gpu, s: &AttnShape, q: &[f32], cache: &Cache, tokens: &[(u32, 
     let pb = upload_u32(gpu, "pos", &pairs);
     let ob = upload_f32(gpu, "o", &vec![f32::NAN; q.len()]);
     let mut rec = Recorder::new(gpu);
-    gops::attention(&mut rec, s, &qb, &cache.kc, &cache.vc, &pb, &ob, tokens.len()).unwrap();
+    gops::attention(
+        &mut rec,
+        s,
+        &qb,
+        &cache.kc,
+        &cache.vc,
+        &pb,
+        &ob,
+        tokens.len(),
+    )
+    .unwrap();
     rec.submit();
     gpu.read_f32(&ob, 0, q.len()).unwrap()
 }
@@ -398,16 +420,17 @@ struct AttnCase {
 }
 
 /// Tolerance of the attention kernel, relative to `max_j |v_j[e]|`.
-const ATTN_TOL: f64 = 2e-5;
+const ATTN_TOL: f64 = 1e-5;
 
 /// kv_store then attn on random inputs, against an f64 reference over the stored f16 keys and values:
 /// gqa 1 and 3, head_dim 64, 128 and 96 (not a multiple of the 64 threads), a single token at position 0,
 /// 150 positions (three chunks of 64, the last partial; the cache rows past them hold 100.0, so reading
 /// past a token's position would show), and several tokens at different positions (0, 63, 64, 65, 149;
 /// rows out of order) in one dispatch; rows not in the dispatch are left untouched. Tolerance:
-/// `2e-5 · max_j |v_j[e]|` per output element — the output is a convex combination of the values, so an
-/// error `δ` in the weights moves it by at most `δ · max|v|`; the weights' errors come from the f32 dot
-/// products (≲ hd · 2⁻²⁴ of Σ|q·k| · scale), WGSL's `exp` and the f32 online softmax.
+/// `1e-5 · max_j |v_j[e]|` per output element (lavapipe stays within 3.4e-7) — the output is a convex
+/// combination of the values, so an error `δ` in the weights moves it by at most `δ · max|v|`; the
+/// weights' errors come from the f32 dot products (≲ hd · 2⁻²⁴ of Σ|q·k| · scale), WGSL's `exp` and the
+/// f32 online softmax. Reading one position too many or too few moves outputs by ~1e-2.
 #[test]
 fn kv_store_and_attention_agree_with_an_f64_reference() {
     let Some(gpu) = test_gpu() else { return };
@@ -485,7 +508,6 @@ fn kv_store_and_attention_agree_with_an_f64_reference() {
             scale: 1.0 / (c.hd as f32).sqrt(),
         };
         let got = run_attn(&gpu, &s, &q, &cache, &c.tokens);
-        let mut worst = 0.0f64; // TEMP
         for r in 0..c.n_rows {
             let Some(&(_, pos)) = c.tokens.iter().find(|t| t.0 as usize == r) else {
                 assert!(
@@ -496,11 +518,16 @@ fn kv_store_and_attention_agree_with_an_f64_reference() {
             };
             for h in 0..c.n_head {
                 let o = r * width + h * c.hd;
-                let (want, vmax) =
-                    attend_ref(&q[o..o + c.hd], &cache, nkv, h / c.gqa, pos as usize, s.scale);
+                let (want, vmax) = attend_ref(
+                    &q[o..o + c.hd],
+                    &cache,
+                    nkv,
+                    h / c.gqa,
+                    pos as usize,
+                    s.scale,
+                );
                 for e in 0..c.hd {
                     let g = got[o + e] as f64;
-                    worst = worst.max((g - want[e]).abs() / vmax[e]); // TEMP
                     assert!(
                         (g - want[e]).abs() <= ATTN_TOL * vmax[e],
                         "{name}: row {r} position {pos} head {h} [{e}]: GPU {g} vs reference {} \
@@ -511,7 +538,6 @@ fn kv_store_and_attention_agree_with_an_f64_reference() {
                 }
             }
         }
-        eprintln!("TEMP {name}: worst {worst:e}");
     }
 }
 
