@@ -20,6 +20,7 @@ const SMOL_K_ID: &str = "SmolLM2-135M-Instruct.Q4_K_M";
 const SMOL_LAYERS: u64 = 30;
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "a chat on lavapipe is too slow for CI on 2 cores; run with --ignored on a GPU (scripts/gpu-check does)"]
 async fn a_chat_completion_through_serve_is_answered_by_a_worker_on_the_gpu() {
     if !gpu_tests_can_run("gpu_serve") {
         return;

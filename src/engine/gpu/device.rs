@@ -130,8 +130,9 @@ impl Gpu {
             ..Default::default()
         }))
         .map_err(|e| GpuError::Device(format!("{}: {e}", info.name)))?;
-        let max_binding =
-            u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         Ok(Arc::new(Gpu {
             device,
             queue,

@@ -52,7 +52,9 @@ pub struct GpuModel {
 
 impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuModel").field("info", &self.info).finish()
+        f.debug_struct("GpuModel")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -88,7 +90,10 @@ fn matrix(gpu: &Gpu, file: &GgufFile, w: &Linear) -> Result<GpuMatrix, GpuError>
 
 /// Whether the GPU forward covers `arch` with these weights; `Err` says why not.
 fn check_supported(hp: &HParams, w: &Weights) -> Result<(), GpuError> {
-    if !matches!(hp.arch, Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3) {
+    if !matches!(
+        hp.arch,
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3
+    ) {
         return Err(GpuError::Unsupported(format!(
             "the GPU backend runs the llama family (llama, qwen2, qwen3, phi3); {} runs on the CPU",
             hp.arch.name()
@@ -99,10 +104,13 @@ fn check_supported(hp: &HParams, w: &Weights) -> Result<(), GpuError> {
             "mixture-of-experts layers run on the CPU".into(),
         ));
     }
-    if w.layers.iter().any(|l| l.ffn_up_b.is_some() || l.ffn_down_b.is_some()) {
+    if w.layers
+        .iter()
+        .any(|l| l.ffn_up_b.is_some() || l.ffn_down_b.is_some())
+    {
         return Err(GpuError::Unsupported("FFN biases run on the CPU".into()));
     }
-    if hp.head_dim > 256 || hp.n_embd_kv() % 2 != 0 {
+    if hp.head_dim > 256 || !hp.n_embd_kv().is_multiple_of(2) {
         return Err(GpuError::Unsupported(format!(
             "head_dim {} / n_embd_kv {} (the GPU attention needs head_dim ≤ 256 and an even row)",
             hp.head_dim,
@@ -336,7 +344,17 @@ impl GpuModel {
             }
             let nd = hp.rope_n_dims;
             ops::rope(&mut rec, &sc.q, &cos_b, &sin_b, n, hp.n_head, hd, nd, neox)?;
-            ops::rope(&mut rec, &sc.k, &cos_b, &sin_b, n, hp.n_head_kv, hd, nd, neox)?;
+            ops::rope(
+                &mut rec,
+                &sc.k,
+                &cos_b,
+                &sin_b,
+                n,
+                hp.n_head_kv,
+                hd,
+                nd,
+                neox,
+            )?;
             if q_prescale {
                 let s = 1.0 / (hd as f32).sqrt();
                 ops::eltwise(&mut rec, Eltwise::Scale(s), &sc.q, &sc.q, n * nq)?;

@@ -16,8 +16,7 @@ use super::GpuError;
 
 /// Threads per matmul workgroup (one weight row each workgroup).
 pub const MM_WG: u32 = 32;
-/// Tokens per matmul workgroup (a tile of the batch; tokens past the batch are computed on the last
-/// token and not stored).
+/// Tokens per matmul workgroup (a tile of the batch; the last tile may hold fewer).
 pub const MM_TILE: u32 = 8;
 
 /// Types the matmul kernel reads in place.
@@ -227,14 +226,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let row = wid.x + wid.y * p.gx;
     if (row >= p.rows) { return; }
     let t0 = wid.z * 8u;
+    let nt = min(8u, p.n - t0);
     var acc: array<f32, 8>;
     for (var t = 0u; t < 8u; t++) { acc[t] = 0.0; }
     let n_units = p.k / 32u;
     let base = row * p.row_bytes;
     for (var u = lid; u < n_units; u += 32u) {
         unit(base + (u / UPB) * BLOCK_BYTES, u % UPB);
-        for (var t = 0u; t < 8u; t++) {
-            let xo = min(t0 + t, p.n - 1u) * p.k + u * 32u;
+        for (var t = 0u; t < nt; t++) {
+            let xo = (t0 + t) * p.k + u * 32u;
             var d = 0.0;
             for (var i = 0u; i < 32u; i++) { d = d + v[i] * X[xo + i]; }
             acc[t] = acc[t] + d;

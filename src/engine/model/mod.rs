@@ -246,7 +246,11 @@ impl Model {
                     i.device_type.as_deref().unwrap_or(""),
                     i.offloaded_layers,
                     i.n_layer,
-                    if i.output_offloaded { " with the output layer" } else { "" },
+                    if i.output_offloaded {
+                        " with the output layer"
+                    } else {
+                        ""
+                    },
                     i.device_weight_bytes as f64 / 1048576.0
                 );
                 i.clone()
@@ -254,9 +258,8 @@ impl Model {
             None => crate::engine::gpu::BackendInfo::cpu(
                 hp.n_layer,
                 params.gpu.n_gpu_layers,
-                (params.gpu.n_gpu_layers != 0).then(|| {
-                    gpu_err.unwrap_or_else(|| "encoders run on the CPU".to_string())
-                }),
+                (params.gpu.n_gpu_layers != 0)
+                    .then(|| gpu_err.unwrap_or_else(|| "encoders run on the CPU".to_string())),
             ),
         };
         Ok(Arc::new(Model {
